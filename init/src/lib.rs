@@ -1,0 +1,10 @@
+//! The Kairos boot model: parsers and planning are pure and unit-tested; the modules that touch
+//! the system (`sys`, `exec`) take root paths so they can be driven against temp dirs.
+
+pub mod blockdev;
+pub mod cmdline;
+pub mod labels;
+pub mod layout;
+pub mod modules;
+pub mod plan;
+pub mod probe;
