@@ -1,1 +1,518 @@
-//! placeholder: being written
+//! Block devices and their filesystems from sysfs and superblocks, because the initramfs has
+//! no udev and therefore no /dev/disk/by-* links.
+
+use std::cmp::Ordering;
+use std::path::{Component, Path, PathBuf};
+
+use crate::labels;
+use crate::probe::{self, FsInfo};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDev {
+    /// Kernel name, e.g. "vda2".
+    pub name: String,
+    /// dev_root joined with DEVNAME.
+    pub devnode: PathBuf,
+    /// GPT partition name (PARTNAME= in the uevent file).
+    pub partname: Option<String>,
+    pub is_partition: bool,
+    pub size_bytes: u64,
+    pub fs: Option<FsInfo>,
+}
+
+/// Orders names with their digit runs compared as numbers: vda < vda2 < vda10 < vdb.
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let (mut x, mut y) = (a.as_bytes(), b.as_bytes());
+    loop {
+        match (x.first(), y.first()) {
+            (None, None) => return a.cmp(b),
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(c), Some(d)) if c.is_ascii_digit() && d.is_ascii_digit() => {
+                let (nx, rx) = split_digits(x);
+                let (ny, ry) = split_digits(y);
+                // Same value however many leading zeros: longer significant run is bigger.
+                let (sx, sy) = (trim_zeros(nx), trim_zeros(ny));
+                let ord = sx.len().cmp(&sy.len()).then_with(|| sx.cmp(sy));
+                if ord != Ordering::Equal {
+                    return ord;
+                }
+                (x, y) = (rx, ry);
+            }
+            (Some(c), Some(d)) => {
+                if c != d {
+                    return c.cmp(d);
+                }
+                (x, y) = (
+                    x.get(1..).unwrap_or_default(),
+                    y.get(1..).unwrap_or_default(),
+                );
+            }
+        }
+    }
+}
+
+fn split_digits(s: &[u8]) -> (&[u8], &[u8]) {
+    let n = s
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(s.len());
+    s.split_at(n)
+}
+
+fn trim_zeros(s: &[u8]) -> &[u8] {
+    let n = s.iter().position(|&b| b != b'0').unwrap_or(s.len());
+    s.get(n..).unwrap_or_default()
+}
+
+/// KEY=VALUE lines of a sysfs uevent file.
+fn uevent_value<'a>(uevent: &'a str, key: &str) -> Option<&'a str> {
+    uevent
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// DEVNAME must stay inside dev_root: relative, no "..".
+fn safe_devname(devname: &str) -> bool {
+    Path::new(devname)
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// The block devices of sys_root/class/block, without probing. RAM disks, zram, empty loop
+/// devices and other size-0 devices are left out. Sorted by natural name order.
+pub fn list(sys_root: &Path, dev_root: &Path) -> Vec<BlockDev> {
+    let class = sys_root.join("class/block");
+    let Ok(entries) = std::fs::read_dir(&class) else {
+        return Vec::new();
+    };
+    let mut devs = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if name.starts_with("ram") || name.starts_with("zram") {
+            continue;
+        }
+        // The entries are symlinks into /sys/devices; reads through them follow the link.
+        let dir = class.join(&name);
+        let size_bytes = std::fs::read_to_string(dir.join("size"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map_or(0, |sectors| sectors.saturating_mul(512));
+        // Covers loop devices with no backing file, empty CD trays and the like.
+        if size_bytes == 0 {
+            continue;
+        }
+        let uevent = std::fs::read_to_string(dir.join("uevent")).unwrap_or_default();
+        let devname = uevent_value(&uevent, "DEVNAME")
+            .filter(|d| safe_devname(d))
+            .unwrap_or(&name);
+        let is_partition =
+            dir.join("partition").exists() || uevent_value(&uevent, "DEVTYPE") == Some("partition");
+        devs.push(BlockDev {
+            devnode: dev_root.join(devname),
+            partname: uevent_value(&uevent, "PARTNAME").map(str::to_string),
+            is_partition,
+            size_bytes,
+            fs: None,
+            name,
+        });
+    }
+    devs.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+    devs
+}
+
+/// [`list`] plus a superblock probe of each device node. A device that cannot be read (yet),
+/// such as an empty CD tray, just has no filesystem.
+pub fn scan(sys_root: &Path, dev_root: &Path) -> Vec<BlockDev> {
+    let mut devs = list(sys_root, dev_root);
+    for dev in &mut devs {
+        dev.fs = probe::probe_path(&dev.devnode).ok().flatten();
+    }
+    devs
+}
+
+/// The first of `matches` in natural name order, and the others for the caller to log.
+fn first_of(mut matches: Vec<&BlockDev>) -> Option<(&BlockDev, Vec<&BlockDev>)> {
+    matches.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+    let mut rest = matches.into_iter();
+    let first = rest.next()?;
+    Some((first, rest.collect()))
+}
+
+/// The device carrying `label`: filesystem label match first; else a partition whose GPT name
+/// is labels::gpt_name_for(label), for partitions whose filesystem cannot be probed. When
+/// several match, the first in natural name order wins and the others are returned so the
+/// caller can log the duplicate.
+pub fn find_by_label<'a>(
+    devs: &'a [BlockDev],
+    label: &str,
+) -> Option<(&'a BlockDev, Vec<&'a BlockDev>)> {
+    let by_fs: Vec<_> = devs
+        .iter()
+        .filter(|d| d.fs.as_ref().and_then(|f| f.label.as_deref()) == Some(label))
+        .collect();
+    if !by_fs.is_empty() {
+        return first_of(by_fs);
+    }
+    let gpt = labels::gpt_name_for(label)?;
+    first_of(
+        devs.iter()
+            .filter(|d| d.is_partition && d.partname.as_deref() == Some(gpt))
+            .collect(),
+    )
+}
+
+/// The first device (natural order) whose filesystem UUID is `uuid`, ignoring case.
+pub fn find_by_uuid<'a>(devs: &'a [BlockDev], uuid: &str) -> Option<&'a BlockDev> {
+    let matches = devs
+        .iter()
+        .filter(|d| {
+            d.fs.as_ref()
+                .and_then(|f| f.uuid.as_deref())
+                .is_some_and(|u| u.eq_ignore_ascii_case(uuid))
+        })
+        .collect();
+    first_of(matches).map(|(d, _)| d)
+}
+
+fn find_by_partlabel<'a>(devs: &'a [BlockDev], name: &str) -> Option<&'a BlockDev> {
+    let matches = devs
+        .iter()
+        .filter(|d| d.is_partition && d.partname.as_deref() == Some(name))
+        .collect();
+    first_of(matches).map(|(d, _)| d)
+}
+
+/// Resolves a root/mount spec: "LABEL=x", "UUID=x", "PARTLABEL=x" or "/dev/x". The udev link
+/// forms /dev/disk/by-{label,uuid,partlabel}/x are understood too, since no udev made them.
+pub fn find_spec<'a>(devs: &'a [BlockDev], spec: &str) -> Option<&'a BlockDev> {
+    if let Some(label) = spec.strip_prefix("LABEL=") {
+        return find_by_label(devs, label).map(|(d, _)| d);
+    }
+    if let Some(uuid) = spec.strip_prefix("UUID=") {
+        return find_by_uuid(devs, uuid);
+    }
+    if let Some(name) = spec.strip_prefix("PARTLABEL=") {
+        return find_by_partlabel(devs, name);
+    }
+    let rel = spec.strip_prefix("/dev/")?;
+    if let Some(label) = rel.strip_prefix("disk/by-label/") {
+        return find_by_label(devs, label).map(|(d, _)| d);
+    }
+    if let Some(uuid) = rel.strip_prefix("disk/by-uuid/") {
+        return find_by_uuid(devs, uuid);
+    }
+    if let Some(name) = rel.strip_prefix("disk/by-partlabel/") {
+        return find_by_partlabel(devs, name);
+    }
+    // The kernel name first; else DEVNAME, the tail of devnode (dev_root is unknown here).
+    devs.iter().find(|d| d.name == rel).or_else(|| {
+        devs.iter()
+            .find(|d| safe_devname(rel) && d.devnode.ends_with(rel))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::FsType;
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    struct Tree {
+        _tmp: tempfile::TempDir,
+        sys: PathBuf,
+        dev: PathBuf,
+    }
+
+    fn tree() -> Tree {
+        let tmp = tempfile::tempdir().unwrap();
+        let sys = tmp.path().join("sys");
+        let dev = tmp.path().join("dev");
+        fs::create_dir_all(sys.join("class/block")).unwrap();
+        fs::create_dir_all(&dev).unwrap();
+        Tree {
+            _tmp: tmp,
+            sys,
+            dev,
+        }
+    }
+
+    impl Tree {
+        /// A device dir under sys/devices with a class/block symlink to it, as sysfs has.
+        fn add(&self, parent: Option<&str>, name: &str, sectors: u64, uevent: &str) {
+            let rel = match parent {
+                Some(p) => format!("devices/pci0000:00/virtio1/block/{p}/{name}"),
+                None => format!("devices/pci0000:00/virtio1/block/{name}"),
+            };
+            let dir = self.sys.join(&rel);
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(dir.join("size"), format!("{sectors}\n")).unwrap();
+            fs::write(dir.join("uevent"), uevent).unwrap();
+            if parent.is_some() {
+                fs::write(dir.join("partition"), "1\n").unwrap();
+            }
+            symlink(
+                format!("../../{rel}"),
+                self.sys.join("class/block").join(name),
+            )
+            .unwrap();
+        }
+
+        fn part(&self, n: u32, partname: &str) {
+            let name = format!("vda{n}");
+            let uevent = format!(
+                "MAJOR=254\nMINOR={n}\nDEVNAME={name}\nDEVTYPE=partition\nPARTN={n}\nPARTNAME={partname}\n"
+            );
+            self.add(Some("vda"), &name, 8192, &uevent);
+        }
+    }
+
+    /// A minimal ext2 superblock image (enough for probe) with a label and UUID byte.
+    fn ext2_image(path: &Path, label: &str, uuid_byte: u8) {
+        let mut img = vec![0u8; 4096];
+        img[1024 + 56..1024 + 58].copy_from_slice(&0xEF53u16.to_le_bytes());
+        img[1024 + 104..1024 + 120].copy_from_slice(&[uuid_byte; 16]);
+        img[1024 + 120..1024 + 120 + label.len()].copy_from_slice(label.as_bytes());
+        fs::write(path, img).unwrap();
+    }
+
+    fn mkfs(tool: &str, args: &[&str]) -> bool {
+        match std::process::Command::new(tool).args(args).output() {
+            Ok(o) => o.status.success(),
+            Err(_) => {
+                println!("skipping {tool}: not installed");
+                false
+            }
+        }
+    }
+
+    /// vda (whole disk) with vda1..vda10, plus devices list() must leave out.
+    fn kairos_disk() -> Tree {
+        let t = tree();
+        t.add(
+            None,
+            "vda",
+            1 << 21,
+            "MAJOR=254\nMINOR=0\nDEVNAME=vda\nDEVTYPE=disk\n",
+        );
+        for (n, pn) in [
+            (1, "bios"),
+            (2, "efi"),
+            (3, "oem"),
+            (4, "recovery"),
+            (5, "state"),
+            (6, "persistent"),
+            (7, "spare7"),
+            (8, "spare8"),
+            (9, "spare9"),
+            (10, "spare10"),
+        ] {
+            t.part(n, pn);
+        }
+        t.add(None, "ram0", 8192, "DEVNAME=ram0\n");
+        t.add(None, "zram0", 8192, "DEVNAME=zram0\n");
+        t.add(None, "loop0", 0, "DEVNAME=loop0\n");
+        t.add(None, "loop1", 2048, "DEVNAME=loop1\n");
+        t.add(None, "sr0", 0, "DEVNAME=sr0\n");
+        t
+    }
+
+    #[test]
+    fn natural_order() {
+        let mut v = [
+            "vda10",
+            "vda2",
+            "vdb",
+            "vda",
+            "vda1",
+            "nvme0n1p10",
+            "nvme0n1p9",
+            "sda02",
+            "sda1",
+        ];
+        v.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            v,
+            [
+                "nvme0n1p9",
+                "nvme0n1p10",
+                "sda1",
+                "sda02",
+                "vda",
+                "vda1",
+                "vda2",
+                "vda10",
+                "vdb"
+            ]
+        );
+        assert_eq!(natural_cmp("a007", "a7"), Ordering::Less); // equal value: plain order decides
+        assert_eq!(natural_cmp("x", "x"), Ordering::Equal);
+        assert_eq!(
+            natural_cmp("99999999999999999999999", "100000000000000000000000"),
+            Ordering::Less
+        );
+    }
+
+    #[test]
+    fn list_reads_sysfs_without_probing() {
+        let t = kairos_disk();
+        let devs = list(&t.sys, &t.dev);
+        let names: Vec<_> = devs.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "loop1", "vda", "vda1", "vda2", "vda3", "vda4", "vda5", "vda6", "vda7", "vda8",
+                "vda9", "vda10"
+            ]
+        );
+        let vda = &devs[1];
+        assert!(!vda.is_partition);
+        assert_eq!(vda.partname, None);
+        assert_eq!(vda.size_bytes, 1 << 30);
+        assert_eq!(vda.devnode, t.dev.join("vda"));
+        let vda5 = &devs[6];
+        assert!(vda5.is_partition);
+        assert_eq!(vda5.partname.as_deref(), Some("state"));
+        assert_eq!(vda5.size_bytes, 8192 * 512);
+        assert!(devs.iter().all(|d| d.fs.is_none()));
+        assert!(list(&t.sys.join("nope"), &t.dev).is_empty());
+    }
+
+    #[test]
+    fn devname_from_uevent_stays_in_dev_root() {
+        let t = tree();
+        t.add(None, "dm-0", 100, "DEVNAME=mapper/root\n");
+        t.add(None, "evil", 100, "DEVNAME=../../etc/passwd\n");
+        t.add(None, "bare", 100, "");
+        let devs = list(&t.sys, &t.dev);
+        let node = |n: &str| devs.iter().find(|d| d.name == n).unwrap().devnode.clone();
+        assert_eq!(node("dm-0"), t.dev.join("mapper/root"));
+        assert_eq!(node("evil"), t.dev.join("evil"));
+        assert_eq!(node("bare"), t.dev.join("bare"));
+        assert_eq!(find_spec(&devs, "/dev/mapper/root").unwrap().name, "dm-0");
+        assert_eq!(find_spec(&devs, "/dev/dm-0").unwrap().name, "dm-0");
+        assert!(find_spec(&devs, "/dev/../dev/bare").is_none());
+    }
+
+    #[test]
+    fn scan_probes_and_finds_labels() {
+        let t = kairos_disk();
+        let d = |n: &str| t.dev.join(n);
+        // Real filesystems where the tools exist, synthetic superblocks otherwise.
+        if !mkfs(
+            "mkfs.vfat",
+            &["-n", "COS_GRUB", "-C", d("vda2").to_str().unwrap(), "2048"],
+        ) {
+            ext2_image(&d("vda2"), "COS_GRUB", 2);
+        }
+        if !mkfs(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-L",
+                "COS_STATE",
+                d("vda5").to_str().unwrap(),
+                "4M",
+            ],
+        ) {
+            ext2_image(&d("vda5"), "COS_STATE", 5);
+        }
+        ext2_image(&d("vda3"), "COS_OEM", 3);
+        ext2_image(&d("vda4"), "COS_RECOVERY", 4);
+        // vda6 (persistent) is unreadable garbage: found by its GPT name only.
+        fs::write(d("vda6"), vec![0x5a; 8192]).unwrap();
+        // A duplicate COS_OEM that sorts after vda3 naturally, before it lexically.
+        ext2_image(&d("vda10"), "COS_OEM", 10);
+        ext2_image(&d("loop1"), "COS_ACTIVE", 0xab);
+        // vda, vda1, vda7..vda9 have no node at all (probe error): fs None, not fatal.
+
+        let devs = scan(&t.sys, &t.dev);
+        assert_eq!(devs.len(), 12);
+        let fs_of = |n: &str| devs.iter().find(|x| x.name == n).unwrap().fs.clone();
+        assert_eq!(fs_of("vda1"), None);
+        assert_eq!(fs_of("vda6"), None);
+        assert_eq!(fs_of("vda5").unwrap().label.as_deref(), Some("COS_STATE"));
+
+        let (state, others) = find_by_label(&devs, labels::STATE).unwrap();
+        assert_eq!((state.name.as_str(), others.len()), ("vda5", 0));
+        assert_eq!(state.devnode, d("vda5"));
+        let (grub, _) = find_by_label(&devs, labels::GRUB).unwrap();
+        assert_eq!(grub.name, "vda2");
+        assert!(matches!(
+            grub.fs.as_ref().unwrap().fstype,
+            FsType::Vfat | FsType::Ext2
+        ));
+
+        let (oem, dups) = find_by_label(&devs, labels::OEM).unwrap();
+        assert_eq!(oem.name, "vda3");
+        assert_eq!(
+            dups.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            ["vda10"]
+        );
+
+        let (pers, dups) = find_by_label(&devs, labels::PERSISTENT).unwrap();
+        assert_eq!((pers.name.as_str(), dups.len()), ("vda6", 0));
+
+        let (active, _) = find_by_label(&devs, labels::ACTIVE).unwrap();
+        assert_eq!(active.name, "loop1");
+        assert!(find_by_label(&devs, labels::PASSIVE).is_none());
+        assert!(find_by_label(&devs, "NOPE").is_none());
+
+        // Order of the input slice does not matter.
+        let mut rev = devs.clone();
+        rev.reverse();
+        let (oem, dups) = find_by_label(&rev, labels::OEM).unwrap();
+        assert_eq!(
+            (oem.name.as_str(), dups[0].name.as_str()),
+            ("vda3", "vda10")
+        );
+
+        let uuid = "abababab-abab-abab-abab-abababababab";
+        assert_eq!(find_by_uuid(&devs, uuid).unwrap().name, "loop1");
+        assert_eq!(
+            find_by_uuid(&devs, &uuid.to_uppercase()).unwrap().name,
+            "loop1"
+        );
+        assert!(find_by_uuid(&devs, "00000000-0000-0000-0000-000000000001").is_none());
+
+        let spec = |s: &str| find_spec(&devs, s).map(|d| d.name.as_str());
+        assert_eq!(spec("LABEL=COS_STATE"), Some("vda5"));
+        assert_eq!(spec("LABEL=COS_PERSISTENT"), Some("vda6"));
+        assert_eq!(
+            spec(&format!("UUID={}", uuid.to_uppercase())),
+            Some("loop1")
+        );
+        assert_eq!(spec("PARTLABEL=recovery"), Some("vda4"));
+        assert_eq!(spec("PARTLABEL=nope"), None);
+        assert_eq!(spec("/dev/vda10"), Some("vda10"));
+        assert_eq!(spec("/dev/vda11"), None);
+        assert_eq!(spec("/dev/disk/by-label/COS_OEM"), Some("vda3"));
+        assert_eq!(spec(&format!("/dev/disk/by-uuid/{uuid}")), Some("loop1"));
+        assert_eq!(spec("/dev/disk/by-partlabel/state"), Some("vda5"));
+        assert_eq!(spec("vda5"), None);
+        assert_eq!(spec("LABEL="), None);
+    }
+
+    #[test]
+    fn gpt_fallback_only_for_partitions_and_known_labels() {
+        let t = tree();
+        // A whole disk claiming PARTNAME must not count; neither must an unknown label.
+        t.add(None, "vdb", 100, "DEVNAME=vdb\nPARTNAME=state\n");
+        t.part(5, "state");
+        t.part(15, "state");
+        let devs = scan(&t.sys, &t.dev);
+        let (first, dups) = find_by_label(&devs, labels::STATE).unwrap();
+        assert_eq!(first.name, "vda5");
+        assert_eq!(
+            dups.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            ["vda15"]
+        );
+        assert!(find_by_label(&devs, "state").is_none());
+    }
+}

@@ -8,3 +8,5 @@ pub mod layout;
 pub mod modules;
 pub mod plan;
 pub mod probe;
+pub mod boot;
+pub mod sys;

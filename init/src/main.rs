@@ -1,1 +1,33 @@
-fn main() {}
+//! kairos-init: PID 1 of the Kairos initramfs. All logic lives in the library; this file only
+//! makes sure that whatever happens, the machine says why and reboots instead of panicking.
+
+use std::time::Duration;
+
+use kairos_init::sys::log;
+
+fn emergency(reason: &str, delay: Duration) -> ! {
+    log::fatal(&format!("{reason}\nrebooting in {} s", delay.as_secs()));
+    std::thread::sleep(delay);
+    rustix::fs::sync();
+    let _ = rustix::system::reboot(rustix::system::RebootCommand::Restart);
+    // reboot(2) only fails without CAP_SYS_BOOT; PID 1 must never exit (that panics the kernel).
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn main() {
+    if std::process::id() != 1 {
+        eprintln!(
+            "kairos-init {}: must run as PID 1 of an initramfs",
+            env!("CARGO_PKG_VERSION")
+        );
+        std::process::exit(2);
+    }
+    // With panic=abort a panic would kill PID 1 and panic the kernel silently: report and reboot.
+    std::panic::set_hook(Box::new(|info| {
+        emergency(&format!("internal error: {info}"), Duration::from_secs(10))
+    }));
+    let failure = kairos_init::boot::run();
+    emergency(&failure.reason, failure.reboot_delay);
+}

@@ -1,0 +1,608 @@
+//! The initramfs boot, start to switch_root. Every decision is made by `plan`; this module
+//! gathers the inputs, performs the actions and says what happened.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::mount::MountFlags;
+
+use crate::blockdev::{self, BlockDev};
+use crate::cmdline::{self, BootMode, BootRequest};
+use crate::layout::{self, Layout};
+use crate::modules::{self, ModuleIndex};
+use crate::plan::{self, Action, Candidate, ImageStatus, Inventory, SYSROOT};
+use crate::probe;
+use crate::sys::{fsutil, log, loopdev, mount};
+use crate::{debug, error, info, warn};
+
+/// Modules every Kairos boot needs whatever the hardware: images are loop-mounted ext4 or
+/// squashfs with overlays on top.
+const BASE_MODULES: &[&str] = &["loop", "ext4", "overlay", "squashfs"];
+const HANDOFF: &[&str] = &[
+    "/sbin/init",
+    "/usr/bin/kairos-agent",
+    "/usr/sbin/kairos-agent",
+];
+
+/// Step timings, logged as they happen and written to /run/kairos/boot-timeline.json.
+#[derive(Default)]
+pub struct Timeline {
+    steps: Vec<(String, f64, f64)>,
+}
+
+fn uptime_ms() -> f64 {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    ts.tv_sec as f64 * 1000.0 + ts.tv_nsec as f64 / 1e6
+}
+
+impl Timeline {
+    fn time<T>(&mut self, name: &str, f: impl FnOnce() -> T) -> T {
+        let start = uptime_ms();
+        let out = f();
+        let dur = uptime_ms() - start;
+        info!("step {name}: {dur:.1} ms");
+        self.steps.push((name.to_string(), start, dur));
+        out
+    }
+
+    fn to_json(&self) -> String {
+        let mut s = String::from("{\"steps\":[");
+        for (i, (name, start, dur)) in self.steps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            let _ = write!(
+                s,
+                "{sep}{{\"name\":\"{name}\",\"start_ms\":{start:.1},\"duration_ms\":{dur:.1}}}"
+            );
+        }
+        s.push_str("]}\n");
+        s
+    }
+}
+
+/// Why the boot stopped, and how long to show it before rebooting.
+pub struct Failure {
+    pub reason: String,
+    pub reboot_delay: Duration,
+}
+
+/// The whole boot. Returns only on failure to hand off; the caller then goes to emergency.
+pub fn run() -> Failure {
+    early_mounts();
+    log::init_kmsg();
+    let raw = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let (req, warnings) = cmdline::parse(&raw);
+    log::set_consoles(&req.consoles, req.debug);
+    info!(
+        "kairos-init {} starting: mode={} image={} reason={}",
+        env!("CARGO_PKG_VERSION"),
+        plan::mode_name(req.mode),
+        req.image.as_deref().unwrap_or("-"),
+        req.boot_reason.as_deref().unwrap_or("-")
+    );
+    for w in &warnings {
+        warn!("{w}");
+    }
+    let fail = |reason: String| Failure {
+        reason,
+        reboot_delay: req.reboot_delay,
+    };
+    let mut tl = Timeline::default();
+    tl.time("modules", load_modules);
+    let cands = plan::candidates(&req);
+    let mut devices = tl.time("devices", || wait_for_devices(&req, &cands));
+    for d in &devices {
+        if let Some(fs) = &d.fs {
+            debug!(
+                "device {} {} label={:?} gpt={:?}",
+                d.devnode.display(),
+                fs.fstype.name(),
+                fs.label,
+                d.partname
+            );
+        }
+    }
+    let chosen = tl.time("root", || mount_root(&req, &cands, &devices));
+    let Some(chosen) = chosen else {
+        return fail("no bootable image".into());
+    };
+    // OEM may come late (rd.cos.oemtimeout); give it that long, but only when it is missing.
+    if chosen.mode != BootMode::Live && blockdev::find_by_label(&devices, &req.oem_label).is_none()
+    {
+        devices = tl.time("oem-wait", || {
+            wait_for_label(&req.oem_label, req.oem_timeout).unwrap_or(devices)
+        });
+    }
+    let layout = tl.time("layout", || read_layout(chosen.mode));
+    tl.time("system", || {
+        mount_system(&req, chosen.mode, &layout, &devices)
+    });
+    unmount_unused_sources(&chosen);
+    let Some(prog) = handoff_program(&req) else {
+        return fail(format!(
+            "no program to hand off to in {chosen} (tried rd.kairos.init and {HANDOFF:?})"
+        ));
+    };
+    let _ = fsutil::mkdir_p(Path::new("/run/kairos"));
+    let _ = std::fs::write("/run/kairos/boot-timeline.json", tl.to_json());
+    let _ = std::fs::write("/run/kairos/boot-image", format!("{chosen}\n"));
+    info!("switch_root to {} ({chosen}), exec {prog}", SYSROOT);
+    match switch_root(&prog) {
+        Ok(never) => match never {},
+        Err(e) => fail(format!("switch_root: {e}")),
+    }
+}
+
+/// The API filesystems. devtmpfs first, so /dev/kmsg exists for the log.
+fn early_mounts() {
+    let mounts: [(&str, &str, &str, MountFlags, &str); 4] = [
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MountFlags::NOSUID,
+            "mode=0755",
+        ),
+        (
+            "proc",
+            "/proc",
+            "proc",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            "",
+        ),
+        (
+            "sysfs",
+            "/sys",
+            "sysfs",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            "",
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            "mode=0755,size=50%",
+        ),
+    ];
+    for (src, target, fstype, flags, data) in mounts {
+        let _ = fsutil::mkdir_p(Path::new(target));
+        // EBUSY: already mounted (a dracut hook or a second run), which is fine.
+        if let Err(e) = mount::mount(src, Path::new(target), fstype, flags, data)
+            && e.source.raw_os_error() != Some(libc::EBUSY)
+        {
+            eprintln!("kairos-init: {e}");
+        }
+    }
+}
+
+fn load_modules() {
+    let kver = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let dir = PathBuf::from(format!("/lib/modules/{kver}"));
+    let index = match ModuleIndex::scan(&dir) {
+        Ok(i) => i,
+        Err(e) => {
+            warn!("no modules for kernel {kver}: {e}; relying on built-in drivers");
+            return;
+        }
+    };
+    let mut tried: BTreeSet<String> = modules::loaded(Path::new("/sys"));
+    let mut wanted: Vec<String> = BASE_MODULES.iter().map(|s| s.to_string()).collect();
+    // Loading a bus driver (virtio_pci) makes new devices (virtio disks) appear whose drivers
+    // are only known on the next walk; a few rounds reach the fixed point.
+    for round in 0..6 {
+        for alias in modules::device_modaliases(Path::new("/sys")) {
+            wanted.extend(index.lookup(&alias));
+        }
+        wanted.retain(|m| !tried.contains(&modules::normalize(m)));
+        wanted.sort();
+        wanted.dedup();
+        if wanted.is_empty() {
+            break;
+        }
+        let refs: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        let order = match index.resolve(&refs) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!("module dependencies: {e}; loading what resolves");
+                refs.iter()
+                    .filter_map(|m| index.resolve(&[m]).ok())
+                    .flatten()
+                    .collect()
+            }
+        };
+        for name in order {
+            if !tried.insert(name.clone()) {
+                continue;
+            }
+            let Some((path, _)) = index.get(&name) else {
+                continue;
+            };
+            match modules::load(&name, path, "") {
+                Ok(modules::LoadOutcome::Loaded) => info!("loaded module {name} (round {round})"),
+                Ok(modules::LoadOutcome::AlreadyLoaded) => {}
+                // Optional drivers fail routinely (crc32c_intel on a CPU without SSE4.2).
+                Err(e) => warn!("{e}"),
+            }
+        }
+        wanted.clear();
+    }
+}
+
+fn label_of(spec: &str) -> Option<&str> {
+    spec.strip_prefix("LABEL=")
+}
+
+/// Wait (bounded, polling) until the first candidate's partition shows up; later candidates'
+/// partitions are not waited for, since they would only matter after the first is gone.
+fn wait_for_devices(req: &BootRequest, cands: &[Candidate]) -> Vec<BlockDev> {
+    let first = cands.first().map(|c| c.source.clone()).unwrap_or_default();
+    let deadline = Instant::now() + req.timeout;
+    let mut pause = Duration::from_millis(5);
+    let mut logged = false;
+    loop {
+        let devs = blockdev::scan(Path::new("/sys"), Path::new("/dev"));
+        if blockdev::find_spec(&devs, &first).is_some() {
+            return devs;
+        }
+        if Instant::now() >= deadline {
+            warn!(
+                "{first} did not appear within {} s (rd.kairos.timeout); going on with {} block devices",
+                req.timeout.as_secs(),
+                devs.len()
+            );
+            return devs;
+        }
+        if !logged && pause >= Duration::from_millis(100) {
+            info!("waiting up to {} s for {first}", req.timeout.as_secs());
+            logged = true;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+fn wait_for_label(label: &str, timeout: Duration) -> Option<Vec<BlockDev>> {
+    info!("waiting up to {} s for {label}", timeout.as_secs());
+    let deadline = Instant::now() + timeout;
+    loop {
+        let devs = blockdev::scan(Path::new("/sys"), Path::new("/dev"));
+        if blockdev::find_by_label(&devs, label).is_some() {
+            return Some(devs);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Fill the inventory: for each candidate, find and mount its partition (read-only, once) and
+/// look at the image file.
+fn inspect(c: &Candidate, devices: &[BlockDev], mounted: &mut Vec<String>) -> ImageStatus {
+    let mnt = c.source_mountpoint();
+    if !mounted.iter().any(|s| s == &c.source) {
+        let Some(dev) = blockdev::find_spec(devices, &c.source) else {
+            return ImageStatus::NoSource(format!("partition {} not found", c.source));
+        };
+        if let Some(label) = label_of(&c.source)
+            && let Some((_, dups)) = blockdev::find_by_label(devices, label)
+            && !dups.is_empty()
+        {
+            let others: Vec<String> = dups
+                .iter()
+                .map(|d| d.devnode.display().to_string())
+                .collect();
+            warn!(
+                "label {label} is on several devices: using {}, ignoring {}",
+                dev.devnode.display(),
+                others.join(", ")
+            );
+        }
+        let fstype = dev.fs.as_ref().map_or("ext4", |f| f.fstype.mount_type());
+        if let Err(e) = fsutil::mkdir_p(Path::new(mnt)) {
+            return ImageStatus::NoSource(e.to_string());
+        }
+        if let Err(e) = mount::device(&dev.devnode, Path::new(mnt), fstype, true) {
+            return ImageStatus::NoSource(e.to_string());
+        }
+        info!(
+            "mounted {} ({}) read-only at {mnt}",
+            c.source,
+            dev.devnode.display()
+        );
+        mounted.push(c.source.clone());
+    }
+    let file = PathBuf::from(format!("{mnt}{}", c.image));
+    match probe::probe_path(&file) {
+        Ok(Some(fs)) => ImageStatus::Fs(fs.fstype),
+        Ok(None) => ImageStatus::Unrecognized,
+        Err(_) if !file.exists() => ImageStatus::Missing,
+        Err(e) => ImageStatus::Failed(e.to_string()),
+    }
+}
+
+/// Choose, loop-mount and check the root image, falling back along the chain.
+fn mount_root(req: &BootRequest, cands: &[Candidate], devices: &[BlockDev]) -> Option<Candidate> {
+    let mut inv = Inventory::default();
+    let mut mounted_sources = Vec::new();
+    let mut reported = 0;
+    loop {
+        for c in cands {
+            if inv.get(c).is_none() {
+                let status = inspect(c, devices, &mut mounted_sources);
+                inv.set(c, status);
+            }
+        }
+        let sel = plan::select(cands, &inv);
+        for (c, why) in sel.skipped.iter().skip(reported) {
+            warn!("skipping {c}: {why}");
+        }
+        reported = sel.skipped.len();
+        let Some((c, fstype)) = sel.chosen else {
+            let mut msg = String::from("no bootable image. Tried:");
+            for (c, why) in &sel.skipped {
+                let _ = write!(msg, "\n  {c}: {why}");
+            }
+            log::fatal(&msg);
+            return None;
+        };
+        if reported > 0 {
+            warn!("falling back to {c}");
+        }
+        match mount_image(req, &c, fstype) {
+            Ok(()) => {
+                info!("mounted {c} ({}) at {SYSROOT}", fstype.name());
+                return Some(c);
+            }
+            Err(why) => {
+                inv.set(&c, ImageStatus::Failed(why));
+            }
+        }
+    }
+}
+
+fn mount_image(req: &BootRequest, c: &Candidate, fstype: probe::FsType) -> Result<(), String> {
+    let file = PathBuf::from(format!("{}{}", c.source_mountpoint(), c.image));
+    let ro = !req.debugrw;
+    let sysroot = Path::new(SYSROOT);
+    fsutil::mkdir_p(sysroot).map_err(|e| e.to_string())?;
+    let lo = loopdev::attach(Path::new("/dev"), &file, ro).map_err(|e| e.to_string())?;
+    mount::device(&lo.path, sysroot, fstype.mount_type(), ro).map_err(|e| e.to_string())?;
+    drop(lo); // the mount holds the device now; AUTOCLEAR frees it on umount
+    // An image that mounts but cannot start is no better than a missing one.
+    if handoff_program(req).is_none() {
+        let _ = mount::unmount(sysroot, false);
+        return Err(format!(
+            "{} has no init to hand off to ({HANDOFF:?} and rd.kairos.init)",
+            c.image
+        ));
+    }
+    let _ = std::fs::write("/run/kairos-root-fs", fstype.name());
+    Ok(())
+}
+
+fn handoff_program(req: &BootRequest) -> Option<String> {
+    let root = Path::new(SYSROOT);
+    if let Some(p) = &req.init {
+        if fsutil::executable_in_root(root, p) {
+            return Some(p.clone());
+        }
+        warn!("rd.kairos.init={p} is not an executable in the image; trying the defaults");
+    }
+    HANDOFF
+        .iter()
+        .find(|p| fsutil::executable_in_root(root, p))
+        .map(|p| p.to_string())
+}
+
+/// Layout files, in SPEC order: the image's own, then those the rootfs stage wrote to /run/cos.
+fn read_layout(mode: BootMode) -> Layout {
+    let files = [
+        format!("{SYSROOT}/etc/cos/cos-layout.env"),
+        "/run/cos/cos-layout.env".into(),
+        "/run/cos/extra-layout.env".into(),
+        "/run/cos/custom-layout.env".into(),
+    ];
+    let mut parsed = Vec::new();
+    for f in files {
+        let p = PathBuf::from(&f);
+        let text = match std::fs::read(&p) {
+            Ok(b) if b.len() > 1 << 20 => {
+                warn!("{f}: larger than 1 MiB, ignored");
+                continue;
+            }
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(_) => continue,
+        };
+        match layout::parse_env(&text, &p) {
+            Ok(kv) => {
+                info!("layout from {f}");
+                parsed.push((p, kv));
+            }
+            Err(e) => warn!("{e}; file ignored"),
+        }
+    }
+    let base = if mode == BootMode::Recovery || mode == BootMode::Live {
+        Layout::recovery_default()
+    } else if parsed.is_empty() {
+        Layout::kairos_default()
+    } else {
+        Layout::immucore_default()
+    };
+    let (layout, warnings) = Layout::apply(base, &parsed);
+    for w in warnings {
+        warn!("{w}");
+    }
+    layout
+}
+
+fn mount_system(req: &BootRequest, mode: BootMode, layout: &Layout, devices: &[BlockDev]) {
+    let kind = |p: &str| fsutil::path_kind(Path::new(&format!("{SYSROOT}{p}")));
+    let sp = plan::plan_system(&plan::SystemInputs {
+        req,
+        mode,
+        layout,
+        devices,
+        image_path: &kind,
+    });
+    for w in &sp.warnings {
+        warn!("{w}");
+    }
+    let mut failed = vec![false; sp.steps.len()];
+    let mut fstab = String::from("# written by kairos-init\n");
+    for (i, step) in sp.steps.iter().enumerate() {
+        if step
+            .after
+            .is_some_and(|a| failed.get(a).copied().unwrap_or(true))
+        {
+            failed[i] = true;
+            continue;
+        }
+        match execute(&step.action, &mut fstab) {
+            Ok(()) => debug!("{:?}", step.action),
+            Err(e) => {
+                failed[i] = true;
+                if step.required {
+                    error!("{e}")
+                } else {
+                    warn!("{e}")
+                }
+            }
+        }
+    }
+    if let Err(e) = std::fs::write(format!("{SYSROOT}/etc/fstab"), fstab) {
+        debug!("{SYSROOT}/etc/fstab not written: {e}");
+    }
+}
+
+fn strip(p: &str) -> &str {
+    match p.strip_prefix(SYSROOT) {
+        Some("") => "/",
+        Some(rest) => rest,
+        None => p,
+    }
+}
+
+fn execute(a: &Action, fstab: &mut String) -> Result<(), String> {
+    let s = |e: &dyn std::fmt::Display| e.to_string();
+    match a {
+        Action::Mkdir { path } => fsutil::mkdir_p(Path::new(path)).map_err(|e| s(&e)),
+        Action::Tmpfs { target, size } => {
+            fsutil::mkdir_p(Path::new(target)).map_err(|e| s(&e))?;
+            mount::tmpfs(Path::new(target), size, "0755").map_err(|e| s(&e))?;
+            let _ = writeln!(
+                fstab,
+                "tmpfs {} tmpfs defaults,size={size} 0 0",
+                strip(target)
+            );
+            Ok(())
+        }
+        Action::Device {
+            device,
+            target,
+            fstype,
+            readonly,
+        } => {
+            mount::device(Path::new(device), Path::new(target), fstype, *readonly)
+                .map_err(|e| s(&e))?;
+            info!(
+                "mounted {device} at {target} ({})",
+                if *readonly { "ro" } else { "rw" }
+            );
+            let _ = writeln!(
+                fstab,
+                "{device} {} {fstype} {} 0 0",
+                strip(target),
+                if *readonly { "ro" } else { "rw" }
+            );
+            Ok(())
+        }
+        Action::Overlay {
+            lower,
+            upper,
+            work,
+            target,
+        } => {
+            let data = format!("lowerdir={lower},upperdir={upper},workdir={work}");
+            mount::mount(
+                "overlay",
+                Path::new(target),
+                "overlay",
+                MountFlags::empty(),
+                &data,
+            )
+            .map_err(|e| s(&e))?;
+            let _ = writeln!(fstab, "overlay {} overlay {data} 0 0", strip(target));
+            Ok(())
+        }
+        Action::Bind { source, target } => {
+            mount::bind(Path::new(source), Path::new(target)).map_err(|e| s(&e))?;
+            let _ = writeln!(
+                fstab,
+                "{} {} none defaults,bind 0 0",
+                strip(source),
+                strip(target)
+            );
+            Ok(())
+        }
+        Action::SyncMissing { from, to } => {
+            let r = fsutil::sync_missing(Path::new(from), Path::new(to));
+            if r.copied > 0 {
+                info!(
+                    "{from} -> {to}: copied {} new entries, kept {}",
+                    r.copied, r.kept
+                );
+            }
+            for e in r.errors.iter().take(5) {
+                warn!("{e}");
+            }
+            Ok(())
+        }
+        Action::WriteFile { path, contents } => {
+            std::fs::write(path, contents).map_err(|e| format!("write {path}: {e}"))
+        }
+    }
+}
+
+/// The partitions mounted only to look for images the boot did not take.
+fn unmount_unused_sources(chosen: &Candidate) {
+    for mnt in [
+        "/run/initramfs/cos-state",
+        "/run/initramfs/cos-recovery",
+        "/run/initramfs/live",
+    ] {
+        if mnt != chosen.source_mountpoint() {
+            let _ = mount::unmount(Path::new(mnt), false);
+        }
+    }
+}
+
+fn switch_root(prog: &str) -> Result<std::convert::Infallible, String> {
+    let new = Path::new(SYSROOT);
+    for m in ["/dev", "/proc", "/sys", "/run"] {
+        let target = PathBuf::from(format!("{SYSROOT}{m}"));
+        if fsutil::path_kind(&target) != plan::PathKind::Dir {
+            warn!(
+                "{} missing in the image: {m} is detached instead of moved",
+                target.display()
+            );
+            let _ = mount::unmount(Path::new(m), true);
+            continue;
+        }
+        mount::move_mount(Path::new(m), &target).map_err(|e| e.to_string())?;
+    }
+    std::env::set_current_dir(new).map_err(|e| format!("chdir {SYSROOT}: {e}"))?;
+    let freed = fsutil::free_initramfs(Path::new("/"), new);
+    mount::move_mount(new, Path::new("/")).map_err(|e| e.to_string())?;
+    rustix::process::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    info!("freed {} KiB of initramfs; exec {prog}", freed / 1024);
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(prog).exec();
+    Err(format!("exec {prog}: {err}"))
+}

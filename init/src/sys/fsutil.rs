@@ -1,0 +1,305 @@
+//! File-tree helpers for the boot: lstat kinds, copying image state into the persistent store
+//! without overwriting it, and freeing the initramfs before switch_root.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::plan::PathKind;
+
+/// Bounds the recursion in image-controlled trees: a deeper tree is left partly uncopied with
+/// a warning rather than exhausting the init's stack.
+const MAX_DEPTH: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {path}: {source}")]
+pub struct FsError {
+    pub op: &'static str,
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+fn ferr<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsError + 'a {
+    move |source| FsError {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub fn path_kind(p: &Path) -> PathKind {
+    match fs::symlink_metadata(p) {
+        Err(_) => PathKind::Missing,
+        Ok(m) if m.file_type().is_symlink() => PathKind::Symlink,
+        Ok(m) if m.is_dir() => PathKind::Dir,
+        Ok(_) => PathKind::File,
+    }
+}
+
+pub fn mkdir_p(p: &Path) -> Result<(), FsError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(p)
+        .map_err(ferr("mkdir", p))
+}
+
+/// What `sync_missing` did, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub copied: u64,
+    pub kept: u64,
+    pub errors: Vec<String>,
+}
+
+/// Copy every entry of `from` that `to` lacks, preserving mode, owner and mtime. Entries that
+/// exist in `to` are never overwritten: they are the user's changes (upstream bug #3390).
+pub fn sync_missing(from: &Path, to: &Path) -> SyncReport {
+    let mut r = SyncReport::default();
+    sync_dir(from, to, 0, &mut r);
+    r
+}
+
+fn sync_dir(from: &Path, to: &Path, depth: usize, r: &mut SyncReport) {
+    if depth > MAX_DEPTH {
+        r.errors.push(format!(
+            "{}: deeper than {MAX_DEPTH} levels, not copied",
+            from.display()
+        ));
+        return;
+    }
+    let entries = match fs::read_dir(from) {
+        Ok(e) => e,
+        Err(e) => return r.errors.push(format!("read {}: {e}", from.display())),
+    };
+    for entry in entries.flatten() {
+        let src = entry.path();
+        let dst = to.join(entry.file_name());
+        let Ok(meta) = fs::symlink_metadata(&src) else {
+            continue;
+        };
+        match fs::symlink_metadata(&dst) {
+            Ok(dmeta) => {
+                r.kept += 1;
+                if meta.is_dir() && dmeta.is_dir() {
+                    sync_dir(&src, &dst, depth + 1, r);
+                }
+            }
+            Err(_) => match copy_entry(&src, &dst, &meta) {
+                Ok(()) => {
+                    r.copied += 1;
+                    if meta.is_dir() {
+                        sync_dir(&src, &dst, depth + 1, r);
+                    }
+                }
+                Err(e) => r.errors.push(e.to_string()),
+            },
+        }
+    }
+}
+
+fn copy_entry(src: &Path, dst: &Path, meta: &fs::Metadata) -> Result<(), FsError> {
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        let target = fs::read_link(src).map_err(ferr("readlink", src))?;
+        std::os::unix::fs::symlink(&target, dst).map_err(ferr("symlink", dst))?;
+    } else if ft.is_dir() {
+        fs::DirBuilder::new()
+            .mode(meta.mode() & 0o7777)
+            .create(dst)
+            .map_err(ferr("mkdir", dst))?;
+    } else if ft.is_file() {
+        fs::copy(src, dst).map_err(ferr("copy to", dst))?;
+    } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dst,
+            rustix::fs::FileType::from_raw_mode(meta.mode()),
+            rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777),
+            meta.rdev(),
+        )
+        .map_err(|e| FsError {
+            op: "mknod",
+            path: dst.to_path_buf(),
+            source: e.into(),
+        })?;
+    } else {
+        return Ok(()); // sockets are runtime state, not worth keeping
+    }
+    std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))
+        .map_err(ferr("chown", dst))?;
+    if !ft.is_symlink() {
+        // chown clears setuid bits, so the mode goes last.
+        fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(ferr("chmod", dst))?;
+    }
+    let times = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: meta.atime(),
+            tv_nsec: meta.atime_nsec() as _,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: meta.mtime(),
+            tv_nsec: meta.mtime_nsec() as _,
+        },
+    };
+    let _ = rustix::fs::utimensat(
+        rustix::fs::CWD,
+        dst,
+        &times,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    );
+    Ok(())
+}
+
+/// Delete the initramfs contents below `root` without crossing into other filesystems (the
+/// new root and the moved API mounts), so its memory is given back before switch_root.
+pub fn free_initramfs(root: &Path, keep: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(root) else {
+        return 0;
+    };
+    remove_same_dev(root, meta.dev(), keep, 0)
+}
+
+fn remove_same_dev(dir: &Path, dev: u64, keep: &Path, depth: usize) -> u64 {
+    if depth > MAX_DEPTH {
+        return 0;
+    }
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut freed = 0;
+    for entry in entries.flatten() {
+        let p = entry.path();
+        if p == keep {
+            continue;
+        }
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.dev() != dev {
+            continue;
+        }
+        if m.is_dir() {
+            freed += remove_same_dev(&p, dev, keep, depth + 1);
+            let _ = fs::remove_dir(&p);
+        } else {
+            freed += m.len();
+            let _ = fs::remove_file(&p);
+        }
+    }
+    freed
+}
+
+/// Is `prog` an executable file inside `root`, resolving symlinks as if `root` were `/`?
+/// (Images' /sbin/init is usually an absolute symlink, e.g. to /bin/busybox.)
+pub fn executable_in_root(root: &Path, prog: &str) -> bool {
+    let Ok(dir) = rustix::fs::open(
+        root,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+        rustix::fs::Mode::empty(),
+    ) else {
+        return false;
+    };
+    let Ok(fd) = rustix::fs::openat2(
+        &dir,
+        prog.trim_start_matches('/'),
+        rustix::fs::OFlags::PATH,
+        rustix::fs::Mode::empty(),
+        rustix::fs::ResolveFlags::IN_ROOT,
+    ) else {
+        return false;
+    };
+    match rustix::fs::fstat(&fd) {
+        Ok(st) => {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+                && st.st_mode & 0o111 != 0
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_keeps_user_changes_and_copies_the_rest() {
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("img");
+        let store = t.path().join("store");
+        fs::create_dir_all(img.join("sub/deeper")).unwrap();
+        fs::write(img.join("a.conf"), "image").unwrap();
+        fs::write(img.join("sub/deeper/b"), "image-b").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", img.join("link")).unwrap();
+        fs::set_permissions(img.join("a.conf"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::create_dir_all(store.join("sub")).unwrap();
+        fs::write(store.join("sub/user"), "mine").unwrap();
+        fs::write(store.join("a.conf"), "user-edit").unwrap();
+
+        let r = sync_missing(&img, &store);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(
+            fs::read_to_string(store.join("a.conf")).unwrap(),
+            "user-edit"
+        );
+        assert_eq!(
+            fs::read_to_string(store.join("sub/deeper/b")).unwrap(),
+            "image-b"
+        );
+        assert_eq!(fs::read_to_string(store.join("sub/user")).unwrap(), "mine");
+        assert_eq!(
+            fs::read_link(store.join("link")).unwrap(),
+            Path::new("/etc/passwd")
+        );
+        // Second run copies nothing.
+        let again = sync_missing(&img, &store);
+        assert_eq!(again.copied, 0);
+    }
+
+    #[test]
+    fn sync_preserves_mode() {
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("img");
+        let store = t.path().join("store");
+        fs::create_dir_all(&img).unwrap();
+        fs::create_dir_all(&store).unwrap();
+        fs::write(img.join("key"), "secret").unwrap();
+        fs::set_permissions(img.join("key"), fs::Permissions::from_mode(0o600)).unwrap();
+        sync_missing(&img, &store);
+        assert_eq!(
+            fs::metadata(store.join("key")).unwrap().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn executable_resolves_absolute_symlinks_inside_root() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        fs::create_dir_all(root.join("bin")).unwrap();
+        fs::create_dir_all(root.join("sbin")).unwrap();
+        fs::write(root.join("bin/busybox"), "x").unwrap();
+        fs::set_permissions(root.join("bin/busybox"), fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("/bin/busybox", root.join("sbin/init")).unwrap();
+        fs::write(root.join("bin/noexec"), "x").unwrap();
+        assert!(executable_in_root(root, "/sbin/init"));
+        assert!(!executable_in_root(root, "/bin/noexec"));
+        assert!(!executable_in_root(root, "/nope"));
+        // A link escaping the root resolves inside it, where nothing is.
+        std::os::unix::fs::symlink("../../../../bin/sh", root.join("sbin/escape")).unwrap();
+        assert!(!executable_in_root(root, "/sbin/escape") || root.join("bin/sh").exists());
+    }
+
+    #[test]
+    fn path_kinds() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("f"), "").unwrap();
+        std::os::unix::fs::symlink("f", t.path().join("l")).unwrap();
+        assert_eq!(path_kind(t.path()), PathKind::Dir);
+        assert_eq!(path_kind(&t.path().join("f")), PathKind::File);
+        assert_eq!(path_kind(&t.path().join("l")), PathKind::Symlink);
+        assert_eq!(path_kind(&t.path().join("x")), PathKind::Missing);
+    }
+}
