@@ -1,1 +1,369 @@
-fn main() {}
+//! `kairos-qemu`: fetch a kernel, build an initramfs and a Kairos disk, boot them in QEMU.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use kairos_qemu::boot::{self, BootExit, BootSpec};
+use kairos_qemu::disk;
+use kairos_qemu::initramfs::{self, InitramfsSpec};
+use kairos_qemu::kernel::{self, Kernel};
+
+const DEFAULT_INIT: &str = "target/x86_64-unknown-linux-gnu/release/kairos-init";
+const DEMO_MARKER: &str = "KAIROS-TEST: done";
+
+#[derive(Parser)]
+#[command(name = "kairos-qemu", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Download and unpack Debian's current amd64 kernel.
+    Kernel {
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Build a zstd cpio initramfs with kairos-init and the boot modules.
+    Initramfs(InitramfsArgs),
+    /// Build a Kairos-layout GPT disk image with GRUB.
+    Disk(DiskArgs),
+    /// Boot disks (or a kernel) in QEMU and watch the serial log.
+    Boot(BootArgs),
+    /// Build everything into ./out/ and boot the disk through GRUB.
+    Demo {
+        /// Use KVM instead of TCG (hangs nested guests on some hosts).
+        #[arg(long)]
+        kvm: bool,
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        timeout: u64,
+    },
+}
+
+#[derive(Args)]
+struct InitramfsArgs {
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// The kairos-init binary to use as /init.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_INIT)]
+    init: PathBuf,
+    /// An unpacked kernel from `kairos-qemu kernel` (default: the cache).
+    #[arg(long, value_name = "DIR")]
+    kernel_dir: Option<PathBuf>,
+    /// A module (or alias) to add to the defaults, with its dependencies.
+    #[arg(long = "module", value_name = "NAME")]
+    modules: Vec<String>,
+}
+
+/// How to leave an image file on the disk, for fallback tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ImageState {
+    Ok,
+    Missing,
+    Zeros,
+    Truncated,
+}
+
+impl From<ImageState> for disk::ImageState {
+    fn from(s: ImageState) -> Self {
+        match s {
+            ImageState::Ok => disk::ImageState::Ok,
+            ImageState::Missing => disk::ImageState::Missing,
+            ImageState::Zeros => disk::ImageState::Zeros,
+            ImageState::Truncated => disk::ImageState::Truncated,
+        }
+    }
+}
+
+#[derive(Args)]
+struct DiskArgs {
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    initramfs: Option<PathBuf>,
+    #[arg(long, value_name = "DIR")]
+    kernel_dir: Option<PathBuf>,
+    /// Leave out the COS_PERSISTENT partition.
+    #[arg(long)]
+    no_persistent: bool,
+    #[arg(long, value_enum, default_value_t = ImageState::Ok)]
+    active: ImageState,
+    #[arg(long, value_enum, default_value_t = ImageState::Ok)]
+    passive: ImageState,
+    #[arg(long, value_enum, default_value_t = ImageState::Ok)]
+    recovery: ImageState,
+}
+
+#[derive(Args)]
+struct BootArgs {
+    /// Disk images, attached as virtio disks in order.
+    #[arg(value_name = "FILE")]
+    disks: Vec<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    #[arg(long, value_name = "CMDLINE")]
+    append: Option<String>,
+    #[arg(long, value_name = "FILE", default_value = "serial.log")]
+    serial_log: PathBuf,
+    /// Stop when this string appears on the serial console (repeatable).
+    #[arg(long = "until", value_name = "MARKER")]
+    until: Vec<String>,
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    timeout: u64,
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    memory: u32,
+    #[arg(long)]
+    kvm: bool,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kairos-qemu: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Kernel { out } => {
+            let out = out.unwrap_or_else(|| kernel::default_cache_dir().join("kernel"));
+            let k = kernel::fetch(&out).context("fetching the kernel")?;
+            println!("kernel {}", k.version);
+            println!("vmlinuz {}", k.vmlinuz.display());
+            println!("modules {}", k.modules_dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Initramfs(args) => {
+            let k = load_kernel(args.kernel_dir.as_deref())?;
+            build_initramfs(&args.init, k, &args.modules, &args.out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Disk(args) => {
+            build_disk(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Boot(args) => boot_cmd(args),
+        Cmd::Demo { kvm, timeout } => demo(kvm, Duration::from_secs(timeout)),
+    }
+}
+
+/// The kernel in `dir` (must already be fetched there), or the cached one, fetched if needed.
+fn load_kernel(dir: Option<&Path>) -> Result<Kernel> {
+    match dir {
+        Some(d) => kernel::cached(d).with_context(|| {
+            format!(
+                "{}: no unpacked kernel (run `kairos-qemu kernel --out {}`)",
+                d.display(),
+                d.display()
+            )
+        }),
+        None => kernel::cached_or_fetch().context("fetching the kernel"),
+    }
+}
+
+fn build_initramfs(init: &Path, k: Kernel, extra: &[String], out: &Path) -> Result<()> {
+    let mut modules = initramfs::default_modules();
+    for m in extra {
+        if !modules.contains(m) {
+            modules.push(m.clone());
+        }
+    }
+    let spec = InitramfsSpec {
+        init_binary: init.to_path_buf(),
+        kernel: k,
+        modules,
+        extra_files: Vec::new(),
+    };
+    let report = initramfs::build(&spec, out)
+        .with_context(|| format!("building the initramfs {}", out.display()))?;
+    println!(
+        "{}: {} bytes ({:.2} MiB; cpio {:.2} MiB), {} modules: {}",
+        out.display(),
+        report.size_bytes,
+        report.size_bytes as f64 / 1048576.0,
+        report.cpio_bytes as f64 / 1048576.0,
+        report.modules.len(),
+        report.modules.join(" ")
+    );
+    Ok(())
+}
+
+/// Turns the `disk` arguments into the disk builder's spec.
+fn disk_spec_from_args(args: &DiskArgs) -> Result<disk::DiskSpec> {
+    let initramfs = args.initramfs.clone().with_context(
+        || "--initramfs FILE is required (build one with `kairos-qemu initramfs --out FILE`)",
+    )?;
+    if !initramfs.is_file() {
+        bail!("{}: no such initramfs", initramfs.display());
+    }
+    let k = load_kernel(args.kernel_dir.as_deref())?;
+    let mut spec = disk::demo_spec(&args.out, k, initramfs);
+    spec.persistent = !args.no_persistent;
+    spec.active = args.active.into();
+    spec.passive = args.passive.into();
+    spec.recovery = args.recovery.into();
+    Ok(spec)
+}
+
+fn build_disk(args: &DiskArgs) -> Result<()> {
+    let spec = disk_spec_from_args(args)?;
+    let report =
+        disk::build(&spec).with_context(|| format!("building the disk {}", args.out.display()))?;
+    println!(
+        "{}: {} bytes ({} MiB)",
+        args.out.display(),
+        report.size_bytes,
+        report.size_bytes >> 20
+    );
+    for (num, name, label, first, sectors) in &report.partitions {
+        println!(
+            "  {num}  {name:<12} {label:<16} first sector {first:>8}  {:>6} MiB",
+            (sectors * 512) >> 20
+        );
+    }
+    Ok(())
+}
+
+fn boot_cmd(args: BootArgs) -> Result<ExitCode> {
+    let spec = BootSpec {
+        disks: args.disks,
+        kernel: args.kernel,
+        initrd: args.initrd,
+        append: args.append,
+        memory_mb: args.memory,
+        kvm: args.kvm,
+        serial_log: args.serial_log,
+        until: args.until,
+        timeout: Duration::from_secs(args.timeout),
+        extra_args: Vec::new(),
+    };
+    let r = boot::run(&spec).context("running QEMU")?;
+    println!("{}", r.tail(40));
+    println!("--");
+    println!(
+        "{:?} after {:.1} s; marker: {}; serial log: {}",
+        r.exit,
+        r.elapsed.as_secs_f64(),
+        r.matched.as_deref().unwrap_or("none"),
+        spec.serial_log.display()
+    );
+    if !r.qemu_stderr.trim().is_empty() {
+        eprintln!("qemu stderr:\n{}", r.qemu_stderr.trim_end());
+    }
+    Ok(if r.exit == BootExit::TimedOut {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn demo(kvm: bool, timeout: Duration) -> Result<ExitCode> {
+    let workspace = workspace_root();
+    let init = ensure_init_built(&workspace)?;
+    let k = kernel::cached_or_fetch().context("fetching the kernel")?;
+    let out = PathBuf::from("out");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let initrd = out.join("initramfs.img");
+    build_initramfs(&init, k, &[], &initrd)?;
+    let disk = out.join("disk.img");
+    build_disk(&DiskArgs {
+        out: disk.clone(),
+        initramfs: Some(initrd),
+        kernel_dir: None,
+        no_persistent: false,
+        active: ImageState::Ok,
+        passive: ImageState::Ok,
+        recovery: ImageState::Ok,
+    })?;
+
+    let mut spec = BootSpec::new(out.join("serial.log"));
+    spec.disks.push(disk);
+    spec.kvm = kvm;
+    spec.until.push(DEMO_MARKER.to_string());
+    spec.timeout = timeout;
+    let r = boot::run(&spec).context("running QEMU")?;
+    for line in r
+        .log
+        .lines()
+        .filter(|l| l.contains("kairos-init:") || l.contains("KAIROS-TEST:"))
+    {
+        println!("{line}");
+    }
+    match boot::kmsg_time(&r.log, "kairos-init: switch_root") {
+        Some(t) => println!("initramfs stage: {t:.3} s (kernel start → switch_root)"),
+        None => println!("initramfs stage: no `kairos-init: switch_root` line in the log"),
+    }
+    println!(
+        "{:?} after {:.1} s wall; serial log: {}",
+        r.exit,
+        r.elapsed.as_secs_f64(),
+        spec.serial_log.display()
+    );
+    if r.matched.is_none() {
+        eprintln!("marker `{DEMO_MARKER}` not seen; log tail:\n{}", r.tail(30));
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The workspace this tool was built from: the demo builds kairos-init there.
+fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// The release kairos-init, rebuilt with cargo when missing or older than its sources.
+fn ensure_init_built(workspace: &Path) -> Result<PathBuf> {
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let binary = target_dir.join("x86_64-unknown-linux-gnu/release/kairos-init");
+    let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok();
+    let newest_source = newest_mtime(&workspace.join("init/src"))
+        .max(newest_mtime(&workspace.join("init/Cargo.toml")));
+    let stale = match (built, newest_source) {
+        (None, _) => true,
+        (Some(b), Some(s)) => s > b,
+        (Some(_), None) => false,
+    };
+    if stale {
+        println!("building kairos-init (cargo build --release -p kairos-init)");
+        let status = Command::new("cargo")
+            .args(["build", "--release", "-p", "kairos-init"])
+            .current_dir(workspace)
+            .status()
+            .context("running cargo build for kairos-init")?;
+        if !status.success() {
+            bail!("cargo build --release -p kairos-init failed ({status})");
+        }
+    }
+    if !binary.is_file() {
+        bail!("{} missing after the build", binary.display());
+    }
+    Ok(binary)
+}
+
+/// The latest modification time of a file or anything below a directory.
+fn newest_mtime(path: &Path) -> Option<SystemTime> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    let own = meta.modified().ok();
+    if !meta.is_dir() {
+        return own;
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| newest_mtime(&e.path()))
+        .chain(own)
+        .max()
+}

@@ -1,1 +1,564 @@
-//! placeholder: being written
+//! The test/demo root filesystem: a busybox tree whose `/sbin/init` prints
+//! `KAIROS-TEST:` lines the QEMU tests assert on, packed rootless into ext4/ext2
+//! or squashfs image files (`mkfs.ext4 -d`, `mksquashfs`; no mount, no loop).
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+
+use crate::apt::{self, AptError};
+
+/// `/sbin/init` of the image. Its output lines are a contract with the tests.
+pub const INIT_SCRIPT: &str = r#"#!/bin/sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+echo "KAIROS-TEST: hello from image=$(cat /etc/kairos-image) pid=$$"
+for m in active passive recovery autoreset live; do [ -e /run/cos/${m}_mode ] && echo "KAIROS-TEST: mode=$m"; done
+if touch /kairos-rootfs-write-probe 2>/dev/null; then echo "KAIROS-TEST: root=rw"; rm -f /kairos-rootfs-write-probe; else echo "KAIROS-TEST: root=ro"; fi
+for f in /etc/kairos-test-overlay /usr/local/kairos-test-persist /etc/ssh/kairos-test-state /var/log/kairos-test-state; do
+  if [ -e "$f" ]; then echo "KAIROS-TEST: present $f"; else echo "KAIROS-TEST: absent $f"; fi
+done
+echo written > /etc/kairos-test-overlay && echo written > /usr/local/kairos-test-persist && echo written > /etc/ssh/kairos-test-state && echo written > /var/log/kairos-test-state && echo "KAIROS-TEST: wrote test files"
+while read -r dev mnt fs opts rest; do echo "KAIROS-TEST: mount $mnt $fs $opts"; done < /proc/mounts
+sync
+echo "KAIROS-TEST: done"
+poweroff -f
+"#;
+
+/// Debian's static busybox, as installed by `busybox-static`.
+pub const HOST_BUSYBOX: &str = "/bin/busybox";
+
+/// Packages the functions of this module run tools from.
+pub const PACKAGES: &[&str] = &["busybox-static", "e2fsprogs", "squashfs-tools"];
+
+/// ext4 features GRUB 2.06 cannot read; disabled when this e2fsprogs knows them.
+const GRUB_UNREADABLE_EXT4_FEATURES: &[&str] = &["metadata_csum_seed", "orphan_file"];
+
+/// What goes into the tree besides busybox and the init script.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RootfsOptions {
+    /// Copied to `/boot/vmlinuz` (GRUB loads it from inside the image, as upstream Kairos does).
+    pub kernel: Option<PathBuf>,
+    /// Copied to `/boot/initrd`.
+    pub initrd: Option<PathBuf>,
+    /// Written to `/etc/cos/cos-layout.env`; without it the image has no `/etc/cos`.
+    pub layout_file: Option<String>,
+}
+
+/// Which ext filesystem an image gets: upstream Kairos uses ext2, ours defaults to ext4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExtFs {
+    Ext2,
+    #[default]
+    Ext4,
+}
+
+impl ExtFs {
+    fn mkfs(self) -> &'static str {
+        match self {
+            ExtFs::Ext2 => "mkfs.ext2",
+            ExtFs::Ext4 => "mkfs.ext4",
+        }
+    }
+}
+
+/// An external tool that could not run or failed; carries its stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("cannot run `{command}`: {source}")]
+    Spawn { command: String, source: io::Error },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("installing tools: {0}")]
+    Apt(#[from] AptError),
+    #[error("`{HOST_BUSYBOX} --list` named no applets")]
+    NoApplets,
+    #[error("invalid image name {0:?} (expected one word such as active, passive, recovery)")]
+    BadImageName(String),
+}
+
+/// Attaches the path to an io::Error.
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RootfsError + '_ {
+    move |source| RootfsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Runs a tool to completion; a non-zero exit becomes an error with its stderr
+/// (stdout when stderr is empty, since some tools report there).
+pub(crate) fn run(cmd: &mut Command) -> Result<Output, CommandError> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| CommandError::Spawn {
+            command: describe(cmd),
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(out);
+    }
+    let mut text = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if text.is_empty() {
+        text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    }
+    Err(CommandError::Failed {
+        command: describe(cmd),
+        status: out.status,
+        stderr: text,
+    })
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), RootfsError> {
+    fs::write(path, contents).map_err(io_err(path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<(), RootfsError> {
+    fs::create_dir_all(path).map_err(io_err(path))?;
+    // Explicit chmod: create_dir_all is subject to the umask and cannot set the sticky bit.
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))
+}
+
+/// Creates `link -> target`, replacing whatever is at `link` so rebuilding a tree works.
+fn symlink_force(target: &str, link: &Path) -> Result<(), RootfsError> {
+    if link.symlink_metadata().is_ok() {
+        fs::remove_file(link).map_err(io_err(link))?;
+    }
+    symlink(target, link).map_err(io_err(link))
+}
+
+fn copy_file(from: &Path, to: &Path, mode: u32) -> Result<(), RootfsError> {
+    fs::copy(from, to).map_err(io_err(from))?;
+    fs::set_permissions(to, fs::Permissions::from_mode(mode)).map_err(io_err(to))
+}
+
+/// Applet names from `busybox --list`, minus the ones that would shadow our init.
+fn busybox_applets(busybox: &Path) -> Result<Vec<String>, RootfsError> {
+    let out = run(Command::new(busybox).arg("--list"))?;
+    let applets: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && !a.contains('/') && *a != "busybox")
+        .filter(|a| *a != "init" && *a != "linuxrc")
+        .map(str::to_string)
+        .collect();
+    if applets.is_empty() {
+        return Err(RootfsError::NoApplets);
+    }
+    Ok(applets)
+}
+
+/// Builds the minimal FHS tree of a test image in `dir` (created if needed;
+/// files of an earlier build are replaced).
+pub fn build_tree(dir: &Path, image_name: &str, opts: &RootfsOptions) -> Result<(), RootfsError> {
+    apt::ensure_packages(&["busybox-static"])?;
+    build_tree_unchecked(dir, image_name, opts)
+}
+
+/// [`build_tree`] without the package check, for callers that did it already.
+pub(crate) fn build_tree_unchecked(
+    dir: &Path,
+    image_name: &str,
+    opts: &RootfsOptions,
+) -> Result<(), RootfsError> {
+    mkdir(dir, 0o755)?;
+    for d in [
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "usr/local",
+        "usr/libexec",
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "etc",
+        "etc/ssh",
+        "var",
+        "var/log",
+        "var/lib",
+        "srv",
+        "oem",
+        "home",
+        "opt",
+        "mnt",
+        "boot",
+    ] {
+        mkdir(&dir.join(d), 0o755)?;
+    }
+    mkdir(&dir.join("tmp"), 0o1777)?;
+    mkdir(&dir.join("var/tmp"), 0o1777)?;
+    mkdir(&dir.join("root"), 0o700)?;
+
+    let busybox = Path::new(HOST_BUSYBOX);
+    copy_file(busybox, &dir.join("bin/busybox"), 0o755)?;
+    for applet in busybox_applets(busybox)? {
+        symlink_force("busybox", &dir.join("bin").join(&applet))?;
+    }
+    // Tools people type with a full path; everything else is found through PATH in /bin.
+    for d in ["sbin", "usr/bin", "usr/sbin"] {
+        for applet in ["poweroff", "reboot", "halt"] {
+            symlink_force("/bin/busybox", &dir.join(d).join(applet))?;
+        }
+    }
+    write_file(&dir.join("sbin/init"), INIT_SCRIPT.as_bytes(), 0o755)?;
+
+    set_image_name(dir, image_name)?;
+    write_file(
+        &dir.join("etc/os-release"),
+        b"NAME=\"Kairos test image\"\nID=kairos\nPRETTY_NAME=\"Kairos test image\"\nVERSION_ID=test\n",
+        0o644,
+    )?;
+    write_file(
+        &dir.join("etc/passwd"),
+        b"root:x:0:0:root:/root:/bin/sh\n",
+        0o644,
+    )?;
+    write_file(&dir.join("etc/group"), b"root:x:0:\n", 0o644)?;
+    write_file(&dir.join("etc/hostname"), b"kairos-test\n", 0o644)?;
+
+    let cos = dir.join("etc/cos");
+    match &opts.layout_file {
+        Some(text) => {
+            mkdir(&cos, 0o755)?;
+            write_file(&cos.join("cos-layout.env"), text.as_bytes(), 0o644)?;
+        }
+        // No /etc/cos at all: the init must fall back to its built-in defaults.
+        None if cos.exists() => fs::remove_dir_all(&cos).map_err(io_err(&cos))?,
+        None => {}
+    }
+    if let Some(kernel) = &opts.kernel {
+        copy_file(kernel, &dir.join("boot/vmlinuz"), 0o644)?;
+    }
+    if let Some(initrd) = &opts.initrd {
+        copy_file(initrd, &dir.join("boot/initrd"), 0o644)?;
+    }
+    Ok(())
+}
+
+/// Rewrites `/etc/kairos-image`, so one tree serves active, passive and recovery in turn.
+pub fn set_image_name(dir: &Path, image_name: &str) -> Result<(), RootfsError> {
+    if image_name.is_empty() || image_name.contains(|c: char| c.is_whitespace() || c == '/') {
+        return Err(RootfsError::BadImageName(image_name.to_string()));
+    }
+    write_file(
+        &dir.join("etc/kairos-image"),
+        format!("{image_name}\n").as_bytes(),
+        0o644,
+    )
+}
+
+/// Bytes a tree needs, counting each file at its apparent size rounded up to
+/// 4 KiB (sparse files count in full: an image may be rewritten later) and
+/// 4 KiB per directory and symlink.
+pub fn tree_bytes(tree: &Path) -> Result<u64, RootfsError> {
+    const BLOCK: u64 = 4096;
+    let meta = tree.symlink_metadata().map_err(io_err(tree))?;
+    if !meta.is_dir() {
+        return Ok(meta.len().div_ceil(BLOCK).max(1) * BLOCK);
+    }
+    let mut total = BLOCK;
+    for entry in fs::read_dir(tree).map_err(io_err(tree))? {
+        let entry = entry.map_err(io_err(tree))?;
+        total += tree_bytes(&entry.path())?;
+    }
+    Ok(total)
+}
+
+/// Image size for a tree: its size + 30 % + 16 MiB (journal, metadata, slack).
+pub fn image_size_mb(tree: &Path) -> Result<u64, RootfsError> {
+    const MIB: u64 = 1 << 20;
+    let bytes = tree_bytes(tree)?;
+    Ok((bytes + bytes * 3 / 10).div_ceil(MIB) + 16)
+}
+
+/// The `-O` argument turning off the ext4 features GRUB 2.06 cannot read,
+/// limited to the names this e2fsprogs knows (probed once on a scratch file).
+fn grub_safe_features() -> Option<&'static str> {
+    static FEATURES: OnceLock<String> = OnceLock::new();
+    let s = FEATURES.get_or_init(|| {
+        let known: Vec<&str> = GRUB_UNREADABLE_EXT4_FEATURES
+            .iter()
+            .copied()
+            .filter(|f| mkfs_knows_feature(f))
+            .collect();
+        known
+            .iter()
+            .map(|f| format!("^{f}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    (!s.is_empty()).then_some(s.as_str())
+}
+
+fn mkfs_knows_feature(feature: &str) -> bool {
+    let probe = std::env::temp_dir().join(format!(
+        "kairos-qemu-mkfs-probe-{}-{feature}.img",
+        std::process::id()
+    ));
+    let ok = run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O"])
+        .arg(format!("^{feature}"))
+        .arg(&probe)
+        .arg("8M"))
+    .is_ok();
+    let _ = fs::remove_file(&probe);
+    ok
+}
+
+/// Makes an ext filesystem image file of `size_kib` from `tree` (empty if None).
+pub(crate) fn mkfs_ext(
+    tree: Option<&Path>,
+    out: &Path,
+    label: &str,
+    size_kib: u64,
+    fs_kind: ExtFs,
+) -> Result<(), RootfsError> {
+    // mke2fs refuses to shrink nothing but would reuse a larger file's tail; start clean.
+    if out.symlink_metadata().is_ok() {
+        fs::remove_file(out).map_err(io_err(out))?;
+    }
+    let mut cmd = Command::new(fs_kind.mkfs());
+    cmd.args(["-q", "-F", "-L", label]);
+    if let Some(tree) = tree {
+        cmd.arg("-d").arg(tree);
+    }
+    if let Some(features) = grub_safe_features() {
+        cmd.arg("-O").arg(features);
+    }
+    cmd.arg(out).arg(format!("{size_kib}k"));
+    run(&mut cmd)?;
+    Ok(())
+}
+
+/// `mkfs.ext4 -d TREE` into the file `out` of `size_mb` MiB, labelled `label`.
+pub fn make_ext_image(
+    tree: &Path,
+    out: &Path,
+    label: &str,
+    size_mb: u64,
+) -> Result<(), RootfsError> {
+    make_ext_image_as(tree, out, label, size_mb, ExtFs::Ext4)
+}
+
+/// [`make_ext_image`] with a choice of ext2 (upstream's images) or ext4.
+pub fn make_ext_image_as(
+    tree: &Path,
+    out: &Path,
+    label: &str,
+    size_mb: u64,
+    fs_kind: ExtFs,
+) -> Result<(), RootfsError> {
+    apt::ensure_packages(&["e2fsprogs"])?;
+    mkfs_ext(Some(tree), out, label, size_mb * 1024, fs_kind)
+}
+
+/// Packs `tree` into a squashfs file. xz, because GRUB's squash4 reads xz but not zstd.
+pub fn make_squashfs(tree: &Path, out: &Path) -> Result<(), RootfsError> {
+    apt::ensure_packages(&["squashfs-tools"])?;
+    make_squashfs_unchecked(tree, out)
+}
+
+pub(crate) fn make_squashfs_unchecked(tree: &Path, out: &Path) -> Result<(), RootfsError> {
+    run(Command::new("mksquashfs").arg(tree).arg(out).args([
+        "-comp",
+        "xz",
+        "-noappend",
+        "-all-root",
+        "-quiet",
+    ]))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn have(tool: &str) -> bool {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+    }
+
+    fn tools_present() -> bool {
+        let ok = Path::new(HOST_BUSYBOX).exists()
+            && [
+                "mkfs.ext4",
+                "mksquashfs",
+                "debugfs",
+                "dumpe2fs",
+                "unsquashfs",
+            ]
+            .iter()
+            .all(|t| have(t));
+        if !ok {
+            eprintln!("skipping: busybox-static, e2fsprogs or squashfs-tools missing");
+        }
+        ok
+    }
+
+    fn sample_tree(dir: &Path, layout: Option<&str>) {
+        let kernel = dir.join("vmlinuz.in");
+        fs::write(&kernel, b"fake kernel").unwrap();
+        let opts = RootfsOptions {
+            kernel: Some(kernel),
+            initrd: None,
+            layout_file: layout.map(str::to_string),
+        };
+        build_tree_unchecked(&dir.join("tree"), "active", &opts).unwrap();
+    }
+
+    #[test]
+    fn tree_has_init_busybox_and_identity() {
+        if !tools_present() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        sample_tree(tmp.path(), None);
+        let t = tmp.path().join("tree");
+        assert_eq!(
+            fs::read_to_string(t.join("sbin/init")).unwrap(),
+            INIT_SCRIPT
+        );
+        let mode = fs::metadata(t.join("sbin/init"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o755);
+        let tmp_mode = fs::metadata(t.join("tmp")).unwrap().permissions().mode();
+        assert_eq!(tmp_mode & 0o7777, 0o1777);
+        assert_eq!(
+            fs::read_link(t.join("bin/sh")).unwrap(),
+            Path::new("busybox")
+        );
+        assert_eq!(
+            fs::read_link(t.join("sbin/poweroff")).unwrap(),
+            Path::new("/bin/busybox")
+        );
+        assert!(!t.join("bin/init").exists());
+        assert_eq!(
+            fs::read_to_string(t.join("etc/kairos-image")).unwrap(),
+            "active\n"
+        );
+        assert_eq!(fs::read(t.join("boot/vmlinuz")).unwrap(), b"fake kernel");
+        assert!(!t.join("boot/initrd").exists());
+        assert!(!t.join("etc/cos").exists());
+        // A rebuild over the same dir works and the layout file appears.
+        build_tree_unchecked(
+            &t,
+            "passive",
+            &RootfsOptions {
+                layout_file: Some("OVERLAY=tmpfs:25%\n".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(t.join("etc/cos/cos-layout.env")).unwrap(),
+            "OVERLAY=tmpfs:25%\n"
+        );
+        assert!(set_image_name(&t, "bad name").is_err());
+    }
+
+    #[test]
+    fn init_script_is_valid_sh() {
+        if !Path::new(HOST_BUSYBOX).exists() {
+            eprintln!("skipping: no {HOST_BUSYBOX}");
+            return;
+        }
+        let out = Command::new(HOST_BUSYBOX)
+            .args(["sh", "-n", "-c", INIT_SCRIPT])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn ext_images_are_grub_readable() {
+        if !tools_present() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        sample_tree(
+            tmp.path(),
+            Some("VOLUMES=\"LABEL=COS_PERSISTENT:/usr/local\"\n"),
+        );
+        let t = tmp.path().join("tree");
+        let mb = image_size_mb(&t).unwrap();
+        assert!((17..40).contains(&mb), "size {mb}");
+        for (kind, name) in [(ExtFs::Ext4, "a4.img"), (ExtFs::Ext2, "a2.img")] {
+            let img = tmp.path().join(name);
+            mkfs_ext(Some(&t), &img, "COS_ACTIVE", mb * 1024, kind).unwrap();
+            assert_eq!(fs::metadata(&img).unwrap().len(), mb << 20);
+            let head = run(Command::new("dumpe2fs").arg("-h").arg(&img)).unwrap();
+            let head = String::from_utf8_lossy(&head.stdout);
+            assert!(
+                head.contains("Filesystem volume name:   COS_ACTIVE"),
+                "{head}"
+            );
+            let features = head
+                .lines()
+                .find(|l| l.starts_with("Filesystem features:"))
+                .unwrap();
+            for f in GRUB_UNREADABLE_EXT4_FEATURES {
+                assert!(!features.contains(f), "{features}");
+            }
+            assert_eq!(features.contains("has_journal"), kind == ExtFs::Ext4);
+            let cat = run(Command::new("debugfs")
+                .args(["-R", "cat /etc/kairos-image"])
+                .arg(&img))
+            .unwrap();
+            assert_eq!(String::from_utf8_lossy(&cat.stdout), "active\n");
+            let ls = run(Command::new("debugfs")
+                .args(["-R", "stat /sbin/init"])
+                .arg(&img))
+            .unwrap();
+            assert!(String::from_utf8_lossy(&ls.stdout).contains("Mode:  0755"));
+        }
+    }
+
+    #[test]
+    fn squashfs_lists_tree() {
+        if !tools_present() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        sample_tree(tmp.path(), None);
+        let out = tmp.path().join("r.squashfs");
+        make_squashfs_unchecked(&tmp.path().join("tree"), &out).unwrap();
+        let stat = run(Command::new("unsquashfs").arg("-s").arg(&out)).unwrap();
+        assert!(String::from_utf8_lossy(&stat.stdout).contains("Compression xz"));
+        let ls = run(Command::new("unsquashfs").arg("-lls").arg(&out)).unwrap();
+        let ls = String::from_utf8_lossy(&ls.stdout);
+        assert!(ls.contains("squashfs-root/sbin/init"), "{ls}");
+        assert!(ls.contains("root/root"), "{ls}");
+    }
+}

@@ -1,1 +1,182 @@
-//! placeholder
+//! Shared harness for the QEMU boot tests: builds kairos-init, fetches the kernel, builds the
+//! initramfs once per test process, builds disks per test and boots them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use kairos_qemu::boot::{BootResult, BootSpec};
+use kairos_qemu::disk::DiskSpec;
+use kairos_qemu::kernel::Kernel;
+
+/// The command line GRUB passes for the active entry (SPEC.md section 2), used for direct
+/// kernel boots that test kairos-init without GRUB in the way.
+pub const BASE_CMDLINE: &str = "console=tty1 console=ttyS0,115200 net.ifnames=1 rd.cos.oemlabel=COS_OEM rd.cos.oemtimeout=2 panic=5 rd.emergency=reboot rd.shell=0 rd.kairos.rebootdelay=2";
+pub const ACTIVE: &str = "root=LABEL=COS_ACTIVE cos-img/filename=/cOS/active.img";
+pub const PASSIVE: &str = "root=LABEL=COS_PASSIVE cos-img/filename=/cOS/passive.img";
+pub const RECOVERY: &str =
+    "root=live:LABEL=COS_RECOVERY rd.live.dir=/ rd.live.squashimg=/cOS/recovery.squashfs";
+pub const DONE: &str = "KAIROS-TEST: done";
+
+pub struct Artifacts {
+    pub kernel: Kernel,
+    pub init_binary: PathBuf,
+    pub initramfs: PathBuf,
+    pub work: PathBuf,
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where tests put disks and logs: under target/, so `cargo clean` removes them.
+/// `KAIROS_TEST_DIR` overrides it, so two runs on one machine do not share files.
+pub fn work_dir() -> PathBuf {
+    std::env::var_os("KAIROS_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/kairos-tests"))
+}
+
+/// Boot tests need root (loop devices in the guest are fine, but building disks with GRUB and
+/// installing Debian packages is not). Returns false and says so when not root.
+pub fn can_run() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("SKIP: QEMU boot tests need root (they install packages and build disks)");
+    false
+}
+
+pub fn build_init() -> Result<PathBuf> {
+    let root = workspace_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "kairos-init",
+            "--bin",
+            "kairos-init",
+        ])
+        .status()
+        .context("running cargo build for kairos-init")?;
+    if !status.success() {
+        bail!("cargo build -p kairos-init failed");
+    }
+    Ok(root.join("target/x86_64-unknown-linux-gnu/release/kairos-init"))
+}
+
+static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
+
+pub fn artifacts() -> &'static Artifacts {
+    let r = ARTIFACTS.get_or_init(|| {
+        let build = || -> Result<Artifacts> {
+            let work = work_dir();
+            std::fs::create_dir_all(&work)
+                .with_context(|| format!("creating {}", work.display()))?;
+            let init_binary = build_init()?;
+            let kernel = kairos_qemu::kernel::cached_or_fetch()?;
+            let initramfs = work.join("initramfs.img");
+            let spec = kairos_qemu::initramfs::InitramfsSpec {
+                init_binary: init_binary.clone(),
+                kernel: kernel.clone(),
+                modules: kairos_qemu::initramfs::default_modules(),
+                extra_files: Vec::new(),
+            };
+            kairos_qemu::initramfs::build(&spec, &initramfs)?;
+            Ok(Artifacts {
+                kernel,
+                init_binary,
+                initramfs,
+                work,
+            })
+        };
+        build().map_err(|e| format!("{e:#}"))
+    });
+    match r {
+        Ok(a) => a,
+        Err(e) => panic!("building the boot artifacts failed: {e}"),
+    }
+}
+
+/// A disk for one test, built from the shared kernel and initramfs.
+pub fn disk(name: &str, tweak: impl FnOnce(&mut DiskSpec)) -> PathBuf {
+    let a = artifacts();
+    let out = a.work.join(format!("{name}.img"));
+    let mut spec = kairos_qemu::disk::demo_spec(&out, &a.kernel, &a.initramfs);
+    spec.grub_timeout = 0;
+    spec.work_dir = Some(a.work.join(format!("{name}.work")));
+    tweak(&mut spec);
+    if let Err(e) = kairos_qemu::disk::build(&spec) {
+        panic!("building disk {name}: {e}");
+    }
+    out
+}
+
+fn boot(name: &str, spec: BootSpec) -> BootResult {
+    match kairos_qemu::boot::run(&spec) {
+        Ok(r) => {
+            println!(
+                "---- serial log of {name} ({:.1} s) ----\n{}",
+                r.elapsed.as_secs_f64(),
+                r.log
+            );
+            r
+        }
+        Err(e) => panic!("booting {name}: {e}"),
+    }
+}
+
+fn spec(disks: &[&Path], log: PathBuf, until: &[&str], timeout: u64) -> BootSpec {
+    BootSpec {
+        disks: disks.iter().map(|d| d.to_path_buf()).collect(),
+        kernel: None,
+        initrd: None,
+        append: None,
+        memory_mb: 512,
+        kvm: std::env::var_os("KAIROS_KVM").is_some(),
+        serial_log: log,
+        until: until.iter().map(|s| s.to_string()).collect(),
+        timeout: Duration::from_secs(timeout),
+        extra_args: Vec::new(),
+    }
+}
+
+/// Firmware -> GRUB -> kernel -> kairos-init -> image, as a real node boots.
+pub fn boot_grub(name: &str, disk: &Path, until: &[&str]) -> BootResult {
+    let a = artifacts();
+    boot(
+        name,
+        spec(&[disk], a.work.join(format!("{name}.log")), until, 240),
+    )
+}
+
+/// The same kernel and initramfs, started by QEMU with an explicit command line: tests
+/// kairos-init's own choices (fallback, bad parameters) independent of GRUB's.
+pub fn boot_direct(name: &str, disk: &Path, cmdline: &str, until: &[&str]) -> BootResult {
+    let a = artifacts();
+    let mut s = spec(&[disk], a.work.join(format!("{name}.log")), until, 180);
+    s.kernel = Some(a.kernel.vmlinuz.clone());
+    s.initrd = Some(a.initramfs.clone());
+    s.append = Some(format!("{BASE_CMDLINE} {cmdline}"));
+    boot(name, s)
+}
+
+/// Lines a test looks for, with a readable failure that quotes the log.
+pub fn assert_has(r: &BootResult, needle: &str) {
+    assert!(r.log.contains(needle), "serial log lacks {needle:?}");
+}
+
+pub fn assert_lacks(r: &BootResult, needle: &str) {
+    assert!(
+        !r.log.contains(needle),
+        "serial log unexpectedly has {needle:?}"
+    );
+}

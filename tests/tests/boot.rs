@@ -1,1 +1,203 @@
+//! QEMU boot tests of the early-boot path: a real Debian kernel, our initramfs, real GRUB,
+//! real loop devices, overlayfs and squashfs. Every assertion reads the serial log.
 
+use kairos_qemu::disk::ImageState;
+use kairos_tests::*;
+
+#[test]
+fn grub_boots_active_read_only() {
+    if !can_run() {
+        return;
+    }
+    let d = disk("grub-active", |_| {});
+    let r = boot_grub("grub-active", &d, &[DONE]);
+    assert_has(&r, "kairos-init: kairos-init");
+    assert_has(&r, "starting: mode=active image=/cOS/active.img reason=cos");
+    assert_has(&r, "kairos-init: switch_root to /sysroot");
+    assert_has(&r, "KAIROS-TEST: hello from image=active pid=1");
+    assert_has(&r, "KAIROS-TEST: mode=active");
+    assert_has(&r, "KAIROS-TEST: root=ro");
+    assert_has(&r, "KAIROS-TEST: mount / ext4 ro");
+    assert_has(&r, "KAIROS-TEST: mount /etc overlay rw");
+    assert_has(&r, "KAIROS-TEST: mount /oem ext4 rw");
+    assert_has(&r, "KAIROS-TEST: mount /usr/local ext4 rw");
+    assert_has(&r, DONE);
+    let t = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: switch_root")
+        .expect("switch_root timestamp");
+    let start = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: kairos-init")
+        .expect("init start timestamp");
+    println!(
+        "FIGURE initramfs stage: kernel start -> switch_root {t:.3} s (kairos-init ran {:.3} s)",
+        t - start
+    );
+}
+
+#[test]
+fn overlay_is_ephemeral_and_persistent_survives_reboot() {
+    if !can_run() {
+        return;
+    }
+    let d = disk("persist", |_| {});
+    let first = boot_direct("persist-1", &d, ACTIVE, &[DONE]);
+    assert_has(&first, "KAIROS-TEST: absent /etc/kairos-test-overlay");
+    assert_has(&first, "KAIROS-TEST: absent /usr/local/kairos-test-persist");
+    assert_has(&first, "KAIROS-TEST: wrote test files");
+    let second = boot_direct("persist-2", &d, ACTIVE, &[DONE]);
+    // /etc is a tmpfs overlay: gone. /usr/local is COS_PERSISTENT, /etc/ssh and /var/log are
+    // persistent state paths bound from it: kept.
+    assert_has(&second, "KAIROS-TEST: absent /etc/kairos-test-overlay");
+    assert_has(
+        &second,
+        "KAIROS-TEST: present /usr/local/kairos-test-persist",
+    );
+    assert_has(&second, "KAIROS-TEST: present /etc/ssh/kairos-test-state");
+    assert_has(&second, "KAIROS-TEST: present /var/log/kairos-test-state");
+    assert_has(&second, "KAIROS-TEST: root=ro");
+}
+
+#[test]
+fn missing_active_falls_back_to_passive_in_the_same_boot() {
+    if !can_run() {
+        return;
+    }
+    let d = disk("no-active", |s| s.active = ImageState::Missing);
+    let r = boot_direct("no-active", &d, ACTIVE, &[DONE]);
+    assert_has(
+        &r,
+        "skipping active image /cOS/active.img on LABEL=COS_STATE: /cOS/active.img does not exist",
+    );
+    assert_has(&r, "falling back to passive image /cOS/passive.img");
+    assert_has(&r, "KAIROS-TEST: hello from image=passive");
+    assert_has(&r, "KAIROS-TEST: mode=passive");
+    assert_has(&r, "KAIROS-TEST: root=ro");
+}
+
+#[test]
+fn broken_active_and_passive_fall_back_to_recovery_squashfs() {
+    if !can_run() {
+        return;
+    }
+    let d = disk("broken-ab", |s| {
+        s.active = ImageState::Zeros;
+        s.passive = ImageState::Truncated;
+    });
+    let r = boot_direct("broken-ab", &d, ACTIVE, &[DONE]);
+    assert_has(
+        &r,
+        "skipping active image /cOS/active.img on LABEL=COS_STATE: /cOS/active.img holds no known filesystem",
+    );
+    assert_has(
+        &r,
+        "skipping passive image /cOS/passive.img on LABEL=COS_STATE:",
+    );
+    assert_has(&r, "KAIROS-TEST: hello from image=recovery");
+    assert_has(&r, "KAIROS-TEST: mode=recovery");
+    assert_has(&r, "KAIROS-TEST: mount / squashfs ro");
+    assert_has(&r, "KAIROS-TEST: root=ro");
+}
+
+#[test]
+fn nothing_bootable_says_why_on_the_console_and_reboots() {
+    if !can_run() {
+        return;
+    }
+    let d = disk("nothing", |s| {
+        s.active = ImageState::Missing;
+        s.passive = ImageState::Zeros;
+        s.recovery = ImageState::Missing;
+    });
+    let r = boot_direct("nothing", &d, ACTIVE, &["reboot: Restarting system"]);
+    assert_has(&r, "kairos-init: FATAL: no bootable image. Tried:");
+    assert_has(
+        &r,
+        "active image /cOS/active.img on LABEL=COS_STATE: /cOS/active.img does not exist",
+    );
+    assert_has(&r, "rebooting in 2 s");
+    assert_has(&r, "reboot: Restarting system");
+    assert_lacks(&r, "Kernel panic");
+    assert_lacks(&r, "KAIROS-TEST: hello");
+}
+
+#[test]
+fn missing_persistent_partition_boots_on_tmpfs_with_a_warning() {
+    if !can_run() {
+        return;
+    }
+    let d = disk("no-persistent", |s| s.persistent = false);
+    let r = boot_direct("no-persistent", &d, ACTIVE, &[DONE]);
+    assert_has(
+        &r,
+        "COS_PERSISTENT not found: /usr/local and the persistent state paths are tmpfs",
+    );
+    assert_has(&r, "KAIROS-TEST: hello from image=active");
+    assert_has(&r, "KAIROS-TEST: mount /usr/local tmpfs rw");
+    assert_has(&r, "KAIROS-TEST: wrote test files");
+}
+
+#[test]
+fn garbage_on_the_command_line_gives_named_warnings_and_still_boots() {
+    if !can_run() {
+        return;
+    }
+    let d = disk("garbage", |_| {});
+    let garbage = concat!(
+        "rd.kairos.timeout=abc rd.cos.oemtimeout=-1 rd.cos.overlay=bogus:1 cos-img/filename=relative.img ",
+        "rd.kairos.init=sbin/init rd.cos.mount=LABEL=X rd.kairos.rebootdelay=99999999999999999999 ",
+        "=== ==x x== \"unterminated quote ",
+    );
+    // The kernel itself takes the first unknown `=`-less words as init arguments; keep the
+    // active parameters first so the garbage cannot swallow them.
+    let r = boot_direct("garbage", &d, &format!("{ACTIVE} {garbage}"), &[DONE]);
+    for p in [
+        "rd.kairos.timeout",
+        "rd.cos.oemtimeout",
+        "rd.cos.overlay",
+        "cos-img/filename",
+        "rd.kairos.init",
+        "rd.cos.mount",
+    ] {
+        assert_has(&r, &format!("kairos-init: kernel parameter `{p}`"));
+    }
+    assert_has(&r, "KAIROS-TEST: hello from image=active");
+    assert_has(&r, "KAIROS-TEST: root=ro");
+}
+
+#[test]
+fn recovery_entry_boots_the_squashfs() {
+    if !can_run() {
+        return;
+    }
+    let d = disk("recovery", |_| {});
+    let r = boot_direct("recovery", &d, RECOVERY, &[DONE]);
+    assert_has(&r, "starting: mode=recovery");
+    assert_has(&r, "KAIROS-TEST: hello from image=recovery");
+    assert_has(&r, "KAIROS-TEST: mode=recovery");
+    assert_has(&r, "KAIROS-TEST: mount / squashfs ro");
+    // Recovery has overlays only: /usr/local is not COS_PERSISTENT there.
+    assert_lacks(&r, "KAIROS-TEST: mount /usr/local ext4");
+}
+
+#[test]
+fn static_init_and_small_initramfs() {
+    if !can_run() {
+        return;
+    }
+    let a = artifacts();
+    let out = std::process::Command::new("file")
+        .arg(&a.init_binary)
+        .output()
+        .expect("file(1)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        text.contains("statically linked") || text.contains("static-pie linked"),
+        "{text}"
+    );
+    let init = std::fs::metadata(&a.init_binary)
+        .expect("kairos-init")
+        .len();
+    let initrd = std::fs::metadata(&a.initramfs).expect("initramfs").len();
+    println!("FIGURE kairos-init {init} bytes, initramfs {initrd} bytes");
+    assert!(init < 1_500_000, "kairos-init is {init} bytes");
+    assert!(initrd < 3_000_000, "initramfs is {initrd} bytes");
+}
