@@ -89,9 +89,18 @@ pub fn run() -> Failure {
         reboot_delay: req.reboot_delay,
     };
     let mut tl = Timeline::default();
-    tl.time("modules", load_modules);
+    let mut loader = tl.time("modules", || {
+        let mut l = ModLoader::new();
+        if let Some(l) = l.as_mut() {
+            // Device drivers first: their (asynchronous) probes find the disks while the
+            // filesystem modules load.
+            l.round(&[]);
+            l.round(BASE_MODULES);
+        }
+        l
+    });
     let cands = plan::candidates(&req);
-    let mut devices = tl.time("devices", || wait_for_devices(&req, &cands));
+    let mut devices = tl.time("devices", || wait_for_devices(&req, &cands, &mut loader));
     for d in &devices {
         if let Some(fs) = &d.fs {
             debug!(
@@ -177,59 +186,80 @@ fn early_mounts() {
     }
 }
 
-fn load_modules() {
-    let kver = rustix::system::uname()
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let dir = PathBuf::from(format!("/lib/modules/{kver}"));
-    let index = match ModuleIndex::scan(&dir) {
-        Ok(i) => i,
-        Err(e) => {
-            warn!("no modules for kernel {kver}: {e}; relying on built-in drivers");
-            return;
+/// Loads modules for the base set and for every device that shows up, incrementally: each
+/// call walks the modaliases again, because loading a bus driver (virtio_pci) makes new
+/// devices (virtio disks) appear whose drivers are only known on the next walk.
+struct ModLoader {
+    index: ModuleIndex,
+    tried: BTreeSet<String>,
+    rounds: u32,
+}
+
+impl ModLoader {
+    fn new() -> Option<ModLoader> {
+        let kver = rustix::system::uname()
+            .release()
+            .to_string_lossy()
+            .into_owned();
+        let dir = PathBuf::from(format!("/lib/modules/{kver}"));
+        match ModuleIndex::scan(&dir) {
+            Ok(index) => Some(ModLoader {
+                index,
+                tried: modules::loaded(Path::new("/sys")),
+                rounds: 0,
+            }),
+            Err(e) => {
+                warn!("no modules for kernel {kver}: {e}; relying on built-in drivers");
+                None
+            }
         }
-    };
-    let mut tried: BTreeSet<String> = modules::loaded(Path::new("/sys"));
-    let mut wanted: Vec<String> = BASE_MODULES.iter().map(|s| s.to_string()).collect();
-    // Loading a bus driver (virtio_pci) makes new devices (virtio disks) appear whose drivers
-    // are only known on the next walk; a few rounds reach the fixed point.
-    for round in 0..6 {
+    }
+
+    /// One walk: load what the base set and the present devices need. Returns how many
+    /// modules were newly tried.
+    fn round(&mut self, base: &[&str]) -> usize {
+        let mut wanted: Vec<String> = base.iter().map(|s| s.to_string()).collect();
         for alias in modules::device_modaliases(Path::new("/sys")) {
-            wanted.extend(index.lookup(&alias));
+            wanted.extend(self.index.lookup(&alias));
         }
-        wanted.retain(|m| !tried.contains(&modules::normalize(m)));
+        wanted.retain(|m| !self.tried.contains(&modules::normalize(m)));
         wanted.sort();
         wanted.dedup();
         if wanted.is_empty() {
-            break;
+            return 0;
         }
         let refs: Vec<&str> = wanted.iter().map(String::as_str).collect();
-        let order = match index.resolve(&refs) {
+        let order = match self.index.resolve(&refs) {
             Ok(o) => o,
             Err(e) => {
                 warn!("module dependencies: {e}; loading what resolves");
                 refs.iter()
-                    .filter_map(|m| index.resolve(&[m]).ok())
+                    .filter_map(|m| self.index.resolve(&[m]).ok())
                     .flatten()
                     .collect()
             }
         };
+        let round = self.rounds;
+        self.rounds += 1;
+        let mut n = 0;
         for name in order {
-            if !tried.insert(name.clone()) {
+            if !self.tried.insert(name.clone()) {
                 continue;
             }
-            let Some((path, _)) = index.get(&name) else {
+            n += 1;
+            let Some((path, _)) = self.index.get(&name) else {
                 continue;
             };
-            match modules::load(&name, path, "") {
+            // async_probe (a parameter every module takes) lets slow device probes, such as an
+            // empty IDE bus, run in the background while we load the rest and look for disks.
+            match modules::load(&name, path, "async_probe") {
                 Ok(modules::LoadOutcome::Loaded) => info!("loaded module {name} (round {round})"),
                 Ok(modules::LoadOutcome::AlreadyLoaded) => {}
                 // Optional drivers fail routinely (crc32c_intel on a CPU without SSE4.2).
                 Err(e) => warn!("{e}"),
             }
         }
-        wanted.clear();
+        n
     }
 }
 
@@ -239,12 +269,19 @@ fn label_of(spec: &str) -> Option<&str> {
 
 /// Wait (bounded, polling) until the first candidate's partition shows up; later candidates'
 /// partitions are not waited for, since they would only matter after the first is gone.
-fn wait_for_devices(req: &BootRequest, cands: &[Candidate]) -> Vec<BlockDev> {
+fn wait_for_devices(
+    req: &BootRequest,
+    cands: &[Candidate],
+    loader: &mut Option<ModLoader>,
+) -> Vec<BlockDev> {
     let first = cands.first().map(|c| c.source.clone()).unwrap_or_default();
     let deadline = Instant::now() + req.timeout;
     let mut pause = Duration::from_millis(5);
     let mut logged = false;
     loop {
+        if let Some(l) = loader.as_mut() {
+            l.round(&[]);
+        }
         let devs = blockdev::scan(Path::new("/sys"), Path::new("/dev"));
         if blockdev::find_spec(&devs, &first).is_some() {
             return devs;

@@ -2,11 +2,11 @@
 //! the system (`sys`, `exec`) take root paths so they can be driven against temp dirs.
 
 pub mod blockdev;
+pub mod boot;
 pub mod cmdline;
 pub mod labels;
 pub mod layout;
 pub mod modules;
 pub mod plan;
 pub mod probe;
-pub mod boot;
 pub mod sys;

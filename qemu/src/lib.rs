@@ -8,3 +8,22 @@ pub mod grub;
 pub mod initramfs;
 pub mod kernel;
 pub mod rootfs;
+
+/// Every Debian package the project's builds and tests need: QEMU, GRUB, the tools that make
+/// filesystems (the probe tests use all of them), `file` for the static-binary check.
+pub const ALL_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "gdisk",
+    "fdisk",
+    "grub-pc-bin",
+    "grub-common",
+    "squashfs-tools",
+    "e2fsprogs",
+    "dosfstools",
+    "xfsprogs",
+    "xorriso",
+    "cpio",
+    "zstd",
+    "file",
+];

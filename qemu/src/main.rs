@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use kairos_qemu::apt;
 use kairos_qemu::boot::{self, BootExit, BootSpec};
 use kairos_qemu::disk;
 use kairos_qemu::initramfs::{self, InitramfsSpec};
@@ -24,6 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Install every Debian package the project and its tests use (idempotent), and fetch the kernel.
+    Setup,
     /// Download and unpack Debian's current amd64 kernel.
     Kernel {
         #[arg(long, value_name = "DIR")]
@@ -135,6 +138,17 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        Cmd::Setup => {
+            apt::ensure_packages(kairos_qemu::ALL_PACKAGES)
+                .context("installing Debian packages")?;
+            let k = kernel::cached_or_fetch().context("fetching the kernel")?;
+            println!(
+                "packages ok; kernel {} in {}",
+                k.version,
+                k.modules_dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Kernel { out } => {
             let out = out.unwrap_or_else(|| kernel::default_cache_dir().join("kernel"));
             let k = kernel::fetch(&out).context("fetching the kernel")?;
