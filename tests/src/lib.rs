@@ -180,3 +180,44 @@ pub fn assert_lacks(r: &BootResult, needle: &str) {
         "serial log unexpectedly has {needle:?}"
     );
 }
+
+/// How the test disk is attached: the same initramfs must find it on each.
+#[derive(Debug, Clone, Copy)]
+pub enum Bus {
+    /// An AHCI (SATA) controller with the disk as its first port.
+    Sata,
+    Nvme,
+}
+
+/// Like `boot_direct`, with the disk on a SATA or NVMe controller instead of virtio.
+pub fn boot_direct_on(
+    name: &str,
+    disk: &Path,
+    bus: Bus,
+    cmdline: &str,
+    until: &[&str],
+) -> BootResult {
+    let a = artifacts();
+    let mut s = spec(&[], a.work.join(format!("{name}.log")), until, 180);
+    s.kernel = Some(a.kernel.vmlinuz.clone());
+    s.initrd = Some(a.initramfs.clone());
+    s.append = Some(format!("{BASE_CMDLINE} {cmdline}"));
+    let drive = format!(
+        "file={},format=raw,if=none,id=d0,cache=unsafe",
+        disk.display()
+    );
+    let device = match bus {
+        Bus::Sata => vec![
+            "-device".to_string(),
+            "ahci,id=ahci".into(),
+            "-device".into(),
+            "ide-hd,drive=d0,bus=ahci.0".into(),
+        ],
+        Bus::Nvme => vec!["-device".to_string(), "nvme,drive=d0,serial=kairos0".into()],
+    };
+    s.extra_args = ["-drive".to_string(), drive]
+        .into_iter()
+        .chain(device)
+        .collect();
+    boot(name, s)
+}

@@ -201,3 +201,24 @@ fn static_init_and_small_initramfs() {
     assert!(init < 1_500_000, "kairos-init is {init} bytes");
     assert!(initrd < 3_000_000, "initramfs is {initrd} bytes");
 }
+
+/// One initramfs for every disk controller: the drivers come from matching sysfs modaliases
+/// against the modules' aliases, not from a list per machine.
+#[test]
+fn same_initramfs_boots_from_sata_and_nvme() {
+    if !can_run() {
+        return;
+    }
+    let d = disk("buses", |_| {});
+    for (bus, driver, dev) in [
+        (Bus::Sata, "ahci", "/dev/sda4"),
+        (Bus::Nvme, "nvme", "/dev/nvme0n1p4"),
+    ] {
+        let name = format!("bus-{driver}");
+        let r = boot_direct_on(&name, &d, bus, ACTIVE, &[DONE]);
+        assert_has(&r, &format!("kairos-init: loaded module {driver} "));
+        assert_has(&r, &format!("mounted LABEL=COS_STATE ({dev}) read-only"));
+        assert_has(&r, "KAIROS-TEST: hello from image=active");
+        assert_has(&r, "KAIROS-TEST: root=ro");
+    }
+}
