@@ -638,8 +638,18 @@ fn switch_root(prog: &str) -> Result<std::convert::Infallible, String> {
     mount::move_mount(new, Path::new("/")).map_err(|e| e.to_string())?;
     rustix::process::chroot(".").map_err(|e| format!("chroot: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
-    info!("freed {} KiB of initramfs; exec {prog}", freed / 1024);
+    info!("freed {} KiB of initramfs; peak RSS {} KiB; exec {prog}", freed / 1024, peak_rss_kib());
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(prog).exec();
     Err(format!("exec {prog}: {err}"))
+}
+
+/// VmHWM of this process, for the size-first claim: how much memory the init itself needed.
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
