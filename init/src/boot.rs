@@ -26,39 +26,71 @@ const HANDOFF: &[&str] = &[
     "/usr/sbin/kairos-agent",
 ];
 
-/// Step timings, logged as they happen and written to /run/kairos/boot-timeline.json.
-#[derive(Default)]
-pub struct Timeline {
-    steps: Vec<(String, f64, f64)>,
-}
+/// Step timings, logged to kmsg as they happen and written to /run/kairos/boot-timeline.json:
+/// the top-level steps, and inside them each device wait and each mount.
+/// (name, parent step, start in ms since boot, duration in ms)
+type Step = (String, Option<&'static str>, f64, f64);
+static TIMELINE: std::sync::Mutex<Vec<Step>> = std::sync::Mutex::new(Vec::new());
 
 fn uptime_ms() -> f64 {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     ts.tv_sec as f64 * 1000.0 + ts.tv_nsec as f64 / 1e6
 }
 
-impl Timeline {
-    fn time<T>(&mut self, name: &str, f: impl FnOnce() -> T) -> T {
-        let start = uptime_ms();
-        let out = f();
-        let dur = uptime_ms() - start;
-        info!("step {name}: {dur:.1} ms");
-        self.steps.push((name.to_string(), start, dur));
-        out
+fn record(name: String, parent: Option<&'static str>, start: f64, dur: f64) {
+    info!("step {name}: {dur:.1} ms");
+    if let Ok(mut t) = TIMELINE.lock() {
+        t.push((name, parent, start, dur));
     }
+}
 
-    fn to_json(&self) -> String {
-        let mut s = String::from("{\"steps\":[");
-        for (i, (name, start, dur)) in self.steps.iter().enumerate() {
-            let sep = if i == 0 { "" } else { "," };
-            let _ = write!(
-                s,
-                "{sep}{{\"name\":\"{name}\",\"start_ms\":{start:.1},\"duration_ms\":{dur:.1}}}"
-            );
+/// Time a top-level step.
+fn step<T>(name: &'static str, f: impl FnOnce() -> T) -> T {
+    let start = uptime_ms();
+    let out = f();
+    record(name.to_string(), None, start, uptime_ms() - start);
+    out
+}
+
+/// Time a part of a top-level step (a device wait, a mount).
+fn substep<T>(parent: &'static str, name: String, f: impl FnOnce() -> T) -> T {
+    let start = uptime_ms();
+    let out = f();
+    record(name, Some(parent), start, uptime_ms() - start);
+    out
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
         }
-        s.push_str("]}\n");
-        s
     }
+    o.push('"');
+    o
+}
+
+fn timeline_json() -> String {
+    let t = TIMELINE.lock().map(|t| t.clone()).unwrap_or_default();
+    let mut s = String::from("{\"steps\":[");
+    for (i, (name, parent, start, dur)) in t.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        let parent = parent.map_or("null".to_string(), json_str);
+        let _ = write!(
+            s,
+            "{sep}{{\"name\":{},\"parent\":{parent},\"start_ms\":{start:.1},\"duration_ms\":{dur:.1}}}",
+            json_str(name)
+        );
+    }
+    s.push_str("]}\n");
+    s
 }
 
 /// Why the boot stopped, and how long to show it before rebooting.
@@ -88,8 +120,7 @@ pub fn run() -> Failure {
         reason,
         reboot_delay: req.reboot_delay,
     };
-    let mut tl = Timeline::default();
-    let mut loader = tl.time("modules", || {
+    let mut loader = step("modules", || {
         let mut l = ModLoader::new();
         if let Some(l) = l.as_mut() {
             // Device drivers first: their (asynchronous) probes find the disks while the
@@ -100,7 +131,7 @@ pub fn run() -> Failure {
         l
     });
     let cands = plan::candidates(&req);
-    let mut devices = tl.time("devices", || wait_for_devices(&req, &cands, &mut loader));
+    let mut devices = step("devices", || wait_for_devices(&req, &cands, &mut loader));
     for d in &devices {
         if let Some(fs) = &d.fs {
             debug!(
@@ -112,19 +143,19 @@ pub fn run() -> Failure {
             );
         }
     }
-    let chosen = tl.time("root", || mount_root(&req, &cands, &devices));
+    let chosen = step("root", || mount_root(&req, &cands, &devices));
     let Some(chosen) = chosen else {
         return fail("no bootable image".into());
     };
     // OEM may come late (rd.cos.oemtimeout); give it that long, but only when it is missing.
     if chosen.mode != BootMode::Live && blockdev::find_by_label(&devices, &req.oem_label).is_none()
     {
-        devices = tl.time("oem-wait", || {
+        devices = step("oem-wait", || {
             wait_for_label(&req.oem_label, req.oem_timeout).unwrap_or(devices)
         });
     }
-    let layout = tl.time("layout", || read_layout(chosen.mode));
-    tl.time("system", || {
+    let layout = step("layout", || read_layout(chosen.mode));
+    step("system", || {
         mount_system(&req, chosen.mode, &layout, &devices)
     });
     unmount_unused_sources(&chosen);
@@ -134,7 +165,6 @@ pub fn run() -> Failure {
         ));
     };
     let _ = fsutil::mkdir_p(Path::new("/run/kairos"));
-    let _ = std::fs::write("/run/kairos/boot-timeline.json", tl.to_json());
     let _ = std::fs::write("/run/kairos/boot-image", format!("{chosen}\n"));
     info!("switch_root to {} ({chosen}), exec {prog}", SYSROOT);
     match switch_root(&prog) {
@@ -344,7 +374,11 @@ fn inspect(c: &Candidate, devices: &[BlockDev], mounted: &mut Vec<String>) -> Im
         if let Err(e) = fsutil::mkdir_p(Path::new(mnt)) {
             return ImageStatus::NoSource(e.to_string());
         }
-        if let Err(e) = mount::device(&dev.devnode, Path::new(mnt), fstype, true) {
+        let devnode = &dev.devnode;
+        let res = substep("root", format!("mount {} at {mnt}", c.source), || {
+            mount::device(devnode, Path::new(mnt), fstype, true)
+        });
+        if let Err(e) = res {
             return ImageStatus::NoSource(e.to_string());
         }
         info!(
@@ -391,7 +425,9 @@ fn mount_root(req: &BootRequest, cands: &[Candidate], devices: &[BlockDev]) -> O
         if reported > 0 {
             warn!("falling back to {c}");
         }
-        match mount_image(req, &c, fstype) {
+        match substep("root", format!("loop-mount {}", c.image), || {
+            mount_image(req, &c, fstype)
+        }) {
             Ok(()) => {
                 info!("mounted {c} ({}) at {SYSROOT}", fstype.name());
                 return Some(c);
@@ -500,7 +536,11 @@ fn mount_system(req: &BootRequest, mode: BootMode, layout: &Layout, devices: &[B
             failed[i] = true;
             continue;
         }
-        match execute(&step.action, &mut fstab) {
+        let res = match &step.action {
+            Action::Mkdir { .. } | Action::WriteFile { .. } => execute(&step.action, &mut fstab),
+            a => substep("system", describe(a), || execute(a, &mut fstab)),
+        };
+        match res {
             Ok(()) => debug!("{:?}", step.action),
             Err(e) => {
                 failed[i] = true;
@@ -514,6 +554,17 @@ fn mount_system(req: &BootRequest, mode: BootMode, layout: &Layout, devices: &[B
     }
     if let Err(e) = std::fs::write(format!("{SYSROOT}/etc/fstab"), fstab) {
         debug!("{SYSROOT}/etc/fstab not written: {e}");
+    }
+}
+
+fn describe(a: &Action) -> String {
+    match a {
+        Action::Tmpfs { target, .. } => format!("tmpfs {target}"),
+        Action::Device { device, target, .. } => format!("mount {device} at {target}"),
+        Action::Overlay { target, .. } => format!("overlay {target}"),
+        Action::Bind { target, .. } => format!("bind {target}"),
+        Action::SyncMissing { to, .. } => format!("sync {to}"),
+        Action::Mkdir { path } | Action::WriteFile { path, .. } => path.clone(),
     }
 }
 
@@ -620,6 +671,7 @@ fn unmount_unused_sources(chosen: &Candidate) {
 }
 
 fn switch_root(prog: &str) -> Result<std::convert::Infallible, String> {
+    let start = uptime_ms();
     let new = Path::new(SYSROOT);
     for m in ["/dev", "/proc", "/sys", "/run"] {
         let target = PathBuf::from(format!("{SYSROOT}{m}"));
@@ -638,7 +690,14 @@ fn switch_root(prog: &str) -> Result<std::convert::Infallible, String> {
     mount::move_mount(new, Path::new("/")).map_err(|e| e.to_string())?;
     rustix::process::chroot(".").map_err(|e| format!("chroot: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
-    info!("freed {} KiB of initramfs; peak RSS {} KiB; exec {prog}", freed / 1024, peak_rss_kib());
+    record("switch_root".into(), None, start, uptime_ms() - start);
+    // /run is the image's /run now; userland and `kairos-agent state` read the timeline there.
+    let _ = std::fs::write("/run/kairos/boot-timeline.json", timeline_json());
+    info!(
+        "freed {} KiB of initramfs; peak RSS {} KiB; exec {prog}",
+        freed / 1024,
+        peak_rss_kib()
+    );
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(prog).exec();
     Err(format!("exec {prog}: {err}"))

@@ -22,6 +22,12 @@ fn grub_boots_active_read_only() {
     assert_has(&r, "KAIROS-TEST: mount /oem ext4 rw");
     assert_has(&r, "KAIROS-TEST: mount /usr/local ext4 rw");
     assert_has(&r, DONE);
+    // The timeline: top-level steps, each mount, and switch_root itself.
+    assert_has(&r, "kairos-init: step modules: ");
+    assert_has(&r, "kairos-init: step loop-mount /cOS/active.img: ");
+    assert_has(&r, "kairos-init: step bind /sysroot/etc/ssh: ");
+    assert_has(&r, "kairos-init: step switch_root: ");
+    assert_has(&r, "; peak RSS ");
     let t = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: switch_root")
         .expect("switch_root timestamp");
     let start = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: kairos-init")
