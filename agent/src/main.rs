@@ -1,8 +1,129 @@
-//! Placeholder: the agent issue replaces this with cloud-config, stages, K3s and upgrades.
-//! Today it only proves the hand-off: kairos-init can exec it as the fallback program.
-fn main() {
-    println!(
-        "kairos-agent {}: placeholder, nothing to do yet",
-        env!("CARGO_PKG_VERSION")
-    );
+//! kairos-agent: the command line over the library's commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use kairos_agent::{Ctx, DEFAULT_GRUBENV, Outcome, bootentry, markgood, state};
+
+#[derive(Parser)]
+#[command(
+    name = "kairos-agent",
+    version,
+    about = "Kairos userland agent: boot state, boot entries and boot assessment",
+    after_help = "Exit status: 0 done, 1 mark-good refused (a health check failed), 2 error."
+)]
+struct Cli {
+    /// Prefix for every path the agent reads or writes (a fake tree for tests)
+    #[arg(long, global = true, value_name = "DIR", default_value = "/")]
+    root: PathBuf,
+    /// The GRUB environment block (COS_OEM:/grubenv), under --root
+    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_GRUBENV)]
+    grubenv: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the boot state as one line of JSON: mode, image, boot reason, counters,
+    /// partitions, kairos-init's timeline
+    State {
+        /// Indented, several lines
+        #[arg(long)]
+        pretty: bool,
+    },
+    /// List the GRUB boot entries and counters (default), or change them
+    Bootentry(BootentryArgs),
+    /// Mark this boot good (reset the booted entry's tries) if the health checks pass:
+    /// /run/kairos/boot-stage-ok exists and, when K3s is configured, /readyz says ok
+    MarkGood {
+        /// Entry that booted (cos, fallback, recovery, statereset) [default: from
+        /// rd.kairos.boot_reason, else kairos_boot_entry, checked against /run/cos]
+        #[arg(long, value_name = "ENTRY")]
+        booted: Option<String>,
+        /// Require K3s to be ready even without /etc/rancher/k3s/config.yaml
+        #[arg(long)]
+        k3s: bool,
+        /// How long `k3s kubectl get --raw /readyz` may take
+        #[arg(long, value_name = "SECS", default_value_t = markgood::DEFAULT_K3S_TIMEOUT.as_secs())]
+        k3s_timeout: u64,
+    },
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("action").args(["list", "select", "arm", "disarm", "repair"])))]
+struct BootentryArgs {
+    /// Show the entries, which is default and next, and the counters
+    #[arg(long)]
+    list: bool,
+    /// Boot ID once on the next boot (one-shot next_entry): cos, fallback, recovery,
+    /// statereset
+    #[arg(long, value_name = "ID")]
+    select: Option<String>,
+    /// Arm boot assessment: active and passive each get N tries before GRUB falls back
+    #[arg(long)]
+    arm: bool,
+    /// Tries for --arm, 1..9 [default: kairos_max_tries, else 3]
+    #[arg(long, value_name = "N", requires = "arm",
+          value_parser = clap::value_parser!(u8).range(1..=9))]
+    tries: Option<u8>,
+    /// Stop counting: GRUB boots next_entry / saved_entry again
+    #[arg(long)]
+    disarm: bool,
+    /// Rewrite a missing or corrupt grubenv as a valid empty block
+    #[arg(long)]
+    repair: bool,
+}
+
+impl BootentryArgs {
+    fn action(self) -> bootentry::Action {
+        if let Some(id) = self.select {
+            bootentry::Action::Select(id)
+        } else if self.arm {
+            bootentry::Action::Arm(self.tries)
+        } else if self.disarm {
+            bootentry::Action::Disarm
+        } else if self.repair {
+            bootentry::Action::Repair
+        } else {
+            bootentry::Action::List
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let ctx = Ctx::new(cli.root, cli.grubenv);
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    Ok(match cli.command {
+        Cmd::State { pretty } => state::state(&ctx, pretty, &mut out, &mut err).context("state")?,
+        Cmd::Bootentry(args) => {
+            bootentry::bootentry(&ctx, &args.action(), &mut out, &mut err).context("bootentry")?
+        }
+        Cmd::MarkGood {
+            booted,
+            k3s,
+            k3s_timeout,
+        } => {
+            let opts = markgood::Options {
+                booted,
+                k3s,
+                k3s_timeout: Duration::from_secs(k3s_timeout),
+            };
+            markgood::mark_good(&ctx, &opts, &mut out, &mut err).context("mark-good")?
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::Refused) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("kairos-agent: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
 }
