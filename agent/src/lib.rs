@@ -2,7 +2,10 @@
 //! tests drive them on temp trees. main.rs only parses the command line.
 
 pub mod bootentry;
+pub mod config;
+pub mod k3s;
 pub mod markgood;
+pub mod stages;
 pub mod state;
 
 use std::io::Write;

@@ -5,6 +5,7 @@
 use std::borrow::Borrow;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
@@ -52,8 +53,14 @@ pub struct DiskSpec {
     pub recovery: ImageState,
     /// `/etc/cos/cos-layout.env` in the images.
     pub layout_file: Option<String>,
-    /// Files (path inside COS_OEM, contents) to put on the OEM partition.
+    /// Files (path inside COS_OEM, contents) to put on the OEM partition;
+    /// a `grubenv` here replaces the generated one (corrupt-block tests).
     pub oem_files: Vec<(String, Vec<u8>)>,
+    /// Variables set in the initial `COS_OEM:/grubenv` after its default
+    /// `kairos_max_tries=3` (e.g. `enable_boot_assessment=yes` and counters).
+    pub grubenv: Vec<(String, String)>,
+    /// The kairos-agent binary, installed as `/usr/bin/kairos-agent` in every image.
+    pub agent: Option<PathBuf>,
     pub grub_timeout: u32,
     /// Appended to every entry's kernel command line by grub.cfg.
     pub extra_cmdline: String,
@@ -82,6 +89,10 @@ pub enum DiskError {
     Apt(#[from] AptError),
     #[error("OEM file path {0:?} must be relative and stay inside the partition")]
     BadOemPath(String),
+    #[error(
+        "grubenv variable {0:?}: names are non-empty, without `=` or newlines; values without newlines"
+    )]
+    BadGrubenvVar(String),
     #[error("{}: `sgdisk -i {part}` output lacks {what}: {output}", disk.display())]
     Sgdisk {
         disk: PathBuf,
@@ -116,6 +127,8 @@ pub fn demo_spec(
         recovery: ImageState::Ok,
         layout_file: None,
         oem_files: Vec::new(),
+        grubenv: Vec::new(),
+        agent: None,
         grub_timeout: 1,
         extra_cmdline: String::new(),
         work_dir: None,
@@ -212,6 +225,44 @@ fn oem_path(tree: &Path, rel: &str) -> Result<PathBuf, DiskError> {
     Ok(tree.join(rel_path))
 }
 
+/// The initial boot-assessment environment (issue 3): `kairos_max_tries=3`,
+/// nothing armed, then `vars` in order. Written by `grub-editenv`, GRUB's own
+/// tool, so the block is exactly what GRUB's `load_env`/`save_env` expect.
+pub fn write_grubenv(path: &Path, vars: &[(String, String)]) -> Result<(), DiskError> {
+    for (k, v) in vars {
+        if k.is_empty() || k.contains(['=', '\n']) || v.contains('\n') {
+            return Err(DiskError::BadGrubenvVar(format!("{k}={v}")));
+        }
+    }
+    if path.symlink_metadata().is_ok() {
+        fs::remove_file(path).map_err(io_err(path))?;
+    }
+    run(Command::new("grub-editenv").arg(path).arg("create"))?;
+    let mut set = Command::new("grub-editenv");
+    set.arg(path)
+        .arg("set")
+        .arg(format!("kairos_max_tries={}", grub::DEFAULT_MAX_TRIES));
+    set.args(vars.iter().map(|(k, v)| format!("{k}={v}")));
+    run(&mut set)?;
+    Ok(())
+}
+
+/// Where partition `n`'s bytes are in a disk image: (byte offset, length),
+/// from the GPT via `sgdisk -i`. Lets tests read COS_OEM's grubenv back.
+pub fn partition_bytes(disk: &Path, n: u32) -> Result<(u64, u64), DiskError> {
+    let (first, sectors) = partition_extent(disk, n)?;
+    Ok((first * SECTOR, sectors * SECTOR))
+}
+
+/// GPT partition numbers of the disks [`build`] makes.
+pub mod part {
+    pub const BIOS: u32 = super::BIOS;
+    pub const OEM: u32 = super::OEM;
+    pub const RECOVERY: u32 = super::RECOVERY;
+    pub const STATE: u32 = super::STATE;
+    pub const PERSISTENT: u32 = super::PERSISTENT;
+}
+
 /// First sector and sector count of partition `n`, read back from `sgdisk -i`.
 fn partition_extent(disk: &Path, n: u32) -> Result<(u64, u64), DiskError> {
     let out = run(Command::new("sgdisk").arg(format!("-i{n}")).arg(disk))?;
@@ -297,6 +348,11 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
             layout_file: spec.layout_file.clone(),
         },
     )?;
+    if let Some(agent) = &spec.agent {
+        let to = tree.join("usr/bin/kairos-agent");
+        fs::copy(agent, &to).map_err(io_err(agent))?;
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o755)).map_err(io_err(&to))?;
+    }
     let img_mb = rootfs::image_size_mb(&tree)?;
 
     let state_tree = work.dir("state")?;
@@ -335,6 +391,7 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
     }
 
     let oem_tree = work.dir("oem")?;
+    write_grubenv(&oem_tree.join("grubenv"), &spec.grubenv)?;
     for (rel, data) in &spec.oem_files {
         let path = oem_path(&oem_tree, rel)?;
         if let Some(parent) = path.parent() {
@@ -503,6 +560,36 @@ mod tests {
     }
 
     #[test]
+    fn grubenv_presets_follow_the_default() {
+        if !on_path("grub-editenv") {
+            eprintln!("skipping: no grub-editenv (grub-common)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("grubenv");
+        fs::write(&path, b"old").unwrap();
+        let vars = [
+            ("enable_boot_assessment", "yes"),
+            ("kairos_tries_cos", "2"),
+            ("kairos_max_tries", "2"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        write_grubenv(&path, &vars).unwrap();
+        let block = fs::read(&path).unwrap();
+        assert_eq!(block.len(), 1024);
+        let list = run(Command::new("grub-editenv").arg(&path).arg("list")).unwrap();
+        let list = String::from_utf8_lossy(&list.stdout);
+        assert_eq!(
+            list,
+            "kairos_max_tries=2\nenable_boot_assessment=yes\nkairos_tries_cos=2\n"
+        );
+        for bad in [("", "x"), ("a=b", "c"), ("a", "b\nc")] {
+            let err = write_grubenv(&path, &[(bad.0.into(), bad.1.into())]).unwrap_err();
+            assert!(matches!(err, DiskError::BadGrubenvVar(_)), "{err}");
+        }
+    }
+
+    #[test]
     fn builds_kairos_disk() {
         if !ready() {
             return;
@@ -511,6 +598,9 @@ mod tests {
         let mut spec = fake_spec(tmp.path());
         spec.oem_files = vec![("90_custom.yaml".into(), b"#cloud-config\n".to_vec())];
         spec.passive = ImageState::Truncated;
+        let agent = tmp.path().join("fake-agent");
+        fs::write(&agent, b"#!/bin/sh\n").unwrap();
+        spec.agent = Some(agent);
         let t0 = Instant::now();
         let report = build(&spec).unwrap();
         eprintln!(
@@ -557,6 +647,8 @@ mod tests {
             .arg(&state_img))
         .unwrap();
         assert_eq!(debugfs(&active, "cat /etc/kairos-image"), "active\n");
+        assert_eq!(debugfs(&active, "cat /usr/bin/kairos-agent"), "#!/bin/sh\n");
+        assert!(debugfs(&active, "stat /usr/bin/kairos-agent").contains("Mode:  0755"));
         assert_eq!(fs::read(tmp.path().join("initrd")).unwrap(), {
             let out = tmp.path().join("initrd.back");
             run(Command::new("debugfs")
@@ -579,6 +671,15 @@ mod tests {
         let oem_img = tmp.path().join("oem.img");
         extract(&spec.out, oem.3, oem.4, &oem_img);
         assert_eq!(debugfs(&oem_img, "cat /90_custom.yaml"), "#cloud-config\n");
+        let env = debugfs(&oem_img, "cat /grubenv");
+        assert_eq!(env.len(), 1024);
+        assert!(env.starts_with("# GRUB Environment Block\n"), "{env}");
+        let vars: Vec<&str> = env.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(vars, ["kairos_max_tries=3"]);
+        assert_eq!(
+            partition_bytes(&spec.out, part::OEM).unwrap(),
+            (oem.3 * SECTOR, oem.4 * SECTOR)
+        );
 
         let rec = &report.partitions[2];
         let rec_img = tmp.path().join("rec.img");

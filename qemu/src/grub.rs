@@ -200,6 +200,143 @@ const ENTRIES: &[Entry] = &[
     },
 ];
 
+/// Menu entry ids GRUB picks from (SPEC §4).
+pub const ENTRY_IDS: &[&str] = &["cos", "fallback", "recovery", "statereset"];
+
+/// Highest counter value GRUB can count down from: GRUB script has no
+/// arithmetic, so each value is a branch of an if/elif chain.
+pub const MAX_TRIES: u32 = 9;
+
+/// What `kairos_max_tries` defaults to (the agent restores counters to it).
+pub const DEFAULT_MAX_TRIES: u32 = 3;
+
+/// Why GRUB picked the entry it saved in `kairos_boot_entry`; saved as
+/// `kairos_boot_reason` and passed as `rd.kairos.boot_reason=<entry>:<reason>`.
+pub mod reason {
+    /// A one-shot `next_entry` (cleared on disk before booting).
+    pub const NEXT_ENTRY: &str = "next_entry";
+    /// Assessment armed: one of active's tries, counted down and saved.
+    pub const COUNTED_TRY: &str = "counted-try";
+    /// Assessment armed, active's tries spent: one of passive's tries.
+    pub const COS_TRIES_EXHAUSTED: &str = "cos-tries-exhausted";
+    /// Assessment armed, every try spent: recovery.
+    pub const ALL_TRIES_EXHAUSTED: &str = "all-tries-exhausted";
+    /// The persistent default.
+    pub const SAVED_ENTRY: &str = "saved_entry";
+    /// Nothing chosen: `cos`.
+    pub const DEFAULT: &str = "default";
+    /// Assessment armed but saving the decremented counter failed: an
+    /// uncounted try could repeat forever, so GRUB boots recovery instead.
+    pub const GRUBENV_UNWRITABLE: &str = "grubenv-unwritable";
+    /// On the command line only: the booted entry is not the one the script
+    /// picked (chosen in the menu by hand, or reached through GRUB's
+    /// `fallback` list after the picked entry failed to load).
+    pub const MENU: &str = "menu";
+}
+
+/// Emits `set kairos_dec=<var - 1>` when `var` holds 1..=9, else leaves
+/// `kairos_dec` empty: 0, unset and garbage all count as no tries left.
+fn decrement_chain(var: &str, indent: &str) -> String {
+    let mut s = format!("{indent}set kairos_dec=\n");
+    for n in 1..=MAX_TRIES {
+        let kw = if n == 1 { "if" } else { "elif" };
+        s.push_str(&format!(
+            "{indent}{kw} [ \"${{{var}}}\" = {n} ]; then\n{indent}  set kairos_dec={}\n",
+            n - 1
+        ));
+    }
+    s.push_str(&format!("{indent}fi\n"));
+    s
+}
+
+/// The part of grub.cfg that decides what to boot, given the variables
+/// `load_env` set, `env_file` (the block to save to) and `env_ok` (non-empty
+/// when that block loaded). Sets `kairos_boot_entry` and `kairos_boot_reason`,
+/// saves the counters before a counted try, clears a used `next_entry`.
+/// Sourceable on its own, which the decision tests in QEMU rely on.
+pub fn decision_script() -> String {
+    let cos_chain = decrement_chain("kairos_tries_cos", "      ");
+    let fallback_chain = decrement_chain("kairos_tries_fallback", "        ");
+    format!(
+        r#"# Which entry, and why: saved below, and passed as rd.kairos.boot_reason=<entry>:<reason>.
+set kairos_boot_entry=
+set kairos_boot_reason=
+if [ -n "${{next_entry}}" ]; then
+  # One-shot: honoured only once clearing it on disk worked, so it cannot stick.
+  set kairos_next="${{next_entry}}"
+  set next_entry=
+  if [ -n "${{env_ok}}" ]; then
+    if save_env -f "${{env_file}}" next_entry; then
+      set kairos_boot_entry="${{kairos_next}}"
+      set kairos_boot_reason={next_entry}
+    fi
+  fi
+  if [ -z "${{kairos_boot_entry}}" ]; then
+    echo "KAIROS-GRUB: ignoring next_entry=${{kairos_next}}: cannot clear it"
+  fi
+fi
+# Boot assessment: each try is counted down and saved before it boots; active's
+# tries first, then passive's, then recovery. Counters hold 0..{max}; anything else is 0.
+if [ -z "${{kairos_boot_entry}}" ]; then
+  if [ -n "${{env_ok}}" ]; then
+    if [ "${{enable_boot_assessment}}" = yes ]; then
+{cos_chain}      if [ -n "${{kairos_dec}}" ]; then
+        set kairos_tries_cos="${{kairos_dec}}"
+        set kairos_boot_entry=cos
+        set kairos_boot_reason={counted}
+      else
+{fallback_chain}        if [ -n "${{kairos_dec}}" ]; then
+          set kairos_tries_fallback="${{kairos_dec}}"
+          set kairos_boot_entry=fallback
+          set kairos_boot_reason={cos_exhausted}
+        else
+          set kairos_boot_entry=recovery
+          set kairos_boot_reason={all_exhausted}
+        fi
+      fi
+      if [ "${{kairos_boot_reason}}" != {all_exhausted} ]; then
+        set boot_assessment_tentative=yes
+        set kairos_saved=
+        if save_env -f "${{env_file}}" kairos_tries_cos kairos_tries_fallback boot_assessment_tentative; then
+          set kairos_saved=yes
+        fi
+        if [ -z "${{kairos_saved}}" ]; then
+          # An uncounted try could repeat forever: recovery instead.
+          echo "KAIROS-GRUB: cannot save the boot counters: booting recovery"
+          set kairos_boot_entry=recovery
+          set kairos_boot_reason={unwritable}
+        fi
+      fi
+    fi
+  fi
+fi
+if [ -z "${{kairos_boot_entry}}" ]; then
+  if [ -n "${{saved_entry}}" ]; then
+    set kairos_boot_entry="${{saved_entry}}"
+    set kairos_boot_reason={saved}
+  else
+    set kairos_boot_entry=cos
+    set kairos_boot_reason={default}
+  fi
+fi
+if [ -n "${{env_ok}}" ]; then
+  save_env -f "${{env_file}}" kairos_boot_entry kairos_boot_reason
+fi
+# (GRUB wraps serial output at 80 columns: each echo stays shorter.)
+echo "KAIROS-GRUB: chose ${{kairos_boot_entry}}:${{kairos_boot_reason}}"
+echo "KAIROS-GRUB: tries cos=${{kairos_tries_cos}} fallback=${{kairos_tries_fallback}} tentative=${{boot_assessment_tentative}}"
+"#,
+        max = MAX_TRIES,
+        next_entry = reason::NEXT_ENTRY,
+        counted = reason::COUNTED_TRY,
+        cos_exhausted = reason::COS_TRIES_EXHAUSTED,
+        all_exhausted = reason::ALL_TRIES_EXHAUSTED,
+        unwritable = reason::GRUBENV_UNWRITABLE,
+        saved = reason::SAVED_ENTRY,
+        default = reason::DEFAULT,
+    )
+}
+
 /// The grub.cfg for `COS_STATE:/grub2/grub.cfg`. Prints `KAIROS-GRUB:` lines
 /// on the console so boot tests can see what GRUB chose.
 pub fn grub_cfg(opts: &GrubCfgOptions) -> String {
@@ -213,6 +350,7 @@ pub fn grub_cfg(opts: &GrubCfgOptions) -> String {
 serial --unit=0 --speed=115200
 terminal_input serial console
 terminal_output serial console
+echo "KAIROS-GRUB: start"
 set timeout={timeout}
 set timeout_style=menu
 
@@ -223,33 +361,38 @@ if [ -n "${{state}}" ]; then
 fi
 
 # Environment: COS_STATE:/grub_oem_env first, then COS_OEM:/grubenv, whose values win.
+# A grubenv that does not load (garbage, cut before its header) is neither used nor written.
 if [ -f /grub_oem_env ]; then
   load_env -f /grub_oem_env
 fi
 set env_file=
+set env_ok=
 search --no-floppy --label --set=oem COS_OEM
 if [ -n "${{oem}}" ]; then
   if [ -f "(${{oem}})/grubenv" ]; then
     set env_file="(${{oem}})/grubenv"
-    load_env -f "${{env_file}}"
+    if load_env -f "${{env_file}}"; then
+      set env_ok=yes
+    else
+      echo "KAIROS-GRUB: invalid ${{env_file}}: not using it"
+    fi
   fi
 fi
 
-# next_entry is a one-shot choice: use it and clear it on disk.
-if [ -n "${{next_entry}}" ]; then
-  set default="${{next_entry}}"
-  set next_entry=
-  if [ -n "${{env_file}}" ]; then
-    save_env -f "${{env_file}}" next_entry
-  fi
-elif [ -n "${{saved_entry}}" ]; then
-  set default="${{saved_entry}}"
-else
-  set default=cos
-fi
-# Entries GRUB cannot load fall through to the next (0 cos, 1 fallback, 2 recovery).
+{decision}
+set default="${{kairos_boot_entry}}"
+# Entries GRUB cannot load fall through to the others (0 cos, 1 fallback, 2 recovery),
+# never back to the one that failed.
 if [ -n "${{default_fallback}}" ]; then
   set fallback="${{default_fallback}}"
+elif [ "${{kairos_boot_entry}}" = cos ]; then
+  set fallback="1 2"
+elif [ "${{kairos_boot_entry}}" = fallback ]; then
+  set fallback="2 0"
+elif [ "${{kairos_boot_entry}}" = recovery ]; then
+  set fallback="0 1"
+elif [ "${{kairos_boot_entry}}" = statereset ]; then
+  set fallback="2 0 1"
 else
   set fallback="0 1 2"
 fi
@@ -257,10 +400,17 @@ set menu_title=Kairos
 if [ -n "${{default_menu_entry}}" ]; then
   set menu_title="${{default_menu_entry}}"
 fi
-export extra_cmdline extra_active_cmdline extra_passive_cmdline extra_recovery_cmdline
+# Menu entries run in a new context that sees only exported variables.
+export kairos_boot_entry
+export kairos_boot_reason
+export extra_cmdline
+export extra_active_cmdline
+export extra_passive_cmdline
+export extra_recovery_cmdline
 echo "KAIROS-GRUB: default=${{default}} fallback=${{fallback}}"
 "#,
-        timeout = opts.timeout
+        timeout = opts.timeout,
+        decision = decision_script(),
     );
     for e in ENTRIES {
         let search = if e.image.contains("recroot") {
@@ -271,14 +421,19 @@ echo "KAIROS-GRUB: default=${{default}} fallback=${{fallback}}"
         s.push_str(&format!(
             r#"
 menuentry "${{menu_title}}{suffix}" --id {id} {{
-  echo "KAIROS-GRUB: entry={id}"
+  set kairos_reason="${{kairos_boot_reason}}"
+  if [ "${{kairos_boot_entry}}" != {id} ]; then
+    set kairos_reason={menu}
+  fi
+  echo "KAIROS-GRUB: entry={id} reason=${{kairos_reason}}"
 {search}  loopback {dev} {image}
-  linux ({dev})/boot/vmlinuz {base} {cmdline} rd.kairos.boot_reason={id} ${{extra_cmdline}} ${{{extra}}}
+  linux ({dev})/boot/vmlinuz {base} {cmdline} rd.kairos.boot_reason={id}:${{kairos_reason}} ${{extra_cmdline}} ${{{extra}}}
   initrd ({dev})/boot/initrd
 }}
 "#,
             suffix = e.title_suffix,
             id = e.id,
+            menu = reason::MENU,
             dev = e.loopdev,
             image = e.image,
             cmdline = e.cmdline,
@@ -519,22 +674,22 @@ mod tests {
         for id in ["cos", "fallback", "recovery", "statereset"] {
             assert!(cfg.contains(&format!("--id {id} {{")), "{id}");
             assert!(
-                cfg.contains(&format!("rd.kairos.boot_reason={id} ")),
+                cfg.contains(&format!("rd.kairos.boot_reason={id}:${{kairos_reason}} ")),
                 "{id}"
             );
+            assert!(cfg.contains(&format!(
+                "echo \"KAIROS-GRUB: entry={id} reason=${{kairos_reason}}\""
+            )));
         }
         assert!(cfg.contains(&format!(
-            "linux (loop0)/boot/vmlinuz {BASE_CMDLINE} rd.kairos.debug root=LABEL=COS_ACTIVE cos-img/filename=/cOS/active.img rd.kairos.boot_reason=cos ${{extra_cmdline}} ${{extra_active_cmdline}}\n"
+            "linux (loop0)/boot/vmlinuz {BASE_CMDLINE} rd.kairos.debug root=LABEL=COS_ACTIVE cos-img/filename=/cOS/active.img rd.kairos.boot_reason=cos:${{kairos_reason}} ${{extra_cmdline}} ${{extra_active_cmdline}}\n"
         )));
         assert!(cfg.contains("loopback loop2 (${recroot})/cOS/recovery.squashfs\n"));
         assert!(cfg.contains(
-            "rd.live.squashimg=/cOS/recovery.squashfs kairos.reset rd.kairos.boot_reason=statereset"
+            "rd.live.squashimg=/cOS/recovery.squashfs kairos.reset rd.kairos.boot_reason=statereset:"
         ));
         assert!(!cfg.contains("quiet"));
-        assert_eq!(
-            grub_cfg(&GrubCfgOptions::default()).lines().nth(4),
-            Some("set timeout=1")
-        );
+        assert!(grub_cfg(&GrubCfgOptions::default()).contains("\nset timeout=1\n"));
     }
 
     #[test]
@@ -601,5 +756,460 @@ mod tests {
         // Not a BIOS boot partition: refused.
         let err = install_bios_unchecked(&disk, 4096, "(hd0,gpt2)/grub2").unwrap_err();
         assert!(err.to_string().contains("BIOS boot"), "{err}");
+    }
+
+    fn grub_tests_ready() -> bool {
+        let tools = [
+            "sgdisk",
+            "grub-mkimage",
+            "grub-editenv",
+            "mkfs.ext4",
+            "debugfs",
+        ];
+        let ok = tools.iter().all(|t| on_path(t))
+            && Path::new(GRUB_I386_PC_DIR).exists()
+            && crate::apt::is_installed("qemu-system-x86");
+        if !ok {
+            eprintln!(
+                "skipping: needs qemu-system-x86, gdisk, grub-pc-bin, grub-common, e2fsprogs"
+            );
+        }
+        ok
+    }
+
+    /// A disk with a BIOS boot partition and one 8 MiB ext4 partition per
+    /// (label, tree), GRUB installed with `prefix`; returns each partition's byte range.
+    fn grub_only_disk(disk: &Path, parts: &[(&str, &Path)], prefix: &str) -> Vec<(u64, u64)> {
+        const PART: u64 = 8 << 20;
+        let _ = fs::remove_file(disk);
+        fs::File::create(disk)
+            .unwrap()
+            .set_len((2 + 8 * parts.len() as u64 + 1) << 20)
+            .unwrap();
+        let mut sgdisk = Command::new("sgdisk");
+        sgdisk.args(["-a", "2048", "-n1:0:+1M", "-t1:ef02", "-c1:bios"]);
+        for i in 0..parts.len() {
+            sgdisk.arg(format!("-n{}:0:+8M", i + 2));
+        }
+        run(sgdisk.arg(disk)).unwrap();
+        let mut f = OpenOptions::new().write(true).open(disk).unwrap();
+        let mut ranges = Vec::new();
+        for (i, (label, tree)) in parts.iter().enumerate() {
+            let img = disk.with_extension(format!("p{i}"));
+            crate::rootfs::mkfs_ext(
+                Some(tree),
+                &img,
+                label,
+                PART / 1024,
+                crate::rootfs::ExtFs::Ext4,
+            )
+            .unwrap();
+            let at = (2 << 20) + i as u64 * PART;
+            write_at(&mut f, disk, at, &fs::read(&img).unwrap()).unwrap();
+            fs::remove_file(&img).unwrap();
+            ranges.push((at, PART));
+        }
+        drop(f);
+        install_bios_unchecked(disk, 2048, prefix).unwrap();
+        ranges
+    }
+
+    fn boot_until(disk: &Path, dir: &Path, marker: &str) -> crate::boot::BootResult {
+        let mut spec = crate::boot::BootSpec::new(dir.join("serial.log"));
+        spec.disks.push(disk.to_path_buf());
+        spec.until = vec![marker.into()];
+        spec.timeout = std::time::Duration::from_secs(120);
+        let r = crate::boot::run(&spec).unwrap();
+        assert!(
+            r.matched.is_some(),
+            "no {marker:?} from GRUB:\n{}",
+            r.tail(40)
+        );
+        r
+    }
+
+    fn extract_part(disk: &Path, (at, len): (u64, u64), to: PathBuf) -> PathBuf {
+        let data = fs::read(disk).unwrap();
+        fs::write(&to, &data[at as usize..(at + len) as usize]).unwrap();
+        to
+    }
+
+    fn debugfs_cat(img: &Path, path: &str) -> Vec<u8> {
+        run(Command::new("debugfs")
+            .args(["-R", &format!("cat {path}")])
+            .arg(img))
+        .unwrap()
+        .stdout
+    }
+
+    /// A grubenv block from `grub-editenv` (the reference writer) holding `vars`.
+    fn editenv_block(dir: &Path, vars: &[(&str, &str)]) -> Vec<u8> {
+        let path = dir.join("editenv.tmp");
+        let _ = fs::remove_file(&path);
+        run(Command::new("grub-editenv").arg(&path).arg("create")).unwrap();
+        if !vars.is_empty() {
+            run(Command::new("grub-editenv")
+                .arg(&path)
+                .arg("set")
+                .args(vars.iter().map(|(k, v)| format!("{k}={v}"))))
+            .unwrap();
+        }
+        fs::read(&path).unwrap()
+    }
+
+    /// `key=value` lines of a grubenv block, as GRUB reads them (no unescaping needed here).
+    fn block_vars(block: &[u8]) -> Vec<(String, String)> {
+        String::from_utf8_lossy(block)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    struct Case {
+        block: Vec<u8>,
+        entry: &'static str,
+        reason: &'static str,
+        /// Variables that must hold this value afterwards (None: absent).
+        after: Vec<(&'static str, Option<String>)>,
+    }
+
+    /// Every variable the decision reads or writes, unset between cases.
+    const CASE_VARS: &[&str] = &[
+        "next_entry",
+        "saved_entry",
+        "enable_boot_assessment",
+        "kairos_tries_cos",
+        "kairos_tries_fallback",
+        "kairos_max_tries",
+        "boot_assessment_tentative",
+        "kairos_boot_entry",
+        "kairos_boot_reason",
+        "kairos_next",
+        "env_ok",
+        "env_file",
+    ];
+
+    #[allow(clippy::vec_init_then_push)] // one case per push reads better with comments between
+    fn decision_cases(dir: &Path) -> Vec<Case> {
+        let s = |v: &str| Some(v.to_string());
+        let mut cases = Vec::new();
+        // Not armed: default, or saved_entry; armed=no is not armed.
+        cases.push(Case {
+            block: editenv_block(dir, &[("kairos_max_tries", "3")]),
+            entry: "cos",
+            reason: reason::DEFAULT,
+            after: vec![
+                ("kairos_boot_entry", s("cos")),
+                ("kairos_boot_reason", s(reason::DEFAULT)),
+                ("boot_assessment_tentative", None),
+            ],
+        });
+        cases.push(Case {
+            block: editenv_block(
+                dir,
+                &[("enable_boot_assessment", "no"), ("kairos_tries_cos", "3")],
+            ),
+            entry: "cos",
+            reason: reason::DEFAULT,
+            after: vec![("kairos_tries_cos", s("3"))],
+        });
+        cases.push(Case {
+            block: editenv_block(dir, &[("saved_entry", "recovery")]),
+            entry: "recovery",
+            reason: reason::SAVED_ENTRY,
+            after: vec![("kairos_boot_entry", s("recovery"))],
+        });
+        // next_entry wins over counting and saved_entry, and is cleared.
+        cases.push(Case {
+            block: editenv_block(
+                dir,
+                &[
+                    ("next_entry", "fallback"),
+                    ("saved_entry", "recovery"),
+                    ("enable_boot_assessment", "yes"),
+                    ("kairos_tries_cos", "3"),
+                ],
+            ),
+            entry: "fallback",
+            reason: reason::NEXT_ENTRY,
+            after: vec![
+                ("next_entry", s("")),
+                ("kairos_tries_cos", s("3")),
+                ("kairos_boot_reason", s(reason::NEXT_ENTRY)),
+            ],
+        });
+        // Armed: every value of active's counter.
+        for n in 1..=MAX_TRIES {
+            let v = n.to_string();
+            cases.push(Case {
+                block: editenv_block(
+                    dir,
+                    &[
+                        ("enable_boot_assessment", "yes"),
+                        ("kairos_tries_cos", &v),
+                        ("kairos_tries_fallback", "3"),
+                    ],
+                ),
+                entry: "cos",
+                reason: reason::COUNTED_TRY,
+                after: vec![
+                    ("kairos_tries_cos", Some((n - 1).to_string())),
+                    ("kairos_tries_fallback", s("3")),
+                    ("boot_assessment_tentative", s("yes")),
+                    ("kairos_boot_entry", s("cos")),
+                    ("kairos_boot_reason", s(reason::COUNTED_TRY)),
+                ],
+            });
+        }
+        // Active's counter spent (0, garbage, out of range, missing): passive's tries.
+        for cos in [Some("0"), Some("x"), Some("10"), Some("-1"), Some(""), None] {
+            for n in 1..=MAX_TRIES {
+                // All fallback values once with cos=0, then one value per kind of garbage.
+                if cos != Some("0") && n != 2 {
+                    continue;
+                }
+                let v = n.to_string();
+                let mut vars = vec![
+                    ("enable_boot_assessment", "yes"),
+                    ("kairos_tries_fallback", v.as_str()),
+                ];
+                if let Some(c) = cos {
+                    vars.push(("kairos_tries_cos", c));
+                }
+                cases.push(Case {
+                    block: editenv_block(dir, &vars),
+                    entry: "fallback",
+                    reason: reason::COS_TRIES_EXHAUSTED,
+                    after: vec![
+                        ("kairos_tries_cos", cos.map(str::to_string)),
+                        ("kairos_tries_fallback", Some((n - 1).to_string())),
+                        ("boot_assessment_tentative", s("yes")),
+                        ("kairos_boot_entry", s("fallback")),
+                    ],
+                });
+            }
+        }
+        // Everything spent: recovery, nothing counted.
+        for fb in ["0", "garbage", "1x"] {
+            cases.push(Case {
+                block: editenv_block(
+                    dir,
+                    &[
+                        ("enable_boot_assessment", "yes"),
+                        ("kairos_tries_cos", "0"),
+                        ("kairos_tries_fallback", fb),
+                    ],
+                ),
+                entry: "recovery",
+                reason: reason::ALL_TRIES_EXHAUSTED,
+                after: vec![
+                    ("kairos_tries_cos", s("0")),
+                    ("kairos_tries_fallback", s(fb)),
+                    ("boot_assessment_tentative", None),
+                    ("kairos_boot_reason", s(reason::ALL_TRIES_EXHAUSTED)),
+                ],
+            });
+        }
+        // Not a block at all: boots the default and writes nothing.
+        let mut garbage = vec![0u8; 1024];
+        let mut x: u32 = 0x1234_5678;
+        for b in garbage.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        cases.push(Case {
+            block: garbage,
+            entry: "cos",
+            reason: reason::DEFAULT,
+            after: vec![("kairos_boot_entry", None)],
+        });
+        let armed = editenv_block(
+            dir,
+            &[("enable_boot_assessment", "yes"), ("kairos_tries_cos", "3")],
+        );
+        cases.push(Case {
+            block: armed[..20].to_vec(),
+            entry: "cos",
+            reason: reason::DEFAULT,
+            after: vec![("kairos_boot_entry", None)],
+        });
+        // A block with a valid header and no room left: a try that cannot be
+        // counted is not booted.
+        cases.push(Case {
+            block: b"# GRUB Environment Block\nenable_boot_assessment=yes\nkairos_tries_cos=3\n"
+                .to_vec(),
+            entry: "recovery",
+            reason: reason::GRUBENV_UNWRITABLE,
+            after: vec![("kairos_tries_cos", s("3"))],
+        });
+        cases
+    }
+
+    /// GRUB only really runs in a machine: boots real GRUB in QEMU on a small
+    /// disk whose grub.cfg sources [`decision_script`] once per prepared
+    /// grubenv, then reads each block back to see what GRUB saved.
+    #[test]
+    fn decisions_in_real_grub() {
+        if !grub_tests_ready() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let cases = decision_cases(dir);
+        let tree = dir.join("tree");
+        fs::create_dir_all(tree.join("grub2")).unwrap();
+        fs::create_dir_all(tree.join("cases")).unwrap();
+        let mut cfg = String::from(
+            "serial --unit=0 --speed=115200\nterminal_input serial\nterminal_output serial\nset root=(hd0,gpt2)\n",
+        );
+        for (i, case) in cases.iter().enumerate() {
+            fs::write(tree.join(format!("cases/{i}")), &case.block).unwrap();
+            for v in CASE_VARS {
+                cfg.push_str(&format!("unset {v}\n"));
+            }
+            cfg.push_str(&format!(
+                "set env_file=(hd0,gpt2)/cases/{i}\nif load_env -f \"${{env_file}}\"; then\n  set env_ok=yes\nfi\nsource (hd0,gpt2)/grub2/decide.cfg\necho \"KAIROS-CASE: {i} entry=${{kairos_boot_entry}} reason=${{kairos_boot_reason}}\"\n"
+            ));
+        }
+        cfg.push_str("echo \"KAIROS-CASE: end\"\nhalt\n");
+        fs::write(tree.join("grub2/grub.cfg"), &cfg).unwrap();
+        fs::write(tree.join("grub2/decide.cfg"), decision_script()).unwrap();
+
+        let disk = dir.join("disk.img");
+        let parts = grub_only_disk(&disk, &[("COS_STATE", &tree)], "(hd0,gpt2)/grub2");
+        let r = boot_until(&disk, dir, "KAIROS-CASE: end");
+        eprintln!("{} cases in {:.1} s", cases.len(), r.elapsed.as_secs_f64());
+        // The partition after GRUB wrote to it, for debugfs.
+        let after = extract_part(&disk, parts[0], dir.join("after.img"));
+        let mut failures = Vec::new();
+        for (i, case) in cases.iter().enumerate() {
+            let want = format!(
+                "KAIROS-CASE: {i} entry={} reason={}\n",
+                case.entry, case.reason
+            );
+            let got = r
+                .log
+                .lines()
+                .find(|l| l.starts_with(&format!("KAIROS-CASE: {i} ")))
+                .unwrap_or("(no line)");
+            if !r.log.contains(&want) {
+                failures.push(format!("case {i}: want {want:?}, GRUB said {got:?}"));
+            }
+            let block = debugfs_cat(&after, &format!("/cases/{i}"));
+            if block.len() != case.block.len() {
+                failures.push(format!(
+                    "case {i}: block is {} bytes now, was {}",
+                    block.len(),
+                    case.block.len()
+                ));
+            }
+            let vars = block_vars(&block);
+            for (k, v) in &case.after {
+                let got = vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+                if got != *v {
+                    failures.push(format!("case {i}: {k} is {got:?}, want {v:?}"));
+                }
+            }
+            if block != case.block && block.len() == 1024 {
+                // What GRUB wrote, grub-editenv reads.
+                let f = dir.join(format!("case{i}.env"));
+                fs::write(&f, &block).unwrap();
+                if let Err(e) = run(Command::new("grub-editenv").arg(&f).arg("list")) {
+                    failures.push(format!("case {i}: {e}"));
+                }
+            }
+            let valid = case.block.starts_with(b"# GRUB Environment Block\n");
+            if !valid && block != case.block {
+                failures.push(format!("case {i}: GRUB wrote to an invalid block"));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "{}\nlog:\n{}",
+            failures.join("\n"),
+            r.log
+        );
+    }
+
+    /// The whole generated grub.cfg in real GRUB, with no images to load: the
+    /// environment is found by label and counted, the chosen entry reports
+    /// its reason, and the entry GRUB falls through to says `menu`.
+    #[test]
+    fn full_config_counts_and_falls_through_in_real_grub() {
+        if !grub_tests_ready() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let oem = dir.join("oem");
+        fs::create_dir_all(&oem).unwrap();
+        let block = editenv_block(
+            dir,
+            &[
+                ("enable_boot_assessment", "yes"),
+                ("kairos_tries_cos", "1"),
+                ("kairos_tries_fallback", "3"),
+                ("extra_cmdline", "x"),
+            ],
+        );
+        fs::write(oem.join("grubenv"), &block).unwrap();
+        let state = dir.join("state");
+        fs::create_dir_all(state.join("grub2")).unwrap();
+        fs::write(
+            state.join("grub2/grub.cfg"),
+            grub_cfg(&GrubCfgOptions {
+                timeout: 0,
+                extra_cmdline: String::new(),
+            }),
+        )
+        .unwrap();
+        let disk = dir.join("disk.img");
+        let parts = grub_only_disk(
+            &disk,
+            &[("COS_OEM", &oem), ("COS_STATE", &state)],
+            "(hd0,gpt3)/grub2",
+        );
+        // GRUB waits 10 s ("Press any key") after each entry that fails: stop at the second.
+        let r = boot_until(&disk, dir, "KAIROS-GRUB: entry=fallback");
+        // The first line comes after the terminal's clear-screen sequence.
+        let lines: Vec<&str> = r
+            .log
+            .lines()
+            .filter_map(|l| l.find("KAIROS-GRUB: ").map(|at| &l[at..]))
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                "KAIROS-GRUB: start",
+                "KAIROS-GRUB: chose cos:counted-try",
+                "KAIROS-GRUB: tries cos=0 fallback=3 tentative=yes",
+                "KAIROS-GRUB: default=cos fallback=1 2",
+                "KAIROS-GRUB: entry=cos reason=counted-try",
+                "KAIROS-GRUB: entry=fallback reason=menu",
+            ],
+            "{}",
+            r.log
+        );
+        let after = extract_part(&disk, parts[0], dir.join("oem.img"));
+        let saved = debugfs_cat(&after, "/grubenv");
+        assert_eq!(saved.len(), 1024);
+        let vars = block_vars(&saved);
+        for (k, v) in [
+            ("kairos_tries_cos", "0"),
+            ("kairos_tries_fallback", "3"),
+            ("boot_assessment_tentative", "yes"),
+            ("kairos_boot_entry", "cos"),
+            ("kairos_boot_reason", "counted-try"),
+            ("extra_cmdline", "x"),
+        ] {
+            assert!(
+                vars.contains(&(k.to_string(), v.to_string())),
+                "{k}={v} not in {vars:?}"
+            );
+        }
     }
 }

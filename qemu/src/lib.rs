@@ -1,9 +1,11 @@
 //! Everything a QEMU boot of a Kairos disk needs, built rootless where possible.
 
 pub mod apt;
+pub mod bench;
 pub mod boot;
 pub mod cpio;
 pub mod disk;
+pub mod dracut;
 pub mod grub;
 pub mod initramfs;
 pub mod kernel;

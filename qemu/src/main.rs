@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use kairos_qemu::apt;
+use kairos_qemu::bench;
 use kairos_qemu::boot::{self, BootExit, BootSpec};
 use kairos_qemu::disk;
 use kairos_qemu::initramfs::{self, InitramfsSpec};
@@ -46,6 +47,27 @@ enum Cmd {
         #[arg(long, default_value_t = 300, value_name = "SECS")]
         timeout: u64,
     },
+    /// Boot benchmark: our initramfs vs dracut + kairos-init vs stock dracut, same disk and kernel.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Boots per variant (interleaved a, b, c, a, b, c, ...).
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    runs: usize,
+    /// Use KVM instead of TCG.
+    #[arg(long)]
+    kvm: bool,
+    /// Where the images, the disk and every serial log go (kept).
+    #[arg(long, value_name = "DIR", default_value = "out/bench")]
+    work: PathBuf,
+    /// The static kairos-init (default: built with cargo in this workspace when stale).
+    #[arg(long, value_name = "PATH")]
+    init: Option<PathBuf>,
+    /// Per-boot timeout.
+    #[arg(long, default_value_t = 180, value_name = "SECS")]
+    boot_timeout: u64,
 }
 
 #[derive(Args)]
@@ -168,6 +190,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Boot(args) => boot_cmd(args),
         Cmd::Demo { kvm, timeout } => demo(kvm, Duration::from_secs(timeout)),
+        Cmd::Bench(args) => bench_cmd(args),
     }
 }
 
@@ -327,6 +350,31 @@ fn demo(kvm: bool, timeout: Duration) -> Result<ExitCode> {
         eprintln!("marker `{DEMO_MARKER}` not seen; log tail:\n{}", r.tail(30));
         return Ok(ExitCode::FAILURE);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_cmd(args: BenchArgs) -> Result<ExitCode> {
+    let start = std::time::Instant::now();
+    let init = match args.init {
+        Some(p) => p,
+        None => ensure_init_built(&workspace_root())?,
+    };
+    let spec = bench::BenchSpec {
+        runs: args.runs,
+        kvm: args.kvm,
+        work: args.work,
+        init_binary: init,
+        kernel: kernel::cached_or_fetch().context("fetching the kernel")?,
+        boot_timeout: Duration::from_secs(args.boot_timeout),
+    };
+    let report =
+        bench::run(&spec, &mut |line| println!("{line}")).context("running the benchmark")?;
+    println!(
+        "bench wall time {:.0} s; serial logs in {}",
+        start.elapsed().as_secs_f64(),
+        spec.work.join("logs").display()
+    );
+    println!("{}", report.render());
     Ok(ExitCode::SUCCESS)
 }
 

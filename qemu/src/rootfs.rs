@@ -12,8 +12,24 @@ use std::sync::OnceLock;
 use crate::apt::{self, AptError};
 
 /// `/sbin/init` of the image. Its output lines are a contract with the tests.
+///
+/// Flag files on COS_OEM drive the boot-assessment tests (issue 3):
+/// - `kairos-test-fail-<image>`: this image "fails": it reboots before
+///   marking the boot good, so GRUB's counters run down;
+/// - `kairos-test-select-fallback`: removed, then `kairos-agent bootentry
+///   --select fallback` (a one-shot choice of passive for the next boot);
+/// - `kairos-test-repair`: removed, then `kairos-agent state` and `kairos-agent
+///   bootentry --repair`, before the agent touches the grubenv otherwise;
+/// - `kairos-test-reboots`: a number; while above 0, a good boot counts it
+///   down and reboots instead of powering off, so one QEMU run holds several boots.
+///
+/// A good boot writes `/run/kairos/boot-stage-ok` (what the agent's health
+/// check requires) and, when the image has `/usr/bin/kairos-agent`, runs
+/// `kairos-agent mark-good` and `kairos-agent state`, every output line
+/// prefixed with `KAIROS-TEST: `, followed by `KAIROS-TEST: kairos-agent ARGS exit=N`.
 pub const INIT_SCRIPT: &str = r#"#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+echo "KAIROS-TEST: uptime=$(cut -d' ' -f1 /proc/uptime)"
 echo "KAIROS-TEST: hello from image=$(cat /etc/kairos-image) pid=$$"
 for m in active passive recovery autoreset live; do [ -e /run/cos/${m}_mode ] && echo "KAIROS-TEST: mode=$m"; done
 if touch /kairos-rootfs-write-probe 2>/dev/null; then echo "KAIROS-TEST: root=rw"; rm -f /kairos-rootfs-write-probe; else echo "KAIROS-TEST: root=ro"; fi
@@ -23,7 +39,43 @@ done
 echo written > /etc/kairos-test-overlay && echo written > /usr/local/kairos-test-persist && echo written > /etc/ssh/kairos-test-state && echo written > /var/log/kairos-test-state && echo "KAIROS-TEST: wrote test files"
 while read -r dev mnt fs opts rest; do echo "KAIROS-TEST: mount $mnt $fs $opts"; done < /proc/mounts
 sync
+image=$(cat /etc/kairos-image)
+if [ -e "/oem/kairos-test-fail-$image" ]; then
+  echo "KAIROS-TEST: failing on purpose"
+  sync
+  reboot -f
+  sleep 60
+fi
+mkdir -p /run/kairos && touch /run/kairos/boot-stage-ok
+agent() {
+  out=$(kairos-agent "$@" 2>&1)
+  rc=$?
+  [ -n "$out" ] && printf '%s\n' "$out" | sed 's/^/KAIROS-TEST: /'
+  echo "KAIROS-TEST: kairos-agent $* exit=$rc"
+}
+if [ -x /usr/bin/kairos-agent ]; then
+  if [ -e /oem/kairos-test-select-fallback ]; then
+    rm -f /oem/kairos-test-select-fallback && sync
+    agent bootentry --select fallback
+  fi
+  if [ -e /oem/kairos-test-repair ]; then
+    rm -f /oem/kairos-test-repair && sync
+    agent state
+    agent bootentry --repair
+  fi
+  agent mark-good
+  agent state
+  sync
+fi
 echo "KAIROS-TEST: done"
+reboots=$(cat /oem/kairos-test-reboots 2>/dev/null)
+if [ "$reboots" -gt 0 ] 2>/dev/null; then
+  echo $((reboots - 1)) > /oem/kairos-test-reboots
+  sync
+  echo "KAIROS-TEST: rebooting, $((reboots - 1)) more after this"
+  reboot -f
+  sleep 60
+fi
 poweroff -f
 "#;
 

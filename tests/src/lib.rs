@@ -221,3 +221,199 @@ pub fn boot_direct_on(
         .collect();
     boot(name, s)
 }
+
+// ---- Boot assessment through GRUB (issue 3) ----
+
+/// Builds kairos-agent (static, release) like [`build_init`] builds kairos-init.
+pub fn build_agent() -> Result<PathBuf> {
+    let root = workspace_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "kairos-agent",
+            "--bin",
+            "kairos-agent",
+        ])
+        .status()
+        .context("running cargo build for kairos-agent")?;
+    if !status.success() {
+        bail!("cargo build -p kairos-agent failed");
+    }
+    Ok(root.join("target/x86_64-unknown-linux-gnu/release/kairos-agent"))
+}
+
+static AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// The kairos-agent binary for the test images, built once per test process. Panics when it
+/// does not build or lacks the boot-assessment commands (`mark-good`, `bootentry`), unless
+/// `KAIROS_TEST_WITHOUT_AGENT` is set: then None, and the tests check only the GRUB side.
+pub fn agent() -> Option<PathBuf> {
+    if std::env::var_os("KAIROS_TEST_WITHOUT_AGENT").is_some() {
+        eprintln!("KAIROS_TEST_WITHOUT_AGENT: images get no kairos-agent, agent checks skipped");
+        return None;
+    }
+    let r = AGENT.get_or_init(|| {
+        let path = build_agent().map_err(|e| format!("{e:#}"))?;
+        let out = Command::new(&path)
+            .arg("--help")
+            .output()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let help = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        if !(help.contains("mark-good") && help.contains("bootentry")) {
+            return Err(format!(
+                "{} has no mark-good/bootentry commands yet:\n{help}",
+                path.display()
+            ));
+        }
+        Ok(path)
+    });
+    match r {
+        Ok(p) => Some(p.clone()),
+        Err(e) => panic!("kairos-agent: {e}"),
+    }
+}
+
+/// Like [`boot_grub`], but a guest reboot resets the machine (firmware, GRUB, kernel again)
+/// instead of ending QEMU: the run goes on until the guest powers off, the kernel panics, or
+/// `timeout_s` passes. Split the log with [`boots`].
+pub fn boot_grub_rebooting(name: &str, disk: &Path, timeout_s: u64) -> BootResult {
+    let a = artifacts();
+    let mut s = spec(
+        &[disk],
+        a.work.join(format!("{name}.log")),
+        &["end Kernel panic"],
+        timeout_s,
+    );
+    // Parsed after -no-reboot, so it wins: a reboot is a reset, as on a real machine.
+    s.extra_args = vec!["-action".into(), "reboot=reset".into()];
+    boot(name, s)
+}
+
+/// GRUB's first line on each boot (grub.cfg echoes it right after setting up the console).
+pub const GRUB_START: &str = "KAIROS-GRUB: start";
+
+/// The serial log cut into boots, each starting at GRUB's `KAIROS-GRUB: start` line.
+pub fn boots(log: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in log.lines() {
+        // The line follows GRUB's clear-screen escape sequence.
+        let line = match line.find(GRUB_START) {
+            Some(at) => {
+                out.push(String::new());
+                &line[at..]
+            }
+            None => line,
+        };
+        if let Some(cur) = out.last_mut() {
+            cur.push_str(line);
+            cur.push('\n');
+        }
+    }
+    out
+}
+
+/// Asserts that boot `i` of `boots` has `needle`, quoting that boot on failure.
+pub fn assert_boot_has(boots: &[String], i: usize, needle: &str) {
+    let b = boots
+        .get(i)
+        .unwrap_or_else(|| panic!("no boot {i}: only {} boots", boots.len()));
+    assert!(
+        b.contains(needle),
+        "boot {i} lacks {needle:?}; that boot's log:\n{b}"
+    );
+}
+
+pub fn assert_boot_lacks(boots: &[String], i: usize, needle: &str) {
+    let b = &boots[i];
+    assert!(
+        !b.contains(needle),
+        "boot {i} unexpectedly has {needle:?}; that boot's log:\n{b}"
+    );
+}
+
+/// The bytes of partition `n` of a disk built by `kairos_qemu::disk::build`.
+pub fn partition(disk: &Path, n: u32) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let (at, len) = kairos_qemu::disk::partition_bytes(disk, n)
+        .unwrap_or_else(|e| panic!("partition {n} of {}: {e}", disk.display()));
+    let mut f = std::fs::File::open(disk).expect("open disk");
+    let mut buf = vec![0u8; len as usize];
+    f.seek(SeekFrom::Start(at)).expect("seek");
+    f.read_exact(&mut buf).expect("read partition");
+    buf
+}
+
+/// A fingerprint of partition `n`'s bytes, to show nothing wrote to it.
+pub fn partition_hash(disk: &Path, n: u32) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    partition(disk, n).hash(&mut h);
+    h.finish()
+}
+
+/// COS_OEM:/grubenv as it is on the disk image now (read with debugfs from the partition's bytes).
+pub fn grubenv_on_disk(disk: &Path) -> Vec<u8> {
+    let img = disk.with_extension("oem-part");
+    std::fs::write(&img, partition(disk, kairos_qemu::disk::part::OEM)).expect("write oem part");
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /grubenv"])
+        .arg(&img)
+        .output()
+        .expect("debugfs");
+    let _ = std::fs::remove_file(&img);
+    assert!(out.status.success(), "debugfs cat /grubenv failed");
+    out.stdout
+}
+
+/// The `name=value` lines of a grubenv block.
+pub fn grubenv_vars(block: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(block)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The value of `name` in a grubenv block, if set.
+pub fn grubenv_get(block: &[u8], name: &str) -> Option<String> {
+    grubenv_vars(block)
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+}
+
+/// Whether GRUB's own tool accepts the block: `grub-editenv FILE list` succeeds on it.
+pub fn grub_editenv_accepts(block: &[u8]) -> bool {
+    let dir = work_dir();
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(format!("grubenv-check.{:?}", std::thread::current().id()));
+    std::fs::write(&path, block).expect("write grubenv copy");
+    let ok = Command::new("grub-editenv")
+        .arg(&path)
+        .arg("list")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let _ = std::fs::remove_file(&path);
+    ok
+}
+
+/// Grubenv presets for [`kairos_qemu::disk::DiskSpec::grubenv`]: assessment armed with
+/// `tries` for active and passive, as `kairos-agent bootentry --arm --tries N` leaves it.
+pub fn armed(tries: u32) -> Vec<(String, String)> {
+    let n = tries.to_string();
+    [
+        ("enable_boot_assessment", "yes"),
+        ("kairos_tries_cos", &n),
+        ("kairos_tries_fallback", &n),
+        ("kairos_max_tries", &n),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}

@@ -1,0 +1,94 @@
+//! The dracut module (issue 7): Debian's own dracut, given the `99kairos-init` module, builds an
+//! initramfs that boots a Kairos disk through GRUB exactly as the project's own initramfs does.
+//!
+//! The image is built with the small form recommended in `dracut-module/README.md`:
+//! `dracut --no-hostonly -m kairos-init --zstd …` (only the kairos-init module; `-m` is the
+//! exact module list, so nothing else dracut would pick by default from the build host gets in).
+//! `kairos_qemu::dracut::build` runs it against a private copy of `/usr/lib/dracut` holding the
+//! module, with `KAIROS_INIT_BIN` pointing at the freshly built static kairos-init.
+
+use std::process::Command;
+
+use kairos_qemu::dracut::{self, DracutKind};
+use kairos_tests::*;
+
+#[test]
+fn dracut_initramfs_boots_active_read_only() {
+    if !can_run() {
+        return;
+    }
+    let a = artifacts();
+    let img = a.work.join("initramfs-dracut-kairos.img");
+    let report = dracut::build(
+        DracutKind::KairosInit,
+        &a.kernel,
+        Some(&a.init_binary),
+        &img,
+    )
+    .unwrap_or_else(|e| panic!("building {} with dracut: {e}", img.display()));
+    println!(
+        "FIGURE dracut -m kairos-init initramfs: {} bytes in {:.1} s ({}); modules: {}",
+        report.size_bytes,
+        report.elapsed.as_secs_f64(),
+        report.command,
+        report.modules.join(" ")
+    );
+    assert_eq!(report.modules, ["kairos-init"], "{}", report.command);
+    // Small, as measured for the module's README (2.04 MB): not a default-set image.
+    assert!(
+        report.size_bytes < 4 << 20,
+        "{} is {} bytes",
+        img.display(),
+        report.size_bytes
+    );
+    // It really is dracut's image, with kairos-init as /init.
+    let listing = Command::new("lsinitrd")
+        .arg(&img)
+        .output()
+        .expect("running lsinitrd");
+    assert!(
+        listing.status.success(),
+        "lsinitrd {} failed",
+        img.display()
+    );
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.contains("dracut modules:"), "{listing}");
+    let init_size = std::fs::metadata(&a.init_binary)
+        .expect("kairos-init binary")
+        .len()
+        .to_string();
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.ends_with(" init") && l.contains(&format!(" {init_size} "))),
+        "/init is not the {init_size}-byte kairos-init:\n{listing}"
+    );
+
+    let d = disk("dracut-active", |s| s.initramfs = img.clone());
+    let r = boot_grub("dracut-active", &d, &[DONE]);
+    // The assertions of boot.rs's grub_boots_active_read_only.
+    assert_has(&r, "kairos-init: kairos-init");
+    assert_has(&r, "starting: mode=active image=/cOS/active.img reason=cos");
+    assert_has(&r, "kairos-init: switch_root to /sysroot");
+    assert_has(&r, "KAIROS-TEST: hello from image=active pid=1");
+    assert_has(&r, "KAIROS-TEST: mode=active");
+    assert_has(&r, "KAIROS-TEST: root=ro");
+    assert_has(&r, "KAIROS-TEST: mount / ext4 ro");
+    assert_has(&r, "KAIROS-TEST: mount /etc overlay rw");
+    assert_has(&r, "KAIROS-TEST: mount /oem ext4 rw");
+    assert_has(&r, "KAIROS-TEST: mount /usr/local ext4 rw");
+    assert_has(&r, DONE);
+    assert_has(&r, "kairos-init: step modules: ");
+    assert_has(&r, "kairos-init: step loop-mount /cOS/active.img: ");
+    assert_has(&r, "kairos-init: step bind /sysroot/etc/ssh: ");
+    assert_has(&r, "kairos-init: step switch_root: ");
+    assert_has(&r, "; peak RSS ");
+    let t = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: switch_root")
+        .expect("switch_root timestamp");
+    let start = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: kairos-init")
+        .expect("init start timestamp");
+    println!(
+        "FIGURE dracut initramfs stage: kernel start -> switch_root {t:.3} s (kairos-init ran {:.3} s)",
+        t - start
+    );
+}
