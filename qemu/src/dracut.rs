@@ -44,6 +44,8 @@ pub enum DracutKind {
     Stock,
     /// `-m kairos-init`: only the kairos-init module (the binary as `/init` and the boot `.ko`s).
     KairosInit,
+    /// `--add kairos-init`: dracut's default module set plus ours, whose `/init` wins.
+    KairosInitAdd,
 }
 
 impl DracutKind {
@@ -51,7 +53,13 @@ impl DracutKind {
         match self {
             DracutKind::Stock => "stock dracut",
             DracutKind::KairosInit => "dracut -m kairos-init",
+            DracutKind::KairosInitAdd => "dracut --add kairos-init",
         }
+    }
+
+    /// Whether the image holds the kairos-init module (and so needs the binary).
+    pub fn has_module(self) -> bool {
+        self != DracutKind::Stock
     }
 }
 
@@ -227,9 +235,10 @@ pub fn dracut_args(
     a.push(kernel.version.clone().into());
     a.push("--kmoddir".into());
     a.push(kmoddir.into());
-    if kind == DracutKind::KairosInit {
-        a.push("-m".into());
-        a.push(MODULE_NAME.into());
+    match kind {
+        DracutKind::Stock => {}
+        DracutKind::KairosInit => a.extend(["-m".into(), MODULE_NAME.into()]),
+        DracutKind::KairosInitAdd => a.extend(["--add".into(), MODULE_NAME.into()]),
     }
     a.push(out.into());
     a
@@ -257,18 +266,18 @@ pub fn build(
     out: &Path,
 ) -> Result<DracutReport, DracutError> {
     let mut packages = PACKAGES.to_vec();
-    if kind == DracutKind::Stock {
+    if kind != DracutKind::KairosInit {
         packages.extend_from_slice(STOCK_PACKAGES);
     }
     apt::ensure_packages(&packages)?;
     let init_bin = match (kind, init_bin) {
-        (DracutKind::KairosInit, Some(p)) if p.is_file() => Some(p),
-        (DracutKind::KairosInit, p) => {
+        (k, Some(p)) if k.has_module() && p.is_file() => Some(p),
+        (k, p) if k.has_module() => {
             return Err(DracutError::NoInitBinary {
                 path: p.map(Path::to_path_buf).unwrap_or_default(),
             });
         }
-        (DracutKind::Stock, _) => None,
+        _ => None,
     };
     let kmod = kmoddir(kernel)?;
 
@@ -296,11 +305,7 @@ fn build_in(
     out: &Path,
 ) -> Result<DracutReport, DracutError> {
     let basedir = scratch.join("dracut");
-    prepare_basedir(
-        Path::new(SYSTEM_BASEDIR),
-        &basedir,
-        kind == DracutKind::KairosInit,
-    )?;
+    prepare_basedir(Path::new(SYSTEM_BASEDIR), &basedir, kind.has_module())?;
     let conf = scratch.join("dracut.conf");
     fs::write(&conf, b"").map_err(io(&conf))?;
     let confdir = scratch.join("dracut.conf.d");
@@ -387,6 +392,10 @@ mod tests {
         assert_eq!(
             s(DracutKind::KairosInit),
             "--conf /c --confdir /cd --no-hostonly --force --zstd --kver 6.1.0-99-amd64 --kmoddir /km -m kairos-init /o.img"
+        );
+        assert_eq!(
+            s(DracutKind::KairosInitAdd),
+            "--conf /c --confdir /cd --no-hostonly --force --zstd --kver 6.1.0-99-amd64 --kmoddir /km --add kairos-init /o.img"
         );
     }
 

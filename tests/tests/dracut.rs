@@ -12,6 +12,38 @@ use std::process::Command;
 use kairos_qemu::dracut::{self, DracutKind};
 use kairos_tests::*;
 
+/// Boots the disk with `img` as its initramfs through GRUB: the assertions of boot.rs's
+/// grub_boots_active_read_only, plus the timeline lines.
+fn boots_active_read_only(name: &str, img: &std::path::Path, what: &str) {
+    let d = disk(name, |s| s.initramfs = img.to_path_buf());
+    let r = boot_grub(name, &d, &[DONE]);
+    // The assertions of boot.rs's grub_boots_active_read_only.
+    assert_has(&r, "kairos-init: kairos-init");
+    assert_has(&r, "starting: mode=active image=/cOS/active.img reason=cos");
+    assert_has(&r, "kairos-init: switch_root to /sysroot");
+    assert_has(&r, "KAIROS-TEST: hello from image=active pid=1");
+    assert_has(&r, "KAIROS-TEST: mode=active");
+    assert_has(&r, "KAIROS-TEST: root=ro");
+    assert_has(&r, "KAIROS-TEST: mount / ext4 ro");
+    assert_has(&r, "KAIROS-TEST: mount /etc overlay rw");
+    assert_has(&r, "KAIROS-TEST: mount /oem ext4 rw");
+    assert_has(&r, "KAIROS-TEST: mount /usr/local ext4 rw");
+    assert_has(&r, DONE);
+    assert_has(&r, "kairos-init: step modules: ");
+    assert_has(&r, "kairos-init: step loop-mount /cOS/active.img: ");
+    assert_has(&r, "kairos-init: step bind /sysroot/etc/ssh: ");
+    assert_has(&r, "kairos-init: step switch_root: ");
+    assert_has(&r, "; peak RSS ");
+    let t = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: switch_root")
+        .expect("switch_root timestamp");
+    let start = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: kairos-init")
+        .expect("init start timestamp");
+    println!(
+        "FIGURE {what} initramfs stage: kernel start -> switch_root {t:.3} s (kairos-init ran {:.3} s)",
+        t - start
+    );
+}
+
 #[test]
 fn dracut_initramfs_boots_active_read_only() {
     if !can_run() {
@@ -63,32 +95,37 @@ fn dracut_initramfs_boots_active_read_only() {
             .any(|l| l.ends_with(" init") && l.contains(&format!(" {init_size} "))),
         "/init is not the {init_size}-byte kairos-init:\n{listing}"
     );
+    boots_active_read_only("dracut-active", &img, "dracut -m kairos-init");
+}
 
-    let d = disk("dracut-active", |s| s.initramfs = img.clone());
-    let r = boot_grub("dracut-active", &d, &[DONE]);
-    // The assertions of boot.rs's grub_boots_active_read_only.
-    assert_has(&r, "kairos-init: kairos-init");
-    assert_has(&r, "starting: mode=active image=/cOS/active.img reason=cos");
-    assert_has(&r, "kairos-init: switch_root to /sysroot");
-    assert_has(&r, "KAIROS-TEST: hello from image=active pid=1");
-    assert_has(&r, "KAIROS-TEST: mode=active");
-    assert_has(&r, "KAIROS-TEST: root=ro");
-    assert_has(&r, "KAIROS-TEST: mount / ext4 ro");
-    assert_has(&r, "KAIROS-TEST: mount /etc overlay rw");
-    assert_has(&r, "KAIROS-TEST: mount /oem ext4 rw");
-    assert_has(&r, "KAIROS-TEST: mount /usr/local ext4 rw");
-    assert_has(&r, DONE);
-    assert_has(&r, "kairos-init: step modules: ");
-    assert_has(&r, "kairos-init: step loop-mount /cOS/active.img: ");
-    assert_has(&r, "kairos-init: step bind /sysroot/etc/ssh: ");
-    assert_has(&r, "kairos-init: step switch_root: ");
-    assert_has(&r, "; peak RSS ");
-    let t = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: switch_root")
-        .expect("switch_root timestamp");
-    let start = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: kairos-init")
-        .expect("init start timestamp");
+/// The literal form: `dracut --no-hostonly --add kairos-init` over dracut's default
+/// module set (systemd, udev, …): a big image, but kairos-init is its /init and it boots the
+/// same way.
+#[test]
+fn dracut_add_form_boots_active_read_only() {
+    if !can_run() {
+        return;
+    }
+    let a = artifacts();
+    let img = a.work.join("initramfs-dracut-add.img");
+    let report = dracut::build(
+        DracutKind::KairosInitAdd,
+        &a.kernel,
+        Some(&a.init_binary),
+        &img,
+    )
+    .unwrap_or_else(|e| panic!("building {} with dracut: {e}", img.display()));
     println!(
-        "FIGURE dracut initramfs stage: kernel start -> switch_root {t:.3} s (kairos-init ran {:.3} s)",
-        t - start
+        "FIGURE dracut --add kairos-init initramfs: {} bytes in {:.1} s; modules: {}",
+        report.size_bytes,
+        report.elapsed.as_secs_f64(),
+        report.modules.join(" ")
     );
+    assert!(
+        report.modules.len() > 5 && report.modules.iter().any(|m| m == "systemd"),
+        "not the default set: {:?}",
+        report.modules
+    );
+    assert!(report.modules.iter().any(|m| m == "kairos-init"));
+    boots_active_read_only("dracut-add", &img, "dracut --add kairos-init");
 }
