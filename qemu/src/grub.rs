@@ -1,6 +1,7 @@
-//! A Kairos-style grub.cfg (SPEC §2, §4) and BIOS GRUB installed into a disk
-//! image file without `grub-install` (which needs a block device): core.img
-//! from `grub-mkimage`, boot.img and the blocklist patched in by hand.
+//! BIOS GRUB installed into a disk image file without `grub-install` (which
+//! needs a block device): core.img from `grub-mkimage`, boot.img and the
+//! blocklist patched in by hand. The grub.cfg itself comes from
+//! [`kairos_init::grubcfg`], shared with the agent; its tests in real GRUB live here.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -9,6 +10,11 @@ use std::process::Command;
 
 use crate::apt::{self, AptError};
 use crate::rootfs::{CommandError, run};
+
+pub use kairos_init::grubcfg::{
+    BASE_CMDLINE, ENTRY_IDS, GrubCfgOptions, MAX_TRIES, decision_script, grub_cfg,
+};
+pub use kairos_init::grubenv::{DEFAULT_MAX_TRIES, reason};
 
 /// Where grub-pc-bin keeps the i386-pc images and modules.
 pub const GRUB_I386_PC_DIR: &str = "/usr/lib/grub/i386-pc";
@@ -44,9 +50,6 @@ pub const CORE_MODULES: &[&str] = &[
     "reboot",
 ];
 
-/// Kernel arguments every entry gets (SPEC §2; no `quiet`, ttyS0 last so it is /dev/console).
-pub const BASE_CMDLINE: &str = "console=tty1 console=ttyS0,115200 net.ifnames=1 rd.cos.oemlabel=COS_OEM rd.cos.oemtimeout=10 panic=5 rd.emergency=reboot rd.shell=0 systemd.crash_reboot=yes";
-
 const SECTOR: u64 = 512;
 /// Offsets in boot.img / diskboot.img (grub-core/boot/i386/pc/*.S).
 const MBR_CODE_LEN: usize = 440;
@@ -56,23 +59,6 @@ const BLOCKLIST: usize = 512 - 12;
 const CORE_SEGMENT: u16 = 0x820;
 /// GPT type GUID of a BIOS boot partition (21686148-6E6F-744E-6565-644E65454649) as stored on disk.
 const BIOS_BOOT_TYPE: [u8; 16] = *b"Hah!IdontNeedEFI";
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GrubCfgOptions {
-    /// Menu timeout in seconds (tests use 0).
-    pub timeout: u32,
-    /// Appended to the base command line of every entry.
-    pub extra_cmdline: String,
-}
-
-impl Default for GrubCfgOptions {
-    fn default() -> Self {
-        Self {
-            timeout: 1,
-            extra_cmdline: String::new(),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrubError {
@@ -105,353 +91,6 @@ fn bad(path: &Path, what: impl Into<String>) -> GrubError {
         path: path.to_path_buf(),
         what: what.into(),
     }
-}
-
-/// Splits a kernel command line the way the kernel does (whitespace outside
-/// double quotes separates; the quotes themselves go) and renders each
-/// argument as one GRUB word. GRUB's `linux` puts double quotes back around
-/// arguments containing spaces, so `a="b c"` reaches the kernel intact.
-fn grub_words(cmdline: &str) -> Vec<String> {
-    let mut args = Vec::new();
-    let mut cur = String::new();
-    let mut in_quote = false;
-    let mut started = false;
-    for c in cmdline.chars() {
-        match c {
-            '"' => {
-                in_quote = !in_quote;
-                started = true;
-            }
-            c if c.is_whitespace() && !in_quote => {
-                if started {
-                    args.push(std::mem::take(&mut cur));
-                    started = false;
-                }
-            }
-            c => {
-                cur.push(c);
-                started = true;
-            }
-        }
-    }
-    if started {
-        args.push(cur);
-    }
-    args.into_iter().map(|a| grub_quote(&a)).collect()
-}
-
-/// Quotes a word for GRUB script only when it has characters GRUB would interpret.
-fn grub_quote(s: &str) -> String {
-    let plain = !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.,:/=+-@%^~".contains(c));
-    if plain {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
-}
-
-struct Entry {
-    id: &'static str,
-    title_suffix: &'static str,
-    /// Variable holding the partition the image is on (`state` is set globally).
-    image: &'static str,
-    loopdev: &'static str,
-    cmdline: &'static str,
-    extra_var: &'static str,
-}
-
-// Each entry has its own loop device: GRUB 2.06 refuses to re-create an existing
-// name ("device name already exists"), so a fallback entry reusing loop0 would
-// read the broken image the failed entry had attached.
-const ENTRIES: &[Entry] = &[
-    Entry {
-        id: "cos",
-        title_suffix: "",
-        image: "/cOS/active.img",
-        loopdev: "loop0",
-        cmdline: "root=LABEL=COS_ACTIVE cos-img/filename=/cOS/active.img",
-        extra_var: "extra_active_cmdline",
-    },
-    Entry {
-        id: "fallback",
-        title_suffix: " (fallback)",
-        image: "/cOS/passive.img",
-        loopdev: "loop1",
-        cmdline: "root=LABEL=COS_PASSIVE cos-img/filename=/cOS/passive.img",
-        extra_var: "extra_passive_cmdline",
-    },
-    Entry {
-        id: "recovery",
-        title_suffix: " recovery",
-        image: "(${recroot})/cOS/recovery.squashfs",
-        loopdev: "loop2",
-        cmdline: "root=live:LABEL=COS_RECOVERY rd.live.dir=/ rd.live.squashimg=/cOS/recovery.squashfs",
-        extra_var: "extra_recovery_cmdline",
-    },
-    Entry {
-        id: "statereset",
-        title_suffix: " state reset (auto)",
-        image: "(${recroot})/cOS/recovery.squashfs",
-        loopdev: "loop3",
-        cmdline: "root=live:LABEL=COS_RECOVERY rd.live.dir=/ rd.live.squashimg=/cOS/recovery.squashfs kairos.reset",
-        extra_var: "extra_recovery_cmdline",
-    },
-];
-
-/// Menu entry ids GRUB picks from (SPEC §4).
-pub const ENTRY_IDS: &[&str] = &["cos", "fallback", "recovery", "statereset"];
-
-/// Highest counter value GRUB can count down from: GRUB script has no
-/// arithmetic, so each value is a branch of an if/elif chain.
-pub const MAX_TRIES: u32 = 9;
-
-/// What `kairos_max_tries` defaults to (the agent restores counters to it).
-pub const DEFAULT_MAX_TRIES: u32 = 3;
-
-/// Why GRUB picked the entry it saved in `kairos_boot_entry`; saved as
-/// `kairos_boot_reason` and passed as `rd.kairos.boot_reason=<entry>:<reason>`.
-pub mod reason {
-    /// A one-shot `next_entry` (cleared on disk before booting).
-    pub const NEXT_ENTRY: &str = "next_entry";
-    /// Assessment armed: one of active's tries, counted down and saved.
-    pub const COUNTED_TRY: &str = "counted-try";
-    /// Assessment armed, active's tries spent: one of passive's tries.
-    pub const COS_TRIES_EXHAUSTED: &str = "cos-tries-exhausted";
-    /// Assessment armed, every try spent: recovery.
-    pub const ALL_TRIES_EXHAUSTED: &str = "all-tries-exhausted";
-    /// The persistent default.
-    pub const SAVED_ENTRY: &str = "saved_entry";
-    /// Nothing chosen: `cos`.
-    pub const DEFAULT: &str = "default";
-    /// Assessment armed but saving the decremented counter failed: an
-    /// uncounted try could repeat forever, so GRUB boots recovery instead.
-    pub const GRUBENV_UNWRITABLE: &str = "grubenv-unwritable";
-    /// On the command line only: the booted entry is not the one the script
-    /// picked (chosen in the menu by hand, or reached through GRUB's
-    /// `fallback` list after the picked entry failed to load).
-    pub const MENU: &str = "menu";
-}
-
-/// Emits `set kairos_dec=<var - 1>` when `var` holds 1..=9, else leaves
-/// `kairos_dec` empty: 0, unset and garbage all count as no tries left.
-fn decrement_chain(var: &str, indent: &str) -> String {
-    let mut s = format!("{indent}set kairos_dec=\n");
-    for n in 1..=MAX_TRIES {
-        let kw = if n == 1 { "if" } else { "elif" };
-        s.push_str(&format!(
-            "{indent}{kw} [ \"${{{var}}}\" = {n} ]; then\n{indent}  set kairos_dec={}\n",
-            n - 1
-        ));
-    }
-    s.push_str(&format!("{indent}fi\n"));
-    s
-}
-
-/// The part of grub.cfg that decides what to boot, given the variables
-/// `load_env` set, `env_file` (the block to save to) and `env_ok` (non-empty
-/// when that block loaded). Sets `kairos_boot_entry` and `kairos_boot_reason`,
-/// saves the counters before a counted try, clears a used `next_entry`.
-/// Sourceable on its own, which the decision tests in QEMU rely on.
-pub fn decision_script() -> String {
-    let cos_chain = decrement_chain("kairos_tries_cos", "      ");
-    let fallback_chain = decrement_chain("kairos_tries_fallback", "        ");
-    format!(
-        r#"# Which entry, and why: saved below, and passed as rd.kairos.boot_reason=<entry>:<reason>.
-set kairos_boot_entry=
-set kairos_boot_reason=
-if [ -n "${{next_entry}}" ]; then
-  # One-shot: honoured only once clearing it on disk worked, so it cannot stick.
-  set kairos_next="${{next_entry}}"
-  set next_entry=
-  if [ -n "${{env_ok}}" ]; then
-    if save_env -f "${{env_file}}" next_entry; then
-      set kairos_boot_entry="${{kairos_next}}"
-      set kairos_boot_reason={next_entry}
-    fi
-  fi
-  if [ -z "${{kairos_boot_entry}}" ]; then
-    echo "KAIROS-GRUB: ignoring next_entry=${{kairos_next}}: cannot clear it"
-  fi
-fi
-# Boot assessment: each try is counted down and saved before it boots; active's
-# tries first, then passive's, then recovery. Counters hold 0..{max}; anything else is 0.
-if [ -z "${{kairos_boot_entry}}" ]; then
-  if [ -n "${{env_ok}}" ]; then
-    if [ "${{enable_boot_assessment}}" = yes ]; then
-{cos_chain}      if [ -n "${{kairos_dec}}" ]; then
-        set kairos_tries_cos="${{kairos_dec}}"
-        set kairos_boot_entry=cos
-        set kairos_boot_reason={counted}
-      else
-{fallback_chain}        if [ -n "${{kairos_dec}}" ]; then
-          set kairos_tries_fallback="${{kairos_dec}}"
-          set kairos_boot_entry=fallback
-          set kairos_boot_reason={cos_exhausted}
-        else
-          set kairos_boot_entry=recovery
-          set kairos_boot_reason={all_exhausted}
-        fi
-      fi
-      if [ "${{kairos_boot_reason}}" != {all_exhausted} ]; then
-        set boot_assessment_tentative=yes
-        set kairos_saved=
-        if save_env -f "${{env_file}}" kairos_tries_cos kairos_tries_fallback boot_assessment_tentative; then
-          set kairos_saved=yes
-        fi
-        if [ -z "${{kairos_saved}}" ]; then
-          # An uncounted try could repeat forever: recovery instead.
-          echo "KAIROS-GRUB: cannot save the boot counters: booting recovery"
-          set kairos_boot_entry=recovery
-          set kairos_boot_reason={unwritable}
-        fi
-      fi
-    fi
-  fi
-fi
-if [ -z "${{kairos_boot_entry}}" ]; then
-  if [ -n "${{saved_entry}}" ]; then
-    set kairos_boot_entry="${{saved_entry}}"
-    set kairos_boot_reason={saved}
-  else
-    set kairos_boot_entry=cos
-    set kairos_boot_reason={default}
-  fi
-fi
-if [ -n "${{env_ok}}" ]; then
-  save_env -f "${{env_file}}" kairos_boot_entry kairos_boot_reason
-fi
-# (GRUB wraps serial output at 80 columns: each echo stays shorter.)
-echo "KAIROS-GRUB: chose ${{kairos_boot_entry}}:${{kairos_boot_reason}}"
-echo "KAIROS-GRUB: tries cos=${{kairos_tries_cos}} fallback=${{kairos_tries_fallback}} tentative=${{boot_assessment_tentative}}"
-"#,
-        max = MAX_TRIES,
-        next_entry = reason::NEXT_ENTRY,
-        counted = reason::COUNTED_TRY,
-        cos_exhausted = reason::COS_TRIES_EXHAUSTED,
-        all_exhausted = reason::ALL_TRIES_EXHAUSTED,
-        unwritable = reason::GRUBENV_UNWRITABLE,
-        saved = reason::SAVED_ENTRY,
-        default = reason::DEFAULT,
-    )
-}
-
-/// The grub.cfg for `COS_STATE:/grub2/grub.cfg`. Prints `KAIROS-GRUB:` lines
-/// on the console so boot tests can see what GRUB chose.
-pub fn grub_cfg(opts: &GrubCfgOptions) -> String {
-    let mut base = BASE_CMDLINE.to_string();
-    for w in grub_words(&opts.extra_cmdline) {
-        base.push(' ');
-        base.push_str(&w);
-    }
-    let mut s = format!(
-        r#"# Kairos GRUB configuration (generated by kairos-qemu).
-serial --unit=0 --speed=115200
-terminal_input serial console
-terminal_output serial console
-echo "KAIROS-GRUB: start"
-set timeout={timeout}
-set timeout_style=menu
-
-# $root is COS_STATE already through the prefix; the search keeps it right if disks move.
-search --no-floppy --label --set=state COS_STATE
-if [ -n "${{state}}" ]; then
-  set root="${{state}}"
-fi
-
-# Environment: COS_STATE:/grub_oem_env first, then COS_OEM:/grubenv, whose values win.
-# A grubenv that does not load (garbage, cut before its header) is neither used nor written.
-if [ -f /grub_oem_env ]; then
-  load_env -f /grub_oem_env
-fi
-set env_file=
-set env_ok=
-search --no-floppy --label --set=oem COS_OEM
-if [ -n "${{oem}}" ]; then
-  if [ -f "(${{oem}})/grubenv" ]; then
-    set env_file="(${{oem}})/grubenv"
-    if load_env -f "${{env_file}}"; then
-      set env_ok=yes
-    else
-      echo "KAIROS-GRUB: invalid ${{env_file}}: not using it"
-    fi
-  fi
-fi
-
-{decision}
-set default="${{kairos_boot_entry}}"
-# Entries GRUB cannot load fall through to the others (0 cos, 1 fallback, 2 recovery),
-# never back to the one that failed.
-if [ -n "${{default_fallback}}" ]; then
-  set fallback="${{default_fallback}}"
-elif [ "${{kairos_boot_entry}}" = cos ]; then
-  set fallback="1 2"
-elif [ "${{kairos_boot_entry}}" = fallback ]; then
-  set fallback="2 0"
-elif [ "${{kairos_boot_entry}}" = recovery ]; then
-  set fallback="0 1"
-elif [ "${{kairos_boot_entry}}" = statereset ]; then
-  set fallback="2 0 1"
-else
-  set fallback="0 1 2"
-fi
-set menu_title=Kairos
-if [ -n "${{default_menu_entry}}" ]; then
-  set menu_title="${{default_menu_entry}}"
-fi
-# Menu entries run in a new context that sees only exported variables.
-export kairos_boot_entry
-export kairos_boot_reason
-export extra_cmdline
-export extra_active_cmdline
-export extra_passive_cmdline
-export extra_recovery_cmdline
-echo "KAIROS-GRUB: default=${{default}} fallback=${{fallback}}"
-"#,
-        timeout = opts.timeout,
-        decision = decision_script(),
-    );
-    for e in ENTRIES {
-        let search = if e.image.contains("recroot") {
-            "  search --no-floppy --label --set=recroot COS_RECOVERY\n"
-        } else {
-            ""
-        };
-        s.push_str(&format!(
-            r#"
-menuentry "${{menu_title}}{suffix}" --id {id} {{
-  set kairos_reason="${{kairos_boot_reason}}"
-  if [ "${{kairos_boot_entry}}" != {id} ]; then
-    set kairos_reason={menu}
-  fi
-  echo "KAIROS-GRUB: entry={id} reason=${{kairos_reason}}"
-{search}  loopback {dev} {image}
-  linux ({dev})/boot/vmlinuz {base} {cmdline} rd.kairos.boot_reason={id}:${{kairos_reason}} ${{extra_cmdline}} ${{{extra}}}
-  initrd ({dev})/boot/initrd
-}}
-"#,
-            suffix = e.title_suffix,
-            id = e.id,
-            menu = reason::MENU,
-            dev = e.loopdev,
-            image = e.image,
-            cmdline = e.cmdline,
-            extra = e.extra_var,
-        ));
-    }
-    s.push_str(
-        r#"
-# Site additions on COS_STATE, as upstream.
-if [ -f /grubcustom ]; then
-  source /grubcustom
-fi
-if [ -f /grubmenu ]; then
-  source /grubmenu
-fi
-"#,
-    );
-    s
 }
 
 /// Copies GRUB's i386-pc modules and lists to `prefix_dir/i386-pc`, as
@@ -653,43 +292,6 @@ mod tests {
     fn on_path(tool: &str) -> bool {
         std::env::var_os("PATH")
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-    }
-
-    #[test]
-    fn words_are_quoted_for_grub() {
-        assert_eq!(
-            grub_words(r#" rd.kairos.debug  a="b c" x=$y it's "#),
-            vec!["rd.kairos.debug", "'a=b c'", "'x=$y'", r"'it'\''s'"]
-        );
-        assert!(grub_words("").is_empty());
-    }
-
-    #[test]
-    fn cfg_has_entries_and_cmdlines() {
-        let cfg = grub_cfg(&GrubCfgOptions {
-            timeout: 0,
-            extra_cmdline: "rd.kairos.debug".into(),
-        });
-        assert!(cfg.contains("set timeout=0\n"));
-        for id in ["cos", "fallback", "recovery", "statereset"] {
-            assert!(cfg.contains(&format!("--id {id} {{")), "{id}");
-            assert!(
-                cfg.contains(&format!("rd.kairos.boot_reason={id}:${{kairos_reason}} ")),
-                "{id}"
-            );
-            assert!(cfg.contains(&format!(
-                "echo \"KAIROS-GRUB: entry={id} reason=${{kairos_reason}}\""
-            )));
-        }
-        assert!(cfg.contains(&format!(
-            "linux (loop0)/boot/vmlinuz {BASE_CMDLINE} rd.kairos.debug root=LABEL=COS_ACTIVE cos-img/filename=/cOS/active.img rd.kairos.boot_reason=cos:${{kairos_reason}} ${{extra_cmdline}} ${{extra_active_cmdline}}\n"
-        )));
-        assert!(cfg.contains("loopback loop2 (${recroot})/cOS/recovery.squashfs\n"));
-        assert!(cfg.contains(
-            "rd.live.squashimg=/cOS/recovery.squashfs kairos.reset rd.kairos.boot_reason=statereset:"
-        ));
-        assert!(!cfg.contains("quiet"));
-        assert!(grub_cfg(&GrubCfgOptions::default()).contains("\nset timeout=1\n"));
     }
 
     #[test]
