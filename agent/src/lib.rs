@@ -7,6 +7,7 @@ pub mod k3s;
 pub mod markgood;
 pub mod stages;
 pub mod state;
+pub mod upgrade;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
