@@ -1,0 +1,275 @@
+//! Applies OCI image layers (tar, optionally gzip- or zstd-compressed) onto a directory in
+//! order, with the OCI whiteout rules: `.wh.NAME` deletes NAME from the lower layers,
+//! `.wh..wh..opq` empties its directory of lower-layer content. Nothing is ever written outside
+//! the target: absolute names and `..` are refused, and a parent that is a symlink is not
+//! followed out of the tree (tar's `unpack_in` checks the canonical parent).
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Component, Path, PathBuf};
+
+const WHITEOUT: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("layer {layer}: {}: {source}", path.display())]
+    Io {
+        layer: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("layer {layer}: entry {name:?} would land outside the root")]
+    Escapes { layer: String, name: String },
+    #[error("layer {layer}: not a tar archive: {source}")]
+    Tar {
+        layer: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What one layer did, for the log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub entries: usize,
+    pub whiteouts: usize,
+}
+
+/// A path inside the layer, checked: relative, no `..`, no root or prefix.
+fn clean(name: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in name.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+fn remove_any(p: &Path) -> std::io::Result<()> {
+    match p.symlink_metadata() {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
+        Ok(_) => fs::remove_file(p),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Empties `dir` except what this layer itself put there (`added`, relative to `root`).
+fn clear_lower(root: &Path, dir: &Path, added: &HashSet<PathBuf>) -> std::io::Result<()> {
+    let Ok(entries) = fs::read_dir(root.join(dir)) else {
+        return Ok(());
+    };
+    for e in entries {
+        let e = e?;
+        let rel = dir.join(e.file_name());
+        if added.contains(&rel) {
+            if e.file_type()?.is_dir() {
+                clear_lower(root, &rel, added)?;
+            }
+            continue;
+        }
+        remove_any(&root.join(&rel))?;
+    }
+    Ok(())
+}
+
+/// Decompresses by magic number: gzip, zstd, or a plain tar.
+fn decompress<'a>(r: impl Read + 'a) -> std::io::Result<Box<dyn Read + 'a>> {
+    let mut r = BufReader::new(r);
+    let head = r.fill_buf()?;
+    Ok(if head.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::GzDecoder::new(r))
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(r)?)
+    } else {
+        Box::new(r)
+    })
+}
+
+/// Applies one layer onto `root`. `layer` names it in errors (its digest).
+pub fn apply(root: &Path, layer: &str, data: impl Read) -> Result<Applied, LayerError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LayerError::Io {
+            layer: layer.to_string(),
+            path,
+            source,
+        }
+    };
+    let tar_err = |source| LayerError::Tar {
+        layer: layer.to_string(),
+        source,
+    };
+    let mut ar = tar::Archive::new(decompress(data).map_err(tar_err)?);
+    ar.set_preserve_permissions(true);
+    ar.set_preserve_ownerships(true);
+    ar.set_preserve_mtime(true);
+    ar.set_overwrite(true);
+    ar.set_unpack_xattrs(false);
+    let mut added = HashSet::new();
+    let mut opaque = Vec::new();
+    let mut done = Applied::default();
+    for entry in ar.entries().map_err(tar_err)? {
+        let mut entry = entry.map_err(tar_err)?;
+        let raw = entry.path().map_err(tar_err)?.into_owned();
+        let Some(rel) = clean(&raw) else {
+            return Err(LayerError::Escapes {
+                layer: layer.into(),
+                name: raw.display().to_string(),
+            });
+        };
+        let Some(name) = rel.file_name().and_then(|n| n.to_str()) else {
+            continue; // the root itself
+        };
+        let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+        if name == OPAQUE {
+            opaque.push(parent);
+            done.whiteouts += 1;
+            continue;
+        }
+        if let Some(target) = name.strip_prefix(WHITEOUT) {
+            let victim = root.join(&parent).join(target);
+            remove_any(&victim).map_err(io(&victim))?;
+            done.whiteouts += 1;
+            continue;
+        }
+        let dest = root.join(&rel);
+        // A directory cannot be overwritten by a file (or the reverse) in place.
+        if let Ok(m) = dest.symlink_metadata()
+            && (m.is_dir() != entry.header().entry_type().is_dir())
+        {
+            remove_any(&dest).map_err(io(&dest))?;
+        }
+        let unpacked = entry.unpack_in(root).map_err(io(&dest))?;
+        if !unpacked {
+            return Err(LayerError::Escapes {
+                layer: layer.into(),
+                name: raw.display().to_string(),
+            });
+        }
+        let mut p = rel.as_path();
+        added.insert(p.to_path_buf());
+        while let Some(parent) = p.parent().filter(|x| !x.as_os_str().is_empty()) {
+            added.insert(parent.to_path_buf());
+            p = parent;
+        }
+        done.entries += 1;
+    }
+    for dir in opaque {
+        clear_lower(root, &dir, &added).map_err(io(&root.join(&dir)))?;
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tar with (name, Some(content)) files and (name, None) directories.
+    fn tar_of(entries: &[(&str, Option<&str>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, content) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            match content {
+                Some(c) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_size(c.len() as u64);
+                    h.set_mode(0o644);
+                    b.append_data(&mut h, name, c.as_bytes()).unwrap();
+                }
+                None => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_size(0);
+                    h.set_mode(0o755);
+                    b.append_data(&mut h, name, std::io::empty()).unwrap();
+                }
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn read(root: &Path, p: &str) -> Option<String> {
+        fs::read_to_string(root.join(p)).ok()
+    }
+
+    #[test]
+    fn layers_stack_with_whiteouts_and_opaque_dirs() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        let l1 = tar_of(&[
+            ("etc", None),
+            ("etc/os-release", Some("v1")),
+            ("etc/old", Some("x")),
+            ("opt", None),
+            ("opt/a", Some("a")),
+            ("opt/b", Some("b")),
+        ]);
+        apply(r, "l1", &l1[..]).unwrap();
+        let l2 = tar_of(&[
+            ("etc/os-release", Some("v2")),
+            ("etc/.wh.old", Some("")),
+            ("opt/c", Some("c")),
+            ("opt/.wh..wh..opq", Some("")),
+        ]);
+        // gzip-compressed, as registries serve layers.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &l2).unwrap();
+        let done = apply(r, "l2", &gz.finish().unwrap()[..]).unwrap();
+        assert_eq!(
+            done,
+            Applied {
+                entries: 2,
+                whiteouts: 2
+            }
+        );
+        assert_eq!(read(r, "etc/os-release").as_deref(), Some("v2"));
+        assert_eq!(read(r, "etc/old"), None);
+        // The opaque marker came after opt/c in the tar: this layer's file survives it.
+        assert_eq!(read(r, "opt/c").as_deref(), Some("c"));
+        assert_eq!(read(r, "opt/a"), None);
+        assert_eq!(read(r, "opt/b"), None);
+    }
+
+    #[test]
+    fn a_file_replaces_a_directory() {
+        let t = tempfile::tempdir().unwrap();
+        apply(
+            t.path(),
+            "l1",
+            &tar_of(&[("x", None), ("x/y", Some("1"))])[..],
+        )
+        .unwrap();
+        apply(t.path(), "l2", &tar_of(&[("x", Some("file"))])[..]).unwrap();
+        assert_eq!(read(t.path(), "x").as_deref(), Some("file"));
+    }
+
+    #[test]
+    fn escaping_names_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        // A symlink in the tree that points outside: writing through it must fail.
+        std::os::unix::fs::symlink(outside.path(), t.path().join("link")).unwrap();
+        let e = apply(t.path(), "evil", &tar_of(&[("link/pwned", Some("x"))])[..]).unwrap_err();
+        assert!(e.to_string().contains("layer evil"), "{e}");
+        assert!(fs::read_dir(outside.path()).unwrap().next().is_none());
+        assert!(clean(Path::new("../x")).is_none());
+        assert!(clean(Path::new("/etc/x")).is_none());
+        assert_eq!(clean(Path::new("./a/./b")), Some(PathBuf::from("a/b")));
+    }
+
+    #[test]
+    fn garbage_is_not_a_layer() {
+        let t = tempfile::tempdir().unwrap();
+        let e = apply(t.path(), "sha256:abc", &[0x1fu8, 0x8b, 0, 1, 2, 3][..]).unwrap_err();
+        assert!(e.to_string().contains("layer sha256:abc"), "{e}");
+    }
+}
