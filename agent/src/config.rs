@@ -1,1 +1,1239 @@
-//! placeholder: being written
+//! Cloud-config (SPEC §6): which files count, how they merge, and the typed model.
+//!
+//! Every source is parsed twice: once straight into the typed [`Config`] (so a type error
+//! names its file and line) and once into a generic tree (to merge, and to keep unknown
+//! keys). The stage runner uses the sources one by one (yip runs files in order); everything
+//! else (k3s, install, p2p) reads the merged [`Loaded::merged`].
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+use crate::Ctx;
+use crate::stages::Step;
+
+/// The first line of a cloud-config must (within the first [`HEADER_LINES`]) be one of these.
+pub const HEADERS: &[&str] = &["#cloud-config", "#kairos-config", "#node-config"];
+pub const HEADER_LINES: usize = 10;
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+/// Read in this order; later wins in the merged config (SPEC §6).
+pub const DIRS: &[&str] = &[
+    "/run/initramfs/live",
+    "/etc/kairos",
+    "/usr/local/cloud-config",
+    "/oem",
+];
+/// The image's own yip files (upstream's /system/oem): run before the user's, no header
+/// needed, stages only (they are the image's, not the node's configuration).
+pub const SYSTEM_DIR: &str = "/system/oem";
+/// How many `config_url` hops are followed (a URL's config may name another).
+pub const MAX_URL_DEPTH: usize = 4;
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: more than {MAX_FILE_BYTES} bytes, not read")]
+    TooLarge { path: String },
+    #[error("{path}:{line}:{column}: {message}")]
+    Yaml {
+        path: String,
+        line: u64,
+        column: u64,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("config_url {url}: {message}")]
+    Fetch { url: String, message: String },
+}
+
+impl ConfigError {
+    /// The file, URL or "kernel command line" the error is about.
+    pub fn origin(&self) -> &str {
+        match self {
+            ConfigError::Read { path, .. }
+            | ConfigError::TooLarge { path }
+            | ConfigError::Yaml { path, .. }
+            | ConfigError::Invalid { path, .. } => path,
+            ConfigError::Fetch { url, .. } => url,
+        }
+    }
+}
+
+/// One file, URL or the command line, parsed.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Path (as seen inside the root), URL, or `kernel command line`.
+    pub origin: String,
+    pub config: Config,
+    /// The generic tree, unknown keys included.
+    pub raw: Map<String, Value>,
+}
+
+/// Everything found, in merge order, and the merged result.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Image yip files first (stages only), then the node's sources in merge order.
+    pub sources: Vec<Source>,
+    pub merged: Config,
+    /// The merged tree, unknown keys included.
+    pub raw: Map<String, Value>,
+    /// Sources that were skipped (each names its file and, for YAML, its line).
+    pub errors: Vec<ConfigError>,
+    /// Unknown keys and other things worth saying that changed nothing.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Fetch `config_url`s (off for the early stages: there is no network in the initramfs).
+    pub fetch: bool,
+    pub fetch_timeout: Duration,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            fetch: true,
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+        }
+    }
+}
+
+/// The typed configuration. Known keys only; the rest stays in [`Source::raw`].
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Config {
+    #[serde(deserialize_with = "de::stages")]
+    pub stages: BTreeMap<String, Vec<Step>>,
+    /// cloud-init `users:` (a list); mapped to a `boot` step.
+    #[serde(deserialize_with = "de::list")]
+    pub users: Vec<crate::stages::User>,
+    /// cloud-init `write_files:`; mapped to a `boot` step.
+    #[serde(deserialize_with = "de::list")]
+    pub write_files: Vec<crate::stages::File>,
+    /// cloud-init `runcmd:`; each entry a shell line or an argv list.
+    #[serde(deserialize_with = "de::commands")]
+    pub runcmd: Vec<String>,
+    /// cloud-init `ssh_authorized_keys:`: for every listed user, root when there is none.
+    #[serde(deserialize_with = "de::strings")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// cloud-init `hostname:`; mapped to an `initramfs` step.
+    #[serde(deserialize_with = "de::opt_string")]
+    pub hostname: Option<String>,
+    #[serde(deserialize_with = "de::opt")]
+    pub k3s: Option<K3sBlock>,
+    #[serde(rename = "k3s-agent", deserialize_with = "de::opt")]
+    pub k3s_agent: Option<K3sBlock>,
+    #[serde(deserialize_with = "de::opt")]
+    pub install: Option<Install>,
+    #[serde(deserialize_with = "de::opt")]
+    pub p2p: Option<P2p>,
+    #[serde(deserialize_with = "de::opt")]
+    pub upgrade: Option<Upgrade>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub config_url: Option<String>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub name: Option<String>,
+}
+
+/// Top-level keys of [`Config`].
+const TYPED_KEYS: &[&str] = &[
+    "stages",
+    "users",
+    "write_files",
+    "runcmd",
+    "ssh_authorized_keys",
+    "hostname",
+    "k3s",
+    "k3s-agent",
+    "install",
+    "p2p",
+    "upgrade",
+    "config_url",
+    "name",
+];
+/// Kairos keys kept untyped (other parts of Kairos read them); no warning for these.
+const KNOWN_UNTYPED_KEYS: &[&str] = &[
+    "debug",
+    "strict",
+    "logs",
+    "cloud-init-paths",
+    "kairos",
+    "vpn",
+    "kubevip",
+    "reset",
+    "bundles",
+    "options",
+    "fail_on_bundles_errors",
+    "growpart",
+    "k0s",
+    "k0s-worker",
+];
+
+/// `k3s:` and `k3s-agent:` (provider-kairos' fields, plus `config`: keys for
+/// /etc/rancher/k3s/config.yaml).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct K3sBlock {
+    #[serde(deserialize_with = "de::boolean")]
+    pub enabled: bool,
+    #[serde(deserialize_with = "de::strings")]
+    pub args: Vec<String>,
+    #[serde(deserialize_with = "de::string_map")]
+    pub env: BTreeMap<String, String>,
+    #[serde(deserialize_with = "de::boolean")]
+    pub replace_args: bool,
+    #[serde(deserialize_with = "de::boolean")]
+    pub replace_env: bool,
+    #[serde(deserialize_with = "de::boolean")]
+    pub embedded_registry: bool,
+    /// Keys written to /etc/rancher/k3s/config.yaml as they are (K3s' own flag names).
+    pub config: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Install {
+    #[serde(deserialize_with = "de::boolean")]
+    pub auto: bool,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub device: Option<String>,
+    #[serde(deserialize_with = "de::boolean")]
+    pub reboot: bool,
+    #[serde(deserialize_with = "de::boolean")]
+    pub poweroff: bool,
+    pub partitions: Option<Value>,
+    #[serde(deserialize_with = "de::string_map")]
+    pub grub_options: BTreeMap<String, String>,
+    #[serde(deserialize_with = "de::strings")]
+    pub bind_mounts: Vec<String>,
+    #[serde(deserialize_with = "de::strings")]
+    pub ephemeral_mounts: Vec<String>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub source: Option<String>,
+    #[serde(rename = "recovery-system")]
+    pub recovery_system: Option<Value>,
+    pub passive: Option<Value>,
+    #[serde(rename = "grub-entry-name", deserialize_with = "de::opt_string")]
+    pub grub_entry_name: Option<String>,
+    #[serde(rename = "extra-partitions")]
+    pub extra_partitions: Option<Value>,
+    #[serde(deserialize_with = "de::boolean")]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct P2p {
+    #[serde(deserialize_with = "de::opt_string")]
+    pub network_token: Option<String>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub network_id: Option<String>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub role: Option<String>,
+    #[serde(deserialize_with = "de::boolean")]
+    pub dns: bool,
+    #[serde(deserialize_with = "de::opt")]
+    pub vpn: Option<P2pVpn>,
+    #[serde(deserialize_with = "de::opt_u32")]
+    pub minimum_nodes: Option<u32>,
+    #[serde(deserialize_with = "de::boolean")]
+    pub disable_dht: bool,
+    #[serde(deserialize_with = "de::opt")]
+    pub auto: Option<P2pAuto>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct P2pVpn {
+    #[serde(deserialize_with = "de::opt_bool")]
+    pub create: Option<bool>,
+    #[serde(rename = "use", deserialize_with = "de::opt_bool")]
+    pub use_: Option<bool>,
+    #[serde(deserialize_with = "de::string_map")]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct P2pAuto {
+    #[serde(deserialize_with = "de::opt_bool")]
+    pub enable: Option<bool>,
+    #[serde(deserialize_with = "de::opt")]
+    pub ha: Option<P2pHa>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct P2pHa {
+    #[serde(deserialize_with = "de::opt_bool")]
+    pub enable: Option<bool>,
+    #[serde(deserialize_with = "de::opt_u32")]
+    pub master_nodes: Option<u32>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub external_db: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Upgrade {
+    #[serde(deserialize_with = "de::opt")]
+    pub system: Option<UpgradeSource>,
+    #[serde(rename = "recovery-system", deserialize_with = "de::opt")]
+    pub recovery_system: Option<UpgradeSource>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct UpgradeSource {
+    #[serde(deserialize_with = "de::opt_string")]
+    pub source: Option<String>,
+}
+
+impl Config {
+    /// The stages of this source as yip runs them: the cloud-init keys become steps first
+    /// (`users`, `ssh_authorized_keys`, `write_files`, `runcmd` → `boot`; `hostname` →
+    /// `initramfs`, SPEC §6), then the file's own `stages:`.
+    pub fn effective_stages(&self) -> BTreeMap<String, Vec<Step>> {
+        let mut out: BTreeMap<String, Vec<Step>> = BTreeMap::new();
+        let mut boot = Vec::new();
+        // Users get their own step before the files: within one step upstream writes files
+        // before users, and a write_files entry owned by a new user would fail.
+        let mut users = BTreeMap::new();
+        let mut keys: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for u in &self.users {
+            let Some(name) = u.name.clone().filter(|n| !n.is_empty()) else {
+                continue;
+            };
+            users.insert(name.clone(), u.clone());
+            let k = keys.entry(name).or_default();
+            k.extend(self.ssh_authorized_keys.iter().cloned());
+        }
+        if self.users.is_empty() && !self.ssh_authorized_keys.is_empty() {
+            keys.insert("root".into(), self.ssh_authorized_keys.clone());
+        }
+        keys.retain(|_, v| !v.is_empty());
+        if !users.is_empty() || !keys.is_empty() {
+            boot.push(Step {
+                name: Some("cloud-init users".into()),
+                users,
+                authorized_keys: keys,
+                ..Step::default()
+            });
+        }
+        if !self.write_files.is_empty() || !self.runcmd.is_empty() {
+            boot.push(Step {
+                name: Some("cloud-init".into()),
+                files: self.write_files.clone(),
+                commands: self.runcmd.clone(),
+                ..Step::default()
+            });
+        }
+        if !boot.is_empty() {
+            out.insert("boot".into(), boot);
+        }
+        if let Some(h) = self.hostname.as_ref().filter(|h| !h.is_empty()) {
+            out.insert(
+                "initramfs".into(),
+                vec![Step {
+                    name: Some("cloud-init hostname".into()),
+                    hostname: Some(h.clone()),
+                    ..Step::default()
+                }],
+            );
+        }
+        for (stage, steps) in &self.stages {
+            out.entry(stage.clone())
+                .or_default()
+                .extend(steps.iter().cloned());
+        }
+        out
+    }
+
+    /// The K3s block that is enabled: `k3s` (server) wins over `k3s-agent`, as upstream.
+    pub fn k3s_enabled(&self) -> Option<(crate::k3s::Role, &K3sBlock)> {
+        if let Some(b) = self.k3s.as_ref().filter(|b| b.enabled) {
+            return Some((crate::k3s::Role::Server, b));
+        }
+        self.k3s_agent
+            .as_ref()
+            .filter(|b| b.enabled)
+            .map(|b| (crate::k3s::Role::Agent, b))
+    }
+}
+
+/// Whether `text` carries a cloud-config header within its first lines.
+pub fn has_header(text: &str) -> bool {
+    text.lines()
+        .take(HEADER_LINES)
+        .any(|l| HEADERS.iter().any(|h| l.trim_end().starts_with(h)))
+}
+
+fn yaml_options() -> serde_saphyr::Options {
+    // The option structs are non-exhaustive: start from the defaults and tighten.
+    let mut budget = serde_saphyr::Budget::default();
+    // Configs are small: a tight budget stops alias bombs and deep nesting early.
+    budget.max_depth = 64;
+    budget.max_aliases = 1_000;
+    budget.max_anchors = 1_000;
+    budget.max_events = 200_000;
+    budget.max_nodes = 100_000;
+    budget.max_total_scalar_bytes = 4 * MAX_FILE_BYTES as usize;
+    budget.max_documents = 1;
+    let mut aliases = serde_saphyr::options::AliasLimits::default();
+    aliases.max_total_replayed_events = 100_000;
+    aliases.max_replay_stack_depth = 16;
+    aliases.max_alias_expansions_per_anchor = 1_000;
+    let mut o = serde_saphyr::Options::default();
+    o.budget = Some(budget);
+    o.alias_limits = aliases;
+    // `permissions: 0644` means octal to every Kairos user (YAML 1.1, Go's yaml); kept as
+    // a string, the typed model reads it as octal.
+    o.leading_zero_numbers_as_strings = true;
+    o.with_snippet = false;
+    o
+}
+
+fn yaml_error(origin: &str, e: &serde_saphyr::Error) -> ConfigError {
+    let message = e.without_snippet().to_string();
+    // The message may end with its own "at line X column Y"; the prefix says it already.
+    let message = match message.find(" at line ") {
+        Some(i) if e.location().is_some() => message[..i].to_owned(),
+        _ => message,
+    };
+    match e.location() {
+        Some(l) => ConfigError::Yaml {
+            path: origin.to_owned(),
+            line: l.line(),
+            column: l.column(),
+            message,
+        },
+        None => ConfigError::Invalid {
+            path: origin.to_owned(),
+            message,
+        },
+    }
+}
+
+/// Parse one document. `Ok(None)`: no header where one is required.
+pub fn parse(
+    origin: &str,
+    text: &str,
+    require_header: bool,
+) -> Result<Option<Source>, ConfigError> {
+    if require_header && !has_header(text) {
+        return Ok(None);
+    }
+    let raw: Option<Value> = serde_saphyr::from_str_with_options(text, yaml_options())
+        .map_err(|e| yaml_error(origin, &e))?;
+    let raw = match raw {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(other) => {
+            return Err(ConfigError::Invalid {
+                path: origin.to_owned(),
+                message: format!(
+                    "expected a mapping at the top level, found {}",
+                    kind(&other)
+                ),
+            });
+        }
+    };
+    let config = if raw.is_empty() {
+        Config::default()
+    } else {
+        let typed: Option<Config> = serde_saphyr::from_str_with_options(text, yaml_options())
+            .map_err(|e| yaml_error(origin, &e))?;
+        typed.unwrap_or_default()
+    };
+    Ok(Some(Source {
+        origin: origin.to_owned(),
+        config,
+        raw,
+    }))
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+/// Merge `b` into `a` (b wins): maps merge per key, lists of maps concatenate, other lists
+/// union (a's order, then b's new items), scalars are replaced; a null in `b` changes
+/// nothing.
+pub fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (_, Value::Null) => {}
+        (Value::Object(am), Value::Object(bm)) => merge_maps(am, bm),
+        (Value::Array(aa), Value::Array(ba)) => {
+            let maps = aa.iter().chain(ba.iter()).all(Value::is_object);
+            for item in ba {
+                if maps || !aa.contains(&item) {
+                    aa.push(item);
+                }
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+pub fn merge_maps(a: &mut Map<String, Value>, b: Map<String, Value>) {
+    for (k, v) in b {
+        match a.get_mut(&k) {
+            Some(slot) => merge(slot, v),
+            None => {
+                if !v.is_null() {
+                    a.insert(k, v);
+                }
+            }
+        }
+    }
+}
+
+/// Read every source under `ctx`'s root, in Kairos order, and merge them.
+pub fn load(ctx: &Ctx, opts: &LoadOptions) -> Loaded {
+    let mut l = Loaded::default();
+    let mut system = Vec::new();
+    for (path, text) in read_dir_files(ctx, SYSTEM_DIR, &mut l.errors) {
+        match parse(&path, &text, false) {
+            Ok(Some(s)) => system.push(s),
+            Ok(None) => {}
+            Err(e) => l.errors.push(e),
+        }
+    }
+    let mut node = Vec::new();
+    for dir in DIRS {
+        for (path, text) in read_dir_files(ctx, dir, &mut l.errors) {
+            match parse(&path, &text, true) {
+                Ok(Some(s)) => node.push(s),
+                Ok(None) => l.warnings.push(format!(
+                    "{path}: no #cloud-config header in its first {HEADER_LINES} lines; ignored"
+                )),
+                Err(e) => l.errors.push(e),
+            }
+        }
+    }
+    let cmdline = std::fs::read_to_string(ctx.path("/proc/cmdline")).unwrap_or_default();
+    let (cmd_source, urls) = from_cmdline(&cmdline, &mut l.errors);
+    if let Some(s) = cmd_source {
+        node.push(s);
+    }
+    // config_url: the command line's, then any named by a config (recursively).
+    let mut pending: Vec<(String, usize)> = urls.into_iter().map(|u| (u, 0)).collect();
+    for s in &node {
+        if let Some(u) = &s.config.config_url {
+            pending.push((u.clone(), 0));
+        }
+    }
+    let mut seen = Vec::new();
+    while !pending.is_empty() {
+        let (url, depth) = pending.remove(0);
+        if seen.contains(&url) || url.is_empty() {
+            continue;
+        }
+        seen.push(url.clone());
+        if !opts.fetch {
+            l.warnings
+                .push(format!("config_url {url}: not fetched in this stage"));
+            continue;
+        }
+        match fetch_config(&url, opts.fetch_timeout) {
+            Ok(Some(s)) => {
+                if let Some(next) = &s.config.config_url {
+                    if depth + 1 < MAX_URL_DEPTH {
+                        pending.push((next.clone(), depth + 1));
+                    } else {
+                        l.warnings.push(format!(
+                            "config_url {next}: more than {MAX_URL_DEPTH} nested config_url; not fetched"
+                        ));
+                    }
+                }
+                node.push(s);
+            }
+            Ok(None) => l.warnings.push(format!(
+                "config_url {url}: no #cloud-config header in its first {HEADER_LINES} lines; ignored"
+            )),
+            Err(e) => l.errors.push(e),
+        }
+    }
+    let mut raw = Value::Object(Map::new());
+    for s in &node {
+        merge(&mut raw, Value::Object(s.raw.clone()));
+    }
+    let raw = match raw {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    for k in raw.keys() {
+        if !TYPED_KEYS.contains(&k.as_str()) && !KNOWN_UNTYPED_KEYS.contains(&k.as_str()) {
+            let from: Vec<&str> = node
+                .iter()
+                .filter(|s| s.raw.contains_key(k))
+                .map(|s| s.origin.as_str())
+                .collect();
+            l.warnings.push(format!(
+                "unknown key {k:?} (in {}): kept, not used",
+                from.join(", ")
+            ));
+        }
+    }
+    l.merged = match serde_json::from_value::<Config>(Value::Object(raw.clone())) {
+        Ok(c) => c,
+        Err(e) => {
+            // Each source was valid alone; only a scalar/list clash across sources gets here.
+            l.errors.push(ConfigError::Invalid {
+                path: "merged configuration".into(),
+                message: format!("{e}; using the last valid source's settings"),
+            });
+            node.last().map(|s| s.config.clone()).unwrap_or_default()
+        }
+    };
+    l.raw = raw;
+    l.sources = system;
+    l.sources.extend(node);
+    l
+}
+
+/// The `.yaml`/`.yml` files of one directory, in lexical order, with their text. Errors
+/// (unreadable, too large, not UTF-8) are recorded and the file skipped.
+fn read_dir_files(ctx: &Ctx, dir: &str, errors: &mut Vec<ConfigError>) -> Vec<(String, String)> {
+    let Ok(entries) = std::fs::read_dir(ctx.path(dir)) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
+        .collect();
+    names.sort();
+    let mut out = Vec::new();
+    for n in names {
+        let shown = format!("{}/{n}", dir.trim_end_matches('/'));
+        let full = ctx.path(&shown);
+        if !full.is_file() {
+            continue;
+        }
+        match read_limited(&full) {
+            Ok(Some(text)) => out.push((shown, text)),
+            Ok(None) => errors.push(ConfigError::TooLarge { path: shown }),
+            Err(source) => errors.push(ConfigError::Read {
+                path: shown,
+                source,
+            }),
+        }
+    }
+    out
+}
+
+/// The file as text, `None` when larger than [`MAX_FILE_BYTES`].
+fn read_limited(p: &Path) -> std::io::Result<Option<String>> {
+    let f = std::fs::File::open(p)?;
+    let mut buf = Vec::new();
+    f.take(MAX_FILE_BYTES + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_FILE_BYTES {
+        return Ok(None);
+    }
+    String::from_utf8(buf)
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
+}
+
+/// Kernel command line words, honouring double quotes (`kairos.config="a.b=x y"`).
+pub fn cmdline_words(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in s.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}
+
+pub const CMDLINE_ORIGIN: &str = "kernel command line";
+
+/// `kairos.config=KEY=VAL` (dot paths; values are strings, as upstream) and the config URLs.
+pub fn from_cmdline(cmdline: &str, errors: &mut Vec<ConfigError>) -> (Option<Source>, Vec<String>) {
+    let mut tree = Map::new();
+    let mut urls = Vec::new();
+    for w in cmdline_words(cmdline) {
+        if w == "--" {
+            break;
+        }
+        if let Some(u) = w
+            .strip_prefix("kairos.config_url=")
+            .or_else(|| w.strip_prefix("config_url="))
+        {
+            urls.push(u.to_owned());
+        } else if let Some(kv) = w.strip_prefix("kairos.config=") {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, "true"));
+            let path: Vec<&str> = k.split('.').collect();
+            if path.iter().any(|p| p.is_empty()) {
+                errors.push(ConfigError::Invalid {
+                    path: CMDLINE_ORIGIN.into(),
+                    message: format!("kairos.config={kv}: empty key segment; ignored"),
+                });
+                continue;
+            }
+            set_path(&mut tree, &path, Value::String(v.to_owned()));
+        }
+    }
+    if tree.is_empty() {
+        return (None, urls);
+    }
+    match serde_json::from_value::<Config>(Value::Object(tree.clone())) {
+        Ok(config) => (
+            Some(Source {
+                origin: CMDLINE_ORIGIN.into(),
+                config,
+                raw: tree,
+            }),
+            urls,
+        ),
+        Err(e) => {
+            errors.push(ConfigError::Invalid {
+                path: CMDLINE_ORIGIN.into(),
+                message: format!("kairos.config: {e}; ignored"),
+            });
+            (None, urls)
+        }
+    }
+}
+
+fn set_path(m: &mut Map<String, Value>, path: &[&str], v: Value) {
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
+    if rest.is_empty() {
+        m.insert((*first).to_owned(), v);
+        return;
+    }
+    let slot = m
+        .entry((*first).to_owned())
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !slot.is_object() {
+        *slot = Value::Object(Map::new());
+    }
+    if let Value::Object(inner) = slot {
+        set_path(inner, rest, v);
+    }
+}
+
+fn fetch_config(url: &str, timeout: Duration) -> Result<Option<Source>, ConfigError> {
+    let body = crate::http::get(url, timeout, MAX_FILE_BYTES).map_err(|e| ConfigError::Fetch {
+        url: url.to_owned(),
+        message: e.to_string(),
+    })?;
+    let text = String::from_utf8(body).map_err(|_| ConfigError::Fetch {
+        url: url.to_owned(),
+        message: "not UTF-8 text".into(),
+    })?;
+    parse(url, &text, true)
+}
+
+/// Serde helpers: Kairos values arrive loosely typed (`"true"` from the command line,
+/// `0644` as a string, one string where a list is expected), so the typed model accepts
+/// what upstream's Go decoding accepts.
+pub(crate) mod de {
+    use super::*;
+    use serde::de::Error;
+
+    pub fn scalar_string(v: &Value) -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+
+    pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Ok(opt_string(d)?.unwrap_or_default())
+    }
+
+    pub fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(None),
+            v => scalar_string(&v)
+                .map(Some)
+                .ok_or_else(|| D::Error::custom(format!("expected a string, found {}", kind(&v)))),
+        }
+    }
+
+    pub fn parse_bool(v: &Value) -> Option<bool> {
+        match v {
+            Value::Bool(b) => Some(*b),
+            Value::String(s) => match s.to_ascii_lowercase().as_str() {
+                "true" | "yes" | "on" | "1" => Some(true),
+                "false" | "no" | "off" | "0" | "" => Some(false),
+                _ => None,
+            },
+            Value::Number(n) => n.as_u64().map(|n| n != 0),
+            _ => None,
+        }
+    }
+
+    pub fn opt_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(None),
+            v => parse_bool(&v)
+                .map(Some)
+                .ok_or_else(|| D::Error::custom(format!("expected true or false, found {v}"))),
+        }
+    }
+
+    pub fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        Ok(opt_bool(d)?.unwrap_or(false))
+    }
+
+    pub fn opt_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(None),
+            v => scalar_string(&v)
+                .and_then(|s| s.trim().parse().ok())
+                .map(Some)
+                .ok_or_else(|| D::Error::custom(format!("expected a number, found {v}"))),
+        }
+    }
+
+    /// A list of strings; one scalar counts as a list of one.
+    pub fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(Vec::new()),
+            Value::Array(items) => items
+                .iter()
+                .map(|v| {
+                    scalar_string(v).ok_or_else(|| {
+                        D::Error::custom(format!("expected a list of strings, found {}", kind(v)))
+                    })
+                })
+                .collect(),
+            v => scalar_string(&v).map(|s| vec![s]).ok_or_else(|| {
+                D::Error::custom(format!("expected a list of strings, found {}", kind(&v)))
+            }),
+        }
+    }
+
+    /// Groups: a list, or one comma-separated string (cloud-init).
+    pub fn groups<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        Ok(strings(d)?
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect())
+    }
+
+    /// Commands: strings, or argv lists (cloud-init `runcmd`), quoted into one shell line.
+    pub fn commands<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        let items = match Value::deserialize(d)? {
+            Value::Null => return Ok(Vec::new()),
+            Value::Array(items) => items,
+            v => vec![v],
+        };
+        items
+            .iter()
+            .map(|v| match v {
+                Value::Array(argv) => argv
+                    .iter()
+                    .map(|a| scalar_string(a).map(|s| shell_quote(&s)))
+                    .collect::<Option<Vec<_>>>()
+                    .map(|w| w.join(" "))
+                    .ok_or_else(|| D::Error::custom("expected a command line or a list of words")),
+                v => scalar_string(v).ok_or_else(|| {
+                    D::Error::custom(format!("expected a command, found {}", kind(v)))
+                }),
+            })
+            .collect()
+    }
+
+    pub fn string_map<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, String>, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(BTreeMap::new()),
+            Value::Object(m) => m
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Value::Null => Ok((k, String::new())),
+                    v => scalar_string(&v).map(|s| (k.clone(), s)).ok_or_else(|| {
+                        D::Error::custom(format!("{k}: expected a string, found {}", kind(&v)))
+                    }),
+                })
+                .collect(),
+            // `env: ["A=1", "B=2"]`, the form `install.env` uses upstream.
+            Value::Array(items) => items
+                .iter()
+                .map(|v| {
+                    let s = scalar_string(v).unwrap_or_default();
+                    s.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| D::Error::custom(format!("expected KEY=VALUE, found {s:?}")))
+                })
+                .collect(),
+            v => Err(D::Error::custom(format!(
+                "expected a mapping, found {}",
+                kind(&v)
+            ))),
+        }
+    }
+
+    pub fn opt<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        Option::<T>::deserialize(d)
+    }
+
+    pub fn list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+        Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+    }
+
+    pub fn stages<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, Vec<Step>>, D::Error> {
+        // Per stage, a list of steps; a null stage is an empty one.
+        let m = Option::<BTreeMap<String, Option<Vec<Step>>>>::deserialize(d)?.unwrap_or_default();
+        Ok(m.into_iter()
+            .map(|(k, v)| (k, v.unwrap_or_default()))
+            .collect())
+    }
+
+    pub fn shell_quote(s: &str) -> String {
+        if !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+        {
+            return s.to_owned();
+        }
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    fn src(t: &Tree, path: &str, text: &str) {
+        t.file(path, text);
+    }
+
+    fn no_fetch() -> LoadOptions {
+        LoadOptions {
+            fetch: false,
+            ..LoadOptions::default()
+        }
+    }
+
+    #[test]
+    fn header_is_required_within_ten_lines() {
+        assert!(has_header("#cloud-config\nfoo: 1\n"));
+        assert!(has_header("# a comment\n\n#kairos-config\n"));
+        assert!(has_header("#node-config"));
+        let late = format!("{}#cloud-config\n", "x: 1\n".repeat(10));
+        assert!(!has_header(&late));
+        assert!(!has_header("hostname: x\n"));
+        assert!(parse("f.yaml", "hostname: x\n", true).unwrap().is_none());
+        assert!(parse("f.yaml", "hostname: x\n", false).unwrap().is_some());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let good = "#cloud-config\nhostname: h\nusers:\n- name: a\n  groups: [x, y]\nstages:\n  boot:\n  - files:\n    - path: /a\n      permissions: 0600\n      content: |\n        text\n    commands: [\"echo 'q'\"]\nk3s: {enabled: true, args: [--x], env: {A: 1}}\n";
+        for cut in 0..good.len() {
+            if good.is_char_boundary(cut) {
+                let _ = parse("p", &good[..cut], true);
+            }
+        }
+        // Byte flips from a fixed-seed generator: each result is Ok or a located error.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            let mut b = good.as_bytes().to_vec();
+            for _ in 0..4 {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let i = (seed >> 33) as usize % b.len();
+                let set = b"{}[]:-&*!|>'\"#%@ \n\tax0";
+                b[i] = set[(seed >> 20) as usize % set.len()];
+            }
+            if let Ok(text) = std::str::from_utf8(&b) {
+                let _ = parse("p", text, true);
+            }
+        }
+        let mut e = Vec::new();
+        let _ = from_cmdline(
+            "kairos.config= kairos.config==x kairos.config=a..b=1 \"unterminated",
+            &mut e,
+        );
+        assert_eq!(e.len(), 3, "{e:?}");
+    }
+
+    #[test]
+    fn merge_order_and_list_rules() {
+        let t = Tree::new();
+        src(
+            &t,
+            "/run/initramfs/live/a.yaml",
+            "#cloud-config\nhostname: live\nk3s:\n  args: [--a]\n",
+        );
+        src(&t, "/etc/kairos/b.yaml", "#cloud-config\nhostname: etc\n");
+        src(
+            &t,
+            "/usr/local/cloud-config/c.yml",
+            "#cloud-config\nhostname: persistent\nk3s:\n  args: [--b, --a]\n",
+        );
+        src(
+            &t,
+            "/oem/20_b.yaml",
+            "#cloud-config\nhostname: oem20\nusers:\n- name: two\n",
+        );
+        src(
+            &t,
+            "/oem/10_a.yaml",
+            "#cloud-config\nhostname: oem10\nusers:\n- name: one\n",
+        );
+        src(&t, "/oem/notes.txt", "#cloud-config\nhostname: ignored\n");
+        src(&t, "/oem/99_noheader.yaml", "hostname: ignored\n");
+        t.cmdline("root=LABEL=COS_ACTIVE kairos.config=k3s.enabled=true \"kairos.config=install.device=/dev/vda\"");
+        let l = load(&t.ctx, &no_fetch());
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        let origins: Vec<&str> = l.sources.iter().map(|s| s.origin.as_str()).collect();
+        assert_eq!(
+            origins,
+            [
+                "/run/initramfs/live/a.yaml",
+                "/etc/kairos/b.yaml",
+                "/usr/local/cloud-config/c.yml",
+                "/oem/10_a.yaml",
+                "/oem/20_b.yaml",
+                CMDLINE_ORIGIN
+            ]
+        );
+        let m = &l.merged;
+        assert_eq!(m.hostname.as_deref(), Some("oem20"));
+        // Lists of scalars union, lists of maps concatenate.
+        assert_eq!(m.k3s.as_ref().unwrap().args, ["--a", "--b"]);
+        let names: Vec<_> = m.users.iter().map(|u| u.name.clone().unwrap()).collect();
+        assert_eq!(names, ["one", "two"]);
+        // The command line wins and its strings become typed values.
+        assert!(m.k3s.as_ref().unwrap().enabled);
+        assert_eq!(
+            m.install.as_ref().unwrap().device.as_deref(),
+            Some("/dev/vda")
+        );
+        assert!(
+            l.warnings
+                .iter()
+                .any(|w| w.contains("99_noheader.yaml: no #cloud-config header")),
+            "{:?}",
+            l.warnings
+        );
+    }
+
+    #[test]
+    fn malformed_file_names_file_and_line_and_others_apply() {
+        let t = Tree::new();
+        src(&t, "/oem/10_good.yaml", "#cloud-config\nhostname: good\n");
+        src(
+            &t,
+            "/oem/20_bad.yaml",
+            "#cloud-config\nusers:\n  - name: x\n    groups: [a, b\nhostname: bad\n",
+        );
+        src(
+            &t,
+            "/oem/30_typed.yaml",
+            "#cloud-config\n\nk3s:\n  enabled: maybe\n",
+        );
+        src(
+            &t,
+            "/oem/40_good.yaml",
+            "#cloud-config\nk3s-agent:\n  enabled: true\n",
+        );
+        let l = load(&t.ctx, &no_fetch());
+        assert_eq!(l.errors.len(), 2, "{:?}", l.errors);
+        let e0 = l.errors[0].to_string();
+        assert!(e0.starts_with("/oem/20_bad.yaml:"), "{e0}");
+        assert!(
+            matches!(l.errors[0], ConfigError::Yaml { line: 4..=5, .. }),
+            "{e0}"
+        );
+        let e1 = l.errors[1].to_string();
+        assert!(
+            matches!(l.errors[1], ConfigError::Yaml { line: 4, .. }),
+            "{e1}"
+        );
+        assert!(e1.starts_with("/oem/30_typed.yaml:4:"), "{e1}");
+        assert_eq!(l.merged.hostname.as_deref(), Some("good"));
+        assert!(l.merged.k3s_agent.unwrap().enabled);
+        assert_eq!(l.sources.len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_kept_and_warned_about() {
+        let t = Tree::new();
+        src(
+            &t,
+            "/oem/a.yaml",
+            "#cloud-config\nfancy: {x: 1}\ndebug: true\nhostname: h\n",
+        );
+        let l = load(&t.ctx, &no_fetch());
+        assert!(l.errors.is_empty());
+        assert_eq!(l.raw["fancy"], serde_json::json!({"x": 1}));
+        assert_eq!(
+            l.warnings,
+            ["unknown key \"fancy\" (in /oem/a.yaml): kept, not used"]
+        );
+    }
+
+    #[test]
+    fn yaml_bombs_and_deep_nesting_are_refused() {
+        let mut bomb = String::from("#cloud-config\na: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 0..12 {
+            let prev = if i == 0 {
+                "a".to_owned()
+            } else {
+                format!("l{}", i - 1)
+            };
+            bomb.push_str(&format!("l{i}: &l{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
+        }
+        let e = parse("/oem/bomb.yaml", &bomb, true).unwrap_err();
+        assert!(e.to_string().starts_with("/oem/bomb.yaml"), "{e}");
+        let deep = format!("#cloud-config\nx: {}{}\n", "[".repeat(500), "]".repeat(500));
+        let e = parse("/oem/deep.yaml", &deep, true).unwrap_err();
+        assert!(e.to_string().starts_with("/oem/deep.yaml"), "{e}");
+    }
+
+    #[test]
+    fn octal_permissions_and_loose_types() {
+        let s = parse(
+            "f",
+            "#cloud-config\nstages:\n  boot:\n  - files:\n    - path: /a\n      permissions: 0600\n      owner: 1000\n    - path: /b\n      permissions: 420\n    - path: /c\n      permissions: \"0755\"\nk3s:\n  enabled: \"true\"\n  env: {A: 1, B: yes}\n  args: --one\n",
+            true,
+        )
+        .unwrap()
+        .unwrap();
+        let files = &s.config.stages["boot"][0].files;
+        assert_eq!(files[0].permissions, Some(0o600));
+        assert_eq!(files[0].owner, Some(crate::stages::Id::Num(1000)));
+        assert_eq!(files[1].permissions, Some(0o644));
+        assert_eq!(files[2].permissions, Some(0o755));
+        let k = s.config.k3s.unwrap();
+        assert!(k.enabled);
+        assert_eq!(k.args, ["--one"]);
+        assert_eq!(k.env["A"], "1");
+        assert_eq!(k.env["B"], "true");
+    }
+
+    #[test]
+    fn cloud_init_keys_become_steps() {
+        let s = parse(
+            "/oem/c.yaml",
+            "#cloud-config\nhostname: node1\nusers:\n- name: kairos\n  passwd: kairos\n  groups: [admin]\nssh_authorized_keys: [ssh-ed25519 AAA me]\nwrite_files:\n- path: /etc/x\n  content: hi\n  permissions: '0600'\n  owner: kairos:kairos\nruncmd:\n- echo one\n- [echo, two words]\nstages:\n  boot:\n  - name: mine\n    commands: [true]\n",
+            true,
+        )
+        .unwrap()
+        .unwrap();
+        let st = s.config.effective_stages();
+        let boot: Vec<_> = st["boot"].iter().map(|s| s.name.clone().unwrap()).collect();
+        assert_eq!(boot, ["cloud-init users", "cloud-init", "mine"]);
+        assert_eq!(
+            st["boot"][0].authorized_keys["kairos"],
+            ["ssh-ed25519 AAA me"]
+        );
+        assert_eq!(st["boot"][1].commands, ["echo one", "echo 'two words'"]);
+        assert_eq!(st["initramfs"][0].hostname.as_deref(), Some("node1"));
+        // Keys without users go to root.
+        let s = parse("f", "#cloud-config\nssh_authorized_keys: [k1]\n", true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            s.config.effective_stages()["boot"][0].authorized_keys["root"],
+            ["k1"]
+        );
+    }
+
+    #[test]
+    fn config_url_is_fetched_and_an_unreachable_one_is_a_warning() {
+        use std::io::{Read as _, Write as _};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let body = "#cloud-config\nhostname: fromurl\nconfig_url: http://127.0.0.1:9/next\n";
+            let (mut s, _) = l.accept().unwrap();
+            // The whole request, then the answer.
+            let mut req = Vec::new();
+            let mut buf = [0u8; 512];
+            while !req.ends_with(b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        });
+        let t = Tree::new();
+        src(&t, "/oem/a.yaml", "#cloud-config\nhostname: oem\n");
+        t.cmdline(&format!("config_url=http://127.0.0.1:{port}/c.yaml"));
+        let opts = LoadOptions {
+            fetch: true,
+            fetch_timeout: Duration::from_secs(3),
+        };
+        let start = std::time::Instant::now();
+        let l = load(&t.ctx, &opts);
+        assert!(start.elapsed() < Duration::from_secs(8));
+        assert_eq!(
+            l.merged.hostname.as_deref(),
+            Some("fromurl"),
+            "{:?}",
+            l.errors
+        );
+        // The nested URL points at a closed port: an error for that URL only.
+        assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
+        assert!(
+            l.errors[0]
+                .to_string()
+                .starts_with("config_url http://127.0.0.1:9/next: "),
+            "{}",
+            l.errors[0]
+        );
+    }
+}

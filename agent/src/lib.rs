@@ -3,11 +3,15 @@
 
 pub mod bootentry;
 pub mod config;
+pub mod daemon;
+pub mod http;
 pub mod k3s;
 pub mod markgood;
+pub mod p2p;
 pub mod stages;
 pub mod state;
 pub mod upgrade;
+pub mod users;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,6 +19,38 @@ use std::path::{Path, PathBuf};
 use kairos_init::grubenv::{self, CounterError, GrubEnv, GrubEnvError};
 
 pub const DEFAULT_GRUBENV: &str = "/oem/grubenv";
+
+/// PATH for commands and K3s when the agent was started without one (by kairos-init).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// systemd units for images whose init is systemd: (file name, contents), to copy into
+/// /etc/systemd/system and enable. See agent/systemd/README.md.
+pub const UNITS: &[(&str, &str)] = &[
+    (
+        "kairos-agent-fs.service",
+        include_str!("../systemd/kairos-agent-fs.service"),
+    ),
+    (
+        "kairos-agent-boot.service",
+        include_str!("../systemd/kairos-agent-boot.service"),
+    ),
+    (
+        "kairos-agent-network.service",
+        include_str!("../systemd/kairos-agent-network.service"),
+    ),
+    (
+        "kairos-agent-reconcile.service",
+        include_str!("../systemd/kairos-agent-reconcile.service"),
+    ),
+    (
+        "kairos-agent-reconcile.timer",
+        include_str!("../systemd/kairos-agent-reconcile.timer"),
+    ),
+    (
+        "kairos-agent.service",
+        include_str!("../systemd/kairos-agent.service"),
+    ),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, Args, Parser, Subcommand};
-use kairos_agent::{Ctx, DEFAULT_GRUBENV, Outcome, bootentry, markgood, state};
+use kairos_agent::{Ctx, DEFAULT_GRUBENV, Outcome, bootentry, daemon, markgood, stages, state};
 
 #[derive(Parser)]
 #[command(
     name = "kairos-agent",
     version,
-    about = "Kairos userland agent: boot state, boot entries and boot assessment",
-    after_help = "Exit status: 0 done, 1 mark-good refused (a health check failed), 2 error."
+    about = "Kairos userland agent: cloud-config stages, K3s supervision, P2P mesh, boot state, boot entries and boot assessment",
+    after_help = "Exit status: 0 done, 1 mark-good refused (a health check failed) or a stage step failed, 2 error."
 )]
 struct Cli {
     /// Prefix for every path the agent reads or writes (a fake tree for tests)
@@ -51,6 +51,33 @@ enum Cmd {
         #[arg(long, value_name = "SECS", default_value_t = markgood::DEFAULT_K3S_TIMEOUT.as_secs())]
         k3s_timeout: u64,
     },
+    /// Run one cloud-config stage (NAME.before, NAME, NAME.after): rootfs, initramfs, fs,
+    /// boot, network, reconcile, before-install, after-upgrade-chroot, ... Exit 1 when a step
+    /// failed (every step still ran)
+    RunStage {
+        /// The stage
+        #[arg(value_name = "NAME")]
+        stage: String,
+    },
+    /// The userland service: run the fs, boot and network stages, supervise K3s, mark the
+    /// boot good once healthy, reconcile periodically; SIGTERM/SIGINT stop it (exit 0)
+    Daemon {
+        /// Do not run the stages, reconcile included (systemd units run them)
+        #[arg(long)]
+        no_stages: bool,
+        /// Seconds between runs of the reconcile stage (the first one after that long)
+        #[arg(long, value_name = "SECS", default_value_t = 3600,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        reconcile_interval: u64,
+        /// Seconds to keep trying to mark the boot good before giving up
+        #[arg(long, value_name = "SECS", default_value_t = 900)]
+        health_timeout: u64,
+    },
+    /// P2P mesh: generate a network token, run a mesh node, pair by QR code
+    P2p(kairos_agent::p2p::P2pArgs),
+    /// Pair a node in install mode: decode its QR code (PNG) or take its token, and send it
+    /// a config to install with
+    Register(kairos_agent::p2p::RegisterArgs),
 }
 
 #[derive(Args)]
@@ -113,6 +140,40 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 k3s_timeout: Duration::from_secs(k3s_timeout),
             };
             markgood::mark_good(&ctx, &opts, &mut out, &mut err).context("mark-good")?
+        }
+        Cmd::RunStage { stage } => {
+            // Commands' output and the log share stderr; no lock held across them.
+            drop((out, err));
+            let mut log = std::io::stderr();
+            stages::run_stage(&ctx, &stage, &mut log)
+                .with_context(|| format!("run-stage {stage}"))?
+                .0
+        }
+        Cmd::Daemon {
+            no_stages,
+            reconcile_interval,
+            health_timeout,
+        } => {
+            // K3s' supervisor logs from its own threads: release the locks.
+            drop((out, err));
+            let opts = daemon::DaemonOptions {
+                run_stages: !no_stages,
+                reconcile_every: Duration::from_secs(reconcile_interval),
+                health_timeout: Duration::from_secs(health_timeout),
+                ..daemon::DaemonOptions::default()
+            };
+            daemon::daemon(&ctx, &opts, &mut std::io::stderr()).context("daemon")?
+        }
+        // The mesh logs from its runtime's threads: release the stdout/stderr locks first.
+        Cmd::P2p(args) => {
+            drop((out, err));
+            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+            kairos_agent::p2p::p2p(&ctx, args, &mut out, &mut err).context("p2p")?
+        }
+        Cmd::Register(args) => {
+            drop((out, err));
+            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+            kairos_agent::p2p::register(&ctx, args, &mut out, &mut err).context("register")?
         }
     })
 }

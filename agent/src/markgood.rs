@@ -11,11 +11,11 @@ use kairos_init::grubenv::{self, Counters, MarkedGood, var};
 
 use crate::{AgentError, Ctx, Outcome, check_entry, entry_for_mode, load_env_for_update};
 
-/// Written by the `boot` stage (for now: the image's init) once it succeeded.
+/// Written by the `boot` stage (`kairos-agent run-stage boot`) when no step failed.
 pub const BOOT_STAGE_OK: &str = "/run/kairos/boot-stage-ok";
 /// Its presence means K3s is configured on this node.
 pub const K3S_CONFIG: &str = "/etc/rancher/k3s/config.yaml";
-pub const K3S_BINARIES: &[&str] = &["/usr/local/bin/k3s", "/usr/bin/k3s"];
+pub const K3S_BINARIES: &[&str] = &["/usr/bin/k3s", "/usr/local/bin/k3s"];
 pub const DEFAULT_K3S_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,1 +1,1227 @@
-//! placeholder: being written
+//! Stages with yip semantics: `kairos-agent run-stage NAME` runs `NAME.before`, `NAME`,
+//! `NAME.after`; within each, the sources in order (image files, then the node's in merge
+//! order) and each source's steps in order. A failing step is logged with its stage, file and
+//! name and the run goes on.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+use crate::config::{self, Source, de};
+use crate::{AgentError, Ctx, Outcome, users};
+
+/// Written when the `boot` stage ran without a failed step; read by mark-good.
+pub use crate::markgood::BOOT_STAGE_OK;
+
+/// Stages the init and the agent run, in boot order.
+pub const EARLY_STAGES: &[&str] = &["rootfs", "initramfs"];
+/// Userland stages, in upstream's order (cos-setup-fs before sysinit, boot before getty,
+/// network after network-online).
+pub const USERLAND_STAGES: &[&str] = &["fs", "boot", "network"];
+
+/// One step of a stage (yip's schema; field names as upstream).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Step {
+    #[serde(deserialize_with = "de::opt_string")]
+    pub name: Option<String>,
+    /// Shell condition (`/bin/sh -c`); the step runs only when it exits 0.
+    #[serde(rename = "if", deserialize_with = "de::opt_string")]
+    pub if_: Option<String>,
+    #[serde(deserialize_with = "de::list")]
+    pub files: Vec<File>,
+    #[serde(deserialize_with = "de::list")]
+    pub directories: Vec<Directory>,
+    #[serde(deserialize_with = "de::commands")]
+    pub commands: Vec<String>,
+    #[serde(deserialize_with = "users_map")]
+    pub users: BTreeMap<String, User>,
+    #[serde(deserialize_with = "keys_map")]
+    pub authorized_keys: BTreeMap<String, Vec<String>>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub hostname: Option<String>,
+    #[serde(deserialize_with = "de::string_map")]
+    pub environment: BTreeMap<String, String>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub environment_file: Option<String>,
+    /// Upstream's examples spell it `systctl`; both are read.
+    #[serde(alias = "systctl", deserialize_with = "de::string_map")]
+    pub sysctl: BTreeMap<String, String>,
+    #[serde(deserialize_with = "de::strings")]
+    pub modules: Vec<String>,
+    #[serde(deserialize_with = "de::opt")]
+    pub dns: Option<Dns>,
+    #[serde(deserialize_with = "de::list")]
+    pub ensure_entities: Vec<Entity>,
+    #[serde(deserialize_with = "de::list")]
+    pub delete_entities: Vec<Entity>,
+    #[serde(deserialize_with = "de::list")]
+    pub downloads: Vec<Download>,
+    #[serde(deserialize_with = "de::opt")]
+    pub systemctl: Option<Systemctl>,
+    #[serde(deserialize_with = "de::string_map")]
+    pub timesyncd: BTreeMap<String, String>,
+    // Accepted so a Kairos file parses, reported as not supported when used.
+    pub layout: Option<Value>,
+    pub git: Option<Value>,
+    pub datasource: Option<Value>,
+    pub packages: Option<Value>,
+    pub systemd_firstboot: Option<Value>,
+    pub unpack_images: Option<Value>,
+}
+
+/// A user (a step's `users:` value, or an entry of cloud-init `users:`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct User {
+    #[serde(deserialize_with = "de::opt_string")]
+    pub name: Option<String>,
+    /// A crypt(3) hash (`$6$…`), `!`/`*` (locked), or a clear-text password (hashed here).
+    #[serde(deserialize_with = "de::opt_string")]
+    pub passwd: Option<String>,
+    #[serde(alias = "ssh-authorized-keys", deserialize_with = "de::strings")]
+    pub ssh_authorized_keys: Vec<String>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub gecos: Option<String>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub homedir: Option<String>,
+    #[serde(alias = "no-create-home", deserialize_with = "de::boolean")]
+    pub no_create_home: bool,
+    #[serde(alias = "primary-group", deserialize_with = "de::opt_string")]
+    pub primary_group: Option<String>,
+    #[serde(deserialize_with = "de::groups")]
+    pub groups: Vec<String>,
+    #[serde(alias = "no-user-group", deserialize_with = "de::boolean")]
+    pub no_user_group: bool,
+    #[serde(deserialize_with = "de::boolean")]
+    pub system: bool,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub shell: Option<String>,
+    #[serde(deserialize_with = "de::boolean")]
+    pub lock_passwd: bool,
+    #[serde(deserialize_with = "de::opt_u32")]
+    pub uid: Option<u32>,
+}
+
+/// An owner or group: a number or a name.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Id {
+    Num(u32),
+    Name(String),
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct File {
+    #[serde(deserialize_with = "de::string")]
+    pub path: String,
+    #[serde(deserialize_with = "de::string")]
+    pub content: String,
+    #[serde(deserialize_with = "mode")]
+    pub permissions: Option<u32>,
+    #[serde(deserialize_with = "id")]
+    pub owner: Option<Id>,
+    #[serde(deserialize_with = "id")]
+    pub group: Option<Id>,
+    /// `b64`/`base64`, `gz`/`gzip`, or both (`gz+b64`, …).
+    #[serde(deserialize_with = "de::opt_string")]
+    pub encoding: Option<String>,
+    /// `user:group` or `user`.
+    #[serde(deserialize_with = "de::opt_string")]
+    pub owner_string: Option<String>,
+    /// cloud-init `write_files` `append: true`.
+    #[serde(deserialize_with = "de::boolean")]
+    pub append: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Directory {
+    #[serde(deserialize_with = "de::string")]
+    pub path: String,
+    #[serde(deserialize_with = "mode")]
+    pub permissions: Option<u32>,
+    #[serde(deserialize_with = "id")]
+    pub owner: Option<Id>,
+    #[serde(deserialize_with = "id")]
+    pub group: Option<Id>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Download {
+    #[serde(deserialize_with = "de::string")]
+    pub path: String,
+    #[serde(deserialize_with = "de::string")]
+    pub url: String,
+    #[serde(deserialize_with = "mode")]
+    pub permissions: Option<u32>,
+    #[serde(deserialize_with = "id")]
+    pub owner: Option<Id>,
+    #[serde(deserialize_with = "id")]
+    pub group: Option<Id>,
+    #[serde(deserialize_with = "de::opt_u32")]
+    pub timeout: Option<u32>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub owner_string: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Dns {
+    #[serde(deserialize_with = "de::strings")]
+    pub nameservers: Vec<String>,
+    #[serde(deserialize_with = "de::strings")]
+    pub search: Vec<String>,
+    #[serde(deserialize_with = "de::strings")]
+    pub options: Vec<String>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub path: Option<String>,
+}
+
+/// `ensure_entities`/`delete_entities`: an entity (YAML text) kept in the file at `path`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Entity {
+    #[serde(deserialize_with = "de::string")]
+    pub path: String,
+    #[serde(deserialize_with = "de::string")]
+    pub entity: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Systemctl {
+    #[serde(deserialize_with = "de::strings")]
+    pub enable: Vec<String>,
+    #[serde(deserialize_with = "de::strings")]
+    pub disable: Vec<String>,
+    #[serde(deserialize_with = "de::strings")]
+    pub start: Vec<String>,
+    #[serde(deserialize_with = "de::strings")]
+    pub mask: Vec<String>,
+    #[serde(deserialize_with = "de::list")]
+    pub overrides: Vec<SystemctlOverride>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct SystemctlOverride {
+    #[serde(deserialize_with = "de::string")]
+    pub service: String,
+    #[serde(deserialize_with = "de::string")]
+    pub content: String,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub name: Option<String>,
+}
+
+fn mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    use serde::de::Error;
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n <= 0o7777)
+            .map(Some)
+            .ok_or_else(|| D::Error::custom(format!("permissions {n}: out of range"))),
+        // A string is octal (`"0644"`, and `0644` which the reader keeps as a string).
+        Value::String(s) => {
+            let t = s.trim();
+            let t = t.strip_prefix("0o").unwrap_or(t);
+            u32::from_str_radix(t, 8)
+                .ok()
+                .filter(|n| *n <= 0o7777)
+                .map(Some)
+                .ok_or_else(|| D::Error::custom(format!("permissions {s:?}: not an octal mode")))
+        }
+        v => Err(D::Error::custom(format!(
+            "permissions: expected a mode, found {v}"
+        ))),
+    }
+}
+
+fn id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Id>, D::Error> {
+    use serde::de::Error;
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(|n| Some(Id::Num(n)))
+            .ok_or_else(|| D::Error::custom(format!("{n}: not a user or group id"))),
+        Value::String(s) if s.is_empty() => Ok(None),
+        Value::String(s) => Ok(Some(match s.parse() {
+            Ok(n) => Id::Num(n),
+            Err(_) => Id::Name(s),
+        })),
+        v => Err(D::Error::custom(format!(
+            "expected an id or a name, found {v}"
+        ))),
+    }
+}
+
+fn users_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, User>, D::Error> {
+    let m = Option::<BTreeMap<String, Option<User>>>::deserialize(d)?.unwrap_or_default();
+    Ok(m.into_iter()
+        .map(|(k, v)| (k, v.unwrap_or_default()))
+        .collect())
+}
+
+fn keys_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Keys(#[serde(deserialize_with = "de::strings")] Vec<String>);
+    let m = Option::<BTreeMap<String, Keys>>::deserialize(d)?.unwrap_or_default();
+    Ok(m.into_iter().map(|(k, v)| (k, v.0)).collect())
+}
+
+/// What one stage run did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StageReport {
+    pub ran: usize,
+    pub skipped: usize,
+    /// `stage: origin: step "name": what failed`, one per failed step.
+    pub failures: Vec<String>,
+}
+
+impl StageReport {
+    pub fn ok(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+/// Run `stage` (with `.before` and `.after`) over `sources`.
+pub fn run(ctx: &Ctx, stage: &str, sources: &[Source], log: &mut dyn Write) -> StageReport {
+    let mut report = StageReport::default();
+    let per_source: Vec<(&str, BTreeMap<String, Vec<Step>>)> = sources
+        .iter()
+        .map(|s| (s.origin.as_str(), s.config.effective_stages()))
+        .collect();
+    for sub in [
+        format!("{stage}.before"),
+        stage.to_owned(),
+        format!("{stage}.after"),
+    ] {
+        for (origin, stages) in &per_source {
+            let Some(steps) = stages.get(&sub) else {
+                continue;
+            };
+            for (i, step) in steps.iter().enumerate() {
+                let name = step.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
+                let at = format!("stage {sub}: {origin}: step {name:?}");
+                match run_step(ctx, step, log) {
+                    StepResult::Skipped => {
+                        report.skipped += 1;
+                        let _ = writeln!(log, "kairos-agent: {at}: skipped (if: condition false)");
+                    }
+                    StepResult::Done(errors) if errors.is_empty() => {
+                        report.ran += 1;
+                        let _ = writeln!(log, "kairos-agent: {at}: done");
+                    }
+                    StepResult::Done(errors) => {
+                        report.ran += 1;
+                        let what = errors.join("; ");
+                        let _ = writeln!(log, "kairos-agent: {at}: FAILED: {what}");
+                        report.failures.push(format!("{at}: {what}"));
+                    }
+                }
+            }
+        }
+    }
+    report
+}
+
+/// `kairos-agent run-stage NAME`: load the config, run the stage, say how it went.
+/// `Refused` (exit 1) when a step failed; every step still ran.
+pub fn run_stage(
+    ctx: &Ctx,
+    stage: &str,
+    log: &mut dyn Write,
+) -> Result<(Outcome, StageReport), AgentError> {
+    let opts = config::LoadOptions {
+        // No network before switch_root; the fs stage runs before it is up too.
+        fetch: !matches!(stage, "rootfs" | "initramfs" | "fs"),
+        ..config::LoadOptions::default()
+    };
+    let loaded = config::load(ctx, &opts);
+    report_load(&loaded, log)?;
+    let report = run(ctx, stage, &loaded.sources, log);
+    writeln!(
+        log,
+        "kairos-agent: stage {stage}: {} steps ran, {} skipped, {} failed",
+        report.ran,
+        report.skipped,
+        report.failures.len()
+    )?;
+    if stage == "boot" {
+        let marker = ctx.path(BOOT_STAGE_OK);
+        if report.ok() {
+            if let Some(dir) = marker.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&marker, "")?;
+        } else if marker.exists() {
+            std::fs::remove_file(&marker)?;
+        }
+    }
+    let outcome = if report.ok() {
+        Outcome::Done
+    } else {
+        Outcome::Refused
+    };
+    Ok((outcome, report))
+}
+
+/// Say which files were skipped and why, and the unknown keys.
+pub fn report_load(loaded: &config::Loaded, log: &mut dyn Write) -> std::io::Result<()> {
+    for e in &loaded.errors {
+        writeln!(
+            log,
+            "kairos-agent: error: {e}; this source is skipped, the others apply"
+        )?;
+    }
+    for w in &loaded.warnings {
+        writeln!(log, "kairos-agent: warning: {w}")?;
+    }
+    Ok(())
+}
+
+enum StepResult {
+    Skipped,
+    Done(Vec<String>),
+}
+
+fn run_step(ctx: &Ctx, step: &Step, log: &mut dyn Write) -> StepResult {
+    if let Some(cond) = step.if_.as_deref().filter(|c| !c.trim().is_empty()) {
+        match shell(ctx, cond) {
+            Ok(o) if o.success => {}
+            Ok(_) => return StepResult::Skipped,
+            Err(e) => return StepResult::Done(vec![format!("if: {e}")]),
+        }
+    }
+    let mut errs = Vec::new();
+    let mut note = |module: &str, r: Result<(), String>| {
+        if let Err(e) = r {
+            errs.push(format!("{module}: {e}"));
+        }
+    };
+    // Upstream's module order (kairos-agent's cloudinit plugin list).
+    if let Some(d) = &step.dns {
+        note("dns", write_dns(ctx, d));
+    }
+    for d in &step.downloads {
+        note("downloads", download(ctx, d));
+    }
+    for e in &step.ensure_entities {
+        note("ensure_entities", users::ensure_entity(ctx, e));
+    }
+    for d in &step.directories {
+        note("directories", make_directory(ctx, d));
+    }
+    for f in &step.files {
+        note("files", write_file(ctx, f));
+    }
+    for c in &step.commands {
+        note("commands", run_command(ctx, c, log));
+    }
+    for e in &step.delete_entities {
+        note("delete_entities", users::delete_entity(ctx, e));
+    }
+    if let Some(h) = step.hostname.as_deref().filter(|h| !h.is_empty()) {
+        note("hostname", set_hostname(ctx, h));
+    }
+    for (k, v) in &step.sysctl {
+        note("sysctl", set_sysctl(ctx, k, v));
+    }
+    for (name, u) in &step.users {
+        note("users", users::ensure_user(ctx, name, u));
+    }
+    for (name, keys) in &step.authorized_keys {
+        note("authorized_keys", users::add_keys(ctx, name, keys));
+    }
+    for m in &step.modules {
+        note("modules", load_module(ctx, m));
+    }
+    if !step.timesyncd.is_empty() {
+        note("timesyncd", write_timesyncd(ctx, &step.timesyncd));
+    }
+    if let Some(s) = &step.systemctl {
+        note("systemctl", systemctl(ctx, s, log));
+    }
+    if !step.environment.is_empty() {
+        let file = step
+            .environment_file
+            .as_deref()
+            .unwrap_or("/etc/environment");
+        note(
+            "environment",
+            write_environment(ctx, file, &step.environment),
+        );
+    }
+    for (what, v) in [
+        ("layout", &step.layout),
+        ("git", &step.git),
+        ("datasource", &step.datasource),
+        ("packages", &step.packages),
+        ("systemd_firstboot", &step.systemd_firstboot),
+        ("unpack_images", &step.unpack_images),
+    ] {
+        if v.as_ref().is_some_and(|v| !v.is_null()) {
+            let _ = writeln!(
+                log,
+                "kairos-agent: warning: step module {what} is not supported by this agent; ignored"
+            );
+        }
+    }
+    StepResult::Done(errs)
+}
+
+pub(crate) struct ShellOutput {
+    pub success: bool,
+    pub status: String,
+    pub output: String,
+}
+
+/// `/bin/sh -c cmd` in the root directory, output captured.
+pub(crate) fn shell(ctx: &Ctx, cmd: &str) -> Result<ShellOutput, String> {
+    let mut c = Command::new("/bin/sh");
+    c.arg("-c")
+        .arg(cmd)
+        .current_dir(&ctx.root)
+        .stdin(Stdio::null());
+    if std::env::var_os("PATH").is_none() {
+        c.env("PATH", crate::DEFAULT_PATH);
+    }
+    let o = c.output().map_err(|e| format!("cannot run /bin/sh: {e}"))?;
+    let mut output = String::from_utf8_lossy(&o.stdout).into_owned();
+    output.push_str(&String::from_utf8_lossy(&o.stderr));
+    Ok(ShellOutput {
+        success: o.status.success(),
+        status: o.status.to_string(),
+        output,
+    })
+}
+
+fn run_command(ctx: &Ctx, cmd: &str, log: &mut dyn Write) -> Result<(), String> {
+    let o = shell(ctx, cmd)?;
+    for line in o.output.lines() {
+        let _ = writeln!(log, "kairos-agent:   | {line}");
+    }
+    if o.success {
+        return Ok(());
+    }
+    let last = o.output.lines().last().unwrap_or("").trim();
+    let first = cmd.lines().next().unwrap_or(cmd);
+    Err(if last.is_empty() {
+        format!("`{first}`: {}", o.status)
+    } else {
+        format!("`{first}`: {}: {last}", o.status)
+    })
+}
+
+/// Owner and group ids for a file: numbers as they are, names looked up in the root's
+/// /etc/passwd and /etc/group (never through libc: the binary is static).
+/// New owner and group of a file (None: unchanged).
+pub(crate) type Owner = (Option<u32>, Option<u32>);
+
+fn resolve_owner(
+    ctx: &Ctx,
+    owner: &Option<Id>,
+    group: &Option<Id>,
+    owner_string: &Option<String>,
+) -> Result<Option<Owner>, String> {
+    let (mut uid, mut gid) = (None, None);
+    if let Some(s) = owner_string.as_deref().filter(|s| !s.is_empty()) {
+        let (u, g) = s.split_once(':').map_or((s, None), |(u, g)| (u, Some(g)));
+        let (n, primary) = users::lookup_user(ctx, u)?;
+        uid = Some(n);
+        gid = Some(match g {
+            Some(g) => users::lookup_group(ctx, g)?,
+            None => primary,
+        });
+    }
+    match owner {
+        Some(Id::Num(n)) => uid = Some(*n),
+        // cloud-init's `owner: user:group` arrives here.
+        Some(Id::Name(s)) => {
+            let (u, g) = s
+                .split_once(':')
+                .map_or((s.as_str(), None), |(u, g)| (u, Some(g)));
+            uid = Some(users::lookup_user(ctx, u)?.0);
+            if let Some(g) = g {
+                gid = Some(users::lookup_group(ctx, g)?);
+            }
+        }
+        None => {}
+    }
+    match group {
+        Some(Id::Num(n)) => gid = Some(*n),
+        Some(Id::Name(g)) => gid = Some(users::lookup_group(ctx, g)?),
+        None => {}
+    }
+    Ok((uid.is_some() || gid.is_some()).then_some((uid, gid)))
+}
+
+fn chown(p: &Path, ids: Option<Owner>) -> Result<(), String> {
+    if let Some((u, g)) = ids {
+        std::os::unix::fs::chown(p, u, g).map_err(|e| format!("{}: chown: {e}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Write `bytes` to `p` by a rename (never half a file; replaces a symlink rather than its
+/// target), with `mode` and owner.
+pub(crate) fn write_atomic(
+    p: &Path,
+    bytes: &[u8],
+    mode: u32,
+    ids: Option<Owner>,
+) -> Result<(), String> {
+    let dir = p.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.kairos-tmp"));
+    let r = (|| {
+        std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: chmod: {e}", tmp.display()))?;
+        chown(&tmp, ids)?;
+        std::fs::rename(&tmp, p).map_err(|e| format!("{}: {e}", p.display()))
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+fn decode(content: &str, encoding: Option<&str>) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let enc = encoding.unwrap_or("").trim().to_ascii_lowercase();
+    let parts: Vec<&str> = enc.split('+').filter(|s| !s.is_empty()).collect();
+    let b64 = parts.iter().any(|p| matches!(*p, "b64" | "base64"));
+    let gz = parts.iter().any(|p| matches!(*p, "gz" | "gzip"));
+    if let Some(other) = parts
+        .iter()
+        .find(|p| !matches!(**p, "b64" | "base64" | "gz" | "gzip" | "text/plain"))
+    {
+        return Err(format!("unknown encoding {other:?}"));
+    }
+    let mut bytes = content.as_bytes().to_vec();
+    if b64 {
+        let clean: String = content.chars().filter(|c| !c.is_whitespace()).collect();
+        bytes = base64::engine::general_purpose::STANDARD
+            .decode(clean.as_bytes())
+            .map_err(|e| format!("base64: {e}"))?;
+    }
+    if gz {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .take(64 << 20)
+            .read_to_end(&mut out)
+            .map_err(|e| format!("gzip: {e}"))?;
+        bytes = out;
+    }
+    Ok(bytes)
+}
+
+fn check_path(p: &str) -> Result<(), String> {
+    if p.is_empty() {
+        return Err("no path".into());
+    }
+    if !p.starts_with('/') {
+        return Err(format!("{p}: not an absolute path"));
+    }
+    Ok(())
+}
+
+fn write_file(ctx: &Ctx, f: &File) -> Result<(), String> {
+    check_path(&f.path)?;
+    let bytes =
+        decode(&f.content, f.encoding.as_deref()).map_err(|e| format!("{}: {e}", f.path))?;
+    let ids = resolve_owner(ctx, &f.owner, &f.group, &f.owner_string)
+        .map_err(|e| format!("{}: {e}", f.path))?;
+    let p = ctx.path(&f.path);
+    let mode = f.permissions.unwrap_or(0o644);
+    if f.append {
+        let mut all = std::fs::read(&p).unwrap_or_default();
+        all.extend_from_slice(&bytes);
+        return write_atomic(&p, &all, mode, ids);
+    }
+    write_atomic(&p, &bytes, mode, ids)
+}
+
+fn make_directory(ctx: &Ctx, d: &Directory) -> Result<(), String> {
+    check_path(&d.path)?;
+    let ids =
+        resolve_owner(ctx, &d.owner, &d.group, &None).map_err(|e| format!("{}: {e}", d.path))?;
+    let p = ctx.path(&d.path);
+    std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", d.path))?;
+    std::fs::set_permissions(
+        &p,
+        std::fs::Permissions::from_mode(d.permissions.unwrap_or(0o755)),
+    )
+    .map_err(|e| format!("{}: chmod: {e}", d.path))?;
+    chown(&p, ids)
+}
+
+fn download(ctx: &Ctx, d: &Download) -> Result<(), String> {
+    check_path(&d.path)?;
+    let timeout = Duration::from_secs(d.timeout.filter(|t| *t > 0).unwrap_or(60).into());
+    let body =
+        crate::http::get(&d.url, timeout, 256 << 20).map_err(|e| format!("{}: {e}", d.url))?;
+    let ids = resolve_owner(ctx, &d.owner, &d.group, &d.owner_string)?;
+    let mut p = ctx.path(&d.path);
+    // A directory target gets the URL's last path segment, as upstream.
+    if p.is_dir() {
+        let name = d
+            .url
+            .rsplit('/')
+            .next()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("download");
+        p = p.join(name);
+    }
+    write_atomic(&p, &body, d.permissions.unwrap_or(0o644), ids)
+}
+
+fn write_dns(ctx: &Ctx, d: &Dns) -> Result<(), String> {
+    let path = d.path.as_deref().unwrap_or("/etc/resolv.conf");
+    check_path(path)?;
+    let mut text = String::from("# written by kairos-agent (dns step)\n");
+    for n in &d.nameservers {
+        text.push_str(&format!("nameserver {n}\n"));
+    }
+    if !d.search.is_empty() {
+        text.push_str(&format!("search {}\n", d.search.join(" ")));
+    }
+    if !d.options.is_empty() {
+        text.push_str(&format!("options {}\n", d.options.join(" ")));
+    }
+    write_atomic(&ctx.path(path), text.as_bytes(), 0o644, None)
+}
+
+fn set_hostname(ctx: &Ctx, name: &str) -> Result<(), String> {
+    let name = name.trim();
+    if name.len() > 64 || name.contains(['/', ' ', '\n']) {
+        return Err(format!("{name:?}: not a valid host name"));
+    }
+    write_atomic(
+        &ctx.path("/etc/hostname"),
+        format!("{name}\n").as_bytes(),
+        0o644,
+        None,
+    )?;
+    // /etc/hosts: so the name resolves locally (Debian's 127.0.1.1 convention).
+    let hosts_path = ctx.path("/etc/hosts");
+    let hosts = std::fs::read_to_string(&hosts_path).unwrap_or_default();
+    let known = hosts.lines().any(|l| {
+        let l = l.split('#').next().unwrap_or("");
+        l.split_whitespace().skip(1).any(|w| w == name)
+    });
+    if !known {
+        let mut text = hosts;
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!("127.0.1.1\t{name}\n"));
+        write_atomic(&hosts_path, text.as_bytes(), 0o644, None)?;
+    }
+    if ctx.root == Path::new("/") {
+        rustix::system::sethostname(name.as_bytes()).map_err(|e| format!("sethostname: {e}"))?;
+    }
+    Ok(())
+}
+
+fn set_sysctl(ctx: &Ctx, key: &str, value: &str) -> Result<(), String> {
+    let rel = if key.contains('/') {
+        key.trim_start_matches('/').to_owned()
+    } else {
+        key.replace('.', "/")
+    };
+    if rel.split('/').any(|c| c == ".." || c.is_empty()) {
+        return Err(format!("{key}: not a sysctl key"));
+    }
+    let p = ctx.path(format!("/proc/sys/{rel}"));
+    // /proc/sys entries exist or the key is unknown to the kernel: never create one.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .map_err(|e| format!("{key}: {e}"))?;
+    f.write_all(format!("{value}\n").as_bytes())
+        .map_err(|e| format!("{key}={value}: {e}"))
+}
+
+const MODPROBE: &[&str] = &[
+    "/sbin/modprobe",
+    "/usr/sbin/modprobe",
+    "/bin/modprobe",
+    "/usr/bin/modprobe",
+];
+
+fn load_module(ctx: &Ctx, name: &str) -> Result<(), String> {
+    use kairos_init::modules::{self, LoadOutcome, ModuleIndex};
+    if let Some(mp) = MODPROBE.iter().map(|m| ctx.path(m)).find(|p| p.is_file()) {
+        let o = Command::new(&mp)
+            .arg(name)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("{}: {e}", mp.display()))?;
+        if o.status.success() {
+            return Ok(());
+        }
+        let said = String::from_utf8_lossy(&o.stderr);
+        return Err(format!("modprobe {name}: {}: {}", o.status, said.trim()));
+    }
+    // No modprobe (a minimal image): kairos-init's own loader, finit_module by path.
+    if ctx.root != Path::new("/") {
+        return Err(format!("{name}: no modprobe under {}", ctx.root.display()));
+    }
+    let uname = rustix::system::uname();
+    let release = uname.release().to_string_lossy().into_owned();
+    let dir = PathBuf::from(format!("/lib/modules/{release}"));
+    let index = ModuleIndex::scan(&dir).map_err(|e| e.to_string())?;
+    let order = index.resolve(&[name]).map_err(|e| e.to_string())?;
+    let loaded = modules::loaded(Path::new("/sys"));
+    for m in order {
+        if loaded.contains(&m) {
+            continue;
+        }
+        let Some((path, _)) = index.get(&m) else {
+            continue;
+        };
+        match modules::load(&m, path, "").map_err(|e| e.to_string())? {
+            LoadOutcome::Loaded | LoadOutcome::AlreadyLoaded => {}
+        }
+    }
+    Ok(())
+}
+
+fn write_timesyncd(ctx: &Ctx, kv: &BTreeMap<String, String>) -> Result<(), String> {
+    let mut text = String::from("# written by kairos-agent (timesyncd step)\n[Time]\n");
+    for (k, v) in kv {
+        text.push_str(&format!("{k}={v}\n"));
+    }
+    write_atomic(
+        &ctx.path("/etc/systemd/timesyncd.conf"),
+        text.as_bytes(),
+        0o644,
+        None,
+    )
+}
+
+fn systemctl(ctx: &Ctx, s: &Systemctl, log: &mut dyn Write) -> Result<(), String> {
+    let mut errs = Vec::new();
+    for o in &s.overrides {
+        let name = o
+            .name
+            .clone()
+            .unwrap_or_else(|| "override-kairos.conf".into());
+        let name = if name.ends_with(".conf") {
+            name
+        } else {
+            format!("{name}.conf")
+        };
+        let svc = if o.service.contains('.') {
+            o.service.clone()
+        } else {
+            format!("{}.service", o.service)
+        };
+        let p = ctx.path(format!("/etc/systemd/system/{svc}.d/{name}"));
+        if let Err(e) = write_atomic(&p, o.content.as_bytes(), 0o644, None) {
+            errs.push(e);
+        }
+    }
+    let on_root = ctx.root == Path::new("/");
+    for (verb, units) in [
+        ("enable", &s.enable),
+        ("disable", &s.disable),
+        ("mask", &s.mask),
+        ("start", &s.start),
+    ] {
+        for u in units {
+            // Off the running system only the unit files can change.
+            if !on_root && verb == "start" {
+                continue;
+            }
+            let root_arg = if on_root {
+                String::new()
+            } else {
+                format!("--root={} ", de::shell_quote(&ctx.root.to_string_lossy()))
+            };
+            let cmd = format!("systemctl {root_arg}{verb} {}", de::shell_quote(u));
+            if let Err(e) = run_command(ctx, &cmd, log) {
+                errs.push(e);
+            }
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("; "))
+    }
+}
+
+/// Set KEY=VALUE lines in an environment file, keeping its other lines.
+fn write_environment(ctx: &Ctx, file: &str, vars: &BTreeMap<String, String>) -> Result<(), String> {
+    check_path(file)?;
+    let p = ctx.path(file);
+    let old = std::fs::read_to_string(&p).unwrap_or_default();
+    let mut lines: Vec<String> = Vec::new();
+    let mut done = Vec::new();
+    for l in old.lines() {
+        let key = l
+            .split_once('=')
+            .map(|(k, _)| k.trim().trim_start_matches("export ").trim());
+        match key.and_then(|k| vars.get_key_value(k)) {
+            Some((k, v)) => {
+                lines.push(format!("{k}={}", env_value(v)));
+                done.push(k.clone());
+            }
+            None => lines.push(l.to_owned()),
+        }
+    }
+    for (k, v) in vars {
+        if !done.contains(k) {
+            lines.push(format!("{k}={}", env_value(v)));
+        }
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    write_atomic(&p, text.as_bytes(), 0o644, None)
+}
+
+/// A value for a KEY=VALUE file read by pam_env, systemd and sh: quoted when it needs it.
+pub(crate) fn env_value(v: &str) -> String {
+    if !v.is_empty()
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:,+@%=".contains(c))
+    {
+        return v.to_owned();
+    }
+    format!(
+        "\"{}\"",
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('$', "\\$")
+            .replace('`', "\\`")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn source(origin: &str, yaml: &str) -> Source {
+        config::parse(origin, yaml, false).unwrap().unwrap()
+    }
+
+    fn go(t: &Tree, stage: &str, sources: &[Source]) -> (StageReport, String) {
+        let mut log = Vec::new();
+        let r = super::run(&t.ctx, stage, sources, &mut log);
+        (r, String::from_utf8(log).unwrap())
+    }
+
+    fn read(t: &Tree, p: &str) -> String {
+        std::fs::read_to_string(t.ctx.path(p)).unwrap()
+    }
+
+    fn mode(t: &Tree, p: &str) -> u32 {
+        std::fs::metadata(t.ctx.path(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    fn base_users(t: &Tree) {
+        t.file(
+            "/etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nkairos:x:1000:1000::/home/kairos:/bin/bash\n",
+        );
+        t.file("/etc/shadow", "root:*:19000:0:99999:7:::\n");
+        t.file("/etc/group", "root:x:0:\nadmin:x:27:\nkairos:x:1000:\n");
+    }
+
+    #[test]
+    fn before_stage_after_and_file_order_and_if() {
+        let t = Tree::new();
+        let a = source(
+            "/oem/a.yaml",
+            "stages:\n  boot.after:\n  - commands: [echo a-after >> order]\n  boot:\n  - commands: [echo a >> order]\n  - name: never\n    if: '[ -e /nonexistent-kairos ]'\n    commands: [echo never >> order]\n",
+        );
+        let b = source(
+            "/oem/b.yaml",
+            "stages:\n  boot.before:\n  - commands: [echo b-before >> order]\n  boot:\n  - commands: [echo b >> order]\n  network:\n  - commands: [echo net >> order]\n",
+        );
+        let (r, log) = go(&t, "boot", &[a, b]);
+        assert_eq!(read(&t, "/order"), "b-before\na\nb\na-after\n");
+        assert_eq!((r.ran, r.skipped, r.failures.len()), (4, 1, 0), "{log}");
+        assert!(
+            log.contains("kairos-agent: stage boot: /oem/a.yaml: step \"never\": skipped"),
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn a_failing_step_is_named_and_the_rest_still_runs() {
+        let t = Tree::new();
+        let a = source(
+            "/oem/10.yaml",
+            "stages:\n  boot:\n  - name: breaks\n    commands: ['echo oops >&2; exit 3', echo still >> ran]\n  - commands: [echo next >> ran]\n",
+        );
+        let (r, log) = go(&t, "boot", &[a]);
+        assert_eq!(read(&t, "/ran"), "still\nnext\n");
+        assert_eq!(r.failures.len(), 1);
+        assert_eq!(
+            r.failures[0],
+            "stage boot: /oem/10.yaml: step \"breaks\": commands: `echo oops >&2; exit 3`: exit status: 3: oops"
+        );
+        assert!(log.contains("step \"breaks\": FAILED"), "{log}");
+    }
+
+    #[test]
+    fn files_directories_and_encodings() {
+        let t = Tree::new();
+        base_users(&t);
+        let s = source(
+            "/oem/f.yaml",
+            "stages:\n  fs:\n  - directories:\n    - path: /var/lib/thing\n      permissions: 0700\n      owner: 1000\n      group: 1000\n    files:\n    - path: /etc/plain\n      content: hello\n    - path: /etc/secret\n      content: aGVsbG8=\n      encoding: b64\n      permissions: 0600\n      owner_string: kairos\n    - path: /etc/zipped\n      content: H4sIAAAAAAAAA8tIzcnJBwCGphA2BQAAAA==\n      encoding: gz+b64\n    - path: /etc/plain\n      content: ' more'\n      append: true\n    - path: relative\n      content: x\n",
+        );
+        let (r, log) = go(&t, "fs", &[s]);
+        assert_eq!(r.failures.len(), 1, "{log}");
+        assert!(
+            r.failures[0].contains("files: relative: not an absolute path"),
+            "{:?}",
+            r.failures
+        );
+        assert_eq!(read(&t, "/etc/plain"), "hello more");
+        assert_eq!(mode(&t, "/etc/plain"), 0o644);
+        assert_eq!(read(&t, "/etc/secret"), "hello");
+        assert_eq!(mode(&t, "/etc/secret"), 0o600);
+        let m = std::fs::metadata(t.ctx.path("/etc/secret")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (1000, 1000));
+        assert_eq!(read(&t, "/etc/zipped"), "hello");
+        assert_eq!(mode(&t, "/var/lib/thing"), 0o700);
+        assert_eq!(
+            std::fs::metadata(t.ctx.path("/var/lib/thing"))
+                .unwrap()
+                .uid(),
+            1000
+        );
+    }
+
+    #[test]
+    fn users_groups_keys_and_passwords() {
+        let t = Tree::new();
+        base_users(&t);
+        let s = source(
+            "/oem/u.yaml",
+            "#cloud-config\nusers:\n- name: alice\n  passwd: secret\n  groups: [admin, newgroup]\n  shell: /bin/bash\n  ssh_authorized_keys: [ssh-ed25519 AAAA alice@x]\n- name: kairos\n  passwd: $6$salt$hash\nssh_authorized_keys: [ssh-ed25519 BBBB shared]\nstages:\n  boot:\n  - users:\n      svc: {system: true, no_create_home: true}\n    authorized_keys:\n      root: [ssh-rsa CCCC root]\n",
+        );
+        let (r, log) = go(&t, "boot", &[s]);
+        assert!(r.ok(), "{log}");
+        let passwd = read(&t, "/etc/passwd");
+        assert!(
+            passwd.contains("alice:x:1001:1001::/home/alice:/bin/bash\n"),
+            "{passwd}"
+        );
+        assert!(
+            passwd.contains("svc:x:999:999::/home/svc:/bin/sh\n"),
+            "{passwd}"
+        );
+        let group = read(&t, "/etc/group");
+        assert!(group.contains("admin:x:27:alice\n"), "{group}");
+        assert!(group.contains("alice:x:1001:\n"), "{group}");
+        assert!(group.contains("newgroup:x:1002:alice\n"), "{group}");
+        let shadow = read(&t, "/etc/shadow");
+        let alice = shadow.lines().find(|l| l.starts_with("alice:")).unwrap();
+        assert!(alice.starts_with("alice:$6$"), "{alice}");
+        assert!(shadow.contains("kairos:$6$salt$hash:"), "{shadow}");
+        assert!(shadow.lines().any(|l| l.starts_with("svc:!:")), "{shadow}");
+        assert_eq!(
+            mode(&t, "/etc/shadow"),
+            0o644,
+            "an existing file keeps its mode"
+        );
+        let keys = read(&t, "/home/alice/.ssh/authorized_keys");
+        assert_eq!(keys, "ssh-ed25519 AAAA alice@x\nssh-ed25519 BBBB shared\n");
+        assert_eq!(mode(&t, "/home/alice/.ssh/authorized_keys"), 0o600);
+        assert_eq!(mode(&t, "/home/alice/.ssh"), 0o700);
+        let m = std::fs::metadata(t.ctx.path("/home/alice/.ssh/authorized_keys")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (1001, 1001));
+        assert_eq!(
+            read(&t, "/root/.ssh/authorized_keys"),
+            "ssh-rsa CCCC root\n"
+        );
+        assert!(!t.ctx.path("/home/svc").exists());
+        // Again: nothing duplicated.
+        let s2 = source(
+            "/oem/u.yaml",
+            "users:\n- name: alice\n  ssh_authorized_keys: [ssh-ed25519 AAAA alice@x]\n  groups: admin\n",
+        );
+        let (r, _) = go(&t, "boot", &[s2]);
+        assert!(r.ok());
+        assert_eq!(
+            read(&t, "/etc/passwd")
+                .lines()
+                .filter(|l| l.starts_with("alice:"))
+                .count(),
+            1
+        );
+        assert_eq!(read(&t, "/etc/group"), group);
+        assert_eq!(read(&t, "/home/alice/.ssh/authorized_keys"), keys);
+    }
+
+    #[test]
+    fn password_hashes_verify() {
+        let h = users::password_hash("kairos").unwrap();
+        assert!(h.starts_with("$6$"), "{h}");
+        use sha_crypt::{PasswordVerifier, ShaCrypt};
+        let parsed = sha_crypt::PasswordHash::new(&h).unwrap();
+        assert!(
+            ShaCrypt::default()
+                .verify_password(b"kairos", &parsed)
+                .is_ok()
+        );
+        assert_eq!(users::password_hash("$6$x$y").unwrap(), "$6$x$y");
+        assert_eq!(users::password_hash("!").unwrap(), "!");
+    }
+
+    #[test]
+    fn hostname_environment_sysctl_dns_timesyncd() {
+        let t = Tree::new();
+        t.file("/proc/sys/vm/swappiness", "60\n");
+        t.file("/proc/sys/net/ipv4/ip_forward", "0\n");
+        t.file("/etc/hosts", "127.0.0.1 localhost\n");
+        t.file("/etc/environment", "LANG=C\nFOO=old\n");
+        std::os::unix::fs::symlink(
+            "/run/systemd/resolve/resolv.conf",
+            t.ctx.path("/etc/resolv.conf"),
+        )
+        .unwrap();
+        let s = source(
+            "/oem/h.yaml",
+            "stages:\n  boot:\n  - hostname: node-1\n    environment: {FOO: new, BAR: 'two words'}\n    systctl: {vm.swappiness: '10'}\n  - sysctl:\n      net.ipv4.ip_forward: 1\n      kernel.nope: 1\n    dns:\n      nameservers: [10.0.2.3, 1.1.1.1]\n      search: [lan]\n    timesyncd: {NTP: pool.ntp.org}\n    environment_file: /etc/k3s.env\n    environment: {K: v}\n",
+        );
+        let (r, log) = go(&t, "boot", &[s]);
+        assert_eq!(read(&t, "/etc/hostname"), "node-1\n");
+        assert_eq!(
+            read(&t, "/etc/hosts"),
+            "127.0.0.1 localhost\n127.0.1.1\tnode-1\n"
+        );
+        assert_eq!(
+            read(&t, "/etc/environment"),
+            "LANG=C\nFOO=new\nBAR=\"two words\"\n"
+        );
+        assert_eq!(read(&t, "/etc/k3s.env"), "K=v\n");
+        assert_eq!(read(&t, "/proc/sys/vm/swappiness"), "10\n");
+        assert_eq!(read(&t, "/proc/sys/net/ipv4/ip_forward"), "1\n");
+        assert_eq!(r.failures.len(), 1, "{log}");
+        assert!(
+            r.failures[0].contains("sysctl: kernel.nope: No such file"),
+            "{:?}",
+            r.failures
+        );
+        let resolv = t.ctx.path("/etc/resolv.conf");
+        assert!(
+            !std::fs::symlink_metadata(&resolv)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            read(&t, "/etc/resolv.conf"),
+            "# written by kairos-agent (dns step)\nnameserver 10.0.2.3\nnameserver 1.1.1.1\nsearch lan\n"
+        );
+        assert!(read(&t, "/etc/systemd/timesyncd.conf").contains("[Time]\nNTP=pool.ntp.org\n"));
+    }
+
+    #[test]
+    fn modules_use_the_roots_modprobe() {
+        let t = Tree::new();
+        t.file(
+            "/sbin/modprobe",
+            format!(
+                "#!/bin/sh\necho \"$@\" >> {}/modprobed\n[ \"$1\" != bad ]\n",
+                t.ctx.root.display()
+            ),
+        );
+        std::fs::set_permissions(
+            t.ctx.path("/sbin/modprobe"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let s = source(
+            "/oem/m.yaml",
+            "stages:\n  boot:\n  - modules: [br_netfilter, bad, overlay]\n",
+        );
+        let (r, _) = go(&t, "boot", &[s]);
+        assert_eq!(read(&t, "/modprobed"), "br_netfilter\nbad\noverlay\n");
+        assert_eq!(r.failures.len(), 1);
+        assert!(
+            r.failures[0].contains("modules: modprobe bad: exit status: 1"),
+            "{:?}",
+            r.failures
+        );
+    }
+
+    #[test]
+    fn entities_are_ensured_and_deleted() {
+        let t = Tree::new();
+        base_users(&t);
+        let s = source(
+            "/oem/e.yaml",
+            "stages:\n  boot:\n  - ensure_entities:\n    - path: /etc/passwd\n      entity: |\n        kind: user\n        username: foo\n        password: x\n        uid: 1500\n        gid: 100\n        info: Foo\n        homedir: /home/foo\n        shell: /bin/sh\n    - path: /etc/group\n      entity: |\n        kind: group\n        group_name: foos\n        password: x\n        gid: 1500\n        users: foo,kairos\n    delete_entities:\n    - path: /etc/passwd\n      entity: |\n        kind: user\n        username: kairos\n",
+        );
+        let (r, log) = go(&t, "boot", &[s]);
+        assert!(r.ok(), "{log}");
+        assert_eq!(
+            read(&t, "/etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nfoo:x:1500:100:Foo:/home/foo:/bin/sh\n"
+        );
+        assert!(read(&t, "/etc/group").ends_with("foos:x:1500:foo,kairos\n"));
+    }
+
+    #[test]
+    fn run_stage_boot_writes_the_marker_only_without_failures() {
+        let t = Tree::new();
+        t.file(
+            "/oem/90.yaml",
+            "#cloud-config\nstages:\n  boot:\n  - commands: ['true']\n",
+        );
+        let mut log = Vec::new();
+        let (o, r) = run_stage(&t.ctx, "boot", &mut log).unwrap();
+        assert_eq!((o, r.ran), (Outcome::Done, 1));
+        assert!(t.ctx.path(BOOT_STAGE_OK).exists());
+        t.file(
+            "/oem/95.yaml",
+            "#cloud-config\nstages:\n  boot:\n  - commands: ['false']\n",
+        );
+        t.file("/oem/50_bad.yaml", "#cloud-config\nstages: [\n");
+        let mut log = Vec::new();
+        let (o, r) = run_stage(&t.ctx, "boot", &mut log).unwrap();
+        let log = String::from_utf8(log).unwrap();
+        assert_eq!((o, r.ran, r.failures.len()), (Outcome::Refused, 2, 1));
+        assert!(!t.ctx.path(BOOT_STAGE_OK).exists());
+        assert!(
+            log.contains("kairos-agent: error: /oem/50_bad.yaml:"),
+            "{log}"
+        );
+        assert!(
+            log.contains("kairos-agent: stage boot: 2 steps ran, 0 skipped, 1 failed"),
+            "{log}"
+        );
+    }
+}

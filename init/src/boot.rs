@@ -14,6 +14,7 @@ use crate::layout::{self, Layout};
 use crate::modules::{self, ModuleIndex};
 use crate::plan::{self, Action, Candidate, ImageStatus, Inventory, SYSROOT};
 use crate::probe;
+use crate::stages;
 use crate::sys::{fsutil, log, loopdev, mount};
 use crate::{debug, error, info, warn};
 
@@ -154,10 +155,15 @@ pub fn run() -> Failure {
             wait_for_label(&req.oem_label, req.oem_timeout).unwrap_or(devices)
         });
     }
+    // SPEC section 3: /oem, then the rootfs stage (which may write /run/cos/*.env), then the
+    // layout is read and the overlays, volumes and binds are mounted, then the initramfs stage.
+    let oem_fstab = step("oem", || mount_oem(&req, chosen.mode, &devices));
+    step("stage rootfs", || run_stage("rootfs"));
     let layout = step("layout", || read_layout(chosen.mode));
     step("system", || {
-        mount_system(&req, chosen.mode, &layout, &devices)
+        mount_system(&req, chosen.mode, &layout, &devices, &oem_fstab)
     });
+    step("stage initramfs", || run_stage("initramfs"));
     unmount_unused_sources(&chosen);
     let Some(prog) = handoff_program(&req) else {
         return fail(format!(
@@ -514,7 +520,40 @@ fn read_layout(mode: BootMode) -> Layout {
     layout
 }
 
-fn mount_system(req: &BootRequest, mode: BootMode, layout: &Layout, devices: &[BlockDev]) {
+/// COS_OEM at /sysroot/oem, ahead of the rest so the rootfs stage can read the cloud-config
+/// there. Returns the fstab line for it (empty when it was not mounted).
+fn mount_oem(req: &BootRequest, mode: BootMode, devices: &[BlockDev]) -> String {
+    let mut fstab = String::new();
+    match plan::plan_oem(req, mode, devices) {
+        Ok(Some(a)) => {
+            if let Err(e) = substep("oem", describe(&a), || execute(&a, &mut fstab)) {
+                warn!("{e}");
+            }
+        }
+        Ok(None) => {}
+        Err(w) => warn!("{w}"),
+    }
+    fstab
+}
+
+/// A cloud-config stage of the image, chrooted into /sysroot. Its failure is logged and the
+/// boot goes on: a broken config must not make the node unbootable.
+fn run_stage(name: &str) {
+    let outcome = stages::run_stage(Path::new(SYSROOT), name, stages::STAGE_TIMEOUT);
+    match &outcome {
+        stages::StageOutcome::Skipped => {}
+        o if o.ok() => info!("stage {name}: {o}"),
+        o => warn!("stage {name}: {o}; going on with the boot"),
+    }
+}
+
+fn mount_system(
+    req: &BootRequest,
+    mode: BootMode,
+    layout: &Layout,
+    devices: &[BlockDev],
+    oem_fstab: &str,
+) {
     let kind = |p: &str| fsutil::path_kind(Path::new(&format!("{SYSROOT}{p}")));
     let sp = plan::plan_system(&plan::SystemInputs {
         req,
@@ -522,12 +561,14 @@ fn mount_system(req: &BootRequest, mode: BootMode, layout: &Layout, devices: &[B
         layout,
         devices,
         image_path: &kind,
+        oem_mounted: true,
     });
     for w in &sp.warnings {
         warn!("{w}");
     }
     let mut failed = vec![false; sp.steps.len()];
     let mut fstab = String::from("# written by kairos-init\n");
+    fstab.push_str(oem_fstab);
     for (i, step) in sp.steps.iter().enumerate() {
         if step
             .after

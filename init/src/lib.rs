@@ -9,6 +9,8 @@ pub mod grubenv;
 pub mod labels;
 pub mod layout;
 pub mod modules;
+pub mod pid1;
 pub mod plan;
 pub mod probe;
+pub mod stages;
 pub mod sys;

@@ -1,5 +1,7 @@
-//! kairos-init: PID 1 of the Kairos initramfs. All logic lives in the library; this file only
-//! makes sure that whatever happens, the machine says why and reboots instead of panicking.
+//! kairos-init: PID 1 of the Kairos initramfs, and PID 1 of a minimal installed system when an
+//! image has it as `/sbin/init` (see `pid1::in_initramfs` for how the two are told apart). All
+//! logic lives in the library; this file only makes sure that whatever happens, the machine
+//! says why and reboots instead of panicking.
 
 use std::time::Duration;
 
@@ -19,10 +21,18 @@ fn emergency(reason: &str, delay: Duration) -> ! {
 fn main() {
     if std::process::id() != 1 {
         eprintln!(
-            "kairos-init {}: must run as PID 1 of an initramfs",
+            "kairos-init {}: must run as PID 1 (of an initramfs, or of a system whose /sbin/init it is)",
             env!("CARGO_PKG_VERSION")
         );
         std::process::exit(2);
+    }
+    if !kairos_init::pid1::in_initramfs() {
+        // The system's PID 1: a panic must not kill it either, but there is nothing to fall
+        // back to, so the same report-and-reboot applies.
+        std::panic::set_hook(Box::new(|info| {
+            emergency(&format!("internal error: {info}"), Duration::from_secs(10))
+        }));
+        kairos_init::pid1::run();
     }
     // With panic=abort a panic would kill PID 1 and panic the kernel silently: report and reboot.
     std::panic::set_hook(Box::new(|info| {

@@ -289,6 +289,8 @@ pub struct SystemInputs<'a> {
     pub devices: &'a [BlockDev],
     /// lstat of a path inside the image, given without the /sysroot prefix.
     pub image_path: &'a dyn Fn(&str) -> PathKind,
+    /// COS_OEM is already at /sysroot/oem (`plan_oem` ran before the rootfs stage).
+    pub oem_mounted: bool,
 }
 
 #[derive(Debug, Default)]
@@ -318,6 +320,34 @@ impl SystemPlan {
 
 fn sysroot(p: &str) -> String {
     format!("{SYSROOT}{p}")
+}
+
+/// COS_OEM read-write at /sysroot/oem (SPEC section 3, step 3): allowed to be missing (a warning),
+/// never on live media (None). Planned apart from `plan_system` because the `rootfs` stage
+/// runs between this mount and the overlays, and may change the layout they are planned from.
+pub fn plan_oem(
+    req: &BootRequest,
+    mode: BootMode,
+    devices: &[BlockDev],
+) -> Result<Option<Action>, String> {
+    if mode == BootMode::Live {
+        return Ok(None);
+    }
+    match blockdev::find_by_label(devices, &req.oem_label) {
+        Some((dev, _)) => {
+            let fstype = dev.fs.as_ref().map_or("ext4", |f| f.fstype.mount_type());
+            Ok(Some(Action::Device {
+                device: dev.devnode.display().to_string(),
+                target: sysroot("/oem"),
+                fstype: fstype.into(),
+                readonly: false,
+            }))
+        }
+        None => Err(format!(
+            "OEM partition {} not found: /oem stays empty",
+            req.oem_label
+        )),
+    }
 }
 
 /// The mounts that turn the read-only image at /sysroot into the running system, in order:
@@ -413,25 +443,14 @@ pub fn plan_system(inp: &SystemInputs<'_>) -> SystemPlan {
         done_rw.push(p);
     }
 
-    // COS_OEM is allowed to be missing (SPEC step 3); live media have none.
-    if inp.mode != BootMode::Live {
-        match blockdev::find_by_label(inp.devices, &inp.req.oem_label) {
-            Some((dev, _)) => {
-                let fstype = dev.fs.as_ref().map_or("ext4", |f| f.fstype.mount_type());
-                plan.push(
-                    Action::Device {
-                        device: dev.devnode.display().to_string(),
-                        target: sysroot("/oem"),
-                        fstype: fstype.into(),
-                        readonly: false,
-                    },
-                    false,
-                );
+    // COS_OEM is mounted ahead of the rest when the rootfs stage needs it (see `plan_oem`).
+    if !inp.oem_mounted {
+        match plan_oem(inp.req, inp.mode, inp.devices) {
+            Ok(Some(a)) => {
+                plan.push(a, false);
             }
-            None => plan.warnings.push(format!(
-                "OEM partition {} not found: /oem stays empty",
-                inp.req.oem_label
-            )),
+            Ok(None) => {}
+            Err(w) => plan.warnings.push(w),
         }
     }
 
@@ -752,7 +771,42 @@ mod tests {
             layout,
             devices,
             image_path: f,
+            oem_mounted: false,
         })
+    }
+
+    #[test]
+    fn oem_is_planned_apart_for_the_rootfs_stage() {
+        let r = req(ACTIVE_CMDLINE);
+        let oem = Action::Device {
+            device: "/dev/vda2".into(),
+            target: "/sysroot/oem".into(),
+            fstype: "ext4".into(),
+            readonly: false,
+        };
+        assert_eq!(plan_oem(&r, r.mode, &all_devices()), Ok(Some(oem.clone())));
+        assert_eq!(plan_oem(&r, BootMode::Live, &all_devices()), Ok(None));
+        let e = plan_oem(&r, r.mode, &[dev("vda5", "COS_PERSISTENT")]).unwrap_err();
+        assert!(e.contains("OEM partition COS_OEM not found"), "{e}");
+        // Already mounted before the rootfs stage: plan_system leaves it out, and says nothing.
+        let f = image_with(&["/etc"]);
+        let p = plan_system(&SystemInputs {
+            req: &r,
+            mode: r.mode,
+            layout: &Layout::kairos_default(),
+            devices: &[dev("vda5", "COS_PERSISTENT")],
+            image_path: &f,
+            oem_mounted: true,
+        });
+        assert!(!p.steps.iter().any(|s| s.action == oem));
+        assert!(!p.warnings.iter().any(|w| w.contains("OEM")));
+        let p = plan(
+            ACTIVE_CMDLINE,
+            &Layout::kairos_default(),
+            &all_devices(),
+            &f,
+        );
+        assert!(p.steps.iter().any(|s| s.action == oem));
     }
 
     #[test]
@@ -876,6 +930,7 @@ mod tests {
             layout: &l,
             devices: &all_devices(),
             image_path: &f,
+            oem_mounted: false,
         });
         assert!(
             !p.steps

@@ -61,6 +61,17 @@ pub struct DiskSpec {
     pub grubenv: Vec<(String, String)>,
     /// The kairos-agent binary, installed as `/usr/bin/kairos-agent` in every image.
     pub agent: Option<PathBuf>,
+    /// The busybox image variant with this binary (kairos-init) as `/sbin/init`, so it runs as
+    /// the system's PID 1 ([`rootfs::install_init_binary`]). Ignored with `tree`.
+    pub init: Option<PathBuf>,
+    /// A prepared root tree (the Debian image) used instead of the busybox one. It is changed
+    /// in place: `/boot/vmlinuz`, `/boot/initrd`, `/etc/kairos-image`, the layout file, the
+    /// agent and `image_files` are written into it.
+    pub tree: Option<PathBuf>,
+    /// [`rootfs::K3S_STANDIN`] at `/usr/bin/k3s`.
+    pub k3s_standin: bool,
+    /// Extra files in the image: (absolute path, contents, mode).
+    pub image_files: Vec<(String, Vec<u8>, u32)>,
     pub grub_timeout: u32,
     /// Appended to every entry's kernel command line by grub.cfg.
     pub extra_cmdline: String,
@@ -129,6 +140,10 @@ pub fn demo_spec(
         oem_files: Vec::new(),
         grubenv: Vec::new(),
         agent: None,
+        init: None,
+        tree: None,
+        k3s_standin: false,
+        image_files: Vec::new(),
         grub_timeout: 1,
         extra_cmdline: String::new(),
         work_dir: None,
@@ -338,16 +353,31 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
     let work = WorkDir::new(spec)?;
 
     // One rootfs tree, relabelled between images: active, passive, then recovery.
-    let tree = work.dir("rootfs")?;
-    rootfs::build_tree_unchecked(
-        &tree,
-        "active",
-        &RootfsOptions {
-            kernel: Some(spec.kernel.vmlinuz.clone()),
-            initrd: Some(spec.initramfs.clone()),
-            layout_file: spec.layout_file.clone(),
-        },
-    )?;
+    let opts = RootfsOptions {
+        kernel: Some(spec.kernel.vmlinuz.clone()),
+        initrd: Some(spec.initramfs.clone()),
+        layout_file: spec.layout_file.clone(),
+    };
+    let tree = match &spec.tree {
+        Some(t) => {
+            rootfs::install_boot_files(t, &opts)?;
+            t.clone()
+        }
+        None => {
+            let t = work.dir("rootfs")?;
+            rootfs::build_tree_unchecked(&t, "active", &opts)?;
+            if let Some(init) = &spec.init {
+                rootfs::install_init_binary(&t, init)?;
+            }
+            t
+        }
+    };
+    if spec.k3s_standin {
+        rootfs::add_file(&tree, "/usr/bin/k3s", rootfs::K3S_STANDIN.as_bytes(), 0o755)?;
+    }
+    for (path, data, mode) in &spec.image_files {
+        rootfs::add_file(&tree, path, data, *mode)?;
+    }
     if let Some(agent) = &spec.agent {
         let to = tree.join("usr/bin/kairos-agent");
         fs::copy(agent, &to).map_err(io_err(agent))?;

@@ -4,6 +4,7 @@ pub mod apt;
 pub mod bench;
 pub mod boot;
 pub mod cpio;
+pub mod debian;
 pub mod disk;
 pub mod dracut;
 pub mod grub;
@@ -28,4 +29,6 @@ pub const ALL_PACKAGES: &[&str] = &[
     "cpio",
     "zstd",
     "file",
+    "debootstrap",
+    "debian-archive-keyring",
 ];

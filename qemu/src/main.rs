@@ -49,6 +49,8 @@ enum Cmd {
     },
     /// Boot benchmark: our initramfs vs dracut + kairos-init vs stock dracut, same disk and kernel.
     Bench(BenchArgs),
+    /// Build (once, cached) the Debian 12 systemd test root tree with debootstrap; prints its path.
+    Debian,
 }
 
 #[derive(Args)]
@@ -191,6 +193,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Boot(args) => boot_cmd(args),
         Cmd::Demo { kvm, timeout } => demo(kvm, Duration::from_secs(timeout)),
         Cmd::Bench(args) => bench_cmd(args),
+        Cmd::Debian => {
+            let tree =
+                kairos_qemu::debian::cached_or_build().context("building the Debian tree")?;
+            println!("{}", tree.display());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -79,6 +79,45 @@ fi
 poweroff -f
 "#;
 
+/// A stand-in for `/usr/bin/k3s` (the real binary cannot be fetched on the test machines).
+/// `server`/`agent`: records its argv (one per line), environment and
+/// `/etc/rancher/k3s/config.yaml` under `/run/k3s-standin/`, prints them on the console as
+/// `KAIROS-K3S:` lines, then stays up (a sleep loop) so a supervisor sees a live process;
+/// `kubectl get --raw /readyz` answers `ok`. Each start bumps `/run/k3s-standin/starts`.
+/// Plain POSIX sh: runs under busybox and Debian's dash.
+pub const K3S_STANDIN: &str = r#"#!/bin/sh
+d=/run/k3s-standin
+mkdir -p "$d"
+case "$1" in
+  kubectl)
+    shift
+    if [ "$*" = "get --raw /readyz" ] || [ "$*" = "get --raw=/readyz" ]; then echo ok; exit 0; fi
+    echo "k3s stand-in: kubectl $* is not implemented" >&2
+    exit 1 ;;
+  server|agent) ;;
+  --version|-v|version) echo "k3s version v1.31.0+k3s1 (kairos test stand-in)"; exit 0 ;;
+  *) echo "k3s stand-in: unsupported command: $*" >&2; exit 1 ;;
+esac
+mode=$1
+n=$(( $(cat "$d/starts" 2>/dev/null || echo 0) + 1 ))
+echo "$n" > "$d/starts"
+: > "$d/argv"
+for a in "$@"; do printf '%s
+' "$a" >> "$d/argv"; done
+env | sort > "$d/env"
+if [ -f /etc/rancher/k3s/config.yaml ]; then cp /etc/rancher/k3s/config.yaml "$d/config.yaml"; else rm -f "$d/config.yaml"; fi
+echo $$ > "$d/pid"
+{
+  echo "KAIROS-K3S: start n=$n pid=$$ mode=$mode argc=$#"
+  for a in "$@"; do echo "KAIROS-K3S: arg $a"; done
+  sed 's/^/KAIROS-K3S: env /' "$d/env"
+  if [ -f "$d/config.yaml" ]; then sed 's/^/KAIROS-K3S: config /' "$d/config.yaml"; else echo "KAIROS-K3S: no config"; fi
+  echo "KAIROS-K3S: running n=$n"
+} > /dev/console 2>&1
+trap 'echo "KAIROS-K3S: stopping pid=$$ on SIGTERM" > /dev/console; exit 0' TERM INT
+while :; do sleep 1; done
+"#;
+
 /// Debian's static busybox, as installed by `busybox-static`.
 pub const HOST_BUSYBOX: &str = "/bin/busybox";
 
@@ -294,6 +333,12 @@ pub(crate) fn build_tree_unchecked(
     write_file(&dir.join("etc/group"), b"root:x:0:\n", 0o644)?;
     write_file(&dir.join("etc/hostname"), b"kairos-test\n", 0o644)?;
 
+    install_boot_files(dir, opts)
+}
+
+/// The parts of an image every tree gets from the disk builder, busybox or not: the layout
+/// file (or no /etc/cos), `/boot/vmlinuz` and `/boot/initrd`.
+pub(crate) fn install_boot_files(dir: &Path, opts: &RootfsOptions) -> Result<(), RootfsError> {
     let cos = dir.join("etc/cos");
     match &opts.layout_file {
         Some(text) => {
@@ -311,6 +356,44 @@ pub(crate) fn build_tree_unchecked(
         copy_file(initrd, &dir.join("boot/initrd"), 0o644)?;
     }
     Ok(())
+}
+
+/// The busybox image variant whose `/sbin/init` is `init` (kairos-init itself, running as the
+/// system's PID 1) instead of [`INIT_SCRIPT`], which stays at `/usr/libexec/kairos-test-init`.
+/// Adds `/etc/shadow` (the users step of a cloud-config edits it) and the mount points
+/// kairos-init fills at start (/dev/pts, /dev/shm).
+pub fn install_init_binary(dir: &Path, init: &Path) -> Result<(), RootfsError> {
+    write_file(
+        &dir.join("usr/libexec/kairos-test-init"),
+        INIT_SCRIPT.as_bytes(),
+        0o755,
+    )?;
+    let target = dir.join("sbin/init");
+    if target.symlink_metadata().is_ok() {
+        fs::remove_file(&target).map_err(io_err(&target))?;
+    }
+    copy_file(init, &target, 0o755)?;
+    write_file(
+        &dir.join("etc/shadow"),
+        b"root:*:19000:0:99999:7:::\n",
+        0o640,
+    )?;
+    for d in ["dev/pts", "dev/shm", "etc/rancher/k3s"] {
+        mkdir(&dir.join(d), 0o755)?;
+    }
+    Ok(())
+}
+
+/// Writes a file into a tree, creating its parent directories.
+pub fn add_file(dir: &Path, rel: &str, contents: &[u8], mode: u32) -> Result<(), RootfsError> {
+    let path = dir.join(rel.trim_start_matches('/'));
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    if path.symlink_metadata().is_ok() {
+        fs::remove_file(&path).map_err(io_err(&path))?;
+    }
+    write_file(&path, contents, mode)
 }
 
 /// Rewrites `/etc/kairos-image`, so one tree serves active, passive and recovery in turn.
@@ -551,6 +634,66 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    #[test]
+    fn k3s_standin_records_and_answers_readyz() {
+        if !Path::new(HOST_BUSYBOX).exists() {
+            eprintln!("skipping: no {HOST_BUSYBOX}");
+            return;
+        }
+        let out = Command::new(HOST_BUSYBOX)
+            .args(["sh", "-n", "-c", K3S_STANDIN])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let script = tmp.path().join("k3s");
+        write_file(&script, K3S_STANDIN.as_bytes(), 0o755).unwrap();
+        let ready = Command::new(HOST_BUSYBOX)
+            .arg("sh")
+            .arg(&script)
+            .args(["kubectl", "get", "--raw", "/readyz"])
+            .output()
+            .unwrap();
+        assert!(ready.status.success());
+        assert_eq!(String::from_utf8_lossy(&ready.stdout), "ok\n");
+        let bad = Command::new(HOST_BUSYBOX)
+            .arg("sh")
+            .arg(&script)
+            .arg("etcd-snapshot")
+            .output()
+            .unwrap();
+        assert!(!bad.status.success());
+    }
+
+    #[test]
+    fn init_binary_variant_keeps_the_script_aside() {
+        if !tools_present() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        sample_tree(tmp.path(), None);
+        let t = tmp.path().join("tree");
+        let bin = tmp.path().join("fake-init");
+        fs::write(&bin, b"\x7fELF fake").unwrap();
+        install_init_binary(&t, &bin).unwrap();
+        assert_eq!(fs::read(t.join("sbin/init")).unwrap(), b"\x7fELF fake");
+        assert_eq!(
+            fs::read_to_string(t.join("usr/libexec/kairos-test-init")).unwrap(),
+            INIT_SCRIPT
+        );
+        assert!(t.join("etc/shadow").exists() && t.join("dev/pts").is_dir());
+        add_file(&t, "/usr/bin/k3s", K3S_STANDIN.as_bytes(), 0o755).unwrap();
+        let mode = fs::metadata(t.join("usr/bin/k3s"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Shared harness for the QEMU boot tests: builds kairos-init, fetches the kernel, builds the
 //! initramfs once per test process, builds disks per test and boots them.
 
+pub mod mesh;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -416,4 +418,174 @@ pub fn armed(tries: u32) -> Vec<(String, String)> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect()
+}
+
+// ---- Userland: kairos-agent, kairos-init as the system's PID 1, the Debian image (issue 4) ----
+
+/// Lines of the test driver; [`driver_lines`] collects them.
+pub const T: &str = "KAIROS-T: ";
+/// The driver's last line before it asks PID 1 to power off.
+pub const DRIVER_DONE: &str = "KAIROS-T: driver done";
+
+/// The test driver, `/usr/libexec/kairos-test-driver` in the agent test images. Started in
+/// the background by a `network` stage command (so only once the agent ran the stages), it
+/// runs once per boot, waits for `/run/kairos/boot-stage-ok`, prints what the tests check as `KAIROS-T:` lines,
+/// sources `/oem/kairos-test-extra.sh` (a test's own scenario) when present, and powers off:
+/// SIGUSR2 to PID 1 when that is kairos-init (or the signal named in `/oem/kairos-test-signal`),
+/// `systemctl poweroff` under systemd. It never
+/// syncs: flushing at shutdown is PID 1's job, and a test checks it.
+pub const DRIVER: &str = r#"#!/bin/sh
+# Once per boot, even when a restarted agent runs the network stage again.
+mkdir /run/kairos-test-driver 2>/dev/null || exit 0
+say() { echo "KAIROS-T: $*"; }
+n=0
+while [ ! -e /run/kairos/boot-stage-ok ] && [ $n -lt 240 ]; do sleep 0.25; n=$((n+1)); done
+if [ -e /run/kairos/boot-stage-ok ]; then say "boot-stage-ok"; else say "no boot-stage-ok after 60 s"; fi
+say "uptime $(cut -d' ' -f1 /proc/uptime)"
+say "pid1 $(cat /proc/1/comm)"
+say "hostname $(hostname)"
+say "passwd $(grep '^kairos:' /etc/passwd)"
+say "shadow $(grep -c '^kairos:' /etc/shadow)"
+say "group $(grep '^kairos:' /etc/group)"
+k=/home/kairos/.ssh/authorized_keys
+[ -f $k ] && say "keys $(stat -c '%a %U:%G' $k) $(cat $k | tr '\n' '|')"
+f=/etc/kairos-test/hello.txt
+[ -f $f ] && say "file $(stat -c '%a %u:%g %U:%G' $f) $(cat $f | tr '\n' '|')"
+say "sysctl vm.swappiness=$(cat /proc/sys/vm/swappiness)"
+say "state $(kairos-agent state 2>&1 | tr '\n' ' ')"
+if [ -f /oem/kairos-test-extra.sh ]; then . /oem/kairos-test-extra.sh; fi
+say "driver done"
+sig=$(cat /oem/kairos-test-signal 2>/dev/null)
+if [ -d /run/systemd/system ]; then systemctl poweroff; else kill -"${sig:-USR2}" 1; fi
+"#;
+
+/// COS_OEM file that starts the driver (file name sorts last, so the other configs come first).
+pub fn driver_oem_file() -> (String, Vec<u8>) {
+    (
+        "99_kairos_test_driver.yaml".into(),
+        b"#cloud-config\nstages:\n  network:\n    - name: start the test driver\n      commands:\n        - setsid /usr/libexec/kairos-test-driver </dev/null >/dev/console 2>&1 &\n"
+            .to_vec(),
+    )
+}
+
+/// The `KAIROS-T:` lines of a log, prefix stripped (anywhere in a line: console output of
+/// several processes interleaves).
+pub fn driver_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| l.find(T).map(|at| l[at + T.len()..].to_string()))
+        .collect()
+}
+
+/// The driver line starting with `key ` (its rest), if any.
+pub fn driver_value(log: &str, key: &str) -> Option<String> {
+    let k = format!("{key} ");
+    driver_lines(log)
+        .into_iter()
+        .find_map(|l| l.strip_prefix(&k).map(str::to_string))
+}
+
+static AGENT_USERLAND: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// kairos-agent with the userland commands (`run-stage`, `daemon`, `state`); panics otherwise.
+pub fn agent_userland() -> PathBuf {
+    let r = AGENT_USERLAND.get_or_init(|| {
+        let path = build_agent().map_err(|e| format!("{e:#}"))?;
+        let out = Command::new(&path)
+            .arg("--help")
+            .output()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let help = String::from_utf8_lossy(&out.stdout).into_owned();
+        for cmd in ["run-stage", "daemon", "state"] {
+            if !help.contains(cmd) {
+                return Err(format!(
+                    "{} has no `{cmd}` command:\n{help}",
+                    path.display()
+                ));
+            }
+        }
+        Ok(path)
+    });
+    match r {
+        Ok(p) => p.clone(),
+        Err(e) => panic!("kairos-agent: {e}"),
+    }
+}
+
+/// A disk whose image is busybox with kairos-init as `/sbin/init` (the system's PID 1),
+/// kairos-agent, the k3s stand-in and the driver; `oem` files (plus the driver's start) on
+/// COS_OEM. Only the active image is built: these tests are about userland, not fallback.
+pub fn pid1_disk(name: &str, oem: &[(&str, &str)], tweak: impl FnOnce(&mut DiskSpec)) -> PathBuf {
+    let a = artifacts();
+    let agent = agent_userland();
+    disk(name, |s| {
+        s.init = Some(a.init_binary.clone());
+        agent_image(s, agent, oem);
+        tweak(s);
+    })
+}
+
+fn agent_image(s: &mut DiskSpec, agent: PathBuf, oem: &[(&str, &str)]) {
+    s.agent = Some(agent);
+    s.k3s_standin = true;
+    s.passive = kairos_qemu::disk::ImageState::Missing;
+    s.recovery = kairos_qemu::disk::ImageState::Missing;
+    s.image_files.push((
+        "/usr/libexec/kairos-test-driver".into(),
+        DRIVER.as_bytes().to_vec(),
+        0o755,
+    ));
+    for (p, data) in oem {
+        s.oem_files.push((p.to_string(), data.as_bytes().to_vec()));
+    }
+    s.oem_files.push(driver_oem_file());
+}
+
+/// The agent's systemd units (`agent/systemd/*.service|*.timer`, the files behind
+/// `kairos_agent::UNITS`).
+pub fn agent_units() -> Vec<(String, String)> {
+    let dir = workspace_root().join("agent/systemd");
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".service") || name.ends_with(".timer") {
+            let text = std::fs::read_to_string(e.path())
+                .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+            out.push((name, text));
+        }
+    }
+    out.sort();
+    assert!(!out.is_empty(), "no units in {}", dir.display());
+    out
+}
+
+/// A disk with the Debian 12 image (systemd as init; the agent and its units enabled; the k3s
+/// stand-in; the driver). The cached debootstrap tree is copied per disk.
+pub fn debian_disk(name: &str, oem: &[(&str, &str)], tweak: impl FnOnce(&mut DiskSpec)) -> PathBuf {
+    let a = artifacts();
+    let agent = agent_userland();
+    let base = kairos_qemu::debian::cached_or_build()
+        .unwrap_or_else(|e| panic!("building the Debian tree: {e}"));
+    let tree = a.work.join(format!("{name}.tree"));
+    kairos_qemu::debian::copy_tree(&base, &tree)
+        .unwrap_or_else(|e| panic!("copying the Debian tree: {e}"));
+    for (unit, text) in agent_units() {
+        kairos_qemu::debian::install_unit(&tree, &unit, &text)
+            .unwrap_or_else(|e| panic!("installing {unit}: {e}"));
+    }
+    let out = disk(name, |s| {
+        s.tree = Some(tree.clone());
+        agent_image(s, agent, oem);
+        tweak(s);
+    });
+    let _ = std::fs::remove_dir_all(&tree);
+    out
+}
+
+/// GRUB boot of an agent test disk, until the guest powers off (or `timeout_s`).
+pub fn boot_until_off(name: &str, disk: &Path, timeout_s: u64) -> BootResult {
+    let a = artifacts();
+    let mut s = spec(&[disk], a.work.join(format!("{name}.log")), &[], timeout_s);
+    s.memory_mb = 768;
+    boot(name, s)
 }

@@ -1,0 +1,240 @@
+//! The `p2p:` block of the cloud-config (SPEC.md section 6), with upstream's keys and
+//! defaults, plus a few of ours (marked) that upstream leaves to environment variables.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::roles::Ha;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct P2pConfig {
+    pub network_token: String,
+    pub network_id: String,
+    /// `auto` (or empty): the leader decides; `master` / `worker` / `none` fixed.
+    pub role: String,
+    pub dns: bool,
+    pub vpn: Vpn,
+    pub minimum_nodes: usize,
+    pub disable_dht: bool,
+    pub auto: Auto,
+    /// Ours: seconds between announcements (upstream: about 20).
+    pub announce_interval: u64,
+    /// Ours: TCP/UDP port to listen on, 0 for any.
+    pub listen_port: u16,
+}
+
+impl Default for P2pConfig {
+    fn default() -> Self {
+        P2pConfig {
+            network_token: String::new(),
+            network_id: "kairos".into(),
+            role: String::new(),
+            dns: false,
+            vpn: Vpn::default(),
+            minimum_nodes: 2,
+            disable_dht: false,
+            auto: Auto::default(),
+            announce_interval: 20,
+            listen_port: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Vpn {
+    pub create: bool,
+    #[serde(rename = "use")]
+    pub use_vpn: bool,
+    pub env: BTreeMap<String, String>,
+    /// Ours: interface name (upstream: `IFACE` in env, which is honoured too).
+    pub interface: Option<String>,
+    /// Ours: address range to lease from.
+    pub range: Option<String>,
+}
+
+impl Default for Vpn {
+    fn default() -> Self {
+        Vpn {
+            create: true,
+            use_vpn: true,
+            env: BTreeMap::new(),
+            interface: None,
+            range: None,
+        }
+    }
+}
+
+impl Vpn {
+    pub fn interface(&self) -> String {
+        self.interface
+            .clone()
+            .or_else(|| self.env.get("IFACE").cloned())
+            .unwrap_or_else(|| "edgevpn0".into())
+    }
+
+    pub fn range(&self) -> String {
+        self.range
+            .clone()
+            .unwrap_or_else(|| crate::lease::DEFAULT_RANGE.into())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Auto {
+    pub enable: bool,
+    pub ha: HaConfig,
+}
+
+impl Default for Auto {
+    fn default() -> Self {
+        Auto {
+            enable: true,
+            ha: HaConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct HaConfig {
+    pub enable: bool,
+    pub master_nodes: usize,
+    pub external_db: String,
+}
+
+impl P2pConfig {
+    pub fn ha(&self) -> Ha {
+        Ha {
+            enable: self.auto.ha.enable,
+            master_nodes: self.auto.ha.master_nodes,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: the `p2p:` block is not valid: {msg}")]
+    Parse { path: PathBuf, msg: String },
+    #[error("no `p2p:` block with a network_token in {0}")]
+    Missing(String),
+}
+
+#[derive(Deserialize, Default)]
+struct Doc {
+    #[serde(default)]
+    p2p: Option<P2pConfig>,
+}
+
+/// The `p2p:` block of one cloud-config text; None when it has none.
+pub fn parse(text: &str, path: &Path) -> Result<Option<P2pConfig>, ConfigError> {
+    let doc: Doc = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        msg: e.to_string(),
+    })?;
+    Ok(doc.p2p)
+}
+
+pub fn load_file(path: &Path) -> Result<Option<P2pConfig>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
+}
+
+/// Without `--config`: the last `p2p:` block in the cloud-config directories in merge order
+/// (SPEC.md section 6). A stop-gap until the agent's merged cloud-config is handed over; it
+/// takes the whole block from the file that wins rather than merging keys.
+pub fn load_default(root: &Path) -> Result<P2pConfig, ConfigError> {
+    let dirs = [
+        "run/initramfs/live",
+        "etc/kairos",
+        "usr/local/cloud-config",
+        "oem",
+    ];
+    let mut found = None;
+    for d in dirs {
+        let Ok(rd) = std::fs::read_dir(root.join(d)) else {
+            continue;
+        };
+        let mut files: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect();
+        files.sort();
+        for f in files {
+            // A broken file elsewhere in /oem is not this command's business: skip it.
+            if let Ok(Some(c)) = load_file(&f)
+                && !c.network_token.is_empty()
+            {
+                found = Some(c);
+            }
+        }
+    }
+    found.ok_or_else(|| ConfigError::Missing(format!("{}/{{{}}}", root.display(), dirs.join(","))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_upstream_keys_and_defaults() {
+        let text = "#cloud-config\nhostname: x\nstages:\n  boot:\n    - commands: [true]\np2p:\n  network_token: abc\n  minimum_nodes: 3\n  vpn:\n    env:\n      IFACE: vpn7\n  auto:\n    ha:\n      enable: true\n      master_nodes: 2\n";
+        let c = parse(text, Path::new("t.yaml")).unwrap().unwrap();
+        assert_eq!(c.network_token, "abc");
+        assert_eq!(c.minimum_nodes, 3);
+        assert_eq!(c.vpn.interface(), "vpn7");
+        assert!(c.vpn.create && c.auto.enable);
+        assert_eq!(
+            c.ha(),
+            Ha {
+                enable: true,
+                master_nodes: 2
+            }
+        );
+        assert_eq!(c.network_id, "kairos");
+        assert_eq!(c.vpn.range(), "10.1.0.0/24");
+        assert!(
+            parse("#cloud-config\nhostname: x\n", Path::new("t"))
+                .unwrap()
+                .is_none()
+        );
+        let e = parse("p2p:\n  minimum_nodes: lots\n", Path::new("bad.yaml")).unwrap_err();
+        assert!(e.to_string().contains("bad.yaml"), "{e}");
+    }
+
+    #[test]
+    fn default_search_takes_the_last_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("oem")).unwrap();
+        std::fs::create_dir_all(dir.path().join("etc/kairos")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/kairos/a.yaml"),
+            "p2p:\n  network_token: one\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("oem/90.yaml"),
+            "p2p:\n  network_token: two\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("oem/91.yaml"), "p2p: [broken\n").unwrap();
+        assert_eq!(load_default(dir.path()).unwrap().network_token, "two");
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            load_default(empty.path()),
+            Err(ConfigError::Missing(_))
+        ));
+    }
+}

@@ -1,0 +1,161 @@
+//! The libp2p side: transports (TCP and QUIC, noise, yamux, a relay client for peers behind
+//! NAT, with DCUtR hole punching), discovery (mDNS on the LAN, Kademlia with a rendezvous key
+//! derived from the token elsewhere), the ledger topic on gossipsub, and raw streams for VPN
+//! packets.
+
+use std::time::Duration;
+
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{
+    Multiaddr, StreamProtocol, Swarm, dcutr, gossipsub, identify, identity, kad, mdns, noise,
+    relay, tcp, yamux,
+};
+
+use crate::keys;
+use crate::token::Token;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("setting up the libp2p {what}: {msg}")]
+    Build { what: &'static str, msg: String },
+    #[error("listening on {addr}: {msg}")]
+    Listen { addr: String, msg: String },
+}
+
+fn build_err(what: &'static str) -> impl Fn(String) -> NetError {
+    move |msg| NetError::Build { what, msg }
+}
+
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    pub gossipsub: gossipsub::Behaviour,
+    pub mdns: mdns::tokio::Behaviour,
+    pub identify: identify::Behaviour,
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub relay: relay::client::Behaviour,
+    pub dcutr: dcutr::Behaviour,
+    pub stream: libp2p_stream::Behaviour,
+}
+
+/// Names derived from the token: peers of another network (another token) use other names,
+/// so they do not share a topic, and are disconnected after identify.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub topic: gossipsub::IdentTopic,
+    /// identify's protocol version: from the token's `mdns` name.
+    pub protocol_version: String,
+    pub vpn: StreamProtocol,
+    pub kad: StreamProtocol,
+}
+
+impl Names {
+    pub fn new(token: &Token, network_id: &str) -> Result<Names, NetError> {
+        let proto = |s: String| {
+            StreamProtocol::try_from_owned(s).map_err(|e| NetError::Build {
+                what: "protocol name",
+                msg: e.to_string(),
+            })
+        };
+        Ok(Names {
+            topic: gossipsub::IdentTopic::new(format!(
+                "kairos/{}/{}",
+                network_id,
+                keys::name(&token.room, "room")
+            )),
+            protocol_version: format!("/kairos/{}", keys::name(&token.mdns, "mdns")),
+            vpn: proto(format!("/kairos/vpn/{}/1", keys::name(&token.room, "vpn")))?,
+            kad: proto(format!(
+                "/kairos/kad/{}/1",
+                keys::name(&token.rendezvous, "kad")
+            ))?,
+        })
+    }
+}
+
+pub fn build_swarm(
+    token: &Token,
+    names: &Names,
+    heartbeat: Duration,
+) -> Result<Swarm<Behaviour>, NetError> {
+    let max = usize::try_from(token.max_message_size).unwrap_or(usize::MAX);
+    let names = names.clone();
+    let swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| build_err("TCP transport")(e.to_string()))?
+        .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| build_err("relay client")(e.to_string()))?
+        .with_behaviour(|key: &identity::Keypair, relay| {
+            let peer = key.public().to_peer_id();
+            let gs_config = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(heartbeat)
+                .max_transmit_size(max)
+                // We check every message (size, key, tag) before it is passed on, so junk
+                // from a peer without the token goes no further than its first hop.
+                .validate_messages()
+                .validation_mode(gossipsub::ValidationMode::Strict)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gs_config,
+            )
+            .map_err(|e| e.to_string())?;
+            let mdns = mdns::tokio::Behaviour::new(
+                mdns::Config {
+                    // Short query interval: a node that boots finds its LAN peers in seconds.
+                    query_interval: Duration::from_secs(5),
+                    ..Default::default()
+                },
+                peer,
+            )?;
+            let identify = identify::Behaviour::new(
+                identify::Config::new(names.protocol_version.clone(), key.public())
+                    .with_agent_version(format!("kairos-p2p/{}", env!("CARGO_PKG_VERSION"))),
+            );
+            let mut kad = kad::Behaviour::with_config(
+                peer,
+                kad::store::MemoryStore::new(peer),
+                kad::Config::new(names.kad.clone()),
+            );
+            kad.set_mode(Some(kad::Mode::Server));
+            Ok(Behaviour {
+                gossipsub,
+                mdns,
+                identify,
+                kad,
+                relay,
+                dcutr: dcutr::Behaviour::new(peer),
+                stream: libp2p_stream::Behaviour::new(),
+            })
+        })
+        .map_err(|e| build_err("behaviours")(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    Ok(swarm)
+}
+
+/// Listen on every address (TCP and QUIC, IPv4) on `port` (0: any).
+pub fn listen(swarm: &mut Swarm<Behaviour>, port: u16) -> Result<(), NetError> {
+    for addr in [
+        format!("/ip4/0.0.0.0/tcp/{port}"),
+        format!("/ip4/0.0.0.0/udp/{port}/quic-v1"),
+    ] {
+        let ma: Multiaddr =
+            addr.parse()
+                .map_err(|e: libp2p::multiaddr::Error| NetError::Listen {
+                    addr: addr.clone(),
+                    msg: e.to_string(),
+                })?;
+        swarm.listen_on(ma).map_err(|e| NetError::Listen {
+            addr: addr.clone(),
+            msg: e.to_string(),
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,773 @@
+//! A mesh member at run time: one tokio task owning the swarm, ticking every announce
+//! interval. Each tick re-announces this node's ledger entries, leases a VPN address, follows
+//! the leader, assigns roles when it is the leader, and starts K3s for its role. The
+//! decisions themselves are the pure functions of `roles` and `lease`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, kad, mdns};
+use serde::{Deserialize, Serialize};
+use tun_rs::AsyncDevice;
+
+use crate::config::P2pConfig;
+use crate::keys;
+use crate::lease::{self, LeaseError, Range};
+use crate::ledger::{self, Entry, Ledger, Update};
+use crate::net::{self, Behaviour, BehaviourEvent, Names, NetError};
+use crate::roles::{self, Role};
+use crate::time::{now_ms, rfc3339};
+use crate::token::Token;
+use crate::vpn::{self, Routes, VpnError};
+
+pub const NODE_TOKEN: &str = "var/lib/rancher/k3s/server/node-token";
+pub const KUBECONFIG: &str = "etc/rancher/k3s/k3s.yaml";
+
+/// What `register` sends to a node in install mode (SPEC.md section 8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PairingData {
+    #[serde(default)]
+    pub device: String,
+    /// The cloud-config text to install with.
+    #[serde(default)]
+    pub cc: String,
+    #[serde(default)]
+    pub reboot: bool,
+    #[serde(default)]
+    pub poweroff: bool,
+}
+
+pub enum Mode {
+    /// A cluster node: announce, lease, roles, K3s.
+    Node,
+    /// `register`: publish pairing data, wait for a node's acknowledgement.
+    Register(PairingData),
+    /// install-mode: wait for pairing data, acknowledge it, hand it back.
+    AwaitPairing,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Stopped,
+    Registered { node: String },
+    Paired(PairingData),
+}
+
+/// How K3s is started for a role; the agent supplies it (its K3s supervisor).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct K3sSpec {
+    /// `k3s server` (true) or `k3s agent`.
+    pub server: bool,
+    /// Arguments after the subcommand.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+pub trait K3sStarter: Send {
+    fn start(&mut self, spec: &K3sSpec) -> Result<(), String>;
+}
+
+/// K3s for a role: every node runs flannel over the VPN interface with its VPN address.
+/// `join` is the primary server's URL and token (workers, HA servers).
+pub fn k3s_spec(role: Role, iface: &str, ip: Ipv4Addr, join: Option<(&str, &str)>) -> K3sSpec {
+    let mut args = vec![
+        format!("--flannel-iface={iface}"),
+        format!("--node-ip={ip}"),
+    ];
+    if role.is_server() {
+        args.push(format!("--tls-san={ip}"));
+        args.push(format!("--advertise-address={ip}"));
+    }
+    if role == Role::MasterClusterInit {
+        args.push("--cluster-init".into());
+    }
+    let mut env = Vec::new();
+    if let Some((url, token)) = join {
+        if role == Role::MasterHa {
+            args.push(format!("--server={url}"));
+        } else {
+            env.push(("K3S_URL".into(), url.to_owned()));
+        }
+        env.push(("K3S_TOKEN".into(), token.to_owned()));
+    }
+    K3sSpec {
+        server: role.is_server(),
+        args,
+        env,
+    }
+}
+
+pub fn server_url(ip: &str) -> String {
+    format!("https://{ip}:6443")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Vpn(#[from] VpnError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error("node identity: cannot read {path}: {source}")]
+    Identity {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("node identity: {0} is empty")]
+    EmptyIdentity(PathBuf),
+    #[error("starting the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("{0}")]
+    Timeout(String),
+}
+
+pub struct Options {
+    pub root: PathBuf,
+    pub config: P2pConfig,
+    pub token: Token,
+    pub mode: Mode,
+    pub k3s: Box<dyn K3sStarter>,
+    /// Register / install-mode give up after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// One log line on stdout, timestamped (the form the tests and an operator read).
+pub fn say(msg: &str) {
+    println!("{} kairos-p2p: {msg}", rfc3339(now_ms()));
+}
+
+/// The node UUID from `<root>/etc/machine-id` and the hostname (`<root>/etc/hostname`, else
+/// the kernel's).
+pub fn node_uuid(root: &Path) -> Result<String, NodeError> {
+    let read = |p: PathBuf| -> Result<String, NodeError> {
+        let s = std::fs::read_to_string(&p).map_err(|source| NodeError::Identity {
+            path: p.clone(),
+            source,
+        })?;
+        let s = s.trim().to_owned();
+        if s.is_empty() {
+            return Err(NodeError::EmptyIdentity(p));
+        }
+        Ok(s)
+    };
+    let machine_id = read(root.join("etc/machine-id"))?;
+    let hostname = read(root.join("etc/hostname"))
+        .or_else(|_| read(PathBuf::from("/proc/sys/kernel/hostname")))?;
+    Ok(roles::node_uuid(&machine_id, &hostname))
+}
+
+pub fn run(opts: Options) -> Result<Outcome, NodeError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(NodeError::Runtime)?;
+    rt.block_on(run_async(opts))
+}
+
+struct Own {
+    value: String,
+    stamp: u64,
+}
+
+struct Node {
+    root: PathBuf,
+    cfg: P2pConfig,
+    token: Token,
+    names: Names,
+    uuid: String,
+    peer: String,
+    announce: Duration,
+    ledger: Ledger,
+    own: BTreeMap<String, Own>,
+    ticks: u64,
+    range: Range,
+    lease: Option<Ipv4Addr>,
+    lease_ticks: u32,
+    tun: Option<Arc<AsyncDevice>>,
+    routes: Routes,
+    control: libp2p_stream::Control,
+    leader: Option<String>,
+    role: Option<Role>,
+    shown: Option<(Option<String>, Option<Role>)>,
+    k3s: Box<dyn K3sStarter>,
+    k3s_started: bool,
+    dht_window: Option<u64>,
+    pairing_ack: Option<(PairingData, u32)>,
+    /// When a dropped message from each peer was last logged.
+    drop_logged: HashMap<PeerId, u64>,
+}
+
+async fn run_async(opts: Options) -> Result<Outcome, NodeError> {
+    let Options {
+        root,
+        config,
+        token,
+        mode,
+        k3s,
+        timeout,
+    } = opts;
+    let announce = match mode {
+        Mode::Node => Duration::from_secs(config.announce_interval.max(1)),
+        // Pairing is interactive (someone holds a phone or a laptop): tick every second.
+        _ => Duration::from_secs(1),
+    };
+    let names = Names::new(&token, &config.network_id)?;
+    // Heartbeat no slower than the announcements, so fast test meshes form fast.
+    let heartbeat = announce.min(Duration::from_secs(1));
+    let mut swarm = net::build_swarm(&token, &names, heartbeat)?;
+    net::listen(&mut swarm, config.listen_port)?;
+    if let Err(e) = swarm.behaviour_mut().gossipsub.subscribe(&names.topic) {
+        return Err(NetError::Build {
+            what: "ledger topic",
+            msg: e.to_string(),
+        }
+        .into());
+    }
+    let uuid = match mode {
+        Mode::Node => node_uuid(&root)?,
+        // A registering client is no cluster node; it still needs a name in the log.
+        _ => format!("client-{}", swarm.local_peer_id()),
+    };
+    let peer = swarm.local_peer_id().to_string();
+    let range = Range::parse(&config.vpn.range())?;
+    let control = swarm.behaviour().stream.new_control();
+    let mut node = Node {
+        lease: if matches!(mode, Mode::Node) {
+            lease::load(&root)
+        } else {
+            None
+        },
+        root,
+        names,
+        uuid,
+        peer,
+        announce,
+        ledger: Ledger::default(),
+        own: BTreeMap::new(),
+        ticks: 0,
+        range,
+        lease_ticks: 0,
+        tun: None,
+        routes: Arc::new(RwLock::new(HashMap::new())),
+        control,
+        leader: None,
+        role: None,
+        shown: None,
+        k3s,
+        k3s_started: false,
+        dht_window: None,
+        pairing_ack: None,
+        drop_logged: HashMap::new(),
+        cfg: config,
+        token,
+    };
+    say(&format!("node uuid={} peer={}", node.uuid, node.peer));
+    if let Mode::Register(data) = &mode {
+        let json = serde_json::to_string(data).unwrap_or_default();
+        node.set_own("pairing/data", json);
+    }
+    let mut tick = tokio::time::interval(announce);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(NodeError::Runtime)?;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Some(out) = node.tick(&mut swarm, &mode)? {
+                    return Ok(out);
+                }
+                if let Some(d) = deadline && tokio::time::Instant::now() >= d {
+                    return Err(NodeError::Timeout(match mode {
+                        Mode::Register(_) => "no node acknowledged the pairing data in time (is the node in install mode, with the same token?)".into(),
+                        _ => "timed out waiting on the mesh".into(),
+                    }));
+                }
+            }
+            ev = swarm.select_next_some() => node.on_event(&mut swarm, ev),
+            _ = tokio::signal::ctrl_c() => return Ok(Outcome::Stopped),
+            _ = term.recv() => return Ok(Outcome::Stopped),
+        }
+    }
+}
+
+impl Node {
+    fn ttl(&self) -> u64 {
+        // Three missed announcements and a node is gone.
+        3 * self.announce.as_millis() as u64
+    }
+
+    /// Set an entry this node owns; the stamp only moves when the value does, so a stale
+    /// re-announcement never beats a newer write by someone else.
+    fn set_own(&mut self, key: &str, value: String) {
+        match self.own.get_mut(key) {
+            Some(o) if o.value == value => {}
+            _ => {
+                self.own.insert(
+                    key.to_owned(),
+                    Own {
+                        value,
+                        stamp: now_ms(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn tick(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        mode: &Mode,
+    ) -> Result<Option<Outcome>, NodeError> {
+        self.ticks += 1;
+        let now = now_ms();
+        self.ledger.expire(now);
+        self.discover(swarm);
+        let mut outcome = None;
+        match mode {
+            Mode::Node => self.node_tick(now)?,
+            Mode::Register(_) => {
+                let acks: Vec<String> = self
+                    .ledger
+                    .prefix("pairing/", now)
+                    .filter(|(k, e)| *k != "data" && e.value == "ok")
+                    .map(|(k, _)| k.to_owned())
+                    .collect();
+                if let Some(node) = acks.into_iter().next() {
+                    say(&format!("pairing data acknowledged by node {node}"));
+                    outcome = Some(Outcome::Registered { node });
+                }
+            }
+            Mode::AwaitPairing => {
+                if let Some((data, n)) = &mut self.pairing_ack {
+                    // Keep announcing the acknowledgement a couple of ticks so it arrives.
+                    *n += 1;
+                    if *n >= 3 {
+                        outcome = Some(Outcome::Paired(data.clone()));
+                    }
+                } else if let Some(v) = self.ledger.value("pairing/data", now) {
+                    match serde_json::from_str::<PairingData>(v) {
+                        Ok(d) => {
+                            say(&format!(
+                                "pairing data received: device={} reboot={} poweroff={} config={} bytes",
+                                d.device,
+                                d.reboot,
+                                d.poweroff,
+                                d.cc.len()
+                            ));
+                            let key = format!("pairing/{}", self.peer);
+                            self.set_own(&key, "ok".into());
+                            self.pairing_ack = Some((d, 0));
+                        }
+                        Err(e) => say(&format!("ignoring malformed pairing/data: {e}")),
+                    }
+                }
+            }
+        }
+        self.publish(swarm, now);
+        Ok(outcome)
+    }
+
+    fn node_tick(&mut self, now: u64) -> Result<(), NodeError> {
+        self.set_own(&format!("nodes/{}", self.uuid), self.peer.clone());
+        // Our own entries count at once; gossipsub does not hand us our own messages.
+        self.merge_own(now);
+        let live: Vec<String> = self
+            .ledger
+            .prefix("nodes/", now)
+            .map(|(k, _)| k.to_owned())
+            .collect();
+        if self.cfg.vpn.create {
+            self.vpn_tick(now, &live)?;
+        }
+        self.leader = roles::leader(&live).map(str::to_owned);
+        let fixed = Role::parse(self.cfg.role.trim());
+        let auto = fixed.is_none() && self.cfg.auto.enable && self.cfg.role != "none";
+        if auto && self.leader.as_deref() == Some(self.uuid.as_str()) {
+            let current: BTreeMap<String, Role> = self
+                .ledger
+                .prefix("roles/", now)
+                .filter_map(|(k, e)| Role::parse(&e.value).map(|r| (k.to_owned(), r)))
+                .collect();
+            let assigned = roles::assign(&live, &current, self.cfg.minimum_nodes, self.cfg.ha());
+            let keep: Vec<String> = assigned.keys().map(|u| format!("roles/{u}")).collect();
+            self.own
+                .retain(|k, _| !k.starts_with("roles/") || keep.contains(k));
+            for (u, r) in assigned {
+                self.set_own(&format!("roles/{u}"), r.as_str().into());
+            }
+            self.merge_own(now);
+        } else {
+            // A former leader stops re-announcing the others' assignments.
+            let mine = format!("roles/{}", self.uuid);
+            self.own
+                .retain(|k, _| !k.starts_with("roles/") || *k == mine);
+        }
+        if self.role.is_none() {
+            self.role = fixed.or_else(|| {
+                self.ledger
+                    .value(&format!("roles/{}", self.uuid), now)
+                    .and_then(Role::parse)
+            });
+        }
+        // Every node announces its own role once it has one, so assignments outlive the
+        // leader that made them (a new leader must not hand out a second master).
+        if let Some(r) = self.role {
+            self.set_own(&format!("roles/{}", self.uuid), r.as_str().into());
+            self.merge_own(now);
+        }
+        let state = (self.leader.clone(), self.role);
+        if self.shown.as_ref() != Some(&state) {
+            say(&format!(
+                "leader={} role={}",
+                state.0.as_deref().unwrap_or("none"),
+                state.1.map(Role::as_str).unwrap_or("none")
+            ));
+            self.shown = Some(state);
+        }
+        self.k3s_tick(now);
+        Ok(())
+    }
+
+    fn merge_own(&mut self, now: u64) {
+        let ttl = self.ttl();
+        for (k, o) in &self.own {
+            self.ledger.merge(
+                k,
+                Entry {
+                    value: o.value.clone(),
+                    owner: self.peer.clone(),
+                    stamp: o.stamp,
+                    ttl,
+                },
+                now,
+            );
+        }
+    }
+
+    fn vpn_tick(&mut self, now: u64, live: &[String]) -> Result<(), NodeError> {
+        let leases: BTreeMap<String, Ipv4Addr> = self
+            .ledger
+            .prefix("vpn/lease/", now)
+            .filter_map(|(u, e)| Some((u.to_owned(), e.value.parse().ok()?)))
+            .collect();
+        if let Some(mine) = self.lease
+            && self.lease_ticks > 0
+            && lease::must_yield(&self.uuid, mine, &leases)
+        {
+            if self.tun.is_some() {
+                say(&format!(
+                    "vpn: address {mine} is also claimed by another node with a smaller UUID; keeping it until restart"
+                ));
+            } else {
+                say(&format!(
+                    "vpn: address {mine} clashes with another node; choosing again"
+                ));
+                self.lease = None;
+                self.lease_ticks = 0;
+            }
+        }
+        // Without a remembered lease wait one tick, so the ledger has the others' leases.
+        if self.lease.is_none() && self.ticks >= 2 {
+            let mut others = leases.clone();
+            others.remove(&self.uuid);
+            let ip = lease::choose(self.range, &self.uuid, &others, None)?;
+            self.lease = Some(ip);
+            self.lease_ticks = 0;
+        }
+        let Some(ip) = self.lease else { return Ok(()) };
+        self.set_own(&format!("vpn/lease/{}", self.uuid), ip.to_string());
+        self.merge_own(now);
+        self.lease_ticks += 1;
+        // Claimed on the previous tick and nobody objected: bring the interface up.
+        if self.tun.is_none() && self.lease_ticks >= 2 {
+            lease::store(&self.root, ip)?;
+            let iface = self.cfg.vpn.interface();
+            let dev = vpn::create(&iface, ip, self.range.prefix)?;
+            vpn::spawn(
+                dev.clone(),
+                self.routes.clone(),
+                self.control.clone(),
+                self.names.vpn.clone(),
+            )
+            .map_err(|msg| NetError::Build {
+                what: "VPN stream protocol",
+                msg,
+            })?;
+            self.tun = Some(dev);
+            say(&format!(
+                "vpn interface={iface} address={ip}/{}",
+                self.range.prefix
+            ));
+        }
+        // Routes: every live node's leased address → its peer ID.
+        let mut routes = HashMap::new();
+        for u in live {
+            let (Some(ip), Some(peer)) =
+                (leases.get(u), self.ledger.value(&format!("nodes/{u}"), now))
+            else {
+                continue;
+            };
+            if let Ok(p) = peer.parse::<PeerId>()
+                && u != &self.uuid
+            {
+                routes.insert(*ip, p);
+            }
+        }
+        if let Ok(mut r) = self.routes.write() {
+            *r = routes;
+        }
+        Ok(())
+    }
+
+    fn k3s_tick(&mut self, now: u64) {
+        let (Some(role), Some(ip)) = (self.role, self.lease) else {
+            return;
+        };
+        if self.tun.is_none() {
+            return;
+        }
+        let iface = self.cfg.vpn.interface();
+        if !self.k3s_started {
+            let join = (
+                self.ledger.value("k3s/url", now).map(str::to_owned),
+                self.ledger.value("k3s/token", now).map(str::to_owned),
+            );
+            let spec = match (role.is_primary(), &join) {
+                (true, _) => k3s_spec(role, &iface, ip, None),
+                (false, (Some(url), Some(token))) => k3s_spec(role, &iface, ip, Some((url, token))),
+                // Workers and HA servers wait for the primary's token and URL.
+                _ => return,
+            };
+            let what = if spec.server { "server" } else { "agent" };
+            let target = join.0.clone().unwrap_or_else(|| "new cluster".into());
+            match self.k3s.start(&spec) {
+                Ok(()) => {
+                    say(&format!("k3s {what} started ({target}) role={role}"));
+                    self.k3s_started = true;
+                }
+                Err(e) => say(&format!(
+                    "k3s {what} did not start: {e}; retrying next tick"
+                )),
+            }
+        }
+        if self.k3s_started && role.is_primary() {
+            // Publish what joiners need once K3s has written it.
+            let token = std::fs::read_to_string(self.root.join(NODE_TOKEN))
+                .ok()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty());
+            if let Some(t) = token {
+                if !self.own.contains_key("k3s/token") {
+                    say(&format!(
+                        "publishing k3s token and url {}",
+                        server_url(&ip.to_string())
+                    ));
+                }
+                self.set_own("k3s/token", t);
+                self.set_own("k3s/url", server_url(&ip.to_string()));
+                self.set_own("k3s/master-ip", ip.to_string());
+            }
+            if let Ok(kc) = std::fs::read_to_string(self.root.join(KUBECONFIG)) {
+                let kc = kc.replace("https://127.0.0.1:6443", &server_url(&ip.to_string()));
+                self.set_own("k3s/kubeconfig", kc);
+            }
+            self.merge_own(now);
+        }
+    }
+
+    /// The DHT rendezvous: provide the token's current key, look for other providers.
+    fn discover(&mut self, swarm: &mut Swarm<Behaviour>) {
+        if self.cfg.disable_dht {
+            return;
+        }
+        let secs = now_ms() / 1000;
+        let w = keys::window(secs, self.token.otp.dht.interval);
+        let key = kad::RecordKey::new(&keys::dht_rendezvous(&self.token, secs));
+        let kad = &mut swarm.behaviour_mut().kad;
+        if self.dht_window != Some(w) {
+            // Fails only when the local store is full: nothing to do then.
+            let _ = kad.start_providing(key.clone());
+            self.dht_window = Some(w);
+        }
+        if self.ticks % 5 == 1 {
+            let _ = kad.bootstrap();
+            kad.get_providers(key);
+        }
+    }
+
+    fn publish(&mut self, swarm: &mut Swarm<Behaviour>, now: u64) {
+        if self.own.is_empty() {
+            return;
+        }
+        let ttl = self.ttl();
+        let update = Update {
+            from: self.peer.clone(),
+            entries: self
+                .own
+                .iter()
+                .map(|(k, o)| {
+                    (
+                        k.clone(),
+                        Entry {
+                            value: o.value.clone(),
+                            owner: self.peer.clone(),
+                            stamp: o.stamp,
+                            ttl,
+                        },
+                    )
+                })
+                .collect(),
+        };
+        match ledger::seal(&self.token, &update, now / 1000) {
+            Ok(msg) => {
+                // No peers yet is normal at start; the next tick sends it again.
+                let _ = swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(self.names.topic.clone(), msg);
+            }
+            Err(e) => say(&format!("ledger: not sending this node's entries: {e}")),
+        }
+    }
+
+    fn on_event(&mut self, swarm: &mut Swarm<Behaviour>, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+                for (p, a) in list {
+                    by_peer.entry(p).or_default().push(a);
+                }
+                for (p, addrs) in by_peer {
+                    for a in &addrs {
+                        swarm.behaviour_mut().kad.add_address(&p, a.clone());
+                    }
+                    if !swarm.is_connected(&p) {
+                        let opts = DialOpts::peer_id(p)
+                            .addresses(addrs)
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        let _ = swarm.dial(opts);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if info.protocol_version != self.names.protocol_version {
+                    // Another network (or not Kairos) on the same LAN: no business with us.
+                    let _ = swarm.disconnect_peer_id(peer_id);
+                } else {
+                    for a in info.listen_addrs {
+                        swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => {
+                let now = now_ms();
+                let verdict = match ledger::open(&self.token, &message.data, now / 1000) {
+                    Ok(u) if message.source.map(|s| s.to_string()) == Some(u.from.clone()) => {
+                        self.ledger.apply(u, now);
+                        gossipsub::MessageAcceptance::Accept
+                    }
+                    Ok(u) => {
+                        say(&format!(
+                            "ledger: dropped a message from {propagation_source}: it claims to be from {} but was published by {:?}",
+                            u.from, message.source
+                        ));
+                        gossipsub::MessageAcceptance::Reject
+                    }
+                    Err(e) => {
+                        // Once a minute per peer: a peer without the token must not be able
+                        // to flood the log.
+                        let last = self.drop_logged.entry(propagation_source).or_insert(0);
+                        if now.saturating_sub(*last) >= 60_000 {
+                            *last = now;
+                            say(&format!(
+                                "ledger: dropped a message from {propagation_source}: {e}"
+                            ));
+                        }
+                        gossipsub::MessageAcceptance::Reject
+                    }
+                };
+                swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, verdict);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result:
+                    kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                        providers,
+                        ..
+                    })),
+                ..
+            })) => {
+                for p in providers {
+                    if p != *swarm.local_peer_id() && !swarm.is_connected(&p) {
+                        let _ = swarm.dial(p);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k3s_specs_per_role() {
+        let ip = Ipv4Addr::new(10, 1, 0, 3);
+        let m = k3s_spec(Role::Master, "edgevpn0", ip, None);
+        assert!(m.server);
+        assert!(m.args.contains(&"--flannel-iface=edgevpn0".to_string()));
+        assert!(m.args.contains(&"--node-ip=10.1.0.3".to_string()));
+        assert!(m.env.is_empty());
+        let url = server_url("10.1.0.9");
+        let w = k3s_spec(Role::Worker, "edgevpn0", ip, Some((&url, "TOK")));
+        assert!(!w.server);
+        assert!(
+            w.env
+                .contains(&("K3S_URL".into(), "https://10.1.0.9:6443".into()))
+        );
+        assert!(w.env.contains(&("K3S_TOKEN".into(), "TOK".into())));
+        let c = k3s_spec(Role::MasterClusterInit, "edgevpn0", ip, None);
+        assert!(c.args.contains(&"--cluster-init".to_string()));
+        let h = k3s_spec(Role::MasterHa, "edgevpn0", ip, Some((&url, "TOK")));
+        assert!(
+            h.server
+                && h.args
+                    .contains(&"--server=https://10.1.0.9:6443".to_string())
+        );
+    }
+
+    #[test]
+    fn uuid_from_root() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            node_uuid(dir.path()),
+            Err(NodeError::Identity { .. })
+        ));
+        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+        std::fs::write(dir.path().join("etc/machine-id"), "abc\n").unwrap();
+        std::fs::write(dir.path().join("etc/hostname"), "node1\n").unwrap();
+        assert_eq!(node_uuid(dir.path()).unwrap(), "abc-node1");
+    }
+}

@@ -1,0 +1,356 @@
+//! `kairos-agent daemon`: the long-running userland service. Runs the userland stages
+//! (unless systemd units do), supervises K3s when a block enables it, marks the boot good
+//! once the boot stage succeeded and K3s is healthy, runs `reconcile` periodically, and on
+//! SIGTERM/SIGINT stops K3s and exits 0.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use crate::k3s::{Spec, Supervisor, SupervisorOptions};
+use crate::{AgentError, Ctx, Outcome, config, markgood, stages};
+
+#[derive(Clone)]
+pub struct DaemonOptions {
+    /// Run fs, boot and network first, and reconcile periodically (off when systemd units
+    /// run them).
+    pub run_stages: bool,
+    pub reconcile_every: Duration,
+    /// How often to ask whether the boot can be marked good, and for how long.
+    pub health_every: Duration,
+    pub health_timeout: Duration,
+    /// How long one `k3s kubectl get --raw /readyz` may take.
+    pub k3s_check_timeout: Duration,
+    pub k3s: SupervisorOptions,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        DaemonOptions {
+            run_stages: true,
+            // Upstream's cos-setup-reconcile.timer: hourly.
+            reconcile_every: Duration::from_secs(3600),
+            health_every: Duration::from_secs(5),
+            health_timeout: Duration::from_secs(15 * 60),
+            k3s_check_timeout: Duration::from_secs(5),
+            k3s: SupervisorOptions::default(),
+        }
+    }
+}
+
+/// What wakes the daemon up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// SIGTERM or SIGINT (the number), or a test asking to stop.
+    Stop(i32),
+}
+
+/// Run the daemon until SIGTERM or SIGINT.
+pub fn daemon(ctx: &Ctx, opts: &DaemonOptions, log: &mut dyn Write) -> Result<Outcome, AgentError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let (tx, rx) = mpsc::channel();
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for s in signals.forever() {
+                if tx.send(Event::Stop(s)).is_err() {
+                    return;
+                }
+            }
+        })?;
+    run(ctx, opts, &rx, log)
+}
+
+fn signal_name(s: i32) -> String {
+    match s {
+        signal_hook::consts::SIGTERM => "SIGTERM".into(),
+        signal_hook::consts::SIGINT => "SIGINT".into(),
+        0 => "a stop request".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// The daemon over an event channel (tests send [`Event::Stop`] instead of signals).
+pub fn run(
+    ctx: &Ctx,
+    opts: &DaemonOptions,
+    events: &Receiver<Event>,
+    log: &mut dyn Write,
+) -> Result<Outcome, AgentError> {
+    writeln!(
+        log,
+        "kairos-agent: daemon {} starting",
+        env!("CARGO_PKG_VERSION")
+    )?;
+    if opts.run_stages {
+        for stage in stages::USERLAND_STAGES {
+            if let Ok(Event::Stop(s)) = events.try_recv() {
+                writeln!(
+                    log,
+                    "kairos-agent: {} before stage {stage}: exiting",
+                    signal_name(s)
+                )?;
+                return Ok(Outcome::Done);
+            }
+            match stages::run_stage(ctx, stage, log) {
+                Ok(_) => {}
+                Err(e) => writeln!(log, "kairos-agent: error: stage {stage}: {e}")?,
+            }
+        }
+    }
+    let loaded = config::load(ctx, &config::LoadOptions::default());
+    if !opts.run_stages {
+        // run-stage already reported the files; only say what matters for K3s here.
+        for e in loaded.errors.iter().filter(|e| e.origin().contains("://")) {
+            writeln!(log, "kairos-agent: warning: {e}")?;
+        }
+    }
+    let mut k3s = None;
+    // With a mesh token the P2P node picks the role and starts K3s itself (as upstream's
+    // provider); the blocks then only carry its args.
+    let mesh = loaded
+        .merged
+        .p2p
+        .as_ref()
+        .and_then(|p| p.network_token.as_deref())
+        .is_some_and(|t| !t.is_empty());
+    let k3s_wanted = match Spec::from_config(&loaded.merged) {
+        Some(_) if mesh => {
+            writeln!(
+                log,
+                "kairos-agent: p2p network_token set: K3s is started by the mesh"
+            )?;
+            true
+        }
+        Some(spec) => {
+            match Supervisor::start_with(ctx, spec, opts.k3s.clone()) {
+                Ok(s) => k3s = Some(s),
+                Err(e) => writeln!(log, "kairos-agent: error: k3s: {e}")?,
+            }
+            true
+        }
+        None => false,
+    };
+    let mut marking = Some(Instant::now() + opts.health_timeout);
+    let mut last_refusal = String::new();
+    let mut next_health = Instant::now();
+    let mut next_reconcile = Instant::now() + opts.reconcile_every;
+    let reconciling = Arc::new(AtomicBool::new(false));
+    loop {
+        let now = Instant::now();
+        if let Some(deadline) = marking
+            && now >= next_health
+        {
+            match try_mark_good(ctx, k3s_wanted, opts.k3s_check_timeout) {
+                Ok((Outcome::Done, said)) => {
+                    write!(log, "{said}")?;
+                    marking = None;
+                }
+                Ok((Outcome::Refused, said)) => {
+                    if said != last_refusal {
+                        write!(log, "{said}")?;
+                        last_refusal = said;
+                    }
+                    if Instant::now() >= deadline {
+                        writeln!(
+                            log,
+                            "kairos-agent: boot not marked good after {} s; giving up (GRUB keeps counting tries)",
+                            opts.health_timeout.as_secs()
+                        )?;
+                        marking = None;
+                    }
+                }
+                Err(e) => {
+                    writeln!(log, "kairos-agent: error: mark-good: {e}")?;
+                    marking = None;
+                }
+            }
+            next_health = Instant::now() + opts.health_every;
+        }
+        // With --no-stages the reconcile timer unit runs it.
+        if opts.run_stages && now >= next_reconcile {
+            next_reconcile = now + opts.reconcile_every;
+            if reconciling.swap(true, Ordering::SeqCst) {
+                writeln!(
+                    log,
+                    "kairos-agent: reconcile still running; skipped this round"
+                )?;
+            } else {
+                let (ctx, flag) = (ctx.clone(), reconciling.clone());
+                std::thread::spawn(move || {
+                    let mut err = std::io::stderr();
+                    if let Err(e) = stages::run_stage(&ctx, "reconcile", &mut err) {
+                        eprintln!("kairos-agent: error: stage reconcile: {e}");
+                    }
+                    flag.store(false, Ordering::SeqCst);
+                });
+            }
+        }
+        let mut wake = if opts.run_stages {
+            next_reconcile
+        } else {
+            now + opts.reconcile_every
+        };
+        if marking.is_some() {
+            wake = wake.min(next_health);
+        }
+        match events.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+            Ok(Event::Stop(s)) => {
+                writeln!(log, "kairos-agent: {}: stopping", signal_name(s))?;
+                if let Some(k) = k3s.take() {
+                    k.stop();
+                }
+                writeln!(log, "kairos-agent: daemon stopped")?;
+                return Ok(Outcome::Done);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            // Nobody can send any more: wait on timers only.
+            Err(RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+            }
+        }
+    }
+}
+
+/// One mark-good attempt; its output as text.
+fn try_mark_good(ctx: &Ctx, k3s: bool, timeout: Duration) -> Result<(Outcome, String), AgentError> {
+    let opts = markgood::Options {
+        booted: None,
+        k3s,
+        k3s_timeout: timeout,
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let r = markgood::mark_good(ctx, &opts, &mut out, &mut err)?;
+    out.extend_from_slice(&err);
+    Ok((r, String::from_utf8_lossy(&out).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_run_the_agents_commands() {
+        let names: Vec<&str> = crate::UNITS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "kairos-agent-fs.service",
+                "kairos-agent-boot.service",
+                "kairos-agent-network.service",
+                "kairos-agent-reconcile.service",
+                "kairos-agent-reconcile.timer",
+                "kairos-agent.service"
+            ]
+        );
+        let exec = |name: &str| {
+            let (_, text) = crate::UNITS.iter().find(|(n, _)| *n == name).unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix("ExecStart="))
+                .unwrap()
+                .to_owned()
+        };
+        for stage in ["fs", "boot", "network", "reconcile"] {
+            assert_eq!(
+                exec(&format!("kairos-agent-{stage}.service")),
+                format!("/usr/bin/kairos-agent run-stage {stage}")
+            );
+        }
+        assert_eq!(
+            exec("kairos-agent.service"),
+            "/usr/bin/kairos-agent daemon --no-stages"
+        );
+    }
+    use crate::testutil::*;
+    use kairos_init::grubenv;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::Mutex;
+
+    #[test]
+    fn stages_k3s_mark_good_and_stop() {
+        let t = Tree::new();
+        t.cmdline("root=LABEL=COS_ACTIVE rd.kairos.boot_reason=cos:counted-try");
+        t.file("/run/cos/active_mode", "");
+        let mut e = t.env(&[]);
+        grubenv::arm(&mut e, 3).unwrap();
+        grubenv::grub_boot(&mut e);
+        grubenv::write(&t.ctx.grubenv_path(), &e).unwrap();
+        let root = t.ctx.root.display().to_string();
+        t.file(
+            "/oem/90_node.yaml",
+            format!(
+                "#cloud-config\nk3s:\n  enabled: true\n  args: [--disable=traefik]\nstages:\n  fs:\n  - commands: [echo fs >> {root}/stages]\n  boot:\n  - commands: [echo boot >> {root}/stages]\n  network:\n  - commands: [echo network >> {root}/stages]\n  reconcile:\n  - commands: [echo reconcile >> {root}/stages]\n"
+            ),
+        );
+        // Ready only once the server has started.
+        t.file(
+            "/usr/bin/k3s",
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = kubectl ]; then [ -e {root}/started ] && echo ok; exit 0; fi\necho \"$*\" > {root}/started\nexec sleep 30\n"
+            ),
+        );
+        std::fs::set_permissions(
+            t.ctx.path("/usr/bin/k3s"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let k3s_lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let kl = k3s_lines.clone();
+        let opts = DaemonOptions {
+            run_stages: true,
+            reconcile_every: Duration::from_millis(300),
+            health_every: Duration::from_millis(100),
+            health_timeout: Duration::from_secs(20),
+            k3s_check_timeout: Duration::from_secs(5),
+            k3s: SupervisorOptions {
+                grace: Duration::from_secs(2),
+                log: Arc::new(move |m| kl.lock().unwrap().push(m.to_owned())),
+                ..SupervisorOptions::default()
+            },
+        };
+        let (tx, rx) = mpsc::channel();
+        let ctx = t.ctx.clone();
+        let h = std::thread::spawn(move || {
+            let mut log = Vec::new();
+            let r = super::run(&ctx, &opts, &rx, &mut log);
+            (r.unwrap(), String::from_utf8(log).unwrap())
+        });
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let c = grubenv::Counters::from_env(&t.read_env()).unwrap();
+            let reconciled = std::fs::read_to_string(t.ctx.path("/stages"))
+                .unwrap_or_default()
+                .contains("reconcile");
+            if c.tries_cos == 3 && reconciled {
+                break;
+            }
+            assert!(Instant::now() < end, "not marked good / reconciled in time");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        tx.send(Event::Stop(signal_hook::consts::SIGTERM)).unwrap();
+        let (outcome, log) = h.join().unwrap();
+        assert_eq!(outcome, Outcome::Done);
+        let stages = std::fs::read_to_string(t.ctx.path("/stages")).unwrap();
+        assert!(
+            stages.starts_with("fs\nboot\nnetwork\nreconcile\n"),
+            "{stages}"
+        );
+        assert!(t.ctx.path(crate::markgood::BOOT_STAGE_OK).exists());
+        assert_eq!(
+            std::fs::read_to_string(t.ctx.path("/started")).unwrap(),
+            "server --disable=traefik\n"
+        );
+        assert!(
+            log.contains("kairos-agent: boot marked good (entry=cos, tries reset to 3)"),
+            "{log}"
+        );
+        assert!(log.contains("kairos-agent: SIGTERM: stopping"), "{log}");
+        assert!(log.ends_with("kairos-agent: daemon stopped\n"), "{log}");
+        let kl = k3s_lines.lock().unwrap().join("\n");
+        assert!(kl.contains("stopping k3s (pid"), "{kl}");
+        assert!(kl.contains("stopped: signal: 15"), "{kl}");
+    }
+}

@@ -1,0 +1,373 @@
+//! The Debian 12 test image: a `debootstrap --variant=minbase` tree with systemd as init, built
+//! once and cached under the kairos-qemu cache (`debian-12/rootfs`). No kernel goes inside: the
+//! disk builder puts the cached Debian kernel and our initramfs at `/boot` like it does for the
+//! busybox image, and kairos-init boots it as any Kairos image.
+//!
+//! The cache is complete only when `rootfs/.kairos-complete` exists; a build goes to
+//! `rootfs.tmp` and is renamed into place, so an interrupted build is redone, never half-used.
+//! Tests copy the tree ([`copy_tree`]) before adding the agent and test files.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use crate::apt::{self, AptError};
+use crate::rootfs::{CommandError, run};
+
+pub const PACKAGES: &[&str] = &["debootstrap", "debian-archive-keyring"];
+pub const SUITE: &str = "bookworm";
+/// Overridable with `KAIROS_DEBIAN_MIRROR` (a local mirror or proxy).
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+const STAMP: &str = ".kairos-complete";
+/// Bumped whenever [`configure`] changes: a cached tree with an older stamp is reconfigured
+/// in place (cheap) instead of being bootstrapped again.
+const CONFIG_VERSION: u32 = 2;
+
+/// Units that only cost boot time (or wait for input) on a headless test node: masked.
+/// `systemd-firstboot` would prompt on the console when it thinks this is a first boot;
+/// the gettys would wait for device units that never appear without udev.
+const MASKED: &[&str] = &[
+    "systemd-firstboot.service",
+    "getty@.service",
+    "serial-getty@.service",
+    "console-getty.service",
+    "getty-static.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "fstrim.timer",
+    "systemd-tmpfiles-clean.timer",
+];
+
+/// Paths removed after debootstrap: documentation, translations and package caches (about a
+/// third of a minbase tree), never read on a test node.
+const TRIM: &[&str] = &[
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "usr/share/lintian",
+    "var/cache/apt",
+    "var/lib/apt/lists",
+    "var/cache/debconf/templates.dat-old",
+    "var/log/bootstrap.log",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DebianError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("installing debootstrap: {0}")]
+    Apt(#[from] AptError),
+    #[error("{}: debootstrap finished but the tree has no {what}", tree.display())]
+    Incomplete { tree: PathBuf, what: &'static str },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DebianError + '_ {
+    move |source| DebianError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// `<kairos-qemu cache>/debian-12`.
+pub fn default_dir() -> PathBuf {
+    crate::kernel::default_cache_dir().join("debian-12")
+}
+
+/// The cached tree, built on first use.
+pub fn cached_or_build() -> Result<PathBuf, DebianError> {
+    build(&default_dir())
+}
+
+/// Serialises builds inside one process (tests run in threads); the lock file does the same
+/// across processes.
+static BUILD: Mutex<()> = Mutex::new(());
+
+/// What the stamp of a tree configured by this version says.
+fn stamp_config() -> String {
+    format!("config={CONFIG_VERSION}")
+}
+
+/// Whether `tree` is complete: Some(true) current, Some(false) from an older [`configure`].
+fn stamp_state(tree: &Path) -> Option<bool> {
+    let text = fs::read_to_string(tree.join(STAMP)).ok()?;
+    Some(text.lines().any(|l| l == stamp_config()))
+}
+
+fn write_stamp(tree: &Path, mirror: &str) -> Result<(), DebianError> {
+    let stamp = tree.join(STAMP);
+    let text = format!(
+        "{SUITE} minbase+systemd-sysv from {mirror}\n{}\n",
+        stamp_config()
+    );
+    fs::write(&stamp, text).map_err(io_err(&stamp))
+}
+
+/// Makes `dir/rootfs` (idempotent: returns at once when the stamp is there and current; a
+/// tree from an older [`configure`] is reconfigured in place, not bootstrapped again).
+pub fn build(dir: &Path) -> Result<PathBuf, DebianError> {
+    let tree = dir.join("rootfs");
+    if stamp_state(&tree) == Some(true) {
+        return Ok(tree);
+    }
+    let _guard = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let lock_path = dir.join("build.lock");
+    let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+    let mirror = std::env::var("KAIROS_DEBIAN_MIRROR").unwrap_or_else(|_| DEFAULT_MIRROR.into());
+    match stamp_state(&tree) {
+        Some(true) => return Ok(tree),
+        Some(false) => {
+            configure(&tree)?;
+            write_stamp(&tree, &mirror)?;
+            return Ok(tree);
+        }
+        None => {}
+    }
+    apt::ensure_packages(PACKAGES)?;
+    let tmp = dir.join("rootfs.tmp");
+    remove_tree(&tmp)?;
+    run(Command::new("debootstrap")
+        .args([
+            "--variant=minbase",
+            "--include=systemd-sysv",
+            "--components=main",
+        ])
+        .arg(SUITE)
+        .arg(&tmp)
+        .arg(&mirror))?;
+    configure(&tmp)?;
+    for (what, p) in [
+        ("/lib/systemd/systemd", "lib/systemd/systemd"),
+        ("/sbin/init", "sbin/init"),
+    ] {
+        if tmp.join(p).symlink_metadata().is_err() {
+            return Err(DebianError::Incomplete { tree: tmp, what });
+        }
+    }
+    write_stamp(&tmp, &mirror)?;
+    remove_tree(&tree)?;
+    fs::rename(&tmp, &tree).map_err(io_err(&tree))?;
+    Ok(tree)
+}
+
+fn remove_tree(p: &Path) -> Result<(), DebianError> {
+    let is_dir = p.symlink_metadata().is_ok_and(|m| m.is_dir());
+    let res = if is_dir {
+        fs::remove_dir_all(p)
+    } else {
+        fs::remove_file(p)
+    };
+    match res {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(p)(e)),
+    }
+}
+
+fn write(path: &Path, contents: &str, mode: u32) -> Result<(), DebianError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    // Replaced, not rewritten: a read-only file (machine-id) would refuse a non-root rerun.
+    if path.symlink_metadata().is_ok() {
+        fs::remove_file(path).map_err(io_err(path))?;
+    }
+    fs::write(path, contents).map_err(io_err(path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))
+}
+
+/// `link -> target`, replacing what is there.
+pub fn symlink_force(target: &str, link: &Path) -> Result<(), DebianError> {
+    if let Some(parent) = link.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    if link.symlink_metadata().is_ok() {
+        fs::remove_file(link).map_err(io_err(link))?;
+    }
+    symlink(target, link).map_err(io_err(link))
+}
+
+/// Makes the fresh tree a quiet headless node whose journal shows on the serial console.
+fn configure(t: &Path) -> Result<(), DebianError> {
+    for p in TRIM {
+        let path = t.join(p);
+        remove_tree(&path)?;
+        if !path.exists() && !p.contains('.') {
+            fs::create_dir_all(&path).map_err(io_err(&path))?;
+        }
+    }
+    // A fixed id: with an empty one systemd treats every boot as the first (firstboot, presets).
+    write(
+        &t.join("etc/machine-id"),
+        "4b6169726f7344656269616e31320000\n",
+        0o444,
+    )?;
+    write(&t.join("etc/hostname"), "kairos-debian\n", 0o644)?;
+    for dir in ["oem", "usr/local", "etc/cos", "var/lib/kairos"] {
+        let p = t.join(dir);
+        fs::create_dir_all(&p).map_err(io_err(&p))?;
+    }
+    // The image's Kairos layout is the built-in default; an empty /etc/cos keeps it that way.
+    remove_tree(&t.join("etc/cos"))?;
+    let units = t.join("etc/systemd/system");
+    symlink_force(
+        "/lib/systemd/system/multi-user.target",
+        &units.join("default.target"),
+    )?;
+    for u in MASKED {
+        symlink_force("/dev/null", &units.join(u))?;
+    }
+    for wants in ["timers.target.wants", "getty.target.wants"] {
+        remove_tree(&units.join(wants))?;
+    }
+    // / is read-only on Kairos: /tmp needs its own tmpfs (Debian ships the unit, disabled).
+    symlink_force("/usr/share/systemd/tmp.mount", &units.join("tmp.mount"))?;
+    symlink_force(
+        "/etc/systemd/system/tmp.mount",
+        &units.join("local-fs.target.wants/tmp.mount"),
+    )?;
+    // The tests read what services print on the serial log: forward the journal there.
+    write(
+        &t.join("etc/systemd/journald.conf.d/10-kairos-console.conf"),
+        "[Journal]\nStorage=volatile\nForwardToConsole=yes\nTTYPath=/dev/ttyS0\nMaxLevelConsole=info\n",
+        0o644,
+    )?;
+    // A root password nobody knows is no better than none on a test node; ssh is not installed.
+    write(
+        &t.join("etc/systemd/system.conf.d/10-kairos.conf"),
+        "[Manager]\nDefaultTimeoutStopSec=10s\nShowStatus=yes\n",
+        0o644,
+    )?;
+    Ok(())
+}
+
+/// Copies the cached tree to `to` (replacing it), preserving owners, modes and links.
+pub fn copy_tree(from: &Path, to: &Path) -> Result<(), DebianError> {
+    remove_tree(to)?;
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    run(Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(from)
+        .arg(to))?;
+    Ok(())
+}
+
+/// Installs a systemd unit and enables it for `multi-user.target` the way `systemctl enable`
+/// would for `WantedBy=multi-user.target`: a symlink in the target's `.wants` directory.
+pub fn install_unit(tree: &Path, name: &str, contents: &str) -> Result<(), DebianError> {
+    let units = tree.join("etc/systemd/system");
+    write(&units.join(name), contents, 0o644)?;
+    // Template units (name@.service) are not enabled as such; timers enable into timers.target.
+    if name.contains("@.") {
+        return Ok(());
+    }
+    let wanted_by = wanted_by(contents).unwrap_or_else(|| "multi-user.target".into());
+    for target in wanted_by.split_whitespace() {
+        symlink_force(
+            &format!("/etc/systemd/system/{name}"),
+            &units.join(format!("{target}.wants")).join(name),
+        )?;
+    }
+    Ok(())
+}
+
+/// The `WantedBy=` of a unit's `[Install]` section.
+fn wanted_by(unit: &str) -> Option<String> {
+    let mut in_install = false;
+    let mut out: Vec<String> = Vec::new();
+    for line in unit.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_install = line == "[Install]";
+        } else if in_install && let Some(v) = line.strip_prefix("WantedBy=") {
+            out.extend(v.split_whitespace().map(str::to_string));
+        }
+    }
+    (!out.is_empty()).then(|| out.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wanted_by_reads_install_section() {
+        let u = "[Unit]\nWantedBy=nope\n[Service]\nExecStart=/x\n[Install]\nWantedBy=multi-user.target sysinit.target\n";
+        assert_eq!(
+            wanted_by(u).as_deref(),
+            Some("multi-user.target sysinit.target")
+        );
+        assert_eq!(wanted_by("[Service]\nExecStart=/x\n"), None);
+    }
+
+    #[test]
+    fn configure_is_idempotent_and_quiet() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        fs::create_dir_all(t.join("usr/share/doc/pkg")).unwrap();
+        fs::create_dir_all(t.join("etc/systemd/system/timers.target.wants")).unwrap();
+        fs::create_dir_all(t.join("var/cache/debconf")).unwrap();
+        fs::write(t.join("var/cache/debconf/templates.dat-old"), b"x").unwrap();
+        for _ in 0..2 {
+            configure(t).unwrap();
+        }
+        let u = t.join("etc/systemd/system");
+        assert_eq!(
+            fs::read_link(u.join("default.target")).unwrap(),
+            Path::new("/lib/systemd/system/multi-user.target")
+        );
+        for m in MASKED {
+            assert_eq!(fs::read_link(u.join(m)).unwrap(), Path::new("/dev/null"));
+        }
+        assert!(
+            u.join("local-fs.target.wants/tmp.mount")
+                .symlink_metadata()
+                .is_ok()
+        );
+        assert!(!u.join("timers.target.wants").exists());
+        assert!(!t.join("usr/share/doc/pkg").exists());
+        assert!(!t.join("var/cache/debconf/templates.dat-old").exists());
+        assert_eq!(
+            fs::read_to_string(t.join("etc/machine-id")).unwrap().len(),
+            33
+        );
+        assert!(t.join("oem").is_dir() && !t.join("etc/cos").exists());
+        assert_eq!(stamp_state(t), None);
+        write_stamp(t, "http://mirror").unwrap();
+        assert_eq!(stamp_state(t), Some(true));
+        fs::write(t.join(STAMP), "bookworm\nconfig=1\n").unwrap();
+        assert_eq!(stamp_state(t), Some(false));
+    }
+
+    #[test]
+    fn install_unit_enables_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        install_unit(
+            tmp.path(),
+            "a.service",
+            "[Service]\nExecStart=/x\n[Install]\nWantedBy=sysinit.target\n",
+        )
+        .unwrap();
+        install_unit(tmp.path(), "b.service", "[Service]\nExecStart=/x\n").unwrap();
+        let u = tmp.path().join("etc/systemd/system");
+        assert_eq!(
+            fs::read_link(u.join("sysinit.target.wants/a.service")).unwrap(),
+            Path::new("/etc/systemd/system/a.service")
+        );
+        assert!(
+            u.join("multi-user.target.wants/b.service")
+                .symlink_metadata()
+                .is_ok()
+        );
+    }
+}

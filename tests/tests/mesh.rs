@@ -1,0 +1,305 @@
+//! The P2P mesh (issue 5) on this machine: nodes in network namespaces on a bridge, each with
+//! only the network token, elect a leader, take roles, start a stand-in K3s against the
+//! master, lease VPN addresses and ping each other over `edgevpn0`, keep their lease across a
+//! restart, and elect a new leader when the leader disappears. Needs root.
+
+use std::time::{Duration, Instant};
+
+use kairos_tests::mesh::{Mesh, build_agent, require_root};
+
+#[test]
+fn three_nodes_roles_k3s_vpn_restart_and_failover() {
+    require_root();
+    let agent = build_agent().expect("building kairos-agent");
+    let mut mesh = Mesh::new(&agent, "m", 3).expect("setting up namespaces");
+    mesh.start_all().expect("starting the nodes");
+
+    // 1. Roles: one leader everyone agrees on, exactly one master, the others workers.
+    let roles = mesh
+        .wait("all roles assigned", Duration::from_secs(90), |m| {
+            let states: Vec<(String, String)> =
+                m.nodes.iter().map(|n| n.state()).collect::<Option<_>>()?;
+            let leader = &states[0].0;
+            (states.iter().all(|(l, r)| l == leader && r != "none")).then_some(states)
+        })
+        .unwrap();
+    let figure = mesh.started.elapsed();
+    println!(
+        "FIGURE mesh: all roles assigned in {:.1} s",
+        figure.as_secs_f64()
+    );
+    let leader = roles[0].0.clone();
+    assert!(
+        mesh.nodes.iter().any(|n| n.uuid() == leader),
+        "leader {leader} is one of the nodes"
+    );
+    let masters: Vec<usize> = (0..3).filter(|i| roles[*i].1 == "master").collect();
+    assert_eq!(
+        masters.len(),
+        1,
+        "exactly one master: {roles:?}\n{}",
+        mesh.logs()
+    );
+    let master = masters[0];
+    assert!(
+        (0..3)
+            .filter(|i| *i != master)
+            .all(|i| roles[i].1 == "worker"),
+        "{roles:?}"
+    );
+
+    // 2. VPN: distinct addresses on every node.
+    let ips: Vec<String> = mesh
+        .wait("VPN addresses", Duration::from_secs(30), |m| {
+            m.nodes
+                .iter()
+                .map(|n| n.vpn_ip())
+                .collect::<Option<Vec<_>>>()
+        })
+        .unwrap();
+    let mut uniq = ips.clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!(uniq.len(), 3, "distinct VPN addresses: {ips:?}");
+    for ip in &ips {
+        assert!(ip.starts_with("10.1.0."), "{ip} in 10.1.0.0/24");
+    }
+
+    // 3. K3s: the master's stand-in ran as a server on the VPN; the workers' as agents
+    //    against its VPN address with its node token.
+    let master_url = format!("https://{}:6443", ips[master]);
+    let master_token = format!("K10token-of-node{master}::server:s3cret");
+    let server = mesh
+        .wait("the master's k3s server", Duration::from_secs(30), |m| {
+            m.nodes[master].record("server")
+        })
+        .unwrap();
+    assert!(server.contains("--flannel-iface=edgevpn0"), "{server}");
+    assert!(
+        server.contains(&format!("--node-ip={}", ips[master])),
+        "{server}"
+    );
+    for w in (0..3).filter(|i| *i != master) {
+        let rec = mesh
+            .wait("a worker's k3s agent", Duration::from_secs(30), |m| {
+                m.nodes[w].record("agent")
+            })
+            .unwrap();
+        assert!(rec.contains(&format!("K3S_URL={master_url}")), "{rec}");
+        assert!(rec.contains(&format!("K3S_TOKEN={master_token}")), "{rec}");
+        assert!(rec.contains("--flannel-iface=edgevpn0"), "{rec}");
+        assert!(rec.contains(&format!("--node-ip={}", ips[w])), "{rec}");
+        assert!(
+            mesh.nodes[w].record("server").is_none(),
+            "a worker runs no server"
+        );
+    }
+
+    // 4. Ping between every pair over edgevpn0.
+    let t_ping = Instant::now();
+    for a in 0..3 {
+        for (b, ip) in ips.iter().enumerate() {
+            if a == b {
+                continue;
+            }
+            mesh.wait(
+                &format!("ping node{a} -> {ip}"),
+                Duration::from_secs(20),
+                |m| {
+                    m.exec(a, &["ping", "-c", "1", "-W", "1", "-I", "edgevpn0", ip])
+                        .ok()
+                },
+            )
+            .unwrap();
+        }
+    }
+    println!(
+        "FIGURE mesh: 6 pings over edgevpn0 in {:.1} s",
+        t_ping.elapsed().as_secs_f64()
+    );
+
+    // 5. A restarted node keeps its lease (the file and the address it comes up with).
+    let r = (0..3)
+        .find(|i| mesh.nodes[*i].uuid() != leader)
+        .unwrap_or(0);
+    let lease_file = mesh.nodes[r].root.join("usr/local/.kairos/lease");
+    let before = std::fs::read_to_string(&lease_file).expect("lease file written");
+    assert_eq!(before.trim(), ips[r]);
+    mesh.stop(r);
+    let log_len = mesh.nodes[r].log().len();
+    mesh.start(r).unwrap();
+    let again = mesh
+        .wait(
+            "the restarted node's VPN address",
+            Duration::from_secs(30),
+            |m| {
+                let log = m.nodes[r].log();
+                log.get(log_len..)?
+                    .contains("vpn interface=")
+                    .then(|| m.nodes[r].vpn_ip())?
+            },
+        )
+        .unwrap();
+    assert_eq!(again, ips[r], "same lease after restart");
+    mesh.wait("ping to the restarted node", Duration::from_secs(20), |m| {
+        let other = (r + 1) % 3;
+        m.exec(other, &["ping", "-c", "1", "-W", "1", &ips[r]]).ok()
+    })
+    .unwrap();
+
+    // 6. The leader's namespace goes away: the others agree on a new leader, in bounded time.
+    let li = (0..3).find(|i| mesh.nodes[*i].uuid() == leader).unwrap();
+    let t0 = Instant::now();
+    mesh.delete_node(li);
+    let rest: Vec<usize> = (0..3).filter(|i| *i != li).collect();
+    let new_leader = mesh
+        .wait("a new leader", Duration::from_secs(30), |m| {
+            let s: Vec<String> = rest
+                .iter()
+                .map(|i| m.nodes[*i].state().map(|s| s.0))
+                .collect::<Option<_>>()?;
+            (s[0] == s[1] && s[0] != leader).then(|| s[0].clone())
+        })
+        .unwrap();
+    let took = t0.elapsed();
+    println!(
+        "FIGURE mesh: new leader elected {:.1} s after the leader's namespace was deleted",
+        took.as_secs_f64()
+    );
+    assert!(rest.iter().any(|i| mesh.nodes[*i].uuid() == new_leader));
+    assert!(took < Duration::from_secs(15), "failover took {took:?}");
+}
+
+/// A node with a forged token — the same room, rendezvous and mDNS names, so it is on the
+/// same gossipsub topic and connected, but another crypto key — learns nothing from the
+/// ledger and cannot write to it: the others drop its messages with a log line and carry on.
+#[test]
+fn wrong_token_node_learns_nothing_and_counts_for_nothing() {
+    require_root();
+    let agent = build_agent().expect("building kairos-agent");
+    let mut mesh = Mesh::new(&agent, "w", 3).expect("setting up namespaces");
+    // Node 2's token: the mesh's with the crypto key swapped (the second `key:` line).
+    let forged = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo '{}' | base64 -d | awk '/key:/ {{ n++; if (n == 2) {{ print \"    key: forgedforgedforgedforgedforgedforgedforged1\"; next }} }} {{ print }}' | base64 -w0",
+            mesh.token
+        ))
+        .output()
+        .expect("forging a token");
+    let forged = String::from_utf8_lossy(&forged.stdout).trim().to_owned();
+    assert!(!forged.is_empty() && forged != mesh.token);
+    let cfg = mesh.nodes[2].root.join("config.yaml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&mesh.token, &forged);
+    std::fs::write(&cfg, text).unwrap();
+    mesh.start_all().unwrap();
+    let states = mesh
+        .wait("roles in the two-node mesh", Duration::from_secs(90), |m| {
+            let s: Vec<(String, String)> = m.nodes[..2]
+                .iter()
+                .map(|n| n.state())
+                .collect::<Option<_>>()?;
+            (s[0].0 == s[1].0 && s.iter().all(|(_, r)| r != "none")).then_some(s)
+        })
+        .unwrap();
+    // Give the stranger a few more announce rounds to (not) learn anything.
+    std::thread::sleep(Duration::from_secs(4));
+    let stranger = mesh.nodes[2].uuid();
+    assert_ne!(states[0].0, stranger);
+    let log2 = mesh.nodes[2].log();
+    for n in &mesh.nodes[..2] {
+        assert!(
+            !log2.contains(&n.uuid()),
+            "the stranger learnt a node UUID:\n{log2}"
+        );
+        assert!(
+            !n.log().contains(&stranger),
+            "a node saw the stranger:\n{}",
+            n.log()
+        );
+    }
+    // Each side dropped the other's messages, saying why.
+    for n in &mesh.nodes {
+        let log = n.log();
+        assert!(
+            log.contains("ledger: dropped a message from")
+                && log.contains("does not authenticate with this network's key"),
+            "no drop logged by {}:\n{log}",
+            n.ns
+        );
+    }
+    // Alone in its own network it is its own leader and never gets a role (minimum 2).
+    assert_eq!(
+        mesh.nodes[2].state(),
+        Some((stranger.clone(), "none".into()))
+    );
+    assert!(mesh.nodes[2].record("server").is_none() && mesh.nodes[2].record("agent").is_none());
+}
+
+/// QR pairing: a node in install mode saves its token as a PNG QR code; `register` with that
+/// PNG, run in another namespace, delivers a config the node acknowledges and hands on.
+#[test]
+fn qr_pairing_delivers_the_config() {
+    require_root();
+    let agent = build_agent().expect("building kairos-agent");
+    let mesh = Mesh::new(&agent, "q", 2).expect("setting up namespaces");
+    let node = &mesh.nodes[0];
+    let log = std::fs::File::create(node.root.join("pair.log")).unwrap();
+    let mut pair = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.ns])
+        .arg(&agent)
+        .arg("--root")
+        .arg(&node.root)
+        .args(["p2p", "pair", "--timeout", "120"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let png = node.root.join("run/kairos/pairing-qr.png");
+    let pair_log = node.root.join("pair.log");
+    let waited = mesh.wait("the QR code", Duration::from_secs(20), |_| {
+        let shown = std::fs::read_to_string(&pair_log).unwrap_or_default();
+        (png.exists() && shown.contains("scan this code")).then_some(())
+    });
+    if let Err(e) = waited {
+        let _ = pair.kill();
+        panic!("{e}");
+    }
+    // The console shows the code with block characters.
+    let shown = std::fs::read_to_string(node.root.join("pair.log")).unwrap_or_default();
+    assert!(shown.contains('█') || shown.contains('▀'), "{shown}");
+    let cc = "#cloud-config\nhostname: paired-node\ninstall:\n  device: /dev/vda\n";
+    let cc_path = mesh.dir.join("cc.yaml");
+    std::fs::write(&cc_path, cc).unwrap();
+    let reg = mesh.exec(
+        1,
+        &[
+            agent.to_str().unwrap(),
+            "--root",
+            mesh.nodes[1].root.to_str().unwrap(),
+            "register",
+            "--config",
+            cc_path.to_str().unwrap(),
+            "--device",
+            "/dev/vda",
+            "--reboot",
+            "--timeout",
+            "90",
+            png.to_str().unwrap(),
+        ],
+    );
+    let status = pair.wait().unwrap();
+    let pair_log = std::fs::read_to_string(node.root.join("pair.log")).unwrap_or_default();
+    let reg = reg.unwrap_or_else(|e| panic!("register failed: {e}\nnode:\n{pair_log}"));
+    assert!(reg.contains("registered with node"), "{reg}");
+    assert!(status.success(), "pair exited {status}:\n{pair_log}");
+    let got = std::fs::read_to_string(node.root.join("run/kairos/pairing/config.yaml")).unwrap();
+    assert_eq!(got, cc);
+    let req = std::fs::read_to_string(node.root.join("run/kairos/pairing/request.json")).unwrap();
+    assert!(
+        req.contains("\"device\": \"/dev/vda\"") && req.contains("\"reboot\": true"),
+        "{req}"
+    );
+}
