@@ -561,18 +561,7 @@ fn spawn(spec: &Spec, binary: &Path, output: &LogFn) -> std::io::Result<Child> {
     if std::env::var_os("PATH").is_none() {
         cmd.env("PATH", crate::DEFAULT_PATH);
     }
-    let mut tries = 0;
-    let mut child = loop {
-        match cmd.spawn() {
-            Ok(c) => break c,
-            // The binary may be mid-replacement (an upgrade, a test writing its stand-in).
-            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 20 => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    let mut child = crate::spawn_retrying(&mut cmd)?;
     let pid = child.id();
     let pipes: [Option<Box<dyn Read + Send>>; 2] = [
         child.stdout.take().map(|p| Box::new(p) as _),

@@ -123,6 +123,21 @@ impl Ctx {
     }
 }
 
+/// `cmd.spawn()`, retried for up to a second while the binary is busy being written (an
+/// upgrade replacing it, a test writing its stand-in): ETXTBSY is transient, not a failure.
+pub fn spawn_retrying(cmd: &mut std::process::Command) -> std::io::Result<std::process::Child> {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The GRUB entry that boots a mode's image.
 pub fn entry_for_mode(mode: &str) -> Option<&'static str> {
     Some(match mode {

@@ -162,18 +162,8 @@ fn run_bounded(
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut tries = 0;
-    let mut child = loop {
-        match cmd.spawn() {
-            Ok(c) => break c,
-            // The binary may be mid-replacement (an upgrade, or a test that just wrote it).
-            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 20 => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(format!("cannot run {}: {e}", bin.display())),
-        }
-    };
+    let mut child =
+        crate::spawn_retrying(cmd).map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
     let (tx, rx) = mpsc::channel();
     let pipes: [(usize, Option<Box<dyn Read + Send>>); 2] = [
         (0, child.stdout.take().map(|p| Box::new(p) as _)),

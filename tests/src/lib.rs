@@ -226,8 +226,17 @@ pub fn boot_direct_on(
 
 // ---- Boot assessment through GRUB (issue 3) ----
 
-/// Builds kairos-agent (static, release) like [`build_init`] builds kairos-init.
+/// Builds kairos-agent (static, release) like [`build_init`] builds kairos-init, once per
+/// test process.
 pub fn build_agent() -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_agent_now().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn build_agent_now() -> Result<PathBuf> {
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
@@ -246,6 +255,36 @@ pub fn build_agent() -> Result<PathBuf> {
         bail!("cargo build -p kairos-agent failed");
     }
     Ok(root.join("target/x86_64-unknown-linux-gnu/release/kairos-agent"))
+}
+
+/// What boot.rs's grub_boots_active_read_only asserts: active booted read-only with its
+/// overlays and mounts, the timeline lines, and the peak RSS; prints the stage figure.
+pub fn assert_active_read_only(r: &BootResult, what: &str) {
+    assert_has(r, "kairos-init: kairos-init");
+    assert_has(r, "starting: mode=active image=/cOS/active.img reason=cos");
+    assert_has(r, "kairos-init: switch_root to /sysroot");
+    assert_has(r, "KAIROS-TEST: hello from image=active pid=1");
+    assert_has(r, "KAIROS-TEST: mode=active");
+    assert_has(r, "KAIROS-TEST: root=ro");
+    assert_has(r, "KAIROS-TEST: mount / ext4 ro");
+    assert_has(r, "KAIROS-TEST: mount /etc overlay rw");
+    assert_has(r, "KAIROS-TEST: mount /oem ext4 rw");
+    assert_has(r, "KAIROS-TEST: mount /usr/local ext4 rw");
+    assert_has(r, DONE);
+    // The timeline: top-level steps, each mount, and switch_root itself.
+    assert_has(r, "kairos-init: step modules: ");
+    assert_has(r, "kairos-init: step loop-mount /cOS/active.img: ");
+    assert_has(r, "kairos-init: step bind /sysroot/etc/ssh: ");
+    assert_has(r, "kairos-init: step switch_root: ");
+    assert_has(r, "; peak RSS ");
+    let t = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: switch_root")
+        .expect("switch_root timestamp");
+    let start = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: kairos-init")
+        .expect("init start timestamp");
+    println!(
+        "FIGURE {what}: kernel start -> switch_root {t:.3} s (kairos-init ran {:.3} s)",
+        t - start
+    );
 }
 
 static AGENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();

@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::workspace_root;
-
 /// Mesh tests need root for `ip netns` and TUN; say so instead of failing obscurely.
 pub fn require_root() {
     if !rustix::process::geteuid().is_root() {
@@ -22,34 +20,8 @@ pub fn require_root() {
 }
 
 /// Build kairos-agent once per test process (the tests of a binary share it).
-pub fn build_agent() -> Result<PathBuf> {
-    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| build_agent_now().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(anyhow::Error::msg)
-}
-
-fn build_agent_now() -> Result<PathBuf> {
-    let root = workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "kairos-agent",
-            "--bin",
-            "kairos-agent",
-        ])
-        .status()
-        .context("running cargo build for kairos-agent")?;
-    if !status.success() {
-        bail!("cargo build -p kairos-agent failed");
-    }
-    Ok(root.join("target/x86_64-unknown-linux-gnu/release/kairos-agent"))
-}
+/// The agent binary the nodes run (built once per test process).
+pub use crate::build_agent;
 
 fn sh(args: &[&str]) -> Result<String> {
     let out = Command::new(args[0])
