@@ -54,25 +54,25 @@ pub fn can_run() -> bool {
     false
 }
 
-pub fn build_init() -> Result<PathBuf> {
+/// `cargo build --release -p NAME --bin NAME` in this workspace (static, as the images need).
+fn cargo_build_bin(name: &str) -> Result<PathBuf> {
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "kairos-init",
-            "--bin",
-            "kairos-init",
-        ])
+        .args(["build", "--release", "-p", name, "--bin", name])
         .status()
-        .context("running cargo build for kairos-init")?;
+        .with_context(|| format!("running cargo build for {name}"))?;
     if !status.success() {
-        bail!("cargo build -p kairos-init failed");
+        bail!("cargo build -p {name} failed");
     }
-    Ok(root.join("target/x86_64-unknown-linux-gnu/release/kairos-init"))
+    Ok(root
+        .join("target/x86_64-unknown-linux-gnu/release")
+        .join(name))
+}
+
+pub fn build_init() -> Result<PathBuf> {
+    cargo_build_bin("kairos-init")
 }
 
 static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
@@ -237,24 +237,7 @@ pub fn build_agent() -> Result<PathBuf> {
 }
 
 fn build_agent_now() -> Result<PathBuf> {
-    let root = workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "kairos-agent",
-            "--bin",
-            "kairos-agent",
-        ])
-        .status()
-        .context("running cargo build for kairos-agent")?;
-    if !status.success() {
-        bail!("cargo build -p kairos-agent failed");
-    }
-    Ok(root.join("target/x86_64-unknown-linux-gnu/release/kairos-agent"))
+    cargo_build_bin("kairos-agent")
 }
 
 /// What boot.rs's grub_boots_active_read_only asserts: active booted read-only with its
