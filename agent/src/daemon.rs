@@ -117,14 +117,16 @@ pub fn run(
         .as_ref()
         .and_then(|p| p.network_token.as_deref())
         .is_some_and(|t| !t.is_empty());
+    let mut mesh_node = None;
+    if mesh {
+        writeln!(
+            log,
+            "kairos-agent: p2p network_token set: joining the mesh (`kairos-agent p2p run`), which starts K3s"
+        )?;
+        mesh_node = Some(MeshNode::start(ctx));
+    }
     let k3s_wanted = match Spec::from_config(&loaded.merged) {
-        Some(_) if mesh => {
-            writeln!(
-                log,
-                "kairos-agent: p2p network_token set: K3s is started by the mesh"
-            )?;
-            true
-        }
+        Some(_) if mesh => true,
         Some(spec) => {
             match Supervisor::start_with(ctx, spec, opts.k3s.clone()) {
                 Ok(s) => k3s = Some(s),
@@ -203,6 +205,9 @@ pub fn run(
                 if let Some(k) = k3s.take() {
                     k.stop();
                 }
+                if let Some(m) = mesh_node.take() {
+                    m.stop();
+                }
                 writeln!(log, "kairos-agent: daemon stopped")?;
                 return Ok(Outcome::Done);
             }
@@ -211,6 +216,88 @@ pub fn run(
             Err(RecvTimeoutError::Disconnected) => {
                 std::thread::sleep(wake.saturating_duration_since(Instant::now()));
             }
+        }
+    }
+}
+
+/// The mesh node, `kairos-agent p2p run`, as a child of the daemon: restarted with back-off
+/// (1 s doubling to 60 s) when it exits, stopped with SIGTERM when the daemon stops. A child
+/// rather than a thread so its async runtime and TUN device live and die apart from the
+/// daemon's K3s health checks.
+struct MeshNode {
+    stop: Arc<AtomicBool>,
+    pid: Arc<std::sync::Mutex<Option<u32>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MeshNode {
+    fn start(ctx: &Ctx) -> MeshNode {
+        let stop = Arc::new(AtomicBool::new(false));
+        let pid = Arc::new(std::sync::Mutex::new(None));
+        let exe = std::env::current_exe().unwrap_or_else(|_| "/usr/bin/kairos-agent".into());
+        let (root, grubenv) = (ctx.root.clone(), ctx.grubenv.clone());
+        let (stop2, pid2) = (stop.clone(), pid.clone());
+        let thread = std::thread::spawn(move || {
+            let mut backoff = Duration::from_secs(1);
+            while !stop2.load(Ordering::SeqCst) {
+                let mut cmd = std::process::Command::new(&exe);
+                cmd.arg("--root")
+                    .arg(&root)
+                    .arg("--grubenv")
+                    .arg(&grubenv)
+                    .args(["p2p", "run"]);
+                let started = Instant::now();
+                match crate::spawn_retrying(&mut cmd) {
+                    Ok(mut child) => {
+                        if let Ok(mut p) = pid2.lock() {
+                            *p = Some(child.id());
+                        }
+                        let status = child.wait();
+                        if let Ok(mut p) = pid2.lock() {
+                            *p = None;
+                        }
+                        if stop2.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        match status {
+                            Ok(s) => eprintln!("kairos-agent: p2p node exited ({s})"),
+                            Err(e) => eprintln!("kairos-agent: p2p node: waiting: {e}"),
+                        }
+                    }
+                    Err(e) => eprintln!("kairos-agent: p2p node: {}: {e}", exe.display()),
+                }
+                // A node that ran a while was healthy: start the back-off over.
+                if started.elapsed() > Duration::from_secs(300) {
+                    backoff = Duration::from_secs(1);
+                }
+                eprintln!(
+                    "kairos-agent: restarting the p2p node in {} s",
+                    backoff.as_secs()
+                );
+                let until = Instant::now() + backoff;
+                while Instant::now() < until && !stop2.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        });
+        MeshNode {
+            stop,
+            pid,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Ok(p) = self.pid.lock()
+            && let Some(pid) = *p
+            && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

@@ -198,10 +198,27 @@ pub fn p2p(
 /// Leave the received config and install request where the installer picks them up.
 fn save_pairing(ctx: &Ctx, data: &PairingData, out: &mut dyn Write) -> Result<(), P2pError> {
     let dir = ctx.path(PAIRING_DIR);
+    // The config may carry tokens and passwords: root only, like k3s's config.
     let write = |name: &str, content: &[u8]| -> Result<PathBuf, P2pError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let path = dir.join(name);
-        std::fs::create_dir_all(&dir)
-            .and_then(|_| std::fs::write(&path, content))
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .and_then(|_| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&path)
+            })
+            .and_then(|mut f| {
+                use std::os::unix::fs::PermissionsExt;
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                f.write_all(content)
+            })
             .map_err(|source| P2pError::Write {
                 path: path.clone(),
                 source,

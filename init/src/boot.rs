@@ -98,6 +98,49 @@ fn timeline_json() -> String {
 pub struct Failure {
     pub reason: String,
     pub reboot_delay: Duration,
+    /// `rd.kairos.debug` (or `rd.cos.debug`) was given: offer a shell before rebooting.
+    pub debug_shell: bool,
+}
+
+/// Shells an initramfs may carry (dracut's always has one); tried in order.
+pub const SHELLS: &[&str] = &["/bin/sh", "/usr/bin/sh", "/bin/bash", "/bin/busybox"];
+
+/// Under `rd.kairos.debug` only: run the initramfs's shell on the console and wait for it to
+/// exit. Without that parameter no shell is ever started, whatever the initramfs holds, so a
+/// failed boot cannot be turned into a root prompt by someone at the console.
+pub fn debug_shell() -> Result<(), String> {
+    let Some(sh) = SHELLS
+        .iter()
+        .find(|p| fsutil::executable_in_root(Path::new("/"), p))
+    else {
+        return Err(format!(
+            "rd.kairos.debug: no shell in this initramfs (looked for {})",
+            SHELLS.join(", ")
+        ));
+    };
+    let console = |_| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/console")
+            .map_err(|e| format!("rd.kairos.debug: /dev/console: {e}"))
+    };
+    let mut cmd = std::process::Command::new(sh);
+    if sh.ends_with("busybox") {
+        cmd.arg("sh");
+    }
+    cmd.env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("PS1", "kairos-debug# ")
+        .stdin(console(0)?)
+        .stdout(console(1)?)
+        .stderr(console(2)?);
+    warn!("rd.kairos.debug: starting {sh} on the console; the machine reboots when it exits");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("rd.kairos.debug: {sh}: {e}"))?;
+    info!("rd.kairos.debug: {sh} exited ({status})");
+    Ok(())
 }
 
 /// The whole boot. Returns only on failure to hand off; the caller then goes to emergency.
@@ -120,6 +163,7 @@ pub fn run() -> Failure {
     let fail = |reason: String| Failure {
         reason,
         reboot_delay: req.reboot_delay,
+        debug_shell: req.debug,
     };
     let mut loader = step("modules", || {
         let mut l = ModLoader::new();
@@ -144,6 +188,7 @@ pub fn run() -> Failure {
             );
         }
     }
+    warn_duplicate_labels(&devices);
     let chosen = step("root", || mount_root(&req, &cands, &devices));
     let Some(chosen) = chosen else {
         return fail("no bootable image".into());
@@ -299,10 +344,6 @@ impl ModLoader {
     }
 }
 
-fn label_of(spec: &str) -> Option<&str> {
-    spec.strip_prefix("LABEL=")
-}
-
 /// Wait (bounded, polling) until the first candidate's partition shows up; later candidates'
 /// partitions are not waited for, since they would only matter after the first is gone.
 fn wait_for_devices(
@@ -354,16 +395,17 @@ fn wait_for_label(label: &str, timeout: Duration) -> Option<Vec<BlockDev>> {
     }
 }
 
-/// Fill the inventory: for each candidate, find and mount its partition (read-only, once) and
-/// look at the image file.
-fn inspect(c: &Candidate, devices: &[BlockDev], mounted: &mut Vec<String>) -> ImageStatus {
-    let mnt = c.source_mountpoint();
-    if !mounted.iter().any(|s| s == &c.source) {
-        let Some(dev) = blockdev::find_spec(devices, &c.source) else {
-            return ImageStatus::NoSource(format!("partition {} not found", c.source));
-        };
-        if let Some(label) = label_of(&c.source)
-            && let Some((_, dups)) = blockdev::find_by_label(devices, label)
+/// Two filesystems with one Kairos label: the choice (first in natural device order, see
+/// blockdev::find_by_label) is the same on every boot; say which one it is.
+fn warn_duplicate_labels(devices: &[BlockDev]) {
+    use crate::labels;
+    for label in [
+        labels::STATE,
+        labels::RECOVERY,
+        labels::OEM,
+        labels::PERSISTENT,
+    ] {
+        if let Some((dev, dups)) = blockdev::find_by_label(devices, label)
             && !dups.is_empty()
         {
             let others: Vec<String> = dups
@@ -376,6 +418,17 @@ fn inspect(c: &Candidate, devices: &[BlockDev], mounted: &mut Vec<String>) -> Im
                 others.join(", ")
             );
         }
+    }
+}
+
+/// Fill the inventory: for each candidate, find and mount its partition (read-only, once) and
+/// look at the image file.
+fn inspect(c: &Candidate, devices: &[BlockDev], mounted: &mut Vec<String>) -> ImageStatus {
+    let mnt = c.source_mountpoint();
+    if !mounted.iter().any(|s| s == &c.source) {
+        let Some(dev) = blockdev::find_spec(devices, &c.source) else {
+            return ImageStatus::NoSource(format!("partition {} not found", c.source));
+        };
         let fstype = dev.fs.as_ref().map_or("ext4", |f| f.fstype.mount_type());
         if let Err(e) = fsutil::mkdir_p(Path::new(mnt)) {
             return ImageStatus::NoSource(e.to_string());
@@ -617,8 +670,36 @@ fn strip(p: &str) -> &str {
     }
 }
 
+/// The paths under /sysroot an action creates, writes or mounts on.
+fn written_paths(a: &Action) -> Vec<&str> {
+    match a {
+        Action::Mkdir { path } | Action::WriteFile { path, .. } => vec![path],
+        Action::Tmpfs { target, .. } | Action::Device { target, .. } => vec![target],
+        Action::Overlay {
+            upper,
+            work,
+            target,
+            ..
+        } => vec![upper, work, target],
+        Action::Bind { source, target } => vec![source, target],
+        Action::SyncMissing { from, to } => vec![from, to],
+    }
+}
+
 fn execute(a: &Action, fstab: &mut String) -> Result<(), String> {
     let s = |e: &dyn std::fmt::Display| e.to_string();
+    // A symlink in the image or on COS_PERSISTENT must not redirect a mount or a copy outside
+    // the new root: the kernel would resolve it against the initramfs.
+    for p in written_paths(a) {
+        if let Some((link, to)) = fsutil::symlink_below(Path::new(SYSROOT), Path::new(p)) {
+            return Err(format!(
+                "refusing {}: {} is a symlink (to {}); it could lead outside the root",
+                strip(p),
+                strip(&link.to_string_lossy()),
+                to.display()
+            ));
+        }
+    }
     match a {
         Action::Mkdir { path } => fsutil::mkdir_p(Path::new(path)).map_err(|e| s(&e)),
         Action::Tmpfs { target, size } => {

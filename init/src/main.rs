@@ -39,5 +39,11 @@ fn main() {
         emergency(&format!("internal error: {info}"), Duration::from_secs(10))
     }));
     let failure = kairos_init::boot::run();
+    if failure.debug_shell {
+        log::fatal(&failure.reason);
+        if let Err(e) = kairos_init::boot::debug_shell() {
+            log::fatal(&e);
+        }
+    }
     emergency(&failure.reason, failure.reboot_delay);
 }

@@ -37,6 +37,9 @@ pub enum ImageState {
     Zeros,
     /// The real image cut to its first MiB: superblock intact, data gone.
     Truncated,
+    /// The real image with its superblock fields overwritten (the magic kept, so probes still
+    /// recognise the filesystem and the kernel's mount is what must fail).
+    CorruptSuperblock,
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +75,12 @@ pub struct DiskSpec {
     pub k3s_standin: bool,
     /// Extra files in the image: (absolute path, contents, mode).
     pub image_files: Vec<(String, Vec<u8>, u32)>,
+    /// Symlinks in the image: (absolute path, target), replacing whatever is there.
+    pub image_symlinks: Vec<(String, String)>,
+    /// Files put on COS_PERSISTENT before the first boot: (path inside it, contents).
+    pub persistent_files: Vec<(String, Vec<u8>)>,
+    /// Symlinks put on COS_PERSISTENT: (path inside it, target).
+    pub persistent_symlinks: Vec<(String, String)>,
     pub grub_timeout: u32,
     /// Appended to every entry's kernel command line by grub.cfg.
     pub extra_cmdline: String,
@@ -144,6 +153,9 @@ pub fn demo_spec(
         tree: None,
         k3s_standin: false,
         image_files: Vec::new(),
+        image_symlinks: Vec::new(),
+        persistent_files: Vec::new(),
+        persistent_symlinks: Vec::new(),
         grub_timeout: 1,
         extra_cmdline: String::new(),
         work_dir: None,
@@ -224,7 +236,42 @@ fn degrade(path: &Path, state: ImageState) -> Result<(), DiskError> {
             let n = len()?;
             set_len(MIB.min(n / 2))
         }
+        ImageState::CorruptSuperblock => {
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(io_err(path))?;
+            let mut head = [0u8; 4];
+            f.read_exact(&mut head).map_err(io_err(path))?;
+            // squashfs: root inode, size and table offsets (magic and version stay, so only the
+            // kernel's mount can tell); ext*: the superblock at 1024 up to its magic at 0x38.
+            let (at, n) = if &head == b"hsqs" {
+                (32, 64)
+            } else {
+                (1024, 0x38)
+            };
+            f.seek(SeekFrom::Start(at)).map_err(io_err(path))?;
+            f.write_all(&vec![0xA5; n]).map_err(io_err(path))?;
+            f.sync_all().map_err(io_err(path))
+        }
     }
+}
+
+/// Creates `target` as a symlink at `rel` inside `tree`, replacing what is there.
+fn put_symlink(tree: &Path, rel: &str, target: &str) -> Result<(), DiskError> {
+    let path = oem_path(tree, rel)?;
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    if let Ok(m) = path.symlink_metadata() {
+        if m.is_dir() {
+            fs::remove_dir_all(&path).map_err(io_err(&path))?;
+        } else {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+    }
+    std::os::unix::fs::symlink(target, &path).map_err(io_err(&path))
 }
 
 /// Rejects absolute paths and `..`, so OEM files land inside the OEM tree.
@@ -378,6 +425,9 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
     for (path, data, mode) in &spec.image_files {
         rootfs::add_file(&tree, path, data, *mode)?;
     }
+    for (path, target) in &spec.image_symlinks {
+        put_symlink(&tree, path, target)?;
+    }
     if let Some(agent) = &spec.agent {
         let to = tree.join("usr/bin/kairos-agent");
         fs::copy(agent, &to).map_err(io_err(agent))?;
@@ -428,8 +478,20 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
         fs::write(&path, data).map_err(io_err(&path))?;
+        // Cloud-configs carry tokens and passwords: root only, as the installer writes them.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(io_err(&path))?;
     }
     let persistent_tree = work.dir("persistent")?;
+    for (rel, data) in &spec.persistent_files {
+        let path = oem_path(&persistent_tree, rel)?;
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        fs::write(&path, data).map_err(io_err(&path))?;
+    }
+    for (rel, target) in &spec.persistent_symlinks {
+        put_symlink(&persistent_tree, rel, target)?;
+    }
 
     // Room for content plus headroom: state keeps space for an upgrade's
     // transition.img, recovery for a second image.

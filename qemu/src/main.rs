@@ -94,6 +94,7 @@ enum ImageState {
     Missing,
     Zeros,
     Truncated,
+    CorruptSuperblock,
 }
 
 impl From<ImageState> for disk::ImageState {
@@ -103,6 +104,7 @@ impl From<ImageState> for disk::ImageState {
             ImageState::Missing => disk::ImageState::Missing,
             ImageState::Zeros => disk::ImageState::Zeros,
             ImageState::Truncated => disk::ImageState::Truncated,
+            ImageState::CorruptSuperblock => disk::ImageState::CorruptSuperblock,
         }
     }
 }

@@ -13,6 +13,9 @@ use crate::apt::{self, AptError};
 
 /// `/sbin/init` of the image. Its output lines are a contract with the tests.
 ///
+/// `/etc/kairos-test-nowrite` in the image: it writes nothing to /etc, /usr/local and the
+/// persistent state paths, so a test can check COS_PERSISTENT is left as the boot found it.
+///
 /// Flag files on COS_OEM drive the boot-assessment tests (issue 3):
 /// - `kairos-test-fail-<image>`: this image "fails": it reboots before
 ///   marking the boot good, so GRUB's counters run down;
@@ -20,6 +23,7 @@ use crate::apt::{self, AptError};
 ///   --select fallback` (a one-shot choice of passive for the next boot);
 /// - `kairos-test-repair`: removed, then `kairos-agent state` and `kairos-agent
 ///   bootentry --repair`, before the agent touches the grubenv otherwise;
+/// - `kairos-test-hook.sh`: sourced after the checks above, before `done`;
 /// - `kairos-test-reboots`: a number; while above 0, a good boot counts it
 ///   down and reboots instead of powering off, so one QEMU run holds several boots.
 ///
@@ -36,7 +40,9 @@ if touch /kairos-rootfs-write-probe 2>/dev/null; then echo "KAIROS-TEST: root=rw
 for f in /etc/kairos-test-overlay /usr/local/kairos-test-persist /etc/ssh/kairos-test-state /var/log/kairos-test-state; do
   if [ -e "$f" ]; then echo "KAIROS-TEST: present $f"; else echo "KAIROS-TEST: absent $f"; fi
 done
+if [ -e /etc/kairos-test-nowrite ]; then echo "KAIROS-TEST: no test files written"; else
 echo written > /etc/kairos-test-overlay && echo written > /usr/local/kairos-test-persist && echo written > /etc/ssh/kairos-test-state && echo written > /var/log/kairos-test-state && echo "KAIROS-TEST: wrote test files"
+fi
 while read -r dev mnt fs opts rest; do echo "KAIROS-TEST: mount $mnt $fs $opts"; done < /proc/mounts
 sync
 image=$(cat /etc/kairos-image)
@@ -67,6 +73,8 @@ if [ -x /usr/bin/kairos-agent ]; then
   agent state
   sync
 fi
+# A test's own checks (hardening tests); they print their own KAIROS-TEST lines.
+if [ -f /oem/kairos-test-hook.sh ]; then . /oem/kairos-test-hook.sh; fi
 echo "KAIROS-TEST: done"
 reboots=$(cat /oem/kairos-test-reboots 2>/dev/null)
 if [ "$reboots" -gt 0 ] 2>/dev/null; then
@@ -86,6 +94,8 @@ poweroff -f
 /// `kubectl get --raw /readyz` answers `ok`. Each start bumps `/run/k3s-standin/starts`.
 /// Plain POSIX sh: runs under busybox and Debian's dash.
 pub const K3S_STANDIN: &str = r#"#!/bin/sh
+# Its records hold the K3s token: root only, as k3s keeps its own files.
+umask 077
 d=/run/k3s-standin
 mkdir -p "$d"
 case "$1" in

@@ -1,6 +1,7 @@
 //! Shared harness for the QEMU boot tests: builds kairos-init, fetches the kernel, builds the
 //! initramfs once per test process, builds disks per test and boots them.
 
+pub mod hardening;
 pub mod mesh;
 
 use std::path::{Path, PathBuf};
@@ -122,7 +123,7 @@ pub fn disk(name: &str, tweak: impl FnOnce(&mut DiskSpec)) -> PathBuf {
     out
 }
 
-fn boot(name: &str, spec: BootSpec) -> BootResult {
+pub(crate) fn boot(name: &str, spec: BootSpec) -> BootResult {
     match kairos_qemu::boot::run(&spec) {
         Ok(r) => {
             println!(
@@ -136,7 +137,7 @@ fn boot(name: &str, spec: BootSpec) -> BootResult {
     }
 }
 
-fn spec(disks: &[&Path], log: PathBuf, until: &[&str], timeout: u64) -> BootSpec {
+pub(crate) fn spec(disks: &[&Path], log: PathBuf, until: &[&str], timeout: u64) -> BootSpec {
     BootSpec {
         disks: disks.iter().map(|d| d.to_path_buf()).collect(),
         kernel: None,

@@ -74,7 +74,22 @@ pub fn write_png(data: &str, path: &Path) -> Result<(), QrError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(werr)?;
     }
-    let file = std::fs::File::create(path).map_err(werr)?;
+    // The picture is the token: readable by root only.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .and_then(|f| {
+                use std::os::unix::fs::PermissionsExt;
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                Ok(f)
+            })
+            .map_err(werr)?
+    };
     let perr = |e: png::EncodingError| QrError::PngEncode {
         path: path.to_owned(),
         msg: e.to_string(),
@@ -146,6 +161,9 @@ mod tests {
         let png = dir.path().join("run/kairos/pairing.png");
         write_png(&token, &png).unwrap();
         assert_eq!(decode_png(&png).unwrap(), token);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&png).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the PNG holds the token");
         let text = render_text(&token).unwrap();
         assert!(text.contains('█') || text.contains('▀') || text.contains('▄'));
     }

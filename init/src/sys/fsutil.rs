@@ -37,6 +37,27 @@ pub fn path_kind(p: &Path) -> PathKind {
     }
 }
 
+/// The first component of `p` below `root` that is a symlink, with its target. A mount or
+/// write through such a path would land wherever the image or the persistent store points it,
+/// possibly outside `root` (the kernel resolves it in the initramfs, not in the new root).
+/// Paths not under `root` and components that do not exist yet are not checked.
+pub fn symlink_below(root: &Path, p: &Path) -> Option<(PathBuf, PathBuf)> {
+    let rest = p.strip_prefix(root).ok()?;
+    let mut cur = root.to_path_buf();
+    for c in rest.components() {
+        cur.push(c);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = fs::read_link(&cur).unwrap_or_default();
+                return Some((cur, target));
+            }
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 pub fn mkdir_p(p: &Path) -> Result<(), FsError> {
     fs::DirBuilder::new()
         .recursive(true)
@@ -223,6 +244,39 @@ pub fn executable_in_root(root: &Path, prog: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn symlinks_below_the_root_are_found() -> io::Result<()> {
+        let t = tempfile::tempdir()?;
+        let root = t.path().join("sysroot");
+        fs::create_dir_all(root.join("var/lib"))?;
+        fs::create_dir_all(root.join("usr/local/.state"))?;
+        std::os::unix::fs::symlink("/", root.join("var/log"))?;
+        std::os::unix::fs::symlink("/etc", root.join("usr/local/.state/etc-ssh.bind"))?;
+        // The root itself may be reached through a symlink: only components below it count.
+        std::os::unix::fs::symlink(&root, t.path().join("alias"))?;
+        let found = |p: &str| symlink_below(&root, &root.join(p));
+        assert_eq!(found("var/lib/x"), None);
+        assert_eq!(found("missing/deeper"), None);
+        assert_eq!(
+            found("var/log"),
+            Some((root.join("var/log"), PathBuf::from("/")))
+        );
+        assert_eq!(
+            found("var/log/journal"),
+            Some((root.join("var/log"), PathBuf::from("/")))
+        );
+        assert_eq!(
+            found("usr/local/.state/etc-ssh.bind"),
+            Some((
+                root.join("usr/local/.state/etc-ssh.bind"),
+                PathBuf::from("/etc")
+            ))
+        );
+        assert_eq!(symlink_below(&root, Path::new("/run/elsewhere")), None);
+        assert_eq!(symlink_below(&root, &root), None);
+        Ok(())
+    }
 
     #[test]
     fn sync_keeps_user_changes_and_copies_the_rest() {
