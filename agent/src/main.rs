@@ -78,6 +78,38 @@ enum Cmd {
     /// Pair a node in install mode: decode its QR code (PNG) or take its token, and send it
     /// a config to install with
     Register(kairos_agent::p2p::RegisterArgs),
+    /// Upgrade the system (or recovery) image: pull and verify the source, build
+    /// COS_STATE:/cOS/transition.img, rotate active -> passive, arm the boot counters
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(Args)]
+struct UpgradeArgs {
+    /// oci:REF, docker:REF or a bare REF (a registry image), ocifile:PATH (an OCI archive or
+    /// layout), dir:PATH, file:PATH (an ext image) [default: upgrade.system.source, or
+    /// upgrade.recovery-system.source with --recovery]
+    #[arg(long, value_name = "SRC")]
+    source: Option<String>,
+    /// Rebuild COS_RECOVERY:/cOS/recovery.squashfs (or recovery.img) instead
+    #[arg(long)]
+    recovery: bool,
+    /// Where COS_STATE is mounted [default: /run/initramfs/cos-state remounted read-write, or
+    /// the partition labelled COS_STATE mounted under /run/kairos]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Where COS_RECOVERY is mounted, for --recovery [default: found like --state-dir]
+    #[arg(long, value_name = "DIR")]
+    recovery_dir: Option<PathBuf>,
+    /// Where to download and unpack (a .kairos-upgrade directory is made in it) [default:
+    /// /usr/local/.kairos when COS_PERSISTENT is mounted there, else the target partition]
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// The install/upgrade history to append to, under --root
+    #[arg(long, value_name = "PATH", default_value = kairos_agent::upgrade::DEFAULT_KAIROS_STATE)]
+    kairos_state: PathBuf,
+    /// What booted, when /run/cos and /proc/cmdline do not say: active, passive, recovery
+    #[arg(long, value_name = "IMAGE", value_parser = ["active", "passive", "recovery"])]
+    booted: Option<String>,
 }
 
 #[derive(Args)]
@@ -174,6 +206,29 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             drop((out, err));
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
             kairos_agent::p2p::register(&ctx, args, &mut out, &mut err).context("register")?
+        }
+        Cmd::Upgrade(a) => {
+            use kairos_agent::upgrade::{self, rotate::Booted};
+            // Stage commands write to stderr too: no lock held across them.
+            drop((out, err));
+            let opts = upgrade::Options {
+                source: a.source,
+                recovery: a.recovery,
+                state_dir: a.state_dir,
+                recovery_dir: a.recovery_dir,
+                work_dir: a.work_dir,
+                kairos_state: a.kairos_state,
+                booted: a.booted.as_deref().map(|b| match b {
+                    "passive" => Booted::Passive,
+                    "recovery" => Booted::Recovery,
+                    _ => Booted::Active,
+                }),
+                crash_at: std::env::var(upgrade::CRASH_ENV)
+                    .ok()
+                    .filter(|s| !s.is_empty()),
+            };
+            upgrade::upgrade(&ctx, &opts, &mut std::io::stdout(), &mut std::io::stderr())
+                .context("upgrade")?
         }
     })
 }

@@ -65,6 +65,29 @@ fn trim_zeros(s: &[u8]) -> &[u8] {
     s.get(n..).unwrap_or_default()
 }
 
+/// What a block device's sysfs uevent file says about it. This is where GPT partition names
+/// come from: the kernel parses the partition table and reports each entry's name as PARTNAME.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Uevent {
+    /// DEVNAME, only when it stays inside dev_root (relative, no "..").
+    pub devname: Option<String>,
+    /// DEVTYPE=partition.
+    pub is_partition: bool,
+    /// PARTNAME: the GPT partition name.
+    pub partname: Option<String>,
+}
+
+/// Parses the text of a sysfs uevent file. Pure; unknown keys and junk lines are ignored.
+pub fn parse_uevent(uevent: &str) -> Uevent {
+    Uevent {
+        devname: uevent_value(uevent, "DEVNAME")
+            .filter(|d| safe_devname(d))
+            .map(str::to_string),
+        is_partition: uevent_value(uevent, "DEVTYPE") == Some("partition"),
+        partname: uevent_value(uevent, "PARTNAME").map(str::to_string),
+    }
+}
+
 /// KEY=VALUE lines of a sysfs uevent file.
 fn uevent_value<'a>(uevent: &'a str, key: &str) -> Option<&'a str> {
     uevent
@@ -106,15 +129,12 @@ pub fn list(sys_root: &Path, dev_root: &Path) -> Vec<BlockDev> {
         if size_bytes == 0 {
             continue;
         }
-        let uevent = std::fs::read_to_string(dir.join("uevent")).unwrap_or_default();
-        let devname = uevent_value(&uevent, "DEVNAME")
-            .filter(|d| safe_devname(d))
-            .unwrap_or(&name);
-        let is_partition =
-            dir.join("partition").exists() || uevent_value(&uevent, "DEVTYPE") == Some("partition");
+        let uevent = parse_uevent(&std::fs::read_to_string(dir.join("uevent")).unwrap_or_default());
+        let devnode = dev_root.join(uevent.devname.as_deref().unwrap_or(&name));
+        let is_partition = dir.join("partition").exists() || uevent.is_partition;
         devs.push(BlockDev {
-            devnode: dev_root.join(devname),
-            partname: uevent_value(&uevent, "PARTNAME").map(str::to_string),
+            devnode,
+            partname: uevent.partname,
             is_partition,
             size_bytes,
             fs: None,
@@ -514,5 +534,24 @@ mod tests {
             ["vda15"]
         );
         assert!(find_by_label(&devs, "state").is_none());
+    }
+
+    #[test]
+    fn parse_uevent_reads_partname_and_ignores_junk() {
+        let u = parse_uevent(
+            "MAJOR=254\nMINOR=2\nDEVNAME=vda2\nDEVTYPE=partition\nPARTN=2\nPARTNAME=oem \n",
+        );
+        assert_eq!(
+            u,
+            Uevent {
+                devname: Some("vda2".into()),
+                is_partition: true,
+                partname: Some("oem".into()),
+            }
+        );
+        // No "=", empty values, keys that only share a prefix, DEVNAME climbing out of /dev.
+        let u = parse_uevent("PARTNAME\nPARTNAMEX=a\nPARTNAME=\nDEVNAME=../sda\n\u{0}=\n");
+        assert_eq!(u, Uevent::default());
+        assert_eq!(parse_uevent(""), Uevent::default());
     }
 }

@@ -200,7 +200,9 @@ fn normalise(path: &str) -> Result<String, CpioError> {
     if trimmed.contains('\0') {
         return Err(bad("contains NUL"));
     }
-    if trimmed == TRAILER {
+    // Also as the first component: its parent directory entry would be named like the
+    // trailer, and every reader (the kernel's too) stops there.
+    if trimmed.split('/').next() == Some(TRAILER) {
         return Err(bad("reserved for the trailer"));
     }
     if trimmed
@@ -408,6 +410,30 @@ mod tests {
         assert!(w.file("/", 0o644, b"").is_err());
         assert!(w.file("TRAILER!!!", 0o644, b"").is_err());
         assert!(w.file("a//b", 0o644, b"").is_err());
+    }
+
+    /// Found by the cpio fuzz target: "TRAILER!!!/x" made the writer emit a parent directory
+    /// entry named "TRAILER!!!", so read_entries (and the kernel) stopped there and every
+    /// later entry was lost.
+    #[test]
+    fn rejects_paths_under_a_trailer_named_dir() {
+        let mut w = CpioWriter::new(Vec::new());
+        w.file("/init", 0o755, b"ab").expect("file");
+        let e = w.dir("TRAILER!!!/busin/\u{1}", 0o755).unwrap_err();
+        assert!(
+            matches!(&e, CpioError::BadPath { name, .. } if name == "TRAILER!!!/busin/\u{1}"),
+            "{e}"
+        );
+        assert!(w.file("./TRAILER!!!/x", 0o644, b"").is_err());
+        // Deeper down the name is harmless: the entry is "a/TRAILER!!!".
+        w.file("a/TRAILER!!!/x", 0o644, b"x").expect("file");
+        w.file("last", 0o644, b"").expect("file");
+        let entries = read_entries(&w.finish().expect("finish")).expect("read");
+        let names: Vec<_> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["init", "a", "a/TRAILER!!!", "a/TRAILER!!!/x", "last"]
+        );
     }
 
     #[test]

@@ -31,4 +31,6 @@ pub const ALL_PACKAGES: &[&str] = &[
     "file",
     "debootstrap",
     "debian-archive-keyring",
+    // The local OCI registry the upgrade tests pull from (tests/src/registry.rs).
+    "docker-registry",
 ];

@@ -3,6 +3,7 @@
 
 pub mod hardening;
 pub mod mesh;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -626,9 +626,10 @@ say "k3s-started $(head -n1 /run/k3s-standin/argv 2>&1)""#,
         format!("#cloud-config\np2p:\n  network_token: {network_token}\n  minimum_nodes: 1\n");
     let mesh_extra = scan(
         &network_token,
-        r#"n=0; while ! pgrep -f "kairos-agent --root / --grubenv .* p2p run" >/dev/null && [ $n -lt 60 ]; do sleep 0.5; n=$((n+1)); done
-say "mesh-node $(pgrep -f 'p2p run' >/dev/null && echo running || echo missing)"
-kairos-agent p2p pair --config /oem/40_tokens.yaml --timeout 2 >/dev/null 2>&1
+        r#"n=0; while ! ps -o args | grep -q '[p]2p run' && [ $n -lt 60 ]; do sleep 0.5; n=$((n+1)); done
+say "mesh-node $(ps -o args | grep -q '[p]2p run' && echo running || echo missing)"
+ps -o pid,args | grep '[k]airos-agent' | while read -r l; do say "ps $l"; done
+timeout 20 kairos-agent p2p pair --config /oem/40_tokens.yaml --timeout 2 >/dev/null 2>&1
 say "qr-png $(stat -c '%a %U:%G' /run/kairos/pairing-qr.png 2>&1)""#,
     );
     let mut files: Vec<String> = Vec::new();
@@ -670,7 +671,7 @@ say "qr-png $(stat -c '%a %U:%G' /run/kairos/pairing-qr.png 2>&1)""#,
     }
     for must in [
         "s-tokens-k3s: /oem/40_tokens.yaml ",
-        "s-tokens-k3s: /etc/rancher/k3s/k3s.env ",
+        "s-tokens-k3s: /etc/rancher/k3s/k3s-agent.env ",
         "s-tokens-mesh: /oem/40_tokens.yaml ",
     ] {
         assert!(
@@ -734,4 +735,85 @@ fn security_initramfs_has_no_shell_without_rd_kairos_debug() {
     assert_has(&debug, "kairos-init: FATAL: no bootable image");
     assert_has(&debug, "rd.kairos.debug: starting /bin/sh on the console");
     assert_has(&debug, "kairos-debug# ");
+}
+
+#[test]
+fn security_agent_refuses_an_upgrade_image_whose_digest_does_not_match() {
+    if !can_run() {
+        return;
+    }
+    // An OCI image layout on COS_OEM whose layer blob was changed after the manifest named its
+    // digest (one flipped byte: what a tampered mirror or a bad disk would serve).
+    let t = tempfile::tempdir().expect("temp dir");
+    let rootfs = t.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("etc")).expect("rootfs");
+    std::fs::write(rootfs.join("etc/kairos-image"), "tampered\n").expect("rootfs file");
+    let img = kairos_tests::registry::image_from_rootfs(&rootfs).expect("image");
+    let layout = t.path().join("layout");
+    kairos_tests::registry::write_oci_layout(&img, &layout).expect("layout");
+    let layer = layout
+        .join("blobs/sha256")
+        .join(img.layer_digest().trim_start_matches("sha256:"));
+    let mut bytes = std::fs::read(&layer).expect("layer blob");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&layer, &bytes).expect("layer blob");
+    let mut oem: Vec<(String, String)> = Vec::new();
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for e in walk_files(&layout) {
+        let rel = e
+            .strip_prefix(&layout)
+            .expect("inside")
+            .display()
+            .to_string();
+        files.push((format!("bad-oci/{rel}"), std::fs::read(&e).expect("read")));
+    }
+    let extra = r#"sums() { md5sum /run/initramfs/cos-state/cOS/active.img /run/initramfs/cos-state/cOS/passive.img 2>&1 | awk '{print $1}' | tr '\n' ' '; }
+say "before $(sums)"
+out=$(kairos-agent upgrade --source ocifile:/oem/bad-oci --work-dir /tmp 2>&1); rc=$?
+printf '%s\n' "$out" | while read -r l; do say "upgrade: $l"; done
+say "upgrade-exit $rc"
+say "after $(sums)"
+say "transition $(ls /run/initramfs/cos-state/cOS/ 2>&1 | tr '\n' ' ')"
+"#;
+    oem.push(("kairos-test-extra.sh".into(), extra.into()));
+    let refs: Vec<(&str, &str)> = oem.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let d = pid1_disk("s-digest", &refs, |s| {
+        s.passive = ImageState::Ok;
+        s.oem_files.extend(files);
+    });
+    let r = boot_until_off("s-digest", &d, 300);
+    assert_has(&r, DRIVER_DONE);
+    let rc = driver(&r, "upgrade-exit");
+    assert_ne!(rc.trim(), "0", "the upgrade went through");
+    let said: Vec<String> = driver_lines(&r.log)
+        .into_iter()
+        .filter_map(|l| l.strip_prefix("upgrade: ").map(str::to_string))
+        .collect();
+    println!("the agent said: {said:#?}");
+    assert!(
+        said.iter().any(|l| l.contains("error")
+            && l.contains(img.layer_digest())
+            && l.contains("refusing")),
+        "no error naming the layer digest {}",
+        img.layer_digest()
+    );
+    let before = driver(&r, "before");
+    assert_eq!(before.split_whitespace().count(), 2, "{before}");
+    assert_eq!(driver(&r, "after"), before, "active/passive changed");
+    let left = driver(&r, "transition");
+    assert!(!left.contains("transition.img"), "left behind: {left}");
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

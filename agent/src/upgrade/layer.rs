@@ -3,6 +3,11 @@
 //! `.wh..wh..opq` empties its directory of lower-layer content. Nothing is ever written outside
 //! the target: absolute names and `..` are refused, and a parent that is a symlink is not
 //! followed out of the tree (tar's `unpack_in` checks the canonical parent).
+//!
+//! Extended attributes from PAX headers (`SCHILY.xattr.*`) are kept for file capabilities
+//! (`security.capability`, e.g. ping's cap_net_raw) and `user.*`; `mkfs.ext4 -d` copies them
+//! into the image. Others (`security.selinux`, `trusted.*`) are not applied: labels belong to
+//! the booted policy, and a staging filesystem may refuse them.
 
 use std::collections::HashSet;
 use std::fs;
@@ -10,6 +15,8 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Component, Path, PathBuf};
 
 const WHITEOUT: &str = ".wh.";
+/// Extended attributes applied from a layer: exact names, or prefixes ending in '.'.
+const KEPT_XATTRS: &[&str] = &["security.capability", "user."];
 const OPAQUE: &str = ".wh..wh..opq";
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +43,29 @@ pub enum LayerError {
 pub struct Applied {
     pub entries: usize,
     pub whiteouts: usize,
+    /// Extended attributes set.
+    pub xattrs: usize,
+    /// Extended attributes the staging filesystem refused (the entry itself is there).
+    pub xattrs_refused: usize,
+}
+
+fn kept_xattr(name: &str) -> bool {
+    KEPT_XATTRS
+        .iter()
+        .any(|k| name == *k || (k.ends_with('.') && name.starts_with(k)))
+}
+
+/// The kept extended attributes of an entry, from its PAX header.
+fn xattrs_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<(String, Vec<u8>)> {
+    let Ok(Some(exts)) = entry.pax_extensions() else {
+        return Vec::new();
+    };
+    exts.filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.key().ok()?.strip_prefix("SCHILY.xattr.")?;
+            kept_xattr(name).then(|| (name.to_string(), e.value_bytes().to_vec()))
+        })
+        .collect()
 }
 
 /// A path inside the layer, checked: relative, no `..`, no root or prefix.
@@ -146,12 +176,24 @@ pub fn apply(root: &Path, layer: &str, data: impl Read) -> Result<Applied, Layer
         {
             remove_any(&dest).map_err(io(&dest))?;
         }
+        let xattrs = xattrs_of(&mut entry);
         let unpacked = entry.unpack_in(root).map_err(io(&dest))?;
         if !unpacked {
             return Err(LayerError::Escapes {
                 layer: layer.into(),
                 name: raw.display().to_string(),
             });
+        }
+        for (name, value) in &xattrs {
+            match rustix::fs::lsetxattr(
+                &dest,
+                name.as_str(),
+                value,
+                rustix::fs::XattrFlags::empty(),
+            ) {
+                Ok(()) => done.xattrs += 1,
+                Err(_) => done.xattrs_refused += 1,
+            }
         }
         let mut p = rel.as_path();
         added.insert(p.to_path_buf());
@@ -228,7 +270,8 @@ mod tests {
             done,
             Applied {
                 entries: 2,
-                whiteouts: 2
+                whiteouts: 2,
+                ..Applied::default()
             }
         );
         assert_eq!(read(r, "etc/os-release").as_deref(), Some("v2"));
@@ -237,6 +280,54 @@ mod tests {
         assert_eq!(read(r, "opt/c").as_deref(), Some("c"));
         assert_eq!(read(r, "opt/a"), None);
         assert_eq!(read(r, "opt/b"), None);
+    }
+
+    #[test]
+    fn file_capabilities_and_user_xattrs_are_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let probe = t.path().join("probe");
+        fs::write(&probe, "").unwrap();
+        if rustix::fs::lsetxattr(&probe, "user.probe", b"1", rustix::fs::XattrFlags::empty())
+            .is_err()
+        {
+            eprintln!("skipping: no user xattrs on {}", t.path().display());
+            return;
+        }
+        // cap_net_raw+ep as a VFS_CAP_REVISION_2 value.
+        let mut cap = Vec::new();
+        cap.extend_from_slice(&0x0200_0001u32.to_le_bytes());
+        cap.extend_from_slice(&(1u32 << 13).to_le_bytes());
+        cap.extend_from_slice(&[0u8; 12]);
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([
+            ("SCHILY.xattr.security.capability", cap.as_slice()),
+            ("SCHILY.xattr.user.origin", b"layer".as_slice()),
+            ("SCHILY.xattr.trusted.overlay.opaque", b"y".as_slice()),
+        ])
+        .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(4);
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, "ping", &b"ELF!"[..]).unwrap();
+        let layer = b.into_inner().unwrap();
+        let done = apply(t.path(), "l1", &layer[..]).unwrap();
+        assert_eq!(done.entries, 1);
+        let ping = t.path().join("ping");
+        let mut buf = [0u8; 64];
+        let n = rustix::fs::lgetxattr(&ping, "user.origin", &mut buf[..]).unwrap();
+        assert_eq!(&buf[..n], b"layer");
+        assert!(rustix::fs::lgetxattr(&ping, "trusted.overlay.opaque", &mut buf[..]).is_err());
+        if rustix::process::geteuid().is_root() {
+            assert_eq!((done.xattrs, done.xattrs_refused), (2, 0));
+            let n = rustix::fs::lgetxattr(&ping, "security.capability", &mut buf[..]).unwrap();
+            assert_eq!(&buf[..n], cap.as_slice());
+        }
+        assert!(kept_xattr("user.x") && kept_xattr("security.capability"));
+        assert!(!kept_xattr("security.selinux") && !kept_xattr("user"));
     }
 
     #[test]

@@ -1,7 +1,997 @@
-//! Install and upgrade building blocks (issue 6, in progress): the source references and the
-//! power-cut-safe A/B rotation, OCI layers applied with whiteouts. The registry pull, the image
-//! build and the commands come next.
+//! `kairos-agent upgrade` (SPEC §5): a new system image from a registry (`oci:`/`docker:`/a
+//! bare reference), an OCI archive or layout (`ocifile:`), a directory (`dir:`) or a raw
+//! filesystem image (`file:`), built completely as `COS_STATE:/cOS/transition.img`, then
+//! rotated in power-cut-safe order (rotate.rs) with GRUB's boot counters armed. `--recovery`
+//! rebuilds `COS_RECOVERY:/cOS/recovery.squashfs` (or `recovery.img`) instead.
+//!
+//! The order, and what a failure or a power cut at each point leaves:
+//! 1. the target partition is mounted read-write, `before-upgrade` runs;
+//! 2. the source is resolved (index → manifest → config, verified, in memory) and the space
+//!    checked: a refusal here has written nothing;
+//! 3. the layers are downloaded into a work directory, every byte hashed as it streams; a
+//!    digest or size mismatch names the blob and the source and stops before unpacking;
+//! 4. the layers are applied in order into a staging directory, `mkfs.ext4 -d` builds
+//!    `transition.img` from it (sized from the content, no journal, GRUB-readable features),
+//!    fsynced; the work directory is removed;
+//! 5. the counters are armed (cos and fallback get their tries; a pending one-shot
+//!    `next_entry` is dropped, it would boot uncounted);
+//! 6. rotate: active ↔ transition (atomic exchange), the old active relabelled COS_PASSIVE,
+//!    then renamed over passive.img, the directory fsynced after each rename; booted from
+//!    passive, only active.img is replaced;
+//! 7. `.kairos-state` gets a line, `after-upgrade` runs.
+//!
+//! Up to step 4 the installed images are untouched; a stale `transition.img` or work
+//! directory from an interrupted run is removed by the next one.
+//!
+//! `KAIROS_AGENT_CRASH_AT=<point>` aborts the process at one of [`CRASH_POINTS`], for the
+//! power-cut tests.
 
+pub mod fetch;
+pub mod image;
 pub mod layer;
+pub mod locate;
+pub mod oci;
 pub mod rotate;
 pub mod source;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kairos_init::grubenv::{self, Counters, DEFAULT_MAX_TRIES, var};
+
+use crate::config::{self, LoadOptions};
+use crate::{AgentError, Ctx, Outcome, stages};
+use fetch::{Puller, Store};
+use rotate::{ACTIVE, Booted, Event, PASSIVE, Step, TRANSITION};
+use source::Source;
+
+/// The environment variable naming a crash point.
+pub const CRASH_ENV: &str = "KAIROS_AGENT_CRASH_AT";
+
+/// Where `KAIROS_AGENT_CRASH_AT` can abort the agent, in the order they are passed, with
+/// what is on disk at that moment.
+pub const CRASH_POINTS: &[(&str, &str)] = &[
+    (
+        "pull",
+        "every blob downloaded and verified into the work directory; nothing unpacked, no image built",
+    ),
+    (
+        "unpack",
+        "the layers applied into the staging directory; transition.img not built",
+    ),
+    (
+        "before-rename-1",
+        "transition.img complete and fsynced, counters armed; active.img and passive.img as before",
+    ),
+    (
+        "after-rename-1-before-sync",
+        "the first rename done (active ↔ transition exchanged, or transition → active), the directory not fsynced",
+    ),
+    (
+        "between-renames",
+        "the exchange on disk: active.img is the new image, passive.img the previous passive, transition.img the old active (still labelled COS_ACTIVE)",
+    ),
+    (
+        "before-rename-2",
+        "as between-renames, the old active relabelled COS_PASSIVE",
+    ),
+    (
+        "after-rename-2-before-sync",
+        "the old active renamed over passive.img, the directory not fsynced",
+    ),
+    (
+        "done",
+        "the rotation on disk; .kairos-state and after-upgrade not yet done",
+    ),
+];
+
+/// Extra room an upgrade needs besides the image (`.kairos-state`, directory blocks).
+const SLACK: u64 = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    #[error("no upgrade source: pass --source or set {key} in the cloud-config")]
+    NoSource { key: &'static str },
+    #[error("{origin}: {} does not exist", path.display())]
+    NotFound { origin: String, path: PathBuf },
+    #[error("{origin}: {what}")]
+    Invalid { origin: String, what: String },
+    #[error(
+        "{origin}: {what} {digest}: the content's sha256 is {actual}; refusing the image (the installed images are untouched)"
+    )]
+    DigestMismatch {
+        origin: String,
+        what: String,
+        digest: String,
+        actual: String,
+    },
+    #[error(
+        "{origin}: {what} {digest}: {actual} bytes where the descriptor says {expected}; refusing the image (the installed images are untouched)"
+    )]
+    SizeMismatch {
+        origin: String,
+        what: String,
+        digest: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{origin}: registry: {what}: {detail}")]
+    Registry {
+        origin: String,
+        what: String,
+        detail: String,
+    },
+    #[error("{origin}: reading {what}: {detail}")]
+    Read {
+        origin: String,
+        what: String,
+        detail: String,
+    },
+    #[error("{}: {what}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {output}")]
+    Command {
+        command: String,
+        status: String,
+        output: String,
+    },
+    #[error("{}: {what}", path.display())]
+    BadImage { path: PathBuf, what: String },
+    #[error(transparent)]
+    Layer(#[from] layer::LayerError),
+    #[error(transparent)]
+    Rotate(#[from] rotate::RotateError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("{0}")]
+    Locate(String),
+    #[error("{CRASH_ENV}={given:?} is not a crash point (known: {known})")]
+    CrashPoint { given: String, known: String },
+}
+
+impl From<std::io::Error> for UpgradeError {
+    fn from(e: std::io::Error) -> Self {
+        UpgradeError::Agent(AgentError::Output(e))
+    }
+}
+
+impl From<kairos_init::grubenv::GrubEnvError> for UpgradeError {
+    fn from(e: kairos_init::grubenv::GrubEnvError) -> Self {
+        UpgradeError::Agent(e.into())
+    }
+}
+
+impl From<kairos_init::grubenv::CounterError> for UpgradeError {
+    fn from(e: kairos_init::grubenv::CounterError) -> Self {
+        UpgradeError::Agent(e.into())
+    }
+}
+
+/// `kairos-agent upgrade`'s options. Paths are literal (not under `--root`) except
+/// `kairos_state`, which is a path inside the root like every other fixed path.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub source: Option<String>,
+    pub recovery: bool,
+    /// Where COS_STATE is mounted (its root, holding `cOS/`); default: found and mounted.
+    pub state_dir: Option<PathBuf>,
+    /// Where COS_RECOVERY is mounted, for `--recovery`.
+    pub recovery_dir: Option<PathBuf>,
+    /// Where blobs and the staging tree go (a `.kairos-upgrade` directory is made in it);
+    /// default: COS_PERSISTENT when mounted at /usr/local, else the target partition.
+    pub work_dir: Option<PathBuf>,
+    /// The install/upgrade history file, inside the root.
+    pub kairos_state: PathBuf,
+    /// What booted; default from /run/cos and /proc/cmdline.
+    pub booted: Option<Booted>,
+    /// `KAIROS_AGENT_CRASH_AT`.
+    pub crash_at: Option<String>,
+}
+
+pub const DEFAULT_KAIROS_STATE: &str = "/usr/local/.kairos-state";
+
+/// The crash point named, checked against [`CRASH_POINTS`].
+pub fn check_crash_point(given: &str) -> Result<(), UpgradeError> {
+    if CRASH_POINTS.iter().any(|(n, _)| *n == given) {
+        return Ok(());
+    }
+    Err(UpgradeError::CrashPoint {
+        given: given.into(),
+        known: CRASH_POINTS
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// The crash points an upgrade passes, in order, for these renames.
+pub fn points_for(steps: &[Step], recovery: bool) -> Vec<String> {
+    let mut p = vec!["pull".to_string(), "unpack".to_string()];
+    let renames = if recovery { 1 } else { steps.len() };
+    for n in 1..=renames {
+        p.push(format!("before-rename-{n}"));
+        p.push(format!("after-rename-{n}-before-sync"));
+        if n == 1 && renames == 2 {
+            p.push("between-renames".into());
+        }
+    }
+    p.push("done".into());
+    p
+}
+
+/// What booted, from the boot-mode sentinel kairos-init writes, else from the kernel command
+/// line by SPEC §2's substrings.
+pub fn detect_booted(ctx: &Ctx) -> Option<Booted> {
+    match ctx.mode() {
+        Some("active") => return Some(Booted::Active),
+        Some("passive") => return Some(Booted::Passive),
+        Some("recovery" | "autoreset") => return Some(Booted::Recovery),
+        _ => {}
+    }
+    let cmdline = std::fs::read_to_string(ctx.path("/proc/cmdline")).ok()?;
+    booted_from_cmdline(&cmdline)
+}
+
+/// SPEC §2's order: `kairos.reset`, `COS_ACTIVE`, `COS_PASSIVE`, then the recovery markers.
+pub fn booted_from_cmdline(cmdline: &str) -> Option<Booted> {
+    if cmdline.contains("kairos.reset") {
+        Some(Booted::Recovery)
+    } else if cmdline.contains("COS_ACTIVE") {
+        Some(Booted::Active)
+    } else if cmdline.contains("COS_PASSIVE") {
+        Some(Booted::Passive)
+    } else if ["COS_RECOVERY", "COS_SYSTEM", "recovery-mode"]
+        .iter()
+        .any(|m| cmdline.contains(m))
+    {
+        Some(Booted::Recovery)
+    } else {
+        None
+    }
+}
+
+fn booted_name(b: Booted) -> &'static str {
+    match b {
+        Booted::Active => "active",
+        Booted::Passive => "passive",
+        Booted::Recovery => "recovery",
+    }
+}
+
+/// Peak bytes on the target filesystem and on the work filesystem: `image` for the new image,
+/// `blobs` downloaded, `staging` unpacked. Blobs are deleted as their layer is applied and the
+/// staging tree only after the image is built, so on one filesystem the peak is
+/// staging + max(blobs, image).
+pub fn space_needed(image: u64, blobs: u64, staging: u64, same_fs: bool) -> (u64, u64) {
+    let work = blobs.saturating_add(staging);
+    if same_fs {
+        (
+            staging
+                .saturating_add(blobs.max(image))
+                .saturating_add(SLACK),
+            0,
+        )
+    } else {
+        (image.saturating_add(SLACK), work)
+    }
+}
+
+/// One line of the YAML history (a sequence of flow mappings, one per line).
+pub fn history_line(
+    date: &str,
+    action: &str,
+    origin: &str,
+    digest: Option<&str>,
+    booted: Booted,
+    image: &str,
+    size: u64,
+) -> String {
+    let entry = serde_json::json!({
+        "date": date,
+        "action": action,
+        "source": origin,
+        "digest": digest,
+        "booted": booted_name(booted),
+        "image": image,
+        "size": size,
+    });
+    format!("- {entry}\n")
+}
+
+fn crash(opts: &Options, point: &str, log: &mut dyn Write) {
+    debug_assert!(CRASH_POINTS.iter().any(|(n, _)| *n == point), "{point}");
+    if opts.crash_at.as_deref() == Some(point) {
+        let _ = writeln!(log, "kairos-agent: {CRASH_ENV}={point}: aborting here");
+        let _ = log.flush();
+        std::process::abort();
+    }
+}
+
+fn io(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> UpgradeError {
+    let path = path.to_path_buf();
+    let what = what.to_string();
+    move |source| UpgradeError::Io { path, what, source }
+}
+
+fn device_of(p: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).ok().map(|m| m.dev())
+}
+
+fn file_size(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), UpgradeError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir, "fsync of the directory"))
+}
+
+/// The work directory's parent when not given: COS_PERSISTENT if it is mounted at /usr/local
+/// (the largest partition), else the target partition.
+fn default_work_base(ctx: &Ctx, target: &Path) -> PathBuf {
+    let mounts = std::fs::read_to_string(ctx.path("/proc/self/mounts")).unwrap_or_default();
+    let persistent = locate::mount_options(&mounts)
+        .iter()
+        .any(|(p, o)| p == "/usr/local" && !locate::is_read_only(o));
+    if persistent {
+        ctx.path("/usr/local/.kairos")
+    } else {
+        target.to_path_buf()
+    }
+}
+
+/// Removes the work directory when the upgrade ends, however it ends (not on abort).
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The new image's content, ready to be written.
+enum Content {
+    /// A tree for mkfs / mksquashfs (staging, or a bind mount of `dir:`).
+    Tree(PathBuf),
+    /// A filesystem image to copy (`file:`).
+    File(PathBuf),
+}
+
+struct Prepared {
+    content: Content,
+    digest: Option<String>,
+    _bind: Option<image::BindMount>,
+}
+
+fn check_space(dir: &Path, needed: u64, reclaimable: u64) -> Result<(), UpgradeError> {
+    rotate::check_space(dir, needed.saturating_sub(reclaimable)).map_err(UpgradeError::from)
+}
+
+fn run_hook(ctx: &Ctx, loaded: &config::Loaded, stage: &str, log: &mut dyn Write) {
+    let report = stages::run(ctx, stage, &loaded.sources, log);
+    if !report.ok() {
+        let _ = writeln!(
+            log,
+            "kairos-agent: warning: stage {stage}: {} step(s) failed; the upgrade goes on",
+            report.failures.len()
+        );
+    }
+}
+
+pub fn upgrade(
+    ctx: &Ctx,
+    opts: &Options,
+    out: &mut dyn Write,
+    log: &mut dyn Write,
+) -> Result<Outcome, UpgradeError> {
+    if let Some(c) = &opts.crash_at {
+        check_crash_point(c)?;
+    }
+    let loaded = config::load(ctx, &LoadOptions::default());
+    stages::report_load(&loaded, log)?;
+    let (key, configured) = match &loaded.merged.upgrade {
+        Some(u) if opts.recovery => (
+            "upgrade.recovery-system.source",
+            u.recovery_system.as_ref().and_then(|s| s.source.clone()),
+        ),
+        Some(u) => (
+            "upgrade.system.source",
+            u.system.as_ref().and_then(|s| s.source.clone()),
+        ),
+        None if opts.recovery => ("upgrade.recovery-system.source", None),
+        None => ("upgrade.system.source", None),
+    };
+    let given = opts
+        .source
+        .clone()
+        .or(configured)
+        .ok_or(UpgradeError::NoSource { key })?;
+    let src = source::parse(&given)?;
+    let origin = given.trim().to_string();
+    let booted = match opts.booted.or_else(|| detect_booted(ctx)) {
+        Some(b) => b,
+        None => {
+            writeln!(
+                log,
+                "kairos-agent: cannot tell what booted (no /run/cos sentinel, no COS_ label on the command line): upgrading as from active"
+            )?;
+            Booted::Active
+        }
+    };
+    let (which, explicit) = if opts.recovery {
+        (locate::Partition::Recovery, opts.recovery_dir.as_deref())
+    } else {
+        (locate::Partition::State, opts.state_dir.as_deref())
+    };
+    let target = locate::open(ctx, which, explicit, log)?;
+    let cos = target.dir.join("cOS");
+    if !cos.is_dir() {
+        return Err(UpgradeError::Locate(format!(
+            "{}: no cOS directory: not a {} partition",
+            target.dir.display(),
+            which.label()
+        )));
+    }
+    // One upgrade at a time: an exclusive lock on the cOS directory itself (nothing written).
+    let _lock = File::open(&cos).map_err(io(&cos, "opening"))?;
+    rustix::fs::flock(&_lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |e| {
+            UpgradeError::Locate(format!(
+                "{}: {}; is another upgrade running?",
+                cos.display(),
+                std::io::Error::from(e)
+            ))
+        },
+    )?;
+    writeln!(
+        log,
+        "kairos-agent: upgrading {} from {origin} (booted: {})",
+        if opts.recovery {
+            "recovery"
+        } else {
+            "the system"
+        },
+        booted_name(booted)
+    )?;
+
+    run_hook(ctx, &loaded, "before-upgrade", log);
+
+    // A transition image or new recovery left by an interrupted upgrade is never booted.
+    let (new_name, final_name, label) = if opts.recovery {
+        if cos.join("recovery.img").exists() && !cos.join("recovery.squashfs").exists() {
+            ("recovery.img.new", "recovery.img", Some("COS_SYSTEM"))
+        } else {
+            ("recovery.squashfs.new", "recovery.squashfs", None)
+        }
+    } else {
+        (TRANSITION, ACTIVE, Some("COS_ACTIVE"))
+    };
+    let new_path = cos.join(new_name);
+    let reclaimable = file_size(&new_path);
+
+    let work_base = opts
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| default_work_base(ctx, &target.dir));
+    let work_path = work_base.join(".kairos-upgrade");
+    let same_fs = device_of(&work_base).is_some() && device_of(&work_base) == device_of(&cos);
+
+    let work_guard = WorkDir(work_path.clone());
+    let prepared = prepare(
+        &src,
+        &origin,
+        opts,
+        &cos,
+        &work_base,
+        &work_path,
+        same_fs,
+        reclaimable,
+        log,
+    )?;
+
+    // Build the new image completely, next to the ones it replaces.
+    if new_path.exists() {
+        std::fs::remove_file(&new_path).map_err(io(&new_path, "removing the stale"))?;
+        writeln!(
+            log,
+            "kairos-agent: removed {} left by an interrupted upgrade",
+            new_path.display()
+        )?;
+    }
+    match &prepared.content {
+        Content::Tree(tree) => {
+            let m = image::measure(tree)?;
+            if label.is_some() {
+                let size = image::image_size(m);
+                check_space(&cos, size + SLACK, 0)?;
+                writeln!(
+                    log,
+                    "kairos-agent: building {} ({} MiB for {} MiB in {} inodes)",
+                    new_path.display(),
+                    size >> 20,
+                    m.bytes >> 20,
+                    m.inodes
+                )?;
+                image::mkfs_ext4(
+                    tree,
+                    &new_path,
+                    size,
+                    image::inode_count(m),
+                    label.unwrap_or("COS_ACTIVE"),
+                )?;
+            } else {
+                check_space(&cos, m.bytes + SLACK, 0)?;
+                writeln!(log, "kairos-agent: building {}", new_path.display())?;
+                image::mksquashfs(tree, &new_path)?;
+            }
+        }
+        Content::File(f) => {
+            writeln!(
+                log,
+                "kairos-agent: copying {} to {}",
+                f.display(),
+                new_path.display()
+            )?;
+            std::fs::copy(f, &new_path).map_err(io(&new_path, "copying the image to"))?;
+            if let Some(l) = label {
+                image::relabel(&new_path, l)?;
+            }
+            image::sync_file(&new_path)?;
+        }
+    }
+    let digest = prepared.digest.clone();
+    drop(prepared);
+    drop(work_guard);
+    let size = file_size(&new_path);
+
+    let image_name;
+    if opts.recovery {
+        image_name = final_name.to_string();
+        let final_path = cos.join(final_name);
+        crash(opts, "before-rename-1", log);
+        std::fs::rename(&new_path, &final_path)
+            .map_err(io(&final_path, "renaming the new image to"))?;
+        crash(opts, "after-rename-1-before-sync", log);
+        sync_dir(&cos)?;
+    } else {
+        let have_active = cos.join(ACTIVE).exists();
+        let steps = rotate::plan(booted, have_active);
+        if steps.contains(&Step::OldActiveToPassive) {
+            let a = cos.join(ACTIVE);
+            let fs = kairos_init::probe::probe_path(&a).ok().flatten();
+            if !fs.as_ref().is_some_and(|f| {
+                matches!(
+                    f.fstype,
+                    kairos_init::probe::FsType::Ext2
+                        | kairos_init::probe::FsType::Ext3
+                        | kairos_init::probe::FsType::Ext4
+                )
+            }) {
+                let _ = std::fs::remove_file(&new_path);
+                return Err(UpgradeError::BadImage {
+                    path: a,
+                    what: "not an ext2/3/4 image: it cannot be relabelled COS_PASSIVE; nothing was rotated".into(),
+                });
+            }
+        }
+        arm(ctx, out, log)?;
+        let two = steps.len() == 2;
+        rotate::execute_with(&cos, &steps, &mut |e| -> Result<(), UpgradeError> {
+            match e {
+                Event::BeforeRename(n) => crash(opts, &format!("before-rename-{n}"), log),
+                Event::AfterRenameBeforeSync(n) => {
+                    crash(opts, &format!("after-rename-{n}-before-sync"), log)
+                }
+                Event::Synced(1) if two => {
+                    crash(opts, "between-renames", log);
+                    image::relabel(&cos.join(TRANSITION), "COS_PASSIVE")?;
+                }
+                Event::Synced(_) => {}
+            }
+            Ok(())
+        })?;
+        image_name = ACTIVE.to_string();
+        let what = match steps.as_slice() {
+            [Step::ReplaceActive] => {
+                format!("{ACTIVE} replaced; {PASSIVE} (what booted, or missing) untouched")
+            }
+            _ => format!("the old {ACTIVE} is now {PASSIVE} (COS_PASSIVE)"),
+        };
+        writeln!(log, "kairos-agent: rotated: {what}")?;
+    }
+    crash(opts, "done", log);
+
+    let line = history_line(
+        &kairos_p2p::time::rfc3339(kairos_p2p::time::now_ms()),
+        if opts.recovery {
+            "upgrade-recovery"
+        } else {
+            "upgrade"
+        },
+        &origin,
+        digest.as_deref(),
+        booted,
+        &image_name,
+        size,
+    );
+    append_history(ctx, &opts.kairos_state, &line, log);
+
+    run_hook(ctx, &loaded, "after-upgrade", log);
+    drop(target);
+    writeln!(
+        out,
+        "kairos-agent: upgraded {} from {origin}; reboot to use it",
+        if opts.recovery {
+            "recovery"
+        } else {
+            "the active image"
+        }
+    )?;
+    Ok(Outcome::Done)
+}
+
+/// Steps 1–3 for each kind of source: resolve, check the space, fetch (verified), unpack.
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    src: &Source,
+    origin: &str,
+    opts: &Options,
+    cos: &Path,
+    work_base: &Path,
+    work: &Path,
+    same_fs: bool,
+    reclaimable: u64,
+    log: &mut dyn Write,
+) -> Result<Prepared, UpgradeError> {
+    let mut puller = match src {
+        Source::Oci(r) => Puller::Registry(Box::new(fetch::Registry::new(r, origin)?)),
+        Source::OciFile(p) if p.is_dir() => Puller::Layout(fetch::Layout::new(p, origin)),
+        Source::OciFile(p) => {
+            if !p.exists() {
+                return Err(UpgradeError::NotFound {
+                    origin: origin.into(),
+                    path: p.clone(),
+                });
+            }
+            Puller::Archive(fetch::Archive::new(p, origin))
+        }
+        Source::Dir(p) => return prepare_dir(p, origin, opts, cos, work, reclaimable, log),
+        Source::File(p) => return prepare_file(p, origin, opts, cos, reclaimable, log),
+    };
+    let resolved = puller.resolve()?;
+    let compressed = resolved.compressed_bytes();
+    writeln!(
+        log,
+        "kairos-agent: {origin}: manifest {} ({}), {} layer(s), {compressed} bytes compressed",
+        resolved.manifest_digest,
+        resolved.platform,
+        resolved.layers.len()
+    )?;
+    let estimate = oci::estimate_unpacked(compressed);
+    let blobs = if puller.copies_layers() {
+        compressed
+    } else {
+        0
+    };
+    let (on_target, on_work) = space_needed(estimate, blobs, estimate, same_fs);
+    check_space(cos, on_target, reclaimable)?;
+    if on_work > 0 {
+        std::fs::create_dir_all(work_base).map_err(io(work_base, "creating"))?;
+        check_space(work_base, on_work, 0)?;
+    }
+    // Only now is anything written: the work directory (a stale one is from a crash).
+    if work.exists() {
+        std::fs::remove_dir_all(work).map_err(io(work, "removing the stale work directory"))?;
+    }
+    let store = Store::new(&work.join("blobs"))?;
+    let layers = puller.fetch_layers(&resolved, &store, log)?;
+    crash(opts, "pull", log);
+    let staging = work.join("rootfs");
+    std::fs::create_dir_all(&staging).map_err(io(&staging, "creating"))?;
+    for (i, (blob, path)) in resolved.layers.iter().zip(&layers).enumerate() {
+        let f = File::open(path).map_err(io(path, "opening"))?;
+        let done = layer::apply(&staging, &blob.digest, f)?;
+        writeln!(
+            log,
+            "kairos-agent: applied layer {}/{} {}: {} entries, {} whiteouts, {} xattrs{}",
+            i + 1,
+            layers.len(),
+            blob.digest,
+            done.entries,
+            done.whiteouts,
+            done.xattrs,
+            if done.xattrs_refused > 0 {
+                format!(
+                    " ({} refused by the staging filesystem)",
+                    done.xattrs_refused
+                )
+            } else {
+                String::new()
+            }
+        )?;
+        if puller.copies_layers() {
+            std::fs::remove_file(path).map_err(io(path, "removing"))?;
+        }
+    }
+    crash(opts, "unpack", log);
+    Ok(Prepared {
+        content: Content::Tree(staging),
+        digest: Some(resolved.manifest_digest),
+        _bind: None,
+    })
+}
+
+/// `dir:PATH`: the directory's own filesystem (a non-recursive bind mount, so `dir:/` leaves
+/// out /proc, /sys, /dev, /run and anything else mounted), read directly by mkfs.
+fn prepare_dir(
+    p: &Path,
+    origin: &str,
+    opts: &Options,
+    cos: &Path,
+    work: &Path,
+    reclaimable: u64,
+    log: &mut dyn Write,
+) -> Result<Prepared, UpgradeError> {
+    if !p.is_dir() {
+        return Err(UpgradeError::NotFound {
+            origin: origin.into(),
+            path: p.to_path_buf(),
+        });
+    }
+    let m = image::measure(p)?;
+    check_space(cos, image::image_size(m) + SLACK, reclaimable)?;
+    if work.exists() {
+        std::fs::remove_dir_all(work).map_err(io(work, "removing the stale work directory"))?;
+    }
+    // The mount point is beside the work directory, never inside it: the work directory is
+    // removed recursively, and a bind mount left behind would take the source with it.
+    let mount_point = work.with_extension("source");
+    let bind = match image::BindMount::new(p, &mount_point) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            writeln!(
+                log,
+                "kairos-agent: warning: {e}; reading {} directly (mounts below it are included)",
+                p.display()
+            )?;
+            None
+        }
+    };
+    crash(opts, "pull", log);
+    crash(opts, "unpack", log);
+    let tree = bind
+        .as_ref()
+        .map_or_else(|| p.to_path_buf(), |b| b.target.clone());
+    Ok(Prepared {
+        content: Content::Tree(tree),
+        digest: None,
+        _bind: bind,
+    })
+}
+
+/// `file:PATH`: a filesystem image copied as it is (ext2/3/4 for the system; squashfs or ext
+/// for recovery).
+fn prepare_file(
+    p: &Path,
+    origin: &str,
+    opts: &Options,
+    cos: &Path,
+    reclaimable: u64,
+    log: &mut dyn Write,
+) -> Result<Prepared, UpgradeError> {
+    use kairos_init::probe::FsType;
+    if !p.is_file() {
+        return Err(UpgradeError::NotFound {
+            origin: origin.into(),
+            path: p.to_path_buf(),
+        });
+    }
+    let fs = kairos_init::probe::probe_path(p)
+        .map_err(|e| UpgradeError::Invalid {
+            origin: origin.into(),
+            what: e.to_string(),
+        })?
+        .map(|f| f.fstype);
+    let ext = matches!(fs, Some(FsType::Ext2 | FsType::Ext3 | FsType::Ext4));
+    let squash = fs == Some(FsType::Squashfs);
+    let recovery_img = opts.recovery
+        && cos.join("recovery.img").exists()
+        && !cos.join("recovery.squashfs").exists();
+    let ok = if !opts.recovery || recovery_img {
+        ext
+    } else {
+        squash
+    };
+    if !ok {
+        return Err(UpgradeError::Invalid {
+            origin: origin.into(),
+            what: format!(
+                "holds {}, expected {}",
+                fs.map_or("no known filesystem", |f| f.name()),
+                if opts.recovery && !recovery_img {
+                    "a squashfs (recovery.squashfs)"
+                } else {
+                    "an ext2/3/4 filesystem image"
+                }
+            ),
+        });
+    }
+    check_space(cos, file_size(p) + SLACK, reclaimable)?;
+    crash(opts, "pull", log);
+    crash(opts, "unpack", log);
+    Ok(Prepared {
+        content: Content::File(p.to_path_buf()),
+        digest: None,
+        _bind: None,
+    })
+}
+
+/// Step 4: cos and fallback get their tries (`kairos_max_tries`, else 3); a one-shot
+/// `next_entry` would boot uncounted first, so it goes.
+fn arm(ctx: &Ctx, out: &mut dyn Write, log: &mut dyn Write) -> Result<(), UpgradeError> {
+    let mut l = crate::load_env_for_update(ctx, out, log)?;
+    let n = Counters::from_env(&l.env).map_or(DEFAULT_MAX_TRIES, |c| c.max);
+    grubenv::arm(&mut l.env, n)?;
+    if let Some(next) = l.env.get(var::NEXT_ENTRY).map(str::to_owned) {
+        l.env.unset(var::NEXT_ENTRY);
+        writeln!(
+            log,
+            "kairos-agent: dropped next_entry={next}: the new image boots on counted tries"
+        )?;
+    }
+    grubenv::write(&l.path, &l.env)?;
+    writeln!(
+        log,
+        "kairos-agent: boot assessment armed in {}: cos and fallback get {n} tries each",
+        l.path.display()
+    )?;
+    Ok(())
+}
+
+/// Step 6: one line appended to `.kairos-state` and fsynced. The upgrade is done by now: a
+/// history that cannot be written is a warning.
+fn append_history(ctx: &Ctx, file: &Path, line: &str, log: &mut dyn Write) {
+    let path = ctx.path(file);
+    let r = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        f.write_all(line.as_bytes())?;
+        f.sync_all()
+    })();
+    let _ = match r {
+        Ok(()) => writeln!(
+            log,
+            "kairos-agent: recorded the upgrade in {}",
+            path.display()
+        ),
+        Err(e) => writeln!(
+            log,
+            "kairos-agent: warning: {}: {e}; the upgrade is not recorded",
+            path.display()
+        ),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_points_are_known_and_ordered() {
+        let two = rotate::plan(Booted::Active, true);
+        let p = points_for(&two, false);
+        assert_eq!(
+            p,
+            [
+                "pull",
+                "unpack",
+                "before-rename-1",
+                "after-rename-1-before-sync",
+                "between-renames",
+                "before-rename-2",
+                "after-rename-2-before-sync",
+                "done"
+            ]
+        );
+        // Every point an upgrade can pass is documented, and the list has nothing else.
+        let names: Vec<&str> = CRASH_POINTS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(p, names);
+        for steps in [
+            rotate::plan(Booted::Passive, true),
+            rotate::plan(Booted::Active, false),
+        ] {
+            for point in points_for(&steps, false) {
+                check_crash_point(&point).unwrap();
+            }
+        }
+        assert_eq!(
+            points_for(&two, true),
+            [
+                "pull",
+                "unpack",
+                "before-rename-1",
+                "after-rename-1-before-sync",
+                "done"
+            ]
+        );
+        let e = check_crash_point("between").unwrap_err().to_string();
+        assert!(
+            e.contains("KAIROS_AGENT_CRASH_AT=\"between\"") && e.contains("between-renames"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn booted_from_the_command_line() {
+        let b = |c| booted_from_cmdline(c);
+        assert_eq!(
+            b("root=LABEL=COS_ACTIVE cos-img/filename=/cOS/active.img"),
+            Some(Booted::Active)
+        );
+        assert_eq!(b("root=LABEL=COS_PASSIVE"), Some(Booted::Passive));
+        assert_eq!(
+            b("root=live:LABEL=COS_RECOVERY rd.live.dir=/"),
+            Some(Booted::Recovery)
+        );
+        assert_eq!(
+            b("root=LABEL=COS_SYSTEM kairos.reset"),
+            Some(Booted::Recovery)
+        );
+        assert_eq!(b("root=/dev/sda1 quiet"), None);
+        let t = crate::testutil::Tree::new();
+        t.cmdline("root=LABEL=COS_ACTIVE");
+        assert_eq!(detect_booted(&t.ctx), Some(Booted::Active));
+        t.file("/run/cos/passive_mode", "");
+        assert_eq!(detect_booted(&t.ctx), Some(Booted::Passive));
+    }
+
+    #[test]
+    fn space_on_one_or_two_filesystems() {
+        // Apart: the target holds the image, the work directory blobs + staging.
+        assert_eq!(space_needed(100, 40, 90, false), (100 + SLACK, 130));
+        // Together: staging stays while either the blobs or the image exist.
+        assert_eq!(space_needed(100, 40, 90, true), (190 + SLACK, 0));
+        assert_eq!(space_needed(10, 40, 90, true), (130 + SLACK, 0));
+        assert_eq!(space_needed(u64::MAX, 1, 1, true).0, u64::MAX);
+    }
+
+    #[test]
+    fn the_history_is_a_yaml_sequence() {
+        let mut text = String::new();
+        for (i, origin) in ["oci:127.0.0.1:5000/os:v2", "dir:/weird \"path\"\n"]
+            .iter()
+            .enumerate()
+        {
+            text.push_str(&history_line(
+                "2026-12-02T15:00:00.000Z",
+                "upgrade",
+                origin,
+                (i == 0).then_some("sha256:abc"),
+                Booted::Passive,
+                "active.img",
+                42,
+            ));
+        }
+        assert_eq!(text.lines().count(), 2);
+        let v: Vec<serde_json::Value> = serde_saphyr::from_str(&text).unwrap();
+        assert_eq!(v[0]["source"], "oci:127.0.0.1:5000/os:v2");
+        assert_eq!(v[0]["digest"], "sha256:abc");
+        assert_eq!(v[0]["booted"], "passive");
+        assert_eq!(v[1]["source"], "dir:/weird \"path\"\n");
+        assert_eq!(v[1]["digest"], serde_json::Value::Null);
+        assert_eq!(v[1]["size"], 42);
+    }
+}

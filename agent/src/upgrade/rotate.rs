@@ -60,8 +60,10 @@ pub enum RotateError {
     #[error("{}: {TRANSITION} is missing: build it before rotating", dir.display())]
     NoTransition { dir: PathBuf },
     #[error(
-        "{}: not enough space for the new image: {needed} bytes needed, {available} available",
-        dir.display()
+        "{}: not enough space for the new image: {needed} bytes ({} MiB) needed, {available} bytes ({} MiB) available",
+        dir.display(),
+        needed.div_ceil(1 << 20),
+        available >> 20
     )]
     NoSpace {
         dir: PathBuf,
@@ -84,14 +86,34 @@ fn sync_dir(dir: &Path) -> Result<(), RotateError> {
         .map_err(io(dir, "fsync of the directory"))
 }
 
+/// Where [`execute_with`] is between renames, for the caller's hook (numbered from 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    BeforeRename(usize),
+    /// The rename is done, the directory not yet fsynced.
+    AfterRenameBeforeSync(usize),
+    /// The rename is on disk.
+    Synced(usize),
+}
+
 /// Performs `steps` in `dir` (COS_STATE's `/cOS`, mounted read-write), fsyncing the directory
 /// after each rename so the order on disk is the order here.
 pub fn execute(dir: &Path, steps: &[Step]) -> Result<(), RotateError> {
+    execute_with(dir, steps, &mut |_| Ok::<(), RotateError>(()))
+}
+
+/// [`execute`], calling `hook` around each rename (crash points, the relabel between renames).
+pub fn execute_with<E: From<RotateError>>(
+    dir: &Path,
+    steps: &[Step],
+    hook: &mut dyn FnMut(Event) -> Result<(), E>,
+) -> Result<(), E> {
     let transition = dir.join(TRANSITION);
     if !transition.is_file() {
         return Err(RotateError::NoTransition {
             dir: dir.to_path_buf(),
-        });
+        }
+        .into());
     }
     File::open(&transition)
         .and_then(|f| f.sync_all())
@@ -99,7 +121,9 @@ pub fn execute(dir: &Path, steps: &[Step]) -> Result<(), RotateError> {
     sync_dir(dir)?;
     let active = dir.join(ACTIVE);
     let passive = dir.join(PASSIVE);
-    for step in steps {
+    for (i, step) in steps.iter().enumerate() {
+        let n = i + 1;
+        hook(Event::BeforeRename(n))?;
         match step {
             Step::Exchange => {
                 rustix::fs::renameat_with(CWD, &transition, CWD, &active, RenameFlags::EXCHANGE)
@@ -111,7 +135,9 @@ pub fn execute(dir: &Path, steps: &[Step]) -> Result<(), RotateError> {
             Step::ReplaceActive => std::fs::rename(&transition, &active)
                 .map_err(io(&active, "renaming transition.img to"))?,
         }
+        hook(Event::AfterRenameBeforeSync(n))?;
         sync_dir(dir)?;
+        hook(Event::Synced(n))?;
     }
     Ok(())
 }
@@ -200,10 +226,38 @@ mod tests {
         assert_eq!(read(d.path(), ACTIVE).as_deref(), Some("v1"));
         let e = check_space(d.path(), u64::MAX).unwrap_err().to_string();
         assert!(
-            e.contains("bytes needed") && e.contains(&d.path().display().to_string()),
+            e.contains("MiB) needed") && e.contains(&d.path().display().to_string()),
             "{e}"
         );
         check_space(d.path(), 1).unwrap();
+    }
+
+    #[test]
+    fn the_hook_sees_every_rename_and_can_stop_between_them() {
+        let d = dir_with(&[(ACTIVE, "v1"), (PASSIVE, "v0"), (TRANSITION, "v2")]);
+        let mut seen = Vec::new();
+        let r = execute_with(d.path(), &plan(Booted::Active, true), &mut |e| {
+            seen.push(e);
+            if e == Event::Synced(1) {
+                return Err(RotateError::NoTransition {
+                    dir: PathBuf::from("stop"),
+                });
+            }
+            Ok(())
+        });
+        assert!(r.is_err());
+        assert_eq!(
+            seen,
+            [
+                Event::BeforeRename(1),
+                Event::AfterRenameBeforeSync(1),
+                Event::Synced(1)
+            ]
+        );
+        // Stopped between the renames: new active, previous passive, old active aside.
+        assert_eq!(read(d.path(), ACTIVE).as_deref(), Some("v2"));
+        assert_eq!(read(d.path(), PASSIVE).as_deref(), Some("v0"));
+        assert_eq!(read(d.path(), TRANSITION).as_deref(), Some("v1"));
     }
 
     #[test]

@@ -1,0 +1,288 @@
+//! Building the image files: measuring a tree, sizing an ext4 image for it, `mkfs.ext4 -d`,
+//! relabelling an image file, `mksquashfs` for recovery, and the non-recursive bind mount that
+//! gives `dir:/` the root filesystem without /proc, /sys, /dev, /run and other mounts.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::UpgradeError;
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 4096;
+const INODE_SIZE: u64 = 256;
+
+/// ext4 features GRUB 2.06 cannot read (it loads the kernel from inside the image), and the
+/// journal, which a read-only image never uses.
+const EXT4_OFF: &[&str] = &["has_journal", "metadata_csum_seed", "orphan_file"];
+
+/// What a tree holds, as an ext4 image will store it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Measure {
+    /// Data blocks: files and directories rounded up to 4 KiB, long symlinks one block.
+    pub bytes: u64,
+    /// Inodes (hard links counted once).
+    pub inodes: u64,
+}
+
+/// Walks `root` without following symlinks or crossing into other filesystems.
+pub fn measure(root: &Path) -> Result<Measure, UpgradeError> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| UpgradeError::Io {
+            path: p,
+            what: "measuring".into(),
+            source,
+        }
+    };
+    let top = root.symlink_metadata().map_err(io(root))?;
+    let mut m = Measure::default();
+    let mut seen = HashSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let md = dir.symlink_metadata().map_err(io(&dir))?;
+        m.inodes += 1;
+        m.bytes += md.len().div_ceil(BLOCK).max(1) * BLOCK;
+        if md.dev() != top.dev() {
+            continue;
+        }
+        for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let e = e.map_err(io(&dir))?;
+            let p = e.path();
+            let md = p.symlink_metadata().map_err(io(&p))?;
+            let ft = md.file_type();
+            if ft.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            if md.nlink() > 1 && !seen.insert((md.dev(), md.ino())) {
+                continue;
+            }
+            m.inodes += 1;
+            if ft.is_file() {
+                m.bytes += md.len().div_ceil(BLOCK) * BLOCK;
+            } else if ft.is_symlink() && md.len() >= 60 {
+                m.bytes += BLOCK;
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// Inodes for an image holding `m`: room for 10 % more files, at least 1024.
+pub fn inode_count(m: Measure) -> u64 {
+    (m.inodes + m.inodes / 10).max(1024)
+}
+
+/// The image size for `m`: data + inode tables, + 10 % and 16 MiB for ext4's own metadata
+/// (group descriptors, bitmaps, extent blocks), in whole MiB. No journal, no reserved blocks.
+pub fn image_size(m: Measure) -> u64 {
+    let raw = m.bytes + inode_count(m) * INODE_SIZE;
+    (raw + raw / 10 + 16 * MIB).div_ceil(MIB) * MIB
+}
+
+fn run(cmd: &mut Command) -> Result<(), UpgradeError> {
+    let shown = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = cmd.output().map_err(|e| UpgradeError::Command {
+        command: shown.clone(),
+        status: "not run".into(),
+        output: e.to_string(),
+    })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    Err(UpgradeError::Command {
+        command: shown,
+        status: out.status.to_string(),
+        output: lines[lines.len().saturating_sub(6)..].join("\n"),
+    })
+}
+
+/// fsync of a file's data and metadata.
+pub fn sync_file(p: &Path) -> Result<(), UpgradeError> {
+    File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| UpgradeError::Io {
+            path: p.to_path_buf(),
+            what: "fsync".into(),
+            source,
+        })
+}
+
+/// `mkfs.ext4 -d tree` into a new sparse file `img` of `size` bytes labelled `label`, then
+/// fsync. An e2fsprogs that does not know the GRUB-unfriendly features is retried without
+/// naming them.
+pub fn mkfs_ext4(
+    tree: &Path,
+    img: &Path,
+    size: u64,
+    inodes: u64,
+    label: &str,
+) -> Result<(), UpgradeError> {
+    let create = || -> Result<(), UpgradeError> {
+        let f = File::create(img).map_err(|source| UpgradeError::Io {
+            path: img.to_path_buf(),
+            what: "creating".into(),
+            source,
+        })?;
+        f.set_len(size).map_err(|source| UpgradeError::Io {
+            path: img.to_path_buf(),
+            what: "sizing".into(),
+            source,
+        })
+    };
+    let attempt = |features: &[&str]| {
+        create()?;
+        let mut cmd = Command::new("mkfs.ext4");
+        cmd.args(["-q", "-F", "-b", "4096", "-I", "256", "-m", "0"])
+            .arg("-N")
+            .arg(inodes.to_string())
+            .arg("-L")
+            .arg(label)
+            .arg("-O")
+            .arg(
+                features
+                    .iter()
+                    .map(|f| format!("^{f}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .arg("-d")
+            .arg(tree)
+            .arg(img);
+        run(&mut cmd)
+    };
+    if let Err(first) = attempt(EXT4_OFF) {
+        // An older mke2fs rejects feature names it does not know; the journal it knows.
+        if attempt(&EXT4_OFF[..1]).is_err() {
+            return Err(first);
+        }
+    }
+    sync_file(img)
+}
+
+/// Sets the filesystem label of the ext2/3/4 image file `img`.
+pub fn relabel(img: &Path, label: &str) -> Result<(), UpgradeError> {
+    if run(Command::new("e2label").arg(img).arg(label)).is_err() {
+        run(Command::new("tune2fs").arg("-L").arg(label).arg(img))?;
+    }
+    sync_file(img)
+}
+
+/// `mksquashfs tree out` (xz: GRUB's squash4 reads it), then fsync.
+pub fn mksquashfs(tree: &Path, out: &Path) -> Result<(), UpgradeError> {
+    let _ = std::fs::remove_file(out);
+    run(Command::new("mksquashfs").arg(tree).arg(out).args([
+        "-comp",
+        "xz",
+        "-noappend",
+        "-no-progress",
+    ]))?;
+    sync_file(out)
+}
+
+/// A non-recursive bind mount of a directory: its own filesystem only, nothing mounted below
+/// it. Unmounted (detached) on drop.
+pub struct BindMount {
+    pub target: PathBuf,
+}
+
+impl BindMount {
+    pub fn new(source: &Path, target: &Path) -> Result<BindMount, UpgradeError> {
+        // One left mounted by a crashed upgrade: detach it (never delete through it).
+        if rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH).is_ok() {
+            let _ = std::fs::remove_dir(target);
+        }
+        std::fs::create_dir_all(target).map_err(|source| UpgradeError::Io {
+            path: target.to_path_buf(),
+            what: "creating the mount point".into(),
+            source,
+        })?;
+        rustix::mount::mount_bind(source, target).map_err(|e| UpgradeError::Io {
+            path: target.to_path_buf(),
+            what: format!("bind-mounting {} on", source.display()),
+            source: e.into(),
+        })?;
+        Ok(BindMount {
+            target: target.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        // remove_dir, not remove_dir_all: if the unmount failed, the source stays intact.
+        let _ = rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::DETACH);
+        let _ = std::fs::remove_dir(&self.target);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_is_measured_in_blocks_and_inodes() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        std::fs::create_dir_all(r.join("etc/sub")).unwrap();
+        std::fs::write(r.join("etc/a"), vec![1u8; 5000]).unwrap();
+        std::fs::write(r.join("etc/empty"), b"").unwrap();
+        std::fs::hard_link(r.join("etc/a"), r.join("etc/a-link")).unwrap();
+        std::os::unix::fs::symlink("short", r.join("s")).unwrap();
+        std::os::unix::fs::symlink("x".repeat(80), r.join("long")).unwrap();
+        let m = measure(r).unwrap();
+        // root, etc, etc/sub, a (once), empty, two symlinks.
+        assert_eq!(m.inodes, 7);
+        // a: 2 blocks; the long symlink: 1; three directories: at least 1 each.
+        assert!(m.bytes >= 6 * BLOCK, "{m:?}");
+        assert_eq!(m.bytes % BLOCK, 0);
+        assert!(measure(&r.join("nope")).is_err());
+    }
+
+    #[test]
+    fn image_sizes_leave_room_for_metadata() {
+        let m = Measure {
+            bytes: 100 * MIB,
+            inodes: 10_000,
+        };
+        assert_eq!(inode_count(m), 11_000);
+        let s = image_size(m);
+        assert_eq!(s % MIB, 0);
+        assert!(s >= 100 * MIB + 11_000 * 256 + 16 * MIB, "{s}");
+        assert!(s < 140 * MIB, "{s}");
+        assert_eq!(inode_count(Measure::default()), 1024);
+        assert_eq!(image_size(Measure::default()), 17 * MIB);
+    }
+
+    #[test]
+    fn mkfs_and_relabel_an_image_file() {
+        if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+            eprintln!("skipping: no mkfs.ext4");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let tree = t.path().join("tree");
+        std::fs::create_dir_all(tree.join("etc")).unwrap();
+        std::fs::write(tree.join("etc/marker"), "v2").unwrap();
+        let m = measure(&tree).unwrap();
+        let img = t.path().join("x.img");
+        mkfs_ext4(&tree, &img, image_size(m), inode_count(m), "COS_ACTIVE").unwrap();
+        let fs = kairos_init::probe::probe_path(&img).unwrap().unwrap();
+        assert_eq!(fs.label.as_deref(), Some("COS_ACTIVE"));
+        relabel(&img, "COS_PASSIVE").unwrap();
+        let fs = kairos_init::probe::probe_path(&img).unwrap().unwrap();
+        assert_eq!(fs.label.as_deref(), Some("COS_PASSIVE"));
+        let e = relabel(&t.path().join("missing.img"), "X").unwrap_err();
+        assert!(e.to_string().contains("tune2fs"), "{e}");
+    }
+}
