@@ -155,9 +155,16 @@ pub fn scan(sys_root: &Path, dev_root: &Path) -> Vec<BlockDev> {
     devs
 }
 
-/// The first of `matches` in natural name order, and the others for the caller to log.
+/// The first of `matches`, and the others for the caller to log: partitions before whole-device
+/// filesystems (Kairos disks are always partitioned; a stray stick formatted whole is not one),
+/// then natural name order. Disk names themselves follow probe order, which virtio does not
+/// keep stable across boots, so the partition rule is what keeps the installed disk winning.
 fn first_of(mut matches: Vec<&BlockDev>) -> Option<(&BlockDev, Vec<&BlockDev>)> {
-    matches.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+    matches.sort_by(|a, b| {
+        b.is_partition
+            .cmp(&a.is_partition)
+            .then_with(|| natural_cmp(&a.name, &b.name))
+    });
     let mut rest = matches.into_iter();
     let first = rest.next()?;
     Some((first, rest.collect()))
@@ -517,6 +524,30 @@ mod tests {
         assert_eq!(spec("/dev/disk/by-partlabel/state"), Some("vda5"));
         assert_eq!(spec("vda5"), None);
         assert_eq!(spec("LABEL="), None);
+    }
+
+    #[test]
+    fn a_partition_beats_a_whole_device_with_the_same_label() {
+        let dev = |name: &str, part: bool| BlockDev {
+            name: name.into(),
+            devnode: PathBuf::from(format!("/dev/{name}")),
+            partname: None,
+            is_partition: part,
+            size_bytes: 1 << 20,
+            fs: Some(FsInfo {
+                fstype: probe::FsType::Ext4,
+                label: Some(labels::STATE.into()),
+                uuid: None,
+            }),
+        };
+        // vda is a stray whole-disk filesystem that sorts first by name.
+        let devs = [dev("vda", false), dev("vdc4", true), dev("vdb4", true)];
+        let (first, dups) = find_by_label(&devs, labels::STATE).expect("found");
+        assert_eq!(first.name, "vdb4");
+        assert_eq!(
+            dups.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            ["vdc4", "vda"]
+        );
     }
 
     #[test]

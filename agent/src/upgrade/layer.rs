@@ -90,6 +90,22 @@ fn remove_any(p: &Path) -> std::io::Result<()> {
     }
 }
 
+/// The first component of `rel` (relative to `root`) that is a symlink on disk. A whiteout, an
+/// opaque marker or a replaced entry below such a component would act on whatever the link
+/// points at, outside `root` if the layer made it point there.
+fn symlink_in(root: &Path, rel: &Path) -> Option<PathBuf> {
+    let mut cur = root.to_path_buf();
+    for c in rel.components() {
+        cur.push(c);
+        match cur.symlink_metadata() {
+            Ok(m) if m.file_type().is_symlink() => return Some(cur),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 /// Empties `dir` except what this layer itself put there (`added`, relative to `root`).
 fn clear_lower(root: &Path, dir: &Path, added: &HashSet<PathBuf>) -> std::io::Result<()> {
     let Ok(entries) = fs::read_dir(root.join(dir)) else {
@@ -158,6 +174,12 @@ pub fn apply(root: &Path, layer: &str, data: impl Read) -> Result<Applied, Layer
             continue; // the root itself
         };
         let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+        if symlink_in(root, &parent).is_some() {
+            return Err(LayerError::Escapes {
+                layer: layer.into(),
+                name: raw.display().to_string(),
+            });
+        }
         if name == OPAQUE {
             opaque.push(parent);
             done.whiteouts += 1;
@@ -204,6 +226,13 @@ pub fn apply(root: &Path, layer: &str, data: impl Read) -> Result<Applied, Layer
         done.entries += 1;
     }
     for dir in opaque {
+        // Checked again: a later entry of this layer may have made the directory a symlink.
+        if symlink_in(root, &dir).is_some() {
+            return Err(LayerError::Escapes {
+                layer: layer.into(),
+                name: dir.join(OPAQUE).display().to_string(),
+            });
+        }
         clear_lower(root, &dir, &added).map_err(io(&root.join(&dir)))?;
     }
     Ok(done)
@@ -355,6 +384,52 @@ mod tests {
         assert!(clean(Path::new("../x")).is_none());
         assert!(clean(Path::new("/etc/x")).is_none());
         assert_eq!(clean(Path::new("./a/./b")), Some(PathBuf::from("a/b")));
+    }
+
+    /// Found while fuzzing: whiteouts and opaque markers below a symlink the same layer made
+    /// deleted outside the root. Each is now refused and the outside is untouched.
+    #[test]
+    fn whiteouts_through_a_symlink_are_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("victim"), "keep").unwrap();
+        let target = outside.path().to_str().unwrap().to_string();
+        let cases: [&[(&str, &str)]; 4] = [
+            &[("x", "L"), ("x/.wh.victim", "")],
+            &[("x", "L"), ("x/.wh..wh..opq", "")],
+            &[("x/.wh..wh..opq", ""), ("x", "L")],
+            &[("x", "L"), ("x/victim/y", "file")],
+        ];
+        for entries in cases {
+            let root = tempfile::tempdir().unwrap();
+            let mut b = tar::Builder::new(Vec::new());
+            for (name, what) in entries {
+                let mut h = tar::Header::new_gnu();
+                h.set_uid(0);
+                h.set_gid(0);
+                h.set_mtime(0);
+                if *what == "L" {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_size(0);
+                    h.set_mode(0o777);
+                    b.append_link(&mut h, name, &target).unwrap();
+                } else {
+                    h.set_size(what.len() as u64);
+                    h.set_mode(0o644);
+                    b.append_data(&mut h, name, what.as_bytes()).unwrap();
+                }
+            }
+            let data = b.into_inner().unwrap();
+            let r = apply(root.path(), "sha256:test", data.as_slice());
+            assert!(
+                matches!(r, Err(LayerError::Escapes { .. })),
+                "{entries:?}: {r:?}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(outside.path().join("victim")).unwrap(),
+                "keep",
+                "{entries:?}"
+            );
+        }
     }
 
     #[test]
