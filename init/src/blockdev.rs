@@ -257,11 +257,11 @@ mod tests {
     }
 
     fn tree() -> Tree {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().expect("test setup");
         let sys = tmp.path().join("sys");
         let dev = tmp.path().join("dev");
-        fs::create_dir_all(sys.join("class/block")).unwrap();
-        fs::create_dir_all(&dev).unwrap();
+        fs::create_dir_all(sys.join("class/block")).expect("test setup");
+        fs::create_dir_all(&dev).expect("test setup");
         Tree {
             _tmp: tmp,
             sys,
@@ -277,17 +277,17 @@ mod tests {
                 None => format!("devices/pci0000:00/virtio1/block/{name}"),
             };
             let dir = self.sys.join(&rel);
-            fs::create_dir_all(&dir).unwrap();
-            fs::write(dir.join("size"), format!("{sectors}\n")).unwrap();
-            fs::write(dir.join("uevent"), uevent).unwrap();
+            fs::create_dir_all(&dir).expect("test setup");
+            fs::write(dir.join("size"), format!("{sectors}\n")).expect("test setup");
+            fs::write(dir.join("uevent"), uevent).expect("test setup");
             if parent.is_some() {
-                fs::write(dir.join("partition"), "1\n").unwrap();
+                fs::write(dir.join("partition"), "1\n").expect("test setup");
             }
             symlink(
                 format!("../../{rel}"),
                 self.sys.join("class/block").join(name),
             )
-            .unwrap();
+            .expect("test setup");
         }
 
         fn part(&self, n: u32, partname: &str) {
@@ -305,7 +305,7 @@ mod tests {
         img[1024 + 56..1024 + 58].copy_from_slice(&0xEF53u16.to_le_bytes());
         img[1024 + 104..1024 + 120].copy_from_slice(&[uuid_byte; 16]);
         img[1024 + 120..1024 + 120 + label.len()].copy_from_slice(label.as_bytes());
-        fs::write(path, img).unwrap();
+        fs::write(path, img).expect("test setup");
     }
 
     fn mkfs(tool: &str, args: &[&str]) -> bool {
@@ -417,12 +417,26 @@ mod tests {
         t.add(None, "evil", 100, "DEVNAME=../../etc/passwd\n");
         t.add(None, "bare", 100, "");
         let devs = list(&t.sys, &t.dev);
-        let node = |n: &str| devs.iter().find(|d| d.name == n).unwrap().devnode.clone();
+        let node = |n: &str| {
+            devs.iter()
+                .find(|d| d.name == n)
+                .expect("test setup")
+                .devnode
+                .clone()
+        };
         assert_eq!(node("dm-0"), t.dev.join("mapper/root"));
         assert_eq!(node("evil"), t.dev.join("evil"));
         assert_eq!(node("bare"), t.dev.join("bare"));
-        assert_eq!(find_spec(&devs, "/dev/mapper/root").unwrap().name, "dm-0");
-        assert_eq!(find_spec(&devs, "/dev/dm-0").unwrap().name, "dm-0");
+        assert_eq!(
+            find_spec(&devs, "/dev/mapper/root")
+                .expect("test setup")
+                .name,
+            "dm-0"
+        );
+        assert_eq!(
+            find_spec(&devs, "/dev/dm-0").expect("test setup").name,
+            "dm-0"
+        );
         assert!(find_spec(&devs, "/dev/../dev/bare").is_none());
     }
 
@@ -433,7 +447,13 @@ mod tests {
         // Real filesystems where the tools exist, synthetic superblocks otherwise.
         if !mkfs(
             "mkfs.vfat",
-            &["-n", "COS_GRUB", "-C", d("vda2").to_str().unwrap(), "2048"],
+            &[
+                "-n",
+                "COS_GRUB",
+                "-C",
+                d("vda2").to_str().expect("test setup"),
+                "2048",
+            ],
         ) {
             ext2_image(&d("vda2"), "COS_GRUB", 2);
         }
@@ -444,7 +464,7 @@ mod tests {
                 "-F",
                 "-L",
                 "COS_STATE",
-                d("vda5").to_str().unwrap(),
+                d("vda5").to_str().expect("test setup"),
                 "4M",
             ],
         ) {
@@ -453,7 +473,7 @@ mod tests {
         ext2_image(&d("vda3"), "COS_OEM", 3);
         ext2_image(&d("vda4"), "COS_RECOVERY", 4);
         // vda6 (persistent) is unreadable garbage: found by its GPT name only.
-        fs::write(d("vda6"), vec![0x5a; 8192]).unwrap();
+        fs::write(d("vda6"), vec![0x5a; 8192]).expect("test setup");
         // A duplicate COS_OEM that sorts after vda3 naturally, before it lexically.
         ext2_image(&d("vda10"), "COS_OEM", 10);
         ext2_image(&d("loop1"), "COS_ACTIVE", 0xab);
@@ -461,32 +481,41 @@ mod tests {
 
         let devs = scan(&t.sys, &t.dev);
         assert_eq!(devs.len(), 12);
-        let fs_of = |n: &str| devs.iter().find(|x| x.name == n).unwrap().fs.clone();
+        let fs_of = |n: &str| {
+            devs.iter()
+                .find(|x| x.name == n)
+                .expect("test setup")
+                .fs
+                .clone()
+        };
         assert_eq!(fs_of("vda1"), None);
         assert_eq!(fs_of("vda6"), None);
-        assert_eq!(fs_of("vda5").unwrap().label.as_deref(), Some("COS_STATE"));
+        assert_eq!(
+            fs_of("vda5").expect("test setup").label.as_deref(),
+            Some("COS_STATE")
+        );
 
-        let (state, others) = find_by_label(&devs, labels::STATE).unwrap();
+        let (state, others) = find_by_label(&devs, labels::STATE).expect("test setup");
         assert_eq!((state.name.as_str(), others.len()), ("vda5", 0));
         assert_eq!(state.devnode, d("vda5"));
-        let (grub, _) = find_by_label(&devs, labels::GRUB).unwrap();
+        let (grub, _) = find_by_label(&devs, labels::GRUB).expect("test setup");
         assert_eq!(grub.name, "vda2");
         assert!(matches!(
-            grub.fs.as_ref().unwrap().fstype,
+            grub.fs.as_ref().expect("test setup").fstype,
             FsType::Vfat | FsType::Ext2
         ));
 
-        let (oem, dups) = find_by_label(&devs, labels::OEM).unwrap();
+        let (oem, dups) = find_by_label(&devs, labels::OEM).expect("test setup");
         assert_eq!(oem.name, "vda3");
         assert_eq!(
             dups.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
             ["vda10"]
         );
 
-        let (pers, dups) = find_by_label(&devs, labels::PERSISTENT).unwrap();
+        let (pers, dups) = find_by_label(&devs, labels::PERSISTENT).expect("test setup");
         assert_eq!((pers.name.as_str(), dups.len()), ("vda6", 0));
 
-        let (active, _) = find_by_label(&devs, labels::ACTIVE).unwrap();
+        let (active, _) = find_by_label(&devs, labels::ACTIVE).expect("test setup");
         assert_eq!(active.name, "loop1");
         assert!(find_by_label(&devs, labels::PASSIVE).is_none());
         assert!(find_by_label(&devs, "NOPE").is_none());
@@ -494,16 +523,18 @@ mod tests {
         // Order of the input slice does not matter.
         let mut rev = devs.clone();
         rev.reverse();
-        let (oem, dups) = find_by_label(&rev, labels::OEM).unwrap();
+        let (oem, dups) = find_by_label(&rev, labels::OEM).expect("test setup");
         assert_eq!(
             (oem.name.as_str(), dups[0].name.as_str()),
             ("vda3", "vda10")
         );
 
         let uuid = "abababab-abab-abab-abab-abababababab";
-        assert_eq!(find_by_uuid(&devs, uuid).unwrap().name, "loop1");
+        assert_eq!(find_by_uuid(&devs, uuid).expect("test setup").name, "loop1");
         assert_eq!(
-            find_by_uuid(&devs, &uuid.to_uppercase()).unwrap().name,
+            find_by_uuid(&devs, &uuid.to_uppercase())
+                .expect("test setup")
+                .name,
             "loop1"
         );
         assert!(find_by_uuid(&devs, "00000000-0000-0000-0000-000000000001").is_none());
@@ -558,7 +589,7 @@ mod tests {
         t.part(5, "state");
         t.part(15, "state");
         let devs = scan(&t.sys, &t.dev);
-        let (first, dups) = find_by_label(&devs, labels::STATE).unwrap();
+        let (first, dups) = find_by_label(&devs, labels::STATE).expect("test setup");
         assert_eq!(first.name, "vda5");
         assert_eq!(
             dups.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),

@@ -596,7 +596,7 @@ mod tests {
     fn env_of(pairs: &[(&str, &str)]) -> GrubEnv {
         let mut e = GrubEnv::default();
         for (k, v) in pairs {
-            e.set(k, v).unwrap();
+            e.set(k, v).expect("test setup");
         }
         e
     }
@@ -636,12 +636,12 @@ mod tests {
             ("weird", "back\\slash\nnew line=and#hash\\"),
             ("empty", ""),
         ]);
-        let block = e.to_block(p()).unwrap();
+        let block = e.to_block(p()).expect("test setup");
         assert!(block.starts_with(HEADER));
-        assert_eq!(*block.last().unwrap(), b'#');
+        assert_eq!(*block.last().expect("test setup"), b'#');
         let text = String::from_utf8_lossy(&block);
         assert!(text.contains("weird=back\\\\slash\\\nnew line=and#hash\\\\\n"));
-        let back = GrubEnv::parse(&block, p()).unwrap();
+        let back = GrubEnv::parse(&block, p()).expect("test setup");
         assert_eq!(back, e);
         assert_eq!(back.get("empty"), None);
         assert_eq!(back.get_raw("empty"), Some(""));
@@ -651,17 +651,17 @@ mod tests {
 
     #[test]
     fn empty_env_is_header_and_padding() {
-        let block = GrubEnv::default().to_block(p()).unwrap();
+        let block = GrubEnv::default().to_block(p()).expect("test setup");
         assert_eq!(&block[..HEADER.len()], HEADER);
         assert!(block[HEADER.len()..].iter().all(|&b| b == b'#'));
-        assert!(GrubEnv::parse(&block, p()).unwrap().is_empty());
+        assert!(GrubEnv::parse(&block, p()).expect("test setup").is_empty());
     }
 
     #[test]
     fn set_replaces_in_place_and_unset_removes() {
         let mut e = env_of(&[("a", "1"), ("b", "2"), ("c", "3")]);
-        e.set("b", "two").unwrap();
-        e.set("d", "4").unwrap();
+        e.set("b", "two").expect("test setup");
+        e.set("d", "4").expect("test setup");
         let got: Vec<_> = e.iter().collect();
         assert_eq!(got, [("a", "1"), ("b", "two"), ("c", "3"), ("d", "4")]);
         assert!(e.unset("a"));
@@ -687,7 +687,7 @@ mod tests {
 
     #[test]
     fn wrong_sizes_are_refused() {
-        let good = GrubEnv::default().to_block(p()).unwrap();
+        let good = GrubEnv::default().to_block(p()).expect("test setup");
         // Truncated.
         assert!(matches!(
             GrubEnv::parse(&good[..1000], p()),
@@ -722,7 +722,10 @@ mod tests {
             let mut b = HEADER.to_vec();
             b.extend_from_slice(&noise(seed, BLOCK_SIZE - HEADER.len()));
             if let Ok(e) = GrubEnv::parse(&b, p()) {
-                assert_eq!(e.to_block(p()).unwrap().as_slice(), b.as_slice());
+                assert_eq!(
+                    e.to_block(p()).expect("test setup").as_slice(),
+                    b.as_slice()
+                );
             }
         }
         let zeros = [0u8; BLOCK_SIZE];
@@ -762,7 +765,7 @@ mod tests {
         full.resize(BLOCK_SIZE, b'x');
         let (_, why) = malformed_at(&full);
         assert_eq!(why, "value of a is not ended by a newline");
-        *full.last_mut().unwrap() = b'\\';
+        *full.last_mut().expect("test setup") = b'\\';
         let (_, why) = malformed_at(&full);
         assert_eq!(why, "value of a ends inside an escape");
         // A name that runs to the end.
@@ -775,20 +778,23 @@ mod tests {
     #[test]
     fn comments_are_kept_in_place() {
         let block = block_with(b"# note\na=1\n#\nb=2\n");
-        let mut e = GrubEnv::parse(&block, p()).unwrap();
+        let mut e = GrubEnv::parse(&block, p()).expect("test setup");
         assert_eq!(e.len(), 2);
-        assert_eq!(e.to_block(p()).unwrap().as_slice(), block.as_slice());
-        e.set("a", "one").unwrap();
-        e.unset("b");
-        e.set("c", "3").unwrap();
         assert_eq!(
-            e.to_block(p()).unwrap().as_slice(),
+            e.to_block(p()).expect("test setup").as_slice(),
+            block.as_slice()
+        );
+        e.set("a", "one").expect("test setup");
+        e.unset("b");
+        e.set("c", "3").expect("test setup");
+        assert_eq!(
+            e.to_block(p()).expect("test setup").as_slice(),
             block_with(b"# note\na=one\n#\nc=3\n").as_slice()
         );
         // Only comments: no variables.
         assert!(
             GrubEnv::parse(&block_with(b"# x\n"), p())
-                .unwrap()
+                .expect("test setup")
                 .is_empty()
         );
     }
@@ -797,9 +803,9 @@ mod tests {
     fn a_block_filled_to_the_last_byte_is_valid() {
         let room = BLOCK_SIZE - HEADER.len() - "v=\n".len();
         let e = env_of(&[("v", &"x".repeat(room))]);
-        let block = e.to_block(p()).unwrap();
-        assert_eq!(*block.last().unwrap(), b'\n');
-        assert_eq!(GrubEnv::parse(&block, p()).unwrap(), e);
+        let block = e.to_block(p()).expect("test setup");
+        assert_eq!(*block.last().expect("test setup"), b'\n');
+        assert_eq!(GrubEnv::parse(&block, p()).expect("test setup"), e);
         let over = env_of(&[("v", &"x".repeat(room + 1))]);
         assert!(matches!(
             over.to_block(p()),
@@ -809,12 +815,13 @@ mod tests {
 
     #[test]
     fn overfull_env_is_refused_and_the_file_kept() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let f = dir.path().join("grubenv");
-        write(&f, &env_of(&[("keep", "me")])).unwrap();
+        write(&f, &env_of(&[("keep", "me")])).expect("test setup");
         let mut big = GrubEnv::default();
         for i in 0..64 {
-            big.set(&format!("var_{i:02}"), &"v".repeat(24)).unwrap();
+            big.set(&format!("var_{i:02}"), &"v".repeat(24))
+                .expect("test setup");
         }
         match write(&f, &big) {
             Err(GrubEnvError::TooLarge { path, needed }) => {
@@ -823,23 +830,26 @@ mod tests {
             }
             other => panic!("expected TooLarge, got {other:?}"),
         }
-        assert_eq!(read(&f).unwrap().get("keep"), Some("me"));
+        assert_eq!(read(&f).expect("test setup").get("keep"), Some("me"));
         assert!(!tmp_path(&f).exists());
     }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_tmp() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let f = dir.path().join("grubenv");
         // A stale temp file from a crash is simply overwritten.
-        std::fs::write(tmp_path(&f), b"stale").unwrap();
-        write(&f, &env_of(&[("a", "1")])).unwrap();
-        write(&f, &env_of(&[("b", "2")])).unwrap();
-        assert_eq!(std::fs::metadata(&f).unwrap().len(), BLOCK_SIZE as u64);
-        assert_eq!(read(&f).unwrap(), env_of(&[("b", "2")]));
+        std::fs::write(tmp_path(&f), b"stale").expect("test setup");
+        write(&f, &env_of(&[("a", "1")])).expect("test setup");
+        write(&f, &env_of(&[("b", "2")])).expect("test setup");
+        assert_eq!(
+            std::fs::metadata(&f).expect("test setup").len(),
+            BLOCK_SIZE as u64
+        );
+        assert_eq!(read(&f).expect("test setup"), env_of(&[("b", "2")]));
         let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
+            .expect("test setup")
+            .map(|e| e.expect("test setup").file_name())
             .collect();
         assert_eq!(names, ["grubenv"]);
         assert_eq!(
@@ -850,11 +860,15 @@ mod tests {
 
     #[test]
     fn read_reports_size_and_missing_files() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let f = dir.path().join("grubenv");
         let err = read(&f).unwrap_err();
         assert!(err.is_not_found() && !err.is_corrupt());
-        std::fs::write(&f, &GrubEnv::default().to_block(&f).unwrap()[..1000]).unwrap();
+        std::fs::write(
+            &f,
+            &GrubEnv::default().to_block(&f).expect("test setup")[..1000],
+        )
+        .expect("test setup");
         let err = read(&f).unwrap_err();
         assert!(err.is_corrupt());
         assert_eq!(
@@ -864,12 +878,12 @@ mod tests {
                 f.display()
             )
         );
-        std::fs::write(&f, HEADER).unwrap();
+        std::fs::write(&f, HEADER).expect("test setup");
         assert!(matches!(
             read(&f),
             Err(GrubEnvError::WrongSize { size: 25, .. })
         ));
-        std::fs::write(&f, noise(7, BLOCK_SIZE)).unwrap();
+        std::fs::write(&f, noise(7, BLOCK_SIZE)).expect("test setup");
         assert!(matches!(read(&f), Err(GrubEnvError::NoHeader { .. })));
         let err = read(dir.path()).unwrap_err();
         assert!(!err.is_corrupt() && !err.is_not_found());
@@ -894,22 +908,22 @@ mod tests {
             "grub-editenv {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Some(String::from_utf8(out.stdout).unwrap())
+        Some(String::from_utf8(out.stdout).expect("test setup"))
     }
 
     #[test]
     fn we_read_what_grub_editenv_writes() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let f = dir.path().join("grubenv");
-        let fs = f.to_str().unwrap();
+        let fs = f.to_str().expect("test setup");
         if editenv(&[fs, "create"]).is_none() {
             return;
         }
-        assert!(read(&f).unwrap().is_empty());
-        editenv(&[fs, "set", "a=1", "b=x y"]).unwrap();
-        editenv(&[fs, "set", "c=back\\slash", "d=two\nlines", "e="]).unwrap();
-        editenv(&[fs, "set", "a=one"]).unwrap();
-        let e = read(&f).unwrap();
+        assert!(read(&f).expect("test setup").is_empty());
+        editenv(&[fs, "set", "a=1", "b=x y"]).expect("test setup");
+        editenv(&[fs, "set", "c=back\\slash", "d=two\nlines", "e="]).expect("test setup");
+        editenv(&[fs, "set", "a=one"]).expect("test setup");
+        let e = read(&f).expect("test setup");
         let got: Vec<_> = e.iter().collect();
         assert_eq!(
             got,
@@ -923,18 +937,18 @@ mod tests {
         );
         // Byte for byte what we would have written.
         assert_eq!(
-            e.to_block(&f).unwrap().as_slice(),
-            std::fs::read(&f).unwrap()
+            e.to_block(&f).expect("test setup").as_slice(),
+            std::fs::read(&f).expect("test setup")
         );
-        editenv(&[fs, "unset", "b"]).unwrap();
-        assert_eq!(read(&f).unwrap().get("b"), None);
+        editenv(&[fs, "unset", "b"]).expect("test setup");
+        assert_eq!(read(&f).expect("test setup").get("b"), None);
     }
 
     #[test]
     fn grub_editenv_reads_and_edits_what_we_write() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let f = dir.path().join("grubenv");
-        let fs = f.to_str().unwrap();
+        let fs = f.to_str().expect("test setup");
         let e = env_of(&[
             ("saved_entry", "cos"),
             ("b", "x y"),
@@ -942,7 +956,7 @@ mod tests {
             ("d", "two\nlines"),
             ("kairos_tries_cos", "3"),
         ]);
-        write(&f, &e).unwrap();
+        write(&f, &e).expect("test setup");
         let Some(listed) = editenv(&[fs, "list"]) else {
             return;
         };
@@ -951,23 +965,23 @@ mod tests {
             "saved_entry=cos\nb=x y\nc=back\\slash\nd=two\nlines\nkairos_tries_cos=3\n"
         );
         // grub-editenv finds its free space in our padding and edits in place.
-        editenv(&[fs, "set", "kairos_tries_cos=2", "new=1"]).unwrap();
+        editenv(&[fs, "set", "kairos_tries_cos=2", "new=1"]).expect("test setup");
         let mut want = e.clone();
-        want.set("kairos_tries_cos", "2").unwrap();
-        want.set("new", "1").unwrap();
-        assert_eq!(read(&f).unwrap(), want);
+        want.set("kairos_tries_cos", "2").expect("test setup");
+        want.set("new", "1").expect("test setup");
+        assert_eq!(read(&f).expect("test setup"), want);
         // Filled to the last byte: grub-editenv still reads it.
         let room = BLOCK_SIZE - HEADER.len() - "v=\n".len();
-        write(&f, &env_of(&[("v", &"x".repeat(room))])).unwrap();
+        write(&f, &env_of(&[("v", &"x".repeat(room))])).expect("test setup");
         assert_eq!(
-            editenv(&[fs, "list"]).unwrap(),
+            editenv(&[fs, "list"]).expect("test setup"),
             format!("v={}\n", "x".repeat(room))
         );
     }
 
     #[test]
     fn counters_defaults_and_bad_numbers() {
-        let c = Counters::from_env(&GrubEnv::default()).unwrap();
+        let c = Counters::from_env(&GrubEnv::default()).expect("test setup");
         assert_eq!(
             c,
             Counters {
@@ -985,7 +999,7 @@ mod tests {
             ("kairos_max_tries", "5"),
             ("boot_assessment_tentative", "yes"),
         ]))
-        .unwrap();
+        .expect("test setup");
         assert_eq!((c.armed, c.tries_cos, c.tries_fallback), (true, 0, 9));
         assert_eq!((c.max, c.tentative), (5, true));
         for (name, value) in [
@@ -1004,8 +1018,8 @@ mod tests {
     #[test]
     fn arm_and_disarm() {
         let mut e = env_of(&[("saved_entry", "cos"), ("boot_assessment_tentative", "yes")]);
-        arm(&mut e, 3).unwrap();
-        let c = Counters::from_env(&e).unwrap();
+        arm(&mut e, 3).expect("test setup");
+        let c = Counters::from_env(&e).expect("test setup");
         assert_eq!(
             c,
             Counters {
@@ -1037,7 +1051,7 @@ mod tests {
     #[test]
     fn failing_active_then_passive_ends_in_recovery() {
         let mut e = GrubEnv::default();
-        arm(&mut e, 3).unwrap();
+        arm(&mut e, 3).expect("test setup");
         assert_eq!(
             boots(&mut e, 8),
             [
@@ -1053,27 +1067,27 @@ mod tests {
         );
         assert_eq!(e.get(var::BOOT_ENTRY), Some("recovery"));
         assert_eq!(e.get(var::BOOT_REASON), Some("all-tries-exhausted"));
-        let c = Counters::from_env(&e).unwrap();
+        let c = Counters::from_env(&e).expect("test setup");
         assert_eq!((c.tries_cos, c.tries_fallback, c.tentative), (0, 0, true));
         // Recovery has no counter; marking it good only clears the flag.
         assert_eq!(mark_good(&mut e, "recovery"), MarkedGood::NoCounter);
-        assert!(!Counters::from_env(&e).unwrap().tentative);
+        assert!(!Counters::from_env(&e).expect("test setup").tentative);
         assert_eq!(grub_choice(&e).entry, "recovery");
     }
 
     #[test]
     fn each_counted_try_is_saved_before_booting() {
         let mut e = GrubEnv::default();
-        arm(&mut e, 2).unwrap();
+        arm(&mut e, 2).expect("test setup");
         assert_eq!(grub_boot(&mut e).to_string(), "cos:counted-try");
-        let c = Counters::from_env(&e).unwrap();
+        let c = Counters::from_env(&e).expect("test setup");
         assert_eq!((c.tries_cos, c.tries_fallback, c.tentative), (1, 2, true));
     }
 
     #[test]
     fn a_good_boot_resets_only_its_own_counter() {
         let mut e = GrubEnv::default();
-        arm(&mut e, 3).unwrap();
+        arm(&mut e, 3).expect("test setup");
         grub_boot(&mut e);
         grub_boot(&mut e);
         assert_eq!(
@@ -1083,7 +1097,7 @@ mod tests {
                 max: 3
             }
         );
-        let c = Counters::from_env(&e).unwrap();
+        let c = Counters::from_env(&e).expect("test setup");
         assert_eq!((c.tries_cos, c.tentative), (3, false));
         // Active keeps booting while each boot is marked good.
         for _ in 0..5 {
@@ -1102,21 +1116,21 @@ mod tests {
                 mark_good(&mut e, "fallback"),
                 MarkedGood::TriesReset { max: 3, .. }
             ));
-            assert_eq!(Counters::from_env(&e).unwrap().tries_cos, 0);
+            assert_eq!(Counters::from_env(&e).expect("test setup").tries_cos, 0);
         }
         // A new arming (upgrade) gives active its tries back.
-        arm(&mut e, 3).unwrap();
+        arm(&mut e, 3).expect("test setup");
         assert_eq!(grub_boot(&mut e).to_string(), "cos:counted-try");
     }
 
     #[test]
     fn next_entry_is_one_shot_and_not_counted() {
         let mut e = GrubEnv::default();
-        arm(&mut e, 3).unwrap();
-        e.set(var::NEXT_ENTRY, "fallback").unwrap();
+        arm(&mut e, 3).expect("test setup");
+        e.set(var::NEXT_ENTRY, "fallback").expect("test setup");
         assert_eq!(grub_boot(&mut e).to_string(), "fallback:next_entry");
         assert_eq!(e.get_raw(var::NEXT_ENTRY), Some(""));
-        let c = Counters::from_env(&e).unwrap();
+        let c = Counters::from_env(&e).expect("test setup");
         assert_eq!((c.tries_cos, c.tries_fallback, c.tentative), (3, 3, false));
         assert_eq!(grub_boot(&mut e).to_string(), "cos:counted-try");
         // Unarmed too.
@@ -1163,8 +1177,8 @@ mod tests {
     #[test]
     fn mark_good_repairs_a_bad_max() {
         let mut e = GrubEnv::default();
-        arm(&mut e, 5).unwrap();
-        e.set(var::MAX_TRIES, "many").unwrap();
+        arm(&mut e, 5).expect("test setup");
+        e.set(var::MAX_TRIES, "many").expect("test setup");
         assert_eq!(
             mark_good(&mut e, "cos"),
             MarkedGood::TriesReset {
@@ -1178,16 +1192,19 @@ mod tests {
 
     #[test]
     fn counters_survive_the_file_format() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let f = dir.path().join("grubenv");
         let mut e = GrubEnv::default();
-        arm(&mut e, 3).unwrap();
+        arm(&mut e, 3).expect("test setup");
         for _ in 0..4 {
             grub_boot(&mut e);
-            write(&f, &e).unwrap();
-            e = read(&f).unwrap();
+            write(&f, &e).expect("test setup");
+            e = read(&f).expect("test setup");
         }
         assert_eq!(e.get(var::BOOT_ENTRY), Some("fallback"));
-        assert_eq!(Counters::from_env(&e).unwrap().tries_fallback, 2);
+        assert_eq!(
+            Counters::from_env(&e).expect("test setup").tries_fallback,
+            2
+        );
     }
 }

@@ -465,7 +465,7 @@ mod tests {
     }
 
     fn env(text: &str) -> Vec<(String, String)> {
-        parse_env(text, &p("/t/cos-layout.env")).unwrap()
+        parse_env(text, &p("/t/cos-layout.env")).expect("test setup")
     }
 
     fn kv(k: &str, v: &str) -> (String, String) {
@@ -763,17 +763,17 @@ CUSTOM_EPHEMERAL_MOUNTS=
 
     #[test]
     fn read_env_errors_name_the_path() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let missing = dir.path().join("nope.env");
         let e = read_env(&missing).unwrap_err();
         assert!(matches!(e, LayoutError::Io { .. }));
         assert!(e.to_string().starts_with(&missing.display().to_string()));
         let big = dir.path().join("big.env");
-        std::fs::write(&big, vec![b'#'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        std::fs::write(&big, vec![b'#'; MAX_FILE_BYTES as usize + 1]).expect("test setup");
         assert!(matches!(read_env(&big), Err(LayoutError::TooLarge { .. })));
         let good = dir.path().join("cos-layout.env");
-        std::fs::write(&good, KAIROS_LAYOUT).unwrap();
-        assert_eq!(read_env(&good).unwrap().len(), 7);
+        std::fs::write(&good, KAIROS_LAYOUT).expect("test setup");
+        assert_eq!(read_env(&good).expect("test setup").len(), 7);
     }
 
     #[test]

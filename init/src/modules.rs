@@ -783,7 +783,7 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
     #[test]
     fn parses_modinfo_from_elf() {
         let ko = elf_with_modinfo(EXT4_INFO);
-        let info = parse_modinfo(&ko).unwrap();
+        let info = parse_modinfo(&ko).expect("test setup");
         assert_eq!(info.name, "ext4");
         assert_eq!(info.depends, ["jbd2", "mbcache", "crc16"]);
         assert_eq!(info.softdep_pre, ["crypto-crc32c"]);
@@ -794,7 +794,7 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
     #[test]
     fn softdep_pre_and_post_and_empty_depends() {
         let ko = elf_with_modinfo(b"depends=\0softdep=pre: a b-c post: d\0name=x-y\0");
-        let info = parse_modinfo(&ko).unwrap();
+        let info = parse_modinfo(&ko).expect("test setup");
         assert_eq!(info.name, "x_y");
         assert!(info.depends.is_empty());
         assert_eq!(info.softdep_pre, ["a", "b-c"]);
@@ -842,10 +842,11 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
 
     #[test]
     fn read_modinfo_uses_stem_when_nameless_and_reports_paths() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let p = dir.path().join("crc32c-intel.ko");
-        std::fs::write(&p, elf_with_modinfo(b"alias=crypto-crc32c\0depends=\0")).unwrap();
-        let info = read_modinfo(&p).unwrap();
+        std::fs::write(&p, elf_with_modinfo(b"alias=crypto-crc32c\0depends=\0"))
+            .expect("test setup");
+        let info = read_modinfo(&p).expect("test setup");
         assert_eq!(info.name, "crc32c_intel");
         assert_eq!(info.aliases, ["crypto-crc32c"]);
 
@@ -854,7 +855,7 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
             &junk,
             b"not an elf at all, not at all, not at all, not at all, not at all",
         )
-        .unwrap();
+        .expect("test setup");
         assert!(matches!(read_modinfo(&junk), Err(ModError::NotElf { path }) if path == junk));
         let missing = dir.path().join("missing.ko");
         let err = read_modinfo(&missing).unwrap_err();
@@ -863,34 +864,37 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
 
     #[test]
     fn scan_indexes_tree_and_skips_junk() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let d = dir.path().join("kernel/fs/ext4");
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("ext4.ko"), elf_with_modinfo(EXT4_INFO)).unwrap();
+        std::fs::create_dir_all(&d).expect("test setup");
+        std::fs::write(d.join("ext4.ko"), elf_with_modinfo(EXT4_INFO)).expect("test setup");
         let d2 = dir.path().join("kernel/fs/jbd2");
-        std::fs::create_dir_all(&d2).unwrap();
+        std::fs::create_dir_all(&d2).expect("test setup");
         std::fs::write(
             d2.join("jbd2.ko"),
             elf_with_modinfo(b"name=jbd2\0depends=\0"),
         )
-        .unwrap();
-        std::fs::write(d2.join("bad.ko"), b"garbage").unwrap();
-        std::fs::write(d2.join("README"), b"not a module").unwrap();
+        .expect("test setup");
+        std::fs::write(d2.join("bad.ko"), b"garbage").expect("test setup");
+        std::fs::write(d2.join("README"), b"not a module").expect("test setup");
         std::fs::write(
             dir.path().join("modules.builtin"),
             "kernel/lib/crc16.ko\nkernel/fs/mbcache.ko\n",
         )
-        .unwrap();
-        let idx = ModuleIndex::scan(dir.path()).unwrap();
+        .expect("test setup");
+        let idx = ModuleIndex::scan(dir.path()).expect("test setup");
         assert_eq!(idx.names().collect::<Vec<_>>(), ["ext4", "jbd2"]);
         assert!(idx.is_builtin("crc16") && idx.is_builtin("mbcache"));
         assert_eq!(idx.skipped().len(), 1);
         assert!(idx.skipped()[0].to_string().contains("bad.ko"));
-        let (path, info) = idx.get("ext4").unwrap();
+        let (path, info) = idx.get("ext4").expect("test setup");
         assert!(path.ends_with("kernel/fs/ext4/ext4.ko"));
         assert_eq!(info.depends.len(), 3);
         assert_eq!(idx.lookup("fs-ext4"), ["ext4"]);
-        assert_eq!(idx.resolve(&["ext4"]).unwrap(), ["jbd2", "ext4"]);
+        assert_eq!(
+            idx.resolve(&["ext4"]).expect("test setup"),
+            ["jbd2", "ext4"]
+        );
         assert!(ModuleIndex::scan(&dir.path().join("nope")).is_err());
     }
 
@@ -1015,7 +1019,7 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
                 "loop",
                 "ext4",
             ])
-            .unwrap();
+            .expect("test setup");
         assert_eq!(
             order,
             [
@@ -1043,10 +1047,10 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
                 "loop",
                 "ext4"
             ])
-            .unwrap(),
+            .expect("test setup"),
             order
         );
-        assert!(idx.resolve(&[]).unwrap().is_empty());
+        assert!(idx.resolve(&[]).expect("test setup").is_empty());
     }
 
     #[test]
@@ -1097,41 +1101,42 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
             ],
             &[],
         );
-        assert_eq!(idx.resolve(&["x"]).unwrap(), ["x"]);
-        assert_eq!(idx.resolve(&["x", "y"]).unwrap(), ["x", "y"]);
-        assert_eq!(idx.resolve(&["y"]).unwrap(), ["x", "y"]);
-        assert_eq!(idx.resolve(&["p"]).unwrap(), ["p", "q"]);
-        assert_eq!(idx.resolve(&["s"]).unwrap(), ["t", "s"]);
+        assert_eq!(idx.resolve(&["x"]).expect("test setup"), ["x"]);
+        assert_eq!(idx.resolve(&["x", "y"]).expect("test setup"), ["x", "y"]);
+        assert_eq!(idx.resolve(&["y"]).expect("test setup"), ["x", "y"]);
+        assert_eq!(idx.resolve(&["p"]).expect("test setup"), ["p", "q"]);
+        assert_eq!(idx.resolve(&["s"]).expect("test setup"), ["t", "s"]);
     }
 
     #[test]
     fn sysfs_modaliases_and_loaded() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let sys = dir.path();
         let dev = sys.join("devices/pci0000:00/0000:00:04.0");
-        std::fs::create_dir_all(dev.join("virtio1")).unwrap();
+        std::fs::create_dir_all(dev.join("virtio1")).expect("test setup");
         std::fs::write(
             dev.join("modalias"),
             "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00\n",
         )
-        .unwrap();
-        std::fs::write(dev.join("virtio1/modalias"), "virtio:d00000002v00001AF4\n").unwrap();
+        .expect("test setup");
+        std::fs::write(dev.join("virtio1/modalias"), "virtio:d00000002v00001AF4\n")
+            .expect("test setup");
         let other = sys.join("devices/platform/serial8250");
-        std::fs::create_dir_all(&other).unwrap();
-        std::fs::write(other.join("modalias"), "platform:serial8250\n").unwrap();
-        std::fs::write(other.join("empty"), "").unwrap();
+        std::fs::create_dir_all(&other).expect("test setup");
+        std::fs::write(other.join("modalias"), "platform:serial8250\n").expect("test setup");
+        std::fs::write(other.join("empty"), "").expect("test setup");
         let dup = sys.join("devices/platform/serial8250/tty");
-        std::fs::create_dir_all(&dup).unwrap();
-        std::fs::write(dup.join("modalias"), "platform:serial8250").unwrap();
+        std::fs::create_dir_all(&dup).expect("test setup");
+        std::fs::write(dup.join("modalias"), "platform:serial8250").expect("test setup");
         // A symlink loop as sysfs has (subsystem -> ../..) must not be followed.
-        std::os::unix::fs::symlink("../..", dev.join("subsystem")).unwrap();
+        std::os::unix::fs::symlink("../..", dev.join("subsystem")).expect("test setup");
         // Deeper than the limit is ignored.
         let mut deep = sys.join("devices/deep");
         for i in 0..40 {
             deep.push(format!("d{i}"));
         }
-        std::fs::create_dir_all(&deep).unwrap();
-        std::fs::write(deep.join("modalias"), "too:deep").unwrap();
+        std::fs::create_dir_all(&deep).expect("test setup");
+        std::fs::write(deep.join("modalias"), "too:deep").expect("test setup");
         assert_eq!(
             device_modaliases(sys),
             [
@@ -1142,7 +1147,7 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
         );
         assert!(loaded(sys).is_empty());
         for m in ["virtio_blk", "ext4", "crc32c-intel"] {
-            std::fs::create_dir_all(sys.join("module").join(m)).unwrap();
+            std::fs::create_dir_all(sys.join("module").join(m)).expect("test setup");
         }
         assert_eq!(
             loaded(sys).into_iter().collect::<Vec<_>>(),
@@ -1153,12 +1158,12 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
 
     #[test]
     fn load_reports_module_and_path() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let missing = dir.path().join("gone.ko");
         let e = load("gone", &missing, "").unwrap_err();
         assert!(e.to_string().contains("gone.ko"), "{e}");
         let p = dir.path().join("x.ko");
-        std::fs::write(&p, b"x").unwrap();
+        std::fs::write(&p, b"x").expect("test setup");
         assert!(matches!(load("x", &p, "a\0b"), Err(ModError::BadParams { name }) if name == "x"));
         // Loading garbage fails (ENOEXEC/EPERM/ENOSYS in a sandbox); the error names it.
         match load("x", &p, "") {
@@ -1177,7 +1182,7 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
             return;
         };
         let start = Instant::now();
-        let idx = ModuleIndex::scan(Path::new(&dir)).unwrap();
+        let idx = ModuleIndex::scan(Path::new(&dir)).expect("test setup");
         println!(
             "scanned {} modules in {:?}, {} skipped",
             idx.names().count(),
@@ -1195,7 +1200,7 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
                 "overlay",
                 "squashfs",
             ])
-            .unwrap();
+            .expect("test setup");
         println!("{order:?}");
         let pos = |n: &str| {
             order
@@ -1219,7 +1224,7 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
         // The whole tree resolves: no missing hard dependency, no hard cycle.
         let all: Vec<&str> = idx.names().collect();
         let start = Instant::now();
-        let everything = idx.resolve(&all).unwrap();
+        let everything = idx.resolve(&all).expect("test setup");
         println!(
             "resolved all {} modules in {:?}",
             everything.len(),

@@ -658,7 +658,7 @@ mod tests {
                 "/run",
             ]
         );
-        let pos = |m: &str| order.iter().position(|x| x == m).unwrap();
+        let pos = |m: &str| order.iter().position(|x| x == m).expect("test setup");
         // Every child before its parent.
         for x in &e {
             if let Some(p) = e.iter().find(|p| p.id == x.parent)

@@ -845,7 +845,7 @@ mod tests {
             work: "/run/overlay/etc/.overlay/work".into(),
             target: "/sysroot/etc".into()
         }));
-        let pos = |want: &Action| acts.iter().position(|a| *a == want).unwrap();
+        let pos = |want: &Action| acts.iter().position(|a| *a == want).expect("test setup");
         let oem = pos(&Action::Device {
             device: "/dev/vda2".into(),
             target: "/sysroot/oem".into(),

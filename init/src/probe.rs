@@ -316,10 +316,12 @@ mod tests {
     }
 
     fn probe_made(path: &Path) -> FsInfo {
-        let info = probe_path(path).unwrap().expect("filesystem recognised");
+        let info = probe_path(path)
+            .expect("test setup")
+            .expect("filesystem recognised");
         check_blkid(path, &info);
         // Every prefix of a real image probes without panicking.
-        let whole = std::fs::read(path).unwrap();
+        let whole = std::fs::read(path).expect("test setup");
         let head = &whole[..whole.len().min(PROBE_LEN)];
         for len in (0..head.len())
             .step_by(61)
@@ -334,14 +336,14 @@ mod tests {
 
     #[test]
     fn ext_family() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         for (tool, label, want) in [
             ("mkfs.ext4", "COS_STATE", FsType::Ext4),
             ("mkfs.ext3", "COS_OEM", FsType::Ext3),
             ("mkfs.ext2", "COS_ACTIVE", FsType::Ext2),
         ] {
             let f = dir.path().join(format!("{tool}.img"));
-            let f_s = f.to_str().unwrap();
+            let f_s = f.to_str().expect("test setup");
             if run(tool, &["-q", "-F", "-L", label, "-U", UUID, f_s, "4M"]).is_none() {
                 continue;
             }
@@ -354,7 +356,12 @@ mod tests {
         }
         // No label, and a 16-byte label that fills the field.
         let f = dir.path().join("nolabel.img");
-        if run("mkfs.ext4", &["-q", "-F", f.to_str().unwrap(), "4M"]).is_some() {
+        if run(
+            "mkfs.ext4",
+            &["-q", "-F", f.to_str().expect("test setup"), "4M"],
+        )
+        .is_some()
+        {
             let info = probe_made(&f);
             assert_eq!(info.label, None);
             assert_eq!(info.uuid.as_ref().map(String::len), Some(36));
@@ -367,7 +374,7 @@ mod tests {
                 "-F",
                 "-L",
                 "ABCDEFGHIJKLMNOP",
-                f.to_str().unwrap(),
+                f.to_str().expect("test setup"),
                 "4M",
             ],
         )
@@ -385,18 +392,18 @@ mod tests {
         let set = |sb: &mut Vec<u8>, off: usize, v: u32| {
             sb[1024 + off..1024 + off + 4].copy_from_slice(&v.to_le_bytes())
         };
-        let info = probe_bytes(&sb).unwrap();
+        let info = probe_bytes(&sb).expect("test setup");
         assert_eq!(
             (info.fstype, info.label, info.uuid),
             (FsType::Ext2, None, None)
         );
         set(&mut sb, 0x5C, 0x4);
-        assert_eq!(probe_bytes(&sb).unwrap().fstype, FsType::Ext3);
+        assert_eq!(probe_bytes(&sb).expect("test setup").fstype, FsType::Ext3);
         set(&mut sb, 0x60, 0x40); // extents
-        assert_eq!(probe_bytes(&sb).unwrap().fstype, FsType::Ext4);
+        assert_eq!(probe_bytes(&sb).expect("test setup").fstype, FsType::Ext4);
         set(&mut sb, 0x60, 0x2);
         set(&mut sb, 0x64, 0x400); // metadata_csum
-        assert_eq!(probe_bytes(&sb).unwrap().fstype, FsType::Ext4);
+        assert_eq!(probe_bytes(&sb).expect("test setup").fstype, FsType::Ext4);
         set(&mut sb, 0x64, 0);
         set(&mut sb, 0x60, 0x8); // external journal device
         assert_eq!(probe_bytes(&sb), None);
@@ -406,7 +413,7 @@ mod tests {
 
     #[test]
     fn vfat_fat16_and_fat32() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let f16 = dir.path().join("fat16.img");
         if run(
             "mkfs.vfat",
@@ -416,7 +423,7 @@ mod tests {
                 "-i",
                 "1234ABCD",
                 "-C",
-                f16.to_str().unwrap(),
+                f16.to_str().expect("test setup"),
                 "4096",
             ],
         )
@@ -444,42 +451,57 @@ mod tests {
                 "-i",
                 "0000BEEF",
                 "-C",
-                f32.to_str().unwrap(),
+                f32.to_str().expect("test setup"),
                 "65536",
             ],
         )
-        .unwrap();
+        .expect("test setup");
         let info = probe_made(&f32);
         assert_eq!(info.fstype, FsType::Vfat);
         assert_eq!(info.label.as_deref(), Some("EFI"));
         assert_eq!(info.uuid.as_deref(), Some("0000-BEEF"));
 
         let plain = dir.path().join("nolabel.img");
-        run("mkfs.vfat", &["-C", plain.to_str().unwrap(), "4096"]).unwrap();
+        run(
+            "mkfs.vfat",
+            &["-C", plain.to_str().expect("test setup"), "4096"],
+        )
+        .expect("test setup");
         assert_eq!(probe_made(&plain).label, None);
 
         let lower = dir.path().join("lower.img");
         run(
             "mkfs.vfat",
-            &["-n", "cos_low", "-C", lower.to_str().unwrap(), "4096"],
+            &[
+                "-n",
+                "cos_low",
+                "-C",
+                lower.to_str().expect("test setup"),
+                "4096",
+            ],
         )
-        .unwrap();
-        let label = probe_made(&lower).label.unwrap();
+        .expect("test setup");
+        let label = probe_made(&lower).label.expect("test setup");
         assert!(label.eq_ignore_ascii_case("cos_low"), "{label}");
     }
 
     #[test]
     fn partition_table_is_not_vfat() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let disk = dir.path().join("disk.img");
         std::fs::File::create(&disk)
-            .unwrap()
+            .expect("test setup")
             .set_len(8 << 20)
-            .unwrap();
-        if run("sgdisk", &["-n1:0:+1M", "-c1:efi", disk.to_str().unwrap()]).is_none() {
+            .expect("test setup");
+        if run(
+            "sgdisk",
+            &["-n1:0:+1M", "-c1:efi", disk.to_str().expect("test setup")],
+        )
+        .is_none()
+        {
             return;
         }
-        assert_eq!(probe_path(&disk).unwrap(), None);
+        assert_eq!(probe_path(&disk).expect("test setup"), None);
         // An MBR with boot code and 0x55AA but no BPB.
         let mut mbr = vec![0u8; 4096];
         mbr[0..3].copy_from_slice(&[0xEB, 0x63, 0x90]);
@@ -489,13 +511,13 @@ mod tests {
 
     #[test]
     fn xfs() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let f = dir.path().join("xfs.img");
         // Sparse: mkfs.xfs wants at least 300 MiB.
         std::fs::File::create(&f)
-            .unwrap()
+            .expect("test setup")
             .set_len(320 << 20)
-            .unwrap();
+            .expect("test setup");
         if run(
             "mkfs.xfs",
             &[
@@ -505,7 +527,7 @@ mod tests {
                 "COS_X",
                 "-m",
                 &format!("uuid={UUID}"),
-                f.to_str().unwrap(),
+                f.to_str().expect("test setup"),
             ],
         )
         .is_none()
@@ -521,16 +543,16 @@ mod tests {
 
     #[test]
     fn squashfs() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let src = dir.path().join("root");
-        std::fs::create_dir_all(src.join("etc")).unwrap();
-        std::fs::write(src.join("etc/os-release"), "ID=kairos\n").unwrap();
+        std::fs::create_dir_all(src.join("etc")).expect("test setup");
+        std::fs::write(src.join("etc/os-release"), "ID=kairos\n").expect("test setup");
         let f = dir.path().join("r.squashfs");
         if run(
             "mksquashfs",
             &[
-                src.to_str().unwrap(),
-                f.to_str().unwrap(),
+                src.to_str().expect("test setup"),
+                f.to_str().expect("test setup"),
                 "-quiet",
                 "-noappend",
             ],
@@ -553,10 +575,10 @@ mod tests {
 
     #[test]
     fn iso9660() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let src = dir.path().join("root");
-        std::fs::create_dir_all(&src).unwrap();
-        std::fs::write(src.join("hello"), "hi").unwrap();
+        std::fs::create_dir_all(&src).expect("test setup");
+        std::fs::write(src.join("hello"), "hi").expect("test setup");
         let f = dir.path().join("live.iso");
         let args = [
             "-as",
@@ -565,8 +587,8 @@ mod tests {
             "-V",
             "COS_LIVE",
             "-o",
-            f.to_str().unwrap(),
-            src.to_str().unwrap(),
+            f.to_str().expect("test setup"),
+            src.to_str().expect("test setup"),
         ];
         if run("xorriso", &args).is_none() {
             return;
@@ -595,7 +617,7 @@ mod tests {
         buf[pvd + 40..pvd + 72].copy_from_slice(&[b' '; 32]);
         buf[pvd + 40..pvd + 44].copy_from_slice(b"LIVE");
         buf[pvd + 813..pvd + 829].copy_from_slice(b"2024010203040500");
-        let info = probe_bytes(&buf).unwrap();
+        let info = probe_bytes(&buf).expect("test setup");
         assert_eq!(info.label.as_deref(), Some("LIVE"));
         assert_eq!(info.uuid.as_deref(), Some("2024-01-02-03-04-05-00"));
         // Terminator before any primary descriptor, or no room for it.
@@ -632,12 +654,12 @@ mod tests {
 
     #[test]
     fn probe_path_errors_name_the_path() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
         let missing = dir.path().join("vdz9");
         let e = probe_path(&missing).unwrap_err();
         assert!(e.to_string().contains("vdz9"), "{e}");
         let small = dir.path().join("small");
-        std::fs::write(&small, b"tiny").unwrap();
-        assert_eq!(probe_path(&small).unwrap(), None);
+        std::fs::write(&small, b"tiny").expect("test setup");
+        assert_eq!(probe_path(&small).expect("test setup"), None);
     }
 }

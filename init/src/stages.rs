@@ -269,17 +269,18 @@ mod tests {
             eprintln!("skipping: needs root and busybox-static");
             return None;
         }
-        let t = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().expect("test setup");
         for d in ["bin", "usr/bin", "proc", "sys", "dev", "run"] {
-            std::fs::create_dir_all(t.path().join(d)).unwrap();
+            std::fs::create_dir_all(t.path().join(d)).expect("test setup");
         }
-        std::fs::copy("/bin/busybox", t.path().join("bin/busybox")).unwrap();
+        std::fs::copy("/bin/busybox", t.path().join("bin/busybox")).expect("test setup");
         for a in ["sh", "sleep", "ls", "cat"] {
-            std::os::unix::fs::symlink("busybox", t.path().join("bin").join(a)).unwrap();
+            std::os::unix::fs::symlink("busybox", t.path().join("bin").join(a))
+                .expect("test setup");
         }
         let a = t.path().join(AGENT.trim_start_matches('/'));
-        std::fs::write(&a, agent).unwrap();
-        std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(&a, agent).expect("test setup");
+        std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o755)).expect("test setup");
         Some(t)
     }
 
@@ -289,7 +290,7 @@ mod tests {
         // /dev bound in, and given the stage name.
         let script = "#!/bin/sh\n[ \"$1 $2\" = \"run-stage rootfs\" ] || exit 3\n[ -e /proc/self/status ] || exit 4\n[ -c /dev/null ] || exit 5\n[ \"$(cat /marker)\" = inside ] || exit 6\necho fine\n";
         let Some(t) = fake_root(script) else { return };
-        std::fs::write(t.path().join("marker"), "inside").unwrap();
+        std::fs::write(t.path().join("marker"), "inside").expect("test setup");
         assert_eq!(
             run_stage(t.path(), "rootfs", Duration::from_secs(20)),
             StageOutcome::Exited(0)
@@ -299,7 +300,7 @@ mod tests {
             StageOutcome::Exited(3)
         );
         // The binds lived in the child's namespace only.
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("test setup");
         assert!(
             !mounts.contains(&t.path().display().to_string()),
             "{mounts}"
@@ -321,7 +322,7 @@ mod tests {
 
     #[test]
     fn no_agent_is_skipped() {
-        let t = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().expect("test setup");
         let o = run_stage(t.path(), "rootfs", Duration::from_secs(1));
         assert_eq!(o, StageOutcome::Skipped);
         assert!(o.ok());

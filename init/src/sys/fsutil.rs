@@ -280,31 +280,35 @@ mod tests {
 
     #[test]
     fn sync_keeps_user_changes_and_copies_the_rest() {
-        let t = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().expect("test setup");
         let img = t.path().join("img");
         let store = t.path().join("store");
-        fs::create_dir_all(img.join("sub/deeper")).unwrap();
-        fs::write(img.join("a.conf"), "image").unwrap();
-        fs::write(img.join("sub/deeper/b"), "image-b").unwrap();
-        std::os::unix::fs::symlink("/etc/passwd", img.join("link")).unwrap();
-        fs::set_permissions(img.join("a.conf"), fs::Permissions::from_mode(0o600)).unwrap();
-        fs::create_dir_all(store.join("sub")).unwrap();
-        fs::write(store.join("sub/user"), "mine").unwrap();
-        fs::write(store.join("a.conf"), "user-edit").unwrap();
+        fs::create_dir_all(img.join("sub/deeper")).expect("test setup");
+        fs::write(img.join("a.conf"), "image").expect("test setup");
+        fs::write(img.join("sub/deeper/b"), "image-b").expect("test setup");
+        std::os::unix::fs::symlink("/etc/passwd", img.join("link")).expect("test setup");
+        fs::set_permissions(img.join("a.conf"), fs::Permissions::from_mode(0o600))
+            .expect("test setup");
+        fs::create_dir_all(store.join("sub")).expect("test setup");
+        fs::write(store.join("sub/user"), "mine").expect("test setup");
+        fs::write(store.join("a.conf"), "user-edit").expect("test setup");
 
         let r = sync_missing(&img, &store);
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         assert_eq!(
-            fs::read_to_string(store.join("a.conf")).unwrap(),
+            fs::read_to_string(store.join("a.conf")).expect("test setup"),
             "user-edit"
         );
         assert_eq!(
-            fs::read_to_string(store.join("sub/deeper/b")).unwrap(),
+            fs::read_to_string(store.join("sub/deeper/b")).expect("test setup"),
             "image-b"
         );
-        assert_eq!(fs::read_to_string(store.join("sub/user")).unwrap(), "mine");
         assert_eq!(
-            fs::read_link(store.join("link")).unwrap(),
+            fs::read_to_string(store.join("sub/user")).expect("test setup"),
+            "mine"
+        );
+        assert_eq!(
+            fs::read_link(store.join("link")).expect("test setup"),
             Path::new("/etc/passwd")
         );
         // Second run copies nothing.
@@ -314,43 +318,46 @@ mod tests {
 
     #[test]
     fn sync_preserves_mode() {
-        let t = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().expect("test setup");
         let img = t.path().join("img");
         let store = t.path().join("store");
-        fs::create_dir_all(&img).unwrap();
-        fs::create_dir_all(&store).unwrap();
-        fs::write(img.join("key"), "secret").unwrap();
-        fs::set_permissions(img.join("key"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::create_dir_all(&img).expect("test setup");
+        fs::create_dir_all(&store).expect("test setup");
+        fs::write(img.join("key"), "secret").expect("test setup");
+        fs::set_permissions(img.join("key"), fs::Permissions::from_mode(0o600))
+            .expect("test setup");
         sync_missing(&img, &store);
         assert_eq!(
-            fs::metadata(store.join("key")).unwrap().mode() & 0o777,
+            fs::metadata(store.join("key")).expect("test setup").mode() & 0o777,
             0o600
         );
     }
 
     #[test]
     fn executable_resolves_absolute_symlinks_inside_root() {
-        let t = tempfile::tempdir().unwrap();
+        let t = tempfile::tempdir().expect("test setup");
         let root = t.path();
-        fs::create_dir_all(root.join("bin")).unwrap();
-        fs::create_dir_all(root.join("sbin")).unwrap();
-        fs::write(root.join("bin/busybox"), "x").unwrap();
-        fs::set_permissions(root.join("bin/busybox"), fs::Permissions::from_mode(0o755)).unwrap();
-        std::os::unix::fs::symlink("/bin/busybox", root.join("sbin/init")).unwrap();
-        fs::write(root.join("bin/noexec"), "x").unwrap();
+        fs::create_dir_all(root.join("bin")).expect("test setup");
+        fs::create_dir_all(root.join("sbin")).expect("test setup");
+        fs::write(root.join("bin/busybox"), "x").expect("test setup");
+        fs::set_permissions(root.join("bin/busybox"), fs::Permissions::from_mode(0o755))
+            .expect("test setup");
+        std::os::unix::fs::symlink("/bin/busybox", root.join("sbin/init")).expect("test setup");
+        fs::write(root.join("bin/noexec"), "x").expect("test setup");
         assert!(executable_in_root(root, "/sbin/init"));
         assert!(!executable_in_root(root, "/bin/noexec"));
         assert!(!executable_in_root(root, "/nope"));
         // A link escaping the root resolves inside it, where nothing is.
-        std::os::unix::fs::symlink("../../../../bin/sh", root.join("sbin/escape")).unwrap();
+        std::os::unix::fs::symlink("../../../../bin/sh", root.join("sbin/escape"))
+            .expect("test setup");
         assert!(!executable_in_root(root, "/sbin/escape") || root.join("bin/sh").exists());
     }
 
     #[test]
     fn path_kinds() {
-        let t = tempfile::tempdir().unwrap();
-        fs::write(t.path().join("f"), "").unwrap();
-        std::os::unix::fs::symlink("f", t.path().join("l")).unwrap();
+        let t = tempfile::tempdir().expect("test setup");
+        fs::write(t.path().join("f"), "").expect("test setup");
+        std::os::unix::fs::symlink("f", t.path().join("l")).expect("test setup");
         assert_eq!(path_kind(t.path()), PathKind::Dir);
         assert_eq!(path_kind(&t.path().join("f")), PathKind::File);
         assert_eq!(path_kind(&t.path().join("l")), PathKind::Symlink);
