@@ -176,7 +176,8 @@ pub fn run() -> Failure {
         l
     });
     let cands = plan::candidates(&req);
-    let mut devices = step("devices", || wait_for_devices(&req, &cands, &mut loader));
+    let (mut devices, first_found) =
+        step("devices", || wait_for_devices(&req, &cands, &mut loader));
     for d in &devices {
         if let Some(fs) = &d.fs {
             debug!(
@@ -189,7 +190,9 @@ pub fn run() -> Failure {
         }
     }
     warn_duplicate_labels(&devices);
-    let chosen = step("root", || mount_root(&req, &cands, &devices));
+    let chosen = step("root", || {
+        mount_root(&req, &cands, &mut devices, first_found)
+    });
     let Some(chosen) = chosen else {
         return fail("no bootable image".into());
     };
@@ -346,11 +349,12 @@ impl ModLoader {
 
 /// Wait (bounded, polling) until the first candidate's partition shows up; later candidates'
 /// partitions are not waited for, since they would only matter after the first is gone.
+/// Also says whether it showed up (false: the whole rd.kairos.timeout has been spent).
 fn wait_for_devices(
     req: &BootRequest,
     cands: &[Candidate],
     loader: &mut Option<ModLoader>,
-) -> Vec<BlockDev> {
+) -> (Vec<BlockDev>, bool) {
     let first = cands.first().map(|c| c.source.clone()).unwrap_or_default();
     let deadline = Instant::now() + req.timeout;
     let mut pause = Duration::from_millis(5);
@@ -361,7 +365,7 @@ fn wait_for_devices(
         }
         let devs = blockdev::scan(Path::new("/sys"), Path::new("/dev"));
         if blockdev::find_spec(&devs, &first).is_some() {
-            return devs;
+            return (devs, true);
         }
         if Instant::now() >= deadline {
             warn!(
@@ -369,7 +373,7 @@ fn wait_for_devices(
                 req.timeout.as_secs(),
                 devs.len()
             );
-            return devs;
+            return (devs, false);
         }
         if !logged && pause >= Duration::from_millis(100) {
             info!("waiting up to {} s for {first}", req.timeout.as_secs());
@@ -378,6 +382,39 @@ fn wait_for_devices(
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));
     }
+}
+
+/// Poll (bounded) for block devices that were not there; once some appear, wait until the list
+/// holds still for a moment (a disk shows up before its partitions) and probe it all again.
+fn wait_for_more_disks(known: &[BlockDev], timeout: Duration) -> Option<Vec<BlockDev>> {
+    let names = |devs: &[BlockDev]| devs.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
+    let known = names(known);
+    info!(
+        "waiting up to {} s for more disks before falling back",
+        timeout.as_secs()
+    );
+    let deadline = Instant::now() + timeout;
+    let mut last = known.clone();
+    let mut stable_since: Option<Instant> = None;
+    loop {
+        let now = names(&blockdev::list(Path::new("/sys"), Path::new("/dev")));
+        if now != last {
+            last = now;
+            stable_since = Some(Instant::now());
+        } else if stable_since.is_some_and(|t| t.elapsed() >= Duration::from_millis(200)) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let added: Vec<&String> = last.iter().filter(|n| !known.contains(n)).collect();
+    if added.is_empty() {
+        return None;
+    }
+    info!("more disks appeared: {added:?}; looking again");
+    Some(blockdev::scan(Path::new("/sys"), Path::new("/dev")))
 }
 
 fn wait_for_label(label: &str, timeout: Duration) -> Option<Vec<BlockDev>> {
@@ -456,11 +493,25 @@ fn inspect(c: &Candidate, devices: &[BlockDev], mounted: &mut Vec<String>) -> Im
     }
 }
 
+/// How long a fallback caused by a missing partition or image waits for more disks first.
+const LATE_DISKS: Duration = Duration::from_secs(3);
+
 /// Choose, loop-mount and check the root image, falling back along the chain.
-fn mount_root(req: &BootRequest, cands: &[Candidate], devices: &[BlockDev]) -> Option<Candidate> {
+///
+/// The device wait ends as soon as *a* filesystem with the first label shows up, and disks
+/// are probed in parallel: a stray disk carrying the label can be seen before the real
+/// Kairos disk is. So before falling back for want of a partition or an image (only when the
+/// wait did not already time out), give late disks [`LATE_DISKS`]; if any appear, look again.
+fn mount_root(
+    req: &BootRequest,
+    cands: &[Candidate],
+    devices: &mut Vec<BlockDev>,
+    may_wait: bool,
+) -> Option<Candidate> {
     let mut inv = Inventory::default();
-    let mut mounted_sources = Vec::new();
+    let mut mounted_sources: Vec<String> = Vec::new();
     let mut reported = 0;
+    let mut waited = !may_wait;
     loop {
         for c in cands {
             if inv.get(c).is_none() {
@@ -469,6 +520,27 @@ fn mount_root(req: &BootRequest, cands: &[Candidate], devices: &[BlockDev]) -> O
             }
         }
         let sel = plan::select(cands, &inv);
+        let falling_back = sel.chosen.as_ref().map(|(c, _)| c) != cands.first();
+        if falling_back
+            && !waited
+            && sel
+                .skipped
+                .iter()
+                .any(|(c, _)| inv.get(c).is_some_and(ImageStatus::may_be_late))
+        {
+            waited = true;
+            if let Some(more) = wait_for_more_disks(devices, LATE_DISKS) {
+                // Unmount what the first look mounted: a better device may now own the label.
+                for s in mounted_sources.drain(..) {
+                    let _ = mount::unmount(Path::new(plan::source_mountpoint(&s)), false);
+                }
+                *devices = more;
+                warn_duplicate_labels(devices);
+                inv = Inventory::default();
+                reported = 0;
+                continue;
+            }
+        }
         for (c, why) in sel.skipped.iter().skip(reported) {
             warn!("skipping {c}: {why}");
         }

@@ -177,6 +177,13 @@ pub enum ImageStatus {
     Failed(String),
 }
 
+impl ImageStatus {
+    /// Whether a disk probed late could change this: the partition or the file was not there.
+    pub fn may_be_late(&self) -> bool {
+        matches!(self, ImageStatus::NoSource(_) | ImageStatus::Missing)
+    }
+}
+
 /// Everything known about the candidates: keyed by (source, image).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inventory {

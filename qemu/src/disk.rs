@@ -75,6 +75,9 @@ pub struct DiskSpec {
     pub k3s_standin: bool,
     /// Extra files in the image: (absolute path, contents, mode).
     pub image_files: Vec<(String, Vec<u8>, u32)>,
+    /// Host files or directories copied to the same path in the image; executables bring
+    /// their shared libraries and loader ([`rootfs::add_host_path`]), e.g. `/sbin/mke2fs`.
+    pub host_tools: Vec<String>,
     /// Symlinks in the image: (absolute path, target), replacing whatever is there.
     pub image_symlinks: Vec<(String, String)>,
     /// Files put on COS_PERSISTENT before the first boot: (path inside it, contents).
@@ -153,6 +156,7 @@ pub fn demo_spec(
         tree: None,
         k3s_standin: false,
         image_files: Vec::new(),
+        host_tools: Vec::new(),
         image_symlinks: Vec::new(),
         persistent_files: Vec::new(),
         persistent_symlinks: Vec::new(),
@@ -424,6 +428,9 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
     }
     for (path, data, mode) in &spec.image_files {
         rootfs::add_file(&tree, path, data, *mode)?;
+    }
+    for tool in &spec.host_tools {
+        rootfs::add_host_path(&tree, Path::new(tool))?;
     }
     for (path, target) in &spec.image_symlinks {
         put_symlink(&tree, path, target)?;

@@ -406,6 +406,72 @@ pub fn add_file(dir: &Path, rel: &str, contents: &[u8], mode: u32) -> Result<(),
     write_file(&path, contents, mode)
 }
 
+/// The shared objects `ldd` names for an ELF file (resolved paths and the loader); none for a
+/// static binary or a script.
+pub fn ldd_paths(ldd_output: &str) -> Vec<PathBuf> {
+    ldd_output
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.trim(),
+                None => l,
+            };
+            let path = path.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// Copies a host file or directory to the same path in the tree. ELF executables bring their
+/// shared libraries and the dynamic loader along (found by `ldd`), so host tools such as
+/// `mke2fs` run in the busybox image. Symlinks on the way are followed: the tree gets files.
+pub fn add_host_path(dir: &Path, host: &Path) -> Result<(), RootfsError> {
+    let meta = fs::metadata(host).map_err(io_err(host))?;
+    if meta.is_dir() {
+        for entry in fs::read_dir(host).map_err(io_err(host))? {
+            let entry = entry.map_err(io_err(host))?;
+            add_host_path(dir, &entry.path())?;
+        }
+        return Ok(());
+    }
+    let rel = host.to_string_lossy();
+    place_host_file(
+        host,
+        &dir.join(rel.trim_start_matches('/')),
+        meta.permissions().mode() & 0o7777,
+    )?;
+    let is_elf = fs::read(host)
+        .map(|b| b.starts_with(b"\x7fELF"))
+        .unwrap_or(false);
+    if !is_elf || meta.permissions().mode() & 0o111 == 0 {
+        return Ok(());
+    }
+    // ldd exits non-zero for static binaries ("not a dynamic executable"): nothing to add.
+    let Ok(out) = run(Command::new("ldd").arg(host)) else {
+        return Ok(());
+    };
+    for lib in ldd_paths(&String::from_utf8_lossy(&out.stdout)) {
+        let to = dir.join(lib.to_string_lossy().trim_start_matches('/'));
+        if !to.exists() {
+            place_host_file(&lib, &to, 0o755)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copy replacing what is there: a busybox applet symlink of the same name must not be
+/// written through (it would overwrite busybox itself).
+fn place_host_file(from: &Path, to: &Path, mode: u32) -> Result<(), RootfsError> {
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
+    if to.symlink_metadata().is_ok() {
+        fs::remove_file(to).map_err(io_err(to))?;
+    }
+    copy_file(from, to, mode)
+}
+
 /// Rewrites `/etc/kairos-image`, so one tree serves active, passive and recovery in turn.
 pub fn set_image_name(dir: &Path, image_name: &str) -> Result<(), RootfsError> {
     if image_name.is_empty() || image_name.contains(|c: char| c.is_whitespace() || c == '/') {
@@ -761,5 +827,47 @@ mod tests {
         let ls = String::from_utf8_lossy(&ls.stdout);
         assert!(ls.contains("squashfs-root/sbin/init"), "{ls}");
         assert!(ls.contains("root/root"), "{ls}");
+    }
+    #[test]
+    fn ldd_paths_takes_resolved_libraries_and_the_loader() {
+        let out = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibext2fs.so.2 => /lib/x86_64-linux-gnu/libext2fs.so.2 (0x1)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x2)\n\t/lib64/ld-linux-x86-64.so.2 (0x3)\n\tlibgone.so => not found\n";
+        assert_eq!(
+            ldd_paths(out),
+            vec![
+                PathBuf::from("/lib/x86_64-linux-gnu/libext2fs.so.2"),
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
+            ]
+        );
+        assert!(ldd_paths("\tnot a dynamic executable\n").is_empty());
+    }
+
+    #[test]
+    fn host_tools_bring_their_libraries_and_do_not_write_through_applet_links() {
+        let t = tempfile::tempdir().unwrap();
+        let tree = t.path();
+        let busybox = tree.join("bin/busybox");
+        fs::create_dir_all(busybox.parent().unwrap()).unwrap();
+        fs::write(&busybox, b"busybox").unwrap();
+        fs::create_dir_all(tree.join("sbin")).unwrap();
+        symlink("../bin/busybox", tree.join("sbin/mke2fs")).unwrap();
+        if !Path::new("/sbin/mke2fs").exists() {
+            return;
+        }
+        add_host_path(tree, Path::new("/sbin/mke2fs")).unwrap();
+        assert_eq!(fs::read(&busybox).unwrap(), b"busybox");
+        assert!(
+            fs::read(tree.join("sbin/mke2fs"))
+                .unwrap()
+                .starts_with(b"\x7fELF")
+        );
+        assert!(tree.join("lib64/ld-linux-x86-64.so.2").exists());
+        let out = Command::new("ldd").arg("/sbin/mke2fs").output().unwrap();
+        for lib in ldd_paths(&String::from_utf8_lossy(&out.stdout)) {
+            assert!(
+                tree.join(lib.strip_prefix("/").unwrap()).exists(),
+                "{lib:?}"
+            );
+        }
     }
 }
