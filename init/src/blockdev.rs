@@ -155,6 +155,41 @@ pub fn scan(sys_root: &Path, dev_root: &Path) -> Vec<BlockDev> {
     devs
 }
 
+/// Poll (bounded) for block devices not in `known`; once some appear, wait until the list holds
+/// still for a moment (a disk shows up before its partitions), then probe everything again.
+/// None when nothing new came within `timeout`; else the scan and the new names.
+pub fn wait_for_more(
+    sys_root: &Path,
+    dev_root: &Path,
+    known: &[BlockDev],
+    timeout: std::time::Duration,
+) -> Option<(Vec<BlockDev>, Vec<String>)> {
+    use std::time::{Duration, Instant};
+    let names = |devs: &[BlockDev]| devs.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
+    let known = names(known);
+    let deadline = Instant::now() + timeout;
+    let mut last = known.clone();
+    let mut changed_at: Option<Instant> = None;
+    loop {
+        let now = names(&list(sys_root, dev_root));
+        if now != last {
+            last = now;
+            changed_at = Some(Instant::now());
+        } else if changed_at.is_some_and(|t| t.elapsed() >= Duration::from_millis(200)) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let added: Vec<String> = last.into_iter().filter(|n| !known.contains(n)).collect();
+    if added.is_empty() {
+        return None;
+    }
+    Some((scan(sys_root, dev_root), added))
+}
+
 /// The first of `matches`, and the others for the caller to log: partitions before whole-device
 /// filesystems (Kairos disks are always partitioned; a stray stick formatted whole is not one),
 /// then natural name order. Disk names themselves follow probe order, which virtio does not
@@ -615,5 +650,32 @@ mod tests {
         let u = parse_uevent("PARTNAME\nPARTNAMEX=a\nPARTNAME=\nDEVNAME=../sda\n\u{0}=\n");
         assert_eq!(u, Uevent::default());
         assert_eq!(parse_uevent(""), Uevent::default());
+    }
+
+    #[test]
+    fn wait_for_more_sees_a_late_disk_and_its_partitions() {
+        let t = tree();
+        let whole = "MAJOR=254\nMINOR=32\nDEVNAME=vdc\nDEVTYPE=disk\n";
+        t.add(None, "vdc", 8192, whole);
+        let known = list(&t.sys, &t.dev);
+        let short = std::time::Duration::from_millis(300);
+        assert!(wait_for_more(&t.sys, &t.dev, &known, short).is_none());
+        let (devs, added) = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                t.add(
+                    None,
+                    "vda",
+                    65536,
+                    "MAJOR=254\nMINOR=0\nDEVNAME=vda\nDEVTYPE=disk\n",
+                );
+                // The partition follows the disk: a poll in between sees the disk alone.
+                t.part(4, "state");
+            });
+            wait_for_more(&t.sys, &t.dev, &known, std::time::Duration::from_secs(5))
+                .expect("the late disk is seen")
+        });
+        assert_eq!(added, ["vda", "vda4"]);
+        assert_eq!(devs.len(), 3);
     }
 }

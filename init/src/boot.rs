@@ -384,37 +384,15 @@ fn wait_for_devices(
     }
 }
 
-/// Poll (bounded) for block devices that were not there; once some appear, wait until the list
-/// holds still for a moment (a disk shows up before its partitions) and probe it all again.
 fn wait_for_more_disks(known: &[BlockDev], timeout: Duration) -> Option<Vec<BlockDev>> {
-    let names = |devs: &[BlockDev]| devs.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
-    let known = names(known);
     info!(
         "waiting up to {} s for more disks before falling back",
         timeout.as_secs()
     );
-    let deadline = Instant::now() + timeout;
-    let mut last = known.clone();
-    let mut stable_since: Option<Instant> = None;
-    loop {
-        let now = names(&blockdev::list(Path::new("/sys"), Path::new("/dev")));
-        if now != last {
-            last = now;
-            stable_since = Some(Instant::now());
-        } else if stable_since.is_some_and(|t| t.elapsed() >= Duration::from_millis(200)) {
-            break;
-        }
-        if Instant::now() >= deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let added: Vec<&String> = last.iter().filter(|n| !known.contains(n)).collect();
-    if added.is_empty() {
-        return None;
-    }
+    let (devs, added) =
+        blockdev::wait_for_more(Path::new("/sys"), Path::new("/dev"), known, timeout)?;
     info!("more disks appeared: {added:?}; looking again");
-    Some(blockdev::scan(Path::new("/sys"), Path::new("/dev")))
+    Some(devs)
 }
 
 fn wait_for_label(label: &str, timeout: Duration) -> Option<Vec<BlockDev>> {
