@@ -78,6 +78,8 @@ pub struct DiskSpec {
     /// Host files or directories copied to the same path in the image; executables bring
     /// their shared libraries and loader ([`rootfs::add_host_path`]), e.g. `/sbin/mke2fs`.
     pub host_tools: Vec<String>,
+    /// MiB added to COS_STATE beyond room for one more image (upgrades of bigger images).
+    pub state_extra_mb: u64,
     /// Symlinks in the image: (absolute path, target), replacing whatever is there.
     pub image_symlinks: Vec<(String, String)>,
     /// Files put on COS_PERSISTENT before the first boot: (path inside it, contents).
@@ -157,6 +159,7 @@ pub fn demo_spec(
         k3s_standin: false,
         image_files: Vec::new(),
         host_tools: Vec::new(),
+        state_extra_mb: 0,
         image_symlinks: Vec::new(),
         persistent_files: Vec::new(),
         persistent_symlinks: Vec::new(),
@@ -502,7 +505,10 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
 
     // Room for content plus headroom: state keeps space for an upgrade's
     // transition.img, recovery for a second image.
-    let state_mb = (rootfs::tree_bytes(&state_tree)? * 11 / 10).div_ceil(MIB) + img_mb + 48;
+    let state_mb = (rootfs::tree_bytes(&state_tree)? * 11 / 10).div_ceil(MIB)
+        + img_mb
+        + 48
+        + spec.state_extra_mb;
     let recovery_mb = (rootfs::tree_bytes(&rec_tree)? * 2).div_ceil(MIB) + 48;
     let mut parts: Vec<(u32, &str, &str, u64, Option<&Path>)> = vec![(BIOS, "bios", "", 1, None)];
     if spec.oem {

@@ -190,7 +190,9 @@ impl Registry {
         } else {
             ClientProtocol::Https
         };
-        let client = Client::new(ClientConfig {
+        // Not Client::new: it falls back to reqwest's default client, which panics when the
+        // system has no CA certificates (found on a minimal image); say so instead.
+        let client = Client::try_from(ClientConfig {
             protocol,
             connect_timeout: Some(Duration::from_secs(20)),
             read_timeout: Some(Duration::from_secs(60)),
@@ -199,7 +201,14 @@ impl Registry {
             http_proxy: env_any(&["HTTP_PROXY", "http_proxy"]),
             no_proxy: env_any(&["NO_PROXY", "no_proxy"]),
             ..ClientConfig::default()
-        });
+        })
+        .map_err(|e| UpgradeError::Registry {
+            origin: origin.into(),
+            what: "setting up the HTTP client (TLS needs the system's CA certificates, \
+                   /etc/ssl/certs/ca-certificates.crt or SSL_CERT_FILE)"
+                .into(),
+            detail: chain(&e),
+        })?;
         let reference = match &r.digest {
             Some(d) => Reference::with_digest(r.registry.clone(), r.repository.clone(), d.clone()),
             None => Reference::with_tag(r.registry.clone(), r.repository.clone(), r.tag.clone()),

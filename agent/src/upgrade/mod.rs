@@ -198,9 +198,14 @@ pub struct Options {
 
 pub const DEFAULT_KAIROS_STATE: &str = "/usr/local/.kairos-state";
 
-/// The crash point named, checked against [`CRASH_POINTS`].
+/// `KAIROS_AGENT_CRASH_AT=pause:POINT` stops at POINT instead of aborting, saying so on
+/// stderr: a test harness then cuts the power of the whole VM at exactly that step.
+pub const PAUSE_PREFIX: &str = "pause:";
+
+/// The crash point named (optionally `pause:POINT`), checked against [`CRASH_POINTS`].
 pub fn check_crash_point(given: &str) -> Result<(), UpgradeError> {
-    if CRASH_POINTS.iter().any(|(n, _)| *n == given) {
+    let point = given.strip_prefix(PAUSE_PREFIX).unwrap_or(given);
+    if CRASH_POINTS.iter().any(|(n, _)| *n == point) {
         return Ok(());
     }
     Err(UpgradeError::CrashPoint {
@@ -313,6 +318,18 @@ fn crash(opts: &Options, point: &str, log: &mut dyn Write) {
         let _ = writeln!(log, "kairos-agent: {CRASH_ENV}={point}: aborting here");
         let _ = log.flush();
         std::process::abort();
+    }
+    if opts
+        .crash_at
+        .as_deref()
+        .and_then(|c| c.strip_prefix(PAUSE_PREFIX))
+        == Some(point)
+    {
+        let _ = writeln!(log, "kairos-agent: {CRASH_ENV}=pause:{point}: paused here");
+        let _ = log.flush();
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
     }
 }
 
@@ -927,6 +944,8 @@ mod tests {
                 "done"
             ]
         );
+        check_crash_point("pause:between-renames").unwrap();
+        assert!(check_crash_point("pause:between").is_err());
         let e = check_crash_point("between").unwrap_err().to_string();
         assert!(
             e.contains("KAIROS_AGENT_CRASH_AT=\"between\"") && e.contains("between-renames"),
