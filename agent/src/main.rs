@@ -78,9 +78,79 @@ enum Cmd {
     /// Pair a node in install mode: decode its QR code (PNG) or take its token, and send it
     /// a config to install with
     Register(kairos_agent::p2p::RegisterArgs),
+    /// Install to a whole disk: GPT (bios, oem, recovery, state, persistent), ext4, active,
+    /// passive and recovery images from the source, BIOS GRUB; refuses a disk in use or too small
+    Install(InstallArgs),
     /// Upgrade the system (or recovery) image: pull and verify the source, build
     /// COS_STATE:/cOS/transition.img, rotate active -> passive, arm the boot counters
     Upgrade(UpgradeArgs),
+    /// Reset the node (recovery mode only): rebuild active and passive from the recovery
+    /// image, wipe COS_PERSISTENT (unless kept), keep COS_OEM (unless reset), boot active next
+    Reset(ResetArgs),
+}
+
+#[derive(Args)]
+#[command(group(ArgGroup::new("after").args(["reboot", "poweroff", "no_reboot"])))]
+struct ResetArgs {
+    /// dir:PATH or file:PATH (a squashfs or ext image) instead of COS_RECOVERY's
+    /// cOS/recovery.squashfs or cOS/recovery.img (dir:/ is the running recovery root)
+    #[arg(long, value_name = "SRC")]
+    source: Option<String>,
+    /// Keep COS_PERSISTENT's contents [default: reset.reset-persistent, else wipe]
+    #[arg(long)]
+    keep_persistent: bool,
+    /// Wipe COS_OEM's contents too (the grubenv is rewritten) [default: reset.reset-oem, else
+    /// keep]
+    #[arg(long)]
+    reset_oem: bool,
+    /// Reboot when done (the default, unless reset.reboot: false or reset.poweroff: true)
+    #[arg(long)]
+    reboot: bool,
+    /// Power off when done
+    #[arg(long)]
+    poweroff: bool,
+    /// Neither reboot nor power off
+    #[arg(long)]
+    no_reboot: bool,
+    /// Where COS_STATE is mounted [default: /run/initramfs/cos-state remounted read-write, or
+    /// the partition labelled COS_STATE mounted under /run/kairos]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Where COS_RECOVERY is mounted [default: /run/initramfs/cos-recovery, or the partition
+    /// labelled COS_RECOVERY]
+    #[arg(long, value_name = "DIR")]
+    recovery_dir: Option<PathBuf>,
+    /// Where COS_PERSISTENT is mounted [default: the partition labelled COS_PERSISTENT;
+    /// reformatted when not mounted]
+    #[arg(long, value_name = "DIR")]
+    persistent_dir: Option<PathBuf>,
+    /// Where COS_OEM is mounted, for --reset-oem [default: /oem under --root]
+    #[arg(long, value_name = "DIR")]
+    oem_dir: Option<PathBuf>,
+    /// The install/upgrade history to append to, under --root [default: COS_PERSISTENT's
+    /// .kairos-state]
+    #[arg(long, value_name = "PATH")]
+    kairos_state: Option<PathBuf>,
+    /// What booted, when /run/cos and /proc/cmdline do not say: active, passive, recovery
+    #[arg(long, value_name = "IMAGE", value_parser = ["active", "passive", "recovery"])]
+    booted: Option<String>,
+}
+
+#[derive(Args)]
+struct InstallArgs {
+    /// The whole disk to install to (everything on it is lost) [default: install.device]
+    #[arg(long, value_name = "DEV")]
+    device: Option<PathBuf>,
+    /// As for upgrade: oci:REF, docker:REF, a bare REF, ocifile:PATH, dir:PATH, file:PATH
+    /// [default: install.source, else dir:/, the running system's image]
+    #[arg(long, value_name = "SRC")]
+    source: Option<String>,
+    /// A cloud-config to install as COS_OEM:/90_custom.yaml (mode 0600)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// GRUB's i386-pc directory [default: /usr/lib/grub/i386-pc, else the source's]
+    #[arg(long, value_name = "DIR")]
+    grub_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -207,6 +277,23 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
             kairos_agent::p2p::register(&ctx, args, &mut out, &mut err).context("register")?
         }
+        Cmd::Install(a) => {
+            // Stage commands write to stderr too: no lock held across them.
+            drop((out, err));
+            let opts = kairos_agent::install::Options {
+                device: a.device,
+                source: a.source,
+                config: a.config,
+                grub_dir: a.grub_dir,
+            };
+            kairos_agent::install::install(
+                &ctx,
+                &opts,
+                &mut std::io::stdout(),
+                &mut std::io::stderr(),
+            )
+            .context("install")?
+        }
         Cmd::Upgrade(a) => {
             use kairos_agent::upgrade::{self, rotate::Booted};
             // Stage commands write to stderr too: no lock held across them.
@@ -229,6 +316,37 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             };
             upgrade::upgrade(&ctx, &opts, &mut std::io::stdout(), &mut std::io::stderr())
                 .context("upgrade")?
+        }
+        Cmd::Reset(a) => {
+            use kairos_agent::reset::{self, After};
+            use kairos_agent::upgrade::rotate::Booted;
+            drop((out, err));
+            let opts = reset::Options {
+                source: a.source,
+                state_dir: a.state_dir,
+                recovery_dir: a.recovery_dir,
+                persistent_dir: a.persistent_dir,
+                oem_dir: a.oem_dir,
+                keep_persistent: a.keep_persistent.then_some(true),
+                reset_oem: a.reset_oem.then_some(true),
+                kairos_state: a.kairos_state,
+                booted: a.booted.as_deref().map(|b| match b {
+                    "passive" => Booted::Passive,
+                    "recovery" => Booted::Recovery,
+                    _ => Booted::Active,
+                }),
+                after: if a.no_reboot {
+                    Some(After::Nothing)
+                } else if a.poweroff {
+                    Some(After::PowerOff)
+                } else if a.reboot {
+                    Some(After::Reboot)
+                } else {
+                    None
+                },
+            };
+            reset::reset(&ctx, &opts, &mut std::io::stdout(), &mut std::io::stderr())
+                .context("reset")?
         }
     })
 }

@@ -4,6 +4,7 @@
 pub mod blockdev;
 pub mod boot;
 pub mod cmdline;
+pub mod grubbios;
 pub mod grubcfg;
 pub mod grubenv;
 pub mod labels;

@@ -4,7 +4,7 @@
 //! [`kairos_init::grubcfg`], shared with the agent; its tests in real GRUB live here.
 
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -22,43 +22,8 @@ pub const GRUB_I386_PC_DIR: &str = "/usr/lib/grub/i386-pc";
 /// Packages [`install_bios`] runs tools from.
 pub const PACKAGES: &[&str] = &["grub-pc-bin", "grub-common"];
 
-/// Modules built into core.img, so grub.cfg works without reading any module
-/// from disk; names this grub-pc-bin lacks are dropped.
-pub const CORE_MODULES: &[&str] = &[
-    "biosdisk",
-    "part_gpt",
-    "ext2",
-    "normal",
-    "configfile",
-    "loadenv",
-    "test",
-    "echo",
-    "linux",
-    "serial",
-    "terminal",
-    "loopback",
-    "squash4",
-    "search",
-    "search_label",
-    "regexp",
-    "linux16",
-    "boot",
-    "cat",
-    "ls",
-    "sleep",
-    "halt",
-    "reboot",
-];
-
-const SECTOR: u64 = 512;
-/// Offsets in boot.img / diskboot.img (grub-core/boot/i386/pc/*.S).
-const MBR_CODE_LEN: usize = 440;
-const MBR_KERNEL_SECTOR: usize = 0x5c;
-const MBR_DRIVE_CHECK: usize = 0x66;
-const BLOCKLIST: usize = 512 - 12;
-const CORE_SEGMENT: u16 = 0x820;
-/// GPT type GUID of a BIOS boot partition (21686148-6E6F-744E-6565-644E65454649) as stored on disk.
-const BIOS_BOOT_TYPE: [u8; 16] = *b"Hah!IdontNeedEFI";
+pub use kairos_init::grubbios::CORE_MODULES;
+use kairos_init::grubbios::{self, GrubBiosError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrubError {
@@ -68,28 +33,14 @@ pub enum GrubError {
     Command(#[from] CommandError),
     #[error("installing GRUB: {0}")]
     Apt(#[from] AptError),
-    #[error("{}: {what}", path.display())]
-    BadImage { path: PathBuf, what: String },
-    #[error("{}: core.img needs {needed} sectors but the bios partition at sector {first} holds {available}", disk.display())]
-    CoreTooLarge {
-        disk: PathBuf,
-        first: u64,
-        needed: u64,
-        available: u64,
-    },
+    #[error(transparent)]
+    Bios(#[from] GrubBiosError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> GrubError + '_ {
     move |source| GrubError::Io {
         path: path.to_path_buf(),
         source,
-    }
-}
-
-fn bad(path: &Path, what: impl Into<String>) -> GrubError {
-    GrubError::BadImage {
-        path: path.to_path_buf(),
-        what: what.into(),
     }
 }
 
@@ -116,11 +67,7 @@ pub fn install_modules(prefix_dir: &Path) -> Result<(), GrubError> {
 /// Builds core.img with the prefix baked in; returns its bytes.
 fn make_core(disk: &Path, prefix: &str) -> Result<Vec<u8>, GrubError> {
     let dir = Path::new(GRUB_I386_PC_DIR);
-    let modules: Vec<&str> = CORE_MODULES
-        .iter()
-        .copied()
-        .filter(|m| dir.join(format!("{m}.mod")).exists())
-        .collect();
+    let modules = grubbios::core_modules_in(dir);
     let name = disk
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -135,77 +82,6 @@ fn make_core(disk: &Path, prefix: &str) -> Result<Vec<u8>, GrubError> {
     .and_then(|_| fs::read(&core_path).map_err(io_err(&core_path)));
     let _ = fs::remove_file(&core_path);
     result
-}
-
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn read_at(f: &mut fs::File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, GrubError> {
-    let mut buf = vec![0u8; len];
-    f.seek(SeekFrom::Start(offset)).map_err(io_err(path))?;
-    f.read_exact(&mut buf).map_err(io_err(path))?;
-    Ok(buf)
-}
-
-fn write_at(f: &mut fs::File, path: &Path, offset: u64, data: &[u8]) -> Result<(), GrubError> {
-    f.seek(SeekFrom::Start(offset)).map_err(io_err(path))?;
-    f.write_all(data).map_err(io_err(path))
-}
-
-/// Size in sectors of the BIOS boot partition starting at `first`, from the primary GPT.
-fn bios_partition_sectors(f: &mut fs::File, disk: &Path, first: u64) -> Result<u64, GrubError> {
-    let hdr = read_at(f, disk, SECTOR, SECTOR as usize)?;
-    if &hdr[..8] != b"EFI PART" {
-        return Err(bad(disk, "no GPT header at sector 1"));
-    }
-    let entries_lba = le_u64(&hdr, 72);
-    let count = le_u32(&hdr, 80) as usize;
-    let size = le_u32(&hdr, 84) as usize;
-    if !(128..=4096).contains(&size) || count == 0 || count > 1024 {
-        return Err(bad(
-            disk,
-            format!("implausible GPT entry table ({count} × {size} bytes)"),
-        ));
-    }
-    let table_at = entries_lba
-        .checked_mul(SECTOR)
-        .ok_or_else(|| bad(disk, format!("GPT entry table at absurd LBA {entries_lba}")))?;
-    let table = read_at(f, disk, table_at, count * size)?;
-    for (i, e) in table.chunks_exact(size).enumerate() {
-        if le_u64(e, 32) != first || e[..16].iter().all(|&b| b == 0) {
-            continue;
-        }
-        if e[..16] != BIOS_BOOT_TYPE {
-            return Err(bad(
-                disk,
-                format!(
-                    "partition {} at sector {first} is not of type BIOS boot (ef02)",
-                    i + 1
-                ),
-            ));
-        }
-        let last = le_u64(e, 40);
-        if last < first {
-            return Err(bad(
-                disk,
-                format!("partition {} ends before it starts", i + 1),
-            ));
-        }
-        return Ok(last - first + 1);
-    }
-    Err(bad(
-        disk,
-        format!("no GPT partition starts at sector {first}"),
-    ))
 }
 
 /// Installs BIOS GRUB into the disk image file `disk`: core.img (with
@@ -227,67 +103,30 @@ pub(crate) fn install_bios_unchecked(
 ) -> Result<(), GrubError> {
     let boot_path = Path::new(GRUB_I386_PC_DIR).join("boot.img");
     let boot = fs::read(&boot_path).map_err(io_err(&boot_path))?;
-    if boot.len() != SECTOR as usize {
-        return Err(bad(&boot_path, "boot.img is not one sector"));
-    }
-    let mut core = make_core(disk, prefix)?;
-    let core_path = Path::new("core.img");
-    if core.len() < SECTOR as usize {
-        return Err(bad(core_path, "grub-mkimage wrote less than one sector"));
-    }
-    let core_sectors = (core.len() as u64).div_ceil(SECTOR);
-    // What diskboot.img expects in its last 12 bytes: grub-mkimage already put
-    // the sector count there and the load segment; only the start is ours to set.
-    let mkimage_len = u16::from_le_bytes([core[BLOCKLIST + 8], core[BLOCKLIST + 9]]);
-    let segment = u16::from_le_bytes([core[BLOCKLIST + 10], core[BLOCKLIST + 11]]);
-    if u64::from(mkimage_len) != core_sectors - 1 || segment != CORE_SEGMENT {
-        return Err(bad(
-            core_path,
-            format!(
-                "unexpected diskboot blocklist (count {mkimage_len}, segment {segment:#x}) for {core_sectors} sectors"
-            ),
-        ));
-    }
-
+    let core = make_core(disk, prefix)?;
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
         .open(disk)
         .map_err(io_err(disk))?;
-    let available = bios_partition_sectors(&mut f, disk, first)?;
-    if core_sectors > available {
-        return Err(GrubError::CoreTooLarge {
-            disk: disk.to_path_buf(),
-            first,
-            needed: core_sectors,
-            available,
-        });
-    }
-
-    core[BLOCKLIST..BLOCKLIST + 8].copy_from_slice(&(first + 1).to_le_bytes());
-    core[BLOCKLIST + 8..BLOCKLIST + 10].copy_from_slice(&((core_sectors - 1) as u16).to_le_bytes());
-    write_at(&mut f, disk, first * SECTOR, &core)?;
-
-    let mut mbr = read_at(&mut f, disk, 0, SECTOR as usize)?;
-    if mbr[510..] != [0x55, 0xaa] {
-        return Err(bad(disk, "no protective MBR (run sgdisk first)"));
-    }
-    // Boot code only: bytes 440.. hold the disk signature and the partition table.
-    mbr[..MBR_CODE_LEN].copy_from_slice(&boot[..MBR_CODE_LEN]);
-    mbr[MBR_KERNEL_SECTOR..MBR_KERNEL_SECTOR + 8].copy_from_slice(&first.to_le_bytes());
-    // As grub-bios-setup does for hard disks: nop the jump that skips the
-    // workaround for BIOSes passing a bogus boot drive in DL.
-    if mbr[MBR_DRIVE_CHECK] == 0xeb {
-        mbr[MBR_DRIVE_CHECK] = 0x90;
-        mbr[MBR_DRIVE_CHECK + 1] = 0x90;
-    }
-    write_at(&mut f, disk, 0, &mbr)?;
-    f.sync_all().map_err(io_err(disk))
+    grubbios::install(&mut f, disk, first, &boot, core)?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kairos_init::grubbios::{BLOCKLIST, MBR_DRIVE_CHECK, MBR_KERNEL_SECTOR};
+    use std::io::{Seek, SeekFrom, Write};
+
+    fn le_u64(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    fn write_at(f: &mut fs::File, _disk: &Path, at: u64, data: &[u8]) -> io::Result<()> {
+        f.seek(SeekFrom::Start(at))?;
+        f.write_all(data)
+    }
 
     fn on_path(tool: &str) -> bool {
         std::env::var_os("PATH")

@@ -885,3 +885,11 @@ fn a_crash_at_every_step_leaves_a_bootable_pair() {
 fn libc_sigabrt() -> i32 {
     6
 }
+
+// The QEMU parts of issue 6, one module per command.
+#[path = "lifecycle/install.rs"]
+mod install;
+#[path = "lifecycle/reset.rs"]
+mod reset;
+#[path = "lifecycle/vm_upgrade.rs"]
+mod vm_upgrade;

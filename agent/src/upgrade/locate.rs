@@ -107,9 +107,12 @@ pub fn open(
     }
     let mounts = std::fs::read_to_string(ctx.path("/proc/self/mounts")).unwrap_or_default();
     let initramfs = which.initramfs_mountpoint();
+    // Under `--root /host` (a container with the host's / mounted there, as the
+    // system-upgrade-controller runs its jobs) the host's mounts appear below the root.
+    let under_root = ctx.path(initramfs);
     if let Some((_, opts)) = mount_options(&mounts)
         .into_iter()
-        .rfind(|(p, _)| p == initramfs)
+        .rfind(|(p, _)| p == initramfs || Path::new(p) == under_root)
     {
         let dir = ctx.path(initramfs);
         if !is_read_only(&opts) {
@@ -233,5 +236,24 @@ mod tests {
                 && e.to_string().contains("--recovery-dir"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn under_a_root_the_hosts_mounts_are_found_below_it() {
+        // `kairos-agent --root /host`: the container's mount table shows the host's
+        // read-write COS_STATE at /host/run/initramfs/cos-state.
+        let t = crate::testutil::Tree::new();
+        let at = t.ctx.path("/run/initramfs/cos-state");
+        std::fs::create_dir_all(&at).unwrap();
+        t.file(
+            "/proc/self/mounts",
+            format!(
+                "overlay / overlay rw 0 0\n/dev/vda4 {} ext4 rw,relatime 0 0\n",
+                at.display()
+            ),
+        );
+        let target = open(&t.ctx, Partition::State, None, &mut Vec::new()).unwrap();
+        assert_eq!(target.dir, at);
+        assert!(matches!(target.undo, Undo::Nothing));
     }
 }

@@ -1,0 +1,873 @@
+//! `kairos-agent install --device DEV`: partition, format and populate a disk the Kairos way
+//! (SPEC §1), then make it bootable with BIOS GRUB, without grub-install.
+//!
+//! 1. checks that write nothing: DEV is a whole block device, no part of it is mounted or used
+//!    as swap, the source resolves and the disk is large enough for the layout it needs;
+//! 2. `before-install` runs;
+//! 3. a new GPT (gpt.rs): bios, oem, recovery, state, persistent (the rest); the kernel
+//!    re-reads it and the partition nodes appear;
+//! 4. ext4 on each partition (COS_OEM, COS_RECOVERY, COS_STATE, COS_PERSISTENT), without the
+//!    features GRUB 2.06 cannot read;
+//! 5. COS_STATE:/cOS/active.img (COS_ACTIVE) built from the source, passive.img a copy
+//!    relabelled COS_PASSIVE, COS_RECOVERY:/cOS/recovery.squashfs;
+//! 6. COS_STATE:/grub2 (grub.cfg from `kairos_init::grubcfg`, the i386-pc modules),
+//!    COS_OEM:/grubenv, the `--config` file as COS_OEM:/90_custom.yaml (0600),
+//!    COS_PERSISTENT:/.kairos-state (the history `upgrade` appends to, at /usr/local);
+//! 7. core.img (grub-mkimage) into the bios partition and boot.img into the MBR
+//!    (`kairos_init::grubbios`); `after-install` runs.
+
+pub mod device;
+pub mod gpt;
+
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use kairos_init::grubbios::{self, GrubBiosError};
+use kairos_init::grubcfg::{GrubCfgOptions, grub_cfg};
+use kairos_init::grubenv::{self, DEFAULT_MAX_TRIES, GrubEnv, var};
+use kairos_init::labels;
+
+use crate::config::{self, LoadOptions};
+use crate::upgrade::rotate::Booted;
+use crate::upgrade::source::{self, Source};
+use crate::upgrade::{self, UpgradeError, fetch, image, layer, oci};
+use crate::{Ctx, Outcome, stages};
+
+const MIB: u64 = 1 << 20;
+/// Where GRUB's BIOS images and modules are (grub-pc-bin).
+pub const GRUB_I386_PC: &str = "/usr/lib/grub/i386-pc";
+/// The GRUB prefix baked into core.img: COS_STATE is always partition 4.
+pub const GRUB_PREFIX: &str = "(hd0,gpt4)/grub2";
+/// Where the new partitions are mounted while they are filled.
+pub const MOUNT_BASE: &str = "/run/kairos/install";
+/// The cloud-config's name on COS_OEM.
+pub const CONFIG_NAME: &str = "90_custom.yaml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("{}: {what}; nothing was written", device.display())]
+    Device { device: PathBuf, what: String },
+    #[error("{}: {what}", device.display())]
+    Partitions { device: PathBuf, what: String },
+    #[error("{}: in use ({uses}); refusing to install, nothing was written", device.display())]
+    InUse { device: PathBuf, uses: String },
+    #[error(
+        "{}: {size_mib} MiB is too small: this source needs at least {needed_mib} MiB (oem {oem} + recovery {recovery} + state {state} + persistent {persistent} MiB and the partition tables); nothing was written",
+        device.display()
+    )]
+    TooSmall {
+        device: PathBuf,
+        size_mib: u64,
+        needed_mib: u64,
+        oem: u64,
+        recovery: u64,
+        state: u64,
+        persistent: u64,
+    },
+    #[error("no device to install to: pass --device or set install.device in the cloud-config")]
+    NoDevice,
+    #[error("{}: writing the partition table: {error}", device.display())]
+    Gpt {
+        device: PathBuf,
+        error: gpt::GptError,
+    },
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
+    #[error(transparent)]
+    Grub(#[from] GrubBiosError),
+    /// `err` is in the message, so it is not also the error's source (no repeat in chains).
+    #[error("{}: {what}: {err}", path.display())]
+    Io {
+        path: PathBuf,
+        what: String,
+        err: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {output}")]
+    Command {
+        command: String,
+        status: String,
+        output: String,
+    },
+    #[error("{0}")]
+    Other(String),
+    #[error("writing the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+fn io(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> InstallError {
+    let path = path.to_path_buf();
+    let what = what.to_string();
+    move |err| InstallError::Io { path, what, err }
+}
+
+/// `kairos-agent install`'s options; literal paths (not under `--root`).
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The whole disk; default: `install.device` from the cloud-config.
+    pub device: Option<PathBuf>,
+    /// Same forms as `upgrade --source`; default `install.source`, else `dir:/` (the running
+    /// system's image).
+    pub source: Option<String>,
+    /// A cloud-config copied to COS_OEM.
+    pub config: Option<PathBuf>,
+    /// GRUB's i386-pc directory; default /usr/lib/grub/i386-pc, else the source's.
+    pub grub_dir: Option<PathBuf>,
+}
+
+/// Partition sizes in MiB (0 for persistent: the rest of the disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    pub bios: u64,
+    pub oem: u64,
+    pub recovery: u64,
+    pub state: u64,
+    /// The least the rest of the disk must leave for COS_PERSISTENT.
+    pub persistent_min: u64,
+}
+
+/// SPEC §1's sizes for a system image of `image` bytes (the recovery squashfs is at most as
+/// large): recovery 2 × image + 200 MiB, state 3 × image (active, passive and an upgrade's
+/// transition) + 1000 MiB.
+pub fn sizes(image: u64) -> Sizes {
+    let img = image.div_ceil(MIB);
+    Sizes {
+        bios: 1,
+        oem: 64,
+        recovery: 2 * img + 200,
+        state: 3 * img + 1000,
+        persistent_min: 64,
+    }
+}
+
+/// MiB a disk needs for `s`: the partitions, 1 MiB in front (MBR, GPT, alignment) and 1 behind
+/// (backup GPT).
+pub fn needed_mib(s: &Sizes) -> u64 {
+    s.bios + s.oem + s.recovery + s.state + s.persistent_min + 2
+}
+
+/// The five partitions for a disk of `size` bytes: (name, label, first sector, last sector);
+/// None when it is too small.
+pub fn layout(size: u64, s: &Sizes) -> Option<Vec<(&'static str, &'static str, u64, u64)>> {
+    if size / MIB < needed_mib(s) {
+        return None;
+    }
+    let sectors = size / gpt::SECTOR;
+    let mut at = gpt::ALIGN;
+    let mut out = Vec::new();
+    for (name, label, mib) in [
+        ("bios", "", s.bios),
+        ("oem", labels::OEM, s.oem),
+        ("recovery", labels::RECOVERY, s.recovery),
+        ("state", labels::STATE, s.state),
+    ] {
+        let n = mib * MIB / gpt::SECTOR;
+        out.push((name, label, at, at + n - 1));
+        at += n;
+    }
+    out.push((
+        "persistent",
+        labels::PERSISTENT,
+        at,
+        gpt::last_usable(sectors),
+    ));
+    Some(out)
+}
+
+/// One line per step: a progress bar redrawn in place on a terminal, `install: ...` lines
+/// otherwise.
+struct Progress {
+    n: usize,
+    total: usize,
+    tty: bool,
+}
+
+impl Drop for Progress {
+    /// Ends the bar's line, also when the install stops with an error.
+    fn drop(&mut self) {
+        if self.tty && self.n > 0 {
+            eprintln!();
+        }
+    }
+}
+
+impl Progress {
+    fn step(&mut self, what: &str, log: &mut dyn Write) {
+        self.n += 1;
+        if self.tty {
+            let width = 20;
+            let done = self.n * width / self.total.max(1);
+            let _ = write!(
+                log,
+                "\r\x1b[K[{}{}] {}/{} {what}",
+                "#".repeat(done),
+                "-".repeat(width - done.min(width)),
+                self.n,
+                self.total
+            );
+        } else {
+            let _ = writeln!(log, "install: {what}");
+        }
+        let _ = log.flush();
+    }
+
+    fn note(&self, what: &str, log: &mut dyn Write) {
+        if !self.tty {
+            let _ = writeln!(log, "install: {what}");
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<std::process::Output, InstallError> {
+    let shown = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = cmd.output().map_err(|e| InstallError::Command {
+        command: shown.clone(),
+        status: "not run".into(),
+        output: e.to_string(),
+    })?;
+    if out.status.success() {
+        return Ok(out);
+    }
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    Err(InstallError::Command {
+        command: shown,
+        status: out.status.to_string(),
+        output: lines[lines.len().saturating_sub(6)..].join("\n"),
+    })
+}
+
+/// ext4 on a partition, labelled, without the features GRUB 2.06 cannot read (an older
+/// mke2fs that does not know their names is retried without them).
+fn mkfs_partition(dev: &Path, label: &str) -> Result<(), InstallError> {
+    let attempt = |off: Option<&str>| {
+        let mut c = Command::new("mkfs.ext4");
+        c.args(["-q", "-F", "-L", label]);
+        if let Some(o) = off {
+            c.args(["-O", o]);
+        }
+        run(c.arg(dev)).map(|_| ())
+    };
+    attempt(Some("^metadata_csum_seed,^orphan_file")).or_else(|first| {
+        attempt(Some("^metadata_csum_seed"))
+            .or_else(|_| attempt(None))
+            .map_err(|_| first)
+    })
+}
+
+/// Partitions mounted for the install, unmounted (in reverse) on drop.
+struct Mounts(Vec<PathBuf>);
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for m in self.0.iter().rev() {
+            let _ = kairos_init::sys::mount::unmount(m, false);
+            let _ = std::fs::remove_dir(m);
+        }
+    }
+}
+
+/// A filesystem image mounted read-only through a loop device (`file:` sources).
+struct ImageMount(PathBuf);
+
+impl Drop for ImageMount {
+    fn drop(&mut self) {
+        let _ = kairos_init::sys::mount::unmount(&self.0, false);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The source, resolved; the tree is there (dir, file) or comes later (OCI).
+enum Resolved {
+    Tree {
+        tree: PathBuf,
+        _bind: Option<image::BindMount>,
+        _mount: Option<ImageMount>,
+        image_file: Option<PathBuf>,
+    },
+    Oci {
+        puller: Box<fetch::Puller>,
+        resolved: oci::Resolved,
+    },
+}
+
+fn resolve(
+    ctx: &Ctx,
+    src: &Source,
+    origin: &str,
+    log: &mut dyn Write,
+) -> Result<(Resolved, u64, Option<String>), InstallError> {
+    let missing = |p: &Path| {
+        InstallError::Upgrade(UpgradeError::NotFound {
+            origin: origin.into(),
+            path: p.to_path_buf(),
+        })
+    };
+    match src {
+        Source::Dir(p) => {
+            if !p.is_dir() {
+                return Err(missing(p));
+            }
+            // Non-recursive: `dir:/` is the image without /proc, /sys, /dev, /run, /oem,
+            // /usr/local or the overlays.
+            let point = ctx.path("/run/kairos/install-source");
+            let bind = match image::BindMount::new(p, &point) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    writeln!(
+                        log,
+                        "kairos-agent: warning: {e}; reading {} directly (mounts below it are included)",
+                        p.display()
+                    )?;
+                    None
+                }
+            };
+            let tree = bind
+                .as_ref()
+                .map_or_else(|| p.clone(), |b| b.target.clone());
+            let m = image::measure(&tree)?;
+            Ok((
+                Resolved::Tree {
+                    tree,
+                    _bind: bind,
+                    _mount: None,
+                    image_file: None,
+                },
+                image::image_size(m),
+                None,
+            ))
+        }
+        Source::File(p) => {
+            if !p.is_file() {
+                return Err(missing(p));
+            }
+            let size = std::fs::metadata(p).map_err(io(p, "reading"))?.len();
+            let point = ctx.path("/run/kairos/install-image");
+            std::fs::create_dir_all(&point).map_err(io(&point, "creating"))?;
+            let lo = kairos_init::sys::loopdev::attach(&ctx.path("/dev"), p, true)
+                .map_err(|e| InstallError::Other(format!("{}: {e}", p.display())))?;
+            kairos_init::sys::mount::device(&lo.path, &point, "ext4", true)
+                .map_err(|e| InstallError::Other(format!("{}: {e}", p.display())))?;
+            Ok((
+                Resolved::Tree {
+                    tree: point.clone(),
+                    _bind: None,
+                    _mount: Some(ImageMount(point)),
+                    image_file: Some(p.clone()),
+                },
+                size,
+                None,
+            ))
+        }
+        Source::Oci(r) => {
+            let puller = fetch::Puller::Registry(Box::new(fetch::Registry::new(r, origin)?));
+            resolve_oci(puller, origin, log)
+        }
+        Source::OciFile(p) if p.is_dir() => resolve_oci(
+            fetch::Puller::Layout(fetch::Layout::new(p, origin)),
+            origin,
+            log,
+        ),
+        Source::OciFile(p) => {
+            if !p.exists() {
+                return Err(missing(p));
+            }
+            resolve_oci(
+                fetch::Puller::Archive(fetch::Archive::new(p, origin)),
+                origin,
+                log,
+            )
+        }
+    }
+}
+
+fn resolve_oci(
+    mut puller: fetch::Puller,
+    origin: &str,
+    log: &mut dyn Write,
+) -> Result<(Resolved, u64, Option<String>), InstallError> {
+    let resolved = puller.resolve()?;
+    let compressed = resolved.compressed_bytes();
+    writeln!(
+        log,
+        "kairos-agent: {origin}: manifest {} ({}), {} layer(s), {compressed} bytes compressed",
+        resolved.manifest_digest,
+        resolved.platform,
+        resolved.layers.len()
+    )?;
+    let digest = Some(resolved.manifest_digest.clone());
+    Ok((
+        Resolved::Oci {
+            puller: Box::new(puller),
+            resolved,
+        },
+        oci::estimate_unpacked(compressed),
+        digest,
+    ))
+}
+
+/// Downloads (verified) and applies the layers into `work/rootfs`.
+fn unpack_oci(
+    puller: &mut fetch::Puller,
+    resolved: &oci::Resolved,
+    work: &Path,
+    log: &mut dyn Write,
+) -> Result<PathBuf, InstallError> {
+    let store = fetch::Store::new(&work.join("blobs"))?;
+    let layers = puller.fetch_layers(resolved, &store, log)?;
+    let staging = work.join("rootfs");
+    std::fs::create_dir_all(&staging).map_err(io(&staging, "creating"))?;
+    for (blob, path) in resolved.layers.iter().zip(&layers) {
+        let f = File::open(path).map_err(io(path, "opening"))?;
+        layer::apply(&staging, &blob.digest, f).map_err(UpgradeError::from)?;
+        if puller.copies_layers() {
+            std::fs::remove_file(path).map_err(io(path, "removing"))?;
+        }
+    }
+    Ok(staging)
+}
+
+fn run_hook(ctx: &Ctx, loaded: &config::Loaded, stage: &str, log: &mut dyn Write) {
+    let report = stages::run(ctx, stage, &loaded.sources, log);
+    if !report.ok() {
+        let _ = writeln!(
+            log,
+            "kairos-agent: warning: stage {stage}: {} step(s) failed; the install goes on",
+            report.failures.len()
+        );
+    }
+}
+
+/// Copies GRUB's i386-pc modules and lists to `prefix_dir/i386-pc`, as grub-install does.
+fn copy_grub_modules(grub_dir: &Path, prefix_dir: &Path) -> Result<(), InstallError> {
+    let dst = prefix_dir.join("i386-pc");
+    std::fs::create_dir_all(&dst).map_err(io(&dst, "creating"))?;
+    for e in std::fs::read_dir(grub_dir).map_err(io(grub_dir, "listing"))? {
+        let e = e.map_err(io(grub_dir, "listing"))?;
+        let name = e.file_name();
+        let keep = Path::new(&name)
+            .extension()
+            .is_some_and(|x| x == "mod" || x == "lst");
+        if keep {
+            let to = dst.join(&name);
+            std::fs::copy(e.path(), &to).map_err(io(&to, "copying GRUB module to"))?;
+        }
+    }
+    Ok(())
+}
+
+/// core.img for `prefix` from `grub-mkimage`, written next to `scratch`.
+fn make_core(grub_dir: &Path, scratch: &Path) -> Result<Vec<u8>, InstallError> {
+    let out = scratch.join("core.img");
+    run(Command::new("grub-mkimage")
+        .args(["-O", "i386-pc", "-d"])
+        .arg(grub_dir)
+        .arg("-o")
+        .arg(&out)
+        .args(["-p", GRUB_PREFIX])
+        .args(grubbios::core_modules_in(grub_dir)))?;
+    let core = std::fs::read(&out).map_err(io(&out, "reading"))?;
+    let _ = std::fs::remove_file(&out);
+    Ok(core)
+}
+
+/// 16 random bytes (for GUIDs), from /dev/urandom, else from the clock and the pid.
+fn random16(ctx: &Ctx) -> [u8; 16] {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    if File::open(ctx.path("/dev/urandom"))
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok()
+    {
+        return b;
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let x = t ^ (u128::from(std::process::id()) << 64);
+    x.to_le_bytes()
+}
+
+/// Writes the GPT for `parts` to the open disk, zeroing the rest of the first MiB (old
+/// boot code and tables) first.
+fn write_gpt(
+    ctx: &Ctx,
+    f: &mut File,
+    disk: &device::Disk,
+    parts: &[(&str, &str, u64, u64)],
+) -> Result<(), InstallError> {
+    let sectors = disk.size / gpt::SECTOR;
+    let gparts: Vec<gpt::Partition> = parts
+        .iter()
+        .map(|&(name, _, first, last)| gpt::Partition {
+            name: name.into(),
+            type_guid: if name == "bios" {
+                gpt::BIOS_BOOT
+            } else {
+                gpt::LINUX_FS
+            }
+            .into(),
+            guid: gpt::guid_from_random(random16(ctx)),
+            first_lba: first,
+            last_lba: last,
+        })
+        .collect();
+    let g = gpt::build(sectors, gpt::guid_from_random(random16(ctx)), &gparts).map_err(|e| {
+        InstallError::Gpt {
+            device: disk.path.clone(),
+            error: e,
+        }
+    })?;
+    let d = &disk.path;
+    let mut head = vec![0u8; MIB as usize];
+    head[..g.primary.len()].copy_from_slice(&g.primary);
+    f.seek(SeekFrom::Start(0)).map_err(io(d, "seeking"))?;
+    f.write_all(&head)
+        .map_err(io(d, "writing the primary GPT to"))?;
+    f.seek(SeekFrom::Start(g.backup_offset))
+        .map_err(io(d, "seeking"))?;
+    f.write_all(&g.backup)
+        .map_err(io(d, "writing the backup GPT to"))?;
+    f.sync_all().map_err(io(d, "fsync"))
+}
+
+pub fn install(
+    ctx: &Ctx,
+    opts: &Options,
+    out: &mut dyn Write,
+    log: &mut dyn Write,
+) -> Result<Outcome, InstallError> {
+    let loaded = config::load(ctx, &LoadOptions::default());
+    stages::report_load(&loaded, log)?;
+    let configured = loaded.merged.install.clone().unwrap_or_default();
+    let dev = match &opts.device {
+        Some(d) => d.clone(),
+        None => configured
+            .device
+            .as_deref()
+            .filter(|d| !d.is_empty() && *d != "auto")
+            .map(PathBuf::from)
+            .ok_or(InstallError::NoDevice)?,
+    };
+    let mut p = Progress {
+        n: 0,
+        total: 8,
+        tty: std::io::stderr().is_terminal(),
+    };
+
+    // 1. Checks that write nothing.
+    p.step(&format!("checking {}", dev.display()), log);
+    let disk = device::inspect(ctx, &dev, false)?;
+    device::check_unused(ctx, &disk)?;
+    if let Some(c) = &opts.config
+        && !c.is_file()
+    {
+        return Err(InstallError::Io {
+            path: c.clone(),
+            what: "reading the --config file".into(),
+            err: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
+    let given = opts
+        .source
+        .clone()
+        .or(configured.source)
+        .unwrap_or_else(|| "dir:/".into());
+    let origin = given.trim().to_string();
+    let src = source::parse(&given)?;
+    p.step(&format!("resolving the source {origin}"), log);
+    let (mut resolved, image_size, digest) = resolve(ctx, &src, &origin, log)?;
+    if matches!(resolved, Resolved::Oci { .. }) {
+        p.total += 1;
+    }
+    let s = sizes(image_size);
+    let parts = layout(disk.size, &s).ok_or_else(|| InstallError::TooSmall {
+        device: disk.path.clone(),
+        size_mib: disk.size / MIB,
+        needed_mib: needed_mib(&s),
+        oem: s.oem,
+        recovery: s.recovery,
+        state: s.state,
+        persistent: s.persistent_min,
+    })?;
+    let grub_dir = opts
+        .grub_dir
+        .clone()
+        .or_else(|| Some(ctx.path(GRUB_I386_PC)).filter(|d| d.join("boot.img").is_file()))
+        .or_else(|| match &resolved {
+            Resolved::Tree { tree, .. } => {
+                Some(tree.join(GRUB_I386_PC.trim_start_matches('/')))
+                    .filter(|d| d.join("boot.img").is_file())
+            }
+            Resolved::Oci { .. } => None,
+        })
+        .ok_or_else(|| {
+            InstallError::Other(format!(
+                "no GRUB for BIOS: {GRUB_I386_PC}/boot.img is neither on this system nor in the source; nothing was written to {}",
+                disk.path.display()
+            ))
+        })?;
+    p.note(
+        &format!(
+            "{}: {} MiB; image {} MiB; oem {} MiB, recovery {} MiB, state {} MiB, persistent the rest",
+            disk.path.display(),
+            disk.size / MIB,
+            image_size.div_ceil(MIB),
+            s.oem,
+            s.recovery,
+            s.state
+        ),
+        log,
+    );
+
+    // 2.
+    run_hook(ctx, &loaded, "before-install", log);
+
+    // 3. The partition table. O_EXCL: the kernel refuses a device something holds open.
+    p.step("writing the partition table", log);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::EXCL.bits() as i32)
+        .open(&disk.path)
+        .map_err(|e| InstallError::Device {
+            device: disk.path.clone(),
+            what: format!("cannot open it exclusively: {e}"),
+        })?;
+    write_gpt(ctx, &mut f, &disk, &parts)?;
+    device::reread(&f, &disk.path)?;
+    // mkfs opens the partitions exclusively, which an exclusive opener of the disk prevents.
+    drop(f);
+    let mut nodes = Vec::new();
+    for n in 1..=parts.len() as u32 {
+        nodes.push(device::wait_partition(
+            ctx,
+            &disk,
+            n,
+            Duration::from_secs(10),
+        )?);
+    }
+
+    // 4. Filesystems, mounted under /run/kairos/install.
+    p.step("making the filesystems", log);
+    let mut mounts = Mounts(Vec::new());
+    let mut dirs = Vec::new();
+    for (i, &(name, label, _, _)) in parts.iter().enumerate().skip(1) {
+        mkfs_partition(&nodes[i], label)?;
+        let point = ctx.path(format!("{MOUNT_BASE}/{name}"));
+        std::fs::create_dir_all(&point).map_err(io(&point, "creating"))?;
+        kairos_init::sys::mount::device(&nodes[i], &point, "ext4", false)
+            .map_err(|e| InstallError::Other(format!("{}: {e}", nodes[i].display())))?;
+        mounts.0.push(point.clone());
+        dirs.push(point);
+    }
+    let (oem, recovery, state, persistent) = (&dirs[0], &dirs[1], &dirs[2], &dirs[3]);
+
+    // 5. The images.
+    let state_cos = state.join("cOS");
+    let rec_cos = recovery.join("cOS");
+    for d in [&state_cos, &rec_cos] {
+        std::fs::create_dir_all(d).map_err(io(d, "creating"))?;
+    }
+    let work = state.join(".kairos-install");
+    let (tree, image_file) = match &mut resolved {
+        Resolved::Tree {
+            tree, image_file, ..
+        } => (tree.clone(), image_file.clone()),
+        Resolved::Oci { puller, resolved } => {
+            p.step(&format!("pulling {origin}"), log);
+            (unpack_oci(puller, resolved, &work, log)?, None)
+        }
+    };
+    let active = state_cos.join("active.img");
+    p.step("building active.img", log);
+    match &image_file {
+        Some(file) => {
+            std::fs::copy(file, &active).map_err(io(&active, "copying the image to"))?;
+            image::relabel(&active, labels::ACTIVE)?;
+        }
+        None => {
+            let m = image::measure(&tree)?;
+            image::mkfs_ext4(
+                &tree,
+                &active,
+                image::image_size(m),
+                image::inode_count(m),
+                labels::ACTIVE,
+            )?;
+        }
+    }
+    p.step("copying passive.img", log);
+    let passive = state_cos.join("passive.img");
+    std::fs::copy(&active, &passive).map_err(io(&passive, "copying active.img to"))?;
+    image::relabel(&passive, labels::PASSIVE)?;
+    p.step("building recovery.squashfs", log);
+    image::mksquashfs(&tree, &rec_cos.join("recovery.squashfs"))?;
+    let size = std::fs::metadata(&active).map(|m| m.len()).unwrap_or(0);
+    if work.exists() {
+        std::fs::remove_dir_all(&work).map_err(io(&work, "removing"))?;
+    }
+
+    // 6. GRUB's files, the environment, the config, the history.
+    p.step("installing GRUB", log);
+    let grub2 = state.join("grub2");
+    std::fs::create_dir_all(&grub2).map_err(io(&grub2, "creating"))?;
+    let cfg = grub2.join("grub.cfg");
+    std::fs::write(&cfg, grub_cfg(&GrubCfgOptions::default())).map_err(io(&cfg, "writing"))?;
+    copy_grub_modules(&grub_dir, &grub2)?;
+    let mut env = GrubEnv::default();
+    env.set(var::MAX_TRIES, &DEFAULT_MAX_TRIES.to_string())
+        .map_err(UpgradeError::from)?;
+    grubenv::write(&oem.join("grubenv"), &env).map_err(UpgradeError::from)?;
+    if let Some(c) = &opts.config {
+        let to = oem.join(CONFIG_NAME);
+        std::fs::copy(c, &to).map_err(io(c, "copying the config"))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+            .map_err(io(&to, "chmod"))?;
+    }
+    let booted = upgrade::detect_booted(ctx).unwrap_or(Booted::Active);
+    let line = upgrade::history_line(
+        &kairos_p2p::time::rfc3339(kairos_p2p::time::now_ms()),
+        "install",
+        &origin,
+        digest.as_deref(),
+        booted,
+        "active.img",
+        size,
+    );
+    let hist = persistent.join(".kairos-state");
+    std::fs::write(&hist, line).map_err(io(&hist, "writing"))?;
+
+    // 7. Boot code, then everything to disk.
+    let boot_img = grub_dir.join("boot.img");
+    let boot = std::fs::read(&boot_img).map_err(io(&boot_img, "reading"))?;
+    let core = make_core(&grub_dir, state)?;
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk.path)
+        .map_err(io(&disk.path, "opening"))?;
+    grubbios::install(&mut f, &disk.path, parts[0].2, &boot, core)?;
+    drop(resolved);
+    rustix::fs::sync();
+    drop(mounts);
+    f.sync_all().map_err(io(&disk.path, "fsync"))?;
+    drop(p);
+    run_hook(ctx, &loaded, "after-install", log);
+    writeln!(
+        out,
+        "kairos-agent: installed {origin} to {} ({} MiB: oem, recovery, state {} MiB, persistent)",
+        disk.path.display(),
+        disk.size / MIB,
+        s.state
+    )?;
+    Ok(Outcome::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_follow_the_spec() {
+        let s = sizes(100 * MIB + 1);
+        assert_eq!(
+            s,
+            Sizes {
+                bios: 1,
+                oem: 64,
+                recovery: 2 * 101 + 200,
+                state: 3 * 101 + 1000,
+                persistent_min: 64
+            }
+        );
+        assert_eq!(needed_mib(&s), 1 + 64 + 402 + 1303 + 64 + 2);
+    }
+
+    #[test]
+    fn layout_is_aligned_and_fills_the_disk() {
+        let s = sizes(50 * MIB);
+        let need = needed_mib(&s);
+        assert!(layout((need - 1) * MIB, &s).is_none());
+        let size = 4096 * MIB;
+        let l = layout(size, &s).unwrap();
+        let names: Vec<&str> = l.iter().map(|p| p.0).collect();
+        assert_eq!(names, ["bios", "oem", "recovery", "state", "persistent"]);
+        assert_eq!((l[0].2, l[0].3), (2048, 4095));
+        for w in l.windows(2) {
+            assert_eq!(w[0].3 + 1, w[1].2);
+            assert_eq!(w[1].2 % 2048, 0);
+        }
+        assert_eq!(l[3].3 - l[3].2 + 1, s.state * 2048);
+        assert_eq!(l[4].3, size / 512 - 34);
+        // Exactly the minimum fits, and the GPT accepts it.
+        let l = layout(need * MIB, &s).unwrap();
+        assert!(l[4].3 - l[4].2 + 1 >= s.persistent_min * 2048);
+        let parts: Vec<gpt::Partition> = l
+            .iter()
+            .map(|p| gpt::Partition {
+                name: p.0.into(),
+                type_guid: gpt::LINUX_FS.into(),
+                guid: [1; 16],
+                first_lba: p.2,
+                last_lba: p.3,
+            })
+            .collect();
+        gpt::build(need * MIB / 512, [2; 16], &parts).unwrap();
+    }
+
+    #[test]
+    fn refusals_name_the_device_and_write_nothing() {
+        let t = crate::testutil::Tree::new();
+        let img = t.ctx.path("/disk.img");
+        std::fs::write(&img, vec![7u8; 8192]).unwrap();
+        let opts = Options {
+            device: Some(img.clone()),
+            ..Options::default()
+        };
+        let (r, _, _) = crate::testutil::run(|o, e| install(&t.ctx, &opts, o, e));
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("disk.img")
+                && e.contains("not a block device")
+                && e.contains("nothing was written"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&img).unwrap(), vec![7u8; 8192]);
+        let (r, _, _) = crate::testutil::run(|o, e| install(&t.ctx, &Options::default(), o, e));
+        assert!(matches!(r, Err(InstallError::NoDevice)));
+        // install.device from the cloud-config when --device is not given.
+        t.file(
+            "/oem/90_custom.yaml",
+            "#cloud-config\ninstall:\n  device: /nonexistent-disk\n",
+        );
+        let (r, _, _) = crate::testutil::run(|o, e| install(&t.ctx, &Options::default(), o, e));
+        let e = r.unwrap_err().to_string();
+        assert!(e.starts_with("/nonexistent-disk: cannot stat it"), "{e}");
+        let e = InstallError::TooSmall {
+            device: "/dev/vdb".into(),
+            size_mib: 100,
+            needed_mib: 1500,
+            oem: 64,
+            recovery: 300,
+            state: 1100,
+            persistent: 64,
+        }
+        .to_string();
+        assert!(
+            e.starts_with("/dev/vdb: 100 MiB is too small: this source needs at least 1500 MiB"),
+            "{e}"
+        );
+    }
+}

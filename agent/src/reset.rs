@@ -1,0 +1,964 @@
+//! `kairos-agent reset` (SPEC §5; recovery mode only): rebuild COS_STATE's images from the
+//! recovery image, wipe COS_PERSISTENT (unless kept), keep COS_OEM (unless reset), point the
+//! next boot at active and reboot.
+//!
+//! The order, and what a failure at each point leaves:
+//! 1. refuse unless booted in recovery (nothing read or written before this);
+//! 2. `before-reset` runs; COS_STATE is mounted read-write and its `cOS` directory locked;
+//! 3. the new image is built completely as `transition.img` (from COS_RECOVERY's
+//!    `recovery.squashfs`, loop-mounted read-only, or a copy of `recovery.img`; or an explicit
+//!    `--source dir:`/`file:`), fsynced, then renamed over `active.img`, the directory fsynced;
+//! 4. `passive.img` is a copy of it (built as `transition.img`, relabelled COS_PASSIVE,
+//!    fsynced, renamed); a missing `grub2/grub.cfg` is regenerated;
+//! 5. COS_OEM is wiped when asked (`--reset-oem`, `reset.reset-oem`), then the grubenv says
+//!    "boot active": counters re-armed, a pending `next_entry` dropped, `saved_entry=cos`;
+//! 6. COS_PERSISTENT is wiped (its contents when it is mounted, `mkfs.ext4` when not) unless
+//!    `--keep-persistent` / `reset.reset-persistent: false`;
+//! 7. `.kairos-state` on COS_PERSISTENT gets a line, `after-reset` runs, sync, reboot (or
+//!    power off, or nothing with `--no-reboot`).
+//!
+//! Until step 3's rename the installed images are untouched; recovery stays bootable
+//! throughout (GRUB falls back to it when active and passive are unusable).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kairos_init::grubenv::{self, Counters, DEFAULT_MAX_TRIES, GrubEnv, var};
+use serde_json::{Map, Value};
+
+use crate::config::{self, LoadOptions};
+use crate::upgrade::rotate::{self, ACTIVE, Booted, PASSIVE, TRANSITION};
+use crate::upgrade::source::{self, Source};
+use crate::upgrade::{UpgradeError, detect_booted, history_line, image, locate};
+use crate::{AgentError, Ctx, Outcome, stages};
+
+/// Extra room besides the image (directory blocks, the grub.cfg).
+const SLACK: u64 = 4 << 20;
+
+/// Where the recovery squashfs is mounted while the image is built.
+const SOURCE_MOUNT: &str = "/run/kairos/reset-source";
+/// Where COS_PERSISTENT is mounted when nothing has it mounted.
+const PERSISTENT_MOUNT: &str = "/run/kairos/cos-persistent";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    #[error(
+        "reset runs only from recovery mode; booted: {booted} (boot the \"recovery\" entry: `kairos-agent bootentry --select recovery` and reboot, or pass --booted recovery)"
+    )]
+    NotRecovery { booted: String },
+    #[error(
+        "{}: neither cOS/recovery.squashfs nor cOS/recovery.img: no recovery image to reset from (pass --source dir:/ to use the running recovery root)",
+        dir.display()
+    )]
+    NoRecoveryImage { dir: PathBuf },
+    #[error("source {given:?}: reset takes dir:PATH or file:PATH (a squashfs or ext image)")]
+    BadSource { given: String },
+    #[error("{}: {what}", path.display())]
+    BadImage { path: PathBuf, what: String },
+    #[error("{}: {what}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {output}")]
+    Command {
+        command: String,
+        status: String,
+        output: String,
+    },
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
+    #[error(transparent)]
+    Rotate(#[from] rotate::RotateError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("reset done, but {what} failed: {source}")]
+    Reboot {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<std::io::Error> for ResetError {
+    fn from(e: std::io::Error) -> Self {
+        ResetError::Agent(AgentError::Output(e))
+    }
+}
+
+impl From<grubenv::GrubEnvError> for ResetError {
+    fn from(e: grubenv::GrubEnvError) -> Self {
+        ResetError::Agent(e.into())
+    }
+}
+
+impl From<grubenv::CounterError> for ResetError {
+    fn from(e: grubenv::CounterError) -> Self {
+        ResetError::Agent(e.into())
+    }
+}
+
+fn io(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> ResetError {
+    let path = path.to_path_buf();
+    let what = what.to_string();
+    move |source| ResetError::Io { path, what, source }
+}
+
+/// What happens once the reset is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    Reboot,
+    PowerOff,
+    Nothing,
+}
+
+/// `kairos-agent reset`'s options. Directories are literal paths (not under `--root`).
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// `dir:PATH` or `file:PATH` instead of COS_RECOVERY's image.
+    pub source: Option<String>,
+    /// Where COS_STATE is mounted; default: found and mounted read-write.
+    pub state_dir: Option<PathBuf>,
+    /// Where COS_RECOVERY is mounted; default: /run/initramfs/cos-recovery, else found.
+    pub recovery_dir: Option<PathBuf>,
+    /// Where COS_PERSISTENT is mounted; default: found by label (wiped by mkfs when unmounted).
+    pub persistent_dir: Option<PathBuf>,
+    /// Where COS_OEM is mounted (only for `reset_oem`); default: /oem under the root.
+    pub oem_dir: Option<PathBuf>,
+    /// `--keep-persistent` (true) or nothing (None: `reset.reset-persistent`, default wipe).
+    pub keep_persistent: Option<bool>,
+    /// `--reset-oem` (true) or nothing (None: `reset.reset-oem`, default keep).
+    pub reset_oem: Option<bool>,
+    /// The history file (a path inside the root); default: COS_PERSISTENT's `.kairos-state`.
+    pub kairos_state: Option<PathBuf>,
+    /// What booted; default from /run/cos and /proc/cmdline.
+    pub booted: Option<Booted>,
+    /// None: `reset.poweroff` / `reset.reboot`, default reboot.
+    pub after: Option<After>,
+}
+
+/// The decisions a reset makes from its flags and the `reset:` block of the cloud-config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub wipe_persistent: bool,
+    pub wipe_oem: bool,
+    pub after: After,
+}
+
+/// A cloud-config boolean: true/false, or the strings "true"/"yes"/"1" and the rest.
+fn config_bool(v: Option<&Value>) -> Option<bool> {
+    match v? {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "yes" | "on" | "1" => Some(true),
+            "false" | "no" | "off" | "0" => Some(false),
+            _ => None,
+        },
+        Value::Number(n) => n.as_u64().map(|n| n != 0),
+        _ => None,
+    }
+}
+
+impl Policy {
+    /// Flags win; then upstream's keys `reset.reset-persistent` (default true),
+    /// `reset.reset-oem` (default false), `reset.poweroff`, `reset.reboot` (default reboot).
+    pub fn resolve(opts: &Options, raw: &Map<String, Value>) -> Policy {
+        let block = raw.get("reset").and_then(Value::as_object);
+        let key = |k: &str| config_bool(block.and_then(|b| b.get(k)));
+        let after = opts.after.unwrap_or(if key("poweroff") == Some(true) {
+            After::PowerOff
+        } else if key("reboot") == Some(false) {
+            After::Nothing
+        } else {
+            After::Reboot
+        });
+        Policy {
+            wipe_persistent: match opts.keep_persistent {
+                Some(keep) => !keep,
+                None => key("reset-persistent").unwrap_or(true),
+            },
+            wipe_oem: opts
+                .reset_oem
+                .unwrap_or_else(|| key("reset-oem").unwrap_or(false)),
+            after,
+        }
+    }
+}
+
+/// The grubenv after a reset: the next boot is active, on fresh counted tries (active and
+/// passive are the same new image); a one-shot `next_entry` and a `saved_entry` other than
+/// `cos` would send it elsewhere, so they go.
+pub fn next_boot_active(env: &mut GrubEnv) -> Result<(), ResetError> {
+    let max = Counters::from_env(env).map_or(DEFAULT_MAX_TRIES, |c| c.max);
+    grubenv::arm(env, max)?;
+    env.unset(var::NEXT_ENTRY);
+    if env.get(var::SAVED_ENTRY).is_some_and(|s| s != "cos") {
+        env.set(var::SAVED_ENTRY, "cos")?;
+    }
+    Ok(())
+}
+
+/// Where the new image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// A squashfs, mounted read-only and copied into a new ext4 image.
+    Squashfs(PathBuf),
+    /// An ext2/3/4 image, copied and relabelled.
+    ExtImage(PathBuf),
+    /// A directory tree (its own filesystem only).
+    Tree(PathBuf),
+}
+
+impl ImageSource {
+    fn path(&self) -> &Path {
+        match self {
+            ImageSource::Squashfs(p) | ImageSource::ExtImage(p) | ImageSource::Tree(p) => p,
+        }
+    }
+}
+
+/// COS_RECOVERY's image: `cOS/recovery.squashfs` first, then `cOS/recovery.img`.
+pub fn recovery_image(recovery_root: &Path) -> Result<ImageSource, ResetError> {
+    let cos = recovery_root.join("cOS");
+    let squash = cos.join("recovery.squashfs");
+    if squash.is_file() {
+        return Ok(ImageSource::Squashfs(squash));
+    }
+    let img = cos.join("recovery.img");
+    if img.is_file() {
+        return Ok(ImageSource::ExtImage(img));
+    }
+    Err(ResetError::NoRecoveryImage {
+        dir: recovery_root.to_path_buf(),
+    })
+}
+
+/// `--source`: `dir:PATH`, or `file:PATH` holding a squashfs or an ext image.
+fn explicit_source(given: &str) -> Result<ImageSource, ResetError> {
+    use kairos_init::probe::FsType;
+    match source::parse(given)? {
+        Source::Dir(p) if p.is_dir() => Ok(ImageSource::Tree(p)),
+        Source::File(p) => {
+            let fs = kairos_init::probe::probe_path(&p)
+                .map_err(|e| ResetError::BadImage {
+                    path: p.clone(),
+                    what: e.to_string(),
+                })?
+                .map(|f| f.fstype);
+            match fs {
+                Some(FsType::Squashfs) => Ok(ImageSource::Squashfs(p)),
+                Some(FsType::Ext2 | FsType::Ext3 | FsType::Ext4) => Ok(ImageSource::ExtImage(p)),
+                other => Err(ResetError::BadImage {
+                    path: p,
+                    what: format!(
+                        "holds {}, expected a squashfs or an ext2/3/4 image",
+                        other.map_or("no known filesystem", |f| f.name())
+                    ),
+                }),
+            }
+        }
+        Source::Dir(p) => Err(ResetError::BadImage {
+            path: p,
+            what: "not a directory".into(),
+        }),
+        _ => Err(ResetError::BadSource {
+            given: given.into(),
+        }),
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<(), ResetError> {
+    let shown = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = cmd.output().map_err(|e| ResetError::Command {
+        command: shown.clone(),
+        status: "not run".into(),
+        output: e.to_string(),
+    })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    Err(ResetError::Command {
+        command: shown,
+        status: out.status.to_string(),
+        output: lines[lines.len().saturating_sub(6)..].join("\n"),
+    })
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ResetError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir, "fsync of the directory"))
+}
+
+/// Removes everything in `dir` (not `dir` itself) that is on `dir`'s filesystem; entries
+/// that are other mounts are left alone and returned.
+pub fn wipe_contents(dir: &Path) -> Result<Vec<PathBuf>, ResetError> {
+    use std::os::unix::fs::MetadataExt;
+    let top = dir.symlink_metadata().map_err(io(dir, "reading"))?.dev();
+    let mut skipped = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io(dir, "listing"))? {
+        let p = e.map_err(io(dir, "listing"))?.path();
+        let md = p.symlink_metadata().map_err(io(&p, "reading"))?;
+        if md.is_dir() {
+            if md.dev() != top {
+                skipped.push(p);
+                continue;
+            }
+            std::fs::remove_dir_all(&p).map_err(io(&p, "removing"))?;
+        } else {
+            std::fs::remove_file(&p).map_err(io(&p, "removing"))?;
+        }
+    }
+    sync_dir(dir)?;
+    Ok(skipped)
+}
+
+/// Unmounts (detached) and removes a mount point on drop.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.0, rustix::mount::UnmountFlags::DETACH);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Removes a directory tree on drop.
+struct TempTree(PathBuf);
+
+impl Drop for TempTree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The squashfs's tree: loop-mounted read-only at `mount_point`, or, when that fails,
+/// unpacked with `unsquashfs` into `scratch`.
+enum SquashTree {
+    Mounted(Mounted),
+    Unpacked(TempTree),
+}
+
+impl SquashTree {
+    fn dir(&self) -> &Path {
+        match self {
+            SquashTree::Mounted(m) => &m.0,
+            SquashTree::Unpacked(t) => &t.0,
+        }
+    }
+}
+
+fn open_squashfs(
+    file: &Path,
+    mount_point: &Path,
+    scratch: &Path,
+    log: &mut dyn Write,
+) -> Result<SquashTree, ResetError> {
+    let mounted = (|| -> Result<Mounted, String> {
+        let _ = rustix::mount::unmount(mount_point, rustix::mount::UnmountFlags::DETACH);
+        std::fs::create_dir_all(mount_point).map_err(|e| e.to_string())?;
+        let guard = Mounted(mount_point.to_path_buf());
+        let lo = kairos_init::sys::loopdev::attach(Path::new("/dev"), file, true)
+            .map_err(|e| e.to_string())?;
+        kairos_init::sys::mount::device(&lo.path, mount_point, "squashfs", true)
+            .map_err(|e| e.to_string())?;
+        Ok(guard)
+    })();
+    match mounted {
+        Ok(m) => Ok(SquashTree::Mounted(m)),
+        Err(e) => {
+            writeln!(
+                log,
+                "kairos-agent: warning: mounting {}: {e}; unpacking it with unsquashfs instead",
+                file.display()
+            )?;
+            let _ = std::fs::remove_dir_all(scratch);
+            let guard = TempTree(scratch.to_path_buf());
+            run(Command::new("unsquashfs")
+                .args(["-q", "-n", "-d"])
+                .arg(scratch)
+                .arg(file))?;
+            Ok(SquashTree::Unpacked(guard))
+        }
+    }
+}
+
+/// Builds `cos/transition.img` (label COS_ACTIVE) from `src`, fsynced. Refuses when the
+/// filesystem cannot hold it even after dropping `passive.img` (which the reset replaces).
+fn build_transition(
+    ctx: &Ctx,
+    src: &ImageSource,
+    cos: &Path,
+    log: &mut dyn Write,
+) -> Result<(), ResetError> {
+    let transition = cos.join(TRANSITION);
+    rotate::remove_stale_transition(cos)?;
+    let make_room = |needed: u64, log: &mut dyn Write| -> Result<(), ResetError> {
+        if rotate::check_space(cos, needed).is_err() && cos.join(PASSIVE).exists() {
+            writeln!(
+                log,
+                "kairos-agent: removing {PASSIVE} first to make room (it is rebuilt from the new image)"
+            )?;
+            std::fs::remove_file(cos.join(PASSIVE)).map_err(io(&cos.join(PASSIVE), "removing"))?;
+            sync_dir(cos)?;
+        }
+        rotate::check_space(cos, needed)?;
+        Ok(())
+    };
+    let from_tree = |tree: &Path, log: &mut dyn Write| -> Result<(), ResetError> {
+        let m = image::measure(tree)?;
+        let size = image::image_size(m);
+        make_room(size + SLACK, log)?;
+        writeln!(
+            log,
+            "kairos-agent: building {} ({} MiB for {} MiB in {} inodes) from {}",
+            transition.display(),
+            size >> 20,
+            m.bytes >> 20,
+            m.inodes,
+            src.path().display()
+        )?;
+        image::mkfs_ext4(tree, &transition, size, image::inode_count(m), "COS_ACTIVE")?;
+        Ok(())
+    };
+    match src {
+        ImageSource::Squashfs(f) => {
+            let tree = open_squashfs(
+                f,
+                &ctx.path(SOURCE_MOUNT),
+                &cos.join(".kairos-reset-rootfs"),
+                log,
+            )?;
+            from_tree(tree.dir(), log)?;
+        }
+        ImageSource::Tree(p) => {
+            // The directory's own filesystem: `dir:/` without /proc, /sys, the overlays.
+            let mp = ctx.path(SOURCE_MOUNT);
+            match image::BindMount::new(p, &mp) {
+                Ok(b) => from_tree(&b.target.clone(), log)?,
+                Err(e) => {
+                    writeln!(
+                        log,
+                        "kairos-agent: warning: {e}; reading {} directly",
+                        p.display()
+                    )?;
+                    from_tree(p, log)?;
+                }
+            }
+        }
+        ImageSource::ExtImage(f) => {
+            let size = std::fs::metadata(f).map_err(io(f, "reading"))?.len();
+            make_room(size + SLACK, log)?;
+            writeln!(
+                log,
+                "kairos-agent: copying {} to {}",
+                f.display(),
+                transition.display()
+            )?;
+            std::fs::copy(f, &transition).map_err(io(&transition, "copying the image to"))?;
+            image::relabel(&transition, "COS_ACTIVE")?;
+        }
+    }
+    image::sync_file(&transition)?;
+    Ok(())
+}
+
+/// `active.img` → a copy `passive.img` labelled COS_PASSIVE, built aside and renamed in.
+fn copy_to_passive(cos: &Path) -> Result<(), ResetError> {
+    let active = cos.join(ACTIVE);
+    let transition = cos.join(TRANSITION);
+    let size = std::fs::metadata(&active)
+        .map_err(io(&active, "reading"))?
+        .len();
+    let reclaim = std::fs::metadata(cos.join(PASSIVE)).map_or(0, |m| m.len());
+    rotate::check_space(cos, (size + SLACK).saturating_sub(reclaim))?;
+    std::fs::copy(&active, &transition).map_err(io(&transition, "copying the active image to"))?;
+    image::relabel(&transition, "COS_PASSIVE")?;
+    image::sync_file(&transition)?;
+    let passive = cos.join(PASSIVE);
+    std::fs::rename(&transition, &passive).map_err(io(&passive, "renaming the copy to"))?;
+    sync_dir(cos)
+}
+
+/// COS_PERSISTENT for the wipe and the history: a directory, and whether we mounted it.
+struct Persistent {
+    dir: PathBuf,
+    _mounted: Option<Mounted>,
+}
+
+/// The device labelled COS_PERSISTENT and where it is mounted now, if anywhere.
+fn find_persistent(ctx: &Ctx) -> Option<(PathBuf, Option<PathBuf>)> {
+    let devs = kairos_init::blockdev::scan(&ctx.path("/sys"), &ctx.path("/dev"));
+    let dev = devs.iter().find(|d| {
+        d.fs.as_ref().and_then(|f| f.label.as_deref()) == Some(kairos_init::labels::PERSISTENT)
+    })?;
+    let mounts = std::fs::read_to_string(ctx.path("/proc/self/mounts")).unwrap_or_default();
+    let canon = std::fs::canonicalize(&dev.devnode).unwrap_or_else(|_| dev.devnode.clone());
+    let at = crate::state::parse_mounts(&mounts)
+        .into_iter()
+        .filter(|(source, _)| {
+            let s = Path::new(source);
+            s == dev.devnode || std::fs::canonicalize(s).is_ok_and(|c| c == canon)
+        })
+        .map(|(_, target)| ctx.path(target))
+        .next();
+    Some((dev.devnode.clone(), at))
+}
+
+/// Wipes COS_PERSISTENT when `wipe`, and returns it (mounted) for the history line.
+fn handle_persistent(
+    ctx: &Ctx,
+    opts: &Options,
+    wipe: bool,
+    log: &mut dyn Write,
+) -> Result<Option<Persistent>, ResetError> {
+    if let Some(dir) = &opts.persistent_dir {
+        if wipe {
+            wipe_reporting(dir, log)?;
+        }
+        return Ok(Some(Persistent {
+            dir: dir.clone(),
+            _mounted: None,
+        }));
+    }
+    let Some((dev, mounted_at)) = find_persistent(ctx) else {
+        writeln!(
+            log,
+            "kairos-agent: warning: no partition labelled COS_PERSISTENT: nothing to {}",
+            if wipe { "wipe" } else { "keep" }
+        )?;
+        return Ok(None);
+    };
+    if let Some(dir) = mounted_at {
+        if wipe {
+            wipe_reporting(&dir, log)?;
+        }
+        return Ok(Some(Persistent {
+            dir,
+            _mounted: None,
+        }));
+    }
+    if wipe {
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", kairos_init::labels::PERSISTENT])
+            .arg(&dev))?;
+        writeln!(
+            log,
+            "kairos-agent: wiped COS_PERSISTENT: new ext4 filesystem on {}",
+            dev.display()
+        )?;
+    }
+    let mp = ctx.path(PERSISTENT_MOUNT);
+    std::fs::create_dir_all(&mp).map_err(io(&mp, "creating the mount point"))?;
+    let guard = Mounted(mp.clone());
+    kairos_init::sys::mount::device(&dev, &mp, "ext4", false).map_err(|e| ResetError::Io {
+        path: dev.clone(),
+        what: format!("mounting on {}", mp.display()),
+        source: e.source,
+    })?;
+    Ok(Some(Persistent {
+        dir: mp,
+        _mounted: Some(guard),
+    }))
+}
+
+fn wipe_reporting(dir: &Path, log: &mut dyn Write) -> Result<(), ResetError> {
+    let skipped = wipe_contents(dir)?;
+    writeln!(
+        log,
+        "kairos-agent: wiped the contents of {}{}",
+        dir.display(),
+        if skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (left other mounts: {})",
+                skipped
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    )?;
+    Ok(())
+}
+
+fn run_hook(ctx: &Ctx, loaded: &config::Loaded, stage: &str, log: &mut dyn Write) {
+    let report = stages::run(ctx, stage, &loaded.sources, log);
+    if !report.ok() {
+        let _ = writeln!(
+            log,
+            "kairos-agent: warning: stage {stage}: {} step(s) failed; the reset goes on",
+            report.failures.len()
+        );
+    }
+}
+
+fn append_history(path: &Path, line: &str, log: &mut dyn Write) {
+    let r = (|| -> std::io::Result<()> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        f.write_all(line.as_bytes())?;
+        f.sync_all()
+    })();
+    let _ = match r {
+        Ok(()) => writeln!(
+            log,
+            "kairos-agent: recorded the reset in {}",
+            path.display()
+        ),
+        Err(e) => writeln!(
+            log,
+            "kairos-agent: warning: {}: {e}; the reset is not recorded",
+            path.display()
+        ),
+    };
+}
+
+/// The running recovery's COS_RECOVERY: as given, as kairos-init mounted it (read-only is
+/// enough), or found by label.
+fn open_recovery(
+    ctx: &Ctx,
+    explicit: Option<&Path>,
+    log: &mut dyn Write,
+) -> Result<locate::Target, ResetError> {
+    if explicit.is_none() {
+        let mounts = std::fs::read_to_string(ctx.path("/proc/self/mounts")).unwrap_or_default();
+        let mp = locate::Partition::Recovery.initramfs_mountpoint();
+        if locate::mount_options(&mounts).iter().any(|(p, _)| p == mp) {
+            return Ok(locate::open(
+                ctx,
+                locate::Partition::Recovery,
+                Some(&ctx.path(mp)),
+                log,
+            )?);
+        }
+    }
+    Ok(locate::open(
+        ctx,
+        locate::Partition::Recovery,
+        explicit,
+        log,
+    )?)
+}
+
+pub fn reset(
+    ctx: &Ctx,
+    opts: &Options,
+    out: &mut dyn Write,
+    log: &mut dyn Write,
+) -> Result<Outcome, ResetError> {
+    let booted = opts.booted.or_else(|| detect_booted(ctx));
+    if booted != Some(Booted::Recovery) {
+        return Err(ResetError::NotRecovery {
+            booted: match booted {
+                Some(Booted::Active) => "active".into(),
+                Some(Booted::Passive) => "passive".into(),
+                _ => "unknown (no /run/cos sentinel, no COS_ label on the command line)".into(),
+            },
+        });
+    }
+    let loaded = config::load(ctx, &LoadOptions::default());
+    stages::report_load(&loaded, log)?;
+    let policy = Policy::resolve(opts, &loaded.raw);
+
+    // The source first: a missing recovery image refuses before anything is written.
+    let recovery_target;
+    let (src, origin) = match &opts.source {
+        Some(given) => (explicit_source(given)?, given.trim().to_string()),
+        None => {
+            recovery_target = open_recovery(ctx, opts.recovery_dir.as_deref(), log)?;
+            let src = recovery_image(&recovery_target.dir)?;
+            let origin = format!("recovery:{}", src.path().display());
+            (src, origin)
+        }
+    };
+
+    let target = locate::open(
+        ctx,
+        locate::Partition::State,
+        opts.state_dir.as_deref(),
+        log,
+    )?;
+    let cos = target.dir.join("cOS");
+    std::fs::create_dir_all(&cos).map_err(io(&cos, "creating"))?;
+    let lock = File::open(&cos).map_err(io(&cos, "opening"))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |e| ResetError::Io {
+            path: cos.clone(),
+            what: "locking (is an upgrade or another reset running?)".into(),
+            source: e.into(),
+        },
+    )?;
+    writeln!(
+        log,
+        "kairos-agent: resetting from {origin}: COS_PERSISTENT {}, COS_OEM {}",
+        if policy.wipe_persistent {
+            "wiped"
+        } else {
+            "kept"
+        },
+        if policy.wipe_oem { "wiped" } else { "kept" }
+    )?;
+
+    run_hook(ctx, &loaded, "before-reset", log);
+
+    build_transition(ctx, &src, &cos, log)?;
+    rotate::execute(&cos, &[rotate::Step::ReplaceActive])?;
+    writeln!(log, "kairos-agent: {ACTIVE} rebuilt from {origin}")?;
+    copy_to_passive(&cos)?;
+    writeln!(log, "kairos-agent: {PASSIVE} is a copy of it (COS_PASSIVE)")?;
+    let size = std::fs::metadata(cos.join(ACTIVE)).map_or(0, |m| m.len());
+
+    if !["grub2/grub.cfg", "grub/grub.cfg"]
+        .iter()
+        .any(|p| target.dir.join(p).is_file())
+    {
+        let cfg = target.dir.join("grub2/grub.cfg");
+        std::fs::create_dir_all(target.dir.join("grub2"))
+            .map_err(io(&target.dir.join("grub2"), "creating"))?;
+        std::fs::write(
+            &cfg,
+            kairos_init::grubcfg::grub_cfg(&kairos_init::grubcfg::GrubCfgOptions::default()),
+        )
+        .map_err(io(&cfg, "writing"))?;
+        image::sync_file(&cfg)?;
+        writeln!(log, "kairos-agent: wrote the missing {}", cfg.display())?;
+    }
+    drop(lock);
+    drop(target);
+
+    if policy.wipe_oem {
+        let oem = opts.oem_dir.clone().unwrap_or_else(|| ctx.path("/oem"));
+        wipe_reporting(&oem, log)?;
+    }
+    let mut l = crate::load_env_for_update(ctx, out, log)?;
+    next_boot_active(&mut l.env)?;
+    grubenv::write(&l.path, &l.env)?;
+    writeln!(
+        log,
+        "kairos-agent: next boot: active ({}: counters re-armed, next_entry cleared)",
+        l.path.display()
+    )?;
+
+    let persistent = handle_persistent(ctx, opts, policy.wipe_persistent, log)?;
+    let history = match (&opts.kairos_state, &persistent) {
+        (Some(p), _) => Some(ctx.path(p)),
+        (None, Some(p)) => Some(p.dir.join(".kairos-state")),
+        (None, None) => None,
+    };
+    if let Some(h) = history {
+        let line = history_line(
+            &kairos_p2p::time::rfc3339(kairos_p2p::time::now_ms()),
+            "reset",
+            &origin,
+            None,
+            Booted::Recovery,
+            ACTIVE,
+            size,
+        );
+        append_history(&h, &line, log);
+    }
+    drop(persistent);
+
+    run_hook(ctx, &loaded, "after-reset", log);
+    rustix::fs::sync();
+    let what = match policy.after {
+        After::Reboot => "rebooting into active",
+        After::PowerOff => "powering off",
+        After::Nothing => "reboot to use it",
+    };
+    writeln!(out, "kairos-agent: reset done from {origin}; {what}")?;
+    let _ = out.flush();
+    let _ = log.flush();
+    let cmd = match policy.after {
+        After::Reboot => rustix::system::RebootCommand::Restart,
+        After::PowerOff => rustix::system::RebootCommand::PowerOff,
+        After::Nothing => return Ok(Outcome::Done),
+    };
+    rustix::system::reboot(cmd).map_err(|e| ResetError::Reboot {
+        what: "reboot(2)",
+        source: e.into(),
+    })?;
+    Ok(Outcome::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::Tree;
+
+    fn raw(yaml: &str) -> Map<String, Value> {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn flags_win_over_the_reset_block() {
+        let none = Options::default();
+        let p = Policy::resolve(&none, &Map::new());
+        assert_eq!(
+            p,
+            Policy {
+                wipe_persistent: true,
+                wipe_oem: false,
+                after: After::Reboot
+            }
+        );
+        let cfg =
+            raw("reset:\n  reset-persistent: false\n  reset-oem: \"true\"\n  poweroff: true\n");
+        let p = Policy::resolve(&none, &cfg);
+        assert_eq!(
+            p,
+            Policy {
+                wipe_persistent: false,
+                wipe_oem: true,
+                after: After::PowerOff
+            }
+        );
+        let flags = Options {
+            keep_persistent: Some(false),
+            reset_oem: Some(false),
+            after: Some(After::Nothing),
+            ..Options::default()
+        };
+        let p = Policy::resolve(&flags, &cfg);
+        assert!(p.wipe_persistent && !p.wipe_oem && p.after == After::Nothing);
+        let p = Policy::resolve(&none, &raw("reset:\n  reboot: false\n"));
+        assert_eq!(p.after, After::Nothing);
+        // Garbage values fall back to the defaults.
+        let p = Policy::resolve(&none, &raw("reset:\n  reset-persistent: maybe\n"));
+        assert!(p.wipe_persistent);
+    }
+
+    #[test]
+    fn the_next_boot_is_active_on_fresh_tries() {
+        let mut env = GrubEnv::default();
+        for (k, v) in [
+            ("next_entry", "recovery"),
+            ("saved_entry", "recovery"),
+            ("enable_boot_assessment", "yes"),
+            ("kairos_tries_cos", "0"),
+            ("kairos_tries_fallback", "0"),
+            ("kairos_max_tries", "5"),
+            ("boot_assessment_tentative", "yes"),
+        ] {
+            env.set(k, v).unwrap();
+        }
+        assert_eq!(grubenv::grub_choice(&env).entry, "recovery");
+        next_boot_active(&mut env).unwrap();
+        let c = grubenv::grub_choice(&env);
+        assert_eq!((c.entry.as_str(), c.reason), ("cos", "counted-try"));
+        assert_eq!(env.get("kairos_tries_cos"), Some("5"));
+        assert_eq!(env.get("kairos_tries_fallback"), Some("5"));
+        assert_eq!(env.get("saved_entry"), Some("cos"));
+        assert_eq!(env.get("next_entry"), None);
+        assert_eq!(env.get("boot_assessment_tentative"), None);
+        // Empty block: armed with the default tries, no saved_entry invented.
+        let mut env = GrubEnv::default();
+        next_boot_active(&mut env).unwrap();
+        assert_eq!(grubenv::grub_choice(&env).entry, "cos");
+        assert_eq!(env.get("saved_entry"), None);
+    }
+
+    #[test]
+    fn the_recovery_image_is_found_or_named() {
+        let d = tempfile::tempdir().unwrap();
+        let e = recovery_image(d.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(&d.path().display().to_string()) && e.contains("--source dir:/"),
+            "{e}"
+        );
+        std::fs::create_dir_all(d.path().join("cOS")).unwrap();
+        std::fs::write(d.path().join("cOS/recovery.img"), "x").unwrap();
+        assert_eq!(
+            recovery_image(d.path()).unwrap(),
+            ImageSource::ExtImage(d.path().join("cOS/recovery.img"))
+        );
+        std::fs::write(d.path().join("cOS/recovery.squashfs"), "x").unwrap();
+        assert_eq!(
+            recovery_image(d.path()).unwrap(),
+            ImageSource::Squashfs(d.path().join("cOS/recovery.squashfs"))
+        );
+        assert!(matches!(
+            explicit_source("oci:x/y:z"),
+            Err(ResetError::BadSource { .. })
+        ));
+        assert!(matches!(
+            explicit_source(&format!("dir:{}", d.path().display())),
+            Ok(ImageSource::Tree(_))
+        ));
+        let e = explicit_source(&format!(
+            "file:{}",
+            d.path().join("cOS/recovery.img").display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("expected a squashfs or an ext2/3/4 image"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wiping_removes_contents_not_the_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        std::fs::create_dir_all(p.join("a/b/c")).unwrap();
+        std::fs::write(p.join("a/b/c/f"), "x").unwrap();
+        std::fs::write(p.join(".kairos-state"), "- {}\n").unwrap();
+        std::os::unix::fs::symlink("/etc", p.join("link")).unwrap();
+        assert!(wipe_contents(p).unwrap().is_empty());
+        assert!(p.is_dir());
+        assert_eq!(std::fs::read_dir(p).unwrap().count(), 0);
+        assert!(
+            Path::new("/etc").exists(),
+            "a symlink is removed, not followed"
+        );
+        let e = wipe_contents(&p.join("nope")).unwrap_err().to_string();
+        assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn outside_recovery_it_refuses_before_touching_anything() {
+        let t = Tree::new();
+        t.cmdline("root=LABEL=COS_ACTIVE cos-img/filename=/cOS/active.img");
+        let state = tempfile::tempdir().unwrap();
+        let opts = Options {
+            state_dir: Some(state.path().to_path_buf()),
+            after: Some(After::Nothing),
+            ..Options::default()
+        };
+        let (r, out, _) = crate::testutil::run(|o, e| reset(&t.ctx, &opts, o, e));
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("booted: active") && e.contains("recovery"),
+            "{e}"
+        );
+        assert_eq!(out, "");
+        assert_eq!(std::fs::read_dir(state.path()).unwrap().count(), 0);
+        assert!(!t.ctx.grubenv_path().exists());
+        // Nothing says what booted: refused too.
+        let t = Tree::new();
+        let (r, _, _) = crate::testutil::run(|o, e| reset(&t.ctx, &opts, o, e));
+        assert!(matches!(r, Err(ResetError::NotRecovery { .. })));
+    }
+}

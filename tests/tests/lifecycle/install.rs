@@ -1,0 +1,268 @@
+//! `kairos-agent install` in QEMU: a live system (the pid1 busybox image, with mkfs.ext4,
+//! mksquashfs, grub-mkimage and GRUB's i386-pc files copied in from the host) installs itself
+//! onto a blank second disk; the same run checks the refusals (a mounted disk, a partition, a
+//! disk too small: named errors, nothing written). Then the installed disk boots alone,
+//! through real GRUB, into its active image, with the config given to `--config` in effect.
+
+use std::path::Path;
+use std::time::Duration;
+
+use kairos_tests::{ACTIVE, BASE_CMDLINE, DRIVER_DONE, artifacts, can_run, driver_lines};
+
+/// Tools the installer runs, from the host (ELF files bring their libraries).
+const HOST_TOOLS: &[&str] = &[
+    "/usr/sbin/mkfs.ext4",
+    "/usr/sbin/tune2fs",
+    "/usr/sbin/e2label",
+    "/etc/mke2fs.conf",
+    "/usr/bin/mksquashfs",
+    // glibc loads it at run time for pthread_exit (mksquashfs' threads); ldd does not list it.
+    "/usr/lib/x86_64-linux-gnu/libgcc_s.so.1",
+    "/usr/bin/grub-mkimage",
+    "/usr/lib/grub/i386-pc",
+];
+
+/// The config given to `--config`: starts the test driver on the installed system and leaves a
+/// file the driver prints. Not a .yaml on the live system, so only the installed one reads it.
+const INSTALL_CONFIG: &str = "#cloud-config\nstages:\n  boot:\n    - name: installed marker\n      files:\n        - path: /etc/kairos-test/hello.txt\n          permissions: 0644\n          content: installed by kairos-agent install\n  network:\n    - name: start the test driver\n      commands:\n        - setsid /usr/libexec/kairos-test-driver </dev/null >/dev/console 2>&1 &\n";
+
+/// Sizes of the blank disks in bytes (the scenario has them in sectors): the guest tells the
+/// disks apart by size (virtio disks are not always named in the order QEMU lists them).
+const TARGET_SIZE: u64 = 3 << 30;
+const SMALL_SIZE: u64 = 256 << 20;
+
+/// Runs on the live system: the refusals first (they must write nothing), then the install.
+const SCENARIO: &str = r#"
+out() { tr '\n' '|' < "$1"; }
+for b in /sys/block/vd*; do
+  case $(cat $b/size) in
+    6291456) target=/dev/${b##*/} ;;
+    524288) small=/dev/${b##*/} ;;
+    *) live=/dev/${b##*/} ;;
+  esac
+done
+say "disks live=$live target=$target small=$small"
+for d in live:$live part:${live}4 small:$small; do
+  kairos-agent install --device ${d#*:} --config /oem/to-install.cfg >/tmp/o 2>/tmp/e
+  say "refused ${d%%:*} rc=$? $(out /tmp/e)"
+done
+t0=$(cut -d' ' -f1 /proc/uptime)
+kairos-agent install --device $target --config /oem/to-install.cfg >/tmp/o 2>/tmp/e
+rc=$?
+t1=$(cut -d' ' -f1 /proc/uptime)
+say "install rc=$rc from $t0 to $t1"
+while read -r l; do say "log $l"; done < /tmp/e
+say "out $(out /tmp/o)"
+"#;
+
+fn sparse(path: &Path, size: u64) {
+    let _ = std::fs::remove_file(path);
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(size))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Partition `n` of a disk image mounted read-only (no journal replay) on a temp dir.
+struct Mounted(tempfile::TempDir);
+
+impl Mounted {
+    fn new(disk: &Path, n: u32) -> Mounted {
+        let (offset, size) = kairos_qemu::disk::partition_bytes(disk, n)
+            .unwrap_or_else(|e| panic!("{}: partition {n}: {e}", disk.display()));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let st = std::process::Command::new("mount")
+            .args([
+                "-o",
+                &format!("ro,noload,loop,offset={offset},sizelimit={size}"),
+            ])
+            .arg(disk)
+            .arg(dir.path())
+            .status()
+            .expect("mount(8)");
+        assert!(st.success(), "mounting partition {n} of {}", disk.display());
+        Mounted(dir)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+fn value<'a>(lines: &'a [String], key: &str) -> Option<&'a str> {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(key).map(str::trim_start))
+}
+
+#[test]
+fn install_onto_a_blank_disk_then_boot_it_alone() {
+    if !can_run() {
+        return;
+    }
+    let a = artifacts();
+    let live = kairos_tests::pid1_disk(
+        "install-live",
+        &[
+            ("kairos-test-extra.sh", SCENARIO),
+            ("to-install.cfg", INSTALL_CONFIG),
+        ],
+        |s| {
+            s.host_tools = HOST_TOOLS.iter().map(|t| t.to_string()).collect();
+        },
+    );
+    let target = a.work.join("install-target.img");
+    sparse(&target, TARGET_SIZE);
+    let small = a.work.join("install-small.img");
+    sparse(&small, SMALL_SIZE);
+
+    // Boot 1: the live system installs onto vdb (kernel and initramfs given directly).
+    let mut spec = kairos_qemu::boot::BootSpec::new(a.work.join("install-live.log"));
+    spec.disks = vec![live.clone(), target.clone(), small.clone()];
+    spec.kernel = Some(a.kernel.vmlinuz.clone());
+    spec.initrd = Some(a.initramfs.clone());
+    spec.append = Some(format!("{BASE_CMDLINE} {ACTIVE}"));
+    spec.memory_mb = 1024;
+    spec.kvm = std::env::var_os("KAIROS_KVM").is_some();
+    spec.timeout = Duration::from_secs(900);
+    let r = kairos_qemu::boot::run(&spec).expect("booting the live system");
+    println!(
+        "---- serial log of install-live ({:.1} s) ----\n{}",
+        r.elapsed.as_secs_f64(),
+        r.log
+    );
+    let lines = driver_lines(&r.log);
+    assert!(
+        lines.iter().any(|l| l == "driver done"),
+        "the driver did not finish"
+    );
+
+    // Refusals: named errors, exit 2, nothing written.
+    let refused = |dev: &str| {
+        value(&lines, &format!("refused {dev} "))
+            .unwrap_or_else(|| panic!("no refusal line for {dev}"))
+            .to_string()
+    };
+    let disks = value(&lines, "disks ").unwrap_or("");
+    println!("guest disks: {disks}");
+    let live_dev = refused("live");
+    assert!(live_dev.starts_with("rc=2 "), "{live_dev}");
+    assert!(
+        live_dev.contains(": in use (")
+            && live_dev.contains("4 is mounted at /run/initramfs/cos-state"),
+        "{live_dev}"
+    );
+    assert!(live_dev.contains("nothing was written"), "{live_dev}");
+    let part = refused("part");
+    assert!(
+        part.contains("4 is a partition; give the whole disk"),
+        "{part}"
+    );
+    let small_dev = refused("small");
+    assert!(
+        small_dev.contains(": 256 MiB is too small: this source needs at least ")
+            && small_dev.contains("nothing was written"),
+        "{small_dev}"
+    );
+    let small_bytes = std::fs::read(&small).expect("reading the small disk");
+    assert!(
+        small_bytes.iter().all(|&b| b == 0),
+        "the refused small disk was written to"
+    );
+
+    // The install.
+    let rc = value(&lines, "install rc=").unwrap_or("(none)");
+    assert!(
+        rc.starts_with("0 "),
+        "install failed: rc={rc}\n{}",
+        lines.join("\n")
+    );
+    // "0 from T0 to T1" (uptimes in seconds).
+    let times: Vec<f64> = rc
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    if let [t0, t1] = times[..] {
+        println!("FIGURE install in the guest (TCG): {:.1} s", t1 - t0);
+    }
+    for step in [
+        "log install: writing the partition table",
+        "log install: making the filesystems",
+        "log install: building active.img",
+        "log install: building recovery.squashfs",
+        "log install: installing GRUB",
+    ] {
+        assert!(lines.iter().any(|l| l == step), "no {step:?}");
+    }
+    let out = value(&lines, "out ").unwrap_or("");
+    assert!(
+        out.contains("kairos-agent: installed dir:/ to /dev/vdb"),
+        "{out}"
+    );
+
+    // The GPT on the host's view, by the reference tool.
+    let v = std::process::Command::new("sgdisk")
+        .arg("-p")
+        .arg(&target)
+        .output()
+        .expect("sgdisk");
+    let p = String::from_utf8_lossy(&v.stdout);
+    for n in ["bios", "oem", "recovery", "state", "persistent"] {
+        assert!(p.contains(n), "{p}");
+    }
+    assert!(p.contains("EF02"), "{p}");
+
+    // What the installer wrote, read on the host through read-only loop mounts.
+    let oem = Mounted::new(&target, 2);
+    let cfg = oem.0.path().join("90_custom.yaml");
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), INSTALL_CONFIG);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let env = std::fs::read(oem.0.path().join("grubenv")).unwrap();
+    assert_eq!(env.len(), 1024);
+    assert!(kairos_tests::grub_editenv_accepts(&env));
+    assert_eq!(
+        kairos_tests::grubenv_get(&env, "kairos_max_tries").as_deref(),
+        Some("3")
+    );
+    drop(oem);
+    let state = Mounted::new(&target, 4);
+    for f in [
+        "cOS/active.img",
+        "cOS/passive.img",
+        "grub2/grub.cfg",
+        "grub2/i386-pc/normal.mod",
+    ] {
+        assert!(state.0.path().join(f).is_file(), "COS_STATE:/{f} missing");
+    }
+    drop(state);
+    let rec = Mounted::new(&target, 3);
+    assert!(rec.0.path().join("cOS/recovery.squashfs").is_file());
+    drop(rec);
+    let persistent = Mounted::new(&target, 5);
+    let hist = std::fs::read_to_string(persistent.0.path().join(".kairos-state")).unwrap();
+    assert!(
+        hist.contains("\"action\":\"install\"") && hist.contains("\"source\":\"dir:/\""),
+        "{hist}"
+    );
+    drop(persistent);
+
+    // Boot 2: the installed disk alone, firmware -> our GRUB -> kernel -> kairos-init.
+    let r = kairos_tests::boot_until_off("install-installed", &target, 400);
+    kairos_tests::assert_has(&r, "KAIROS-GRUB: start");
+    kairos_tests::assert_has(&r, "starting: mode=active image=/cOS/active.img");
+    kairos_tests::assert_has(&r, DRIVER_DONE);
+    let lines = driver_lines(&r.log);
+    let file = value(&lines, "file ").unwrap_or("(no file line)");
+    assert!(
+        file.starts_with("644 ") && file.contains("installed by kairos-agent install"),
+        "the --config file was not applied: {file}"
+    );
+}

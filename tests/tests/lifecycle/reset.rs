@@ -1,0 +1,291 @@
+//! `kairos-agent reset` on temp directories (issue 6 item 3): COS_STATE with an old active and
+//! passive, COS_RECOVERY holding a `recovery.squashfs` (or `recovery.img`), COS_PERSISTENT
+//! with user data, COS_OEM (the root's /oem) with the grubenv and the cloud-config. A reset
+//! rebuilds both images from recovery, wipes persistent (unless kept), keeps OEM and points the
+//! next boot at active; outside recovery mode it refuses and changes nothing.
+
+use super::*;
+
+const RECOVERY: &str = "recovery-v1";
+
+struct ResetFixture {
+    fx: Fixture,
+    recovery: PathBuf,
+    persistent: PathBuf,
+}
+
+impl ResetFixture {
+    /// `squashfs`: the recovery image as `recovery.squashfs`, else as `recovery.img` (ext4,
+    /// COS_SYSTEM).
+    fn new(squashfs: bool) -> ResetFixture {
+        let fx = Fixture::new();
+        let d = fx.dir.path();
+        let tree = d.join("trees/recovery");
+        rootfs(&tree, RECOVERY);
+        let recovery = d.join("recovery");
+        std::fs::create_dir_all(recovery.join("cOS")).unwrap();
+        if squashfs {
+            run_ok(
+                Command::new("mksquashfs")
+                    .arg(&tree)
+                    .arg(recovery.join("cOS/recovery.squashfs"))
+                    .args(["-noappend", "-no-progress", "-quiet"]),
+            );
+        } else {
+            ext4_image(
+                &tree,
+                &recovery.join("cOS/recovery.img"),
+                "COS_SYSTEM",
+                "8M",
+            );
+        }
+        let persistent = d.join("persistent");
+        std::fs::create_dir_all(persistent.join(".state/etc-ssh.bind")).unwrap();
+        std::fs::write(persistent.join(".state/etc-ssh.bind/key"), "secret").unwrap();
+        std::fs::write(
+            persistent.join(".kairos-state"),
+            "- {\"action\":\"install\"}\n",
+        )
+        .unwrap();
+        let marks = d.join("marks");
+        std::fs::write(
+            fx.root.join("oem/reset-hooks.yaml"),
+            format!(
+                "#cloud-config\nstages:\n  before-reset:\n    - commands:\n        - touch {m}/before-reset\n  after-reset:\n    - commands:\n        - touch {m}/after-reset\n",
+                m = marks.display()
+            ),
+        )
+        .unwrap();
+        ResetFixture {
+            fx,
+            recovery,
+            persistent,
+        }
+    }
+
+    fn reset(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(agent());
+        cmd.arg("--root")
+            .arg(&self.fx.root)
+            .args(["reset", "--state-dir"])
+            .arg(&self.fx.state)
+            .arg("--recovery-dir")
+            .arg(&self.recovery)
+            .arg("--persistent-dir")
+            .arg(&self.persistent)
+            .arg("--no-reboot")
+            .args(args);
+        let out = cmd.output().expect("running kairos-agent reset");
+        eprintln!(
+            "--- kairos-agent reset {args:?}: {}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Everything a reset may touch, as bytes: images, grubenv, OEM and persistent files.
+    fn snapshot(&self) -> Vec<(PathBuf, String)> {
+        let mut all = Vec::new();
+        for dir in [&self.fx.state, &self.persistent, &self.fx.root] {
+            let mut stack = vec![dir.clone()];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else {
+                        all.push((p.clone(), hash(&p)));
+                    }
+                }
+            }
+        }
+        all.sort();
+        all
+    }
+
+    fn assert_reset(&self, out: &Output) {
+        let fx = &self.fx;
+        assert!(out.status.success(), "reset failed: {}", out.status);
+        for (img, l) in [("active.img", "COS_ACTIVE"), ("passive.img", "COS_PASSIVE")] {
+            assert_eq!(marker(&fx.cos(img)), RECOVERY, "{img}");
+            assert_eq!(label(&fx.cos(img)), l);
+            assert!(fsck_clean(&fx.cos(img)), "{img} not clean");
+            assert_bootable(&fx.cos(img), l);
+        }
+        assert!(!fx.cos("transition.img").exists());
+        assert!(
+            fx.state.join("grub2/grub.cfg").is_file(),
+            "grub.cfg not regenerated"
+        );
+        let env = fx.env();
+        let next = grubenv::grub_choice(&env);
+        assert_eq!(next.entry, "cos", "{env:?}");
+        assert_eq!(env.get("next_entry"), None);
+        assert_eq!(env.get("saved_entry"), Some("cos"));
+        assert_eq!(env.get("kairos_tries_cos"), Some("3"));
+        // OEM kept: the cloud-configs are still there.
+        assert!(fx.root.join("oem/hooks.yaml").is_file());
+        assert!(fx.mark("before-reset") && fx.mark("after-reset"));
+        let h = std::fs::read_to_string(self.persistent.join(".kairos-state")).unwrap();
+        let line = h.lines().last().unwrap_or_default();
+        assert!(line.contains("\"action\":\"reset\""), "{h}");
+        assert!(line.contains("\"booted\":\"recovery\""), "{h}");
+    }
+}
+
+#[test]
+fn reset_from_the_recovery_squashfs_wipes_persistent_and_keeps_oem() {
+    if !root_or_skip() {
+        return;
+    }
+    let r = ResetFixture::new(true);
+    let out = r.reset(&["--booted", "recovery"]);
+    r.assert_reset(&out);
+    // Persistent wiped: only the new history line is left.
+    let left: Vec<_> = std::fs::read_dir(&r.persistent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, [".kairos-state"], "persistent not wiped");
+    let h = std::fs::read_to_string(r.persistent.join(".kairos-state")).unwrap();
+    assert_eq!(h.lines().count(), 1, "{h}");
+    assert!(h.contains("recovery.squashfs"), "{h}");
+}
+
+#[test]
+fn reset_keeps_persistent_when_asked_and_takes_a_recovery_img() {
+    if !root_or_skip() {
+        return;
+    }
+    let r = ResetFixture::new(false);
+    // Detected from the command line this time, no override.
+    std::fs::write(
+        r.fx.root.join("proc/cmdline"),
+        "root=LABEL=COS_SYSTEM cos-img/filename=/cOS/recovery.img\n",
+    )
+    .unwrap();
+    let out = r.reset(&["--keep-persistent"]);
+    r.assert_reset(&out);
+    assert_eq!(
+        std::fs::read_to_string(r.persistent.join(".state/etc-ssh.bind/key")).unwrap(),
+        "secret"
+    );
+    let h = std::fs::read_to_string(r.persistent.join(".kairos-state")).unwrap();
+    assert_eq!(h.lines().count(), 2, "history appended: {h}");
+    assert!(h.contains("recovery.img"), "{h}");
+}
+
+#[test]
+fn reset_outside_recovery_mode_changes_nothing() {
+    if !root_or_skip() {
+        return;
+    }
+    let r = ResetFixture::new(true);
+    std::fs::write(
+        r.fx.root.join("proc/cmdline"),
+        "root=LABEL=COS_ACTIVE cos-img/filename=/cOS/active.img\n",
+    )
+    .unwrap();
+    let before = r.snapshot();
+    for args in [&[][..], &["--booted", "active"], &["--booted", "passive"]] {
+        let out = r.reset(args);
+        assert_eq!(out.status.code(), Some(2), "expected a refusal");
+        let e = stderr(&out);
+        assert!(e.contains("reset runs only from recovery mode"), "{e}");
+        assert_eq!(r.snapshot(), before, "a refused reset changed files");
+        assert!(!r.fx.mark("before-reset"));
+    }
+    // A missing recovery image refuses too, before anything is written.
+    std::fs::remove_file(r.recovery.join("cOS/recovery.squashfs")).unwrap();
+    let before = r.snapshot();
+    let out = r.reset(&["--booted", "recovery"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("no recovery image"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(r.snapshot(), before);
+}
+
+/// The guest's part (sourced by the test driver): in recovery, `kairos-agent reset`, which
+/// reboots (QEMU ends under -no-reboot); in active, what the reset left.
+const VM_SCENARIO: &str = r#"
+if [ -f /run/cos/recovery_mode ]; then
+  say "reset-booted recovery"
+  kairos-agent reset >/dev/console 2>&1
+  say "reset-exit $?"
+else
+  say "reset-mode $(kairos-agent state | sed -n 's/.*"mode":"\([a-z]*\)".*/\1/p')"
+  say "reset-next $(kairos-agent bootentry --list | grep '^next boot')"
+  say "reset-persistent $(ls -A /usr/local | tr '\n' ' ')"
+  say "reset-history $(grep -c '"action":"reset"' /usr/local/.kairos-state)"
+fi
+"#;
+
+/// A real disk: GRUB boots recovery (one-shot next_entry), the agent resets the node and
+/// reboots; the next boot is active, COS_PERSISTENT fresh with the reset in its history.
+#[test]
+fn vm_reset_from_recovery_boots_active_with_a_fresh_persistent() {
+    if !kairos_tests::can_run() {
+        return;
+    }
+    if !std::fs::read_to_string(kairos_tests::workspace_root().join("qemu/src/disk.rs"))
+        .unwrap_or_default()
+        .contains("host_tools")
+    {
+        eprintln!("SKIP: DiskSpec::host_tools is missing (the guest needs mkfs.ext4)");
+        return;
+    }
+    let d = kairos_tests::pid1_disk("reset", &[("kairos-test-extra.sh", VM_SCENARIO)], |s| {
+        s.recovery = kairos_qemu::disk::ImageState::Ok;
+        s.passive = kairos_qemu::disk::ImageState::Ok;
+        s.grubenv
+            .push(("next_entry".to_string(), "recovery".to_string()));
+        s.persistent_files
+            .push(("user-data.txt".to_string(), b"precious".to_vec()));
+        for t in [
+            "/sbin/mke2fs",
+            "/sbin/mkfs.ext4",
+            "/sbin/e2label",
+            "/sbin/tune2fs",
+        ] {
+            s.host_tools.push(t.to_string());
+        }
+    });
+    let first = kairos_tests::boot_until_off("reset-1", &d, 300);
+    let log = &first.log;
+    assert!(
+        log.contains("KAIROS-T: reset-booted recovery"),
+        "{}",
+        first.tail(60)
+    );
+    assert!(
+        log.contains("kairos-agent: reset done from recovery:"),
+        "{}",
+        first.tail(60)
+    );
+    assert!(
+        !log.contains("KAIROS-T: reset-exit"),
+        "reset returned instead of rebooting"
+    );
+    let second = kairos_tests::boot_until_off("reset-2", &d, 300);
+    let value = |k: &str| {
+        kairos_tests::driver_value(&second.log, k)
+            .unwrap_or_else(|| panic!("no {k} line:\n{}", second.tail(60)))
+    };
+    assert_eq!(value("reset-mode"), "active");
+    assert!(
+        value("reset-next").contains("cos"),
+        "{}",
+        value("reset-next")
+    );
+    let persistent = value("reset-persistent");
+    assert!(
+        !persistent.contains("user-data.txt"),
+        "not wiped: {persistent}"
+    );
+    assert_eq!(value("reset-history"), "1");
+}
