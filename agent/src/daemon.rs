@@ -108,6 +108,13 @@ pub fn run(
             writeln!(log, "kairos-agent: warning: {e}")?;
         }
     }
+    // A live boot with install.auto installs (and usually reboots) before anything else starts.
+    if let Some(r) = crate::install::auto_install(ctx, &loaded, &mut std::io::stdout(), log) {
+        match r {
+            Ok(_) => writeln!(log, "kairos-agent: install.auto finished")?,
+            Err(e) => writeln!(log, "kairos-agent: error: install.auto: {e}")?,
+        }
+    }
     let mut k3s = None;
     // With a mesh token the P2P node picks the role and starts K3s itself (as upstream's
     // provider); the blocks then only carry its args.

@@ -172,6 +172,64 @@ pub fn inspect(ctx: &Ctx, path: &Path, allow_file: bool) -> Result<Disk, Install
     })
 }
 
+/// Of (name, size, in use) whole disks, the largest one not in use (ties: first by name).
+pub fn choose_auto(disks: &[(String, u64, bool)]) -> Option<&str> {
+    disks
+        .iter()
+        .filter(|(_, size, used)| !used && *size > 0)
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map(|(n, _, _)| n.as_str())
+}
+
+/// Kernel names that are never install targets.
+fn not_a_target(name: &str) -> bool {
+    ["loop", "ram", "zram", "sr", "fd", "dm-", "md", "nbd"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+/// `install.device: auto`: the largest whole disk under /sys/block with nothing mounted or
+/// swapped on it (so never the disk or media this system runs from).
+pub fn pick_auto(ctx: &Ctx) -> Result<PathBuf, InstallError> {
+    let mut seen = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(ctx.path("/sys/block")) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if not_a_target(&name) {
+                continue;
+            }
+            let dev = ctx.path(format!("/dev/{name}"));
+            match inspect(ctx, &dev, false) {
+                Ok(d) => {
+                    let used = check_unused(ctx, &d).is_err();
+                    seen.push((name, d.size, used));
+                }
+                Err(_) => seen.push((name, 0, true)),
+            }
+        }
+    }
+    seen.sort();
+    match choose_auto(&seen) {
+        Some(n) => Ok(PathBuf::from(format!("/dev/{n}"))),
+        None => Err(InstallError::NoAutoDevice {
+            checked: if seen.is_empty() {
+                "no disks under /sys/block".into()
+            } else {
+                seen.iter()
+                    .map(|(n, size, used)| {
+                        format!(
+                            "{n} {} MiB{}",
+                            size >> 20,
+                            if *used { " in use" } else { "" }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        }),
+    }
+}
+
 /// Refuses a disk any part of which is mounted or used as swap.
 pub fn check_unused(ctx: &Ctx, disk: &Disk) -> Result<(), InstallError> {
     let mountinfo = std::fs::read_to_string(ctx.path("/proc/self/mountinfo")).unwrap_or_default();
@@ -343,5 +401,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nope") && e.contains("cannot stat"), "{e}");
+    }
+
+    #[test]
+    fn auto_picks_the_largest_unused_disk() {
+        let d = |n: &str, gib: u64, used: bool| (n.to_string(), gib << 30, used);
+        assert_eq!(
+            choose_auto(&[d("vda", 8, true), d("vdb", 3, false), d("vdc", 2, false)]),
+            Some("vdb")
+        );
+        assert_eq!(choose_auto(&[d("vda", 8, true)]), None);
+        assert_eq!(
+            choose_auto(&[d("vdb", 2, false), d("vdc", 2, false)]),
+            Some("vdb")
+        );
+        assert_eq!(choose_auto(&[d("vdb", 0, false)]), None);
+        assert!(not_a_target("loop0") && not_a_target("sr0") && !not_a_target("nvme0n1"));
     }
 }

@@ -70,6 +70,8 @@ pub enum InstallError {
     },
     #[error("no device to install to: pass --device or set install.device in the cloud-config")]
     NoDevice,
+    #[error("install.device: auto found no unused whole disk ({checked}); nothing was written")]
+    NoAutoDevice { checked: String },
     #[error("{}: writing the partition table: {error}", device.display())]
     Gpt {
         device: PathBuf,
@@ -556,9 +558,17 @@ pub fn install(
         None => configured
             .device
             .as_deref()
-            .filter(|d| !d.is_empty() && *d != "auto")
+            .filter(|d| !d.is_empty())
             .map(PathBuf::from)
             .ok_or(InstallError::NoDevice)?,
+    };
+    // `auto`, as upstream: the largest whole disk nothing uses.
+    let dev = if dev.as_os_str() == "auto" {
+        let picked = device::pick_auto(ctx)?;
+        writeln!(log, "install: device auto: {}", picked.display())?;
+        picked
+    } else {
+        dev
     };
     let mut p = Progress {
         n: 0,
@@ -775,6 +785,82 @@ pub fn install(
     Ok(Outcome::Done)
 }
 
+/// `install.auto: true` on a live boot (upstream installs from live media only, so an
+/// installed system booting with the same config does not install itself again): install to
+/// `install.device` (`auto` picks the largest unused disk) with the merged cloud-config copied
+/// to COS_OEM, then reboot or power off as `install.reboot` / `install.poweroff` say.
+/// None when nothing is to be done here.
+pub fn auto_install(
+    ctx: &Ctx,
+    loaded: &config::Loaded,
+    out: &mut dyn Write,
+    log: &mut dyn Write,
+) -> Option<Result<Outcome, InstallError>> {
+    let wanted = loaded.merged.install.as_ref().filter(|i| i.auto)?;
+    if ctx.mode() != Some("live") {
+        let _ = writeln!(
+            log,
+            "kairos-agent: install.auto ignored: booted {} (auto-install runs from live media only)",
+            ctx.mode().unwrap_or("unknown")
+        );
+        return None;
+    }
+    let (reboot, poweroff) = (wanted.reboot, wanted.poweroff);
+    Some((|| {
+        let conf = ctx.path("/run/kairos/auto-install.yaml");
+        if let Some(dir) = conf.parent() {
+            std::fs::create_dir_all(dir).map_err(io(dir, "creating"))?;
+        }
+        let text = format!(
+            "#cloud-config\n{}\n",
+            serde_json::to_string_pretty(&loaded.raw)
+                .map_err(|e| InstallError::Other(format!("serializing the cloud-config: {e}")))?
+        );
+        {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&conf)
+                .map_err(io(&conf, "creating"))?;
+            f.write_all(text.as_bytes()).map_err(io(&conf, "writing"))?;
+        }
+        writeln!(log, "kairos-agent: install.auto: installing")?;
+        let opts = Options {
+            config: Some(conf),
+            ..Options::default()
+        };
+        let done = install(ctx, &opts, out, log)?;
+        if !matches!(done, Outcome::Done) {
+            return Ok(done);
+        }
+        let cmd = if poweroff {
+            rustix::system::RebootCommand::PowerOff
+        } else if reboot {
+            rustix::system::RebootCommand::Restart
+        } else {
+            writeln!(
+                log,
+                "kairos-agent: install.auto: done; reboot to use the new system"
+            )?;
+            return Ok(Outcome::Done);
+        };
+        writeln!(
+            log,
+            "kairos-agent: install.auto: done; {}",
+            if poweroff {
+                "powering off"
+            } else {
+                "rebooting"
+            }
+        )?;
+        rustix::fs::sync();
+        rustix::system::reboot(cmd).map_err(|e| InstallError::Other(format!("reboot(2): {e}")))?;
+        Ok(Outcome::Done)
+    })())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -868,6 +954,52 @@ mod tests {
         assert!(
             e.starts_with("/dev/vdb: 100 MiB is too small: this source needs at least 1500 MiB"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn auto_install_runs_on_live_boots_only() {
+        let t = tempfile::tempdir().expect("temp dir");
+        let ctx = Ctx::new(t.path(), "/oem/grubenv");
+        let put = |rel: &str, text: &str| {
+            let p = ctx.path(rel);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("dir");
+            std::fs::write(p, text).expect("write");
+        };
+        let (mut out, mut log) = (Vec::new(), Vec::new());
+        // No install.auto: nothing to do, whatever the mode.
+        put("/run/cos/live_mode", "");
+        let loaded = config::load(&ctx, &LoadOptions::default());
+        assert!(auto_install(&ctx, &loaded, &mut out, &mut log).is_none());
+        // install.auto on an installed system: ignored, and said so.
+        put(
+            "/oem/90_install.yaml",
+            "#cloud-config\ninstall:\n  auto: true\n  device: /dev/nothing-here\n",
+        );
+        std::fs::remove_file(ctx.path("/run/cos/live_mode")).expect("rm");
+        put("/run/cos/active_mode", "");
+        let loaded = config::load(&ctx, &LoadOptions::default());
+        assert!(auto_install(&ctx, &loaded, &mut out, &mut log).is_none());
+        assert!(String::from_utf8_lossy(&log).contains("install.auto ignored: booted active"));
+        // Live: it installs, here to a device that does not exist: a named error, and the
+        // merged config it would copy to COS_OEM is kept 0600.
+        std::fs::remove_file(ctx.path("/run/cos/active_mode")).expect("rm");
+        put("/run/cos/live_mode", "");
+        let loaded = config::load(&ctx, &LoadOptions::default());
+        let e = auto_install(&ctx, &loaded, &mut out, &mut log)
+            .expect("live + auto installs")
+            .expect_err("no such device");
+        assert!(e.to_string().contains("/dev/nothing-here"), "{e}");
+        let conf = ctx.path("/run/kairos/auto-install.yaml");
+        let mode = std::fs::metadata(&conf)
+            .expect("config written")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(
+            std::fs::read_to_string(&conf)
+                .expect("read")
+                .contains("nothing-here")
         );
     }
 }

@@ -266,3 +266,110 @@ fn install_onto_a_blank_disk_then_boot_it_alone() {
         "the --config file was not applied: {file}"
     );
 }
+
+/// `install: {auto: true, device: auto, poweroff: true}` in the image's /etc/kairos: booted
+/// from live media (the image as `rootfs.squashfs` on a filesystem labelled KT_LIVE,
+/// `root=live:LABEL=KT_LIVE`), the agent installs to the one unused disk and powers off; the
+/// installed disk then boots alone, with the merged config on its COS_OEM (the driver it
+/// starts is only started off live media) and `install.auto` ignored there.
+const AUTO_CONFIG: &str = "#cloud-config\ninstall:\n  auto: true\n  device: auto\n  poweroff: true\nstages:\n  network:\n    - name: start the test driver off live media\n      if: '[ ! -e /run/cos/live_mode ]'\n      commands:\n        - setsid /usr/libexec/kairos-test-driver </dev/null >/dev/console 2>&1 &\n";
+
+#[test]
+fn install_auto_from_live_media_then_boot_it_alone() {
+    if !can_run() {
+        return;
+    }
+    let a = artifacts();
+    let src = kairos_tests::pid1_disk("install-auto-src", &[], |s| {
+        s.host_tools = HOST_TOOLS.iter().map(|t| t.to_string()).collect();
+        s.image_files.push((
+            "/etc/kairos/90_auto.yaml".into(),
+            AUTO_CONFIG.as_bytes().to_vec(),
+            0o600,
+        ));
+    });
+    // The live media: the source disk's active image as a squashfs on a labelled ext4.
+    let t = tempfile::tempdir().expect("temp dir");
+    let media = t.path().join("media");
+    std::fs::create_dir_all(&media).expect("media dir");
+    {
+        let state = Mounted::new(&src, kairos_qemu::disk::part::STATE);
+        let active = tempfile::tempdir().expect("temp dir");
+        let st = std::process::Command::new("mount")
+            .args(["-o", "ro,noload,loop"])
+            .arg(state.0.path().join("cOS/active.img"))
+            .arg(active.path())
+            .status()
+            .expect("mount(8)");
+        assert!(st.success(), "mounting active.img");
+        let sq = std::process::Command::new("mksquashfs")
+            .arg(active.path())
+            .arg(media.join("rootfs.squashfs"))
+            .args(["-noappend", "-quiet", "-e", "lost+found"])
+            .status()
+            .expect("mksquashfs");
+        let _ = std::process::Command::new("umount")
+            .arg(active.path())
+            .status();
+        assert!(sq.success(), "mksquashfs");
+    }
+    let _ = std::fs::remove_file(&src);
+    let live = a.work.join("install-auto-live.img");
+    let _ = std::fs::remove_file(&live);
+    let st = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "KT_LIVE", "-d"])
+        .arg(&media)
+        .arg(&live)
+        .arg("400M")
+        .status()
+        .expect("mkfs.ext4");
+    assert!(st.success(), "making the live media");
+    let target = a.work.join("install-auto-target.img");
+    sparse(&target, TARGET_SIZE);
+
+    let mut spec = kairos_qemu::boot::BootSpec::new(a.work.join("install-auto-live.log"));
+    spec.disks = vec![live.clone(), target.clone()];
+    spec.kernel = Some(a.kernel.vmlinuz.clone());
+    spec.initrd = Some(a.initramfs.clone());
+    spec.append = Some(format!("{BASE_CMDLINE} root=live:LABEL=KT_LIVE"));
+    spec.memory_mb = 1024;
+    spec.kvm = std::env::var_os("KAIROS_KVM").is_some();
+    spec.timeout = Duration::from_secs(900);
+    let r = kairos_qemu::boot::run(&spec).expect("booting the live media");
+    println!(
+        "---- serial log of install-auto-live ({:.1} s) ----\n{}",
+        r.elapsed.as_secs_f64(),
+        r.log
+    );
+    assert!(r.log.contains("mode=live"), "not a live boot");
+    assert!(
+        r.log.contains("install: device auto: /dev/vd"),
+        "the agent did not pick a disk"
+    );
+    assert!(
+        r.log.contains("install.auto: done; powering off"),
+        "the auto-install did not finish"
+    );
+    assert!(
+        matches!(r.exit, kairos_qemu::boot::BootExit::Exited(_)),
+        "the VM did not power off: {:?}",
+        r.exit
+    );
+
+    let r = kairos_tests::boot_until_off("install-auto-installed", &target, 400);
+    let lines = driver_lines(&r.log);
+    assert!(
+        lines.iter().any(|l| l == "driver done"),
+        "the installed disk did not boot to the driver"
+    );
+    let state = value(&lines, "state ").unwrap_or("");
+    assert!(state.contains("\"mode\":\"active\""), "{state}");
+    assert!(
+        r.log.contains("install.auto ignored: booted active"),
+        "install.auto was not ignored on the installed system"
+    );
+    let oem = Mounted::new(&target, kairos_qemu::disk::part::OEM);
+    let copied = std::fs::read_to_string(oem.0.path().join("90_custom.yaml"))
+        .expect("the merged config on COS_OEM");
+    assert!(copied.contains("live_mode"), "{copied}");
+}
