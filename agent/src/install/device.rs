@@ -232,8 +232,20 @@ pub fn pick_auto(ctx: &Ctx) -> Result<PathBuf, InstallError> {
 
 /// Refuses a disk any part of which is mounted or used as swap.
 pub fn check_unused(ctx: &Ctx, disk: &Disk) -> Result<(), InstallError> {
-    let mountinfo = std::fs::read_to_string(ctx.path("/proc/self/mountinfo")).unwrap_or_default();
-    let swaps = std::fs::read_to_string(ctx.path("/proc/swaps")).unwrap_or_default();
+    let mut mountinfo =
+        std::fs::read_to_string(ctx.path("/proc/self/mountinfo")).unwrap_or_default();
+    let mut swaps = std::fs::read_to_string(ctx.path("/proc/swaps")).unwrap_or_default();
+    // The device path is literal, not under --root: what this process itself sees mounted
+    // counts too, so a --root pointing elsewhere can never hide the running system's disk.
+    if ctx.root != Path::new("/") {
+        for (text, file) in [
+            (&mut mountinfo, "/proc/self/mountinfo"),
+            (&mut swaps, "/proc/swaps"),
+        ] {
+            text.push('\n');
+            text.push_str(&std::fs::read_to_string(file).unwrap_or_default());
+        }
+    }
     let u = uses(&mountinfo, &swaps, &disk.nodes);
     if u.is_empty() {
         return Ok(());
