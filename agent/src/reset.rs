@@ -31,7 +31,7 @@ use serde_json::{Map, Value};
 use crate::config::{self, LoadOptions};
 use crate::upgrade::rotate::{self, ACTIVE, Booted, PASSIVE, TRANSITION};
 use crate::upgrade::source::{self, Source};
-use crate::upgrade::{UpgradeError, detect_booted, history_line, image, locate};
+use crate::upgrade::{RemoveTree, UpgradeError, detect_booted, history_line, image, locate};
 use crate::{AgentError, Ctx, Outcome, stages};
 
 /// Extra room besides the image (directory blocks, the grub.cfg).
@@ -274,27 +274,13 @@ fn explicit_source(given: &str) -> Result<ImageSource, ResetError> {
 }
 
 fn run(cmd: &mut Command) -> Result<(), ResetError> {
-    let shown = std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|s| s.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let out = cmd.output().map_err(|e| ResetError::Command {
-        command: shown.clone(),
-        status: "not run".into(),
-        output: e.to_string(),
-    })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    Err(ResetError::Command {
-        command: shown,
-        status: out.status.to_string(),
-        output: lines[lines.len().saturating_sub(6)..].join("\n"),
-    })
+    image::run_tool(cmd)
+        .map(drop)
+        .map_err(|f| ResetError::Command {
+            command: f.command,
+            status: f.status,
+            output: f.output,
+        })
 }
 
 fn sync_dir(dir: &Path) -> Result<(), ResetError> {
@@ -336,20 +322,11 @@ impl Drop for Mounted {
     }
 }
 
-/// Removes a directory tree on drop.
-struct TempTree(PathBuf);
-
-impl Drop for TempTree {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The squashfs's tree: loop-mounted read-only at `mount_point`, or, when that fails,
 /// unpacked with `unsquashfs` into `scratch`.
 enum SquashTree {
     Mounted(Mounted),
-    Unpacked(TempTree),
+    Unpacked(RemoveTree),
 }
 
 impl SquashTree {
@@ -386,7 +363,7 @@ fn open_squashfs(
                 file.display()
             )?;
             let _ = std::fs::remove_dir_all(scratch);
-            let guard = TempTree(scratch.to_path_buf());
+            let guard = RemoveTree(scratch.to_path_buf());
             run(Command::new("unsquashfs")
                 .args(["-q", "-n", "-d"])
                 .arg(scratch)

@@ -226,26 +226,10 @@ impl Progress {
 }
 
 fn run(cmd: &mut Command) -> Result<std::process::Output, InstallError> {
-    let shown = std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|s| s.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let out = cmd.output().map_err(|e| InstallError::Command {
-        command: shown.clone(),
-        status: "not run".into(),
-        output: e.to_string(),
-    })?;
-    if out.status.success() {
-        return Ok(out);
-    }
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    Err(InstallError::Command {
-        command: shown,
-        status: out.status.to_string(),
-        output: lines[lines.len().saturating_sub(6)..].join("\n"),
+    image::run_tool(cmd).map_err(|f| InstallError::Command {
+        command: f.command,
+        status: f.status,
+        output: f.output,
     })
 }
 
@@ -323,17 +307,7 @@ fn resolve(
             // Non-recursive: `dir:/` is the image without /proc, /sys, /dev, /run, /oem,
             // /usr/local or the overlays.
             let point = ctx.path("/run/kairos/install-source");
-            let bind = match image::BindMount::new(p, &point) {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    writeln!(
-                        log,
-                        "kairos-agent: warning: {e}; reading {} directly (mounts below it are included)",
-                        p.display()
-                    )?;
-                    None
-                }
-            };
+            let bind = image::BindMount::or_warn(p, &point, log);
             let tree = bind
                 .as_ref()
                 .map_or_else(|| p.clone(), |b| b.target.clone());

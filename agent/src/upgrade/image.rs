@@ -83,27 +83,45 @@ pub fn image_size(m: Measure) -> u64 {
     (raw + raw / 10 + 16 * MIB).div_ceil(MIB) * MIB
 }
 
-fn run(cmd: &mut Command) -> Result<(), UpgradeError> {
+/// A tool that did not run or exited non-zero: the command line, the status and the last
+/// lines it printed. The agent's error types each carry these three in a `Command` variant.
+#[derive(Debug)]
+pub struct ToolFailure {
+    pub command: String,
+    pub status: String,
+    pub output: String,
+}
+
+/// Runs a tool to completion, its output captured.
+pub fn run_tool(cmd: &mut Command) -> Result<std::process::Output, ToolFailure> {
     let shown = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|s| s.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join(" ");
-    let out = cmd.output().map_err(|e| UpgradeError::Command {
+    let out = cmd.output().map_err(|e| ToolFailure {
         command: shown.clone(),
         status: "not run".into(),
         output: e.to_string(),
     })?;
     if out.status.success() {
-        return Ok(());
+        return Ok(out);
     }
     let text =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    Err(UpgradeError::Command {
+    Err(ToolFailure {
         command: shown,
         status: out.status.to_string(),
         output: lines[lines.len().saturating_sub(6)..].join("\n"),
+    })
+}
+
+fn run(cmd: &mut Command) -> Result<(), UpgradeError> {
+    run_tool(cmd).map(drop).map_err(|f| UpgradeError::Command {
+        command: f.command,
+        status: f.status,
+        output: f.output,
     })
 }
 
@@ -215,6 +233,24 @@ impl BindMount {
         Ok(BindMount {
             target: target.to_path_buf(),
         })
+    }
+}
+
+impl BindMount {
+    /// [`BindMount::new`], or None with a warning: the caller then reads `source` itself
+    /// (mounts below it included).
+    pub fn or_warn(source: &Path, target: &Path, log: &mut dyn std::io::Write) -> Option<Self> {
+        match BindMount::new(source, target) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                let _ = writeln!(
+                    log,
+                    "kairos-agent: warning: {e}; reading {} directly (mounts below it are included)",
+                    source.display()
+                );
+                None
+            }
+        }
     }
 }
 

@@ -368,10 +368,11 @@ fn default_work_base(ctx: &Ctx, target: &Path) -> PathBuf {
     }
 }
 
-/// Removes the work directory when the upgrade ends, however it ends (not on abort).
-struct WorkDir(PathBuf);
+/// Removes a directory tree when dropped, however the operation ends (not on abort): the
+/// upgrade's work directory, reset's unpacked recovery tree.
+pub(crate) struct RemoveTree(pub(crate) PathBuf);
 
-impl Drop for WorkDir {
+impl Drop for RemoveTree {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
@@ -504,7 +505,7 @@ pub fn upgrade(
     let work_path = work_base.join(".kairos-upgrade");
     let same_fs = device_of(&work_base).is_some() && device_of(&work_base) == device_of(&cos);
 
-    let work_guard = WorkDir(work_path.clone());
+    let work_guard = RemoveTree(work_path.clone());
     let prepared = prepare(
         &src,
         &origin,
@@ -774,17 +775,7 @@ fn prepare_dir(
     // The mount point is beside the work directory, never inside it: the work directory is
     // removed recursively, and a bind mount left behind would take the source with it.
     let mount_point = work.with_extension("source");
-    let bind = match image::BindMount::new(p, &mount_point) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            writeln!(
-                log,
-                "kairos-agent: warning: {e}; reading {} directly (mounts below it are included)",
-                p.display()
-            )?;
-            None
-        }
-    };
+    let bind = image::BindMount::or_warn(p, &mount_point, log);
     crash(opts, "pull", log);
     crash(opts, "unpack", log);
     let tree = bind
