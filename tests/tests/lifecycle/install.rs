@@ -119,7 +119,7 @@ fn install_onto_a_blank_disk_then_boot_it_alone() {
     let small = a.work.join("install-small.img");
     sparse(&small, SMALL_SIZE);
 
-    // Boot 1: the live system installs onto vdb (kernel and initramfs given directly).
+    // Boot 1: the live system installs onto the blank 3 GiB disk (kernel and initramfs given directly).
     let mut spec = kairos_qemu::boot::BootSpec::new(a.work.join("install-live.log"));
     spec.disks = vec![live.clone(), target.clone(), small.clone()];
     spec.kernel = Some(a.kernel.vmlinuz.clone());
@@ -199,8 +199,13 @@ fn install_onto_a_blank_disk_then_boot_it_alone() {
         assert!(lines.iter().any(|l| l == step), "no {step:?}");
     }
     let out = value(&lines, "out ").unwrap_or("");
+    // Virtio names follow probe order: the target is whichever the scenario found by size.
+    let target_dev = disks
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("target="))
+        .unwrap_or("(no target in the disks line)");
     assert!(
-        out.contains("kairos-agent: installed dir:/ to /dev/vdb"),
+        out.contains(&format!("kairos-agent: installed dir:/ to {target_dev} ")),
         "{out}"
     );
 
