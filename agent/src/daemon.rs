@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use crate::k3s::{Spec, Supervisor, SupervisorOptions};
 use crate::{AgentError, Ctx, Outcome, config, markgood, stages};
 
+/// Written once the daemon is past start-up (see [`run`]).
+pub const READY: &str = "/run/kairos/agent-ready";
+
 #[derive(Clone)]
 pub struct DaemonOptions {
     /// Run fs, boot and network first, and reconcile periodically (off when systemd units
@@ -85,6 +88,8 @@ pub fn run(
         "kairos-agent: daemon {} starting",
         env!("CARGO_PKG_VERSION")
     )?;
+    // A restarted daemon is not ready until it is past start-up again.
+    let _ = std::fs::remove_file(ctx.path(READY));
     if opts.run_stages {
         for stage in stages::USERLAND_STAGES {
             if let Ok(Event::Stop(s)) = events.try_recv() {
@@ -143,6 +148,16 @@ pub fn run(
         }
         None => false,
     };
+    // Readiness for whoever waits on the agent (scripts, tests): config applied, install.auto
+    // decided, K3s or the mesh started. Holds the pid, as a pidfile would.
+    let ready = ctx.path(READY);
+    if let Err(e) = ready
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|_| std::fs::write(&ready, format!("{}\n", std::process::id())))
+    {
+        writeln!(log, "kairos-agent: warning: {}: {e}", ready.display())?;
+    }
     let mut marking = Some(Instant::now() + opts.health_timeout);
     let mut last_refusal = String::new();
     let mut next_health = Instant::now();
@@ -433,6 +448,8 @@ mod tests {
             "{stages}"
         );
         assert!(t.ctx.path(crate::markgood::BOOT_STAGE_OK).exists());
+        let pid = std::fs::read_to_string(t.ctx.path(READY)).unwrap();
+        assert_eq!(pid.trim(), std::process::id().to_string());
         assert_eq!(
             std::fs::read_to_string(t.ctx.path("/started")).unwrap(),
             "server --disable=traefik\n"

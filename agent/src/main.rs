@@ -78,8 +78,9 @@ enum Cmd {
     /// Pair a node in install mode: decode its QR code (PNG) or take its token, and send it
     /// a config to install with
     Register(kairos_agent::p2p::RegisterArgs),
-    /// Install to a whole disk: GPT (bios, oem, recovery, state, persistent), ext4, active,
-    /// passive and recovery images from the source, BIOS GRUB; refuses a disk in use or too small
+    /// Install to a whole disk: GPT (bios or efi, oem, recovery, state, persistent), ext4, active,
+    /// passive and recovery images from the source, BIOS or UEFI GRUB; refuses a disk in use
+    /// or too small
     Install(InstallArgs),
     /// Upgrade the system (or recovery) image: pull and verify the source, build
     /// COS_STATE:/cOS/transition.img, rotate active -> passive, arm the boot counters
@@ -151,6 +152,10 @@ struct InstallArgs {
     /// GRUB's i386-pc directory [default: /usr/lib/grub/i386-pc, else the source's]
     #[arg(long, value_name = "DIR")]
     grub_dir: Option<PathBuf>,
+    /// Boot code to install: bios (bios_grub partition, GRUB in the MBR), efi (an EFI system
+    /// partition COS_GRUB with EFI/BOOT/BOOTX64.EFI), or auto: efi when this system booted UEFI
+    #[arg(long, value_name = "FW", default_value = "auto", value_parser = ["auto", "bios", "efi"])]
+    firmware: String,
 }
 
 #[derive(Args)]
@@ -285,6 +290,8 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 source: a.source,
                 config: a.config,
                 grub_dir: a.grub_dir,
+                firmware: kairos_agent::install::efi::Firmware::parse(&a.firmware)
+                    .unwrap_or_default(),
             };
             kairos_agent::install::install(
                 &ctx,

@@ -33,4 +33,8 @@ pub const ALL_PACKAGES: &[&str] = &[
     "debian-archive-keyring",
     // The local OCI registry the upgrade tests pull from (tests/src/registry.rs).
     "docker-registry",
+    // UEFI install: the firmware QEMU boots, GRUB for x86_64-efi, the ESP's tools.
+    "ovmf",
+    "grub-efi-amd64-bin",
+    "mtools",
 ];

@@ -14,6 +14,8 @@ pub const ALIGN: u64 = 2048;
 
 /// BIOS boot partition, 21686148-6449-6E6F-744E-656564454649.
 pub const BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
+/// EFI System Partition, C12A7328-F81F-11D2-BA4B-00A0C93EC93B.
+pub const EFI_SYSTEM: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 /// Linux filesystem data, 0FC63DAF-8483-4772-8E79-3D69D8477DE4.
 pub const LINUX_FS: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
 
@@ -223,10 +225,14 @@ mod tests {
     }
 
     fn parts(sectors: u64) -> Vec<Partition> {
+        parts_with(sectors, ("bios", BIOS_BOOT, 1))
+    }
+
+    fn parts_with(sectors: u64, first: (&str, &str, u64)) -> Vec<Partition> {
         let mut v = Vec::new();
         let mut at = ALIGN;
         for (i, (name, t, mib)) in [
-            ("bios", BIOS_BOOT, 1),
+            first,
             ("oem", LINUX_FS, 4),
             ("recovery", LINUX_FS, 4),
             ("state", LINUX_FS, 8),
@@ -315,6 +321,50 @@ mod tests {
                 assert_eq!(ps[3]["name"], "state");
             }
             _ => eprintln!("skipping sfdisk: not installed"),
+        }
+    }
+
+    /// The UEFI layout: `efi` (EF00, 64 MiB) first, state still partition 4.
+    #[test]
+    fn sgdisk_accepts_the_efi_layout() {
+        let sectors = 128 * 2048;
+        let gpt = build(
+            sectors,
+            guid_from_random([4; 16]),
+            &parts_with(sectors, ("efi", EFI_SYSTEM, 64)),
+        )
+        .unwrap();
+        assert_eq!(
+            &gpt.primary[1024..1040],
+            &guid_bytes(EFI_SYSTEM).unwrap()[..]
+        );
+        assert_eq!(
+            &guid_bytes(EFI_SYSTEM).unwrap()[..4],
+            &[0x28, 0x73, 0x2a, 0xc1]
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("disk.img");
+        let mut data = vec![0u8; (sectors * SECTOR) as usize];
+        data[..gpt.primary.len()].copy_from_slice(&gpt.primary);
+        let at = gpt.backup_offset as usize;
+        data[at..at + gpt.backup.len()].copy_from_slice(&gpt.backup);
+        std::fs::write(&img, &data).unwrap();
+        match Command::new("sgdisk").arg("-v").arg(&img).output() {
+            Ok(out) => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(text.contains("No problems found"), "{text}");
+                let p = Command::new("sgdisk").arg("-p").arg(&img).output().unwrap();
+                let p = String::from_utf8_lossy(&p.stdout);
+                let rows: Vec<&str> = p
+                    .lines()
+                    .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+                    .collect();
+                assert_eq!(rows.len(), 5, "{p}");
+                assert!(rows[0].contains("EF00") && rows[0].contains("efi"), "{p}");
+                assert!(rows[0].contains("64.0 MiB"), "{p}");
+                assert!(rows[3].contains("state"), "{p}");
+            }
+            Err(_) => eprintln!("skipping sgdisk: not installed"),
         }
     }
 }

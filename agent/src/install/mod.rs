@@ -1,10 +1,11 @@
 //! `kairos-agent install --device DEV`: partition, format and populate a disk the Kairos way
-//! (SPEC §1), then make it bootable with BIOS GRUB, without grub-install.
+//! (SPEC §1), then make it bootable with BIOS or UEFI GRUB (`--firmware`, default: how this
+//! system booted), without grub-install.
 //!
 //! 1. checks that write nothing: DEV is a whole block device, no part of it is mounted or used
 //!    as swap, the source resolves and the disk is large enough for the layout it needs;
 //! 2. `before-install` runs;
-//! 3. a new GPT (gpt.rs): bios, oem, recovery, state, persistent (the rest); the kernel
+//! 3. a new GPT (gpt.rs): bios or efi, oem, recovery, state, persistent (the rest); the kernel
 //!    re-reads it and the partition nodes appear;
 //! 4. ext4 on each partition (COS_OEM, COS_RECOVERY, COS_STATE, COS_PERSISTENT), without the
 //!    features GRUB 2.06 cannot read;
@@ -13,10 +14,12 @@
 //! 6. COS_STATE:/grub2 (grub.cfg from `kairos_init::grubcfg`, the i386-pc modules),
 //!    COS_OEM:/grubenv, the `--config` file as COS_OEM:/90_custom.yaml (0600),
 //!    COS_PERSISTENT:/.kairos-state (the history `upgrade` appends to, at /usr/local);
-//! 7. core.img (grub-mkimage) into the bios partition and boot.img into the MBR
-//!    (`kairos_init::grubbios`); `after-install` runs.
+//! 7. BIOS: core.img (grub-mkimage) into the bios partition and boot.img into the MBR
+//!    (`kairos_init::grubbios`); UEFI: the ESP (efi.rs, x86_64-efi modules on COS_STATE
+//!    instead of i386-pc); `after-install` runs.
 
 pub mod device;
+pub mod efi;
 pub mod gpt;
 
 use std::fs::{File, OpenOptions};
@@ -68,6 +71,12 @@ pub enum InstallError {
         state: u64,
         persistent: u64,
     },
+    #[error(
+        "no GRUB for UEFI: {}/kernel.img is neither on this system nor in the source (grub-efi-amd64-bin); nothing was written to {}",
+        efi::GRUB_X86_64_EFI,
+        device.display()
+    )]
+    NoGrubEfi { device: PathBuf },
     #[error("no device to install to: pass --device or set install.device in the cloud-config")]
     NoDevice,
     #[error("install.device: auto found no unused whole disk ({checked}); nothing was written")]
@@ -120,12 +129,15 @@ pub struct Options {
     pub config: Option<PathBuf>,
     /// GRUB's i386-pc directory; default /usr/lib/grub/i386-pc, else the source's.
     pub grub_dir: Option<PathBuf>,
+    /// BIOS or UEFI boot code; `Auto` (the default) follows how this system booted.
+    pub firmware: efi::Firmware,
 }
 
 /// Partition sizes in MiB (0 for persistent: the rest of the disk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sizes {
-    pub bios: u64,
+    /// Partition 1: bios (1 MiB) or efi (64 MiB).
+    pub boot: u64,
     pub oem: u64,
     pub recovery: u64,
     pub state: u64,
@@ -139,7 +151,7 @@ pub struct Sizes {
 pub fn sizes(image: u64) -> Sizes {
     let img = image.div_ceil(MIB);
     Sizes {
-        bios: 1,
+        boot: 1,
         oem: 64,
         recovery: 2 * img + 200,
         state: 3 * img + 1000,
@@ -150,20 +162,25 @@ pub fn sizes(image: u64) -> Sizes {
 /// MiB a disk needs for `s`: the partitions, 1 MiB in front (MBR, GPT, alignment) and 1 behind
 /// (backup GPT).
 pub fn needed_mib(s: &Sizes) -> u64 {
-    s.bios + s.oem + s.recovery + s.state + s.persistent_min + 2
+    s.boot + s.oem + s.recovery + s.state + s.persistent_min + 2
 }
 
 /// The five partitions for a disk of `size` bytes: (name, label, first sector, last sector);
-/// None when it is too small.
-pub fn layout(size: u64, s: &Sizes) -> Option<Vec<(&'static str, &'static str, u64, u64)>> {
+/// partition 1 is `bios` or `efi` as `firmware` (resolved) says. None when it is too small.
+pub fn layout(
+    size: u64,
+    s: &Sizes,
+    firmware: efi::Firmware,
+) -> Option<Vec<(&'static str, &'static str, u64, u64)>> {
     if size / MIB < needed_mib(s) {
         return None;
     }
     let sectors = size / gpt::SECTOR;
     let mut at = gpt::ALIGN;
     let mut out = Vec::new();
+    let (boot_name, boot_label, _) = firmware.boot_partition();
     for (name, label, mib) in [
-        ("bios", "", s.bios),
+        (boot_name, boot_label, s.boot),
         ("oem", labels::OEM, s.oem),
         ("recovery", labels::RECOVERY, s.recovery),
         ("state", labels::STATE, s.state),
@@ -424,9 +441,14 @@ fn run_hook(ctx: &Ctx, loaded: &config::Loaded, stage: &str, log: &mut dyn Write
     }
 }
 
-/// Copies GRUB's i386-pc modules and lists to `prefix_dir/i386-pc`, as grub-install does.
-fn copy_grub_modules(grub_dir: &Path, prefix_dir: &Path) -> Result<(), InstallError> {
-    let dst = prefix_dir.join("i386-pc");
+/// Copies GRUB's modules and lists for `platform` (i386-pc, x86_64-efi) to
+/// `prefix_dir/PLATFORM`, as grub-install does.
+fn copy_grub_modules(
+    grub_dir: &Path,
+    prefix_dir: &Path,
+    platform: &str,
+) -> Result<(), InstallError> {
+    let dst = prefix_dir.join(platform);
     std::fs::create_dir_all(&dst).map_err(io(&dst, "creating"))?;
     for e in std::fs::read_dir(grub_dir).map_err(io(grub_dir, "listing"))? {
         let e = e.map_err(io(grub_dir, "listing"))?;
@@ -488,10 +510,10 @@ fn write_gpt(
         .iter()
         .map(|&(name, _, first, last)| gpt::Partition {
             name: name.into(),
-            type_guid: if name == "bios" {
-                gpt::BIOS_BOOT
-            } else {
-                gpt::LINUX_FS
+            type_guid: match name {
+                "bios" => gpt::BIOS_BOOT,
+                "efi" => gpt::EFI_SYSTEM,
+                _ => gpt::LINUX_FS,
             }
             .into(),
             guid: gpt::guid_from_random(random16(ctx)),
@@ -575,8 +597,11 @@ pub fn install(
     if matches!(resolved, Resolved::Oci { .. }) {
         p.total += 1;
     }
-    let s = sizes(image_size);
-    let parts = layout(disk.size, &s).ok_or_else(|| InstallError::TooSmall {
+    let booted_efi = ctx.path("/sys/firmware/efi").exists();
+    let firmware = opts.firmware.resolve(booted_efi);
+    let mut s = sizes(image_size);
+    s.boot = firmware.boot_partition().2;
+    let parts = layout(disk.size, &s, firmware).ok_or_else(|| InstallError::TooSmall {
         device: disk.path.clone(),
         size_mib: disk.size / MIB,
         needed_mib: needed_mib(&s),
@@ -585,7 +610,42 @@ pub fn install(
         state: s.state,
         persistent: s.persistent_min,
     })?;
-    let grub_dir = opts
+    let efi_dir = if firmware == efi::Firmware::Efi {
+        writeln!(
+            log,
+            "install: firmware: UEFI ({}): an EFI system partition and GRUB x86_64-efi",
+            if opts.firmware == efi::Firmware::Efi {
+                "--firmware efi"
+            } else {
+                "this system booted UEFI"
+            }
+        )?;
+        let dir = Some(ctx.path(efi::GRUB_X86_64_EFI))
+            .filter(|d| efi::is_grub_efi_dir(d))
+            .or_else(|| match &resolved {
+                Resolved::Tree { tree, .. } => {
+                    Some(tree.join(efi::GRUB_X86_64_EFI.trim_start_matches('/')))
+                        .filter(|d| efi::is_grub_efi_dir(d))
+                }
+                Resolved::Oci { .. } => None,
+            })
+            .ok_or_else(|| InstallError::NoGrubEfi {
+                device: disk.path.clone(),
+            })?;
+        efi::tools().map_err(|t| InstallError::Device {
+            device: disk.path.clone(),
+            what: format!("UEFI install needs {t}, which is not on this system"),
+        })?;
+        Some(dir)
+    } else {
+        writeln!(log, "install: firmware: BIOS")?;
+        None
+    };
+    // BIOS GRUB (i386-pc), unless this is a UEFI install.
+    let grub_dir = if efi_dir.is_some() {
+        None
+    } else {
+        Some(opts
         .grub_dir
         .clone()
         .or_else(|| Some(ctx.path(GRUB_I386_PC)).filter(|d| d.join("boot.img").is_file()))
@@ -601,7 +661,8 @@ pub fn install(
                 "no GRUB for BIOS: {GRUB_I386_PC}/boot.img is neither on this system nor in the source; nothing was written to {}",
                 disk.path.display()
             ))
-        })?;
+        })?)
+    };
     p.note(
         &format!(
             "{}: {} MiB; image {} MiB; oem {} MiB, recovery {} MiB, state {} MiB, persistent the rest",
@@ -709,7 +770,11 @@ pub fn install(
     std::fs::create_dir_all(&grub2).map_err(io(&grub2, "creating"))?;
     let cfg = grub2.join("grub.cfg");
     std::fs::write(&cfg, grub_cfg(&GrubCfgOptions::default())).map_err(io(&cfg, "writing"))?;
-    copy_grub_modules(&grub_dir, &grub2)?;
+    match (&grub_dir, &efi_dir) {
+        (Some(d), _) => copy_grub_modules(d, &grub2, "i386-pc")?,
+        (None, Some(d)) => copy_grub_modules(d, &grub2, "x86_64-efi")?,
+        (None, None) => {}
+    }
     let mut env = GrubEnv::default();
     env.set(var::MAX_TRIES, &DEFAULT_MAX_TRIES.to_string())
         .map_err(UpgradeError::from)?;
@@ -733,16 +798,21 @@ pub fn install(
     let hist = persistent.join(".kairos-state");
     std::fs::write(&hist, line).map_err(io(&hist, "writing"))?;
 
-    // 7. Boot code, then everything to disk.
-    let boot_img = grub_dir.join("boot.img");
-    let boot = std::fs::read(&boot_img).map_err(io(&boot_img, "reading"))?;
-    let core = make_core(&grub_dir, state)?;
+    // 7. Boot code (BIOS: boot.img and core.img; UEFI: the ESP), then everything to disk.
+    if let Some(d) = &efi_dir {
+        efi::write_esp(&nodes[0], d, &state.join(".kairos-efi"))?;
+    }
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
         .open(&disk.path)
         .map_err(io(&disk.path, "opening"))?;
-    grubbios::install(&mut f, &disk.path, parts[0].2, &boot, core)?;
+    if let Some(d) = &grub_dir {
+        let boot_img = d.join("boot.img");
+        let boot = std::fs::read(&boot_img).map_err(io(&boot_img, "reading"))?;
+        let core = make_core(d, state)?;
+        grubbios::install(&mut f, &disk.path, parts[0].2, &boot, core)?;
+    }
     drop(resolved);
     rustix::fs::sync();
     drop(mounts);
@@ -751,9 +821,10 @@ pub fn install(
     run_hook(ctx, &loaded, "after-install", log);
     writeln!(
         out,
-        "kairos-agent: installed {origin} to {} ({} MiB: oem, recovery, state {} MiB, persistent)",
+        "kairos-agent: installed {origin} to {} ({} MiB: {}, oem, recovery, state {} MiB, persistent)",
         disk.path.display(),
         disk.size / MIB,
+        parts[0].0,
         s.state
     )?;
     Ok(Outcome::Done)
@@ -845,7 +916,7 @@ mod tests {
         assert_eq!(
             s,
             Sizes {
-                bios: 1,
+                boot: 1,
                 oem: 64,
                 recovery: 2 * 101 + 200,
                 state: 3 * 101 + 1000,
@@ -859,9 +930,10 @@ mod tests {
     fn layout_is_aligned_and_fills_the_disk() {
         let s = sizes(50 * MIB);
         let need = needed_mib(&s);
-        assert!(layout((need - 1) * MIB, &s).is_none());
+        let bios = efi::Firmware::Bios;
+        assert!(layout((need - 1) * MIB, &s, bios).is_none());
         let size = 4096 * MIB;
-        let l = layout(size, &s).unwrap();
+        let l = layout(size, &s, bios).unwrap();
         let names: Vec<&str> = l.iter().map(|p| p.0).collect();
         assert_eq!(names, ["bios", "oem", "recovery", "state", "persistent"]);
         assert_eq!((l[0].2, l[0].3), (2048, 4095));
@@ -872,7 +944,7 @@ mod tests {
         assert_eq!(l[3].3 - l[3].2 + 1, s.state * 2048);
         assert_eq!(l[4].3, size / 512 - 34);
         // Exactly the minimum fits, and the GPT accepts it.
-        let l = layout(need * MIB, &s).unwrap();
+        let l = layout(need * MIB, &s, bios).unwrap();
         assert!(l[4].3 - l[4].2 + 1 >= s.persistent_min * 2048);
         let parts: Vec<gpt::Partition> = l
             .iter()
@@ -885,6 +957,37 @@ mod tests {
             })
             .collect();
         gpt::build(need * MIB / 512, [2; 16], &parts).unwrap();
+    }
+
+    #[test]
+    fn the_efi_layout_starts_with_a_64_mib_esp() {
+        let mut s = sizes(50 * MIB);
+        s.boot = efi::Firmware::Efi.boot_partition().2;
+        assert_eq!(needed_mib(&s), needed_mib(&sizes(50 * MIB)) + 63);
+        let size = 4096 * MIB;
+        let l = layout(size, &s, efi::Firmware::Efi).unwrap();
+        let names: Vec<&str> = l.iter().map(|p| p.0).collect();
+        assert_eq!(names, ["efi", "oem", "recovery", "state", "persistent"]);
+        assert_eq!(l[0].1, "COS_GRUB");
+        assert_eq!((l[0].2, l[0].3), (2048, 2048 + 64 * 2048 - 1));
+        assert_eq!(l[3].1, labels::STATE);
+        for w in l.windows(2) {
+            assert_eq!(w[0].3 + 1, w[1].2);
+        }
+        assert!(layout((needed_mib(&s) - 1) * MIB, &s, efi::Firmware::Efi).is_none());
+    }
+
+    #[test]
+    fn uefi_without_grub_efi_is_refused_before_writing() {
+        let e = InstallError::NoGrubEfi {
+            device: "/dev/vdb".into(),
+        }
+        .to_string();
+        assert!(
+            e.starts_with("no GRUB for UEFI: /usr/lib/grub/x86_64-efi/kernel.img")
+                && e.contains("nothing was written to /dev/vdb"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -276,8 +276,9 @@ fn install_onto_a_blank_disk_then_boot_it_alone() {
 /// from live media (the image as `rootfs.squashfs` on a filesystem labelled KT_LIVE,
 /// `root=live:LABEL=KT_LIVE`), the agent installs to the one unused disk and powers off; the
 /// installed disk then boots alone, with the merged config on its COS_OEM (the driver it
-/// starts is only started off live media) and `install.auto` ignored there.
-const AUTO_CONFIG: &str = "#cloud-config\ninstall:\n  auto: true\n  device: auto\n  poweroff: true\nstages:\n  network:\n    - name: start the test driver off live media\n      if: '[ ! -e /run/cos/live_mode ]'\n      commands:\n        - setsid /usr/libexec/kairos-test-driver </dev/null >/dev/console 2>&1 &\n";
+/// starts is only started off live media, and only once the agent says it is ready) and
+/// `install.auto` ignored there.
+const AUTO_CONFIG: &str = "#cloud-config\ninstall:\n  auto: true\n  device: auto\n  poweroff: true\nstages:\n  network:\n    - name: start the test driver off live media\n      if: '[ ! -e /run/cos/live_mode ]'\n      commands:\n        - setsid sh -c 'n=0; while [ ! -e /run/kairos/agent-ready ] && [ $n -lt 480 ]; do sleep 0.25; n=$((n+1)); done; exec /usr/libexec/kairos-test-driver' </dev/null >/dev/console 2>&1 &\n";
 
 #[test]
 fn install_auto_from_live_media_then_boot_it_alone() {
@@ -377,4 +378,194 @@ fn install_auto_from_live_media_then_boot_it_alone() {
     let copied = std::fs::read_to_string(oem.0.path().join("90_custom.yaml"))
         .expect("the merged config on COS_OEM");
     assert!(copied.contains("live_mode"), "{copied}");
+}
+
+/// Runs on the live system booted by OVMF: the install to the blank disk, UEFI chosen because
+/// this system booted UEFI.
+const UEFI_SCENARIO: &str = r#"
+out() { tr '\n' '|' < "$1"; }
+for b in /sys/block/vd*; do
+  case $(cat $b/size) in
+    6291456) target=/dev/${b##*/} ;;
+  esac
+done
+[ -d /sys/firmware/efi ] && say "booted uefi" || say "booted bios"
+t0=$(cut -d' ' -f1 /proc/uptime)
+kairos-agent install --device $target --config /oem/to-install.cfg >/tmp/o 2>/tmp/e
+rc=$?
+t1=$(cut -d' ' -f1 /proc/uptime)
+say "install rc=$rc from $t0 to $t1"
+while read -r l; do say "log $l"; done < /tmp/e
+say "out $(out /tmp/o)"
+"#;
+
+/// OVMF as one flash image (the ovmf package), given to QEMU with -bios.
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+#[test]
+fn install_uefi_onto_a_blank_disk_then_boot_it_alone() {
+    if !can_run() {
+        return;
+    }
+    // `kairos-qemu setup` installs them; a machine without them fails here, not silently.
+    kairos_qemu::apt::ensure_packages(&["ovmf", "grub-efi-amd64-bin", "dosfstools", "mtools"])
+        .expect("OVMF, GRUB x86_64-efi, dosfstools and mtools");
+    let a = artifacts();
+    let live = kairos_tests::pid1_disk(
+        "install-uefi-live",
+        &[
+            ("kairos-test-extra.sh", UEFI_SCENARIO),
+            ("to-install.cfg", INSTALL_CONFIG),
+        ],
+        |s| {
+            s.host_tools = HOST_TOOLS.iter().map(|t| t.to_string()).collect();
+            let mkfs_fat = std::fs::canonicalize("/usr/sbin/mkfs.vfat")
+                .unwrap_or_else(|_| "/usr/sbin/mkfs.fat".into());
+            s.host_tools.extend([
+                "/usr/lib/grub/x86_64-efi".to_string(),
+                mkfs_fat.display().to_string(),
+                "/usr/bin/mtools".to_string(),
+                // mtools converts names through iconv to code page 850: glibc's gconv.
+                "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules".to_string(),
+                "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.d".to_string(),
+                "/usr/lib/x86_64-linux-gnu/gconv/IBM850.so".to_string(),
+            ]);
+            for tool in ["mmd", "mcopy"] {
+                s.image_symlinks
+                    .push((format!("/usr/bin/{tool}"), "mtools".to_string()));
+            }
+        },
+    );
+    let target = a.work.join("install-uefi-target.img");
+    sparse(&target, TARGET_SIZE);
+    let firmware = vec!["-bios".to_string(), OVMF.to_string()];
+
+    // Boot 1: OVMF starts the kernel given directly; the live system installs onto the target.
+    let mut spec = kairos_qemu::boot::BootSpec::new(a.work.join("install-uefi-live.log"));
+    spec.disks = vec![live.clone(), target.clone()];
+    spec.kernel = Some(a.kernel.vmlinuz.clone());
+    spec.initrd = Some(a.initramfs.clone());
+    spec.append = Some(format!("{BASE_CMDLINE} {ACTIVE}"));
+    spec.memory_mb = 1024;
+    spec.kvm = std::env::var_os("KAIROS_KVM").is_some();
+    spec.timeout = Duration::from_secs(1200);
+    spec.extra_args = firmware.clone();
+    let r = kairos_qemu::boot::run(&spec).expect("booting the live system under OVMF");
+    println!(
+        "---- serial log of install-uefi-live ({:.1} s) ----\n{}",
+        r.elapsed.as_secs_f64(),
+        r.log
+    );
+    let lines = driver_lines(&r.log);
+    assert!(
+        lines.iter().any(|l| l == "driver done"),
+        "the driver did not finish"
+    );
+    assert!(
+        lines.iter().any(|l| l == "booted uefi"),
+        "the live system did not boot UEFI"
+    );
+    let rc = value(&lines, "install rc=").unwrap_or("(none)");
+    assert!(
+        rc.starts_with("0 "),
+        "install failed: rc={rc}\n{}",
+        lines.join("\n")
+    );
+    let times: Vec<f64> = rc
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    if let [t0, t1] = times[..] {
+        println!("FIGURE UEFI install in the guest (TCG): {:.1} s", t1 - t0);
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("log install: firmware: UEFI (this system booted UEFI)")),
+        "the installer did not choose UEFI"
+    );
+    let out = value(&lines, "out ").unwrap_or("");
+    assert!(
+        out.contains("kairos-agent: installed dir:/ to /dev/vd"),
+        "{out}"
+    );
+
+    // The GPT and the ESP on the host's view.
+    let v = std::process::Command::new("sgdisk")
+        .arg("-p")
+        .arg(&target)
+        .output()
+        .expect("sgdisk");
+    let p = String::from_utf8_lossy(&v.stdout);
+    let rows: Vec<&str> = p
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(rows.len(), 5, "{p}");
+    assert!(rows[0].contains("EF00") && rows[0].contains("efi"), "{p}");
+    assert!(rows[3].contains("state"), "{p}");
+    assert!(!p.contains("EF02"), "{p}");
+    let (offset, _) = kairos_qemu::disk::partition_bytes(&target, 1).expect("partition 1");
+    let image = format!("{}@@{offset}", target.display());
+    let label = std::process::Command::new("mlabel")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-s", "-i", &image, "::"])
+        .output()
+        .expect("mlabel");
+    let label = String::from_utf8_lossy(&label.stdout);
+    assert!(label.contains("COS_GRUB"), "ESP label: {label}");
+    let cfg = std::process::Command::new("mtype")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-i", &image, "::/EFI/BOOT/grub.cfg"])
+        .output()
+        .expect("mtype");
+    let cfg = String::from_utf8_lossy(&cfg.stdout);
+    assert!(
+        cfg.contains("search --no-floppy --label --set=root COS_STATE")
+            && cfg.contains("configfile ($root)/grub2/grub.cfg"),
+        "{cfg}"
+    );
+    let dir = std::process::Command::new("mdir")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-b", "-i", &image, "::/EFI/BOOT"])
+        .output()
+        .expect("mdir");
+    assert!(
+        String::from_utf8_lossy(&dir.stdout).contains("BOOTX64.EFI"),
+        "no BOOTX64.EFI"
+    );
+    let state = Mounted::new(&target, 4);
+    for f in [
+        "cOS/active.img",
+        "grub2/grub.cfg",
+        "grub2/x86_64-efi/normal.mod",
+    ] {
+        assert!(state.0.path().join(f).is_file(), "COS_STATE:/{f} missing");
+    }
+    drop(state);
+
+    // Boot 2: the installed disk alone, OVMF -> EFI/BOOT/BOOTX64.EFI -> COS_STATE's grub.cfg
+    // -> kernel -> kairos-init -> active image.
+    let mut spec = kairos_qemu::boot::BootSpec::new(a.work.join("install-uefi-installed.log"));
+    spec.disks = vec![target.clone()];
+    spec.memory_mb = 768;
+    spec.kvm = std::env::var_os("KAIROS_KVM").is_some();
+    spec.timeout = Duration::from_secs(900);
+    spec.extra_args = firmware;
+    let r = kairos_qemu::boot::run(&spec).expect("booting the installed disk under OVMF");
+    println!(
+        "---- serial log of install-uefi-installed ({:.1} s) ----\n{}",
+        r.elapsed.as_secs_f64(),
+        r.log
+    );
+    kairos_tests::assert_has(&r, "KAIROS-GRUB: start");
+    kairos_tests::assert_has(&r, "starting: mode=active image=/cOS/active.img");
+    kairos_tests::assert_has(&r, DRIVER_DONE);
+    let lines = driver_lines(&r.log);
+    let file = value(&lines, "file ").unwrap_or("(no file line)");
+    assert!(
+        file.starts_with("644 ") && file.contains("installed by kairos-agent install"),
+        "the --config file was not applied: {file}"
+    );
 }

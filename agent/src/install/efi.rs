@@ -1,0 +1,267 @@
+//! UEFI boot for `install`: the ESP (partition 1, GPT name `efi`, vfat labelled COS_GRUB)
+//! holds `EFI/BOOT/BOOTX64.EFI` (grub-mkimage, x86_64-efi) and a tiny `EFI/BOOT/grub.cfg`
+//! that finds COS_STATE and loads its `/grub2/grub.cfg` (SPEC §1). The ESP is written with
+//! mkfs.vfat and mtools, without mounting it (the running kernel may lack vfat).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kairos_init::labels;
+
+use super::{InstallError, io, run};
+
+/// Where GRUB's UEFI modules are (grub-efi-amd64-bin).
+pub const GRUB_X86_64_EFI: &str = "/usr/lib/grub/x86_64-efi";
+/// The ESP's size in MiB (64 MiB is enough clusters for FAT32 with 512-byte clusters).
+pub const ESP_MIB: u64 = 64;
+/// The GRUB prefix baked into BOOTX64.EFI: the ESP's own directory, holding grub.cfg.
+pub const ESP_PREFIX: &str = "/EFI/BOOT";
+
+/// Modules built into BOOTX64.EFI, so the ESP's grub.cfg and COS_STATE's grub.cfg
+/// (`kairos_init::grubcfg`) work without reading a module from disk; names the GRUB at hand
+/// lacks are dropped ([`modules_in`]).
+pub const MODULES: &[&str] = &[
+    "part_gpt",
+    "fat",
+    "ext2",
+    "normal",
+    "configfile",
+    "loadenv",
+    "test",
+    "echo",
+    "linux",
+    "serial",
+    "terminal",
+    "terminfo",
+    "loopback",
+    "squash4",
+    "search",
+    "search_label",
+    "search_fs_uuid",
+    "regexp",
+    "gzio",
+    "all_video",
+    "efi_gop",
+    "boot",
+    "cat",
+    "ls",
+    "sleep",
+    "halt",
+    "reboot",
+];
+
+/// Which boot code `install` writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Firmware {
+    /// UEFI when the running system booted UEFI (/sys/firmware/efi), else BIOS.
+    #[default]
+    Auto,
+    Bios,
+    Efi,
+}
+
+impl Firmware {
+    /// `auto`, `bios`, `efi` (also `uefi`).
+    pub fn parse(s: &str) -> Option<Firmware> {
+        match s {
+            "auto" => Some(Firmware::Auto),
+            "bios" => Some(Firmware::Bios),
+            "efi" | "uefi" => Some(Firmware::Efi),
+            _ => None,
+        }
+    }
+
+    /// Bios or Efi: `Auto` follows how the running system booted.
+    pub fn resolve(self, booted_efi: bool) -> Firmware {
+        match self {
+            Firmware::Auto if booted_efi => Firmware::Efi,
+            Firmware::Auto => Firmware::Bios,
+            f => f,
+        }
+    }
+
+    /// Partition 1 for this (resolved) firmware: (GPT name, filesystem label, MiB).
+    pub fn boot_partition(self) -> (&'static str, &'static str, u64) {
+        match self {
+            Firmware::Efi => ("efi", labels::GRUB, ESP_MIB),
+            _ => ("bios", "", 1),
+        }
+    }
+}
+
+/// The ESP's grub.cfg: find COS_STATE and hand over to its grub2/grub.cfg.
+pub fn esp_grub_cfg() -> String {
+    format!(
+        "search --no-floppy --label --set=root {state}\nset prefix=($root)/grub2\nconfigfile ($root)/grub2/grub.cfg\n",
+        state = labels::STATE
+    )
+}
+
+/// The [`MODULES`] present as `NAME.mod` in GRUB's x86_64-efi directory `dir`.
+pub fn modules_in(dir: &Path) -> Vec<&'static str> {
+    MODULES
+        .iter()
+        .copied()
+        .filter(|m| dir.join(format!("{m}.mod")).exists())
+        .collect()
+}
+
+/// Whether `dir` looks like GRUB's x86_64-efi directory.
+pub fn is_grub_efi_dir(dir: &Path) -> bool {
+    dir.join("kernel.img").is_file() && dir.join("normal.mod").is_file()
+}
+
+/// The first of `names` found on $PATH (or /usr/sbin, /sbin).
+pub fn find_tool(names: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    dirs.extend(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from));
+    names
+        .iter()
+        .flat_map(|n| dirs.iter().map(move |d| d.join(n)))
+        .find(|p| p.is_file())
+}
+
+/// The tools the ESP needs, checked before anything is written: (mkfs, mmd, mcopy).
+pub fn tools() -> Result<(PathBuf, PathBuf, PathBuf), String> {
+    let mkfs = find_tool(&["mkfs.vfat", "mkfs.fat"]).ok_or("mkfs.vfat (dosfstools)")?;
+    let mmd = find_tool(&["mmd"]).ok_or("mmd (mtools)")?;
+    let mcopy = find_tool(&["mcopy"]).ok_or("mcopy (mtools)")?;
+    Ok((mkfs, mmd, mcopy))
+}
+
+/// Formats the ESP `dev` (FAT32, COS_GRUB) and writes EFI/BOOT/{BOOTX64.EFI,grub.cfg},
+/// built in `scratch`.
+pub fn write_esp(dev: &Path, grub_dir: &Path, scratch: &Path) -> Result<(), InstallError> {
+    let (mkfs, mmd, mcopy) = tools().map_err(|t| InstallError::Other(format!("{t} not found")))?;
+    run(Command::new(&mkfs)
+        .args(["-F", "32", "-n", labels::GRUB])
+        .arg(dev))?;
+    std::fs::create_dir_all(scratch).map_err(io(scratch, "creating"))?;
+    let efi = scratch.join("BOOTX64.EFI");
+    run(Command::new("grub-mkimage")
+        .args(["-O", "x86_64-efi", "-d"])
+        .arg(grub_dir)
+        .arg("-o")
+        .arg(&efi)
+        .args(["-p", ESP_PREFIX])
+        .args(modules_in(grub_dir)))?;
+    let cfg = scratch.join("grub.cfg");
+    std::fs::write(&cfg, esp_grub_cfg()).map_err(io(&cfg, "writing"))?;
+    let mut mm = Command::new(&mmd);
+    mm.env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(dev)
+        .args(["::/EFI", "::/EFI/BOOT"]);
+    run(&mut mm)?;
+    let mut mc = Command::new(&mcopy);
+    mc.env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(dev)
+        .arg(&efi)
+        .arg(&cfg)
+        .arg(format!("::{ESP_PREFIX}/"));
+    run(&mut mc)?;
+    let _ = std::fs::remove_dir_all(scratch);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_esp_config_loads_cos_state_s() {
+        let c = esp_grub_cfg();
+        assert_eq!(
+            c,
+            "search --no-floppy --label --set=root COS_STATE\nset prefix=($root)/grub2\nconfigfile ($root)/grub2/grub.cfg\n"
+        );
+    }
+
+    #[test]
+    fn modules_cover_the_configs() {
+        for m in [
+            "part_gpt",
+            "fat",
+            "ext2",
+            "search_label",
+            "normal",
+            "configfile",
+            "linux",
+            "loopback",
+            "serial",
+            "terminfo",
+            "efi_gop",
+            "loadenv",
+            "regexp",
+        ] {
+            assert!(MODULES.contains(&m), "{m}");
+        }
+        // No BIOS-only modules.
+        for m in ["biosdisk", "linux16"] {
+            assert!(!MODULES.contains(&m), "{m}");
+        }
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("fat.mod"), "").unwrap();
+        std::fs::write(t.path().join("ext2.mod"), "").unwrap();
+        assert_eq!(modules_in(t.path()), ["fat", "ext2"]);
+        assert!(!is_grub_efi_dir(t.path()));
+    }
+
+    /// The ESP as written to a 64 MiB image, read back with mtools, when the tools are here.
+    #[test]
+    fn writes_an_esp_that_mtools_reads_back() {
+        let grub = Path::new(GRUB_X86_64_EFI);
+        if !is_grub_efi_dir(grub) || tools().is_err() || find_tool(&["mdir", "mtype"]).is_none() {
+            eprintln!("skipping: GRUB x86_64-efi, dosfstools or mtools not installed");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let img = t.path().join("esp.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(ESP_MIB << 20)
+            .unwrap();
+        write_esp(&img, grub, &t.path().join("scratch")).unwrap();
+        assert!(!t.path().join("scratch").exists());
+        let out = Command::new("mtype")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&img)
+            .arg("::/EFI/BOOT/grub.cfg")
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), esp_grub_cfg());
+        let out = Command::new("mdir")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-b", "-i"])
+            .arg(&img)
+            .arg("::/EFI/BOOT")
+            .output()
+            .unwrap();
+        let dir = String::from_utf8_lossy(&out.stdout);
+        assert!(dir.contains("BOOTX64.EFI"), "{dir}");
+        let label = Command::new("blkid")
+            .args(["-p", "-o", "value", "-s", "LABEL"])
+            .arg(&img)
+            .output();
+        if let Ok(l) = label {
+            assert_eq!(String::from_utf8_lossy(&l.stdout).trim(), "COS_GRUB");
+        }
+    }
+
+    #[test]
+    fn firmware_choice() {
+        assert_eq!(Firmware::parse("auto"), Some(Firmware::Auto));
+        assert_eq!(Firmware::parse("efi"), Some(Firmware::Efi));
+        assert_eq!(Firmware::parse("bios"), Some(Firmware::Bios));
+        assert_eq!(Firmware::parse("coreboot"), None);
+        assert_eq!(Firmware::Auto.resolve(true), Firmware::Efi);
+        assert_eq!(Firmware::Auto.resolve(false), Firmware::Bios);
+        assert_eq!(Firmware::Bios.resolve(true), Firmware::Bios);
+        assert_eq!(Firmware::Efi.resolve(false), Firmware::Efi);
+        assert_eq!(Firmware::Efi.boot_partition(), ("efi", "COS_GRUB", 64));
+        assert_eq!(Firmware::Bios.boot_partition(), ("bios", "", 1));
+    }
+}
