@@ -9,6 +9,8 @@ use clap::{Args, Subcommand};
 use kairos_p2p::node::{self, K3sSpec, K3sStarter, Mode, Outcome as NodeOutcome, PairingData};
 use kairos_p2p::{P2pConfig, Token, config, qr};
 
+use crate::config::{self as cloud_config, LoadOptions};
+use crate::install::{self, InstallError};
 use crate::k3s::{self, Supervisor};
 use crate::{Ctx, Outcome};
 
@@ -39,6 +41,22 @@ pub enum P2pError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the paired config, saved as {path}: no #cloud-config header in its first lines")]
+    NoHeader { path: PathBuf },
+    /// The error names the file (the saved copy of the paired config); it is in the
+    /// message, so not also the source (no repeat in chains).
+    #[error("the paired config: {error}")]
+    PairedConfig { error: crate::config::ConfigError },
+    #[error("merging the paired config into {path}: {message}")]
+    Merge { path: PathBuf, message: String },
+    #[error("installing to {device} as the pairing asked: {error}")]
+    Install { device: String, error: InstallError },
+    #[error("{what} after installing to {device}: {error}")]
+    Reboot {
+        what: &'static str,
+        device: String,
+        error: std::io::Error,
+    },
     #[error("writing the output: {0}")]
     Output(#[from] std::io::Error),
 }
@@ -61,7 +79,8 @@ pub enum P2pCmd {
         config: Option<PathBuf>,
     },
     /// install-mode: show the pairing token as a QR code (console and PNG), wait for
-    /// `register`, acknowledge and leave the config for the installer
+    /// `register`, acknowledge, merge the received config into this node's and install with
+    /// it (to the requested device, else install.device), then reboot or power off if asked
     Pair {
         /// Cloud-config file whose p2p.network_token to use [default: a new token]
         #[arg(long, value_name = "FILE")]
@@ -69,6 +88,14 @@ pub enum P2pCmd {
         /// Give up after this many seconds (0: wait forever)
         #[arg(long, value_name = "SECS", default_value_t = 0)]
         timeout: u64,
+        /// Only save the received config and request (under /run/kairos/pairing); do not
+        /// install
+        #[arg(long)]
+        no_install: bool,
+        /// Neither reboot nor power off after installing, whatever the request or
+        /// install.reboot / install.poweroff say
+        #[arg(long)]
+        no_reboot: bool,
     },
 }
 
@@ -135,7 +162,7 @@ pub fn p2p(
     ctx: &Ctx,
     args: P2pArgs,
     out: &mut dyn Write,
-    _err: &mut dyn Write,
+    err: &mut dyn Write,
 ) -> Result<Outcome, P2pError> {
     match args.command {
         P2pCmd::GenerateToken => {
@@ -156,7 +183,12 @@ pub fn p2p(
                 timeout: None,
             })?;
         }
-        P2pCmd::Pair { config, timeout } => {
+        P2pCmd::Pair {
+            config,
+            timeout,
+            no_install,
+            no_reboot,
+        } => {
             let (cfg, token) = match config {
                 Some(p) => {
                     let cfg = load_config(ctx, Some(&p))?;
@@ -188,46 +220,225 @@ pub fn p2p(
                 timeout: (timeout > 0).then(|| Duration::from_secs(timeout)),
             })?;
             if let NodeOutcome::Paired(data) = outcome {
-                save_pairing(ctx, &data, out)?;
+                let saved = save_pairing(ctx, &data, out)?;
+                if no_install {
+                    writeln!(out, "kairos-p2p: --no-install: not installing")?;
+                } else {
+                    return install_paired(ctx, &data, &saved, no_reboot, out, err);
+                }
             }
         }
     }
     Ok(Outcome::Done)
 }
 
-/// Leave the received config and install request where the installer picks them up.
-fn save_pairing(ctx: &Ctx, data: &PairingData, out: &mut dyn Write) -> Result<(), P2pError> {
-    let dir = ctx.path(PAIRING_DIR);
-    // The config may carry tokens and passwords: root only, like k3s's config.
-    let write = |name: &str, content: &[u8]| -> Result<PathBuf, P2pError> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let path = dir.join(name);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .and_then(|_| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&path)
-            })
-            .and_then(|mut f| {
-                use std::os::unix::fs::PermissionsExt;
-                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-                f.write_all(content)
-            })
-            .map_err(|source| P2pError::Write {
-                path: path.clone(),
-                source,
-            })?;
-        Ok(path)
+/// What the pairing makes the installer do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairedInstall {
+    /// `--device`: the request's, else install.device, else `auto` if either said so.
+    pub device: Option<String>,
+    /// `--source`: install.source from the merged config.
+    pub source: Option<String>,
+    pub reboot: bool,
+    pub poweroff: bool,
+}
+
+/// The request's device unless it is empty or `auto` (register's default), then the merged
+/// config's install.device; `auto` only when nothing names a disk. Reboot/poweroff: the
+/// request's or install.reboot / install.poweroff.
+pub fn paired_install(data: &PairingData, merged: &cloud_config::Config) -> PairedInstall {
+    let inst = merged.install.clone().unwrap_or_default();
+    let named = |d: &str| !d.trim().is_empty() && d.trim() != "auto";
+    let from_config = inst.device.as_deref().unwrap_or("");
+    let device = if named(&data.device) {
+        Some(data.device.trim().to_owned())
+    } else if named(from_config) {
+        Some(from_config.trim().to_owned())
+    } else if data.device.trim() == "auto" || from_config.trim() == "auto" {
+        Some("auto".to_owned())
+    } else {
+        None
     };
-    let cc = write("config.yaml", data.cc.as_bytes())?;
+    PairedInstall {
+        device,
+        source: inst.source.filter(|s| !s.trim().is_empty()),
+        reboot: data.reboot || inst.reboot,
+        poweroff: data.poweroff || inst.poweroff,
+    }
+}
+
+/// The node's own cloud-config merged with the paired one (the paired one wins), as the
+/// text for COS_OEM, and its typed form. With nothing of the node's to merge, the paired
+/// text as sent. None when neither has anything.
+fn merge_paired(
+    ctx: &Ctx,
+    cc: &str,
+    saved: &Path,
+    log: &mut dyn Write,
+) -> Result<Option<(String, cloud_config::Config)>, P2pError> {
+    let origin = saved.display().to_string();
+    let paired = if cc.trim().is_empty() {
+        None
+    } else {
+        Some(
+            cloud_config::parse(&origin, cc, true)
+                .map_err(|error| P2pError::PairedConfig { error })?
+                .ok_or_else(|| P2pError::NoHeader {
+                    path: saved.to_path_buf(),
+                })?,
+        )
+    };
+    let own = cloud_config::load(
+        ctx,
+        &LoadOptions {
+            fetch: false,
+            ..LoadOptions::default()
+        },
+    );
+    for e in &own.errors {
+        writeln!(log, "kairos-agent: pairing: warning: {e}; skipped")?;
+    }
+    if own.raw.is_empty() {
+        return Ok(paired.map(|p| (cc.to_owned(), p.config)));
+    }
+    let sources: Vec<&str> = own
+        .sources
+        .iter()
+        .filter(|s| !s.raw.is_empty())
+        .map(|s| s.origin.as_str())
+        .collect();
+    let mut raw = serde_json::Value::Object(own.raw);
+    if let Some(p) = paired {
+        cloud_config::merge(&mut raw, serde_json::Value::Object(p.raw));
+    }
+    let merged: cloud_config::Config =
+        serde_json::from_value(raw.clone()).map_err(|e| P2pError::Merge {
+            path: saved.to_path_buf(),
+            message: format!("the result is not a valid cloud-config: {e}"),
+        })?;
+    let text = serde_json::to_string_pretty(&raw).map_err(|e| P2pError::Merge {
+        path: saved.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    writeln!(
+        log,
+        "kairos-agent: pairing: merged the paired config over this node's ({})",
+        sources.join(", ")
+    )?;
+    // JSON is YAML: the header makes it a cloud-config again.
+    Ok(Some((format!("#cloud-config\n{text}\n"), merged)))
+}
+
+/// Upstream's install-mode after pairing: merge the received config, install with it (it
+/// becomes COS_OEM:/90_custom.yaml), then reboot or power off as asked.
+fn install_paired(
+    ctx: &Ctx,
+    data: &PairingData,
+    saved: &Path,
+    no_reboot: bool,
+    out: &mut dyn Write,
+    log: &mut dyn Write,
+) -> Result<Outcome, P2pError> {
+    let merged = merge_paired(ctx, &data.cc, saved, log)?;
+    let none = cloud_config::Config::default();
+    let plan = paired_install(data, merged.as_ref().map_or(&none, |m| &m.1));
+    let config = match &merged {
+        Some((text, _)) => Some(write_private(
+            &ctx.path(PAIRING_DIR),
+            "install.yaml",
+            text.as_bytes(),
+        )?),
+        None => None,
+    };
+    let device = plan.device.clone().unwrap_or_else(|| "(none)".into());
+    writeln!(
+        log,
+        "kairos-agent: pairing: installing to {device} from {} with config {}",
+        plan.source.as_deref().unwrap_or("the default source"),
+        config
+            .as_ref()
+            .map_or_else(|| "(none)".into(), |c| c.display().to_string())
+    )?;
+    let opts = install::Options {
+        device: plan.device.as_ref().map(PathBuf::from),
+        source: plan.source.clone(),
+        config: config.clone(),
+        ..install::Options::default()
+    };
+    let done = install::install(ctx, &opts, out, log).map_err(|error| P2pError::Install {
+        device: device.clone(),
+        error,
+    })?;
+    if !matches!(done, Outcome::Done) {
+        return Ok(done);
+    }
+    writeln!(log, "kairos-agent: pairing: installed to {device}")?;
+    let cmd = if plan.poweroff {
+        ("powering off", rustix::system::RebootCommand::PowerOff)
+    } else if plan.reboot {
+        ("rebooting", rustix::system::RebootCommand::Restart)
+    } else {
+        writeln!(
+            log,
+            "kairos-agent: pairing: done; reboot to use the new system"
+        )?;
+        return Ok(Outcome::Done);
+    };
+    if no_reboot {
+        writeln!(
+            log,
+            "kairos-agent: pairing: done; the request asked for {} but --no-reboot: not {}",
+            if plan.poweroff { "poweroff" } else { "reboot" },
+            cmd.0
+        )?;
+        return Ok(Outcome::Done);
+    }
+    writeln!(log, "kairos-agent: pairing: done; {}", cmd.0)?;
+    log.flush()?;
+    rustix::fs::sync();
+    rustix::system::reboot(cmd.1).map_err(|e| P2pError::Reboot {
+        what: cmd.0,
+        device,
+        error: e.into(),
+    })?;
+    Ok(Outcome::Done)
+}
+
+/// Writes `dir/name` for root only (0700 directory, 0600 file): the config may carry
+/// tokens and passwords, like k3s's config.
+fn write_private(dir: &Path, name: &str, content: &[u8]) -> Result<PathBuf, P2pError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    let path = dir.join(name);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|_| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+        })
+        .and_then(|mut f| {
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            f.write_all(content)
+        })
+        .map_err(|source| P2pError::Write {
+            path: path.clone(),
+            source,
+        })?;
+    Ok(path)
+}
+
+/// Leave the received config and install request under /run/kairos/pairing; returns the
+/// config's path.
+fn save_pairing(ctx: &Ctx, data: &PairingData, out: &mut dyn Write) -> Result<PathBuf, P2pError> {
+    let dir = ctx.path(PAIRING_DIR);
+    let cc = write_private(&dir, "config.yaml", data.cc.as_bytes())?;
     let req = serde_json::to_vec_pretty(data).unwrap_or_default();
-    write("request.json", &req)?;
+    write_private(&dir, "request.json", &req)?;
     writeln!(
         out,
         "kairos-p2p: paired: config in {}, install device={} reboot={} poweroff={}",
@@ -236,7 +447,7 @@ fn save_pairing(ctx: &Ctx, data: &PairingData, out: &mut dyn Write) -> Result<()
         data.reboot,
         data.poweroff
     )?;
-    Ok(())
+    Ok(cc)
 }
 
 /// The token from a QR code image, or the argument itself.
@@ -298,6 +509,89 @@ mod tests {
         qr::write_png(&t, &png).unwrap();
         assert_eq!(token_from_arg(png.to_str().unwrap()).unwrap(), t);
         assert_eq!(token_from_arg(&t).unwrap(), t);
+    }
+
+    fn request(device: &str, reboot: bool) -> PairingData {
+        PairingData {
+            device: device.into(),
+            cc: String::new(),
+            reboot,
+            poweroff: false,
+        }
+    }
+
+    fn typed(text: &str) -> cloud_config::Config {
+        cloud_config::parse("t", text, true)
+            .unwrap()
+            .unwrap()
+            .config
+    }
+
+    #[test]
+    fn the_request_device_wins_then_install_device_then_auto() {
+        let cfg = typed(
+            "#cloud-config\ninstall:\n  device: /dev/sdb\n  source: dir:/x\n  poweroff: true\n",
+        );
+        let p = paired_install(&request("/dev/vda", true), &cfg);
+        assert_eq!(p.device.as_deref(), Some("/dev/vda"));
+        assert_eq!(p.source.as_deref(), Some("dir:/x"));
+        assert!(p.reboot && p.poweroff);
+        // register's default `auto` does not override a device the config names.
+        let p = paired_install(&request("auto", false), &cfg);
+        assert_eq!(p.device.as_deref(), Some("/dev/sdb"));
+        assert!(!p.reboot);
+        let none = cloud_config::Config::default();
+        let p = paired_install(&request("auto", false), &none);
+        assert_eq!(p.device.as_deref(), Some("auto"));
+        assert_eq!(p.source, None);
+        assert_eq!(paired_install(&request("", false), &none).device, None);
+    }
+
+    #[test]
+    fn paired_config_is_merged_over_the_nodes_own() {
+        let t = crate::testutil::Tree::new();
+        let saved = t.ctx.path("/run/kairos/pairing/config.yaml");
+        let cc = "#cloud-config\nhostname: paired-node\ninstall:\n  device: /dev/vdb\n";
+        // Nothing of the node's: the paired text as sent.
+        let (text, cfg, log) = {
+            let mut log = Vec::new();
+            let (text, cfg) = merge_paired(&t.ctx, cc, &saved, &mut log).unwrap().unwrap();
+            (text, cfg, String::from_utf8(log).unwrap())
+        };
+        assert_eq!(text, cc);
+        assert_eq!(cfg.install.unwrap().device.as_deref(), Some("/dev/vdb"));
+        assert!(log.is_empty(), "{log}");
+        // The node's own config: merged, the paired one wins.
+        t.file(
+            "/oem/10_node.yaml",
+            "#cloud-config\nhostname: live\ninstall:\n  device: /dev/vda\n  source: dir:/img\nusers:\n- name: kairos\n",
+        );
+        let mut log = Vec::new();
+        let (text, cfg) = merge_paired(&t.ctx, cc, &saved, &mut log).unwrap().unwrap();
+        let log = String::from_utf8(log).unwrap();
+        assert!(text.starts_with("#cloud-config\n"), "{text}");
+        let again = typed(&text);
+        assert_eq!(again, cfg);
+        assert_eq!(cfg.hostname.as_deref(), Some("paired-node"));
+        let inst = cfg.install.unwrap();
+        assert_eq!(inst.device.as_deref(), Some("/dev/vdb"));
+        assert_eq!(inst.source.as_deref(), Some("dir:/img"));
+        assert_eq!(cfg.users.len(), 1);
+        assert!(
+            log.contains("merged the paired config over this node's (/oem/10_node.yaml)"),
+            "{log}"
+        );
+        // A config without a header, or broken YAML: an error naming the saved file.
+        let e = merge_paired(&t.ctx, "hostname: x\n", &saved, &mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains(&saved.display().to_string()), "{e}");
+        let e = merge_paired(
+            &t.ctx,
+            "#cloud-config\nhostname: [\n",
+            &saved,
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains(&saved.display().to_string()), "{e}");
     }
 
     #[test]

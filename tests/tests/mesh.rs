@@ -238,21 +238,102 @@ fn wrong_token_node_learns_nothing_and_counts_for_nothing() {
     assert!(mesh.nodes[2].record("server").is_none() && mesh.nodes[2].record("agent").is_none());
 }
 
+/// A loop device on a sparse file, detached (and the file removed) on drop.
+struct LoopDisk(String, std::path::PathBuf);
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+/// A mount point, unmounted (lazily) and removed on drop.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// QR pairing: a node in install mode saves its token as a PNG QR code; `register` with that
-/// PNG, run in another namespace, delivers a config the node acknowledges and hands on.
+/// PNG, run in another namespace, delivers a config and a device; the node acknowledges and
+/// installs to that device (a loop device here) from the config's install.source, with the
+/// config on COS_OEM.
 #[test]
 fn qr_pairing_delivers_the_config() {
+    use std::os::unix::fs::{PermissionsExt, symlink};
     require_root();
     let agent = build_agent().expect("building kairos-agent");
     let mesh = Mesh::new(&agent, "q", 2).expect("setting up namespaces");
     let node = &mesh.nodes[0];
+
+    // The target: a sparse 4 GiB disk.
+    let img = mesh.dir.join("disk.img");
+    run_ok(
+        std::process::Command::new("truncate")
+            .args(["-s", "4G"])
+            .arg(&img),
+    );
+    let dev = run_ok(
+        std::process::Command::new("losetup")
+            .args(["-f", "--show", "-P"])
+            .arg(&img),
+    )
+    .trim()
+    .to_owned();
+    let _disk = LoopDisk(dev.clone(), img.clone());
+    // What the installer reads under --root: the block devices in sysfs and /dev, this
+    // process's mounts and swaps (no /sys/firmware/efi: a BIOS install).
+    for (link, to) in [
+        ("dev", "/dev"),
+        ("sys/block", "/sys/block"),
+        ("sys/class/block", "/sys/class/block"),
+        ("sys/dev/block", "/sys/dev/block"),
+        ("proc/self", "/proc/self"),
+        ("proc/swaps", "/proc/swaps"),
+    ] {
+        let l = node.root.join(link);
+        std::fs::create_dir_all(l.parent().unwrap()).unwrap();
+        symlink(to, &l).unwrap();
+    }
+    // A small source tree carrying BIOS GRUB, as an image does.
+    let src = mesh.dir.join("source");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::create_dir_all(src.join("usr/lib/grub")).unwrap();
+    std::fs::write(src.join("etc/os-release"), "ID=kairos-paired-test\n").unwrap();
+    run_ok(
+        std::process::Command::new("cp")
+            .args(["-a", "/usr/lib/grub/i386-pc"])
+            .arg(src.join("usr/lib/grub/")),
+    );
+
     let log = std::fs::File::create(node.root.join("pair.log")).unwrap();
     let mut pair = std::process::Command::new("ip")
         .args(["netns", "exec", &node.ns])
         .arg(&agent)
         .arg("--root")
         .arg(&node.root)
-        .args(["p2p", "pair", "--timeout", "120"])
+        // The request asks for a reboot; this is the test machine.
+        .args(["p2p", "pair", "--timeout", "120", "--no-reboot"])
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -267,12 +348,15 @@ fn qr_pairing_delivers_the_config() {
         let _ = pair.kill();
         panic!("{e}");
     }
-    // The console shows the code with block characters.
+    // The console shows the code with block characters, and the PNG decodes to the token.
     let shown = std::fs::read_to_string(node.root.join("pair.log")).unwrap_or_default();
     assert!(shown.contains('█') || shown.contains('▀'), "{shown}");
-    let cc = "#cloud-config\nhostname: paired-node\ninstall:\n  device: /dev/vda\n";
+    let cc = format!(
+        "#cloud-config\nhostname: paired-node\ninstall:\n  source: dir:{}\n",
+        src.display()
+    );
     let cc_path = mesh.dir.join("cc.yaml");
-    std::fs::write(&cc_path, cc).unwrap();
+    std::fs::write(&cc_path, &cc).unwrap();
     let reg = mesh.exec(
         1,
         &[
@@ -283,23 +367,81 @@ fn qr_pairing_delivers_the_config() {
             "--config",
             cc_path.to_str().unwrap(),
             "--device",
-            "/dev/vda",
+            &dev,
             "--reboot",
             "--timeout",
             "90",
             png.to_str().unwrap(),
         ],
     );
+    let t_install = Instant::now();
     let status = pair.wait().unwrap();
     let pair_log = std::fs::read_to_string(node.root.join("pair.log")).unwrap_or_default();
     let reg = reg.unwrap_or_else(|e| panic!("register failed: {e}\nnode:\n{pair_log}"));
     assert!(reg.contains("registered with node"), "{reg}");
     assert!(status.success(), "pair exited {status}:\n{pair_log}");
+    for l in pair_log.lines().filter(|l| {
+        l.starts_with("kairos-agent:")
+            || l.starts_with("install:")
+            || l.starts_with("kairos-p2p: paired")
+    }) {
+        println!("pair: {l}");
+    }
+    println!(
+        "FIGURE pairing: pair finished installing {:.1} s after register was acknowledged",
+        t_install.elapsed().as_secs_f64()
+    );
     let got = std::fs::read_to_string(node.root.join("run/kairos/pairing/config.yaml")).unwrap();
     assert_eq!(got, cc);
     let req = std::fs::read_to_string(node.root.join("run/kairos/pairing/request.json")).unwrap();
     assert!(
-        req.contains("\"device\": \"/dev/vda\"") && req.contains("\"reboot\": true"),
+        req.contains(&format!("\"device\": \"{dev}\"")) && req.contains("\"reboot\": true"),
         "{req}"
     );
+    // The pair log says what it did.
+    for want in [
+        format!(
+            "kairos-agent: pairing: installing to {dev} from dir:{}",
+            src.display()
+        ),
+        format!("kairos-agent: pairing: installed to {dev}"),
+        "--no-reboot: not rebooting".to_owned(),
+    ] {
+        assert!(pair_log.contains(&want), "no {want:?} in:\n{pair_log}");
+    }
+
+    // The disk has the Kairos partitions.
+    let labels: Vec<String> = (2..=5)
+        .map(|n| {
+            run_ok(
+                std::process::Command::new("blkid")
+                    .args(["-p", "-s", "LABEL", "-o", "value"])
+                    .arg(format!("{dev}p{n}")),
+            )
+            .trim()
+            .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        labels,
+        ["COS_OEM", "COS_RECOVERY", "COS_STATE", "COS_PERSISTENT"],
+        "{pair_log}"
+    );
+    // COS_OEM holds the paired config, root only.
+    let mnt = mesh.dir.join("oem-mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run_ok(
+        std::process::Command::new("mount")
+            .args(["-o", "ro"])
+            .arg(format!("{dev}p2"))
+            .arg(&mnt),
+    );
+    let _oem = Mounted(mnt.clone());
+    let custom = mnt.join("90_custom.yaml");
+    let on_oem = std::fs::read_to_string(&custom).unwrap();
+    assert!(on_oem.contains("hostname: paired-node"), "{on_oem}");
+    assert_eq!(on_oem, cc);
+    let mode = std::fs::metadata(&custom).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}: mode {mode:o}", custom.display());
+    assert!(mnt.join("grubenv").is_file());
 }

@@ -281,6 +281,81 @@ pub fn reread(f: &File, disk: &Path) -> Result<(), InstallError> {
     }
 }
 
+/// `struct blkpg_partition` (linux/blkpg.h).
+#[repr(C)]
+struct BlkpgPartition {
+    start: i64,
+    length: i64,
+    pno: i32,
+    devname: [u8; 64],
+    volname: [u8; 64],
+}
+
+/// `struct blkpg_ioctl_arg` (linux/blkpg.h).
+#[repr(C)]
+struct BlkpgArg {
+    op: i32,
+    flags: i32,
+    datalen: i32,
+    data: *mut BlkpgPartition,
+}
+
+/// Adds partitions `(number, first byte, length in bytes)` to `disk` with BLKPG, as
+/// `partx -a` does: for kernels that cannot parse the GPT just written (built without
+/// CONFIG_EFI_PARTITION), so BLKRRPART left the disk without partitions. Ones the kernel
+/// already has (EBUSY) are skipped.
+pub fn add_partitions(
+    f: &File,
+    disk: &Path,
+    parts: &[(u32, u64, u64)],
+) -> Result<(), InstallError> {
+    use std::os::fd::AsRawFd;
+    const BLKPG: libc::c_ulong = 0x1269; // _IO(0x12, 105)
+    const BLKPG_ADD_PARTITION: i32 = 1;
+    for &(pno, start, length) in parts {
+        let mut p = BlkpgPartition {
+            start: i64::try_from(start).unwrap_or(i64::MAX),
+            length: i64::try_from(length).unwrap_or(i64::MAX),
+            pno: i32::try_from(pno).unwrap_or(i32::MAX),
+            devname: [0; 64],
+            volname: [0; 64],
+        };
+        let mut arg = BlkpgArg {
+            op: BLKPG_ADD_PARTITION,
+            flags: 0,
+            datalen: std::mem::size_of::<BlkpgPartition>() as i32,
+            data: &mut p,
+        };
+        // SAFETY: BLKPG reads a blkpg_ioctl_arg whose data points at a blkpg_partition of
+        // datalen bytes; both live until the call returns.
+        let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKPG, &mut arg as *mut BlkpgArg) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EBUSY) {
+                return Err(InstallError::Partitions {
+                    device: disk.to_path_buf(),
+                    what: format!("adding partition {pno} (BLKPG_ADD_PARTITION): {e}"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether partition `n` of `disk` shows up in sysfs within `timeout`.
+pub fn partition_appears(ctx: &Ctx, disk: &Disk, n: u32, timeout: Duration) -> bool {
+    let name = partition_name(&disk.name, n);
+    let sys = ctx.path(format!("/sys/class/block/{}/{name}/dev", disk.name));
+    let start = Instant::now();
+    while !sys.exists() {
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
 /// Waits up to `timeout` for partition `n` of `disk` in sysfs and returns its /dev node,
 /// creating the node when devtmpfs did not.
 pub fn wait_partition(
@@ -338,6 +413,13 @@ pub fn wait_partition(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blkpg_structs_match_the_kernel_abi() {
+        // linux/blkpg.h on x86_64: 2 × long long, int, 2 × char[64], padded to 8.
+        assert_eq!(std::mem::size_of::<BlkpgPartition>(), 152);
+        assert_eq!(std::mem::size_of::<BlkpgArg>(), 24);
+    }
 
     const MOUNTINFO: &str = "\
 22 1 0:21 / / rw,relatime - ext4 /dev/loop0 ro

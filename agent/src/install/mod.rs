@@ -692,6 +692,26 @@ pub fn install(
         })?;
     write_gpt(ctx, &mut f, &disk, &parts)?;
     device::reread(&f, &disk.path)?;
+    if !device::partition_appears(ctx, &disk, 1, Duration::from_secs(3)) {
+        // A kernel without a GPT parser: tell it where the partitions are.
+        writeln!(
+            log,
+            "install: the kernel did not read the new GPT of {}; adding its partitions (BLKPG)",
+            disk.path.display()
+        )?;
+        let add: Vec<(u32, u64, u64)> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, _, first, last))| {
+                (
+                    i as u32 + 1,
+                    first * gpt::SECTOR,
+                    (last - first + 1) * gpt::SECTOR,
+                )
+            })
+            .collect();
+        device::add_partitions(&f, &disk.path, &add)?;
+    }
     // mkfs opens the partitions exclusively, which an exclusive opener of the disk prevents.
     drop(f);
     let mut nodes = Vec::new();
