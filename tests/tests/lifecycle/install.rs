@@ -98,6 +98,25 @@ fn value<'a>(lines: &'a [String], key: &str) -> Option<&'a str> {
         .find_map(|l| l.strip_prefix(key).map(str::trim_start))
 }
 
+/// The scenario's `install rc=0 from T0 to T1` line (uptimes in seconds): asserts rc 0 and
+/// prints the time as the figure `what`.
+fn install_succeeded(lines: &[String], what: &str) {
+    let rc = value(lines, "install rc=").unwrap_or("(none)");
+    assert!(
+        rc.starts_with("0 "),
+        "{what} failed: rc={rc}\n{}",
+        lines.join("\n")
+    );
+    let times: Vec<f64> = rc
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    if let [t0, t1] = times[..] {
+        println!("FIGURE {what} in the guest (TCG): {:.1} s", t1 - t0);
+    }
+}
+
 #[test]
 fn install_onto_a_blank_disk_then_boot_it_alone() {
     if !can_run() {
@@ -174,21 +193,7 @@ fn install_onto_a_blank_disk_then_boot_it_alone() {
     );
 
     // The install.
-    let rc = value(&lines, "install rc=").unwrap_or("(none)");
-    assert!(
-        rc.starts_with("0 "),
-        "install failed: rc={rc}\n{}",
-        lines.join("\n")
-    );
-    // "0 from T0 to T1" (uptimes in seconds).
-    let times: Vec<f64> = rc
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    if let [t0, t1] = times[..] {
-        println!("FIGURE install in the guest (TCG): {:.1} s", t1 - t0);
-    }
+    install_succeeded(&lines, "install");
     for step in [
         "log install: writing the partition table",
         "log install: making the filesystems",
@@ -465,20 +470,7 @@ fn install_uefi_onto_a_blank_disk_then_boot_it_alone() {
         lines.iter().any(|l| l == "booted uefi"),
         "the live system did not boot UEFI"
     );
-    let rc = value(&lines, "install rc=").unwrap_or("(none)");
-    assert!(
-        rc.starts_with("0 "),
-        "install failed: rc={rc}\n{}",
-        lines.join("\n")
-    );
-    let times: Vec<f64> = rc
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    if let [t0, t1] = times[..] {
-        println!("FIGURE UEFI install in the guest (TCG): {:.1} s", t1 - t0);
-    }
+    install_succeeded(&lines, "UEFI install");
     assert!(
         lines
             .iter()
