@@ -152,10 +152,9 @@ struct InstallArgs {
     /// GRUB's i386-pc directory [default: /usr/lib/grub/i386-pc, else the source's]
     #[arg(long, value_name = "DIR")]
     grub_dir: Option<PathBuf>,
-    /// Boot code to install: bios (bios_grub partition, GRUB in the MBR), efi (an EFI system
-    /// partition COS_GRUB with EFI/BOOT/BOOTX64.EFI), or auto: efi when this system booted UEFI
-    #[arg(long, value_name = "FW", default_value = "auto", value_parser = ["auto", "bios", "efi"])]
-    firmware: String,
+    /// Boot code to install
+    #[arg(long, value_enum, default_value_t)]
+    firmware: kairos_agent::install::efi::Firmware,
 }
 
 #[derive(Args)]
@@ -290,8 +289,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 source: a.source,
                 config: a.config,
                 grub_dir: a.grub_dir,
-                firmware: kairos_agent::install::efi::Firmware::parse(&a.firmware)
-                    .unwrap_or_default(),
+                firmware: a.firmware,
             };
             kairos_agent::install::install(
                 &ctx,

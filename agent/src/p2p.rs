@@ -51,12 +51,6 @@ pub enum P2pError {
     Merge { path: PathBuf, message: String },
     #[error("installing to {device} as the pairing asked: {error}")]
     Install { device: String, error: InstallError },
-    #[error("{what} after installing to {device}: {error}")]
-    Reboot {
-        what: &'static str,
-        device: String,
-        error: std::io::Error,
-    },
     #[error("writing the output: {0}")]
     Output(#[from] std::io::Error),
 }
@@ -307,16 +301,18 @@ fn merge_paired(
         .filter(|s| !s.raw.is_empty())
         .map(|s| s.origin.as_str())
         .collect();
-    let mut raw = serde_json::Value::Object(own.raw);
+    let mut raw = own.raw;
     if let Some(p) = paired {
-        cloud_config::merge(&mut raw, serde_json::Value::Object(p.raw));
+        cloud_config::merge_maps(&mut raw, p.raw);
     }
     let merged: cloud_config::Config =
-        serde_json::from_value(raw.clone()).map_err(|e| P2pError::Merge {
-            path: saved.to_path_buf(),
-            message: format!("the result is not a valid cloud-config: {e}"),
+        serde_json::from_value(serde_json::Value::Object(raw.clone())).map_err(|e| {
+            P2pError::Merge {
+                path: saved.to_path_buf(),
+                message: format!("the result is not a valid cloud-config: {e}"),
+            }
         })?;
-    let text = serde_json::to_string_pretty(&raw).map_err(|e| P2pError::Merge {
+    let text = install::cloud_config_text(&raw).map_err(|e| P2pError::Merge {
         path: saved.to_path_buf(),
         message: e.to_string(),
     })?;
@@ -325,8 +321,7 @@ fn merge_paired(
         "kairos-agent: pairing: merged the paired config over this node's ({})",
         sources.join(", ")
     )?;
-    // JSON is YAML: the header makes it a cloud-config again.
-    Ok(Some((format!("#cloud-config\n{text}\n"), merged)))
+    Ok(Some((text, merged)))
 }
 
 /// Upstream's install-mode after pairing: merge the received config, install with it (it
@@ -365,70 +360,22 @@ fn install_paired(
         config: config.clone(),
         ..install::Options::default()
     };
-    let done = install::install(ctx, &opts, out, log).map_err(|error| P2pError::Install {
-        device: device.clone(),
-        error,
-    })?;
-    if !matches!(done, Outcome::Done) {
-        return Ok(done);
-    }
-    writeln!(log, "kairos-agent: pairing: installed to {device}")?;
-    let cmd = if plan.poweroff {
-        ("powering off", rustix::system::RebootCommand::PowerOff)
-    } else if plan.reboot {
-        ("rebooting", rustix::system::RebootCommand::Restart)
-    } else {
-        writeln!(
-            log,
-            "kairos-agent: pairing: done; reboot to use the new system"
-        )?;
-        return Ok(Outcome::Done);
+    let finish = install::Finish {
+        reboot: plan.reboot,
+        poweroff: plan.poweroff,
+        hold: no_reboot,
     };
-    if no_reboot {
-        writeln!(
-            log,
-            "kairos-agent: pairing: done; the request asked for {} but --no-reboot: not {}",
-            if plan.poweroff { "poweroff" } else { "reboot" },
-            cmd.0
-        )?;
-        return Ok(Outcome::Done);
-    }
-    writeln!(log, "kairos-agent: pairing: done; {}", cmd.0)?;
-    log.flush()?;
-    rustix::fs::sync();
-    rustix::system::reboot(cmd.1).map_err(|e| P2pError::Reboot {
-        what: cmd.0,
-        device,
-        error: e.into(),
-    })?;
-    Ok(Outcome::Done)
+    install::install_then(ctx, &opts, "pairing", finish, out, log)
+        .map_err(|error| P2pError::Install { device, error })
 }
 
-/// Writes `dir/name` for root only (0700 directory, 0600 file): the config may carry
-/// tokens and passwords, like k3s's config.
+/// Writes `dir/name` for root only (see [`install::write_private`]).
 fn write_private(dir: &Path, name: &str, content: &[u8]) -> Result<PathBuf, P2pError> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let path = dir.join(name);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .and_then(|_| {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&path)
-        })
-        .and_then(|mut f| {
-            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            f.write_all(content)
-        })
-        .map_err(|source| P2pError::Write {
-            path: path.clone(),
-            source,
-        })?;
+    install::write_private(&path, content).map_err(|source| P2pError::Write {
+        path: path.clone(),
+        source,
+    })?;
     Ok(path)
 }
 

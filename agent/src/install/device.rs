@@ -257,7 +257,7 @@ pub fn check_unused(ctx: &Ctx, disk: &Disk) -> Result<(), InstallError> {
 }
 
 /// BLKRRPART: the kernel re-reads the partition table (`blockdev --rereadpt` as a fallback).
-pub fn reread(f: &File, disk: &Path) -> Result<(), InstallError> {
+fn reread(f: &File, disk: &Path) -> Result<(), InstallError> {
     const BLKRRPART: rustix::ioctl::Opcode = rustix::ioctl::opcode::none(0x12, 95);
     // SAFETY: BLKRRPART takes no argument.
     let r = unsafe { rustix::ioctl::ioctl(f, rustix::ioctl::NoArg::<BLKRRPART>::new()) };
@@ -342,18 +342,35 @@ pub fn add_partitions(
     Ok(())
 }
 
-/// Whether partition `n` of `disk` shows up in sysfs within `timeout`.
-pub fn partition_appears(ctx: &Ctx, disk: &Disk, n: u32, timeout: Duration) -> bool {
-    let name = partition_name(&disk.name, n);
-    let sys = ctx.path(format!("/sys/class/block/{}/{name}/dev", disk.name));
+/// The kernel learns the partitions just written to `disk` (held open as `f`): BLKRRPART,
+/// and when partition 1 is not in sysfs within 3 s (a kernel without a GPT parser),
+/// BLKPG for each of `parts` (number, first byte, length). True when BLKPG was needed.
+pub fn publish(
+    ctx: &Ctx,
+    f: &File,
+    disk: &Disk,
+    parts: &[(u32, u64, u64)],
+) -> Result<bool, InstallError> {
+    reread(f, &disk.path)?;
+    let sys = sys_dev(ctx, disk, 1);
     let start = Instant::now();
     while !sys.exists() {
-        if start.elapsed() > timeout {
-            return false;
+        if start.elapsed() > Duration::from_secs(3) {
+            add_partitions(f, &disk.path, parts)?;
+            return Ok(true);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    true
+    Ok(false)
+}
+
+/// sysfs's `dev` file of partition `n` of `disk`.
+fn sys_dev(ctx: &Ctx, disk: &Disk, n: u32) -> PathBuf {
+    ctx.path(format!(
+        "/sys/class/block/{}/{}/dev",
+        disk.name,
+        partition_name(&disk.name, n)
+    ))
 }
 
 /// Waits up to `timeout` for partition `n` of `disk` in sysfs and returns its /dev node,
@@ -365,7 +382,7 @@ pub fn wait_partition(
     timeout: Duration,
 ) -> Result<PathBuf, InstallError> {
     let name = partition_name(&disk.name, n);
-    let sys = ctx.path(format!("/sys/class/block/{}/{name}/dev", disk.name));
+    let sys = sys_dev(ctx, disk, n);
     let node = ctx.path(format!("/dev/{name}"));
     let start = Instant::now();
     loop {

@@ -50,25 +50,23 @@ pub const MODULES: &[&str] = &[
     "reboot",
 ];
 
-/// Which boot code `install` writes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Which boot code `install` writes (`--firmware`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Firmware {
     /// UEFI when the running system booted UEFI (/sys/firmware/efi), else BIOS.
     #[default]
     Auto,
+    /// A bios_grub partition and GRUB in the MBR.
     Bios,
+    /// An EFI system partition COS_GRUB with EFI/BOOT/BOOTX64.EFI.
+    #[value(alias = "uefi")]
     Efi,
 }
 
 impl Firmware {
-    /// `auto`, `bios`, `efi` (also `uefi`).
+    /// `auto`, `bios`, `efi` (also `uefi`), as `--firmware` takes them.
     pub fn parse(s: &str) -> Option<Firmware> {
-        match s {
-            "auto" => Some(Firmware::Auto),
-            "bios" => Some(Firmware::Bios),
-            "efi" | "uefi" => Some(Firmware::Efi),
-            _ => None,
-        }
+        <Firmware as clap::ValueEnum>::from_str(s, false).ok()
     }
 
     /// Bios or Efi: `Auto` follows how the running system booted.

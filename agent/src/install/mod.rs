@@ -147,11 +147,11 @@ pub struct Sizes {
 
 /// SPEC §1's sizes for a system image of `image` bytes (the recovery squashfs is at most as
 /// large): recovery 2 × image + 200 MiB, state 3 × image (active, passive and an upgrade's
-/// transition) + 1000 MiB.
-pub fn sizes(image: u64) -> Sizes {
+/// transition) + 1000 MiB; partition 1 as the (resolved) `firmware` needs.
+pub fn sizes(image: u64, firmware: efi::Firmware) -> Sizes {
     let img = image.div_ceil(MIB);
     Sizes {
-        boot: 1,
+        boot: firmware.boot_partition().2,
         oem: 64,
         recovery: 2 * img + 200,
         state: 3 * img + 1000,
@@ -599,8 +599,7 @@ pub fn install(
     }
     let booted_efi = ctx.path("/sys/firmware/efi").exists();
     let firmware = opts.firmware.resolve(booted_efi);
-    let mut s = sizes(image_size);
-    s.boot = firmware.boot_partition().2;
+    let s = sizes(image_size, firmware);
     let parts = layout(disk.size, &s, firmware).ok_or_else(|| InstallError::TooSmall {
         device: disk.path.clone(),
         size_mib: disk.size / MIB,
@@ -691,26 +690,16 @@ pub fn install(
             what: format!("cannot open it exclusively: {e}"),
         })?;
     write_gpt(ctx, &mut f, &disk, &parts)?;
-    device::reread(&f, &disk.path)?;
-    if !device::partition_appears(ctx, &disk, 1, Duration::from_secs(3)) {
-        // A kernel without a GPT parser: tell it where the partitions are.
+    let add: Vec<(u32, u64, u64)> = (1..)
+        .zip(&parts)
+        .map(|(n, &(_, _, first, last))| (n, first * gpt::SECTOR, (last - first + 1) * gpt::SECTOR))
+        .collect();
+    if device::publish(ctx, &f, &disk, &add)? {
         writeln!(
             log,
-            "install: the kernel did not read the new GPT of {}; adding its partitions (BLKPG)",
+            "install: the kernel did not read the new GPT of {}; added its partitions (BLKPG)",
             disk.path.display()
         )?;
-        let add: Vec<(u32, u64, u64)> = parts
-            .iter()
-            .enumerate()
-            .map(|(i, &(_, _, first, last))| {
-                (
-                    i as u32 + 1,
-                    first * gpt::SECTOR,
-                    (last - first + 1) * gpt::SECTOR,
-                )
-            })
-            .collect();
-        device::add_partitions(&f, &disk.path, &add)?;
     }
     // mkfs opens the partitions exclusively, which an exclusive opener of the disk prevents.
     drop(f);
@@ -870,60 +859,115 @@ pub fn auto_install(
         );
         return None;
     }
-    let (reboot, poweroff) = (wanted.reboot, wanted.poweroff);
+    let finish = Finish {
+        reboot: wanted.reboot,
+        poweroff: wanted.poweroff,
+        hold: false,
+    };
     Some((|| {
         let conf = ctx.path("/run/kairos/auto-install.yaml");
-        if let Some(dir) = conf.parent() {
-            std::fs::create_dir_all(dir).map_err(io(dir, "creating"))?;
-        }
-        let text = format!(
-            "#cloud-config\n{}\n",
-            serde_json::to_string_pretty(&loaded.raw)
-                .map_err(|e| InstallError::Other(format!("serializing the cloud-config: {e}")))?
-        );
-        {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&conf)
-                .map_err(io(&conf, "creating"))?;
-            f.write_all(text.as_bytes()).map_err(io(&conf, "writing"))?;
-        }
+        let text = cloud_config_text(&loaded.raw)
+            .map_err(|e| InstallError::Other(format!("serializing the cloud-config: {e}")))?;
+        write_private(&conf, text.as_bytes()).map_err(io(&conf, "writing"))?;
         writeln!(log, "kairos-agent: install.auto: installing")?;
         let opts = Options {
             config: Some(conf),
             ..Options::default()
         };
-        let done = install(ctx, &opts, out, log)?;
-        if !matches!(done, Outcome::Done) {
-            return Ok(done);
-        }
-        let cmd = if poweroff {
-            rustix::system::RebootCommand::PowerOff
-        } else if reboot {
-            rustix::system::RebootCommand::Restart
-        } else {
-            writeln!(
-                log,
-                "kairos-agent: install.auto: done; reboot to use the new system"
-            )?;
-            return Ok(Outcome::Done);
-        };
+        install_then(ctx, &opts, "install.auto", finish, out, log)
+    })())
+}
+
+/// A merged cloud-config as text for a file: JSON is YAML, the header makes it a cloud-config.
+pub fn cloud_config_text(
+    raw: &serde_json::Map<String, serde_json::Value>,
+) -> Result<String, serde_json::Error> {
+    Ok(format!(
+        "#cloud-config\n{}\n",
+        serde_json::to_string_pretty(raw)?
+    ))
+}
+
+/// Writes `path` for root only (the file 0600, a directory it has to create 0700): install
+/// configs carry tokens and passwords, like k3s's config.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // An existing file keeps its mode on open: set it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)
+}
+
+/// What follows a finished unattended install (install.auto, pairing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Finish {
+    pub reboot: bool,
+    pub poweroff: bool,
+    /// Neither, whatever was asked (`--no-reboot`).
+    pub hold: bool,
+}
+
+/// [`install`], then power off or reboot as `finish` says; `who` names the caller in the log.
+pub fn install_then(
+    ctx: &Ctx,
+    opts: &Options,
+    who: &str,
+    finish: Finish,
+    out: &mut dyn Write,
+    log: &mut dyn Write,
+) -> Result<Outcome, InstallError> {
+    let done = install(ctx, opts, out, log)?;
+    if !matches!(done, Outcome::Done) {
+        return Ok(done);
+    }
+    writeln!(
+        log,
+        "kairos-agent: {who}: installed to {}",
+        opts.device.as_deref().map_or_else(
+            || "install.device's disk".into(),
+            |d| d.display().to_string()
+        )
+    )?;
+    let (what, cmd) = if finish.poweroff {
+        ("powering off", rustix::system::RebootCommand::PowerOff)
+    } else if finish.reboot {
+        ("rebooting", rustix::system::RebootCommand::Restart)
+    } else {
         writeln!(
             log,
-            "kairos-agent: install.auto: done; {}",
-            if poweroff {
-                "powering off"
-            } else {
-                "rebooting"
-            }
+            "kairos-agent: {who}: done; reboot to use the new system"
         )?;
-        rustix::fs::sync();
-        rustix::system::reboot(cmd).map_err(|e| InstallError::Other(format!("reboot(2): {e}")))?;
-        Ok(Outcome::Done)
-    })())
+        return Ok(Outcome::Done);
+    };
+    if finish.hold {
+        writeln!(
+            log,
+            "kairos-agent: {who}: done; {} was asked for, but --no-reboot: not {what}",
+            if finish.poweroff {
+                "poweroff"
+            } else {
+                "reboot"
+            },
+        )?;
+        return Ok(Outcome::Done);
+    }
+    writeln!(log, "kairos-agent: {who}: done; {what}")?;
+    log.flush()?;
+    rustix::fs::sync();
+    rustix::system::reboot(cmd)
+        .map_err(|e| InstallError::Other(format!("{what} after installing: reboot(2): {e}")))?;
+    Ok(Outcome::Done)
 }
 
 #[cfg(test)]
@@ -932,7 +976,7 @@ mod tests {
 
     #[test]
     fn sizes_follow_the_spec() {
-        let s = sizes(100 * MIB + 1);
+        let s = sizes(100 * MIB + 1, efi::Firmware::Bios);
         assert_eq!(
             s,
             Sizes {
@@ -948,7 +992,7 @@ mod tests {
 
     #[test]
     fn layout_is_aligned_and_fills_the_disk() {
-        let s = sizes(50 * MIB);
+        let s = sizes(50 * MIB, efi::Firmware::Bios);
         let need = needed_mib(&s);
         let bios = efi::Firmware::Bios;
         assert!(layout((need - 1) * MIB, &s, bios).is_none());
@@ -981,9 +1025,11 @@ mod tests {
 
     #[test]
     fn the_efi_layout_starts_with_a_64_mib_esp() {
-        let mut s = sizes(50 * MIB);
-        s.boot = efi::Firmware::Efi.boot_partition().2;
-        assert_eq!(needed_mib(&s), needed_mib(&sizes(50 * MIB)) + 63);
+        let s = sizes(50 * MIB, efi::Firmware::Efi);
+        assert_eq!(
+            needed_mib(&s),
+            needed_mib(&sizes(50 * MIB, efi::Firmware::Bios)) + 63
+        );
         let size = 4096 * MIB;
         let l = layout(size, &s, efi::Firmware::Efi).unwrap();
         let names: Vec<&str> = l.iter().map(|p| p.0).collect();
@@ -998,7 +1044,7 @@ mod tests {
     }
 
     #[test]
-    fn uefi_without_grub_efi_is_refused_before_writing() {
+    fn the_no_grub_efi_refusal_names_the_directory_and_the_device() {
         let e = InstallError::NoGrubEfi {
             device: "/dev/vdb".into(),
         }
