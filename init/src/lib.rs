@@ -4,6 +4,7 @@
 pub mod blockdev;
 pub mod boot;
 pub mod cmdline;
+pub mod gpt;
 pub mod grubbios;
 pub mod grubcfg;
 pub mod grubenv;
