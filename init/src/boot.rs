@@ -10,6 +10,7 @@ use rustix::mount::MountFlags;
 
 use crate::blockdev::{self, BlockDev};
 use crate::cmdline::{self, BootMode, BootRequest};
+use crate::grow;
 use crate::layout::{self, Layout};
 use crate::modules::{self, ModuleIndex};
 use crate::plan::{self, Action, Candidate, ImageStatus, Inventory, SYSROOT};
@@ -208,6 +209,17 @@ pub fn run() -> Failure {
     let oem_fstab = step("oem", || mount_oem(&req, chosen.mode, &devices));
     step("stage rootfs", || run_stage("rootfs"));
     let layout = step("layout", || read_layout(chosen.mode));
+    // A first boot on a bigger disk grows COS_PERSISTENT before it is mounted (recovery does
+    // not mount it, so it does not grow it either).
+    if let (BootMode::Active | BootMode::Passive, Some((p, _))) = (
+        chosen.mode,
+        blockdev::find_by_label(&devices, crate::labels::PERSISTENT),
+    ) {
+        let mnt = Path::new("/run/kairos/grow");
+        step("grow", || {
+            grow::persistent(Path::new("/sys"), Path::new("/dev"), mnt, p, req.pause)
+        });
+    }
     step("system", || {
         mount_system(&req, chosen.mode, &layout, &devices, &oem_fstab)
     });

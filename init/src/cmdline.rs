@@ -26,6 +26,28 @@ pub enum Overlay {
     Device { spec: String },
 }
 
+/// `rd.kairos.pause=NAME`: a point where kairos-init stops for good, so a test harness can cut
+/// the power there (the QEMU power-cut tests of the COS_PERSISTENT grow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PausePoint {
+    /// The new GPT entries and backup are written and synced; the primary header is not
+    /// switched yet.
+    GrowEntries,
+    /// The GPT is switched and the kernel told; the filesystem is not grown yet.
+    GrowGpt,
+}
+
+impl PausePoint {
+    pub const ALL: [PausePoint; 2] = [PausePoint::GrowEntries, PausePoint::GrowGpt];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PausePoint::GrowEntries => "grow-entries",
+            PausePoint::GrowGpt => "grow-gpt",
+        }
+    }
+}
+
 /// Where a live (squashfs) root comes from: `root=live:<device> rd.live.dir= rd.live.squashimg=`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveSource {
@@ -78,6 +100,8 @@ pub struct BootRequest {
     pub consoles: Vec<String>,
     /// False when `fsck.mode=skip`.
     pub fsck: bool,
+    /// `rd.kairos.pause=`: test hook, see [`PausePoint`].
+    pub pause: Option<PausePoint>,
 }
 
 /// Upstream immucore waits 120 s for the root device. Local disks on an edge box enumerate in
@@ -114,6 +138,7 @@ impl Default for BootRequest {
             boot_reason: None,
             consoles: Vec::new(),
             fsck: true,
+            pause: None,
         }
     }
 }
@@ -147,8 +172,9 @@ enum Slot {
     KairosDebug,
     BootReason,
     FsckMode,
+    Pause,
 }
-const SLOTS: usize = Slot::FsckMode as usize + 1;
+const SLOTS: usize = Slot::Pause as usize + 1;
 
 /// Known names → slot, and whether the name is the `rd.immucore.` form (which wins).
 const PARAMS: &[(&str, Slot, bool)] = &[
@@ -176,6 +202,7 @@ const PARAMS: &[(&str, Slot, bool)] = &[
     ("rd.kairos.debug", Slot::KairosDebug, false),
     ("rd.kairos.boot_reason", Slot::BootReason, false),
     ("fsck.mode", Slot::FsckMode, false),
+    ("rd.kairos.pause", Slot::Pause, false),
 ];
 
 /// One occurrence: the canonical name (for warnings) and the value (None for a bare flag).
@@ -536,6 +563,17 @@ pub fn parse(cmdline: &str) -> (BootRequest, Vec<Warning>) {
                 name,
                 format!("{v:?} is not auto, force or skip; using auto"),
             ),
+        }
+    }
+
+    if let Some((name, v)) = w.value(raw.take(Slot::Pause), "no pause") {
+        req.pause = PausePoint::ALL.into_iter().find(|p| p.name() == v);
+        if req.pause.is_none() {
+            let known: Vec<&str> = PausePoint::ALL.iter().map(|p| p.name()).collect();
+            w.push(
+                name,
+                format!("{v:?} is not one of {}; no pause", known.join(", ")),
+            );
         }
     }
 
@@ -976,6 +1014,30 @@ mod tests {
         assert!(warned("console", "console").consoles.is_empty());
         let live = warned("root=live:LABEL=X rd.live.squashimg=", "rd.live.squashimg").live;
         assert_eq!(live.map(|l| l.squashimg), Some("rootfs.squashfs".into()));
+    }
+
+    #[test]
+    fn pause_points() {
+        assert_eq!(
+            ok("rd.kairos.pause=grow-entries").pause,
+            Some(PausePoint::GrowEntries)
+        );
+        assert_eq!(
+            ok("rd.kairos.pause=grow-gpt").pause,
+            Some(PausePoint::GrowGpt)
+        );
+        assert_eq!(ok("").pause, None);
+        assert_eq!(
+            warned("rd.kairos.pause=grow", "rd.kairos.pause").pause,
+            None
+        );
+        assert_eq!(warned("rd.kairos.pause", "rd.kairos.pause").pause, None);
+        assert_eq!(warned("rd.kairos.pause=", "rd.kairos.pause").pause, None);
+        let (_, w) = parse("rd.kairos.pause=later");
+        assert_eq!(
+            w[0].to_string(),
+            "kernel parameter `rd.kairos.pause`: \"later\" is not one of grow-entries, grow-gpt; no pause"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod blockdev;
 pub mod boot;
 pub mod cmdline;
 pub mod gpt;
+pub mod grow;
 pub mod grubbios;
 pub mod grubcfg;
 pub mod grubenv;

@@ -65,6 +65,17 @@ pub fn write(level: Level, msg: &str) {
 /// with a monitor on tty1 and a serial line both show why it is not booting.
 pub fn fatal(msg: &str) {
     write(Level::Error, msg);
+    to_consoles("FATAL: ", msg);
+}
+
+/// An info line that also goes to every console (a test hook's pause must show on the serial
+/// log whatever the kernel's console log level).
+pub fn announce(msg: &str) {
+    write(Level::Info, msg);
+    to_consoles("", msg);
+}
+
+fn to_consoles(prefix: &str, msg: &str) {
     let consoles = SINK.lock().map(|s| s.consoles.clone()).unwrap_or_default();
     let mut targets: Vec<String> = consoles.iter().map(|c| format!("/dev/{c}")).collect();
     targets.push("/dev/console".into());
@@ -77,7 +88,7 @@ pub fn fatal(msg: &str) {
         {
             let _ = writeln!(
                 f,
-                "\r\nkairos-init: FATAL: {}\r",
+                "\r\nkairos-init: {prefix}{}\r",
                 msg.replace('\n', "\r\nkairos-init: ")
             );
         }
