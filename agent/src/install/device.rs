@@ -300,6 +300,32 @@ struct BlkpgArg {
     data: *mut BlkpgPartition,
 }
 
+/// One BLKPG call (`op` 1 adds, 2 deletes partition `pno`).
+fn blkpg(f: &File, op: i32, pno: u32, start: u64, length: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const BLKPG: libc::c_ulong = 0x1269; // _IO(0x12, 105)
+    let mut p = BlkpgPartition {
+        start: i64::try_from(start).unwrap_or(i64::MAX),
+        length: i64::try_from(length).unwrap_or(i64::MAX),
+        pno: i32::try_from(pno).unwrap_or(i32::MAX),
+        devname: [0; 64],
+        volname: [0; 64],
+    };
+    let mut arg = BlkpgArg {
+        op,
+        flags: 0,
+        datalen: std::mem::size_of::<BlkpgPartition>() as i32,
+        data: &mut p,
+    };
+    // SAFETY: BLKPG reads a blkpg_ioctl_arg whose data points at a blkpg_partition of
+    // datalen bytes; both live until the call returns.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKPG, &mut arg as *mut BlkpgArg) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Adds partitions `(number, first byte, length in bytes)` to `disk` with BLKPG, as
 /// `partx -a` does: for kernels that cannot parse the GPT just written (built without
 /// CONFIG_EFI_PARTITION), so BLKRRPART left the disk without partitions. Ones the kernel
@@ -309,34 +335,34 @@ pub fn add_partitions(
     disk: &Path,
     parts: &[(u32, u64, u64)],
 ) -> Result<(), InstallError> {
-    use std::os::fd::AsRawFd;
-    const BLKPG: libc::c_ulong = 0x1269; // _IO(0x12, 105)
     const BLKPG_ADD_PARTITION: i32 = 1;
     for &(pno, start, length) in parts {
-        let mut p = BlkpgPartition {
-            start: i64::try_from(start).unwrap_or(i64::MAX),
-            length: i64::try_from(length).unwrap_or(i64::MAX),
-            pno: i32::try_from(pno).unwrap_or(i32::MAX),
-            devname: [0; 64],
-            volname: [0; 64],
-        };
-        let mut arg = BlkpgArg {
-            op: BLKPG_ADD_PARTITION,
-            flags: 0,
-            datalen: std::mem::size_of::<BlkpgPartition>() as i32,
-            data: &mut p,
-        };
-        // SAFETY: BLKPG reads a blkpg_ioctl_arg whose data points at a blkpg_partition of
-        // datalen bytes; both live until the call returns.
-        let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKPG, &mut arg as *mut BlkpgArg) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EBUSY) {
+        match blkpg(f, BLKPG_ADD_PARTITION, pno, start, length) {
+            Err(e) if e.raw_os_error() != Some(libc::EBUSY) => {
                 return Err(InstallError::Partitions {
                     device: disk.to_path_buf(),
                     what: format!("adding partition {pno} (BLKPG_ADD_PARTITION): {e}"),
                 });
             }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Removes partitions `numbers` of `disk` from the kernel's view (`partx -d`), so a loop
+/// device detaches without leaving them behind; ones it does not have (ENXIO) are skipped.
+pub fn remove_partitions(f: &File, disk: &Path, numbers: &[u32]) -> Result<(), InstallError> {
+    const BLKPG_DEL_PARTITION: i32 = 2;
+    for &pno in numbers {
+        match blkpg(f, BLKPG_DEL_PARTITION, pno, 0, 0) {
+            Err(e) if e.raw_os_error() != Some(libc::ENXIO) => {
+                return Err(InstallError::Partitions {
+                    device: disk.to_path_buf(),
+                    what: format!("removing partition {pno} (BLKPG_DEL_PARTITION): {e}"),
+                });
+            }
+            _ => {}
         }
     }
     Ok(())

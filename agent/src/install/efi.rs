@@ -61,6 +61,8 @@ pub enum Firmware {
     /// An EFI system partition COS_GRUB with EFI/BOOT/BOOTX64.EFI.
     #[value(alias = "uefi")]
     Efi,
+    /// Both: a bios_grub partition 1 and an ESP 2, so the same disk boots either way.
+    Hybrid,
 }
 
 impl Firmware {
@@ -78,12 +80,26 @@ impl Firmware {
         }
     }
 
-    /// Partition 1 for this (resolved) firmware: (GPT name, filesystem label, MiB).
-    pub fn boot_partition(self) -> (&'static str, &'static str, u64) {
+    /// The partitions in front of COS_OEM for this (resolved) firmware: (GPT name,
+    /// filesystem label, MiB).
+    pub fn boot_partitions(self) -> &'static [(&'static str, &'static str, u64)] {
+        const BIOS: (&str, &str, u64) = ("bios", "", 1);
+        const ESP: (&str, &str, u64) = ("efi", labels::GRUB, ESP_MIB);
         match self {
-            Firmware::Efi => ("efi", labels::GRUB, ESP_MIB),
-            _ => ("bios", "", 1),
+            Firmware::Efi => &[ESP],
+            Firmware::Hybrid => &[BIOS, ESP],
+            Firmware::Bios | Firmware::Auto => &[BIOS],
         }
+    }
+
+    /// Whether GRUB for BIOS (boot.img, core.img in the bios_grub partition) is written.
+    pub fn has_bios(self) -> bool {
+        matches!(self, Firmware::Bios | Firmware::Hybrid | Firmware::Auto)
+    }
+
+    /// Whether an ESP with BOOTX64.EFI is written.
+    pub fn has_efi(self) -> bool {
+        matches!(self, Firmware::Efi | Firmware::Hybrid)
     }
 }
 
@@ -259,7 +275,15 @@ mod tests {
         assert_eq!(Firmware::Auto.resolve(false), Firmware::Bios);
         assert_eq!(Firmware::Bios.resolve(true), Firmware::Bios);
         assert_eq!(Firmware::Efi.resolve(false), Firmware::Efi);
-        assert_eq!(Firmware::Efi.boot_partition(), ("efi", "COS_GRUB", 64));
-        assert_eq!(Firmware::Bios.boot_partition(), ("bios", "", 1));
+        assert_eq!(Firmware::parse("hybrid"), Some(Firmware::Hybrid));
+        assert_eq!(Firmware::Hybrid.resolve(false), Firmware::Hybrid);
+        assert_eq!(Firmware::Efi.boot_partitions(), [("efi", "COS_GRUB", 64)]);
+        assert_eq!(Firmware::Bios.boot_partitions(), [("bios", "", 1)]);
+        assert_eq!(
+            Firmware::Hybrid.boot_partitions(),
+            [("bios", "", 1), ("efi", "COS_GRUB", 64)]
+        );
+        assert!(Firmware::Hybrid.has_bios() && Firmware::Hybrid.has_efi());
+        assert!(!Firmware::Efi.has_bios() && !Firmware::Bios.has_efi());
     }
 }

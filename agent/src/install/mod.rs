@@ -43,8 +43,6 @@ use crate::{Ctx, Outcome, stages};
 const MIB: u64 = 1 << 20;
 /// Where GRUB's BIOS images and modules are (grub-pc-bin).
 pub const GRUB_I386_PC: &str = "/usr/lib/grub/i386-pc";
-/// The GRUB prefix baked into core.img: COS_STATE is always partition 4.
-pub const GRUB_PREFIX: &str = "(hd0,gpt4)/grub2";
 /// Where the new partitions are mounted while they are filled.
 pub const MOUNT_BASE: &str = "/run/kairos/install";
 /// The cloud-config's name on COS_OEM.
@@ -136,7 +134,7 @@ pub struct Options {
 /// Partition sizes in MiB (0 for persistent: the rest of the disk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sizes {
-    /// Partition 1: bios (1 MiB) or efi (64 MiB).
+    /// The partitions in front of COS_OEM: bios (1 MiB), efi (64 MiB) or both.
     pub boot: u64,
     pub oem: u64,
     pub recovery: u64,
@@ -147,11 +145,11 @@ pub struct Sizes {
 
 /// SPEC §1's sizes for a system image of `image` bytes (the recovery squashfs is at most as
 /// large): recovery 2 × image + 200 MiB, state 3 × image (active, passive and an upgrade's
-/// transition) + 1000 MiB; partition 1 as the (resolved) `firmware` needs.
+/// transition) + 1000 MiB; the boot partitions as the (resolved) `firmware` needs.
 pub fn sizes(image: u64, firmware: efi::Firmware) -> Sizes {
     let img = image.div_ceil(MIB);
     Sizes {
-        boot: firmware.boot_partition().2,
+        boot: firmware.boot_partitions().iter().map(|p| p.2).sum(),
         oem: 64,
         recovery: 2 * img + 200,
         state: 3 * img + 1000,
@@ -165,26 +163,24 @@ pub fn needed_mib(s: &Sizes) -> u64 {
     s.boot + s.oem + s.recovery + s.state + s.persistent_min + 2
 }
 
-/// The five partitions for a disk of `size` bytes: (name, label, first sector, last sector);
-/// partition 1 is `bios` or `efi` as `firmware` (resolved) says. None when it is too small.
-pub fn layout(
-    size: u64,
-    s: &Sizes,
-    firmware: efi::Firmware,
-) -> Option<Vec<(&'static str, &'static str, u64, u64)>> {
+/// One partition of the layout: (GPT name, filesystem label, first sector, last sector).
+pub type Part = (&'static str, &'static str, u64, u64);
+
+/// The partitions for a disk of `size` bytes: the boot partitions `firmware` (resolved)
+/// needs, then oem, recovery, state and persistent (the rest). None when it is too small.
+pub fn layout(size: u64, s: &Sizes, firmware: efi::Firmware) -> Option<Vec<Part>> {
     if size / MIB < needed_mib(s) {
         return None;
     }
     let sectors = size / gpt::SECTOR;
     let mut at = gpt::ALIGN;
     let mut out = Vec::new();
-    let (boot_name, boot_label, _) = firmware.boot_partition();
-    for (name, label, mib) in [
-        (boot_name, boot_label, s.boot),
+    let fixed = firmware.boot_partitions().iter().copied().chain([
         ("oem", labels::OEM, s.oem),
         ("recovery", labels::RECOVERY, s.recovery),
         ("state", labels::STATE, s.state),
-    ] {
+    ]);
+    for (name, label, mib) in fixed {
         let n = mib * MIB / gpt::SECTOR;
         out.push((name, label, at, at + n - 1));
         at += n;
@@ -198,9 +194,23 @@ pub fn layout(
     Some(out)
 }
 
+/// The 1-based number of the partition named `name` in `parts`.
+pub fn part_number(parts: &[Part], name: &str) -> Option<u32> {
+    (1..).zip(parts).find(|(_, p)| p.0 == name).map(|(n, _)| n)
+}
+
+/// The GRUB prefix baked into core.img: COS_STATE's grub2 directory on the disk the BIOS
+/// loaded GRUB from (partition 4, or 5 behind a hybrid disk's ESP).
+pub fn grub_prefix(parts: &[Part]) -> String {
+    format!(
+        "(hd0,gpt{})/grub2",
+        part_number(parts, "state").unwrap_or(4)
+    )
+}
+
 /// One line per step: a progress bar redrawn in place on a terminal, `install: ...` lines
 /// otherwise.
-struct Progress {
+pub struct Progress {
     n: usize,
     total: usize,
     tty: bool,
@@ -216,7 +226,16 @@ impl Drop for Progress {
 }
 
 impl Progress {
-    fn step(&mut self, what: &str, log: &mut dyn Write) {
+    /// `total` steps, drawn as a bar when stderr is a terminal.
+    pub fn new(total: usize) -> Progress {
+        Progress {
+            n: 0,
+            total,
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    pub fn step(&mut self, what: &str, log: &mut dyn Write) {
         self.n += 1;
         if self.tty {
             let width = 20;
@@ -235,7 +254,7 @@ impl Progress {
         let _ = log.flush();
     }
 
-    fn note(&self, what: &str, log: &mut dyn Write) {
+    pub fn note(&self, what: &str, log: &mut dyn Write) {
         if !self.tty {
             let _ = writeln!(log, "install: {what}");
         }
@@ -308,6 +327,7 @@ fn resolve(
     ctx: &Ctx,
     src: &Source,
     origin: &str,
+    scratch: &Path,
     log: &mut dyn Write,
 ) -> Result<(Resolved, u64, Option<String>), InstallError> {
     let missing = |p: &Path| {
@@ -323,7 +343,7 @@ fn resolve(
             }
             // Non-recursive: `dir:/` is the image without /proc, /sys, /dev, /run, /oem,
             // /usr/local or the overlays.
-            let point = ctx.path("/run/kairos/install-source");
+            let point = scratch.join("install-source");
             let bind = image::BindMount::or_warn(p, &point, log);
             let tree = bind
                 .as_ref()
@@ -345,7 +365,7 @@ fn resolve(
                 return Err(missing(p));
             }
             let size = std::fs::metadata(p).map_err(io(p, "reading"))?.len();
-            let point = ctx.path("/run/kairos/install-image");
+            let point = scratch.join("install-image");
             std::fs::create_dir_all(&point).map_err(io(&point, "creating"))?;
             let lo = kairos_init::sys::loopdev::attach(&ctx.path("/dev"), p, true)
                 .map_err(|e| InstallError::Other(format!("{}: {e}", p.display())))?;
@@ -465,14 +485,14 @@ fn copy_grub_modules(
 }
 
 /// core.img for `prefix` from `grub-mkimage`, written next to `scratch`.
-fn make_core(grub_dir: &Path, scratch: &Path) -> Result<Vec<u8>, InstallError> {
+fn make_core(grub_dir: &Path, prefix: &str, scratch: &Path) -> Result<Vec<u8>, InstallError> {
     let out = scratch.join("core.img");
     run(Command::new("grub-mkimage")
         .args(["-O", "i386-pc", "-d"])
         .arg(grub_dir)
         .arg("-o")
         .arg(&out)
-        .args(["-p", GRUB_PREFIX])
+        .args(["-p", prefix])
         .args(grubbios::core_modules_in(grub_dir)))?;
     let core = std::fs::read(&out).map_err(io(&out, "reading"))?;
     let _ = std::fs::remove_file(&out);
@@ -503,7 +523,7 @@ fn write_gpt(
     ctx: &Ctx,
     f: &mut File,
     disk: &device::Disk,
-    parts: &[(&str, &str, u64, u64)],
+    parts: &[Part],
 ) -> Result<(), InstallError> {
     let sectors = disk.size / gpt::SECTOR;
     let gparts: Vec<gpt::Partition> = parts
@@ -540,146 +560,145 @@ fn write_gpt(
     f.sync_all().map_err(io(d, "fsync"))
 }
 
-pub fn install(
-    ctx: &Ctx,
-    opts: &Options,
-    out: &mut dyn Write,
-    log: &mut dyn Write,
-) -> Result<Outcome, InstallError> {
-    let loaded = config::load(ctx, &LoadOptions::default());
-    stages::report_load(&loaded, log)?;
-    let configured = loaded.merged.install.clone().unwrap_or_default();
-    let dev = match &opts.device {
-        Some(d) => d.clone(),
-        None => configured
-            .device
-            .as_deref()
-            .filter(|d| !d.is_empty())
-            .map(PathBuf::from)
-            .ok_or(InstallError::NoDevice)?,
-    };
-    // `auto`, as upstream: the largest whole disk nothing uses.
-    let dev = if dev.as_os_str() == "auto" {
-        let picked = device::pick_auto(ctx)?;
-        writeln!(log, "install: device auto: {}", picked.display())?;
-        picked
-    } else {
-        dev
-    };
-    let mut p = Progress {
-        n: 0,
-        total: 8,
-        tty: std::io::stderr().is_terminal(),
-    };
+/// The source of an install, resolved: a tree on disk (`dir:`, `file:`, or an OCI image
+/// unpacked to a work directory), or an OCI image that is pulled onto COS_STATE later.
+pub struct SourceImage {
+    /// The source as given (`oci:…`, `dir:…`), for logs and the history.
+    pub origin: String,
+    resolved: Resolved,
+    /// Bytes the system image needs: exact for a tree, estimated for an OCI image not yet
+    /// unpacked.
+    pub image_size: u64,
+    /// The OCI manifest digest, for the history.
+    pub digest: Option<String>,
+}
 
-    // 1. Checks that write nothing.
-    p.step(&format!("checking {}", dev.display()), log);
-    let disk = device::inspect(ctx, &dev, false)?;
-    device::check_unused(ctx, &disk)?;
-    if let Some(c) = &opts.config
-        && !c.is_file()
-    {
-        return Err(InstallError::Io {
-            path: c.clone(),
-            what: "reading the --config file".into(),
-            err: std::io::Error::from(std::io::ErrorKind::NotFound),
-        });
+impl SourceImage {
+    /// Parses `given` (the forms of `upgrade --source`) and resolves it: a directory is
+    /// bound (non-recursively), an image file loop-mounted, both under `scratch`; an OCI
+    /// manifest fetched.
+    pub fn resolve(
+        ctx: &Ctx,
+        given: &str,
+        scratch: &Path,
+        log: &mut dyn Write,
+    ) -> Result<Self, InstallError> {
+        let origin = given.trim().to_string();
+        let src = source::parse(given)?;
+        let (resolved, image_size, digest) = resolve(ctx, &src, &origin, scratch, log)?;
+        Ok(SourceImage {
+            origin,
+            resolved,
+            image_size,
+            digest,
+        })
     }
-    let given = opts
-        .source
-        .clone()
-        .or(configured.source)
-        .unwrap_or_else(|| "dir:/".into());
-    let origin = given.trim().to_string();
-    let src = source::parse(&given)?;
-    p.step(&format!("resolving the source {origin}"), log);
-    let (mut resolved, image_size, digest) = resolve(ctx, &src, &origin, log)?;
-    if matches!(resolved, Resolved::Oci { .. }) {
-        p.total += 1;
+
+    /// The root tree when it is on disk already (not for an OCI image not yet unpacked).
+    pub fn tree(&self) -> Option<&Path> {
+        match &self.resolved {
+            Resolved::Tree { tree, .. } => Some(tree),
+            Resolved::Oci { .. } => None,
+        }
     }
-    let booted_efi = ctx.path("/sys/firmware/efi").exists();
-    let firmware = opts.firmware.resolve(booted_efi);
-    let s = sizes(image_size, firmware);
-    let parts = layout(disk.size, &s, firmware).ok_or_else(|| InstallError::TooSmall {
-        device: disk.path.clone(),
-        size_mib: disk.size / MIB,
-        needed_mib: needed_mib(&s),
-        oem: s.oem,
-        recovery: s.recovery,
-        state: s.state,
-        persistent: s.persistent_min,
-    })?;
-    let efi_dir = if firmware == efi::Firmware::Efi {
-        writeln!(
-            log,
-            "install: firmware: UEFI ({}): an EFI system partition and GRUB x86_64-efi",
-            if opts.firmware == efi::Firmware::Efi {
-                "--firmware efi"
-            } else {
-                "this system booted UEFI"
-            }
-        )?;
+
+    /// Whether the image still has to be pulled (an OCI image not unpacked yet).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.resolved, Resolved::Oci { .. })
+    }
+
+    /// Pulls and unpacks an OCI image into `work/rootfs` now (a builder has room for it on
+    /// the host), so the size is exact; a tree is left as it is. `work` is the caller's to
+    /// remove.
+    pub fn unpack_into(&mut self, work: &Path, log: &mut dyn Write) -> Result<(), InstallError> {
+        if let Resolved::Oci { puller, resolved } = &mut self.resolved {
+            let tree = unpack_oci(puller, resolved, work, log)?;
+            self.image_size = image::image_size(image::measure(&tree)?);
+            self.resolved = Resolved::Tree {
+                tree,
+                _bind: None,
+                _mount: None,
+                image_file: None,
+            };
+        }
+        Ok(())
+    }
+}
+
+/// GRUB's files for the boot code an install writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootCode {
+    /// Resolved: Bios, Efi or Hybrid.
+    pub firmware: efi::Firmware,
+    /// GRUB's i386-pc directory (boot.img, the modules) when BIOS boot code is written.
+    pub bios: Option<PathBuf>,
+    /// GRUB's x86_64-efi directory when an ESP is written.
+    pub efi: Option<PathBuf>,
+}
+
+/// Finds GRUB for `firmware` (resolved) on this system, else in the source's tree, and the
+/// ESP's tools; errors name `device`, to which nothing was written. `bios_dir` overrides
+/// the i386-pc directory (`--grub-dir`).
+pub fn find_boot_code(
+    ctx: &Ctx,
+    firmware: efi::Firmware,
+    bios_dir: Option<&Path>,
+    src: &SourceImage,
+    device: &Path,
+) -> Result<BootCode, InstallError> {
+    let in_source = |dir: &str, ok: &dyn Fn(&Path) -> bool| {
+        src.tree()
+            .map(|t| t.join(dir.trim_start_matches('/')))
+            .filter(|d| ok(d))
+    };
+    let efi = if firmware.has_efi() {
         let dir = Some(ctx.path(efi::GRUB_X86_64_EFI))
             .filter(|d| efi::is_grub_efi_dir(d))
-            .or_else(|| match &resolved {
-                Resolved::Tree { tree, .. } => {
-                    Some(tree.join(efi::GRUB_X86_64_EFI.trim_start_matches('/')))
-                        .filter(|d| efi::is_grub_efi_dir(d))
-                }
-                Resolved::Oci { .. } => None,
-            })
+            .or_else(|| in_source(efi::GRUB_X86_64_EFI, &efi::is_grub_efi_dir))
             .ok_or_else(|| InstallError::NoGrubEfi {
-                device: disk.path.clone(),
+                device: device.to_path_buf(),
             })?;
         efi::tools().map_err(|t| InstallError::Device {
-            device: disk.path.clone(),
-            what: format!("UEFI install needs {t}, which is not on this system"),
+            device: device.to_path_buf(),
+            what: format!("UEFI boot code needs {t}, which is not on this system"),
         })?;
         Some(dir)
     } else {
-        writeln!(log, "install: firmware: BIOS")?;
         None
     };
-    // BIOS GRUB (i386-pc), unless this is a UEFI install.
-    let grub_dir = if efi_dir.is_some() {
-        None
+    let has_boot_img = |d: &Path| d.join("boot.img").is_file();
+    let bios = if firmware.has_bios() {
+        Some(
+            bios_dir
+                .map(Path::to_path_buf)
+                .or_else(|| Some(ctx.path(GRUB_I386_PC)).filter(|d| has_boot_img(d)))
+                .or_else(|| in_source(GRUB_I386_PC, &has_boot_img))
+                .ok_or_else(|| {
+                    InstallError::Other(format!(
+                        "no GRUB for BIOS: {GRUB_I386_PC}/boot.img is neither on this system nor in the source (grub-pc-bin); nothing was written to {}",
+                        device.display()
+                    ))
+                })?,
+        )
     } else {
-        Some(opts
-        .grub_dir
-        .clone()
-        .or_else(|| Some(ctx.path(GRUB_I386_PC)).filter(|d| d.join("boot.img").is_file()))
-        .or_else(|| match &resolved {
-            Resolved::Tree { tree, .. } => {
-                Some(tree.join(GRUB_I386_PC.trim_start_matches('/')))
-                    .filter(|d| d.join("boot.img").is_file())
-            }
-            Resolved::Oci { .. } => None,
-        })
-        .ok_or_else(|| {
-            InstallError::Other(format!(
-                "no GRUB for BIOS: {GRUB_I386_PC}/boot.img is neither on this system nor in the source; nothing was written to {}",
-                disk.path.display()
-            ))
-        })?)
+        None
     };
-    p.note(
-        &format!(
-            "{}: {} MiB; image {} MiB; oem {} MiB, recovery {} MiB, state {} MiB, persistent the rest",
-            disk.path.display(),
-            disk.size / MIB,
-            image_size.div_ceil(MIB),
-            s.oem,
-            s.recovery,
-            s.state
-        ),
-        log,
-    );
+    Ok(BootCode {
+        firmware,
+        bios,
+        efi,
+    })
+}
 
-    // 2.
-    run_hook(ctx, &loaded, "before-install", log);
-
-    // 3. The partition table. O_EXCL: the kernel refuses a device something holds open.
-    p.step("writing the partition table", log);
+/// Phase: the partition table on `disk`, and the kernel told about it (BLKRRPART, or BLKPG
+/// on a kernel without a GPT parser). Returns the partitions' device nodes, in order.
+pub fn write_partitions(
+    ctx: &Ctx,
+    disk: &device::Disk,
+    parts: &[Part],
+    log: &mut dyn Write,
+) -> Result<Vec<PathBuf>, InstallError> {
+    // O_EXCL: the kernel refuses a device something holds open.
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -689,12 +708,12 @@ pub fn install(
             device: disk.path.clone(),
             what: format!("cannot open it exclusively: {e}"),
         })?;
-    write_gpt(ctx, &mut f, &disk, &parts)?;
+    write_gpt(ctx, &mut f, disk, parts)?;
     let add: Vec<(u32, u64, u64)> = (1..)
-        .zip(&parts)
+        .zip(parts)
         .map(|(n, &(_, _, first, last))| (n, first * gpt::SECTOR, (last - first + 1) * gpt::SECTOR))
         .collect();
-    if device::publish(ctx, &f, &disk, &add)? {
+    if device::publish(ctx, &f, disk, &add)? {
         writeln!(
             log,
             "install: the kernel did not read the new GPT of {}; added its partitions (BLKPG)",
@@ -703,44 +722,79 @@ pub fn install(
     }
     // mkfs opens the partitions exclusively, which an exclusive opener of the disk prevents.
     drop(f);
-    let mut nodes = Vec::new();
-    for n in 1..=parts.len() as u32 {
-        nodes.push(device::wait_partition(
-            ctx,
-            &disk,
-            n,
-            Duration::from_secs(10),
-        )?);
-    }
+    (1..=parts.len() as u32)
+        .map(|n| device::wait_partition(ctx, disk, n, Duration::from_secs(10)))
+        .collect()
+}
 
-    // 4. Filesystems, mounted under /run/kairos/install.
-    p.step("making the filesystems", log);
+/// The filesystems of an install, mounted read-write until dropped (unmounted in reverse).
+pub struct Targets {
+    _mounts: Mounts,
+    pub oem: PathBuf,
+    pub recovery: PathBuf,
+    pub state: PathBuf,
+    pub persistent: PathBuf,
+}
+
+/// Phase: ext4 on oem, recovery, state and persistent (the partitions after the boot ones),
+/// each mounted at `base/<GPT name>`.
+pub fn make_filesystems(
+    parts: &[Part],
+    nodes: &[PathBuf],
+    base: &Path,
+) -> Result<Targets, InstallError> {
     let mut mounts = Mounts(Vec::new());
-    let mut dirs = Vec::new();
-    for (i, &(name, label, _, _)) in parts.iter().enumerate().skip(1) {
-        mkfs_partition(&nodes[i], label)?;
-        let point = ctx.path(format!("{MOUNT_BASE}/{name}"));
+    let mut dir_of = |want: &str| -> Result<PathBuf, InstallError> {
+        let i = parts
+            .iter()
+            .position(|p| p.0 == want)
+            .ok_or_else(|| InstallError::Other(format!("the layout has no {want} partition")))?;
+        let (name, label, _, _) = parts[i];
+        let node = nodes
+            .get(i)
+            .ok_or_else(|| InstallError::Other(format!("no device node for {name}")))?;
+        mkfs_partition(node, label)?;
+        let point = base.join(name);
         std::fs::create_dir_all(&point).map_err(io(&point, "creating"))?;
-        kairos_init::sys::mount::device(&nodes[i], &point, "ext4", false)
-            .map_err(|e| InstallError::Other(format!("{}: {e}", nodes[i].display())))?;
+        kairos_init::sys::mount::device(node, &point, "ext4", false)
+            .map_err(|e| InstallError::Other(format!("{}: {e}", node.display())))?;
         mounts.0.push(point.clone());
-        dirs.push(point);
-    }
-    let (oem, recovery, state, persistent) = (&dirs[0], &dirs[1], &dirs[2], &dirs[3]);
+        Ok(point)
+    };
+    let oem = dir_of("oem")?;
+    let recovery = dir_of("recovery")?;
+    let state = dir_of("state")?;
+    let persistent = dir_of("persistent")?;
+    Ok(Targets {
+        _mounts: mounts,
+        oem,
+        recovery,
+        state,
+        persistent,
+    })
+}
 
-    // 5. The images.
-    let state_cos = state.join("cOS");
-    let rec_cos = recovery.join("cOS");
+/// Phase: COS_STATE:/cOS/active.img (COS_ACTIVE) from the source, passive.img a copy
+/// relabelled COS_PASSIVE, COS_RECOVERY:/cOS/recovery.squashfs. An OCI image not unpacked
+/// yet is pulled onto COS_STATE first. Returns active.img's size.
+pub fn deploy_images(
+    src: &mut SourceImage,
+    t: &Targets,
+    p: &mut Progress,
+    log: &mut dyn Write,
+) -> Result<u64, InstallError> {
+    let state_cos = t.state.join("cOS");
+    let rec_cos = t.recovery.join("cOS");
     for d in [&state_cos, &rec_cos] {
         std::fs::create_dir_all(d).map_err(io(d, "creating"))?;
     }
-    let work = state.join(".kairos-install");
-    let (tree, image_file) = match &mut resolved {
+    let work = t.state.join(".kairos-install");
+    let (tree, image_file) = match &mut src.resolved {
         Resolved::Tree {
             tree, image_file, ..
         } => (tree.clone(), image_file.clone()),
         Resolved::Oci { puller, resolved } => {
-            p.step(&format!("pulling {origin}"), log);
+            p.step(&format!("pulling {}", src.origin), log);
             (unpack_oci(puller, resolved, &work, log)?, None)
         }
     };
@@ -768,72 +822,226 @@ pub fn install(
     image::relabel(&passive, labels::PASSIVE)?;
     p.step("building recovery.squashfs", log);
     image::mksquashfs(&tree, &rec_cos.join("recovery.squashfs"))?;
-    let size = std::fs::metadata(&active).map(|m| m.len()).unwrap_or(0);
     if work.exists() {
         std::fs::remove_dir_all(&work).map_err(io(&work, "removing"))?;
     }
+    Ok(std::fs::metadata(&active).map(|m| m.len()).unwrap_or(0))
+}
 
-    // 6. GRUB's files, the environment, the config, the history.
-    p.step("installing GRUB", log);
-    let grub2 = state.join("grub2");
+/// Phase: GRUB's files on COS_STATE (grub.cfg and the modules of each platform written),
+/// COS_OEM:/grubenv, `config` as COS_OEM:/90_custom.yaml (0600), and `history` as
+/// COS_PERSISTENT:/.kairos-state.
+pub fn write_boot_files(
+    t: &Targets,
+    boot: &BootCode,
+    config: Option<&Path>,
+    history: &str,
+) -> Result<(), InstallError> {
+    let grub2 = t.state.join("grub2");
     std::fs::create_dir_all(&grub2).map_err(io(&grub2, "creating"))?;
     let cfg = grub2.join("grub.cfg");
     std::fs::write(&cfg, grub_cfg(&GrubCfgOptions::default())).map_err(io(&cfg, "writing"))?;
-    match (&grub_dir, &efi_dir) {
-        (Some(d), _) => copy_grub_modules(d, &grub2, "i386-pc")?,
-        (None, Some(d)) => copy_grub_modules(d, &grub2, "x86_64-efi")?,
-        (None, None) => {}
+    if let Some(d) = &boot.bios {
+        copy_grub_modules(d, &grub2, "i386-pc")?;
+    }
+    if let Some(d) = &boot.efi {
+        copy_grub_modules(d, &grub2, "x86_64-efi")?;
     }
     let mut env = GrubEnv::default();
     env.set(var::MAX_TRIES, &DEFAULT_MAX_TRIES.to_string())
         .map_err(UpgradeError::from)?;
-    grubenv::write(&oem.join("grubenv"), &env).map_err(UpgradeError::from)?;
-    if let Some(c) = &opts.config {
-        let to = oem.join(CONFIG_NAME);
-        std::fs::copy(c, &to).map_err(io(c, "copying the config"))?;
-        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
-            .map_err(io(&to, "chmod"))?;
+    grubenv::write(&t.oem.join("grubenv"), &env).map_err(UpgradeError::from)?;
+    if let Some(c) = config {
+        let text = std::fs::read(c).map_err(io(c, "reading the config"))?;
+        let to = t.oem.join(CONFIG_NAME);
+        write_private(&to, &text).map_err(io(&to, "writing"))?;
     }
-    let booted = upgrade::detect_booted(ctx).unwrap_or(Booted::Active);
-    let line = upgrade::history_line(
-        &kairos_p2p::time::rfc3339(kairos_p2p::time::now_ms()),
-        "install",
-        &origin,
-        digest.as_deref(),
-        booted,
-        "active.img",
-        size,
-    );
-    let hist = persistent.join(".kairos-state");
-    std::fs::write(&hist, line).map_err(io(&hist, "writing"))?;
+    let hist = t.persistent.join(".kairos-state");
+    std::fs::write(&hist, history).map_err(io(&hist, "writing"))
+}
 
-    // 7. Boot code (BIOS: boot.img and core.img; UEFI: the ESP), then everything to disk.
-    if let Some(d) = &efi_dir {
-        efi::write_esp(&nodes[0], d, &state.join(".kairos-efi"))?;
+/// Phase: the boot code: the ESP (UEFI) and/or boot.img in the MBR with core.img in the
+/// bios_grub partition (BIOS); then the disk is synced.
+pub fn write_boot_code(
+    disk: &device::Disk,
+    parts: &[Part],
+    nodes: &[PathBuf],
+    boot: &BootCode,
+    t: &Targets,
+) -> Result<(), InstallError> {
+    if let Some(d) = &boot.efi {
+        let n = part_number(parts, "efi")
+            .ok_or_else(|| InstallError::Other("the layout has no efi partition".into()))?;
+        let node = nodes
+            .get(n as usize - 1)
+            .ok_or_else(|| InstallError::Other("no device node for the ESP".into()))?;
+        efi::write_esp(node, d, &t.state.join(".kairos-efi"))?;
     }
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
         .open(&disk.path)
         .map_err(io(&disk.path, "opening"))?;
-    if let Some(d) = &grub_dir {
+    if let Some(d) = &boot.bios {
+        let n = part_number(parts, "bios")
+            .ok_or_else(|| InstallError::Other("the layout has no bios partition".into()))?;
         let boot_img = d.join("boot.img");
-        let boot = std::fs::read(&boot_img).map_err(io(&boot_img, "reading"))?;
-        let core = make_core(d, state)?;
-        grubbios::install(&mut f, &disk.path, parts[0].2, &boot, core)?;
+        let code = std::fs::read(&boot_img).map_err(io(&boot_img, "reading"))?;
+        let core = make_core(d, &grub_prefix(parts), &t.state)?;
+        grubbios::install(&mut f, &disk.path, parts[n as usize - 1].2, &code, core)?;
     }
-    drop(resolved);
+    f.sync_all().map_err(io(&disk.path, "fsync"))
+}
+
+/// Phase: everything on the filesystems written out, and them unmounted.
+pub fn finish(t: Targets, disk: &device::Disk) -> Result<(), InstallError> {
     rustix::fs::sync();
-    drop(mounts);
-    f.sync_all().map_err(io(&disk.path, "fsync"))?;
+    drop(t);
+    File::open(&disk.path)
+        .and_then(|f| f.sync_all())
+        .map_err(io(&disk.path, "fsync"))
+}
+
+pub fn install(
+    ctx: &Ctx,
+    opts: &Options,
+    out: &mut dyn Write,
+    log: &mut dyn Write,
+) -> Result<Outcome, InstallError> {
+    let loaded = config::load(ctx, &LoadOptions::default());
+    stages::report_load(&loaded, log)?;
+    let configured = loaded.merged.install.clone().unwrap_or_default();
+    let dev = match &opts.device {
+        Some(d) => d.clone(),
+        None => configured
+            .device
+            .as_deref()
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .ok_or(InstallError::NoDevice)?,
+    };
+    // `auto`, as upstream: the largest whole disk nothing uses.
+    let dev = if dev.as_os_str() == "auto" {
+        let picked = device::pick_auto(ctx)?;
+        writeln!(log, "install: device auto: {}", picked.display())?;
+        picked
+    } else {
+        dev
+    };
+    let mut p = Progress::new(8);
+
+    // 1. Checks that write nothing.
+    p.step(&format!("checking {}", dev.display()), log);
+    let disk = device::inspect(ctx, &dev, false)?;
+    device::check_unused(ctx, &disk)?;
+    if let Some(c) = &opts.config
+        && !c.is_file()
+    {
+        return Err(InstallError::Io {
+            path: c.clone(),
+            what: "reading the --config file".into(),
+            err: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
+    let given = opts
+        .source
+        .clone()
+        .or(configured.source)
+        .unwrap_or_else(|| "dir:/".into());
+    p.step(&format!("resolving the source {}", given.trim()), log);
+    let mut src = SourceImage::resolve(ctx, &given, &ctx.path("/run/kairos"), log)?;
+    if src.is_remote() {
+        p.total += 1;
+    }
+    let booted_efi = ctx.path("/sys/firmware/efi").exists();
+    let firmware = opts.firmware.resolve(booted_efi);
+    let s = sizes(src.image_size, firmware);
+    let parts = layout(disk.size, &s, firmware).ok_or_else(|| InstallError::TooSmall {
+        device: disk.path.clone(),
+        size_mib: disk.size / MIB,
+        needed_mib: needed_mib(&s),
+        oem: s.oem,
+        recovery: s.recovery,
+        state: s.state,
+        persistent: s.persistent_min,
+    })?;
+    match firmware {
+        efi::Firmware::Efi => writeln!(
+            log,
+            "install: firmware: UEFI ({}): an EFI system partition and GRUB x86_64-efi",
+            if opts.firmware == efi::Firmware::Efi {
+                "--firmware efi"
+            } else {
+                "this system booted UEFI"
+            }
+        )?,
+        efi::Firmware::Hybrid => writeln!(
+            log,
+            "install: firmware: BIOS and UEFI (a bios_grub partition and an ESP)"
+        )?,
+        _ => writeln!(log, "install: firmware: BIOS")?,
+    }
+    let boot = find_boot_code(ctx, firmware, opts.grub_dir.as_deref(), &src, &disk.path)?;
+    p.note(
+        &format!(
+            "{}: {} MiB; image {} MiB; oem {} MiB, recovery {} MiB, state {} MiB, persistent the rest",
+            disk.path.display(),
+            disk.size / MIB,
+            src.image_size.div_ceil(MIB),
+            s.oem,
+            s.recovery,
+            s.state
+        ),
+        log,
+    );
+
+    // 2.
+    run_hook(ctx, &loaded, "before-install", log);
+
+    // 3. The partition table.
+    p.step("writing the partition table", log);
+    let nodes = write_partitions(ctx, &disk, &parts, log)?;
+
+    // 4. Filesystems, mounted under /run/kairos/install.
+    p.step("making the filesystems", log);
+    let targets = make_filesystems(&parts, &nodes, &ctx.path(MOUNT_BASE))?;
+
+    // 5. The images.
+    let size = deploy_images(&mut src, &targets, &mut p, log)?;
+
+    // 6. GRUB's files, the environment, the config, the history.
+    p.step("installing GRUB", log);
+    let booted = upgrade::detect_booted(ctx).unwrap_or(Booted::Active);
+    let line = upgrade::history_line(
+        &kairos_p2p::time::rfc3339(kairos_p2p::time::now_ms()),
+        "install",
+        &src.origin,
+        src.digest.as_deref(),
+        booted,
+        "active.img",
+        size,
+    );
+    write_boot_files(&targets, &boot, opts.config.as_deref(), &line)?;
+
+    // 7. Boot code (BIOS: boot.img and core.img; UEFI: the ESP), then everything to disk.
+    write_boot_code(&disk, &parts, &nodes, &boot, &targets)?;
+    let origin = src.origin.clone();
+    drop(src);
+    finish(targets, &disk)?;
     drop(p);
     run_hook(ctx, &loaded, "after-install", log);
     writeln!(
         out,
-        "kairos-agent: installed {origin} to {} ({} MiB: {}, oem, recovery, state {} MiB, persistent)",
+        "kairos-agent: installed {} to {} ({} MiB: {}, oem, recovery, state {} MiB, persistent)",
+        origin,
         disk.path.display(),
         disk.size / MIB,
-        parts[0].0,
+        parts
+            .iter()
+            .take(firmware.boot_partitions().len())
+            .map(|p| p.0)
+            .collect::<Vec<_>>()
+            .join(", "),
         s.state
     )?;
     Ok(Outcome::Done)
@@ -1041,6 +1249,31 @@ mod tests {
             assert_eq!(w[0].3 + 1, w[1].2);
         }
         assert!(layout((needed_mib(&s) - 1) * MIB, &s, efi::Firmware::Efi).is_none());
+    }
+
+    #[test]
+    fn the_hybrid_layout_has_both_boot_partitions_and_state_is_5() {
+        let fw = efi::Firmware::Hybrid;
+        let s = sizes(50 * MIB, fw);
+        assert_eq!(s.boot, 65);
+        let l = layout(4096 * MIB, &s, fw).unwrap();
+        let names: Vec<&str> = l.iter().map(|p| p.0).collect();
+        assert_eq!(
+            names,
+            ["bios", "efi", "oem", "recovery", "state", "persistent"]
+        );
+        assert_eq!((l[0].2, l[0].3), (2048, 4095));
+        assert_eq!((l[1].2, l[1].3), (4096, 4096 + 64 * 2048 - 1));
+        assert_eq!(part_number(&l, "state"), Some(5));
+        assert_eq!(grub_prefix(&l), "(hd0,gpt5)/grub2");
+        let bios = layout(
+            4096 * MIB,
+            &sizes(50 * MIB, efi::Firmware::Bios),
+            efi::Firmware::Bios,
+        )
+        .unwrap();
+        assert_eq!(grub_prefix(&bios), "(hd0,gpt4)/grub2");
+        assert!(layout((needed_mib(&s) - 1) * MIB, &s, fw).is_none());
     }
 
     #[test]

@@ -241,6 +241,44 @@ impl Registry {
         }
     }
 
+    /// Uploads `blobs` (digest, file; the ones the registry has already are skipped by it)
+    /// and then `manifest` (of media type `media_type`) under this reference, as
+    /// `kairos-build image --out oci:` does. Returns the manifest's URL.
+    pub fn push(
+        &self,
+        blobs: &[(String, PathBuf)],
+        manifest: &[u8],
+        media_type: &str,
+    ) -> Result<String, UpgradeError> {
+        let content_type =
+            http::HeaderValue::from_str(media_type).map_err(|e| UpgradeError::Registry {
+                origin: self.origin.clone(),
+                what: format!("media type {media_type:?}"),
+                detail: e.to_string(),
+            })?;
+        self.rt.block_on(async {
+            self.client
+                .auth(
+                    &self.reference,
+                    &self.auth,
+                    oci_client::RegistryOperation::Push,
+                )
+                .await
+                .map_err(|e| self.error("authenticating to push", e))?;
+            for (digest, path) in blobs {
+                let data = std::fs::read(path).map_err(io_err(path, "reading the blob"))?;
+                self.client
+                    .push_blob(&self.reference, data, digest)
+                    .await
+                    .map_err(|e| self.error(&format!("pushing blob {digest}"), e))?;
+            }
+            self.client
+                .push_manifest_raw(&self.reference, manifest.to_vec(), content_type)
+                .await
+                .map_err(|e| self.error("pushing the manifest", e))
+        })
+    }
+
     fn manifest(&self, reference: &Reference, what: &str) -> Result<Vec<u8>, UpgradeError> {
         let (bytes, _) = self
             .rt
