@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 /// _IO(0x12, 105)
 const BLKPG: libc::c_ulong = 0x1269;
+const BLKPG_ADD_PARTITION: i32 = 1;
 const BLKPG_RESIZE_PARTITION: i32 = 3;
 /// _IOW('f', 16, __u64)
 const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
@@ -118,6 +119,18 @@ impl Disk {
     pub fn resize_partition(&self, number: u32, start: u64, length: u64) -> Result<(), DiskError> {
         self.blkpg(BLKPG_RESIZE_PARTITION, number, start, length)
             .map_err(|e| err(&self.path, format!("BLKPG_RESIZE_PARTITION {number}"), e))
+    }
+
+    /// Adds partition `number` (`length` bytes from byte `start`) as `partx -a` does, for
+    /// kernels without a GPT parser (this project's test hosts). One the kernel already has
+    /// (EBUSY) is left as it is.
+    pub fn add_partition(&self, number: u32, start: u64, length: u64) -> Result<(), DiskError> {
+        match self.blkpg(BLKPG_ADD_PARTITION, number, start, length) {
+            Err(e) if e.raw_os_error() != Some(libc::EBUSY) => {
+                Err(err(&self.path, format!("BLKPG_ADD_PARTITION {number}"), e))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn blkpg(&self, op: i32, number: u32, start: u64, length: u64) -> std::io::Result<()> {
