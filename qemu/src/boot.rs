@@ -124,6 +124,15 @@ fn escape_opt(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
 
+/// `qcow2` for a `.qcow2` file, else `raw`: QEMU must be told, it refuses to guess for writes.
+pub fn disk_format(disk: &Path) -> &'static str {
+    if disk.extension().is_some_and(|e| e == "qcow2") {
+        "qcow2"
+    } else {
+        "raw"
+    }
+}
+
 /// The QEMU command line for `spec` (without the program name).
 pub fn qemu_args(spec: &BootSpec) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
@@ -159,8 +168,9 @@ pub fn qemu_args(spec: &BootSpec) -> Vec<String> {
         // cache=unsafe: faster TCG boots; nothing on the host relies on guest flushes.
         a.push("-drive".into());
         a.push(format!(
-            "file={},format=raw,if=virtio,cache=unsafe",
-            escape_opt(disk)
+            "file={},format={},if=virtio,cache=unsafe",
+            escape_opt(disk),
+            disk_format(disk)
         ));
     }
     if let Some(k) = &spec.kernel {
@@ -181,7 +191,11 @@ pub fn qemu_args(spec: &BootSpec) -> Vec<String> {
 
 /// Runs QEMU until it exits, a marker appears, or the timeout passes.
 pub fn run(spec: &BootSpec) -> Result<BootResult, BootError> {
-    if spec.disks.is_empty() && spec.kernel.is_none() {
+    // A disk may also come as `-drive` in extra_args (USB, SD, SATA controllers).
+    if spec.disks.is_empty()
+        && spec.kernel.is_none()
+        && !spec.extra_args.iter().any(|a| a == "-drive")
+    {
         return Err(BootError::NothingToBoot);
     }
     apt::ensure_packages(&["qemu-system-x86"])?;
@@ -322,6 +336,10 @@ mod tests {
         let a = qemu_args(&spec);
         assert!(a.contains(&"file,id=kairos-serial,path=/tmp/a,,b/serial.log".to_string()));
         assert!(a.contains(&"file=/tmp/d,,1.img,format=raw,if=virtio,cache=unsafe".to_string()));
+        spec.disks = vec!["/tmp/n.qcow2".into()];
+        let q = qemu_args(&spec);
+        assert!(q.contains(&"file=/tmp/n.qcow2,format=qcow2,if=virtio,cache=unsafe".to_string()));
+        spec.disks = vec!["/tmp/d,1.img".into()];
         assert!(a.windows(2).any(|w| w == ["-accel", "tcg"]));
         spec.kvm = true;
         let a = qemu_args(&spec);

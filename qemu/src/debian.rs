@@ -15,7 +15,8 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use crate::apt::{self, AptError};
-use crate::rootfs::{CommandError, run};
+use crate::kernel::{Kernel, KernelError};
+use crate::rootfs::{CommandError, RootfsError, run};
 
 pub const PACKAGES: &[&str] = &["debootstrap", "debian-archive-keyring"];
 pub const SUITE: &str = "bookworm";
@@ -67,6 +68,10 @@ pub enum DebianError {
     Apt(#[from] AptError),
     #[error("{}: debootstrap finished but the tree has no {what}", tree.display())]
     Incomplete { tree: PathBuf, what: &'static str },
+    #[error("the kernel for the Debian image: {0}")]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Rootfs(#[from] RootfsError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DebianError + '_ {
@@ -296,6 +301,255 @@ fn wanted_by(unit: &str) -> Option<String> {
     (!out.is_empty()).then(|| out.join(" "))
 }
 
+// ---- The same tree as a Kairos user's image: Debian's kernel installed in it ----
+
+/// What a Debian image needs beside its kernel package to load drivers: kmod (modprobe,
+/// depmod) and udev (loads the driver of each device it finds, e.g. a NIC's).
+pub const KERNEL_TREE_PACKAGES: &[&str] = &["kmod", "udev"];
+
+/// Module directories (under `lib/modules/<ver>/kernel/`) that no test node loads, removed
+/// from the kernel-tree image. The full tree of Debian's kernel is ~390 MB and would be in
+/// every active/passive image, the recovery squashfs and every in-guest upgrade, all slow
+/// under TCG; the test nodes are QEMU machines with virtio/SATA/NVMe/USB/SD disks and a
+/// virtio NIC, so graphics, sound, cameras/TV, radios, InfiniBand, staging drivers, physical
+/// NICs, Fibre Channel HBAs, network filesystems and the like can go (119 MB of modules are
+/// left of 390). Disk, USB, MMC, local filesystem, crypto and virtio modules stay.
+pub const PRUNED_MODULES: &[&str] = &[
+    "sound",
+    "drivers/gpu",
+    "drivers/media",
+    "drivers/net/wireless",
+    "drivers/net/ethernet",
+    "drivers/net/can",
+    "drivers/net/usb",
+    "drivers/infiniband",
+    "drivers/staging",
+    "drivers/bluetooth",
+    "drivers/iio",
+    "drivers/isdn",
+    "drivers/hid",
+    "drivers/input/touchscreen",
+    "drivers/input/joystick",
+    "drivers/video",
+    "drivers/platform/chrome",
+    "drivers/thunderbolt",
+    "drivers/comedi",
+    "drivers/net/phy",
+    "drivers/target",
+    "drivers/mtd",
+    "drivers/hwmon",
+    "drivers/scsi/lpfc",
+    "drivers/scsi/qla2xxx",
+    "drivers/scsi/qla4xxx",
+    "drivers/scsi/bfa",
+    "drivers/scsi/mpt3sas",
+    "drivers/scsi/megaraid",
+    "drivers/scsi/aic7xxx",
+    "net/wireless",
+    "net/mac80211",
+    "net/bluetooth",
+    "net/netfilter",
+    "net/rds",
+    "net/sunrpc",
+    "net/ceph",
+    "net/sctp",
+    "net/tipc",
+    "net/rxrpc",
+    "net/nfc",
+    "net/batman-adv",
+    "net/smc",
+    "net/atm",
+    "net/openvswitch",
+    "fs/ocfs2",
+    "fs/gfs2",
+    "fs/nfs",
+    "fs/nfsd",
+    "fs/smb",
+    "fs/ceph",
+    "fs/afs",
+    "fs/ubifs",
+    "fs/dlm",
+    "fs/nilfs2",
+    "fs/reiserfs",
+];
+
+/// Bumped whenever [`build_with_kernel`] changes what goes in: a cached kernel tree with an
+/// older stamp is built again (from the base tree, which stays).
+const KERNEL_TREE_VERSION: u32 = 1;
+
+/// The Debian image with its kernel (see [`cached_or_build_with_kernel`]).
+#[derive(Debug, Clone)]
+pub struct KernelTree {
+    pub tree: PathBuf,
+    /// The kernel release, e.g. "6.1.0-56-amd64".
+    pub kver: String,
+    /// The tree's size ([`crate::rootfs::tree_bytes`]) after pruning.
+    pub bytes: u64,
+}
+
+fn kernel_stamp_config(kver: &str) -> String {
+    format!(
+        "{}\nkernel-tree={KERNEL_TREE_VERSION}\nkernel={kver}",
+        stamp_config()
+    )
+}
+
+/// The tree's size when `tree` is a complete kernel tree for `kver` built by this version.
+fn kernel_stamp_bytes(tree: &Path, kver: &str) -> Option<u64> {
+    let text = fs::read_to_string(tree.join(STAMP)).ok()?;
+    if !text.contains(&kernel_stamp_config(kver)) {
+        return None;
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("bytes="))
+        .and_then(|b| b.parse().ok())
+}
+
+/// The cached Debian tree as a Kairos user's image has it: the base tree
+/// ([`cached_or_build`]) plus kmod and udev, and the cached Debian kernel package
+/// ([`crate::kernel::cached_or_fetch`]) unpacked into it (`/boot/vmlinuz-<ver>`,
+/// `/boot/config-<ver>`, `/lib/modules/<ver>` with `modules.dep` from the image's own
+/// depmod), minus [`PRUNED_MODULES`]. Cached in `debian-12/kernel-rootfs` (stamp + rename).
+pub fn cached_or_build_with_kernel() -> Result<KernelTree, DebianError> {
+    let base = cached_or_build()?;
+    let kernel = crate::kernel::cached_or_fetch()?;
+    build_with_kernel(&default_dir(), &base, &kernel)
+}
+
+static KERNEL_BUILD: Mutex<()> = Mutex::new(());
+
+/// Makes `dir/kernel-rootfs` from `base` and `kernel` (idempotent, like [`build`]).
+pub fn build_with_kernel(
+    dir: &Path,
+    base: &Path,
+    kernel: &Kernel,
+) -> Result<KernelTree, DebianError> {
+    let tree = dir.join("kernel-rootfs");
+    let kver = kernel.version.clone();
+    let done = |bytes| KernelTree {
+        tree: tree.clone(),
+        kver: kver.clone(),
+        bytes,
+    };
+    if let Some(bytes) = kernel_stamp_bytes(&tree, &kver) {
+        return Ok(done(bytes));
+    }
+    let _guard = KERNEL_BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let lock_path = dir.join("kernel-build.lock");
+    let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
+    lock.lock().map_err(io_err(&lock_path))?;
+    if let Some(bytes) = kernel_stamp_bytes(&tree, &kver) {
+        return Ok(done(bytes));
+    }
+    let tmp = dir.join("kernel-rootfs.tmp");
+    copy_tree(base, &tmp)?;
+    install_debs(&tmp, &dir.join("kernel-debs"), KERNEL_TREE_PACKAGES)?;
+
+    // The package's files as dpkg would put them (the cache holds the unpacked .deb).
+    let boot = tmp.join("boot");
+    fs::create_dir_all(&boot).map_err(io_err(&boot))?;
+    // `cached_or_fetch` keeps the package tree in `root/` beside its `vmlinuz`.
+    let pkg_boot = kernel
+        .vmlinuz
+        .parent()
+        .map(|out| out.join("root/boot"))
+        .unwrap_or_default();
+    for name in ["vmlinuz", "config", "System.map"] {
+        let from = pkg_boot.join(format!("{name}-{kver}"));
+        if from.is_file() {
+            let to = boot.join(format!("{name}-{kver}"));
+            fs::copy(&from, &to).map_err(io_err(&from))?;
+        }
+    }
+    let vmlinuz = boot.join(format!("vmlinuz-{kver}"));
+    if !vmlinuz.is_file() {
+        fs::copy(&kernel.vmlinuz, &vmlinuz).map_err(io_err(&kernel.vmlinuz))?;
+    }
+    let modules = tmp.join("lib/modules");
+    fs::create_dir_all(&modules).map_err(io_err(&modules))?;
+    run(Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(&kernel.modules_dir)
+        .arg(modules.join(&kver)))?;
+    for p in PRUNED_MODULES {
+        remove_tree(&modules.join(&kver).join("kernel").join(p))?;
+    }
+    // The image's own depmod (kmod), as the package's postinst runs it.
+    run(Command::new("chroot")
+        .arg(&tmp)
+        .args(["depmod", "-a", &kver])
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))?;
+    for (what, p) in [
+        ("modules.dep", format!("lib/modules/{kver}/modules.dep")),
+        ("udevadm (udev)", "bin/udevadm".to_string()),
+        ("modprobe (kmod)", "sbin/modprobe".to_string()),
+    ] {
+        if tmp.join(&p).symlink_metadata().is_err() {
+            return Err(DebianError::Incomplete { tree: tmp, what });
+        }
+    }
+    let bytes = crate::rootfs::tree_bytes(&tmp)?;
+    let stamp = tmp.join(STAMP);
+    let text = format!(
+        "{SUITE} minbase+systemd-sysv+{} with {kver}\n{}\nbytes={bytes}\n",
+        KERNEL_TREE_PACKAGES.join("+"),
+        kernel_stamp_config(&kver)
+    );
+    fs::write(&stamp, text).map_err(io_err(&stamp))?;
+    remove_tree(&tree)?;
+    fs::rename(&tmp, &tree).map_err(io_err(&tree))?;
+    Ok(done(bytes))
+}
+
+/// Installs `packages` and what they need into `tree` with the host's apt (same suite:
+/// bookworm) choosing against the tree's own dpkg status, and dpkg running their maintainer
+/// scripts chrooted in the tree, as an `apt-get install` inside it would.
+fn install_debs(tree: &Path, debs: &Path, packages: &[&str]) -> Result<(), DebianError> {
+    remove_tree(debs)?;
+    let partial = debs.join("partial");
+    fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+    let status = tree.join("var/lib/dpkg/status");
+    let download = || {
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .arg("-o")
+            .arg(format!("Dir::State::status={}", status.display()))
+            .arg("-o")
+            .arg(format!("Dir::Cache::archives={}", debs.display()))
+            .args([
+                "-o",
+                "Debug::NoLocking=1",
+                "-q",
+                "-y",
+                "--no-install-recommends",
+                "--download-only",
+                "install",
+            ])
+            .args(packages))
+    };
+    if download().is_err() {
+        // Empty or stale package lists on a fresh machine.
+        apt::update_once()?;
+        download()?;
+    }
+    let mut files: Vec<PathBuf> = fs::read_dir(debs)
+        .map_err(io_err(debs))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .collect();
+    files.sort();
+    if !files.is_empty() {
+        run(Command::new("dpkg")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .arg(format!("--root={}", tree.display()))
+            .args(["--force-unsafe-io", "-i"])
+            .args(&files))?;
+    }
+    remove_tree(debs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,6 +601,27 @@ mod tests {
         assert_eq!(stamp_state(t), Some(true));
         fs::write(t.join(STAMP), "bookworm\nconfig=1\n").unwrap();
         assert_eq!(stamp_state(t), Some(false));
+    }
+
+    #[test]
+    fn kernel_tree_stamp_names_kernel_and_version() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path();
+        assert_eq!(kernel_stamp_bytes(t, "6.1.0-1-amd64"), None);
+        let text = format!(
+            "bookworm\n{}\nbytes=1234\n",
+            kernel_stamp_config("6.1.0-1-amd64")
+        );
+        fs::write(t.join(STAMP), text).unwrap();
+        assert_eq!(kernel_stamp_bytes(t, "6.1.0-1-amd64"), Some(1234));
+        // Another kernel, or a tree from an older KERNEL_TREE_VERSION, is built again.
+        assert_eq!(kernel_stamp_bytes(t, "6.1.0-2-amd64"), None);
+        let old = format!(
+            "bookworm\n{}\nkernel-tree=0\nkernel=6.1.0-1-amd64\nbytes=1\n",
+            stamp_config()
+        );
+        fs::write(t.join(STAMP), old).unwrap();
+        assert_eq!(kernel_stamp_bytes(t, "6.1.0-1-amd64"), None);
     }
 
     #[test]

@@ -323,6 +323,17 @@ impl Registry {
         }
     }
 
+    /// The `docker-registry` process, e.g. for a watcher that outlives a `static` Registry
+    /// (statics are never dropped).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The temp dir holding the config, the log and the storage.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
