@@ -67,7 +67,7 @@ fn main() {
     plain.extend_from_slice(&serde_json::to_vec(&update).unwrap());
     std::fs::write(seeds.join("ledger/plaintext"), plain).unwrap();
 
-    let mut w = kairos_qemu::cpio::CpioWriter::new(Vec::new());
+    let mut w = kairos_initramfs::cpio::CpioWriter::new(Vec::new());
     w.dir("/dev", 0o755).unwrap();
     w.char_dev("/dev/console", 0o600, 5, 1).unwrap();
     w.file("/init", 0o755, b"#!/bin/sh\nexec /sbin/init\n").unwrap();

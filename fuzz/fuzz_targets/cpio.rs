@@ -1,9 +1,9 @@
-//! newc cpio (qemu/src/cpio.rs): read_entries on raw bytes, and a writer round trip: an
+//! newc cpio (build/initramfs/src/cpio.rs): read_entries on raw bytes, and a writer round trip: an
 //! archive built from fuzzer-chosen entries must read back as exactly those entries.
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use kairos_qemu::cpio::{CpioWriter, read_entries};
+use kairos_initramfs::cpio::{CpioWriter, read_entries};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, Arbitrary)]

@@ -404,6 +404,43 @@ impl ModuleIndex {
         }
         Ok(walk.order)
     }
+
+    /// Like [`ModuleIndex::resolve`], but each wanted name on its own, for generic lists
+    /// written for many kernels: a name the tree lacks, or whose closure is broken, is
+    /// returned with the reason instead of failing the rest; built-ins are dropped silently.
+    /// Returns (load order, failures in `wanted` order).
+    pub fn resolve_each(&self, wanted: &[&str]) -> (Vec<String>, Vec<(String, ModError)>) {
+        let mut walk = Walk {
+            index: self,
+            done: BTreeSet::new(),
+            stack: Vec::new(),
+            order: Vec::new(),
+        };
+        let mut failed = Vec::new();
+        for want in wanted {
+            if self.is_builtin(want) {
+                continue;
+            }
+            let found = self.lookup(want);
+            if found.is_empty() {
+                let name = (*want).to_string();
+                failed.push((name.clone(), ModError::Unknown { name }));
+                continue;
+            }
+            // Undo a failed name's partial walk: its resolved dependencies would be loaded
+            // for nothing.
+            let (done, len) = (walk.done.clone(), walk.order.len());
+            for module in found {
+                if let Err(e) = walk.visit(&module, false) {
+                    walk.done = done;
+                    walk.order.truncate(len);
+                    failed.push(((*want).to_string(), e.into_error()));
+                    break;
+                }
+            }
+        }
+        (walk.order, failed)
+    }
 }
 
 fn collect_ko(
@@ -627,15 +664,20 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 }
 
 /// Every `modalias` file under sys_root/devices (symlinks not followed, depth ≤ 32),
-/// trimmed, deduplicated and sorted.
+/// trimmed, deduplicated and sorted. A device without that file (the mmc bus has none: an SD
+/// card's `mmc:block` is only in its uevent) gives the `MODALIAS=` of its `uevent` instead,
+/// when it has no driver yet and is not a class device (no `dev`), so the walk reads few
+/// uevents; `devices/virtual` has none worth loading for.
 pub fn device_modaliases(sys_root: &Path) -> Vec<String> {
     let mut found = BTreeSet::new();
+    let virtual_dir = sys_root.join("devices/virtual");
     // Explicit stack: sysfs trees are wide, and recursion buys nothing here.
     let mut dirs = vec![(sys_root.join("devices"), 0usize)];
     while let Some((dir, depth)) = dirs.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
+        let (mut modalias, mut uevent, mut bound_or_class) = (false, false, false);
         for entry in entries.flatten() {
             let Ok(kind) = entry.file_type() else {
                 continue;
@@ -646,12 +688,27 @@ pub fn device_modaliases(sys_root: &Path) -> Vec<String> {
                 }
                 continue;
             }
-            if !kind.is_file() || entry.file_name() != "modalias" {
-                continue;
+            match entry.file_name().to_str() {
+                Some("modalias") if kind.is_file() => modalias = true,
+                Some("uevent") if kind.is_file() => uevent = true,
+                Some("driver" | "dev") => bound_or_class = true,
+                _ => {}
             }
-            let Ok(text) = std::fs::read_to_string(entry.path()) else {
-                continue;
-            };
+        }
+        let text = if modalias {
+            std::fs::read_to_string(dir.join("modalias")).ok()
+        } else if uevent && !bound_or_class && !dir.starts_with(&virtual_dir) {
+            std::fs::read_to_string(dir.join("uevent"))
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("MODALIAS="))
+                        .map(str::to_string)
+                })
+        } else {
+            None
+        };
+        if let Some(text) = text {
             let text = text.trim();
             if !text.is_empty() {
                 found.insert(text.to_string());
@@ -1088,6 +1145,36 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
     }
 
     #[test]
+    fn resolve_each_lists_what_the_tree_lacks_and_keeps_the_rest() {
+        let idx = index(
+            vec![
+                info("usb_storage", &["usbcore", "scsi_mod"], &[], &[], &[]),
+                info("usbcore", &[], &[], &[], &[]),
+                info("scsi_mod", &[], &[], &[], &[]),
+                // Its dependency is absent: its own closure fails, scsi_mod stays for others.
+                info("broken", &["scsi_mod", "ghost"], &[], &[], &[]),
+                info("crc32c_generic", &[], &[], &[], &["crypto-crc32c"]),
+            ],
+            &["kernel/drivers/block/loop.ko"],
+        );
+        let (order, failed) = idx.resolve_each(&[
+            "broken",
+            "pata_acpi",
+            "usb-storage",
+            "loop",
+            "crypto-crc32c",
+        ]);
+        assert_eq!(
+            order,
+            ["usbcore", "scsi_mod", "usb_storage", "crc32c_generic"]
+        );
+        let names: Vec<&str> = failed.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["broken", "pata_acpi"]);
+        assert!(matches!(&failed[0].1, ModError::MissingDep { dep, .. } if dep == "ghost"));
+        assert!(matches!(&failed[1].1, ModError::Unknown { name } if name == "pata_acpi"));
+    }
+
+    #[test]
     fn softdep_cycles_are_dropped_not_fatal() {
         // x softdep-pre y, y depends x: the soft edge breaks the cycle, so y loads after x.
         let idx = index(
@@ -1128,6 +1215,27 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
         let dup = sys.join("devices/platform/serial8250/tty");
         std::fs::create_dir_all(&dup).expect("test setup");
         std::fs::write(dup.join("modalias"), "platform:serial8250").expect("test setup");
+        // An SD card: no modalias file, MODALIAS only in its uevent (read while unbound).
+        let card = dev.join("mmc_host/mmc0/mmc0:4567");
+        std::fs::create_dir_all(&card).expect("test setup");
+        std::fs::write(card.join("uevent"), "MMC_TYPE=SD\nMODALIAS=mmc:block\n")
+            .expect("test setup");
+        // Bound devices, class devices and virtual ones are not read.
+        for (d, extra) in [
+            (
+                "devices/pci0000:00/0000:00:04.0/mmc_host/mmc1/mmc1:0001",
+                "driver",
+            ),
+            ("devices/pci0000:00/0000:00:04.0/block/sda", "dev"),
+            ("devices/virtual/misc/x", ""),
+        ] {
+            let d = sys.join(d);
+            std::fs::create_dir_all(&d).expect("test setup");
+            std::fs::write(d.join("uevent"), "MODALIAS=not:wanted\n").expect("test setup");
+            if !extra.is_empty() {
+                std::fs::write(d.join(extra), "").expect("test setup");
+            }
+        }
         // A symlink loop as sysfs has (subsystem -> ../..) must not be followed.
         std::os::unix::fs::symlink("../..", dev.join("subsystem")).expect("test setup");
         // Deeper than the limit is ignored.
@@ -1140,6 +1248,7 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
         assert_eq!(
             device_modaliases(sys),
             [
+                "mmc:block",
                 "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00",
                 "platform:serial8250",
                 "virtio:d00000002v00001AF4"

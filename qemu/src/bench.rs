@@ -20,10 +20,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kairos_initramfs::{InitramfsError, InitramfsSpec};
+
 use crate::boot::{self, BootError, BootSpec};
 use crate::disk::{self, DiskError};
 use crate::dracut::{self, DracutError, DracutKind};
-use crate::initramfs::{self, InitramfsError, InitramfsSpec};
+use crate::initramfs;
 use crate::kernel::Kernel;
 
 /// The same for every variant: one serial console, no interactive shells, reboot (which ends
@@ -293,7 +295,7 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
     fs::create_dir_all(&spec.work).map_err(io(&spec.work))?;
 
     let ours = spec.work.join("initramfs-kairos.img");
-    let report = initramfs::build(
+    let report = kairos_initramfs::build(
         &InitramfsSpec {
             init_binary: spec.init_binary.clone(),
             kernel: spec.kernel.clone(),

@@ -10,14 +10,8 @@ use crate::apt::{self, AptError};
 /// The meta package whose dependency names the current versioned kernel package.
 const META_PACKAGE: &str = "linux-image-amd64";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Kernel {
-    /// The kernel release, e.g. "6.1.0-56-amd64".
-    pub version: String,
-    pub vmlinuz: PathBuf,
-    /// `…/lib/modules/<version>` in the unpacked package.
-    pub modules_dir: PathBuf,
-}
+/// The unpacked package's kernel: `modules_dir` is `…/root/lib/modules/<version>`.
+pub use kairos_initramfs::Kernel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {

@@ -3,7 +3,6 @@
 pub mod apt;
 pub mod bench;
 pub mod boot;
-pub mod cpio;
 pub mod debian;
 pub mod disk;
 pub mod dracut;

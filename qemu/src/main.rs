@@ -7,11 +7,12 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use kairos_initramfs::InitramfsSpec;
 use kairos_qemu::apt;
 use kairos_qemu::bench;
 use kairos_qemu::boot::{self, BootExit, BootSpec};
 use kairos_qemu::disk;
-use kairos_qemu::initramfs::{self, InitramfsSpec};
+use kairos_qemu::initramfs;
 use kairos_qemu::kernel::{self, Kernel};
 
 const DEFAULT_INIT: &str = "target/x86_64-unknown-linux-gnu/release/kairos-init";
@@ -50,7 +51,11 @@ enum Cmd {
     /// Boot benchmark: our initramfs vs dracut + kairos-init vs stock dracut, same disk and kernel.
     Bench(BenchArgs),
     /// Build (once, cached) the Debian 12 systemd test root tree with debootstrap; prints its path.
-    Debian,
+    Debian {
+        /// The tree with kmod, udev and Debian's kernel installed (a Kairos user's image).
+        #[arg(long)]
+        kernel: bool,
+    },
 }
 
 #[derive(Args)]
@@ -85,6 +90,10 @@ struct InitramfsArgs {
     /// A module (or alias) to add to the defaults, with its dependencies.
     #[arg(long = "module", value_name = "NAME")]
     modules: Vec<String>,
+    /// `kairos-build initramfs`'s generic module set (USB, SD/MMC, CD-ROM, ...) instead of
+    /// the harness's smaller one.
+    #[arg(long)]
+    generic: bool,
 }
 
 /// How to leave an image file on the disk, for fallback tests.
@@ -185,7 +194,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Initramfs(args) => {
             let k = load_kernel(args.kernel_dir.as_deref())?;
-            build_initramfs(&args.init, k, &args.modules, &args.out)?;
+            build_initramfs(&args.init, k, &args.modules, args.generic, &args.out)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Disk(args) => {
@@ -195,10 +204,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Boot(args) => boot_cmd(args),
         Cmd::Demo { kvm, timeout } => demo(kvm, Duration::from_secs(timeout)),
         Cmd::Bench(args) => bench_cmd(args),
-        Cmd::Debian => {
+        Cmd::Debian { kernel: false } => {
             let tree =
                 kairos_qemu::debian::cached_or_build().context("building the Debian tree")?;
             println!("{}", tree.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Debian { kernel: true } => {
+            let t = kairos_qemu::debian::cached_or_build_with_kernel()
+                .context("building the Debian tree with its kernel")?;
+            println!(
+                "{} (kernel {}, {} bytes)",
+                t.tree.display(),
+                t.kver,
+                t.bytes
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -218,8 +238,18 @@ fn load_kernel(dir: Option<&Path>) -> Result<Kernel> {
     }
 }
 
-fn build_initramfs(init: &Path, k: Kernel, extra: &[String], out: &Path) -> Result<()> {
-    let mut modules = initramfs::default_modules();
+fn build_initramfs(
+    init: &Path,
+    k: Kernel,
+    extra: &[String],
+    generic: bool,
+    out: &Path,
+) -> Result<()> {
+    let mut modules = if generic {
+        kairos_initramfs::generic_modules()
+    } else {
+        initramfs::default_modules()
+    };
     for m in extra {
         if !modules.contains(m) {
             modules.push(m.clone());
@@ -231,7 +261,7 @@ fn build_initramfs(init: &Path, k: Kernel, extra: &[String], out: &Path) -> Resu
         modules,
         extra_files: Vec::new(),
     };
-    let report = initramfs::build(&spec, out)
+    let report = kairos_initramfs::build(&spec, out)
         .with_context(|| format!("building the initramfs {}", out.display()))?;
     println!(
         "{}: {} bytes ({:.2} MiB; cpio {:.2} MiB), {} modules: {}",
@@ -242,6 +272,12 @@ fn build_initramfs(init: &Path, k: Kernel, extra: &[String], out: &Path) -> Resu
         report.modules.len(),
         report.modules.join(" ")
     );
+    if !report.missing.is_empty() {
+        println!(
+            "missing (not in this kernel's tree): {}",
+            report.missing.join(", ")
+        );
+    }
     Ok(())
 }
 
@@ -321,7 +357,7 @@ fn demo(kvm: bool, timeout: Duration) -> Result<ExitCode> {
     let out = PathBuf::from("out");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let initrd = out.join("initramfs.img");
-    build_initramfs(&init, k, &[], &initrd)?;
+    build_initramfs(&init, k, &[], false, &initrd)?;
     let disk = out.join("disk.img");
     build_disk(&DiskArgs {
         out: disk.clone(),

@@ -165,7 +165,7 @@ pub fn labelled_disk(name: &str, label: &str) -> PathBuf {
 pub fn initramfs_with_shell() -> PathBuf {
     let a = artifacts();
     let out = a.work.join("initramfs-with-shell.img");
-    let spec = kairos_qemu::initramfs::InitramfsSpec {
+    let spec = kairos_initramfs::InitramfsSpec {
         init_binary: a.init_binary.clone(),
         kernel: a.kernel.clone(),
         modules: kairos_qemu::initramfs::default_modules(),
@@ -174,7 +174,7 @@ pub fn initramfs_with_shell() -> PathBuf {
             ("/bin/busybox".into(), "bin/sh".into()),
         ],
     };
-    kairos_qemu::initramfs::build(&spec, &out)
+    kairos_initramfs::build(&spec, &out)
         .unwrap_or_else(|e| panic!("building {}: {e}", out.display()));
     out
 }

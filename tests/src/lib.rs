@@ -88,13 +88,13 @@ pub fn artifacts() -> &'static Artifacts {
             let init_binary = build_init()?;
             let kernel = kairos_qemu::kernel::cached_or_fetch()?;
             let initramfs = work.join("initramfs.img");
-            let spec = kairos_qemu::initramfs::InitramfsSpec {
+            let spec = kairos_initramfs::InitramfsSpec {
                 init_binary: init_binary.clone(),
                 kernel: kernel.clone(),
                 modules: kairos_qemu::initramfs::default_modules(),
                 extra_files: Vec::new(),
             };
-            kairos_qemu::initramfs::build(&spec, &initramfs)?;
+            kairos_initramfs::build(&spec, &initramfs)?;
             Ok(Artifacts {
                 kernel,
                 init_binary,
@@ -191,6 +191,102 @@ pub enum Bus {
     /// An AHCI (SATA) controller with the disk as its first port.
     Sata,
     Nvme,
+    /// USB storage (bulk-only) behind an xHCI controller; SeaBIOS boots from it.
+    Usb,
+    /// An SD card behind an SDHCI PCI controller. QEMU wants the image 1, 2 or 4 GiB
+    /// ([`grow_for_sd`]); no firmware here boots from it: direct kernel boots only.
+    Sd,
+}
+
+impl Bus {
+    /// QEMU's arguments for the disk (drive `d0`) on this bus.
+    fn qemu_args(self, disk: &Path) -> Vec<String> {
+        let drive = format!(
+            "file={},format=raw,if=none,id=d0,cache=unsafe",
+            disk.display()
+        );
+        let devices: &[&str] = match self {
+            Bus::Sata => &["ahci,id=ahci", "ide-hd,drive=d0,bus=ahci.0"],
+            Bus::Nvme => &["nvme,drive=d0,serial=kairos0"],
+            Bus::Usb => &[
+                "qemu-xhci,id=xhci",
+                "usb-storage,bus=xhci.0,drive=d0,bootindex=0",
+            ],
+            Bus::Sd => &["sdhci-pci", "sd-card,drive=d0"],
+        };
+        let mut args = vec!["-drive".to_string(), drive];
+        for d in devices {
+            args.extend(["-device".to_string(), d.to_string()]);
+        }
+        args
+    }
+}
+
+/// Makes a test disk a size QEMU's `sd-card` accepts (the next of 1, 2, 4 GiB), moving the
+/// GPT's backup header to the new end.
+pub fn grow_for_sd(disk: &Path) {
+    let len = std::fs::metadata(disk)
+        .unwrap_or_else(|e| panic!("{}: {e}", disk.display()))
+        .len();
+    let Some(size) = [1u64 << 30, 2 << 30, 4 << 30]
+        .into_iter()
+        .find(|s| *s >= len)
+    else {
+        panic!(
+            "{}: {len} bytes is more than an SD image's 4 GiB",
+            disk.display()
+        );
+    };
+    std::fs::File::options()
+        .write(true)
+        .open(disk)
+        .and_then(|f| f.set_len(size))
+        .unwrap_or_else(|e| panic!("growing {}: {e}", disk.display()));
+    let out = Command::new("sgdisk")
+        .arg("-e")
+        .arg(disk)
+        .output()
+        .unwrap_or_else(|e| panic!("running sgdisk: {e}"));
+    assert!(
+        out.status.success(),
+        "sgdisk -e {}: {}",
+        disk.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+static GENERIC_INITRAMFS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// The generic initramfs (`kairos-build initramfs`'s module set: USB, SD/MMC, CD-ROM, ...) for
+/// the test kernel, built once per test process. The other tests use the harness's smaller
+/// set, which boots QEMU's default machine slightly faster.
+pub fn generic_initramfs() -> &'static Path {
+    let r = GENERIC_INITRAMFS.get_or_init(|| {
+        let a = artifacts();
+        let out = a.work.join("initramfs-generic.img");
+        let spec = kairos_initramfs::InitramfsSpec {
+            init_binary: a.init_binary.clone(),
+            kernel: a.kernel.clone(),
+            modules: kairos_initramfs::generic_modules(),
+            extra_files: Vec::new(),
+        };
+        match kairos_initramfs::build(&spec, &out) {
+            Ok(report) => {
+                println!(
+                    "generic initramfs: {} bytes, {} modules; missing: {}",
+                    report.size_bytes,
+                    report.modules.len(),
+                    report.missing.join(", ")
+                );
+                Ok(out)
+            }
+            Err(e) => Err(format!("{}: {e}", out.display())),
+        }
+    });
+    match r {
+        Ok(p) => p,
+        Err(e) => panic!("building the generic initramfs failed: {e}"),
+    }
 }
 
 /// Like `boot_direct`, with the disk on a SATA or NVMe controller instead of virtio.
@@ -202,27 +298,27 @@ pub fn boot_direct_on(
     until: &[&str],
 ) -> BootResult {
     let a = artifacts();
-    let mut s = spec(&[], a.work.join(format!("{name}.log")), until, 180);
-    s.kernel = Some(a.kernel.vmlinuz.clone());
-    s.initrd = Some(a.initramfs.clone());
-    s.append = Some(format!("{BASE_CMDLINE} {cmdline}"));
-    let drive = format!(
-        "file={},format=raw,if=none,id=d0,cache=unsafe",
-        disk.display()
-    );
-    let device = match bus {
-        Bus::Sata => vec![
-            "-device".to_string(),
-            "ahci,id=ahci".into(),
-            "-device".into(),
-            "ide-hd,drive=d0,bus=ahci.0".into(),
-        ],
-        Bus::Nvme => vec!["-device".to_string(), "nvme,drive=d0,serial=kairos0".into()],
-    };
-    s.extra_args = ["-drive".to_string(), drive]
-        .into_iter()
-        .chain(device)
-        .collect();
+    boot_on(name, disk, bus, Some((&a.initramfs, cmdline)), until)
+}
+
+/// The disk alone on `bus`: through the firmware and GRUB when `direct` is None, else QEMU
+/// starts the test kernel with that initramfs and command line (after [`BASE_CMDLINE`]).
+pub fn boot_on(
+    name: &str,
+    disk: &Path,
+    bus: Bus,
+    direct: Option<(&Path, &str)>,
+    until: &[&str],
+) -> BootResult {
+    let a = artifacts();
+    let timeout = if direct.is_some() { 180 } else { 240 };
+    let mut s = spec(&[], a.work.join(format!("{name}.log")), until, timeout);
+    if let Some((initrd, cmdline)) = direct {
+        s.kernel = Some(a.kernel.vmlinuz.clone());
+        s.initrd = Some(initrd.to_path_buf());
+        s.append = Some(format!("{BASE_CMDLINE} {cmdline}"));
+    }
+    s.extra_args = bus.qemu_args(disk);
     boot(name, s)
 }
 

@@ -204,3 +204,56 @@ fn same_initramfs_boots_from_sata_and_nvme() {
         assert_has(&r, "KAIROS-TEST: root=ro");
     }
 }
+
+/// The generic initramfs (kairos-build's module set) finds its root on USB storage behind an
+/// xHCI controller, with the whole chain of a real node: SeaBIOS boots GRUB from the USB disk,
+/// GRUB the kernel. kairos-init loads xhci_pci for the controller, usb_storage for the device
+/// that enumerates after it, sd_mod for the SCSI disk usb_storage then creates.
+#[test]
+fn generic_initramfs_boots_from_usb_through_grub() {
+    if !can_run() {
+        return;
+    }
+    let initrd = generic_initramfs();
+    let d = disk("usb", |s| s.initramfs = initrd.to_path_buf());
+    let hello = "KAIROS-TEST: hello from image=active";
+    let r = boot_on("usb", &d, Bus::Usb, None, &[hello]);
+    assert_has(&r, "starting: mode=active image=/cOS/active.img reason=cos");
+    for m in ["xhci_pci", "usb_storage", "sd_mod"] {
+        assert_has(&r, &format!("kairos-init: loaded module {m} "));
+    }
+    assert_has(&r, "mounted LABEL=COS_STATE (/dev/sda4) read-only");
+    assert_has(&r, hello);
+    figure(&r, "USB (xhci, through GRUB)");
+}
+
+/// The same on an SD card behind sdhci-pci (kernel and initramfs given to QEMU: no firmware
+/// here reads SD): sdhci_pci for the controller, mmc_block for the card it finds.
+#[test]
+fn generic_initramfs_boots_from_sd() {
+    if !can_run() {
+        return;
+    }
+    let initrd = generic_initramfs();
+    let d = disk("sd", |_| {});
+    grow_for_sd(&d);
+    let hello = "KAIROS-TEST: hello from image=active";
+    let r = boot_on("sd", &d, Bus::Sd, Some((initrd, ACTIVE)), &[hello]);
+    for m in ["sdhci_pci", "mmc_block"] {
+        assert_has(&r, &format!("kairos-init: loaded module {m} "));
+    }
+    assert_has(&r, "mounted LABEL=COS_STATE (/dev/mmcblk0p4) read-only");
+    assert_has(&r, hello);
+    figure(&r, "SD (sdhci-pci, direct kernel)");
+}
+
+/// Wall time and the kernel's timestamps of the init's start and switch_root.
+fn figure(r: &kairos_qemu::boot::BootResult, what: &str) {
+    let ts = |needle| kairos_qemu::boot::kmsg_time(&r.log, needle).unwrap_or(f64::NAN);
+    println!(
+        "FIGURE {what}: wall {:.1} s; kernel start -> kairos-init {:.3} s -> switch_root {:.3} s",
+        r.elapsed.as_secs_f64(),
+        ts("kairos-init: kairos-init"),
+        ts("kairos-init: switch_root")
+    );
+}

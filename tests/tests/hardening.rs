@@ -693,7 +693,7 @@ fn security_initramfs_has_no_shell_without_rd_kairos_debug() {
         .output()
         .expect("zstd -dc");
     assert!(out.status.success(), "zstd -dc {}", a.initramfs.display());
-    let entries = kairos_qemu::cpio::read_entries(&out.stdout).expect("initramfs cpio");
+    let entries = kairos_initramfs::cpio::read_entries(&out.stdout).expect("initramfs cpio");
     let shells: Vec<&str> = entries
         .iter()
         .map(|e| e.name.as_str())
