@@ -85,13 +85,48 @@ fn append_tree<W: Write>(b: &mut tar::Builder<W>, root: &Path, dir: &Path) -> Re
             continue;
         }
         let rel = path.strip_prefix(root).unwrap_or(&path);
-        b.append_path_with_name(&path, rel)
-            .map_err(io(&path, "adding to the layer"))?;
+        let special = ft.is_char_device() || ft.is_block_device() || ft.is_fifo();
+        if special {
+            // tar's own path for these names the entry by its host path (tar 0.4.46).
+            append_special(b, &path, rel)?;
+        } else {
+            b.append_path_with_name(&path, rel)
+                .map_err(io(&path, "adding to the layer"))?;
+        }
         if ft.is_dir() {
             append_tree(b, root, &path)?;
         }
     }
     Ok(())
+}
+
+/// A device node or fifo as a header-only entry named `rel`.
+fn append_special<W: Write>(
+    b: &mut tar::Builder<W>,
+    path: &Path,
+    rel: &Path,
+) -> Result<(), OciError> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::symlink_metadata(path).map_err(io(path, "reading the metadata of"))?;
+    let ft = md.file_type();
+    let mut h = tar::Header::new_gnu();
+    h.set_metadata_in_mode(&md, tar::HeaderMode::Complete);
+    h.set_entry_type(if ft.is_char_device() {
+        tar::EntryType::Char
+    } else if ft.is_block_device() {
+        tar::EntryType::Block
+    } else {
+        tar::EntryType::Fifo
+    });
+    h.set_size(0);
+    let dev = md.rdev();
+    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    h.set_device_major(major)
+        .map_err(io(path, "adding to the layer"))?;
+    h.set_device_minor(minor)
+        .map_err(io(path, "adding to the layer"))?;
+    b.append_data(&mut h, rel, std::io::empty())
+        .map_err(io(path, "adding to the layer"))
 }
 
 /// The image of `tree` for `arch` (an OCI architecture name), its blobs written to `work`.
@@ -259,6 +294,15 @@ mod tests {
         std::fs::create_dir_all(tree.join("etc/sub")).expect("mkdir");
         std::fs::write(tree.join("etc/sub/file"), "hello").expect("write");
         std::os::unix::fs::symlink("sub/file", tree.join("etc/link")).expect("link");
+        // Special files keep their name in the tree (tar's own path names them by host path).
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &tree.join("etc/fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
         let img = build(&tree, &t.path().join("work"), "amd64", &[]).expect("build");
         let layer = std::fs::read(&img.layer).expect("read layer");
         assert_eq!(sha256_digest(&layer), img.layer_digest);
@@ -275,9 +319,15 @@ mod tests {
             if name == "etc/link" {
                 assert_eq!(e.header().entry_type(), tar::EntryType::Symlink);
             }
+            if name == "etc/fifo" {
+                assert_eq!(e.header().entry_type(), tar::EntryType::Fifo);
+            }
             names.push(name);
         }
-        assert_eq!(names, ["etc", "etc/link", "etc/sub", "etc/sub/file"]);
+        assert_eq!(
+            names,
+            ["etc", "etc/fifo", "etc/link", "etc/sub", "etc/sub/file"]
+        );
         let config = std::fs::read(&img.config).expect("config");
         assert_eq!(sha256_digest(&config), img.config_digest);
         let m: serde_json::Value = serde_json::from_slice(&img.manifest).expect("manifest");

@@ -257,19 +257,23 @@ pub fn check_unused(ctx: &Ctx, disk: &Disk) -> Result<(), InstallError> {
 }
 
 /// BLKRRPART: the kernel re-reads the partition table (`blockdev --rereadpt` as a fallback).
-fn reread(f: &File, disk: &Path) -> Result<(), InstallError> {
+/// BLKRRPART (else `blockdev --rereadpt`). Ok(false) when the device does not scan
+/// partitions at all (EINVAL: a loop device attached without LO_FLAGS_PARTSCAN).
+fn reread(f: &File, disk: &Path) -> Result<bool, InstallError> {
     const BLKRRPART: rustix::ioctl::Opcode = rustix::ioctl::opcode::none(0x12, 95);
     // SAFETY: BLKRRPART takes no argument.
     let r = unsafe { rustix::ioctl::ioctl(f, rustix::ioctl::NoArg::<BLKRRPART>::new()) };
-    if r.is_ok() {
-        return Ok(());
+    match r {
+        Ok(()) => return Ok(true),
+        Err(rustix::io::Errno::INVAL) => return Ok(false),
+        Err(_) => {}
     }
     let out = std::process::Command::new("blockdev")
         .arg("--rereadpt")
         .arg(disk)
         .output();
     match (r, out) {
-        (_, Ok(o)) if o.status.success() => Ok(()),
+        (_, Ok(o)) if o.status.success() => Ok(true),
         (Err(e), _) => Err(InstallError::Partitions {
             device: disk.to_path_buf(),
             what: format!(
@@ -277,7 +281,7 @@ fn reread(f: &File, disk: &Path) -> Result<(), InstallError> {
                 std::io::Error::from(e)
             ),
         }),
-        (Ok(()), _) => Ok(()),
+        (Ok(()), _) => Ok(true),
     }
 }
 
@@ -377,7 +381,10 @@ pub fn publish(
     disk: &Disk,
     parts: &[(u32, u64, u64)],
 ) -> Result<bool, InstallError> {
-    reread(f, &disk.path)?;
+    if !reread(f, &disk.path)? {
+        add_partitions(f, &disk.path, parts)?;
+        return Ok(true);
+    }
     let sys = sys_dev(ctx, disk, 1);
     let start = Instant::now();
     while !sys.exists() {
