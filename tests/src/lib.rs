@@ -56,25 +56,44 @@ pub fn can_run() -> bool {
     false
 }
 
-/// `cargo build --release -p NAME --bin NAME` in this workspace (static, as the images need).
-fn cargo_build_bin(name: &str) -> Result<PathBuf> {
+/// The cargo profile the binaries for test images are built with: `KAIROS_TEST_PROFILE`
+/// (scripts/test sets `ci`, the profile it runs the tests with, so nothing is built twice),
+/// else `release`.
+pub fn test_profile() -> String {
+    std::env::var("KAIROS_TEST_PROFILE")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "release".into())
+}
+
+/// `cargo build --profile PROFILE -p NAME --bin NAME` in this workspace (static, as the
+/// images need).
+fn cargo_build_with(name: &str, profile: &str) -> Result<PathBuf> {
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(&root)
-        .args(["build", "--release", "-p", name, "--bin", name])
+        .args(["build", "--profile", profile, "-p", name, "--bin", name])
         .status()
         .with_context(|| format!("running cargo build for {name}"))?;
     if !status.success() {
         bail!("cargo build -p {name} failed");
     }
     Ok(root
-        .join("target/x86_64-unknown-linux-gnu/release")
+        .join("target/x86_64-unknown-linux-gnu")
+        .join(profile)
         .join(name))
 }
 
+/// [`cargo_build_with`] the [`test_profile`].
+pub fn cargo_build_bin(name: &str) -> Result<PathBuf> {
+    cargo_build_with(name, &test_profile())
+}
+
+/// kairos-init always as it ships (`release`: LTO, size-first): its size is under test, and
+/// it is small to build.
 pub fn build_init() -> Result<PathBuf> {
-    cargo_build_bin("kairos-init")
+    cargo_build_with("kairos-init", "release")
 }
 
 static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
@@ -200,7 +219,7 @@ pub enum Bus {
 
 impl Bus {
     /// QEMU's arguments for the disk (drive `d0`) on this bus.
-    fn qemu_args(self, disk: &Path) -> Vec<String> {
+    pub fn qemu_args(self, disk: &Path) -> Vec<String> {
         let drive = format!(
             "file={},format=raw,if=none,id=d0,cache=unsafe",
             disk.display()

@@ -180,7 +180,8 @@ fn static_init_and_small_initramfs() {
         .len();
     let initrd = std::fs::metadata(&a.initramfs).expect("initramfs").len();
     println!("FIGURE kairos-init {init} bytes, initramfs {initrd} bytes");
-    assert!(init < 1_500_000, "kairos-init is {init} bytes");
+    // 1.52 MB since the first-boot grow of COS_PERSISTENT (GPT planner, ext4 superblock).
+    assert!(init < 1_600_000, "kairos-init is {init} bytes");
     assert!(initrd < 3_000_000, "initramfs is {initrd} bytes");
 }
 
