@@ -15,6 +15,8 @@ pub mod rootfs;
 /// filesystems (the probe tests use all of them), `file` for the static-binary check.
 pub const ALL_PACKAGES: &[&str] = &[
     "qemu-system-x86",
+    // qemu-img: `kairos-build raw --format qcow2`.
+    "qemu-utils",
     "busybox-static",
     "gdisk",
     "fdisk",
