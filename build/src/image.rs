@@ -534,26 +534,14 @@ pub fn run(args: &ImageArgs, log: &mut dyn Write) -> Result<ImageReport, ImageEr
             }
         }
         Output::Archive(p) => {
-            let img = oci::build(
-                &stage,
-                &work.path().join("oci"),
-                kairos_agent::upgrade::oci::this_arch(),
-                &labels(&report),
-            )?;
+            let img = oci_image(&stage, work.path(), &report)?;
             oci::write_archive(&img, "latest", p)?;
-            report.layer_bytes = Some(img.layer_size);
-            report.manifest_digest = Some(img.manifest_digest);
+            report.record(img);
         }
         Output::Registry(r) => {
-            let img = oci::build(
-                &stage,
-                &work.path().join("oci"),
-                kairos_agent::upgrade::oci::this_arch(),
-                &labels(&report),
-            )?;
+            let img = oci_image(&stage, work.path(), &report)?;
             oci::push(&img, r, &args.out)?;
-            report.layer_bytes = Some(img.layer_size);
-            report.manifest_digest = Some(img.manifest_digest);
+            report.record(img);
         }
     }
     report.out = args.out.clone();
@@ -561,14 +549,24 @@ pub fn run(args: &ImageArgs, log: &mut dyn Write) -> Result<ImageReport, ImageEr
     Ok(report)
 }
 
-fn labels(r: &ImageReport) -> Vec<(String, String)> {
-    vec![
-        ("io.kairos.kernel".into(), r.kernel.clone()),
+/// The OCI image of the finished tree, labelled with its kernel and builder.
+fn oci_image(stage: &Path, work: &Path, r: &ImageReport) -> Result<oci::Image, ImageError> {
+    let labels = [
+        ("io.kairos.kernel".to_string(), r.kernel.clone()),
         (
-            "io.kairos.builder".into(),
+            "io.kairos.builder".to_string(),
             format!("kairos-build {}", env!("CARGO_PKG_VERSION")),
         ),
-    ]
+    ];
+    let arch = kairos_agent::upgrade::oci::this_arch();
+    Ok(oci::build(stage, &work.join("oci"), arch, &labels)?)
+}
+
+impl ImageReport {
+    fn record(&mut self, img: oci::Image) {
+        self.layer_bytes = Some(img.layer_size);
+        self.manifest_digest = Some(img.manifest_digest);
+    }
 }
 
 /// The report as the CLI prints it.

@@ -297,7 +297,7 @@ mod tests {
         // Special files keep their name in the tree (tar's own path names them by host path).
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &tree.join("etc/fifo"),
+            tree.join("etc/fifo"),
             rustix::fs::FileType::Fifo,
             rustix::fs::Mode::from_raw_mode(0o600),
             0,

@@ -6,6 +6,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kairos_init::sys::disk::{BLKPG_ADD_PARTITION, BLKPG_DEL_PARTITION, blkpg};
+
 use super::InstallError;
 use crate::Ctx;
 
@@ -285,51 +287,6 @@ fn reread(f: &File, disk: &Path) -> Result<bool, InstallError> {
     }
 }
 
-/// `struct blkpg_partition` (linux/blkpg.h).
-#[repr(C)]
-struct BlkpgPartition {
-    start: i64,
-    length: i64,
-    pno: i32,
-    devname: [u8; 64],
-    volname: [u8; 64],
-}
-
-/// `struct blkpg_ioctl_arg` (linux/blkpg.h).
-#[repr(C)]
-struct BlkpgArg {
-    op: i32,
-    flags: i32,
-    datalen: i32,
-    data: *mut BlkpgPartition,
-}
-
-/// One BLKPG call (`op` 1 adds, 2 deletes partition `pno`).
-fn blkpg(f: &File, op: i32, pno: u32, start: u64, length: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    const BLKPG: libc::c_ulong = 0x1269; // _IO(0x12, 105)
-    let mut p = BlkpgPartition {
-        start: i64::try_from(start).unwrap_or(i64::MAX),
-        length: i64::try_from(length).unwrap_or(i64::MAX),
-        pno: i32::try_from(pno).unwrap_or(i32::MAX),
-        devname: [0; 64],
-        volname: [0; 64],
-    };
-    let mut arg = BlkpgArg {
-        op,
-        flags: 0,
-        datalen: std::mem::size_of::<BlkpgPartition>() as i32,
-        data: &mut p,
-    };
-    // SAFETY: BLKPG reads a blkpg_ioctl_arg whose data points at a blkpg_partition of
-    // datalen bytes; both live until the call returns.
-    let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKPG, &mut arg as *mut BlkpgArg) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Adds partitions `(number, first byte, length in bytes)` to `disk` with BLKPG, as
 /// `partx -a` does: for kernels that cannot parse the GPT just written (built without
 /// CONFIG_EFI_PARTITION), so BLKRRPART left the disk without partitions. Ones the kernel
@@ -339,7 +296,6 @@ pub fn add_partitions(
     disk: &Path,
     parts: &[(u32, u64, u64)],
 ) -> Result<(), InstallError> {
-    const BLKPG_ADD_PARTITION: i32 = 1;
     for &(pno, start, length) in parts {
         match blkpg(f, BLKPG_ADD_PARTITION, pno, start, length) {
             Err(e) if e.raw_os_error() != Some(libc::EBUSY) => {
@@ -357,7 +313,6 @@ pub fn add_partitions(
 /// Removes partitions `numbers` of `disk` from the kernel's view (`partx -d`), so a loop
 /// device detaches without leaving them behind; ones it does not have (ENXIO) are skipped.
 pub fn remove_partitions(f: &File, disk: &Path, numbers: &[u32]) -> Result<(), InstallError> {
-    const BLKPG_DEL_PARTITION: i32 = 2;
     for &pno in numbers {
         match blkpg(f, BLKPG_DEL_PARTITION, pno, 0, 0) {
             Err(e) if e.raw_os_error() != Some(libc::ENXIO) => {
@@ -463,13 +418,6 @@ pub fn wait_partition(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn blkpg_structs_match_the_kernel_abi() {
-        // linux/blkpg.h on x86_64: 2 × long long, int, 2 × char[64], padded to 8.
-        assert_eq!(std::mem::size_of::<BlkpgPartition>(), 152);
-        assert_eq!(std::mem::size_of::<BlkpgArg>(), 24);
-    }
 
     const MOUNTINFO: &str = "\
 22 1 0:21 / / rw,relatime - ext4 /dev/loop0 ro

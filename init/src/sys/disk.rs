@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 /// _IO(0x12, 105)
 const BLKPG: libc::c_ulong = 0x1269;
-const BLKPG_ADD_PARTITION: i32 = 1;
-const BLKPG_RESIZE_PARTITION: i32 = 3;
+pub const BLKPG_ADD_PARTITION: i32 = 1;
+pub const BLKPG_DEL_PARTITION: i32 = 2;
+pub const BLKPG_RESIZE_PARTITION: i32 = 3;
 /// _IOW('f', 16, __u64)
 const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
 
@@ -134,28 +135,35 @@ impl Disk {
     }
 
     fn blkpg(&self, op: i32, number: u32, start: u64, length: u64) -> std::io::Result<()> {
-        let invalid = |_| std::io::Error::from(std::io::ErrorKind::InvalidInput);
-        let mut p = BlkpgPartition {
-            start: i64::try_from(start).map_err(invalid)?,
-            length: i64::try_from(length).map_err(invalid)?,
-            pno: i32::try_from(number).map_err(invalid)?,
-            devname: [0; 64],
-            volname: [0; 64],
-        };
-        let mut arg = BlkpgArg {
-            op,
-            flags: 0,
-            datalen: std::mem::size_of::<BlkpgPartition>() as i32,
-            data: &mut p,
-        };
-        // SAFETY: BLKPG reads a blkpg_ioctl_arg whose data points at a blkpg_partition of
-        // datalen bytes; both live until the call returns.
-        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKPG, &mut arg as *mut BlkpgArg) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
+        blkpg(&self.file, op, number, start, length)
     }
+}
+
+/// One BLKPG call on the open whole disk `file`: `op` is one of the `BLKPG_*_PARTITION`
+/// constants, for partition `number` of `length` bytes from byte `start` (ignored by delete).
+/// The agent's installer adds and removes partitions with it too.
+pub fn blkpg(file: &File, op: i32, number: u32, start: u64, length: u64) -> std::io::Result<()> {
+    let invalid = |_| std::io::Error::from(std::io::ErrorKind::InvalidInput);
+    let mut p = BlkpgPartition {
+        start: i64::try_from(start).map_err(invalid)?,
+        length: i64::try_from(length).map_err(invalid)?,
+        pno: i32::try_from(number).map_err(invalid)?,
+        devname: [0; 64],
+        volname: [0; 64],
+    };
+    let mut arg = BlkpgArg {
+        op,
+        flags: 0,
+        datalen: std::mem::size_of::<BlkpgPartition>() as i32,
+        data: &mut p,
+    };
+    // SAFETY: BLKPG reads a blkpg_ioctl_arg whose data points at a blkpg_partition of
+    // datalen bytes; both live until the call returns.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKPG, &mut arg as *mut BlkpgArg) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Grows the mounted ext4 at `mountpoint` to `blocks` filesystem blocks, online:
