@@ -66,34 +66,49 @@ pub fn test_profile() -> String {
         .unwrap_or_else(|| "release".into())
 }
 
-/// `cargo build --profile PROFILE -p NAME --bin NAME` in this workspace (static, as the
-/// images need).
-fn cargo_build_with(name: &str, profile: &str) -> Result<PathBuf> {
+/// Builds binary `name` of this workspace (static, as the images need) with `profile`.
+/// `whole`: as `cargo build --workspace --all-targets`, whose feature unification is the one
+/// `cargo test --workspace` used, so under scripts/test nothing is compiled again (a lone
+/// `-p NAME` unifies features differently and rebuilds ring, libp2p and the agent).
+fn cargo_build_with(name: &str, profile: &str, whole: bool) -> Result<PathBuf> {
     let root = workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&root)
-        .args(["build", "--profile", profile, "-p", name, "--bin", name])
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root).args(["build", "--profile", profile]);
+    if whole {
+        cmd.args(["--workspace", "--all-targets"]);
+    } else {
+        cmd.args(["-p", name, "--bin", name]);
+    }
+    let status = cmd
         .status()
         .with_context(|| format!("running cargo build for {name}"))?;
     if !status.success() {
-        bail!("cargo build -p {name} failed");
+        bail!("cargo build for {name} failed");
     }
-    Ok(root
+    let bin = root
         .join("target/x86_64-unknown-linux-gnu")
         .join(profile)
-        .join(name))
+        .join(name);
+    if !bin.is_file() {
+        bail!("cargo build did not make {}", bin.display());
+    }
+    Ok(bin)
 }
 
-/// [`cargo_build_with`] the [`test_profile`].
+/// [`cargo_build_with`] the [`test_profile`]: with `ci` the whole workspace (already built
+/// by `cargo test`), with another profile just `name` (a developer's `--release` run should
+/// not fat-LTO every test binary).
 pub fn cargo_build_bin(name: &str) -> Result<PathBuf> {
-    cargo_build_with(name, &test_profile())
+    let profile = test_profile();
+    let whole = profile == "ci";
+    cargo_build_with(name, &profile, whole)
 }
 
 /// kairos-init always as it ships (`release`: LTO, size-first): its size is under test, and
 /// it is small to build.
 pub fn build_init() -> Result<PathBuf> {
-    cargo_build_with("kairos-init", "release")
+    cargo_build_with("kairos-init", "release", false)
 }
 
 static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();

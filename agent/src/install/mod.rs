@@ -270,11 +270,13 @@ fn run(cmd: &mut Command) -> Result<std::process::Output, InstallError> {
 }
 
 /// ext4 on a partition, labelled, without the features GRUB 2.06 cannot read (an older
-/// mke2fs that does not know their names is retried without them).
+/// mke2fs that does not know their names is retried without them). `-T default`: 4 KiB
+/// blocks even on a small partition (mke2fs would pick 1 KiB below 512 MiB), because a
+/// built disk's 64 MiB COS_PERSISTENT is grown to the device's size on first boot.
 fn mkfs_partition(dev: &Path, label: &str) -> Result<(), InstallError> {
     let attempt = |off: Option<&str>| {
         let mut c = Command::new("mkfs.ext4");
-        c.args(["-q", "-F", "-L", label]);
+        c.args(["-q", "-F", "-T", "default", "-L", label]);
         if let Some(o) = off {
             c.args(["-O", o]);
         }
