@@ -770,13 +770,11 @@ pub fn load(name: &str, path: &Path, params: &str) -> Result<LoadOutcome, ModErr
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::{Duration, Instant};
-
+/// Fake `.ko` files for unit tests here and in the initramfs writer (not part of the API).
+#[doc(hidden)]
+pub mod testing {
     /// A minimal ELF64 LE relocatable: header, .shstrtab, .modinfo, then the section headers.
-    fn elf_with_modinfo(modinfo: &[u8]) -> Vec<u8> {
+    pub fn elf_with_modinfo(modinfo: &[u8]) -> Vec<u8> {
         let shstrtab = b"\0.shstrtab\0.modinfo\0";
         let mut out = vec![0u8; 64];
         out[..6].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1]);
@@ -807,6 +805,13 @@ mod tests {
         out[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
         out
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::elf_with_modinfo;
+    use super::*;
+    use std::time::{Duration, Instant};
 
     const EXT4_INFO: &[u8] = b"softdep=pre: crypto-crc32c\0alias=fs-ext4\0alias=ext3\0\0\0\
 depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0";
