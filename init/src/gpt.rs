@@ -807,8 +807,14 @@ mod tests {
 
     #[test]
     fn guids_and_crc() {
-        assert_eq!(&guid_bytes(BIOS_BOOT).unwrap(), b"Hah!IdontNeedEFI");
-        assert_eq!(guid_bytes(LINUX_FS).unwrap()[..4], [0xaf, 0x3d, 0xc6, 0x0f]);
+        assert_eq!(
+            &guid_bytes(BIOS_BOOT).expect("a valid GUID constant"),
+            b"Hah!IdontNeedEFI"
+        );
+        assert_eq!(
+            guid_bytes(LINUX_FS).expect("a valid GUID constant")[..4],
+            [0xaf, 0x3d, 0xc6, 0x0f]
+        );
         assert!(guid_bytes("nope").is_err());
         assert!(guid_bytes("0FC63DAF-8483-4772-8E79-3D69D8477DEX").is_err());
         assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
@@ -855,7 +861,7 @@ mod tests {
     #[test]
     fn layout_is_checked() {
         let sectors = 64 * 2048;
-        let gpt = build(sectors, [7; 16], &parts(sectors)).unwrap();
+        let gpt = build(sectors, [7; 16], &parts(sectors)).expect("building the test GPT");
         assert_eq!(gpt.primary.len(), 34 * 512);
         assert_eq!(gpt.backup.len(), 33 * 512);
         assert_eq!(gpt.backup_offset + gpt.backup.len() as u64, sectors * 512);
@@ -880,20 +886,25 @@ mod tests {
     #[test]
     fn sgdisk_and_sfdisk_accept_it() {
         let sectors = 64 * 2048;
-        let gpt = build(sectors, guid_from_random([3; 16]), &parts(sectors)).unwrap();
-        let tmp = tempfile::tempdir().unwrap();
+        let gpt = build(sectors, guid_from_random([3; 16]), &parts(sectors))
+            .expect("building the test GPT");
+        let tmp = tempfile::tempdir().expect("temp dir");
         let img = tmp.path().join("disk.img");
         let mut data = vec![0u8; (sectors * SECTOR) as usize];
         data[..gpt.primary.len()].copy_from_slice(&gpt.primary);
         let at = gpt.backup_offset as usize;
         data[at..at + gpt.backup.len()].copy_from_slice(&gpt.backup);
-        std::fs::write(&img, &data).unwrap();
+        std::fs::write(&img, &data).expect("writing the test image");
         match Command::new("sgdisk").arg("-v").arg(&img).output() {
             Ok(out) => {
                 let text = String::from_utf8_lossy(&out.stdout);
                 assert!(out.status.success(), "{text}");
                 assert!(text.contains("No problems found"), "{text}");
-                let p = Command::new("sgdisk").arg("-p").arg(&img).output().unwrap();
+                let p = Command::new("sgdisk")
+                    .arg("-p")
+                    .arg(&img)
+                    .output()
+                    .expect("running sgdisk");
                 let p = String::from_utf8_lossy(&p.stdout);
                 for n in ["bios", "oem", "recovery", "state", "persistent"] {
                     assert!(p.contains(n), "{p}");
@@ -926,27 +937,31 @@ mod tests {
             guid_from_random([4; 16]),
             &parts_with(sectors, ("efi", EFI_SYSTEM, 64)),
         )
-        .unwrap();
+        .expect("building the test GPT");
         assert_eq!(
             &gpt.primary[1024..1040],
-            &guid_bytes(EFI_SYSTEM).unwrap()[..]
+            &guid_bytes(EFI_SYSTEM).expect("a valid GUID constant")[..]
         );
         assert_eq!(
-            &guid_bytes(EFI_SYSTEM).unwrap()[..4],
+            &guid_bytes(EFI_SYSTEM).expect("a valid GUID constant")[..4],
             &[0x28, 0x73, 0x2a, 0xc1]
         );
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().expect("temp dir");
         let img = tmp.path().join("disk.img");
         let mut data = vec![0u8; (sectors * SECTOR) as usize];
         data[..gpt.primary.len()].copy_from_slice(&gpt.primary);
         let at = gpt.backup_offset as usize;
         data[at..at + gpt.backup.len()].copy_from_slice(&gpt.backup);
-        std::fs::write(&img, &data).unwrap();
+        std::fs::write(&img, &data).expect("writing the test image");
         match Command::new("sgdisk").arg("-v").arg(&img).output() {
             Ok(out) => {
                 let text = String::from_utf8_lossy(&out.stdout);
                 assert!(text.contains("No problems found"), "{text}");
-                let p = Command::new("sgdisk").arg("-p").arg(&img).output().unwrap();
+                let p = Command::new("sgdisk")
+                    .arg("-p")
+                    .arg(&img)
+                    .output()
+                    .expect("running sgdisk");
                 let p = String::from_utf8_lossy(&p.stdout);
                 let rows: Vec<&str> = p
                     .lines()
