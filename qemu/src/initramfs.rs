@@ -14,23 +14,11 @@ pub fn default_modules() -> Vec<String> {
         "ahci",
         "ata_piix",
         "nvme",
-        // images: loop-mounted squashfs/ext4 with overlays
-        "loop",
-        "ext4",
-        "overlay",
-        "squashfs",
-        // EFI system partition and its default code pages
-        "vfat",
-        "nls_cp437",
-        "nls_iso8859_1",
-        // vfat loads its iocharset at mount; Debian's default (FAT_DEFAULT_IOCHARSET) is "ascii"
-        "nls_ascii",
-        // ext4's `softdep pre: crypto-crc32c`, made explicit so both providers are present
-        "crc32c_generic",
-        "crc32c_intel",
     ]
+    .into_iter()
+    .chain(kairos_initramfs::FILESYSTEMS.iter().copied())
     .map(String::from)
-    .to_vec()
+    .collect()
 }
 
 #[cfg(test)]

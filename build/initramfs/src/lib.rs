@@ -60,22 +60,28 @@ pub fn generic_modules() -> Vec<String> {
         "sdhci_pci",
         "sdhci_acpi",
         "sdhci_pltfm",
-        // images: loop-mounted squashfs/ext4 with overlays; ISO 9660 live media
-        "loop",
-        "ext4",
-        "squashfs",
-        "overlay",
+        // ISO 9660 live media
         "isofs",
-        // EFI system partition and the code pages vfat loads at mount (Debian's
-        // FAT_DEFAULT_IOCHARSET is "ascii")
-        "vfat",
-        "nls_cp437",
-        "nls_iso8859_1",
-        "nls_ascii",
-        // ext4's `softdep pre: crypto-crc32c`, made explicit so both providers are present
-        "crc32c_generic",
-        "crc32c_intel",
     ]
+    .into_iter()
+    .chain(FILESYSTEMS.iter().copied())
     .map(String::from)
-    .to_vec()
+    .collect()
 }
+
+/// What every Kairos initramfs needs beyond the disk drivers: loop-mounted ext4 images and the
+/// squashfs recovery with overlays, the ESP's vfat and the code pages it loads at mount
+/// (Debian's FAT_DEFAULT_IOCHARSET is "ascii"), and both providers of ext4's
+/// `softdep pre: crypto-crc32c`. Shared by [`generic_modules`] and the test harness's list.
+pub const FILESYSTEMS: &[&str] = &[
+    "loop",
+    "ext4",
+    "squashfs",
+    "overlay",
+    "vfat",
+    "nls_cp437",
+    "nls_iso8859_1",
+    "nls_ascii",
+    "crc32c_generic",
+    "crc32c_intel",
+];
