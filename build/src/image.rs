@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use kairos_agent::Ctx;
 use kairos_agent::install::SourceImage;
+use kairos_agent::upgrade::image::{ToolFailure, run_tool};
 use kairos_agent::upgrade::source::{self, ImageRef};
 use kairos_init::layout::{
     DEFAULT_OVERLAY_SIZE, DEFAULT_PERSISTENT_STATE_TARGET, KAIROS_PERSISTENT_STATE_PATHS,
@@ -64,12 +65,8 @@ pub enum ImageError {
         what: &'static str,
         err: String,
     },
-    #[error("`{command}` failed ({status}): {output}")]
-    Command {
-        command: String,
-        status: String,
-        output: String,
-    },
+    #[error(transparent)]
+    ToolFailed(#[from] ToolFailure),
     #[error(transparent)]
     Source(#[from] source::SourceError),
     #[error(transparent)]
@@ -330,13 +327,8 @@ fn tree_bytes(dir: &Path) -> u64 {
 }
 
 fn run_cmd(cmd: &mut Command) -> Result<(), ImageError> {
-    kairos_agent::upgrade::image::run_tool(cmd)
-        .map(|_| ())
-        .map_err(|f| ImageError::Command {
-            command: f.command,
-            status: f.status,
-            output: f.output,
-        })
+    run_tool(cmd)?;
+    Ok(())
 }
 
 /// Makes `tree` Kairos-ready in place (step 3). Returns (report fields filled in).

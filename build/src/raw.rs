@@ -21,6 +21,7 @@ use std::time::Instant;
 use kairos_agent::Ctx;
 use kairos_agent::install::efi::Firmware;
 use kairos_agent::install::{self, InstallError, Progress, SourceImage, device};
+use kairos_agent::upgrade::image::{ToolFailure, run_tool};
 use kairos_agent::upgrade::{self, rotate::Booted};
 
 use crate::cli::{Format, RawArgs, RawFirmware};
@@ -69,12 +70,8 @@ pub enum RawError {
         what: &'static str,
         err: std::io::Error,
     },
-    #[error("`{command}` failed ({status}): {output}")]
-    Command {
-        command: String,
-        status: String,
-        output: String,
-    },
+    #[error(transparent)]
+    ToolFailed(#[from] ToolFailure),
     #[error(transparent)]
     Install(#[from] InstallError),
     #[error(transparent)]
@@ -330,23 +327,12 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
         Some(tool) => {
             let partial_q = with_suffix(&args.out, ".partial.qcow2");
             partial.0.push(partial_q.clone());
-            let out = Command::new(&tool)
-                .args(["convert", "-f", "raw", "-O", "qcow2"])
-                .arg(&partial_raw)
-                .arg(&partial_q)
-                .output()
-                .map_err(|err| RawError::Io {
-                    path: tool.clone(),
-                    what: "running",
-                    err,
-                })?;
-            if !out.status.success() {
-                return Err(RawError::Command {
-                    command: format!("qemu-img convert -O qcow2 {}", partial_raw.display()),
-                    status: out.status.to_string(),
-                    output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                });
-            }
+            run_tool(
+                Command::new(&tool)
+                    .args(["convert", "-f", "raw", "-O", "qcow2"])
+                    .arg(&partial_raw)
+                    .arg(&partial_q),
+            )?;
             std::fs::rename(&partial_q, &args.out).map_err(|err| RawError::Io {
                 path: args.out.clone(),
                 what: "renaming the qcow2 image to",

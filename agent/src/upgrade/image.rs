@@ -84,8 +84,10 @@ pub fn image_size(m: Measure) -> u64 {
 }
 
 /// A tool that did not run or exited non-zero: the command line, the status and the last
-/// lines it printed. The agent's error types each carry these three in a `Command` variant.
-#[derive(Debug)]
+/// lines it printed. The agent's error types each carry these three in a `Command` variant;
+/// kairos-build's carry it as it is.
+#[derive(Debug, thiserror::Error)]
+#[error("`{command}` failed ({status}): {output}")]
 pub struct ToolFailure {
     pub command: String,
     pub status: String,
