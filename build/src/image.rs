@@ -27,10 +27,10 @@ use kairos_init::layout::{
     KAIROS_RW_PATHS,
 };
 
-use crate::WorkDir;
 use crate::cli::ImageArgs;
 use crate::initramfs::{self, resolve_in};
 use crate::oci;
+use crate::{WorkDir, find_program};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -47,12 +47,8 @@ pub enum ImageError {
         origin: String,
         err: initramfs::KernelError,
     },
-    #[error("{what} not found: not given with {flag}, not next to {exe_dir}, not in PATH")]
-    NoProgram {
-        what: &'static str,
-        flag: &'static str,
-        exe_dir: String,
-    },
+    #[error(transparent)]
+    Program(#[from] crate::ProgramError),
     #[error("{}: {what}: {err}", path.display())]
     Io {
         path: PathBuf,
@@ -127,40 +123,6 @@ pub struct ImageReport {
     pub init_added: bool,
     pub layout_added: bool,
     pub seconds: f64,
-}
-
-/// `name`: `explicit`, else next to the running program, else in PATH.
-pub fn find_program(
-    name: &'static str,
-    flag: &'static str,
-    explicit: Option<&Path>,
-) -> Result<PathBuf, ImageError> {
-    if let Some(p) = explicit {
-        return if p.is_file() {
-            Ok(p.to_path_buf())
-        } else {
-            Err(ImageError::Io {
-                path: p.to_path_buf(),
-                what: "reading the program given with a flag",
-                err: std::io::Error::from(std::io::ErrorKind::NotFound),
-            })
-        };
-    }
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf));
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    exe_dir
-        .iter()
-        .cloned()
-        .chain(std::env::split_paths(&path))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| ImageError::NoProgram {
-            what: name,
-            flag,
-            exe_dir: exe_dir.map_or_else(|| "this program".into(), |d| d.display().to_string()),
-        })
 }
 
 fn tree_err<'a>(rel: &'a str, what: &'static str) -> impl FnOnce(String) -> ImageError + 'a {

@@ -82,16 +82,8 @@ fn found_list(found: &[String]) -> String {
 pub enum BuildError {
     #[error(transparent)]
     Kernel(#[from] KernelError),
-    #[error(
-        "kairos-init not found: not given with --init, not next to {exe_dir}, not in PATH (build it with `cargo build --release -p kairos-init`)"
-    )]
-    NoInit { exe_dir: String },
-    #[error("--init {path}: {source}")]
-    InitUnreadable {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Init(#[from] crate::ProgramError),
     #[error("building the initramfs {out} for kernel {kver}: {source}")]
     Initramfs {
         out: PathBuf,
@@ -255,37 +247,9 @@ pub fn resolve_in(root: &Path, rel: &str) -> Result<Option<PathBuf>, KernelError
     Ok(Some(done.iter().fold(root.to_path_buf(), |p, d| p.join(d))))
 }
 
-/// kairos-init: `explicit` when given, else `kairos-init` next to the running program (how
-/// releases ship the two), else the first `kairos-init` in PATH.
+/// kairos-init: `explicit` when given, else next to the running program, else in PATH.
 pub fn find_init(explicit: Option<&Path>) -> Result<PathBuf, BuildError> {
-    if let Some(p) = explicit {
-        return match fs::metadata(p) {
-            Ok(m) if m.is_file() => Ok(p.to_path_buf()),
-            Ok(_) => Err(BuildError::InitUnreadable {
-                path: p.to_path_buf(),
-                source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
-            }),
-            Err(source) => Err(BuildError::InitUnreadable {
-                path: p.to_path_buf(),
-                source,
-            }),
-        };
-    }
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf));
-    let path_dirs = std::env::var_os("PATH").unwrap_or_default();
-    let found = exe_dir
-        .iter()
-        .cloned()
-        .chain(std::env::split_paths(&path_dirs))
-        .map(|d| d.join("kairos-init"))
-        .find(|p| p.is_file());
-    found.ok_or_else(|| BuildError::NoInit {
-        exe_dir: exe_dir
-            .map(|d| d.display().to_string())
-            .unwrap_or_else(|| "this program".into()),
-    })
+    Ok(crate::find_program("kairos-init", "--init", explicit)?)
 }
 
 /// Writes a generic initramfs for the kernel in `root` to `out`: kairos-init (`init`, see

@@ -12,6 +12,64 @@ use std::path::{Path, PathBuf};
 
 pub use kairos_agent::install::efi::find_tool;
 
+/// A program kairos-build puts into images (kairos-init, kairos-agent) that it cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    #[error("{flag} {}: {source}", path.display())]
+    Unreadable {
+        flag: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{name} not found: not given with {flag}, not next to {exe_dir}, not in PATH (build it with `cargo build --release -p {name}`)"
+    )]
+    NotFound {
+        name: &'static str,
+        flag: &'static str,
+        exe_dir: String,
+    },
+}
+
+/// Program `name`: `explicit` (given with `flag`) when there is one, else next to the running
+/// program (how releases ship them together), else the first in PATH.
+pub fn find_program(
+    name: &'static str,
+    flag: &'static str,
+    explicit: Option<&Path>,
+) -> Result<PathBuf, ProgramError> {
+    if let Some(p) = explicit {
+        return match std::fs::metadata(p) {
+            Ok(m) if m.is_file() => Ok(p.to_path_buf()),
+            Ok(_) => Err(ProgramError::Unreadable {
+                flag,
+                path: p.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+            }),
+            Err(source) => Err(ProgramError::Unreadable {
+                flag,
+                path: p.to_path_buf(),
+                source,
+            }),
+        };
+    }
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    exe_dir
+        .iter()
+        .cloned()
+        .chain(std::env::split_paths(&path))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| ProgramError::NotFound {
+            name,
+            flag,
+            exe_dir: exe_dir.map_or_else(|| "this program".into(), |d| d.display().to_string()),
+        })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkError {
     #[error("{}: creating the work directory: {err}", dir.display())]
