@@ -11,15 +11,15 @@ use kairos_init::sys::{fsutil, loopdev, mount};
 
 /// unshare(CLONE_NEWNS) affects only the calling thread, which is the test's own thread.
 fn private_namespace() -> bool {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIP: privileged tests need root");
-        return false;
-    }
+    // A test that cannot run fails with the reason; it never passes silently.
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "privileged tests need root: run them as root"
+    );
     // SAFETY: NEWNS only gives this thread its own mount table (and fs struct); no memory or
     // file descriptors are shared differently afterwards.
     if let Err(e) = unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) } {
-        eprintln!("SKIP: unshare(CLONE_NEWNS): {e}");
-        return false;
+        panic!("unshare(CLONE_NEWNS): {e}: the privileged tests need their own mount namespace");
     }
     mount::make_private(Path::new("/")).expect("make / rprivate");
     true
@@ -29,10 +29,7 @@ fn tool(cmd: &mut Command) -> bool {
     match cmd.output() {
         Ok(o) if o.status.success() => true,
         Ok(o) => panic!("{cmd:?}: {}", String::from_utf8_lossy(&o.stderr)),
-        Err(e) => {
-            eprintln!("SKIP: {cmd:?}: {e}");
-            false
-        }
+        Err(e) => panic!("{cmd:?}: {e} (`kairos-qemu setup` installs the tools these tests use)"),
     }
 }
 

@@ -47,13 +47,14 @@ pub fn work_dir() -> PathBuf {
 }
 
 /// Boot tests need root (loop devices in the guest are fine, but building disks with GRUB and
-/// installing Debian packages is not). Returns false and says so when not root.
+/// installing Debian packages is not). Without root the test fails and says why: a test that
+/// cannot run must never pass.
 pub fn can_run() -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("SKIP: QEMU boot tests need root (they install packages and build disks)");
-    false
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "QEMU boot tests need root (they install packages and build disks): run them as root"
+    );
+    true
 }
 
 /// The cargo profile the binaries for test images are built with: `KAIROS_TEST_PROFILE`
