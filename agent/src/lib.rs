@@ -10,6 +10,7 @@ pub mod k3s;
 pub mod markgood;
 pub mod p2p;
 pub mod reset;
+pub mod safe_fs;
 pub mod stages;
 pub mod state;
 pub mod upgrade;

@@ -22,6 +22,10 @@ struct Cli {
     /// The GRUB environment block (COS_OEM:/grubenv), under --root
     #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_GRUBENV)]
     grubenv: PathBuf,
+    /// Pull from registries at private addresses (10/8, 172.16/12, 192.168/16, fd00::/8,
+    /// link-local) over plain HTTP; without it only loopback registries are plain HTTP
+    #[arg(long, global = true)]
+    allow_insecure_registries: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -228,6 +232,7 @@ impl BootentryArgs {
 }
 
 fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    kairos_agent::upgrade::fetch::allow_insecure_registries(cli.allow_insecure_registries);
     let ctx = Ctx::new(cli.root, cli.grubenv);
     let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
     Ok(match cli.command {

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -171,6 +170,10 @@ pub struct Download {
     pub timeout: Option<u32>,
     #[serde(deserialize_with = "de::opt_string")]
     pub owner_string: Option<String>,
+    /// The content's SHA-256 (hex); when set, a mismatch is an error and nothing is written.
+    /// Not in upstream's yip (which has no checksum for downloads).
+    #[serde(deserialize_with = "de::opt_string")]
+    pub sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -526,11 +529,11 @@ fn run_command(ctx: &Ctx, cmd: &str, log: &mut dyn Write) -> Result<(), String> 
     })
 }
 
+/// New owner and group of a file (None: unchanged).
+pub(crate) type Owner = crate::safe_fs::Owner;
+
 /// Owner and group ids for a file: numbers as they are, names looked up in the root's
 /// /etc/passwd and /etc/group (never through libc: the binary is static).
-/// New owner and group of a file (None: unchanged).
-pub(crate) type Owner = (Option<u32>, Option<u32>);
-
 fn resolve_owner(
     ctx: &Ctx,
     owner: &Option<Id>,
@@ -569,39 +572,36 @@ fn resolve_owner(
     Ok((uid.is_some() || gid.is_some()).then_some((uid, gid)))
 }
 
-fn chown(p: &Path, ids: Option<Owner>) -> Result<(), String> {
-    if let Some((u, g)) = ids {
-        std::os::unix::fs::chown(p, u, g).map_err(|e| format!("{}: chown: {e}", p.display()))?;
-    }
-    Ok(())
-}
-
-/// Write `bytes` to `p` by a rename (never half a file; replaces a symlink rather than its
-/// target), with `mode` and owner.
+/// Write `bytes` to `p` (a path on this system) by a rename: never half a file, a symlink
+/// at `p` replaced rather than its target, no symlink on the way followed unless root's
+/// (see [`crate::safe_fs`]).
 pub(crate) fn write_atomic(
     p: &Path,
     bytes: &[u8],
     mode: u32,
     ids: Option<Owner>,
 ) -> Result<(), String> {
-    let dir = p.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.kairos-tmp"));
-    let r = (|| {
-        std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| format!("{}: chmod: {e}", tmp.display()))?;
-        chown(&tmp, ids)?;
-        std::fs::rename(&tmp, p).map_err(|e| format!("{}: {e}", p.display()))
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
+    let root = if p.is_absolute() { "/" } else { "." };
+    crate::safe_fs::write(Path::new(root), p, bytes, mode, ids).map_err(|e| e.to_string())
+}
+
+/// [`write_atomic`] for `path` inside the context's root.
+pub(crate) fn write_under(
+    ctx: &Ctx,
+    path: &str,
+    bytes: &[u8],
+    mode: u32,
+    ids: Option<Owner>,
+) -> Result<(), String> {
+    crate::safe_fs::write(&ctx.root, Path::new(path), bytes, mode, ids).map_err(|e| e.to_string())
+}
+
+/// The text of `path` inside the context's root, empty when missing; a symlink planted by
+/// someone else is an error, not followed.
+pub(crate) fn read_under(ctx: &Ctx, path: &str) -> Result<Vec<u8>, String> {
+    crate::safe_fs::read(&ctx.root, Path::new(path), 256 << 20)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| e.to_string())
 }
 
 fn decode(content: &str, encoding: Option<&str>) -> Result<Vec<u8>, String> {
@@ -650,48 +650,83 @@ fn write_file(ctx: &Ctx, f: &File) -> Result<(), String> {
         decode(&f.content, f.encoding.as_deref()).map_err(|e| format!("{}: {e}", f.path))?;
     let ids = resolve_owner(ctx, &f.owner, &f.group, &f.owner_string)
         .map_err(|e| format!("{}: {e}", f.path))?;
-    let p = ctx.path(&f.path);
     let mode = f.permissions.unwrap_or(0o644);
     if f.append {
-        let mut all = std::fs::read(&p).unwrap_or_default();
+        let mut all = read_under(ctx, &f.path)?;
         all.extend_from_slice(&bytes);
-        return write_atomic(&p, &all, mode, ids);
+        return write_under(ctx, &f.path, &all, mode, ids);
     }
-    write_atomic(&p, &bytes, mode, ids)
+    write_under(ctx, &f.path, &bytes, mode, ids)
 }
 
 fn make_directory(ctx: &Ctx, d: &Directory) -> Result<(), String> {
     check_path(&d.path)?;
     let ids =
         resolve_owner(ctx, &d.owner, &d.group, &None).map_err(|e| format!("{}: {e}", d.path))?;
-    let p = ctx.path(&d.path);
-    std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", d.path))?;
-    std::fs::set_permissions(
-        &p,
-        std::fs::Permissions::from_mode(d.permissions.unwrap_or(0o755)),
+    crate::safe_fs::make_dir(
+        &ctx.root,
+        Path::new(&d.path),
+        d.permissions.unwrap_or(0o755),
+        ids,
     )
-    .map_err(|e| format!("{}: chmod: {e}", d.path))?;
-    chown(&p, ids)
+    .map_err(|e| e.to_string())
+}
+
+/// `sha256:` as given (hex, optionally `sha256:`-prefixed), lower case; an error when it is
+/// not 64 hex digits.
+fn wanted_sha256(s: &str) -> Result<String, String> {
+    let hex = s.trim();
+    let hex = hex
+        .strip_prefix("sha256:")
+        .unwrap_or(hex)
+        .to_ascii_lowercase();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("sha256 {s:?}: not 64 hex digits"));
+    }
+    Ok(hex)
 }
 
 fn download(ctx: &Ctx, d: &Download) -> Result<(), String> {
     check_path(&d.path)?;
+    let wanted = d
+        .sha256
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .map(wanted_sha256)
+        .transpose()
+        .map_err(|e| format!("{}: {e}", d.url))?;
     let timeout = Duration::from_secs(d.timeout.filter(|t| *t > 0).unwrap_or(60).into());
     let body =
         crate::http::get(&d.url, timeout, 256 << 20).map_err(|e| format!("{}: {e}", d.url))?;
+    if let Some(wanted) = wanted {
+        use sha2::Digest;
+        let got: String = sha2::Sha256::digest(&body)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if got != wanted {
+            return Err(format!(
+                "{}: sha256 is {got}, expected {wanted}; {} not written",
+                d.url, d.path
+            ));
+        }
+    }
     let ids = resolve_owner(ctx, &d.owner, &d.group, &d.owner_string)?;
-    let mut p = ctx.path(&d.path);
+    let mut p = d.path.clone();
     // A directory target gets the URL's last path segment, as upstream.
-    if p.is_dir() {
+    if crate::safe_fs::is_dir(&ctx.root, Path::new(&p)) {
         let name = d
             .url
+            .split(['?', '#'])
+            .next()
+            .unwrap_or("")
             .rsplit('/')
             .next()
-            .filter(|n| !n.is_empty())
+            .filter(|n| !n.is_empty() && *n != "..")
             .unwrap_or("download");
-        p = p.join(name);
+        p = format!("{}/{name}", p.trim_end_matches('/'));
     }
-    write_atomic(&p, &body, d.permissions.unwrap_or(0o644), ids)
+    write_under(ctx, &p, &body, d.permissions.unwrap_or(0o644), ids)
 }
 
 fn write_dns(ctx: &Ctx, d: &Dns) -> Result<(), String> {
@@ -707,7 +742,7 @@ fn write_dns(ctx: &Ctx, d: &Dns) -> Result<(), String> {
     if !d.options.is_empty() {
         text.push_str(&format!("options {}\n", d.options.join(" ")));
     }
-    write_atomic(&ctx.path(path), text.as_bytes(), 0o644, None)
+    write_under(ctx, path, text.as_bytes(), 0o644, None)
 }
 
 fn set_hostname(ctx: &Ctx, name: &str) -> Result<(), String> {
@@ -715,15 +750,15 @@ fn set_hostname(ctx: &Ctx, name: &str) -> Result<(), String> {
     if name.len() > 64 || name.contains(['/', ' ', '\n']) {
         return Err(format!("{name:?}: not a valid host name"));
     }
-    write_atomic(
-        &ctx.path("/etc/hostname"),
+    write_under(
+        ctx,
+        "/etc/hostname",
         format!("{name}\n").as_bytes(),
         0o644,
         None,
     )?;
     // /etc/hosts: so the name resolves locally (Debian's 127.0.1.1 convention).
-    let hosts_path = ctx.path("/etc/hosts");
-    let hosts = std::fs::read_to_string(&hosts_path).unwrap_or_default();
+    let hosts = String::from_utf8_lossy(&read_under(ctx, "/etc/hosts")?).into_owned();
     let known = hosts.lines().any(|l| {
         let l = l.split('#').next().unwrap_or("");
         l.split_whitespace().skip(1).any(|w| w == name)
@@ -734,7 +769,7 @@ fn set_hostname(ctx: &Ctx, name: &str) -> Result<(), String> {
             text.push('\n');
         }
         text.push_str(&format!("127.0.1.1\t{name}\n"));
-        write_atomic(&hosts_path, text.as_bytes(), 0o644, None)?;
+        write_under(ctx, "/etc/hosts", text.as_bytes(), 0o644, None)?;
     }
     if ctx.root == Path::new("/") {
         rustix::system::sethostname(name.as_bytes()).map_err(|e| format!("sethostname: {e}"))?;
@@ -811,8 +846,9 @@ fn write_timesyncd(ctx: &Ctx, kv: &BTreeMap<String, String>) -> Result<(), Strin
     for (k, v) in kv {
         text.push_str(&format!("{k}={v}\n"));
     }
-    write_atomic(
-        &ctx.path("/etc/systemd/timesyncd.conf"),
+    write_under(
+        ctx,
+        "/etc/systemd/timesyncd.conf",
         text.as_bytes(),
         0o644,
         None,
@@ -836,8 +872,8 @@ fn systemctl(ctx: &Ctx, s: &Systemctl, log: &mut dyn Write) -> Result<(), String
         } else {
             format!("{}.service", o.service)
         };
-        let p = ctx.path(format!("/etc/systemd/system/{svc}.d/{name}"));
-        if let Err(e) = write_atomic(&p, o.content.as_bytes(), 0o644, None) {
+        let p = format!("/etc/systemd/system/{svc}.d/{name}");
+        if let Err(e) = write_under(ctx, &p, o.content.as_bytes(), 0o644, None) {
             errs.push(e);
         }
     }
@@ -874,8 +910,7 @@ fn systemctl(ctx: &Ctx, s: &Systemctl, log: &mut dyn Write) -> Result<(), String
 /// Set KEY=VALUE lines in an environment file, keeping its other lines.
 fn write_environment(ctx: &Ctx, file: &str, vars: &BTreeMap<String, String>) -> Result<(), String> {
     check_path(file)?;
-    let p = ctx.path(file);
-    let old = std::fs::read_to_string(&p).unwrap_or_default();
+    let old = String::from_utf8_lossy(&read_under(ctx, file)?).into_owned();
     let mut lines: Vec<String> = Vec::new();
     let mut done = Vec::new();
     for l in old.lines() {
@@ -897,7 +932,7 @@ fn write_environment(ctx: &Ctx, file: &str, vars: &BTreeMap<String, String>) -> 
     }
     let mut text = lines.join("\n");
     text.push('\n');
-    write_atomic(&p, text.as_bytes(), 0o644, None)
+    write_under(ctx, file, text.as_bytes(), 0o644, None)
 }
 
 /// A value for a KEY=VALUE file read by pam_env, systemd and sh: quoted when it needs it.
@@ -921,7 +956,7 @@ pub(crate) fn env_value(v: &str) -> String {
 mod tests {
     use super::*;
     use crate::testutil::*;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn source(origin: &str, yaml: &str) -> Source {
         config::parse(origin, yaml, false).unwrap().unwrap()
@@ -1222,6 +1257,179 @@ mod tests {
         assert!(
             log.contains("kairos-agent: stage boot: 2 steps ran, 0 skipped, 1 failed"),
             "{log}"
+        );
+    }
+
+    /// A symlink at `link` (inside the tree) to `target` (a host path), owned by `uid` as if
+    /// that user had planted it.
+    fn plant(t: &Tree, link: &str, target: &Path, uid: u32) {
+        let l = t.ctx.path(link);
+        std::os::unix::fs::symlink(target, &l).expect("planting a symlink");
+        std::os::unix::fs::lchown(&l, Some(uid), Some(uid)).expect("lchown (needs root)");
+    }
+
+    /// (mode, uid, content or directory listing) of a host path, to show it untouched.
+    fn snapshot(p: &Path) -> (u32, u32, Vec<String>) {
+        let m = std::fs::symlink_metadata(p).expect("victim exists");
+        let content = if m.is_dir() {
+            let mut v: Vec<String> = std::fs::read_dir(p)
+                .expect("read_dir")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        } else {
+            vec![std::fs::read_to_string(p).expect("read")]
+        };
+        (m.mode() & 0o7777, m.uid(), content)
+    }
+
+    /// A one-route plain HTTP server answering `body` to every request.
+    fn serve(body: &'static [u8]) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("address").port();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(body);
+            }
+        });
+        format!("http://127.0.0.1:{port}")
+    }
+
+    #[test]
+    fn symlinks_planted_by_a_user_are_not_followed() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test needs root (chown, lchown)"
+        );
+        let t = Tree::new();
+        base_users(&t);
+        t.file(
+            "/etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nkairos:x:1000:1000::/home/kairos:/bin/sh\nbob:x:1001:1001::/home/bob:/bin/sh\n",
+        );
+        // Root's things a user would like to own: a file and a directory.
+        t.file("/etc/victim", "secret\n");
+        let victim = t.ctx.path("/etc/victim");
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let vdir = t.ctx.path("/victimdir");
+        std::fs::create_dir(&vdir).expect("mkdir");
+        std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        for (home, uid) in [("/home/kairos", 1000), ("/home/bob", 1001)] {
+            std::fs::create_dir_all(t.ctx.path(home)).expect("mkdir home");
+            std::os::unix::fs::chown(t.ctx.path(home), Some(uid), Some(uid)).expect("chown");
+        }
+        let bob_ssh = t.ctx.path("/home/bob/.ssh");
+        std::fs::create_dir(&bob_ssh).expect("mkdir");
+        std::os::unix::fs::chown(&bob_ssh, Some(1001), Some(1001)).expect("chown");
+        // kairos: ~/.ssh is a link to root's directory; bob: authorized_keys is a link to
+        // root's file; kairos also points a directory, a subdirectory, a download target and
+        // the old fixed temporary name of a file at root's things.
+        plant(&t, "/home/kairos/.ssh", &vdir, 1000);
+        plant(&t, "/home/bob/.ssh/authorized_keys", &victim, 1001);
+        plant(&t, "/home/kairos/data", &vdir, 1000);
+        plant(&t, "/home/kairos/etc", &t.ctx.path("/etc"), 1000);
+        plant(&t, "/home/kairos/.notes.kairos-tmp", &victim, 1000);
+        plant(&t, "/home/kairos/dl", &vdir, 1000);
+        let (victim0, vdir0) = (snapshot(&victim), snapshot(&vdir));
+        let url = serve(b"downloaded\n");
+        let s = source(
+            "/oem/s.yaml",
+            &format!(
+                "stages:\n  boot:\n  - name: keys\n    authorized_keys:\n      kairos: [ssh-ed25519 KKKK k]\n      bob: [ssh-ed25519 BBBB b]\n  - name: dirs\n    directories:\n    - {{path: /home/kairos/data, permissions: 0777, owner: 1000}}\n  - name: files\n    files:\n    - {{path: /home/kairos/etc/planted.conf, content: x, owner: 1000}}\n  - name: tmpname\n    files:\n    - {{path: /home/kairos/notes, content: mine, owner: 1000, permissions: 0644}}\n  - name: dl\n    downloads:\n    - {{path: /home/kairos/dl, url: '{url}/blob.bin', owner: 1000}}\n"
+            ),
+        );
+        let (r, log) = go(&t, "boot", &[s]);
+        // Root's file and directory are as they were: mode, owner, content.
+        assert_eq!(snapshot(&victim), victim0, "{log}");
+        assert_eq!(snapshot(&vdir), vdir0, "{log}");
+        assert!(!t.ctx.path("/etc/planted.conf").exists(), "{log}");
+        // Each refused step names the link.
+        let failed = r.failures.join("\n");
+        for (step, at) in [
+            ("keys", "/home/kairos/.ssh is a symlink owned by uid 1000"),
+            (
+                "keys",
+                "/home/bob/.ssh/authorized_keys is a symlink owned by uid 1001",
+            ),
+            ("dirs", "/home/kairos/data is a symlink owned by uid 1000"),
+            ("files", "/home/kairos/etc is a symlink owned by uid 1000"),
+        ] {
+            assert!(
+                r.failures
+                    .iter()
+                    .any(|f| f.contains(&format!("step \"{step}\"")) && f.contains(at)),
+                "{step}: {at}\n{failed}"
+            );
+        }
+        assert_eq!(r.failures.len(), 3, "{failed}");
+        // bob's link is left as it was, not replaced by a file holding root's secret.
+        assert!(
+            std::fs::symlink_metadata(t.ctx.path("/home/bob/.ssh/authorized_keys"))
+                .expect("still there")
+                .file_type()
+                .is_symlink()
+        );
+        // A file whose old temporary name was planted is written all the same, as the user's.
+        assert_eq!(read(&t, "/home/kairos/notes"), "mine");
+        let m = std::fs::metadata(t.ctx.path("/home/kairos/notes")).expect("notes");
+        assert_eq!((m.uid(), m.mode() & 0o7777), (1000, 0o644));
+        // A download onto a planted directory link replaces the link with the file.
+        let dl = t.ctx.path("/home/kairos/dl");
+        assert!(
+            std::fs::symlink_metadata(&dl).expect("dl").is_file(),
+            "{log}"
+        );
+        assert_eq!(read(&t, "/home/kairos/dl"), "downloaded\n");
+    }
+
+    #[test]
+    fn a_download_with_the_wrong_sha256_is_not_written() {
+        let t = Tree::new();
+        let url = serve(b"payload\n");
+        use sha2::Digest;
+        let right: String = sha2::Sha256::digest(b"payload\n")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let wrong = "0".repeat(64);
+        let s = source(
+            "/oem/d.yaml",
+            &format!(
+                "stages:\n  boot:\n  - name: good\n    downloads:\n    - {{path: /etc/good.bin, url: '{url}/p', sha256: 'sha256:{}'}}\n  - name: bad\n    downloads:\n    - {{path: /etc/bad.bin, url: '{url}/p', sha256: '{wrong}'}}\n  - name: malformed\n    downloads:\n    - {{path: /etc/odd.bin, url: '{url}/p', sha256: xyz}}\n",
+                right.to_uppercase()
+            ),
+        );
+        let (r, log) = go(&t, "boot", &[s]);
+        assert_eq!(read(&t, "/etc/good.bin"), "payload\n", "{log}");
+        assert!(!t.ctx.path("/etc/bad.bin").exists(), "{log}");
+        assert!(!t.ctx.path("/etc/odd.bin").exists(), "{log}");
+        assert_eq!(r.failures.len(), 2, "{log}");
+        assert!(
+            r.failures[0].contains(&format!(
+                "step \"bad\": downloads: {url}/p: sha256 is {right}, expected {wrong}; /etc/bad.bin not written"
+            )),
+            "{}",
+            r.failures[0]
+        );
+        assert!(
+            r.failures[1].contains("sha256 \"xyz\": not 64 hex digits"),
+            "{}",
+            r.failures[1]
         );
     }
 }

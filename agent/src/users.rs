@@ -3,10 +3,11 @@
 //! static and the root may be a test tree).
 
 use std::io::Read;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 
 use crate::Ctx;
-use crate::stages::{Entity, User, write_atomic};
+use crate::safe_fs;
+use crate::stages::{Entity, User, read_under, write_under};
 
 pub const PASSWD: &str = "/etc/passwd";
 pub const SHADOW: &str = "/etc/shadow";
@@ -27,11 +28,7 @@ struct Db {
 
 impl Db {
     fn read(ctx: &Ctx, path: &str, width: usize) -> Result<Db, String> {
-        let text = match std::fs::read_to_string(ctx.path(path)) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(format!("{path}: {e}")),
-        };
+        let text = String::from_utf8_lossy(&read_under(ctx, path)?).into_owned();
         let rows = text
             .lines()
             .filter(|l| !l.trim().is_empty())
@@ -81,15 +78,12 @@ impl Db {
 
     /// Replace the file, keeping its mode and owner (or `mode` for a new one).
     fn write(&self, ctx: &Ctx, path: &str, mode: u32) -> Result<(), String> {
-        let p = ctx.path(path);
-        let (mode, ids) = match std::fs::metadata(&p) {
-            Ok(m) => (
-                m.permissions().mode() & 0o7777,
-                Some((Some(m.uid()), Some(m.gid()))),
-            ),
-            Err(_) => (mode, None),
+        let (mode, ids) = match safe_fs::file_meta(&ctx.root, Path::new(path)) {
+            Ok(Some((m, uid, gid))) => (m, Some((Some(uid), Some(gid)))),
+            Ok(None) => (mode, None),
+            Err(e) => return Err(e.to_string()),
         };
-        write_atomic(&p, self.text().as_bytes(), mode, ids)
+        write_under(ctx, path, self.text().as_bytes(), mode, ids)
     }
 }
 
@@ -324,15 +318,10 @@ pub fn ensure_user(ctx: &Ctx, name: &str, u: &User) -> Result<(), String> {
     groups.write(ctx)?;
     passwd.write(ctx, PASSWD, 0o644)?;
     shadow.write(ctx, SHADOW, 0o640)?;
-    if created && !u.no_create_home && !u.system && !home.is_empty() {
-        let h = ctx.path(&home);
-        if !h.exists() {
-            std::fs::create_dir_all(&h).map_err(|e| format!("{home}: {e}"))?;
-            std::fs::set_permissions(&h, std::fs::Permissions::from_mode(0o755))
-                .map_err(|e| format!("{home}: chmod: {e}"))?;
-            std::os::unix::fs::chown(&h, Some(uid), Some(gid))
-                .map_err(|e| format!("{home}: chown: {e}"))?;
-        }
+    let make_home = created && !u.no_create_home && !u.system && !home.is_empty();
+    if make_home && !safe_fs::is_dir(&ctx.root, Path::new(&home)) {
+        let ids = Some((Some(uid), Some(gid)));
+        safe_fs::make_dir(&ctx.root, Path::new(&home), 0o755, ids).map_err(|e| e.to_string())?;
     }
     if !u.ssh_authorized_keys.is_empty() {
         add_keys(ctx, name, &u.ssh_authorized_keys)?;
@@ -362,25 +351,21 @@ pub fn add_keys(ctx: &Ctx, user: &str, keys: &[String]) -> Result<(), String> {
     let mut errs = Vec::new();
     let mut wanted = Vec::new();
     for k in keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()) {
-        // Upstream fetches these over HTTPS; this agent only speaks plain HTTP.
+        // Upstream fetches these from the forge; this agent does not.
         if k.starts_with("github:") || k.starts_with("gitlab:") {
             errs.push(format!(
-                "{k}: keys from GitHub/GitLab need HTTPS, not supported; skipped"
+                "{k}: keys from GitHub/GitLab are not fetched by this agent; skipped"
             ));
             continue;
         }
         wanted.push(k.to_owned());
     }
-    let dir = ctx.path(home).join(".ssh");
-    if !dir.exists() {
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("{}: chmod: {e}", dir.display()))?;
-    std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
-        .map_err(|e| format!("{}: chown: {e}", dir.display()))?;
-    let file = dir.join("authorized_keys");
-    let mut text = std::fs::read_to_string(&file).unwrap_or_default();
+    // The user owns their home: nothing in it is followed unless root put it there.
+    let dir = format!("{}/.ssh", home.trim_end_matches('/'));
+    let ids = Some((Some(uid), Some(gid)));
+    safe_fs::make_dir(&ctx.root, Path::new(&dir), 0o700, ids).map_err(|e| e.to_string())?;
+    let file = format!("{dir}/authorized_keys");
+    let mut text = String::from_utf8_lossy(&read_under(ctx, &file)?).into_owned();
     for k in wanted {
         if !text.lines().any(|l| l.trim() == k) {
             if !text.is_empty() && !text.ends_with('\n') {
@@ -390,7 +375,7 @@ pub fn add_keys(ctx: &Ctx, user: &str, keys: &[String]) -> Result<(), String> {
             text.push('\n');
         }
     }
-    write_atomic(&file, text.as_bytes(), 0o600, Some((Some(uid), Some(gid))))?;
+    write_under(ctx, &file, text.as_bytes(), 0o600, ids)?;
     if errs.is_empty() {
         Ok(())
     } else {

@@ -91,7 +91,7 @@ if grep -qs '^0x0200' /sys/bus/pci/devices/*/class; then
     $bb ip link set $nic up && $bb ip addr add 10.0.2.15/24 dev $nic && $bb ip route add default via 10.0.2.2
     say "net $($bb ip -4 addr show $nic | grep -c 10.0.2.15)"
     t0=$(cut -d' ' -f1 /proc/uptime)
-    kairos-agent upgrade --source "$(cat /etc/kairos-test/upgrade-source)" >/dev/console 2>&1
+    kairos-agent upgrade --allow-insecure-registries --source "$(cat /etc/kairos-test/upgrade-source)" >/dev/console 2>&1
     rc=$?
     say "upgrade-exit $rc from $t0 to $(cut -d' ' -f1 /proc/uptime)"
     if [ $rc = 0 ]; then say "rebooting"; systemctl reboot; exit 0; fi

@@ -127,9 +127,20 @@ impl Puller {
 
 // ---- registry ----
 
-/// Registries reached over plain HTTP, as go-containerregistry does: localhost, loopback and
-/// RFC 1918 addresses. Everything else is HTTPS.
-pub fn plain_http(registry: &str) -> bool {
+/// Whether `--allow-insecure-registries` was given (set once by the command line).
+static ALLOW_INSECURE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--allow-insecure-registries`: registries at private addresses may be reached over plain
+/// HTTP too. A process-wide switch so every pull (install, upgrade) sees it.
+pub fn allow_insecure_registries(on: bool) {
+    ALLOW_INSECURE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Registries reached over plain HTTP: localhost and loopback; with `allow_private` (the
+/// option above) also RFC 1918, IPv6 unique-local and link-local addresses, as upstream's
+/// `--allow-insecure-registries`. Everything else is HTTPS, so a registry on the network
+/// cannot be impersonated by whoever answers for its address.
+pub fn plain_http(registry: &str, allow_private: bool) -> bool {
     let host = if let Some(v6) = registry.strip_prefix('[') {
         v6.split(']').next().unwrap_or(v6)
     } else {
@@ -139,8 +150,12 @@ pub fn plain_http(registry: &str) -> bool {
         return true;
     }
     match host.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(a)) => a.is_loopback() || a.is_private(),
-        Ok(std::net::IpAddr::V6(a)) => a.is_loopback(),
+        Ok(std::net::IpAddr::V4(a)) => {
+            a.is_loopback() || (allow_private && (a.is_private() || a.is_link_local()))
+        }
+        Ok(std::net::IpAddr::V6(a)) => {
+            a.is_loopback() || (allow_private && (a.is_unique_local() || a.is_unicast_link_local()))
+        }
         Err(_) => false,
     }
 }
@@ -185,7 +200,8 @@ impl Registry {
                 what: "starting the HTTP runtime".into(),
                 detail: e.to_string(),
             })?;
-        let protocol = if plain_http(&r.registry) {
+        let insecure = ALLOW_INSECURE.load(std::sync::atomic::Ordering::Relaxed);
+        let protocol = if plain_http(&r.registry, insecure) {
             ClientProtocol::HttpsExcept(vec![r.registry.clone()])
         } else {
             ClientProtocol::Https
@@ -701,18 +717,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plain_http_only_for_local_registries() {
+    fn plain_http_only_for_loopback_unless_allowed() {
         for r in [
             "localhost:5000",
             "localhost",
             "127.0.0.1:5000",
-            "10.1.2.3",
-            "192.168.1.1:443",
-            "172.20.0.1:80",
             "[::1]:5000",
             "reg.localhost:1",
         ] {
-            assert!(plain_http(r), "{r}");
+            assert!(plain_http(r, false), "{r}");
+            assert!(plain_http(r, true), "{r}");
+        }
+        // Private addresses: HTTPS unless --allow-insecure-registries.
+        for r in [
+            "10.0.2.2:5000",
+            "10.1.2.3",
+            "192.168.1.1:443",
+            "172.20.0.1:80",
+            "169.254.1.1:5000",
+            "[fd00::1]:5000",
+            "[fe80::1]:5000",
+        ] {
+            assert!(!plain_http(r, false), "{r}");
+            assert!(plain_http(r, true), "{r}");
         }
         for r in [
             "docker.io",
@@ -721,7 +748,8 @@ mod tests {
             "172.32.0.1",
             "[2001:db8::1]:5000",
         ] {
-            assert!(!plain_http(r), "{r}");
+            assert!(!plain_http(r, false), "{r}");
+            assert!(!plain_http(r, true), "{r}");
         }
     }
 

@@ -77,7 +77,7 @@ case $step in
 0)
   echo 1 > $m; sync
   {net}
-  {env}kairos-agent upgrade --source {source} --work-dir /tmp >/dev/console 2>&1
+  {env}kairos-agent upgrade --allow-insecure-registries --source {source} --work-dir /tmp >/dev/console 2>&1
   say "upgrade-exit $?"
   ;;
 1)
