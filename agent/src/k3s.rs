@@ -206,6 +206,49 @@ impl Spec {
     }
 }
 
+/// K3s flags whose value is a secret: join tokens, datastore credentials (the endpoint is a
+/// DSN with a password), S3 keys for etcd snapshots, the VPN auth key. K3s' flag parser takes
+/// one or two leading dashes.
+const SECRET_FLAGS: &[&str] = &[
+    "token",
+    "t",
+    "agent-token",
+    "datastore-endpoint",
+    "etcd-s3-access-key",
+    "etcd-s3-secret-key",
+    "etcd-s3-session-token",
+    "vpn-auth",
+];
+
+fn secret_flag(word: &str) -> bool {
+    let name = word
+        .strip_prefix("--")
+        .or_else(|| word.strip_prefix('-'))
+        .unwrap_or("");
+    SECRET_FLAGS.contains(&name)
+}
+
+/// Arguments as they may be logged: the values of [`SECRET_FLAGS`] replaced by `<redacted>`,
+/// in both the `--token=X` and the `--token X` form.
+pub fn redact_args(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut hide_next = false;
+    for a in args {
+        if std::mem::take(&mut hide_next) {
+            out.push("<redacted>".to_owned());
+            continue;
+        }
+        match a.split_once('=') {
+            Some((flag, _)) if secret_flag(flag) => out.push(format!("{flag}=<redacted>")),
+            _ => {
+                hide_next = secret_flag(a);
+                out.push(a.clone());
+            }
+        }
+    }
+    out
+}
+
 /// Split a command line into words as systemd does for `ExecStart=`: whitespace separates,
 /// single and double quotes group, backslash escapes.
 pub fn split_words(s: &str) -> Vec<String> {
@@ -484,10 +527,11 @@ fn supervise(
         match spawn(spec, binary, output) {
             Ok(child) => {
                 let mut st = shared.lock();
+                // The environment (K3S_TOKEN, ...) is never logged; the arguments redacted.
                 log(&format!(
                     "started {} {} (pid {})",
                     binary.display(),
-                    spec.argv().join(" "),
+                    redact_args(&spec.argv()).join(" "),
                     child.id()
                 ));
                 st.child = Some(child);
@@ -751,6 +795,68 @@ mod tests {
         );
         assert_eq!(split_words("''"), [""]);
         assert!(split_words("   ").is_empty());
+    }
+
+    #[test]
+    fn secrets_in_args_are_redacted_for_the_log() {
+        let args: Vec<String> = [
+            "server",
+            "--token=K10abc::server:s3cret",
+            "--disable=traefik",
+            "-t",
+            "hunter2",
+            "--agent-token",
+            "agent-s3cret",
+            "-token=single-dash",
+            "--datastore-endpoint=postgres://k3s:pw@db:5432/k3s",
+            "--etcd-s3-secret-key",
+            "s3key",
+            "--node-label",
+            "token=not-a-flag",
+            "--tls-san=t",
+            "--token",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(
+            redact_args(&args),
+            [
+                "server",
+                "--token=<redacted>",
+                "--disable=traefik",
+                "-t",
+                "<redacted>",
+                "--agent-token",
+                "<redacted>",
+                "-token=<redacted>",
+                "--datastore-endpoint=<redacted>",
+                "--etcd-s3-secret-key",
+                "<redacted>",
+                "--node-label",
+                "token=not-a-flag",
+                "--tls-san=t",
+                "--token",
+            ]
+        );
+        // The supervisor's "started" line goes through it (the K3S_TOKEN env is not logged).
+        let t = Tree::new();
+        stand_in(&t, "exec sleep 30");
+        let spec = Spec::from_config(&cfg(
+            "k3s:\n  enabled: true\n  args: ['--token=K10abc::server:s3cret', '-t hunter2']\n  env: {K3S_TOKEN: envs3cret}\n",
+        ))
+        .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sup = Supervisor::start_with(&t.ctx, spec, quick(lines.clone())).unwrap();
+        wait_for("the start", || sup.starts() >= 1);
+        sup.stop();
+        let lines = lines.lock().unwrap().join("\n");
+        assert!(
+            lines.contains("server --token=<redacted> -t <redacted> (pid"),
+            "{lines}"
+        );
+        for secret in ["s3cret", "hunter2"] {
+            assert!(!lines.contains(secret), "{secret} in the log:\n{lines}");
+        }
     }
 
     fn stand_in(t: &Tree, script: &str) {
