@@ -82,6 +82,8 @@ pub enum GrubEnvError {
     BadName { name: String },
     #[error("value of {name}: contains a NUL byte")]
     BadValue { name: String },
+    #[error(transparent)]
+    Checkpoint(#[from] crate::sys::journal::CheckpointError),
 }
 
 impl GrubEnvError {
@@ -351,7 +353,9 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Atomic replace: write PATH.tmp, fsync it, rename over PATH, fsync the directory. A crash
+/// Atomic replace: write PATH.tmp, fsync it, rename over PATH, fsync the directory, then
+/// checkpoint the filesystem's journal ([`crate::sys::journal::checkpoint`]): GRUB reads the
+/// block without replaying the journal, so until then it would see the old one. A crash
 /// leaves either the old or the new block, never a torn one GRUB would refuse.
 pub fn write(path: &Path, env: &GrubEnv) -> Result<(), GrubEnvError> {
     let block = env.to_block(path)?;
@@ -377,7 +381,9 @@ pub fn write(path: &Path, env: &GrubEnv) -> Result<(), GrubEnvError> {
     };
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+        .map_err(io_err(dir))?;
+    crate::sys::journal::checkpoint(dir)?;
+    Ok(())
 }
 
 /// A counter variable that does not hold what the contract allows.

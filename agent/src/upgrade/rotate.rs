@@ -80,10 +80,18 @@ fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
+/// fsync, then the journal checkpointed: GRUB, which ignores the journal, must find the
+/// image a rename put in place (else it boots the old image's kernel with the new rootfs).
 fn sync_dir(dir: &Path) -> Result<(), RotateError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io(dir, "fsync of the directory"))
+        .map_err(io(dir, "fsync of the directory"))?;
+    kairos_init::sys::journal::checkpoint(dir).map_err(|e| RotateError::Io {
+        path: e.path,
+        what: "checkpointing the ext4 journal (so GRUB sees the rename)",
+        source: e.source,
+    })?;
+    Ok(())
 }
 
 /// Where [`execute_with`] is between renames, for the caller's hook (numbered from 1).

@@ -3,6 +3,7 @@
 
 pub mod disk;
 pub mod fsutil;
+pub mod journal;
 pub mod log;
 pub mod loopdev;
 pub mod mount;

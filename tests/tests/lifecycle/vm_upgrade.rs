@@ -331,3 +331,117 @@ fn vm_power_cut_at_each_upgrade_step_leaves_a_bootable_system() {
     println!("every cut point tried, all survived: {results:#?}");
     assert_eq!(results.len(), CUTS.len());
 }
+
+/// The driver extra of the GRUB-visibility test: each boot says which `/boot` GRUB loaded
+/// (the initrd's size, as the kernel frees it), which rootfs it mounted (the version file) and
+/// why GRUB chose the entry; step 0 upgrades (the new image has different kernel and initrd
+/// files), step 1 arms a one-shot boot of the fallback entry. Each command is followed a
+/// second later by a power cut with no sync (sysrq `b`: an immediate reset), so only what
+/// the agent made final before it returned survives the way GRUB reads it.
+const CUT_AFTER_SUCCESS: &str = r#"say "version $(cat /etc/kairos-version)"
+say "initrd $(dmesg | sed -n 's/.*Freeing initrd memory: \([0-9]*\)K.*/\1/p' | head -n1)"
+say "reason $(tr ' ' '\n' < /proc/cmdline | sed -n 's/^rd.kairos.boot_reason=//p')"
+m=/usr/local/kt-step
+step=$(cat $m 2>/dev/null || echo 0)
+say "step $step"
+case $step in
+0)
+  echo 1 > $m; sync
+  kairos-agent upgrade --source ocifile:/oem/kt-os.tar --work-dir /tmp >/dev/console 2>&1
+  say "upgrade-exit $?"
+  sleep 1; echo b > /proc/sysrq-trigger; sleep 30
+  ;;
+1)
+  echo 2 > $m; sync
+  kairos-agent bootentry --select fallback >/dev/console 2>&1
+  say "selected fallback $?"
+  sleep 1; echo b > /proc/sysrq-trigger; sleep 30
+  ;;
+esac
+"#;
+
+/// Bytes appended to the new image's `/boot/initrd` (zeros: the kernel skips them as
+/// padding between archives) so the kernel reports a different initrd size.
+const INITRD_GROWTH: usize = 2 << 20;
+
+/// Issue 15 item 3: COS_OEM and COS_STATE are journaled ext4 and GRUB does not replay the
+/// journal. A power cut one second after `upgrade` (new kernel and initrd files) and after
+/// `bootentry --select fallback` returned: GRUB must boot what the agent reported, and the
+/// `/boot` it loaded must come from the image kairos-init mounts as the root. Before the
+/// journal checkpoint the grubenv written before the cut existed only in the journal: GRUB
+/// booted active uncounted after the upgrade and active instead of fallback after the select.
+#[test]
+fn vm_power_cut_a_second_after_success_grub_kernel_and_root_agree() {
+    if !can_run() {
+        return;
+    }
+    let t = tempfile::tempdir().expect("temp dir");
+    let probe = vm_disk("u-final-src", "", Vec::new());
+    let tree = t.path().join("rootfs");
+    new_rootfs(&probe, &tree);
+    let _ = std::fs::remove_file(&probe);
+    for (f, extra) in [("boot/vmlinuz", 4096), ("boot/initrd", INITRD_GROWTH)] {
+        let p = tree.join(f);
+        let mut bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        bytes.resize(bytes.len() + extra, 0);
+        std::fs::write(&p, bytes).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+    let img = registry::image_from_rootfs(&tree).expect("image");
+    let archive = t.path().join("os.tar");
+    registry::write_oci_archive(&img, &archive).expect("archive");
+    let bytes = std::fs::read(&archive).expect("archive");
+    let d = vm_disk(
+        "u-final",
+        CUT_AFTER_SUCCESS,
+        vec![("kt-os.tar".into(), bytes)],
+    );
+    let started = std::time::Instant::now();
+    let initrd_k = |r: &BootResult| -> u64 {
+        said(r, "initrd")
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("initrd size: {e}"))
+    };
+
+    let r1 = boot_vm("u-final-1", &d, false, 400);
+    assert_eq!(said(&r1, "step").trim(), "0");
+    assert_eq!(said(&r1, "upgrade-exit").trim(), "0", "the upgrade failed");
+    assert_lacks(&r1, DRIVER_DONE);
+    let old_k = initrd_k(&r1);
+
+    // After the cut: the armed counters (a counted try of cos), the new image's /boot and the
+    // new image as the root.
+    let r2 = boot_vm("u-final-2", &d, false, 300);
+    assert_eq!(said(&r2, "step").trim(), "1");
+    let (v2, k2) = (said(&r2, "version").trim().to_string(), initrd_k(&r2));
+    println!("after the upgrade and the cut: rootfs {v2}, initrd {k2} KiB (old {old_k} KiB)");
+    assert_eq!(
+        said(&r2, "reason").trim(),
+        "cos:counted-try",
+        "GRUB did not see the armed counters"
+    );
+    assert_eq!(v2, NEW, "GRUB booted the old image");
+    assert!(
+        k2 >= old_k + (INITRD_GROWTH as u64 >> 10) - 4,
+        "the kernel and initrd came from the old image ({k2} KiB), the root from the new one"
+    );
+    assert_eq!(said(&r2, "selected fallback").trim(), "0");
+
+    // After the second cut: the one-shot fallback, i.e. the old image, whole.
+    let r3 = boot_vm("u-final-3", &d, false, 300);
+    assert_has(&r3, DRIVER_DONE);
+    let (v3, k3) = (said(&r3, "version").trim().to_string(), initrd_k(&r3));
+    println!("after the select and the cut: rootfs {v3}, initrd {k3} KiB");
+    assert_eq!(
+        said(&r3, "reason").trim(),
+        "fallback:next_entry",
+        "GRUB did not see the selection"
+    );
+    assert_eq!((v3.as_str(), k3), (OLD, old_k), "kernel and root disagree");
+    let (_, mode) = version_and_mode(&r3);
+    assert_eq!(mode, "passive");
+    println!(
+        "vm_power_cut_a_second_after_success: {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+}

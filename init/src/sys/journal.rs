@@ -1,0 +1,190 @@
+//! Making ext4 metadata final for GRUB. GRUB reads COS_OEM and COS_STATE without replaying
+//! their journal, so after an fsync a renamed grubenv or image may exist only in the journal
+//! until jbd2 checkpoints it (which it does only when the journal fills, or at unmount):
+//! GRUB would boot the old state. [`checkpoint`] writes the journal back to its home
+//! locations now: `EXT4_IOC_CHECKPOINT` (Linux ≥ 5.13), or a freeze and thaw (freezing ext4
+//! flushes and empties its journal) on kernels without that ioctl.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// _IOW('f', 43, __u32) (linux/ext4.h).
+const EXT4_IOC_CHECKPOINT: libc::c_ulong = 0x4004_662b;
+/// _IOWR('X', 119, int) (linux/fs.h).
+const FIFREEZE: libc::c_ulong = 0xc004_5877;
+/// _IOWR('X', 120, int) (linux/fs.h).
+const FITHAW: libc::c_ulong = 0xc004_5878;
+/// `EXT4_SUPER_MAGIC` (ext2, ext3 and ext4 mounted by the ext4 driver).
+const EXT4_SUPER_MAGIC: i64 = 0xef53;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{}: checkpointing the ext4 journal so GRUB sees the writes ({what}): {source}", path.display())]
+pub struct CheckpointError {
+    pub path: PathBuf,
+    pub what: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// How [`checkpoint`] made the metadata final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpointed {
+    /// `EXT4_IOC_CHECKPOINT`.
+    Ioctl,
+    /// `FIFREEZE` + `FITHAW` (the kernel does not know the ioctl).
+    Freeze,
+    /// ext4 without a journal: every write is already in place.
+    NoJournal,
+    /// Not ext2/3/4 (a test's tmpfs, vfat): nothing this function knows to do.
+    NotExt4,
+}
+
+fn ioctl(file: &File, cmd: libc::c_ulong, arg: *mut libc::c_void) -> std::io::Result<()> {
+    // SAFETY: every command used here reads at most one 4-byte integer through `arg`, which
+    // the callers keep alive for the call (or pass null where the kernel reads nothing).
+    if unsafe { libc::ioctl(file.as_raw_fd(), cmd, arg) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes the journal of the filesystem holding `path` (a file or directory on it) back to
+/// its home locations, so a reader that ignores the journal (GRUB) sees every write made
+/// before the call. Needs CAP_SYS_ADMIN.
+pub fn checkpoint(path: &Path) -> Result<Checkpointed, CheckpointError> {
+    let fail = |what| {
+        move |source| CheckpointError {
+            path: path.to_path_buf(),
+            what,
+            source,
+        }
+    };
+    let file = File::open(path).map_err(fail("open"))?;
+    let fs = rustix::fs::fstatfs(&file)
+        .map_err(std::io::Error::from)
+        .map_err(fail("statfs"))?;
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between architectures
+    if fs.f_type as i64 != EXT4_SUPER_MAGIC {
+        return Ok(Checkpointed::NotExt4);
+    }
+    let mut flags: u32 = 0;
+    match ioctl(&file, EXT4_IOC_CHECKPOINT, (&mut flags as *mut u32).cast()) {
+        Ok(()) => return Ok(Checkpointed::Ioctl),
+        // No journal: nothing to write back.
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(Checkpointed::NoJournal),
+        // Older kernels do not know the command.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => {}
+        Err(e) => return Err(fail("EXT4_IOC_CHECKPOINT")(e)),
+    }
+    let mut zero: libc::c_int = 0;
+    ioctl(&file, FIFREEZE, (&mut zero as *mut libc::c_int).cast()).map_err(fail("FIFREEZE"))?;
+    // A frozen filesystem blocks every writer: thaw even if the first attempt is interrupted.
+    let mut thawed = ioctl(&file, FITHAW, (&mut zero as *mut libc::c_int).cast());
+    for _ in 0..3 {
+        if thawed.is_ok() {
+            break;
+        }
+        thawed = ioctl(&file, FITHAW, (&mut zero as *mut libc::c_int).cast());
+    }
+    thawed.map_err(fail("FITHAW"))?;
+    Ok(Checkpointed::Freeze)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_abi() {
+        let ioc = |dir: u64, ty: u8, nr: u64, size: usize| {
+            (dir << 30 | (size as u64) << 16 | u64::from(ty) << 8 | nr) as libc::c_ulong
+        };
+        assert_eq!(EXT4_IOC_CHECKPOINT, ioc(1, b'f', 43, 4));
+        assert_eq!(FIFREEZE, ioc(3, b'X', 119, 4));
+        assert_eq!(FITHAW, ioc(3, b'X', 120, 4));
+    }
+
+    #[test]
+    fn errors_name_the_path() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let e = checkpoint(&d.path().join("missing")).expect_err("missing path");
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
+
+    fn tool(cmd: &mut std::process::Command) {
+        let out = cmd.output().expect("running a tool");
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+    }
+
+    /// A real journaled ext4 on a loop device: a file created and fsynced is in the journal
+    /// only (debugfs, which like GRUB ignores the journal, does not see it) until
+    /// [`checkpoint`], and in place after it.
+    #[test]
+    fn a_checkpoint_puts_fsynced_metadata_where_a_journal_ignoring_reader_finds_it() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "needs root: mounts an ext4 image on a loop device"
+        );
+        let d = tempfile::tempdir().expect("tempdir");
+        let img = d.path().join("fs.img");
+        let mnt = d.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mount point");
+        tool(
+            std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&img)
+                .arg("16M"),
+        );
+        tool(
+            std::process::Command::new("mount")
+                .arg("-o")
+                .arg("loop")
+                .arg(&img)
+                .arg(&mnt),
+        );
+        struct Umount(PathBuf);
+        impl Drop for Umount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _guard = Umount(mnt.clone());
+        let in_place = |name: &str| {
+            // The loop device writes through the image file's page cache, which debugfs reads.
+            let out = std::process::Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("stat /{name}"))
+                .arg(&img)
+                .output()
+                .expect("debugfs");
+            !String::from_utf8_lossy(&out.stderr).contains("File not found")
+                && String::from_utf8_lossy(&out.stdout).contains("Inode:")
+        };
+        let write = |name: &str| {
+            let f = mnt.join(name);
+            std::fs::write(&f, b"x").expect("write");
+            File::open(&f).and_then(|f| f.sync_all()).expect("fsync");
+            File::open(&mnt)
+                .and_then(|f| f.sync_all())
+                .expect("fsync dir");
+        };
+        write("before");
+        assert!(
+            !in_place("before"),
+            "fsynced metadata is already in place without a checkpoint: this test proves nothing here"
+        );
+        assert_eq!(checkpoint(&mnt).expect("checkpoint"), Checkpointed::Ioctl);
+        assert!(
+            in_place("before"),
+            "the checkpoint did not write the metadata in place"
+        );
+        write("after");
+        assert!(!in_place("after"));
+        assert_eq!(
+            checkpoint(&mnt.join("after")).expect("checkpoint"),
+            Checkpointed::Ioctl
+        );
+        assert!(in_place("after"));
+    }
+}
