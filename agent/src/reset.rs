@@ -478,7 +478,8 @@ struct Persistent {
 
 /// The device labelled COS_PERSISTENT and where it is mounted now, if anywhere.
 fn find_persistent(ctx: &Ctx) -> Option<(PathBuf, Option<PathBuf>)> {
-    let devs = kairos_init::blockdev::scan(&ctx.path("/sys"), &ctx.path("/dev"));
+    // Only the boot disk's, by kairos-init's rule: another disk's COS_PERSISTENT is never wiped.
+    let devs = kairos_init::blockdev::scan_boot_disk(&ctx.root).devices;
     let dev = devs.iter().find(|d| {
         d.fs.as_ref().and_then(|f| f.label.as_deref()) == Some(kairos_init::labels::PERSISTENT)
     })?;

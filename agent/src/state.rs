@@ -124,7 +124,8 @@ fn kairos_label(d: &BlockDev) -> Option<&'static str> {
 }
 
 fn partitions(ctx: &Ctx) -> Value {
-    let devs = blockdev::scan(&ctx.path("/sys"), &ctx.path("/dev"));
+    // The boot disk's, as kairos-init and upgrade/reset choose them; not another disk's.
+    let devs = blockdev::scan_boot_disk(&ctx.root).devices;
     let mounts = std::fs::read_to_string(ctx.path("/proc/self/mounts"))
         .map(|t| parse_mounts(&t))
         .unwrap_or_default();

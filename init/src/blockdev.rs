@@ -16,6 +16,9 @@ pub struct BlockDev {
     /// GPT partition name (PARTNAME= in the uevent file).
     pub partname: Option<String>,
     pub is_partition: bool,
+    /// Kernel name of the whole disk: the parent in sysfs for a partition ("vda" for
+    /// "vda2"), the device's own name otherwise.
+    pub disk: String,
     pub size_bytes: u64,
     pub fs: Option<FsInfo>,
 }
@@ -132,10 +135,21 @@ pub fn list(sys_root: &Path, dev_root: &Path) -> Vec<BlockDev> {
         let uevent = parse_uevent(&std::fs::read_to_string(dir.join("uevent")).unwrap_or_default());
         let devnode = dev_root.join(uevent.devname.as_deref().unwrap_or(&name));
         let is_partition = dir.join("partition").exists() || uevent.is_partition;
+        // A partition's sysfs directory sits inside its disk's: the link's parent directory
+        // (the kernel's naming rule when there is no link to read).
+        let disk = if is_partition {
+            std::fs::read_link(&dir)
+                .ok()
+                .and_then(|l| Some(l.parent()?.file_name()?.to_str()?.to_string()))
+                .unwrap_or_else(|| disk_of_partition_name(&name).to_string())
+        } else {
+            name.clone()
+        };
         devs.push(BlockDev {
             devnode,
             partname: uevent.partname,
             is_partition,
+            disk,
             size_bytes,
             fs: None,
             name,
@@ -143,6 +157,16 @@ pub fn list(sys_root: &Path, dev_root: &Path) -> Vec<BlockDev> {
     }
     devs.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     devs
+}
+
+/// The disk a partition name belongs to by the kernel's naming: "vda4" -> "vda",
+/// "nvme0n1p2" -> "nvme0n1", "mmcblk0p1" -> "mmcblk0".
+fn disk_of_partition_name(name: &str) -> &str {
+    let base = name.trim_end_matches(|c: char| c.is_ascii_digit());
+    match base.strip_suffix('p') {
+        Some(d) if d.ends_with(|c: char| c.is_ascii_digit()) => d,
+        _ => base,
+    }
 }
 
 /// [`list`] plus a superblock probe of each device node. A device that cannot be read (yet),
@@ -278,6 +302,160 @@ pub fn find_spec<'a>(devs: &'a [BlockDev], spec: &str) -> Option<&'a BlockDev> {
     })
 }
 
+/// The Kairos labels that are only ever taken from the boot disk: a disk that is not the one
+/// the machine booted from (a USB stick, a second disk with an old install) must not supply
+/// the images, the OEM cloud-config, the persistent data or GRUB's partition.
+pub const BOOT_DISK_LABELS: &[&str] = &[
+    labels::STATE,
+    labels::RECOVERY,
+    labels::OEM,
+    labels::PERSISTENT,
+    labels::GRUB,
+];
+
+/// Where kairos-init records the boot disk's kernel name (one line); /run moves into the
+/// system at switch_root, so the agent reads it there.
+pub const BOOT_DISK_FILE: &str = "/run/kairos/boot-disk";
+
+/// The label among `wanted` that `d` carries: its filesystem label, else the label its GPT
+/// partition name stands for (a partition whose filesystem could not be probed).
+pub fn carried_label<'l>(d: &BlockDev, wanted: &[&'l str]) -> Option<&'l str> {
+    let fs_label = d.fs.as_ref().and_then(|f| f.label.as_deref());
+    if let Some(l) = wanted.iter().find(|l| Some(**l) == fs_label) {
+        return Some(l);
+    }
+    let part = d.partname.as_deref().filter(|_| d.is_partition)?;
+    wanted
+        .iter()
+        .copied()
+        .find(|l| labels::gpt_name_for(l) == Some(part))
+}
+
+/// How the boot disk was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootDiskRule {
+    /// The disk of the COS_STATE whose filesystem UUID GRUB passed (`rd.kairos.state_uuid`).
+    StateUuid,
+    /// No (matching) `rd.kairos.state_uuid`: the disk of the first COS_STATE
+    /// ([`find_by_label`]: partitions first, then natural name order).
+    FirstState,
+    /// The disk kairos-init recorded in [`BOOT_DISK_FILE`] (the agent's side).
+    Recorded,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootDisk {
+    /// Kernel name of the whole disk, e.g. "sda".
+    pub disk: String,
+    pub rule: BootDiskRule,
+}
+
+/// The boot disk: the disk of the filesystem with `state_uuid` when given and present, else
+/// that of the first COS_STATE. None when there is no COS_STATE at all (a live medium).
+pub fn choose_boot_disk(devs: &[BlockDev], state_uuid: Option<&str>) -> Option<BootDisk> {
+    if let Some(d) = state_uuid.and_then(|u| find_by_uuid(devs, u)) {
+        return Some(BootDisk {
+            disk: d.disk.clone(),
+            rule: BootDiskRule::StateUuid,
+        });
+    }
+    let (state, _) = find_by_label(devs, labels::STATE)?;
+    Some(BootDisk {
+        disk: state.disk.clone(),
+        rule: BootDiskRule::FirstState,
+    })
+}
+
+/// A device left out because it carries a Kairos label but is not on the boot disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ignored {
+    pub devnode: PathBuf,
+    pub label: String,
+    /// The boot disk's device node.
+    pub boot_disk: PathBuf,
+}
+
+impl std::fmt::Display for Ignored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ignoring {} (label {}): not on the boot disk {}",
+            self.devnode.display(),
+            self.label,
+            self.boot_disk.display()
+        )
+    }
+}
+
+/// Splits `devs` into those that may be used (on `disk`, or carrying none of `wanted`) and
+/// the others, which the caller logs. Order is kept.
+pub fn restrict_to_disk(
+    devs: Vec<BlockDev>,
+    disk: &str,
+    wanted: &[&str],
+) -> (Vec<BlockDev>, Vec<Ignored>) {
+    let boot_disk = devs.iter().find(|d| d.name == disk).map_or_else(
+        || PathBuf::from(format!("/dev/{disk}")),
+        |d| d.devnode.clone(),
+    );
+    let mut keep = Vec::with_capacity(devs.len());
+    let mut ignored = Vec::new();
+    for d in devs {
+        match carried_label(&d, wanted) {
+            Some(label) if d.disk != disk => ignored.push(Ignored {
+                devnode: d.devnode.clone(),
+                label: label.to_string(),
+                boot_disk: boot_disk.clone(),
+            }),
+            _ => keep.push(d),
+        }
+    }
+    (keep, ignored)
+}
+
+/// What the agent may use: the devices of `root`/sys and `root`/dev restricted to the boot
+/// disk, chosen by the rule kairos-init used: the disk it recorded in [`BOOT_DISK_FILE`], else
+/// the disk of the COS_STATE named by `rd.kairos.state_uuid` in /proc/cmdline (a dracut boot
+/// through our GRUB), else that of the first COS_STATE. Never another disk.
+pub struct BootScan {
+    pub devices: Vec<BlockDev>,
+    pub boot_disk: Option<BootDisk>,
+    pub ignored: Vec<Ignored>,
+}
+
+pub fn scan_boot_disk(root: &Path) -> BootScan {
+    let under = |p: &str| root.join(p.trim_start_matches('/'));
+    let devs = scan(&under("/sys"), &under("/dev"));
+    let recorded = std::fs::read_to_string(under(BOOT_DISK_FILE))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && !s.contains('/'));
+    let boot_disk = match recorded {
+        Some(disk) => Some(BootDisk {
+            disk,
+            rule: BootDiskRule::Recorded,
+        }),
+        None => {
+            let cmdline = std::fs::read_to_string(under("/proc/cmdline")).unwrap_or_default();
+            let (req, _) = crate::cmdline::parse(&cmdline);
+            choose_boot_disk(&devs, req.state_uuid.as_deref())
+        }
+    };
+    let Some(bd) = boot_disk else {
+        return BootScan {
+            devices: devs,
+            boot_disk: None,
+            ignored: Vec::new(),
+        };
+    };
+    let (devices, ignored) = restrict_to_disk(devs, &bd.disk, BOOT_DISK_LABELS);
+    BootScan {
+        devices,
+        boot_disk: Some(bd),
+        ignored,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,11 +504,15 @@ mod tests {
         }
 
         fn part(&self, n: u32, partname: &str) {
-            let name = format!("vda{n}");
+            self.part_of("vda", n, partname);
+        }
+
+        fn part_of(&self, disk: &str, n: u32, partname: &str) {
+            let name = format!("{disk}{n}");
             let uevent = format!(
                 "MAJOR=254\nMINOR={n}\nDEVNAME={name}\nDEVTYPE=partition\nPARTN={n}\nPARTNAME={partname}\n"
             );
-            self.add(Some("vda"), &name, 8192, &uevent);
+            self.add(Some(disk), &name, 8192, &uevent);
         }
     }
 
@@ -382,6 +564,19 @@ mod tests {
         t.add(None, "loop1", 2048, "DEVNAME=loop1\n");
         t.add(None, "sr0", 0, "DEVNAME=sr0\n");
         t
+    }
+
+    #[test]
+    fn partition_names_give_their_disk() {
+        for (part, disk) in [
+            ("vda4", "vda"),
+            ("sda10", "sda"),
+            ("nvme0n1p2", "nvme0n1"),
+            ("mmcblk0p1", "mmcblk0"),
+            ("loop0p3", "loop0"),
+        ] {
+            assert_eq!(disk_of_partition_name(part), disk);
+        }
     }
 
     #[test]
@@ -599,6 +794,7 @@ mod tests {
             devnode: PathBuf::from(format!("/dev/{name}")),
             partname: None,
             is_partition: part,
+            disk: name.trim_end_matches(|c: char| c.is_ascii_digit()).into(),
             size_bytes: 1 << 20,
             fs: Some(FsInfo {
                 fstype: probe::FsType::Ext4,
@@ -613,6 +809,162 @@ mod tests {
         assert_eq!(
             dups.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
             ["vdc4", "vda"]
+        );
+    }
+
+    /// Issue 15 item 2: a stray disk (sda) carrying COS_STATE, COS_OEM and COS_PERSISTENT
+    /// sorts before the Kairos disk GRUB booted from (vda). Only vda's partitions are used;
+    /// the stray's are named for the log; unlabelled devices elsewhere stay.
+    #[test]
+    fn only_the_boot_disk_supplies_kairos_partitions() {
+        let t = tree();
+        let disk = |n: &str| format!("MAJOR=8\nMINOR=0\nDEVNAME={n}\nDEVTYPE=disk\n");
+        t.add(None, "sda", 1 << 20, &disk("sda"));
+        t.add(None, "vda", 1 << 20, &disk("vda"));
+        t.add(None, "vdb", 1 << 20, &disk("vdb"));
+        let d = |n: &str| t.dev.join(n);
+        for (n, pn, label) in [
+            (2, "oem", "COS_OEM"),
+            (4, "state", "COS_STATE"),
+            (5, "persistent", "COS_PERSISTENT"),
+        ] {
+            t.part_of("sda", n, pn);
+            ext2_image(&d(&format!("sda{n}")), label, 0x50 + n as u8);
+            t.part_of("vda", n, pn);
+            ext2_image(&d(&format!("vda{n}")), label, 0x10 + n as u8);
+        }
+        // vda3: recovery found by its GPT name only; sda3 likewise, and must go too.
+        t.part_of("vda", 3, "recovery");
+        t.part_of("sda", 3, "recovery");
+        // A data disk with no Kairos label is none of this rule's business.
+        t.part_of("vdb", 1, "data");
+        ext2_image(&d("vdb1"), "DATA", 0x77);
+        let devs = scan(&t.sys, &t.dev);
+        let disk_of = |n: &str| {
+            devs.iter()
+                .find(|x| x.name == n)
+                .expect("listed")
+                .disk
+                .clone()
+        };
+        assert_eq!(disk_of("sda4"), "sda");
+        assert_eq!(disk_of("vda3"), "vda");
+        assert_eq!(disk_of("vdb"), "vdb");
+
+        // The old rule took every label from the stray disk that sorts first.
+        let (state, _) = find_by_label(&devs, labels::STATE).expect("COS_STATE");
+        assert_eq!(state.name, "sda4");
+
+        // GRUB named vda4's filesystem: vda is the boot disk.
+        let vda4_uuid = "14141414-1414-1414-1414-141414141414";
+        let bd = choose_boot_disk(&devs, Some(vda4_uuid)).expect("boot disk");
+        assert_eq!(
+            bd,
+            BootDisk {
+                disk: "vda".into(),
+                rule: BootDiskRule::StateUuid
+            }
+        );
+        let (kept, ignored) = restrict_to_disk(devs.clone(), &bd.disk, BOOT_DISK_LABELS);
+        for label in [
+            labels::STATE,
+            labels::OEM,
+            labels::PERSISTENT,
+            labels::RECOVERY,
+        ] {
+            let (dev, dups) = find_by_label(&kept, label).expect(label);
+            assert_eq!(dev.disk, "vda", "{label}");
+            assert!(dups.is_empty(), "{label}");
+        }
+        assert!(kept.iter().any(|x| x.name == "vdb1") && kept.iter().any(|x| x.name == "sda"));
+        let msgs: Vec<String> = ignored.iter().map(|i| i.to_string()).collect();
+        let dev = t.dev.display();
+        assert_eq!(
+            msgs,
+            [2, 3, 4, 5].map(|n| {
+                let l = ["COS_OEM", "COS_RECOVERY", "COS_STATE", "COS_PERSISTENT"][n - 2];
+                format!("ignoring {dev}/sda{n} (label {l}): not on the boot disk {dev}/vda")
+            })
+        );
+
+        // No (or an unknown) UUID: the disk of the first COS_STATE, as before.
+        for uuid in [None, Some("00000000-0000-0000-0000-000000000009")] {
+            let bd = choose_boot_disk(&devs, uuid).expect("boot disk");
+            assert_eq!(
+                bd,
+                BootDisk {
+                    disk: "sda".into(),
+                    rule: BootDiskRule::FirstState
+                }
+            );
+        }
+        // No COS_STATE anywhere (a live medium): no boot disk.
+        let none: Vec<BlockDev> = devs.iter().filter(|x| x.disk == "vdb").cloned().collect();
+        assert_eq!(choose_boot_disk(&none, None), None);
+    }
+
+    /// The agent's side: the disk kairos-init recorded wins, else GRUB's parameter in
+    /// /proc/cmdline, else the first COS_STATE; only that disk's partitions come back.
+    #[test]
+    fn the_agent_scans_the_recorded_boot_disk() {
+        let tmp = tempfile::tempdir().expect("test setup");
+        let root = tmp.path();
+        let t = Tree {
+            sys: root.join("sys"),
+            dev: root.join("dev"),
+            _tmp: tempfile::tempdir().expect("test setup"),
+        };
+        fs::create_dir_all(t.sys.join("class/block")).expect("test setup");
+        fs::create_dir_all(&t.dev).expect("test setup");
+        for disk in ["sda", "vda"] {
+            t.add(
+                None,
+                disk,
+                1 << 20,
+                &format!("DEVNAME={disk}\nDEVTYPE=disk\n"),
+            );
+            t.part_of(disk, 5, "persistent");
+            t.part_of(disk, 4, "state");
+        }
+        ext2_image(&t.dev.join("sda4"), "COS_STATE", 0xaa);
+        ext2_image(&t.dev.join("vda4"), "COS_STATE", 0xbb);
+        let persistent = |s: &BootScan| {
+            find_by_label(&s.devices, labels::PERSISTENT)
+                .map(|(d, dups)| (d.name.clone(), dups.len()))
+        };
+        // Nothing recorded, nothing on the command line: the first COS_STATE's disk.
+        let s = scan_boot_disk(root);
+        assert_eq!(s.boot_disk.as_ref().map(|b| b.disk.as_str()), Some("sda"));
+        assert_eq!(persistent(&s), Some(("sda5".into(), 0)));
+        // GRUB's parameter (a dracut boot): vda.
+        fs::create_dir_all(root.join("proc")).expect("test setup");
+        fs::write(
+            root.join("proc/cmdline"),
+            "root=LABEL=COS_ACTIVE rd.kairos.state_uuid=BBBBBBBB-BBBB-BBBB-BBBB-BBBBBBBBBBBB\n",
+        )
+        .expect("test setup");
+        let s = scan_boot_disk(root);
+        assert_eq!(
+            s.boot_disk.clone().map(|b| (b.disk, b.rule)),
+            Some(("vda".into(), BootDiskRule::StateUuid))
+        );
+        assert_eq!(persistent(&s), Some(("vda5".into(), 0)));
+        assert_eq!(s.ignored.len(), 2);
+        // What kairos-init recorded wins over both.
+        fs::create_dir_all(root.join("run/kairos")).expect("test setup");
+        fs::write(root.join("run/kairos/boot-disk"), "sda\n").expect("test setup");
+        let s = scan_boot_disk(root);
+        assert_eq!(
+            s.boot_disk.clone().map(|b| (b.disk, b.rule)),
+            Some(("sda".into(), BootDiskRule::Recorded))
+        );
+        assert_eq!(persistent(&s), Some(("sda5".into(), 0)));
+        assert_eq!(
+            s.ignored
+                .iter()
+                .map(|i| i.label.as_str())
+                .collect::<Vec<_>>(),
+            ["COS_STATE", "COS_PERSISTENT"]
         );
     }
 

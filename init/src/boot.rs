@@ -177,8 +177,8 @@ pub fn run() -> Failure {
         l
     });
     let cands = plan::candidates(&req);
-    let (mut devices, first_found) =
-        step("devices", || wait_for_devices(&req, &cands, &mut loader));
+    let (devices, first_found) = step("devices", || wait_for_devices(&req, &cands, &mut loader));
+    let mut devices = on_boot_disk(&req, devices, true);
     for d in &devices {
         if let Some(fs) = &d.fs {
             debug!(
@@ -201,7 +201,7 @@ pub fn run() -> Failure {
     if chosen.mode != BootMode::Live && blockdev::find_by_label(&devices, &req.oem_label).is_none()
     {
         devices = step("oem-wait", || {
-            wait_for_label(&req.oem_label, req.oem_timeout).unwrap_or(devices)
+            wait_for_label(&req, &req.oem_label, req.oem_timeout).unwrap_or(devices)
         });
     }
     // SPEC section 3: /oem, then the rootfs stage (which may write /run/cos/*.env), then the
@@ -368,6 +368,13 @@ fn wait_for_devices(
     loader: &mut Option<ModLoader>,
 ) -> (Vec<BlockDev>, bool) {
     let first = cands.first().map(|c| c.source.clone()).unwrap_or_default();
+    // The COS_STATE GRUB booted from names the boot disk: wait for it too, or a stray disk
+    // probed first would be taken for the boot disk.
+    let state = req
+        .state_uuid
+        .as_ref()
+        .filter(|_| req.mode != BootMode::Live)
+        .map(|u| format!("UUID={u}"));
     let deadline = Instant::now() + req.timeout;
     let mut pause = Duration::from_millis(5);
     let mut logged = false;
@@ -376,7 +383,10 @@ fn wait_for_devices(
             l.round(&[]);
         }
         let devs = blockdev::scan(Path::new("/sys"), Path::new("/dev"));
-        if blockdev::find_spec(&devs, &first).is_some() {
+        let state_found = state
+            .as_ref()
+            .is_none_or(|s| blockdev::find_spec(&devs, s).is_some());
+        if state_found && blockdev::find_spec(&devs, &first).is_some() {
             return (devs, true);
         }
         if Instant::now() >= deadline {
@@ -407,19 +417,67 @@ fn wait_for_more_disks(known: &[BlockDev], timeout: Duration) -> Option<Vec<Bloc
     Some(devs)
 }
 
-fn wait_for_label(label: &str, timeout: Duration) -> Option<Vec<BlockDev>> {
+fn wait_for_label(req: &BootRequest, label: &str, timeout: Duration) -> Option<Vec<BlockDev>> {
     info!("waiting up to {} s for {label}", timeout.as_secs());
     let deadline = Instant::now() + timeout;
     loop {
-        let devs = blockdev::scan(Path::new("/sys"), Path::new("/dev"));
+        // Only the boot disk's partition ends the wait: another disk's would be ignored.
+        let devs = on_boot_disk(
+            req,
+            blockdev::scan(Path::new("/sys"), Path::new("/dev")),
+            false,
+        );
         if blockdev::find_by_label(&devs, label).is_some() {
-            return Some(devs);
+            return Some(on_boot_disk(req, devs, true));
         }
         if Instant::now() >= deadline {
             return None;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Keeps the Kairos partitions of the boot disk only (see [`blockdev::choose_boot_disk`]):
+/// the disk of the COS_STATE GRUB named in `rd.kairos.state_uuid`, else (direct kernel boots,
+/// other boot loaders) the disk of the first COS_STATE. Every other device carrying a Kairos
+/// label is left out and, with `say`, logged; the choice is recorded for the agent. A live
+/// boot takes its medium from the command line and is left alone.
+fn on_boot_disk(req: &BootRequest, devs: Vec<BlockDev>, say: bool) -> Vec<BlockDev> {
+    if req.mode == BootMode::Live {
+        return devs;
+    }
+    let Some(bd) = blockdev::choose_boot_disk(&devs, req.state_uuid.as_deref()) else {
+        return devs;
+    };
+    let mut wanted = blockdev::BOOT_DISK_LABELS.to_vec();
+    if !wanted.contains(&req.oem_label.as_str()) {
+        wanted.push(&req.oem_label);
+    }
+    let (keep, ignored) = blockdev::restrict_to_disk(devs, &bd.disk, &wanted);
+    if say {
+        let how = match (bd.rule, &req.state_uuid) {
+            (blockdev::BootDiskRule::StateUuid, Some(u)) => {
+                format!("holds COS_STATE {u} (rd.kairos.state_uuid)")
+            }
+            (_, Some(u)) => {
+                format!("rd.kairos.state_uuid={u} is on no device: the disk of the first COS_STATE")
+            }
+            (_, None) => "no rd.kairos.state_uuid: the disk of the first COS_STATE".to_string(),
+        };
+        if bd.rule == blockdev::BootDiskRule::StateUuid {
+            info!("boot disk /dev/{}: {how}", bd.disk);
+        } else {
+            warn!("boot disk /dev/{}: {how}", bd.disk);
+        }
+        for i in &ignored {
+            warn!("{i}");
+        }
+        let _ = fsutil::mkdir_p(Path::new("/run/kairos"));
+        if let Err(e) = std::fs::write(blockdev::BOOT_DISK_FILE, format!("{}\n", bd.disk)) {
+            warn!("{}: {e}", blockdev::BOOT_DISK_FILE);
+        }
+    }
+    keep
 }
 
 /// Two filesystems with one Kairos label: the choice (first in natural device order, see
@@ -524,7 +582,7 @@ fn mount_root(
                 for s in mounted_sources.drain(..) {
                     let _ = mount::unmount(Path::new(plan::source_mountpoint(&s)), false);
                 }
-                *devices = more;
+                *devices = on_boot_disk(req, more, true);
                 warn_duplicate_labels(devices);
                 inv = Inventory::default();
                 reported = 0;
@@ -605,19 +663,14 @@ fn read_layout(mode: BootMode) -> Layout {
     let mut parsed = Vec::new();
     for f in files {
         let p = PathBuf::from(&f);
-        let text = match std::fs::read(&p) {
-            Ok(b) if b.len() > 1 << 20 => {
-                warn!("{f}: larger than 1 MiB, ignored");
-                continue;
-            }
-            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-            Err(_) => continue,
-        };
-        match layout::parse_env(&text, &p) {
+        // Bounded, no symlinks, regular files only (layout::read_env).
+        match layout::read_env(&p) {
             Ok(kv) => {
                 info!("layout from {f}");
                 parsed.push((p, kv));
             }
+            Err(layout::LayoutError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => warn!("{e}; file ignored"),
         }
     }

@@ -96,6 +96,9 @@ pub struct BootRequest {
     pub debug: bool,
     /// `rd.kairos.boot_reason=` set by GRUB, logged by the init.
     pub boot_reason: Option<String>,
+    /// `rd.kairos.state_uuid=`: the filesystem UUID of the COS_STATE GRUB booted from. Its
+    /// disk is the boot disk: every other Kairos partition is taken from that disk only.
+    pub state_uuid: Option<String>,
     /// Every `console=` device ("ttyS0,115200" -> "ttyS0"), in order.
     pub consoles: Vec<String>,
     /// False when `fsck.mode=skip`.
@@ -136,6 +139,7 @@ impl Default for BootRequest {
             reboot_delay: DEFAULT_REBOOT_DELAY,
             debug: false,
             boot_reason: None,
+            state_uuid: None,
             consoles: Vec::new(),
             fsck: true,
             pause: None,
@@ -171,6 +175,7 @@ enum Slot {
     RebootDelay,
     KairosDebug,
     BootReason,
+    StateUuid,
     FsckMode,
     Pause,
 }
@@ -201,6 +206,7 @@ const PARAMS: &[(&str, Slot, bool)] = &[
     ("rd.kairos.rebootdelay", Slot::RebootDelay, false),
     ("rd.kairos.debug", Slot::KairosDebug, false),
     ("rd.kairos.boot_reason", Slot::BootReason, false),
+    ("rd.kairos.state_uuid", Slot::StateUuid, false),
     ("fsck.mode", Slot::FsckMode, false),
     ("rd.kairos.pause", Slot::Pause, false),
 ];
@@ -554,6 +560,14 @@ pub fn parse(cmdline: &str) -> (BootRequest, Vec<Warning>) {
     req.boot_reason = w
         .value(raw.take(Slot::BootReason), "none")
         .map(|(_, v)| v.into_owned());
+    if let Some((name, v)) = w.value(raw.take(Slot::StateUuid), "the first COS_STATE") {
+        // What GRUB's `probe --fs-uuid` prints: hex digits and dashes.
+        if !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            req.state_uuid = Some(v.to_ascii_lowercase());
+        } else {
+            w.push(name, format!("{v:?} is not a filesystem UUID; ignored"));
+        }
+    }
 
     if let Some((name, v)) = w.value(raw.take(Slot::FsckMode), "auto") {
         match &*v {
@@ -623,6 +637,26 @@ mod tests {
             consoles: vec!["tty1".into(), "ttyS0".into()],
             ..BootRequest::default()
         }
+    }
+
+    #[test]
+    fn state_uuid_from_grub() {
+        let (req, w) = parse("rd.kairos.state_uuid=1B4E28BA-2FA1-11D2-883F-0016D3CCA427");
+        assert_eq!(
+            req.state_uuid.as_deref(),
+            Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427")
+        );
+        assert!(w.is_empty(), "{w:?}");
+        for bad in [
+            "rd.kairos.state_uuid=",
+            "rd.kairos.state_uuid",
+            "rd.kairos.state_uuid=../x",
+        ] {
+            let (req, w) = parse(bad);
+            assert_eq!(req.state_uuid, None, "{bad}");
+            assert_eq!(w.len(), 1, "{bad}");
+        }
+        assert_eq!(parse("").0.state_uuid, None);
     }
 
     #[test]

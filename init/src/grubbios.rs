@@ -38,6 +38,7 @@ pub const CORE_MODULES: &[&str] = &[
     "search",
     "search_label",
     "regexp",
+    "probe",
     "linux16",
     "boot",
     "cat",

@@ -25,6 +25,39 @@ impl Default for GrubCfgOptions {
     }
 }
 
+/// Modules built into BOOTX64.EFI, so the ESP's grub.cfg and COS_STATE's grub.cfg
+/// ([`grub_cfg`]) work without reading a module from disk (x86_64-efi names).
+pub const EFI_MODULES: &[&str] = &[
+    "part_gpt",
+    "fat",
+    "ext2",
+    "normal",
+    "configfile",
+    "loadenv",
+    "test",
+    "echo",
+    "linux",
+    "serial",
+    "terminal",
+    "terminfo",
+    "loopback",
+    "squash4",
+    "search",
+    "search_label",
+    "search_fs_uuid",
+    "regexp",
+    "probe",
+    "gzio",
+    "all_video",
+    "efi_gop",
+    "boot",
+    "cat",
+    "ls",
+    "sleep",
+    "halt",
+    "reboot",
+];
+
 /// Menu entry ids GRUB picks from (SPEC §4).
 pub use crate::grubenv::ENTRIES as ENTRY_IDS;
 
@@ -228,6 +261,93 @@ echo "KAIROS-GRUB: tries cos=${{kairos_tries_cos}} fallback=${{kairos_tries_fall
     )
 }
 
+/// GRUB script defining `kairos_scan`: the first partition of the disk `${kairos_disk}`
+/// carrying each Kairos label, in `kairos_state`, `kairos_oem` and `kairos_recovery`
+/// (GRUB device names without parentheses). Partitions of other disks are never looked at.
+fn scan_function() -> String {
+    r#"function kairos_scan {
+  set kairos_state=
+  set kairos_oem=
+  set kairos_recovery=
+  for kairos_part in (${kairos_disk},*); do
+    set kairos_label=
+    set kairos_name=
+    probe --set=kairos_label --label "${kairos_part}"
+    regexp --set=1:kairos_name '^[(](.*)[)]$' "${kairos_part}"
+    if [ "${kairos_label}" = COS_STATE ]; then
+      if [ -z "${kairos_state}" ]; then set kairos_state="${kairos_name}"; fi
+    elif [ "${kairos_label}" = COS_OEM ]; then
+      if [ -z "${kairos_oem}" ]; then set kairos_oem="${kairos_name}"; fi
+    elif [ "${kairos_label}" = COS_RECOVERY ]; then
+      if [ -z "${kairos_recovery}" ]; then set kairos_recovery="${kairos_name}"; fi
+    fi
+  done
+}
+"#
+    .to_string()
+}
+
+/// The ESP's grub.cfg (UEFI): `$root` starts at the ESP GRUB was loaded from; COS_STATE is
+/// taken from that disk, from any disk (said on screen) only when it has none; then
+/// COS_STATE's `grub2/grub.cfg` is loaded.
+pub fn esp_grub_cfg() -> String {
+    format!(
+        r#"# Kairos ESP: COS_STATE from the disk this GRUB was loaded from.
+set kairos_disk=
+regexp --set=1:kairos_disk '^([^,]+)' "${{root}}"
+{scan}kairos_scan
+if [ -n "${{kairos_state}}" ]; then
+  set root="${{kairos_state}}"
+else
+  echo "KAIROS-GRUB: no COS_STATE on ${{kairos_disk}}, the disk GRUB was loaded from: searching every disk"
+  search --no-floppy --label --set=root COS_STATE
+fi
+set prefix=($root)/grub2
+configfile ($root)/grub2/grub.cfg
+"#,
+        scan = scan_function()
+    )
+}
+
+/// The part of grub.cfg that fixes the boot disk: the disk of `$root` (COS_STATE through
+/// core.img's prefix under BIOS, the ESP stub's choice under UEFI). COS_STATE, COS_OEM and
+/// COS_RECOVERY come from that disk only (`state`, `oem`, `recroot`); another disk's COS_STATE
+/// is searched for only when the boot disk has none, and then its disk supplies the rest.
+/// The kernel learns which COS_STATE it was through `rd.kairos.state_uuid` (`kairos_state_arg`).
+pub fn boot_disk_script() -> String {
+    format!(
+        r#"# The boot disk: the one GRUB read this file from. Kairos partitions come from it only.
+{scan}set kairos_disk=
+regexp --set=1:kairos_disk '^([^,]+)' "${{root}}"
+kairos_scan
+if [ -z "${{kairos_state}}" ]; then
+  echo "KAIROS-GRUB: no COS_STATE on ${{kairos_disk}}: searching every disk"
+  set kairos_any=
+  search --no-floppy --label --set=kairos_any COS_STATE
+  set kairos_disk=
+  regexp --set=1:kairos_disk '^([^,]+)' "${{kairos_any}}"
+  if [ -n "${{kairos_disk}}" ]; then
+    kairos_scan
+  fi
+fi
+set state="${{kairos_state}}"
+set oem="${{kairos_oem}}"
+set recroot="${{kairos_recovery}}"
+set kairos_state_uuid=
+set kairos_state_arg=
+if [ -n "${{state}}" ]; then
+  set root="${{state}}"
+  probe --set=kairos_state_uuid --fs-uuid "(${{state}})"
+fi
+if [ -n "${{kairos_state_uuid}}" ]; then
+  set kairos_state_arg="rd.kairos.state_uuid=${{kairos_state_uuid}}"
+fi
+echo "KAIROS-GRUB: boot disk ${{kairos_disk}} state=${{state}} oem=${{oem}} recovery=${{recroot}}"
+"#,
+        scan = scan_function()
+    )
+}
+
 /// The grub.cfg for `COS_STATE:/grub2/grub.cfg`. Prints `KAIROS-GRUB:` lines
 /// on the console so boot tests can see what GRUB chose.
 pub fn grub_cfg(opts: &GrubCfgOptions) -> String {
@@ -245,12 +365,7 @@ echo "KAIROS-GRUB: start"
 set timeout={timeout}
 set timeout_style=menu
 
-# $root is COS_STATE already through the prefix; the search keeps it right if disks move.
-search --no-floppy --label --set=state COS_STATE
-if [ -n "${{state}}" ]; then
-  set root="${{state}}"
-fi
-
+{boot_disk}
 # Environment: COS_STATE:/grub_oem_env first, then COS_OEM:/grubenv, whose values win.
 # A grubenv that does not load (garbage, cut before its header) is neither used nor written.
 if [ -f /grub_oem_env ]; then
@@ -258,7 +373,6 @@ if [ -f /grub_oem_env ]; then
 fi
 set env_file=
 set env_ok=
-search --no-floppy --label --set=oem COS_OEM
 if [ -n "${{oem}}" ]; then
   if [ -f "(${{oem}})/grubenv" ]; then
     set env_file="(${{oem}})/grubenv"
@@ -294,6 +408,8 @@ fi
 # Menu entries run in a new context that sees only exported variables.
 export kairos_boot_entry
 export kairos_boot_reason
+export recroot
+export kairos_state_arg
 export extra_cmdline
 export extra_active_cmdline
 export extra_passive_cmdline
@@ -302,13 +418,9 @@ echo "KAIROS-GRUB: default=${{default}} fallback=${{fallback}}"
 "#,
         timeout = opts.timeout,
         decision = decision_script(),
+        boot_disk = boot_disk_script(),
     );
     for e in ENTRIES {
-        let search = if e.image.contains("recroot") {
-            "  search --no-floppy --label --set=recroot COS_RECOVERY\n"
-        } else {
-            ""
-        };
         s.push_str(&format!(
             r#"
 menuentry "${{menu_title}}{suffix}" --id {id} {{
@@ -317,8 +429,8 @@ menuentry "${{menu_title}}{suffix}" --id {id} {{
     set kairos_reason={menu}
   fi
   echo "KAIROS-GRUB: entry={id} reason=${{kairos_reason}}"
-{search}  loopback {dev} {image}
-  linux ({dev})/boot/vmlinuz {base} {cmdline} rd.kairos.boot_reason={id}:${{kairos_reason}} ${{extra_cmdline}} ${{{extra}}}
+  loopback {dev} {image}
+  linux ({dev})/boot/vmlinuz {base} {cmdline} rd.kairos.boot_reason={id}:${{kairos_reason}} ${{kairos_state_arg}} ${{extra_cmdline}} ${{{extra}}}
   initrd ({dev})/boot/initrd
 }}
 "#,
@@ -349,6 +461,46 @@ fi
 mod tests {
     use super::*;
 
+    /// GRUB's own parser accepts what we generate, when grub-script-check is installed.
+    #[test]
+    fn grub_script_check_accepts_the_configs() {
+        let Ok(probe) = std::process::Command::new("grub-script-check")
+            .arg("--help")
+            .output()
+        else {
+            eprintln!("skipping: grub-script-check not installed");
+            return;
+        };
+        drop(probe);
+        let dir = tempfile::tempdir().expect("test setup");
+        for (name, text) in [
+            ("grub.cfg", grub_cfg(&GrubCfgOptions::default())),
+            ("esp.cfg", esp_grub_cfg()),
+        ] {
+            let f = dir.path().join(name);
+            std::fs::write(&f, &text).expect("test setup");
+            let out = std::process::Command::new("grub-script-check")
+                .arg(&f)
+                .output()
+                .expect("grub-script-check runs");
+            assert!(
+                out.status.success(),
+                "{name}: {}\n{text}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
+    #[test]
+    fn the_esp_takes_cos_state_from_its_own_disk() {
+        let c = esp_grub_cfg();
+        assert!(c.contains("regexp --set=1:kairos_disk '^([^,]+)' \"${root}\"\n"));
+        assert!(c.contains(
+            "kairos_scan\nif [ -n \"${kairos_state}\" ]; then\n  set root=\"${kairos_state}\"\n"
+        ));
+        assert!(c.ends_with("set prefix=($root)/grub2\nconfigfile ($root)/grub2/grub.cfg\n"));
+    }
+
     #[test]
     fn words_are_quoted_for_grub() {
         assert_eq!(
@@ -376,13 +528,21 @@ mod tests {
             )));
         }
         assert!(cfg.contains(&format!(
-            "linux (loop0)/boot/vmlinuz {BASE_CMDLINE} rd.kairos.debug root=LABEL=COS_ACTIVE cos-img/filename=/cOS/active.img rd.kairos.boot_reason=cos:${{kairos_reason}} ${{extra_cmdline}} ${{extra_active_cmdline}}\n"
+            "linux (loop0)/boot/vmlinuz {BASE_CMDLINE} rd.kairos.debug root=LABEL=COS_ACTIVE cos-img/filename=/cOS/active.img rd.kairos.boot_reason=cos:${{kairos_reason}} ${{kairos_state_arg}} ${{extra_cmdline}} ${{extra_active_cmdline}}\n"
         )));
         assert!(cfg.contains("loopback loop2 (${recroot})/cOS/recovery.squashfs\n"));
         assert!(cfg.contains(
             "rd.live.squashimg=/cOS/recovery.squashfs kairos.reset rd.kairos.boot_reason=statereset:"
         ));
         assert!(!cfg.contains("quiet"));
+        // Issue 15 item 2: no label is searched on every disk but COS_STATE, and that only
+        // when the boot disk has none.
+        assert_eq!(cfg.matches("search ").count(), 1, "{cfg}");
+        assert!(cfg.contains("search --no-floppy --label --set=kairos_any COS_STATE\n"));
+        assert!(cfg.contains("for kairos_part in (${kairos_disk},*); do\n"));
+        assert!(
+            cfg.contains("set kairos_state_arg=\"rd.kairos.state_uuid=${kairos_state_uuid}\"\n")
+        );
         assert!(grub_cfg(&GrubCfgOptions::default()).contains("\nset timeout=1\n"));
     }
 }

@@ -105,21 +105,50 @@ pub enum LayoutError {
     },
     #[error("{}: larger than {max} bytes", path.display())]
     TooLarge { path: PathBuf, max: u64 },
+    #[error("{}: {what}; not read", path.display())]
+    NotAFile { path: PathBuf, what: String },
 }
 
-/// Read and parse one layout file, refusing files over [`MAX_FILE_BYTES`].
+/// Read and parse one layout file, refusing files over [`MAX_FILE_BYTES`], anything but a
+/// regular file (a FIFO would block PID 1, a device never ends) and any path with a symlink in
+/// it: the image's symlink would be resolved in the initramfs, not in the image.
 pub fn read_env(path: &Path) -> Result<Vec<(String, String)>, LayoutError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let io = |source| LayoutError::Io {
         path: path.to_owned(),
         source,
     };
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .map_err(io)?
-        .take(MAX_FILE_BYTES + 1)
-        .read_to_string(&mut text)
+    let not_a_file = |what: String| LayoutError::NotAFile {
+        path: path.to_owned(),
+        what,
+    };
+    if let Some((link, to)) = crate::sys::fsutil::symlink_below(Path::new("/"), path) {
+        return Err(not_a_file(format!(
+            "{} is a symlink (to {})",
+            link.display(),
+            to.display()
+        )));
+    }
+    // O_NOFOLLOW covers a symlink put in place after the check; O_NONBLOCK keeps a FIFO's open
+    // from waiting for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
         .map_err(io)?;
-    if text.len() as u64 > MAX_FILE_BYTES {
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(not_a_file(format!(
+            "not a regular file ({:?})",
+            meta.file_type()
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    let text = String::from_utf8_lossy(&bytes);
+    if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(LayoutError::TooLarge {
             path: path.to_owned(),
             max: MAX_FILE_BYTES,
@@ -774,6 +803,43 @@ CUSTOM_EPHEMERAL_MOUNTS=
         let good = dir.path().join("cos-layout.env");
         std::fs::write(&good, KAIROS_LAYOUT).expect("test setup");
         assert_eq!(read_env(&good).expect("test setup").len(), 7);
+    }
+
+    /// Item 9 of issue 15: the image's layout file is read bounded, not through symlinks (the
+    /// kernel would resolve them in the initramfs), and never from a FIFO or a device.
+    #[test]
+    fn read_env_refuses_symlinks_fifos_and_devices() {
+        let dir = tempfile::tempdir().expect("test setup");
+        let good = dir.path().join("good.env");
+        std::fs::write(&good, KAIROS_LAYOUT).expect("test setup");
+        let refused = |p: &Path| match read_env(p) {
+            Err(e @ LayoutError::NotAFile { .. }) => e.to_string(),
+            other => panic!("{}: {other:?}", p.display()),
+        };
+        // The file itself a symlink, to a good file or to an endless device.
+        let link = dir.path().join("link.env");
+        std::os::unix::fs::symlink(&good, &link).expect("test setup");
+        assert!(refused(&link).contains("is a symlink"));
+        let zero = dir.path().join("zero.env");
+        std::os::unix::fs::symlink("/dev/zero", &zero).expect("test setup");
+        assert!(refused(&zero).contains("is a symlink (to /dev/zero)"));
+        // A directory on the way a symlink (etc -> elsewhere).
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).expect("test setup");
+        std::fs::write(real.join("cos-layout.env"), KAIROS_LAYOUT).expect("test setup");
+        std::os::unix::fs::symlink(&real, dir.path().join("etc")).expect("test setup");
+        let via = dir.path().join("etc/cos-layout.env");
+        assert!(refused(&via).contains("is a symlink"), "{}", refused(&via));
+        // A FIFO: opening it must not wait for a writer.
+        let fifo = dir.path().join("fifo.env");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo (coreutils)");
+        assert!(made.success(), "mkfifo");
+        assert!(refused(&fifo).contains("not a regular file"));
+        assert!(refused(Path::new("/dev/zero")).contains("not a regular file"));
+        assert_eq!(read_env(&good).expect("a plain file").len(), 7);
     }
 
     #[test]

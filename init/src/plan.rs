@@ -602,6 +602,7 @@ mod tests {
             devnode: PathBuf::from(format!("/dev/{name}")),
             partname: None,
             is_partition: true,
+            disk: "vda".into(),
             size_bytes: 1 << 20,
             fs: Some(FsInfo {
                 fstype: FsType::Ext4,

@@ -122,6 +122,10 @@ fn matrix_cos_state_missing() {
     assert_boots(&r, "recovery");
 }
 
+/// Two filesystems with one Kairos label, one on the Kairos disk and one a whole-disk stray:
+/// with no `rd.kairos.state_uuid` (a direct kernel boot), the boot disk is the disk of the
+/// first COS_STATE, partitions first, and every Kairos label on another device is ignored and
+/// named, in whatever order the disks come on the bus.
 #[test]
 fn matrix_two_partitions_with_the_same_label() {
     if !can_run() {
@@ -131,7 +135,6 @@ fn matrix_two_partitions_with_the_same_label() {
     let state = labelled_disk("m-dup-state", "COS_STATE");
     let pers = labelled_disk("m-dup-persistent", "COS_PERSISTENT");
     let before = persistent_snapshot(&d);
-    let mut chosen = Vec::new();
     for round in 1..=2 {
         // The duplicates come first on the bus in the second round: the choice must not move.
         let disks: Vec<&Path> = if round == 1 {
@@ -141,36 +144,36 @@ fn matrix_two_partitions_with_the_same_label() {
         };
         let r = boot_direct_disks(&format!("m-dup-{round}"), &disks, ACTIVE, &[DONE]);
         assert_boots(&r, "active");
+        assert_has(
+            &r,
+            "no rd.kairos.state_uuid: the disk of the first COS_STATE",
+        );
         let lines: Vec<String> = r
             .log
             .lines()
-            .filter(|l| l.contains("is on several devices"))
-            .map(|l| l[l.find("label ").unwrap_or(0)..].trim().to_string())
+            .filter(|l| l.contains("not on the boot disk"))
+            .map(|l| l[l.find("ignoring ").unwrap_or(0)..].trim().to_string())
             .collect();
         println!("round {round}: {lines:#?}");
-        assert!(
-            lines.iter().any(|l| l.starts_with("label COS_STATE ")),
-            "no duplicate COS_STATE line"
-        );
-        assert!(
-            lines.iter().any(|l| l.starts_with("label COS_PERSISTENT ")),
-            "no duplicate COS_PERSISTENT line"
-        );
-        assert_has(&r, "KAIROS-TEST: mount /usr/local ext4 rw");
-        chosen.push(lines);
-    }
-    // Virtio names follow probe order, not the command line's, so the disk letters may move
-    // between boots: what must hold is that the Kairos disk's partitions (4: COS_STATE,
-    // 5: COS_PERSISTENT) win over the whole-disk strays in both rounds.
-    for lines in &chosen {
-        for l in lines {
-            let used = l.split(", ignoring").next().unwrap_or_default();
+        // Virtio names follow probe order, so the letters may move between boots: what must
+        // hold is that the ignored devices are the whole-disk strays and the boot disk is the
+        // Kairos disk (a whole disk, named without a partition number).
+        for label in ["COS_STATE", "COS_PERSISTENT"] {
+            let l = lines
+                .iter()
+                .find(|l| l.contains(&format!("(label {label})")))
+                .unwrap_or_else(|| panic!("no ignored {label} line"));
+            let stray = l.split_whitespace().nth(1).unwrap_or_default();
+            let disk = l.rsplit(' ').next().unwrap_or_default();
             assert!(
-                (l.starts_with("label COS_STATE ") && used.ends_with('4'))
-                    || (l.starts_with("label COS_PERSISTENT ") && used.ends_with('5')),
-                "the Kairos disk's own partitions win: {l}"
+                !stray.ends_with(|c: char| c.is_ascii_digit()) && stray != disk,
+                "the stray whole disk is ignored: {l}"
             );
+            assert!(r.log.contains(&format!("boot disk {disk}:")), "{l}");
         }
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_lacks(&r, "is on several devices");
+        assert_has(&r, "KAIROS-TEST: mount /usr/local ext4 rw");
     }
     assert_persistent_untouched(&before, &persistent_snapshot(&d));
 }
@@ -815,4 +818,392 @@ fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+// ---- One boot disk (issue 15 item 2) ----
+
+/// OVMF as one flash image (the ovmf package), given to QEMU with -bios.
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+const MIB: u64 = 1 << 20;
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn file_hash(p: &Path) -> String {
+    kairos_tests::registry::sha256(&std::fs::read(p).expect("reading a disk image"))
+}
+
+/// A Kairos disk whose root image, COS_OEM and COS_PERSISTENT each say whose they are: the
+/// OEM hook (sourced as root by the image's init) prints all three.
+fn marked_disk(who: &str, tweak: impl FnOnce(&mut DiskSpec)) -> std::path::PathBuf {
+    disk(&format!("bootdisk-{who}"), |s| {
+        s.image_files.push((
+            "/etc/kairos-test-disk".into(),
+            format!("{who}\n").into_bytes(),
+            0o644,
+        ));
+        s.persistent_files
+            .push(("kairos-disk-marker".into(), format!("{who}\n").into_bytes()));
+        s.oem_files.push((
+            "kairos-test-hook.sh".into(),
+            format!(
+                "echo \"KAIROS-TEST: parts oem={who} image=$(cat /etc/kairos-test-disk) persistent=$(cat /usr/local/kairos-disk-marker 2>/dev/null)\"\n"
+            )
+            .into_bytes(),
+        ));
+        tweak(s);
+    })
+}
+
+/// Adds an ESP (partition 6, COS_GRUB) with our BOOTX64.EFI and ESP grub.cfg
+/// (`kairos_init::grubcfg::esp_grub_cfg`), as `kairos-agent install` writes them, to a test
+/// disk, which then boots under BIOS and UEFI alike.
+fn add_esp(disk: &Path) {
+    let grub = Path::new("/usr/lib/grub/x86_64-efi");
+    let len = std::fs::metadata(disk).expect("disk").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .and_then(|f| f.set_len(len + 66 * MIB))
+        .expect("growing the disk");
+    run_ok(Command::new("sgdisk").arg("-e").arg(disk));
+    run_ok(
+        Command::new("sgdisk")
+            .args(["-n", "6:0:+64M", "-t", "6:ef00", "-c", "6:efi"])
+            .arg(disk),
+    );
+    let info = run_ok(Command::new("sgdisk").args(["-i", "6"]).arg(disk));
+    let first: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("First sector: "))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no first sector in {info}"));
+    let dir = tempfile::tempdir().expect("scratch");
+    let esp = dir.path().join("esp.img");
+    std::fs::File::create(&esp)
+        .and_then(|f| f.set_len(64 * MIB))
+        .expect("esp image");
+    run_ok(
+        Command::new("mkfs.vfat")
+            .args(["-F", "32", "-n", "COS_GRUB"])
+            .arg(&esp),
+    );
+    let efi = dir.path().join("BOOTX64.EFI");
+    let modules: Vec<&str> = kairos_init::grubcfg::EFI_MODULES
+        .iter()
+        .copied()
+        .filter(|m| grub.join(format!("{m}.mod")).exists())
+        .collect();
+    run_ok(
+        Command::new("grub-mkimage")
+            .args(["-O", "x86_64-efi", "-d"])
+            .arg(grub)
+            .arg("-o")
+            .arg(&efi)
+            .args(["-p", "/EFI/BOOT"])
+            .args(&modules),
+    );
+    let cfg = dir.path().join("grub.cfg");
+    std::fs::write(&cfg, kairos_init::grubcfg::esp_grub_cfg()).expect("grub.cfg");
+    run_ok(
+        Command::new("mmd")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&esp)
+            .args(["::/EFI", "::/EFI/BOOT"]),
+    );
+    run_ok(
+        Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&esp)
+            .arg(&efi)
+            .arg(&cfg)
+            .arg("::/EFI/BOOT/"),
+    );
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(disk)
+        .expect("disk");
+    f.seek(SeekFrom::Start(first * 512)).expect("seek");
+    f.write_all(&std::fs::read(&esp).expect("esp image"))
+        .expect("writing the ESP");
+}
+
+/// Issue 15 item 2: a second disk carrying COS_STATE (its own active.img), COS_OEM (a hook
+/// the image's init runs as root) and COS_PERSISTENT, attached on SATA so it is `sda` and
+/// enumerates well before the Kairos disk (USB storage, `sdb`, the one the firmware boots;
+/// usb-storage waits a second before its SCSI scan): through GRUB, under
+/// SeaBIOS and under OVMF, the root image, COS_OEM and COS_PERSISTENT all come from the disk
+/// GRUB was loaded from, kairos-init names every ignored device, `kairos-agent state` lists
+/// the boot disk's partitions only, and the stray disk is byte-identical afterwards. Before,
+/// kairos-init took each label from the first device in name order: the stray's `sda4`
+/// supplied the root image, `sda2` the OEM hook and `sda5` the persistent data.
+#[test]
+fn matrix_a_stray_disk_with_kairos_labels_never_takes_part_in_the_boot() {
+    if !can_run() {
+        return;
+    }
+    kairos_qemu::apt::ensure_packages(&["ovmf", "grub-efi-amd64-bin", "dosfstools", "mtools"])
+        .expect("OVMF, GRUB x86_64-efi, dosfstools and mtools");
+    let agent = kairos_tests::agent();
+    // The generic initramfs has the USB drivers (xhci_pci, usb_storage).
+    let initrd = generic_initramfs();
+    let real = marked_disk("real", |s| {
+        s.agent = agent.clone();
+        s.initramfs = initrd.to_path_buf();
+    });
+    add_esp(&real);
+    let stray = marked_disk("stray", |_| {});
+    let stray_before = file_hash(&stray);
+    let a = artifacts();
+    for firmware in ["bios", "uefi"] {
+        let name = format!("bootdisk-{firmware}");
+        let drive = |p: &Path, id: &str| {
+            format!(
+                "file={},format=raw,if=none,id={id},cache=unsafe",
+                p.display()
+            )
+        };
+        let mut extra: Vec<String> = [
+            "-drive",
+            &drive(&stray, "stray"),
+            "-device",
+            "ahci,id=ahci",
+            "-device",
+            "ide-hd,drive=stray,bus=ahci.0",
+            "-drive",
+            &drive(&real, "real"),
+            "-device",
+            "qemu-xhci,id=xhci",
+            "-device",
+            "usb-storage,bus=xhci.0,drive=real,bootindex=0",
+        ]
+        .map(String::from)
+        .to_vec();
+        if firmware == "uefi" {
+            extra.extend(["-bios".to_string(), OVMF.to_string()]);
+        }
+        let spec = kairos_qemu::boot::BootSpec {
+            disks: Vec::new(),
+            kernel: None,
+            initrd: None,
+            append: None,
+            memory_mb: 512,
+            kvm: std::env::var_os("KAIROS_KVM").is_some(),
+            serial_log: a.work.join(format!("{name}.log")),
+            until: vec![DONE.to_string()],
+            timeout: std::time::Duration::from_secs(420),
+            extra_args: extra,
+        };
+        let r = kairos_qemu::boot::run(&spec).unwrap_or_else(|e| panic!("booting {name}: {e}"));
+        println!(
+            "---- serial log of {name} ({:.1} s) ----\n{}",
+            r.elapsed.as_secs_f64(),
+            r.log
+        );
+        if firmware == "uefi" {
+            assert_has(&r, "EDK II");
+        }
+        assert_has(&r, "KAIROS-GRUB: boot disk hd");
+        assert_lacks(&r, "KAIROS-GRUB: no COS_STATE on");
+        // The stray is sda (SATA, probed first); the boot disk is the USB one.
+        assert_has(&r, "[sda] Attached SCSI disk");
+        let boot_disk = r
+            .log
+            .lines()
+            .find_map(|l| {
+                let rest = &l[l.find("kairos-init: boot disk ")? + 23..];
+                rest.strip_suffix(" (rd.kairos.state_uuid)")?;
+                Some(rest.split(':').next()?.to_string())
+            })
+            .unwrap_or_else(|| panic!("{firmware}: no boot disk chosen by rd.kairos.state_uuid"));
+        assert_ne!(
+            boot_disk, "/dev/sda",
+            "{firmware}: the stray was taken for the boot disk"
+        );
+        assert_has(&r, "KAIROS-TEST: parts oem=real image=real persistent=real");
+        assert_lacks(&r, "=stray");
+        for (n, label) in [
+            (2, "COS_OEM"),
+            (3, "COS_RECOVERY"),
+            (4, "COS_STATE"),
+            (5, "COS_PERSISTENT"),
+        ] {
+            assert_has(
+                &r,
+                &format!("ignoring /dev/sda{n} (label {label}): not on the boot disk {boot_disk}"),
+            );
+        }
+        if agent.is_some() {
+            // `kairos-agent state` (run by the image's init) lists the boot disk's partitions.
+            assert_has(&r, &format!("\"device\":\"{boot_disk}4\""));
+            assert_lacks(&r, "\"device\":\"/dev/sda");
+        }
+        assert_has(&r, DONE);
+        assert_eq!(
+            file_hash(&stray),
+            stray_before,
+            "{firmware}: the stray disk changed"
+        );
+    }
+}
+
+/// A loop device over a file, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let dev = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(file));
+        Loop(dev.trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// Issue 15 item 2, `reset`: COS_PERSISTENT on two disks, the stray one (`sda`) first in
+/// name order. `kairos-agent reset` (wiping persistent, found by label: no
+/// `--persistent-dir`) on a root whose sysfs shows both disks and whose kairos-init recorded
+/// `vda` as the boot disk re-creates vda5's filesystem and leaves the stray byte-identical.
+/// Real ext4 on real loop devices (the root's /dev nodes point at them); before, the reset
+/// took the first COS_PERSISTENT in name order, `sda5`, and ran mkfs.ext4 on it.
+#[test]
+fn reset_wipes_only_the_boot_disks_persistent() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (loop devices, mounts)"
+    );
+    let agent = build_agent().expect("building kairos-agent");
+    let t = tempfile::tempdir().expect("temp dir");
+    let d = t.path();
+    let root = d.join("root");
+    let tree = d.join("tree");
+    for sub in ["etc", "bin", "usr/lib"] {
+        std::fs::create_dir_all(tree.join(sub)).expect("tree");
+    }
+    std::fs::write(tree.join("etc/kairos-image"), "recovery\n").expect("tree");
+    std::fs::write(tree.join("usr/lib/os-release"), "NAME=kairos-test\n").expect("tree");
+    let mkfs = |label: &str, from: &Path, out: &Path, size: &str| {
+        run_ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-L", label, "-d"])
+                .arg(from)
+                .arg(out)
+                .arg(size),
+        );
+    };
+    let state = d.join("state");
+    let recovery = d.join("recovery");
+    std::fs::create_dir_all(state.join("cOS")).expect("state");
+    std::fs::create_dir_all(recovery.join("cOS")).expect("recovery");
+    mkfs("COS_ACTIVE", &tree, &state.join("cOS/active.img"), "8M");
+    mkfs("COS_PASSIVE", &tree, &state.join("cOS/passive.img"), "8M");
+    mkfs(
+        "COS_SYSTEM",
+        &tree,
+        &recovery.join("cOS/recovery.img"),
+        "8M",
+    );
+    for sub in ["oem", "proc", "run/kairos", "sys/class/block", "dev"] {
+        std::fs::create_dir_all(root.join(sub)).expect("root");
+    }
+    let mut env = kairos_init::grubenv::GrubEnv::default();
+    env.set("saved_entry", "recovery").expect("grubenv");
+    kairos_init::grubenv::write(&root.join("oem/grubenv"), &env).expect("grubenv");
+    // Each disk's COS_PERSISTENT, with user data on it.
+    let data = d.join("data");
+    std::fs::create_dir_all(&data).expect("data");
+    std::fs::write(data.join("user-file"), "keep me unless reset\n").expect("data");
+    let images: Vec<_> = ["sda", "vda"]
+        .iter()
+        .map(|disk| {
+            let img = d.join(format!("{disk}5.img"));
+            mkfs("COS_PERSISTENT", &data, &img, "16M");
+            (*disk, img)
+        })
+        .collect();
+    let loops: Vec<Loop> = images.iter().map(|(_, img)| Loop::attach(img)).collect();
+    // Their sysfs entries (a partition inside its disk, as the kernel lays them out) and
+    // /dev nodes pointing at the loop devices.
+    for ((disk, _), lo) in images.iter().zip(&loops) {
+        let part = format!("{disk}5");
+        let rel = format!("devices/virtual/block/{disk}");
+        for (name, dir, uevent) in [
+            (
+                *disk,
+                rel.clone(),
+                format!("DEVNAME={disk}\nDEVTYPE=disk\n"),
+            ),
+            (
+                part.as_str(),
+                format!("{rel}/{part}"),
+                format!("DEVNAME={part}\nDEVTYPE=partition\nPARTN=5\nPARTNAME=persistent\n"),
+            ),
+        ] {
+            let sys = root.join("sys").join(&dir);
+            std::fs::create_dir_all(&sys).expect("sysfs");
+            std::fs::write(sys.join("size"), "32768\n").expect("sysfs");
+            std::fs::write(sys.join("uevent"), uevent).expect("sysfs");
+            if name == part {
+                std::fs::write(sys.join("partition"), "5\n").expect("sysfs");
+            }
+            std::os::unix::fs::symlink(
+                format!("../../{dir}"),
+                root.join("sys/class/block").join(name),
+            )
+            .expect("sysfs");
+        }
+        std::os::unix::fs::symlink(&lo.0, root.join("dev").join(&part)).expect("dev node");
+    }
+    std::fs::write(root.join("run/kairos/boot-disk"), "vda\n").expect("boot disk record");
+    let stray_before = file_hash(&images[0].1);
+    let out = Command::new(&agent)
+        .arg("--root")
+        .arg(&root)
+        .args(["reset", "--state-dir"])
+        .arg(&state)
+        .arg("--recovery-dir")
+        .arg(&recovery)
+        .args(["--booted", "recovery", "--no-reboot"])
+        .output()
+        .expect("running kairos-agent reset");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("--- kairos-agent reset: {}\n{log}", out.status);
+    drop(loops);
+    assert!(out.status.success(), "reset failed: {log}");
+    let real = root.join("dev/vda5");
+    assert!(
+        log.contains(&format!("new ext4 filesystem on {}", real.display())),
+        "{log}"
+    );
+    assert_eq!(
+        file_hash(&images[0].1),
+        stray_before,
+        "the stray disk's COS_PERSISTENT changed"
+    );
+    let ls = run_ok(
+        Command::new("debugfs")
+            .args(["-R", "ls /"])
+            .arg(&images[1].1),
+    );
+    assert!(!ls.contains("user-file"), "vda5 was not wiped: {ls}");
 }

@@ -19,36 +19,8 @@ pub const ESP_PREFIX: &str = "/EFI/BOOT";
 
 /// Modules built into BOOTX64.EFI, so the ESP's grub.cfg and COS_STATE's grub.cfg
 /// (`kairos_init::grubcfg`) work without reading a module from disk; names the GRUB at hand
-/// lacks are dropped ([`modules_in`]).
-pub const MODULES: &[&str] = &[
-    "part_gpt",
-    "fat",
-    "ext2",
-    "normal",
-    "configfile",
-    "loadenv",
-    "test",
-    "echo",
-    "linux",
-    "serial",
-    "terminal",
-    "terminfo",
-    "loopback",
-    "squash4",
-    "search",
-    "search_label",
-    "search_fs_uuid",
-    "regexp",
-    "gzio",
-    "all_video",
-    "efi_gop",
-    "boot",
-    "cat",
-    "ls",
-    "sleep",
-    "halt",
-    "reboot",
-];
+/// lacks are dropped ([`modules_in`]). The list lives next to the configs that need it.
+pub const MODULES: &[&str] = kairos_init::grubcfg::EFI_MODULES;
 
 /// Which boot code `install` writes (`--firmware`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -103,12 +75,10 @@ impl Firmware {
     }
 }
 
-/// The ESP's grub.cfg: find COS_STATE and hand over to its grub2/grub.cfg.
+/// The ESP's grub.cfg: COS_STATE from the disk this GRUB was loaded from (any disk only when
+/// that one has none), then its grub2/grub.cfg ([`kairos_init::grubcfg::esp_grub_cfg`]).
 pub fn esp_grub_cfg() -> String {
-    format!(
-        "search --no-floppy --label --set=root {state}\nset prefix=($root)/grub2\nconfigfile ($root)/grub2/grub.cfg\n",
-        state = labels::STATE
-    )
+    kairos_init::grubcfg::esp_grub_cfg()
 }
 
 /// The [`MODULES`] present as `NAME.mod` in GRUB's x86_64-efi directory `dir`.
@@ -187,10 +157,11 @@ mod tests {
     #[test]
     fn the_esp_config_loads_cos_state_s() {
         let c = esp_grub_cfg();
-        assert_eq!(
-            c,
-            "search --no-floppy --label --set=root COS_STATE\nset prefix=($root)/grub2\nconfigfile ($root)/grub2/grub.cfg\n"
+        assert!(
+            c.contains("for kairos_part in (${kairos_disk},*); do\n"),
+            "{c}"
         );
+        assert!(c.ends_with("set prefix=($root)/grub2\nconfigfile ($root)/grub2/grub.cfg\n"));
     }
 
     #[test]
@@ -209,6 +180,7 @@ mod tests {
             "efi_gop",
             "loadenv",
             "regexp",
+            "probe",
         ] {
             assert!(MODULES.contains(&m), "{m}");
         }

@@ -138,7 +138,13 @@ pub fn open(
             undo: Undo::RemountReadOnly,
         });
     }
-    let devs = blockdev::scan(&ctx.path("/sys"), &ctx.path("/dev"));
+    // Only the boot disk's partition, by kairos-init's rule: another disk's (a stick with an
+    // old install) is never written to.
+    let found = blockdev::scan_boot_disk(&ctx.root);
+    for i in &found.ignored {
+        let _ = writeln!(log, "kairos-agent: {i}");
+    }
+    let devs = found.devices;
     let dev = devs
         .iter()
         .find(|d| d.fs.as_ref().and_then(|f| f.label.as_deref()) == Some(which.label()))
