@@ -298,6 +298,7 @@ fn first_boot_grows_cos_persistent_to_the_end_of_a_bigger_disk() {
         devnode: pdev.clone(),
         partname: Some("persistent".into()),
         is_partition: true,
+        disk: String::new(),
         size_bytes: (last - first + 1) * 512,
         fs: None,
     };

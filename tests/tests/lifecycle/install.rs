@@ -514,7 +514,7 @@ fn install_uefi_onto_a_blank_disk_then_boot_it_alone() {
         .expect("mtype");
     let cfg = String::from_utf8_lossy(&cfg.stdout);
     assert!(
-        cfg.contains("search --no-floppy --label --set=root COS_STATE")
+        cfg == kairos_init::grubcfg::esp_grub_cfg()
             && cfg.contains("configfile ($root)/grub2/grub.cfg"),
         "{cfg}"
     );
