@@ -188,6 +188,8 @@ pub struct Registry {
     reference: Reference,
     origin: String,
     auth: RegistryAuth,
+    /// Said with every error when the registry would have been plain HTTP with the option.
+    hint: &'static str,
 }
 
 impl Registry {
@@ -235,6 +237,12 @@ impl Registry {
             reference,
             origin: origin.into(),
             auth: RegistryAuth::Anonymous,
+            hint: if plain_http(&r.registry, true) && !plain_http(&r.registry, insecure) {
+                " (tried HTTPS: a registry at a private address over plain HTTP needs \
+                 --allow-insecure-registries)"
+            } else {
+                ""
+            },
         })
     }
 
@@ -253,7 +261,7 @@ impl Registry {
         UpgradeError::Registry {
             origin: self.origin.clone(),
             what: format!("{what} ({})", self.reference.whole()),
-            detail: chain(&e),
+            detail: format!("{}{}", chain(&e), self.hint),
         }
     }
 
