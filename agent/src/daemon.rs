@@ -120,6 +120,11 @@ pub fn run(
             Err(e) => writeln!(log, "kairos-agent: error: install.auto: {e}")?,
         }
     }
+    // A `kairos.reset` boot (GRUB's statereset entry, chosen by hand or by a pending reset)
+    // resets the node and reboots; a failure leaves recovery running for a person to look.
+    if let Some(Err(e)) = crate::reset::auto_reset(ctx, &mut std::io::stdout(), log) {
+        writeln!(log, "kairos-agent: error: reset: {e}")?;
+    }
     let mut k3s = None;
     // With a mesh token the P2P node picks the role and starts K3s itself (as upstream's
     // provider); the blocks then only carry its args.

@@ -354,6 +354,9 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 } else {
                     None
                 },
+                crash_at: std::env::var(kairos_agent::upgrade::CRASH_ENV)
+                    .ok()
+                    .filter(|s| !s.is_empty()),
             };
             reset::reset(&ctx, &opts, &mut std::io::stdout(), &mut std::io::stderr())
                 .context("reset")?

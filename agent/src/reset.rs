@@ -4,21 +4,31 @@
 //!
 //! The order, and what a failure at each point leaves:
 //! 1. refuse unless booted in recovery (nothing read or written before this);
-//! 2. `before-reset` runs; COS_STATE is mounted read-write and its `cOS` directory locked;
-//! 3. the new image is built completely as `transition.img` (from COS_RECOVERY's
-//!    `recovery.squashfs`, loop-mounted read-only, or a copy of `recovery.img`; or an explicit
-//!    `--source dir:`/`file:`), fsynced, then renamed over `active.img`, the directory fsynced;
+//! 2. COS_STATE is mounted read-write and its `cOS` directory locked; the reset is marked
+//!    pending in the grubenv ([`mark_pending`]): `saved_entry=statereset`, the counters
+//!    disarmed, `kairos_reset_pending` holding the policy. From here until step 8 every boot
+//!    is GRUB's `statereset` entry (recovery with `kairos.reset`), where the agent's daemon
+//!    runs the reset again unattended ([`auto_reset`]) with the recorded policy;
+//! 3. `before-reset` runs; the new image is built completely as `transition.img` (from
+//!    COS_RECOVERY's `recovery.squashfs`, loop-mounted read-only, or a copy of `recovery.img`;
+//!    or an explicit `--source dir:`/`file:`), fsynced, then renamed over `active.img`, the
+//!    directory fsynced and the journal checkpointed (GRUB reads it);
 //! 4. `passive.img` is a copy of it (built as `transition.img`, relabelled COS_PASSIVE,
 //!    fsynced, renamed); a missing `grub2/grub.cfg` is regenerated;
-//! 5. COS_OEM is wiped when asked (`--reset-oem`, `reset.reset-oem`), then the grubenv says
-//!    "boot active": counters re-armed, a pending `next_entry` dropped, `saved_entry=cos`;
+//! 5. COS_OEM is wiped when asked (`--reset-oem`, `reset.reset-oem`), its grubenv kept;
 //! 6. COS_PERSISTENT is wiped (its contents when it is mounted, `mkfs.ext4` when not) unless
 //!    `--keep-persistent` / `reset.reset-persistent: false`;
-//! 7. `.kairos-state` on COS_PERSISTENT gets a line, `after-reset` runs, sync, reboot (or
-//!    power off, or nothing with `--no-reboot`).
+//! 7. `.kairos-state` on COS_PERSISTENT gets a line;
+//! 8. the grubenv says "boot active": counters re-armed, `next_entry` and the pending mark
+//!    dropped, `saved_entry=cos`; `after-reset` runs, sync, reboot (or power off, or nothing
+//!    with `--no-reboot`).
 //!
 //! Until step 3's rename the installed images are untouched; recovery stays bootable
 //! throughout (GRUB falls back to it when active and passive are unusable).
+//!
+//! `KAIROS_AGENT_CRASH_AT=<point>` (or `pause:<point>`) stops the reset at one of
+//! [`CRASH_POINTS`], for the power-cut tests; the unattended reset of a `kairos.reset` boot
+//! also reads it from [`CRASH_FILE`], as the daemon has no environment to pass it in.
 
 use std::fs::File;
 use std::io::Write;
@@ -41,6 +51,41 @@ const SLACK: u64 = 4 << 20;
 const SOURCE_MOUNT: &str = "/run/kairos/reset-source";
 /// Where COS_PERSISTENT is mounted when nothing has it mounted.
 const PERSISTENT_MOUNT: &str = "/run/kairos/cos-persistent";
+
+/// The grubenv variable that says a reset is under way, and with which policy
+/// (`persistent=wipe|keep,oem=wipe|keep`).
+pub const PENDING_VAR: &str = "kairos_reset_pending";
+
+/// Where the unattended reset looks for a crash point when its environment has none.
+pub const CRASH_FILE: &str = "/run/kairos/reset-crash-at";
+
+/// Where `KAIROS_AGENT_CRASH_AT` can stop a reset, in order, with what is on disk then.
+pub const CRASH_POINTS: &[(&str, &str)] = &[
+    (
+        "pending",
+        "the grubenv says statereset (counters disarmed, kairos_reset_pending set); nothing else touched",
+    ),
+    (
+        "transition-built",
+        "transition.img built and fsynced; active.img and passive.img as before",
+    ),
+    (
+        "active-replaced",
+        "active.img is the new image, on disk; passive.img the old passive",
+    ),
+    (
+        "passive-replaced",
+        "passive.img is a copy of the new active, on disk",
+    ),
+    (
+        "persistent-wiped",
+        "COS_OEM and COS_PERSISTENT wiped as asked, the history line written; the grubenv still says statereset",
+    ),
+    (
+        "done",
+        "the grubenv says active (armed, pending mark dropped); after-reset not run, no reboot yet",
+    ),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResetError {
@@ -78,6 +123,11 @@ pub enum ResetError {
     Rotate(#[from] rotate::RotateError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(
+        "{}={given:?}: not a reset crash point; expected one of {known} (optionally pause:POINT)",
+        crate::upgrade::CRASH_ENV
+    )]
+    CrashPoint { given: String, known: String },
     #[error("reset done, but {what} failed: {source}")]
     Reboot {
         what: &'static str,
@@ -141,6 +191,8 @@ pub struct Options {
     pub booted: Option<Booted>,
     /// None: `reset.poweroff` / `reset.reboot`, default reboot.
     pub after: Option<After>,
+    /// `KAIROS_AGENT_CRASH_AT`: a point of [`CRASH_POINTS`], or `pause:POINT`.
+    pub crash_at: Option<String>,
 }
 
 /// The decisions a reset makes from its flags and the `reset:` block of the cloud-config.
@@ -191,13 +243,61 @@ impl Policy {
     }
 }
 
+impl Policy {
+    /// The `kairos_reset_pending` value that records this policy for a re-run.
+    pub fn pending_value(&self) -> String {
+        let w = |b: bool| if b { "wipe" } else { "keep" };
+        format!(
+            "persistent={},oem={}",
+            w(self.wipe_persistent),
+            w(self.wipe_oem)
+        )
+    }
+
+    /// [`Policy::resolve`], except that a pending reset's recorded choices win over the
+    /// cloud-config (flags still win): a reset interrupted with `--keep-persistent` must not
+    /// wipe COS_PERSISTENT when it is redone unattended. An unreadable record is ignored.
+    pub fn resolve_pending(
+        opts: &Options,
+        raw: &Map<String, Value>,
+        pending: Option<&str>,
+    ) -> Policy {
+        let mut p = Policy::resolve(opts, raw);
+        for part in pending.unwrap_or_default().split(',') {
+            let wipe = match part.split_once('=').map(|(_, v)| v) {
+                Some("wipe") => true,
+                Some("keep") => false,
+                _ => continue,
+            };
+            if part.starts_with("persistent=") && opts.keep_persistent.is_none() {
+                p.wipe_persistent = wipe;
+            } else if part.starts_with("oem=") && opts.reset_oem.is_none() {
+                p.wipe_oem = wipe;
+            }
+        }
+        p
+    }
+}
+
+/// The grubenv while a reset is under way: every boot is `statereset` (recovery with
+/// `kairos.reset`, which redoes the reset) until [`next_boot_active`]. `saved_entry` is what
+/// survives boots (`next_entry` is one-shot), and armed counters would win over it, so they go.
+pub fn mark_pending(env: &mut GrubEnv, policy: &Policy) -> Result<(), ResetError> {
+    grubenv::disarm(env);
+    env.unset(var::NEXT_ENTRY);
+    env.set(var::SAVED_ENTRY, "statereset")?;
+    env.set(PENDING_VAR, &policy.pending_value())?;
+    Ok(())
+}
+
 /// The grubenv after a reset: the next boot is active, on fresh counted tries (active and
 /// passive are the same new image); a one-shot `next_entry` and a `saved_entry` other than
-/// `cos` would send it elsewhere, so they go.
+/// `cos` would send it elsewhere, so they go, and so does the pending mark.
 pub fn next_boot_active(env: &mut GrubEnv) -> Result<(), ResetError> {
     let max = Counters::from_env(env).map_or(DEFAULT_MAX_TRIES, |c| c.max);
     grubenv::arm(env, max)?;
     env.unset(var::NEXT_ENTRY);
+    env.unset(PENDING_VAR);
     if env.get(var::SAVED_ENTRY).is_some_and(|s| s != "cos") {
         env.set(var::SAVED_ENTRY, "cos")?;
     }
@@ -292,11 +392,20 @@ fn sync_dir(dir: &Path) -> Result<(), ResetError> {
 /// Removes everything in `dir` (not `dir` itself) that is on `dir`'s filesystem; entries
 /// that are other mounts are left alone and returned.
 pub fn wipe_contents(dir: &Path) -> Result<Vec<PathBuf>, ResetError> {
+    wipe_contents_except(dir, &[])
+}
+
+/// [`wipe_contents`], leaving the paths in `keep` (COS_OEM's grubenv, which holds the
+/// pending mark until the reset is done).
+pub fn wipe_contents_except(dir: &Path, keep: &[PathBuf]) -> Result<Vec<PathBuf>, ResetError> {
     use std::os::unix::fs::MetadataExt;
     let top = dir.symlink_metadata().map_err(io(dir, "reading"))?.dev();
     let mut skipped = Vec::new();
     for e in std::fs::read_dir(dir).map_err(io(dir, "listing"))? {
         let p = e.map_err(io(dir, "listing"))?.path();
+        if keep.contains(&p) {
+            continue;
+        }
         let md = p.symlink_metadata().map_err(io(&p, "reading"))?;
         if md.is_dir() {
             if md.dev() != top {
@@ -467,7 +576,14 @@ fn copy_to_passive(cos: &Path) -> Result<(), ResetError> {
     image::sync_file(&transition)?;
     let passive = cos.join(PASSIVE);
     std::fs::rename(&transition, &passive).map_err(io(&passive, "renaming the copy to"))?;
-    sync_dir(cos)
+    sync_dir(cos)?;
+    // GRUB reads COS_STATE without replaying its journal.
+    kairos_init::sys::journal::checkpoint(cos).map_err(|e| ResetError::Io {
+        path: e.path,
+        what: "checkpointing the ext4 journal (so GRUB sees the new passive.img)".into(),
+        source: e.source,
+    })?;
+    Ok(())
 }
 
 /// COS_PERSISTENT for the wipe and the history: a directory, and whether we mounted it.
@@ -554,7 +670,15 @@ fn handle_persistent(
 }
 
 fn wipe_reporting(dir: &Path, log: &mut dyn Write) -> Result<(), ResetError> {
-    let skipped = wipe_contents(dir)?;
+    wipe_reporting_except(dir, &[], log)
+}
+
+fn wipe_reporting_except(
+    dir: &Path,
+    keep: &[PathBuf],
+    log: &mut dyn Write,
+) -> Result<(), ResetError> {
+    let skipped = wipe_contents_except(dir, keep)?;
     writeln!(
         log,
         "kairos-agent: wiped the contents of {}{}",
@@ -639,12 +763,85 @@ fn open_recovery(
     )?)
 }
 
+/// The crash point named (optionally `pause:POINT`), checked against [`CRASH_POINTS`].
+pub fn check_crash_point(given: &str) -> Result<(), ResetError> {
+    let point = given
+        .strip_prefix(crate::upgrade::PAUSE_PREFIX)
+        .unwrap_or(given);
+    if CRASH_POINTS.iter().any(|(n, _)| *n == point) {
+        return Ok(());
+    }
+    Err(ResetError::CrashPoint {
+        given: given.into(),
+        known: CRASH_POINTS
+            .iter()
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// Aborts (or, for `pause:POINT`, stops for good, saying so) at `point` when asked to.
+fn crash(opts: &Options, point: &str, log: &mut dyn Write) {
+    debug_assert!(CRASH_POINTS.iter().any(|(n, _)| *n == point), "{point}");
+    let env = crate::upgrade::CRASH_ENV;
+    let Some(given) = opts.crash_at.as_deref() else {
+        return;
+    };
+    if given == point {
+        let _ = writeln!(log, "kairos-agent: reset: {env}={point}: aborting here");
+        let _ = log.flush();
+        std::process::abort();
+    }
+    if given.strip_prefix(crate::upgrade::PAUSE_PREFIX) == Some(point) {
+        let _ = writeln!(log, "kairos-agent: reset: {env}=pause:{point}: paused here");
+        let _ = log.flush();
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+/// The boot-time reset: booted through GRUB's `statereset` entry (`kairos.reset` on the
+/// command line: kairos-init's `autoreset` mode), the daemon resets the node unattended and
+/// reboots, with the policy a pending reset recorded, else the cloud-config's. None on any
+/// other boot.
+pub fn auto_reset(
+    ctx: &Ctx,
+    out: &mut dyn Write,
+    log: &mut dyn Write,
+) -> Option<Result<Outcome, ResetError>> {
+    if ctx.mode() != Some("autoreset") {
+        return None;
+    }
+    let crash_at = std::env::var(crate::upgrade::CRASH_ENV)
+        .ok()
+        .or_else(|| std::fs::read_to_string(ctx.path(CRASH_FILE)).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    let _ = writeln!(
+        log,
+        "kairos-agent: booted with kairos.reset: resetting the node unattended"
+    );
+    let opts = Options {
+        booted: Some(Booted::Recovery),
+        crash_at,
+        ..Options::default()
+    };
+    Some(reset(ctx, &opts, out, log))
+}
+
 pub fn reset(
     ctx: &Ctx,
     opts: &Options,
     out: &mut dyn Write,
     log: &mut dyn Write,
 ) -> Result<Outcome, ResetError> {
+    if let Some(c) = &opts.crash_at {
+        check_crash_point(c)?;
+    }
+    // One install, upgrade or reset at a time (lock.rs).
+    let _system = crate::lock::system(ctx, "reset").map_err(AgentError::from)?;
     let booted = opts.booted.or_else(|| detect_booted(ctx));
     if booted != Some(Booted::Recovery) {
         return Err(ResetError::NotRecovery {
@@ -657,7 +854,6 @@ pub fn reset(
     }
     let loaded = config::load(ctx, &LoadOptions::default());
     stages::report_load(&loaded, log)?;
-    let policy = Policy::resolve(opts, &loaded.raw);
 
     // The source first: a missing recovery image refuses before anything is written.
     let recovery_target;
@@ -687,24 +883,46 @@ pub fn reset(
             source: e.into(),
         },
     )?;
+    // Pending before anything is touched: from here a cut boots statereset, which redoes it.
+    let mut l = crate::load_env_for_update(ctx, out, log)?;
+    let pending = l.env.get(PENDING_VAR).map(str::to_owned);
+    let policy = Policy::resolve_pending(opts, &loaded.raw, pending.as_deref());
     writeln!(
         log,
-        "kairos-agent: resetting from {origin}: COS_PERSISTENT {}, COS_OEM {}",
+        "kairos-agent: resetting from {origin}: COS_PERSISTENT {}, COS_OEM {}{}",
         if policy.wipe_persistent {
             "wiped"
         } else {
             "kept"
         },
-        if policy.wipe_oem { "wiped" } else { "kept" }
+        if policy.wipe_oem { "wiped" } else { "kept" },
+        if pending.is_some() {
+            " (redoing an interrupted reset, with its choices)"
+        } else {
+            ""
+        }
     )?;
+    mark_pending(&mut l.env, &policy)?;
+    grubenv::write(&l.path, &l.env)?;
+    writeln!(
+        log,
+        "kairos-agent: reset pending in {}: every boot is statereset until it is done",
+        l.path.display()
+    )?;
+    let grubenv_path = l.path.clone();
+    drop(l);
+    crash(opts, "pending", log);
 
     run_hook(ctx, &loaded, "before-reset", log);
 
     build_transition(ctx, &src, &cos, log)?;
+    crash(opts, "transition-built", log);
     rotate::execute(&cos, &[rotate::Step::ReplaceActive])?;
     writeln!(log, "kairos-agent: {ACTIVE} rebuilt from {origin}")?;
+    crash(opts, "active-replaced", log);
     copy_to_passive(&cos)?;
     writeln!(log, "kairos-agent: {PASSIVE} is a copy of it (COS_PASSIVE)")?;
+    crash(opts, "passive-replaced", log);
     let size = std::fs::metadata(cos.join(ACTIVE)).map_or(0, |m| m.len());
 
     if !["grub2/grub.cfg", "grub/grub.cfg"]
@@ -727,16 +945,10 @@ pub fn reset(
 
     if policy.wipe_oem {
         let oem = opts.oem_dir.clone().unwrap_or_else(|| ctx.path("/oem"));
-        wipe_reporting(&oem, log)?;
+        // The grubenv holds the pending mark until the very end.
+        let keep = [grubenv_path.clone(), grubenv::tmp_path(&grubenv_path)];
+        wipe_reporting_except(&oem, &keep, log)?;
     }
-    let mut l = crate::load_env_for_update(ctx, out, log)?;
-    next_boot_active(&mut l.env)?;
-    grubenv::write(&l.path, &l.env)?;
-    writeln!(
-        log,
-        "kairos-agent: next boot: active ({}: counters re-armed, next_entry cleared)",
-        l.path.display()
-    )?;
 
     let persistent = handle_persistent(ctx, opts, policy.wipe_persistent, log)?;
     let history = match (&opts.kairos_state, &persistent) {
@@ -757,6 +969,17 @@ pub fn reset(
         append_history(&h, &line, log);
     }
     drop(persistent);
+    crash(opts, "persistent-wiped", log);
+
+    let mut l = crate::load_env_for_update(ctx, out, log)?;
+    next_boot_active(&mut l.env)?;
+    grubenv::write(&l.path, &l.env)?;
+    writeln!(
+        log,
+        "kairos-agent: next boot: active ({}: counters re-armed, next_entry and the pending mark cleared)",
+        l.path.display()
+    )?;
+    crash(opts, "done", log);
 
     run_hook(ctx, &loaded, "after-reset", log);
     rustix::fs::sync();
@@ -855,6 +1078,83 @@ mod tests {
         next_boot_active(&mut env).unwrap();
         assert_eq!(grubenv::grub_choice(&env).entry, "cos");
         assert_eq!(env.get("saved_entry"), None);
+    }
+
+    #[test]
+    fn a_pending_reset_boots_statereset_and_keeps_its_choices() {
+        let mut env = GrubEnv::default();
+        for (k, v) in [
+            ("next_entry", "recovery"),
+            ("saved_entry", "cos"),
+            ("enable_boot_assessment", "yes"),
+            ("kairos_tries_cos", "2"),
+            ("kairos_tries_fallback", "3"),
+            ("kairos_max_tries", "4"),
+        ] {
+            env.set(k, v).unwrap();
+        }
+        let keep = Policy::resolve(
+            &Options {
+                keep_persistent: Some(true),
+                ..Options::default()
+            },
+            &Map::new(),
+        );
+        mark_pending(&mut env, &keep).unwrap();
+        let c = grubenv::grub_choice(&env);
+        assert_eq!((c.entry.as_str(), c.reason), ("statereset", "saved_entry"));
+        // Still statereset after GRUB booted it once (saved_entry is not one-shot).
+        grubenv::grub_boot(&mut env);
+        assert_eq!(grubenv::grub_choice(&env).entry, "statereset");
+        let pending = env.get(PENDING_VAR).map(str::to_owned);
+        assert_eq!(pending.as_deref(), Some("persistent=keep,oem=keep"));
+        // The unattended re-run has no flags: the record wins over the cloud-config...
+        let cfg = raw("reset:\n  reset-persistent: true\n  reset-oem: true\n");
+        let p = Policy::resolve_pending(&Options::default(), &cfg, pending.as_deref());
+        assert!(!p.wipe_persistent && !p.wipe_oem);
+        // ...flags win over the record, and garbage in it is ignored.
+        let wipe = Options {
+            keep_persistent: Some(false),
+            ..Options::default()
+        };
+        assert!(Policy::resolve_pending(&wipe, &cfg, pending.as_deref()).wipe_persistent);
+        let p = Policy::resolve_pending(&Options::default(), &cfg, Some("persistent=maybe,x"));
+        assert!(p.wipe_persistent && p.wipe_oem);
+        // Done: active on fresh tries (the configured maximum), the mark gone.
+        next_boot_active(&mut env).unwrap();
+        let c = grubenv::grub_choice(&env);
+        assert_eq!((c.entry.as_str(), c.reason), ("cos", "counted-try"));
+        assert_eq!(env.get("kairos_tries_cos"), Some("4"));
+        assert_eq!(env.get(PENDING_VAR), None);
+    }
+
+    #[test]
+    fn crash_points_are_checked() {
+        for (p, _) in CRASH_POINTS {
+            check_crash_point(p).unwrap();
+            check_crash_point(&format!("pause:{p}")).unwrap();
+        }
+        let e = check_crash_point("between-renames")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("KAIROS_AGENT_CRASH_AT") && e.contains("active-replaced"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_oem_wipe_keeps_the_grubenv() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        std::fs::write(p.join("grubenv"), "x").unwrap();
+        std::fs::write(p.join("99_user.yaml"), "x").unwrap();
+        wipe_contents_except(p, &[p.join("grubenv"), p.join("grubenv.tmp")]).unwrap();
+        let left: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["grubenv"]);
     }
 
     #[test]

@@ -64,7 +64,16 @@ impl ResetFixture {
     }
 
     fn reset(&self, args: &[&str]) -> Output {
+        self.reset_crashing(args, None)
+    }
+
+    /// `reset` with `KAIROS_AGENT_CRASH_AT=crash_at` (or none).
+    fn reset_crashing(&self, args: &[&str], crash_at: Option<&str>) -> Output {
         let mut cmd = Command::new(agent());
+        match crash_at {
+            Some(p) => cmd.env("KAIROS_AGENT_CRASH_AT", p),
+            None => cmd.env_remove("KAIROS_AGENT_CRASH_AT"),
+        };
         cmd.arg("--root")
             .arg(&self.fx.root)
             .args(["reset", "--state-dir"])
@@ -210,6 +219,79 @@ fn reset_outside_recovery_mode_changes_nothing() {
     assert_eq!(r.snapshot(), before);
 }
 
+/// The reset's crash points (`kairos_agent::reset::CRASH_POINTS`), in order.
+const RESET_CUTS: &[&str] = &[
+    "pending",
+    "transition-built",
+    "active-replaced",
+    "passive-replaced",
+    "persistent-wiped",
+    "done",
+];
+
+/// A crash (the agent aborted by `KAIROS_AGENT_CRASH_AT`) at every step of a reset started
+/// with `--keep-persistent`: until the last step GRUB's next boot is `statereset` (recovery
+/// with `kairos.reset`, where the daemon redoes the reset), and a re-run with no flags, as the
+/// unattended one is, finishes it with the interrupted run's choice (persistent kept). After
+/// `done` the next boot is active. Before the pending mark, a crash after the new active.img
+/// left GRUB booting it with the old COS_PERSISTENT.
+#[test]
+fn reset_crashed_at_each_step_stays_pending_and_a_rerun_finishes_it() {
+    if !root_or_skip() {
+        return;
+    }
+    for cut in RESET_CUTS {
+        let r = ResetFixture::new(true);
+        let out = r.reset_crashing(&["--booted", "recovery", "--keep-persistent"], Some(cut));
+        assert_eq!(
+            out.status.signal(),
+            Some(libc_sigabrt()),
+            "{cut}: expected the agent to abort"
+        );
+        assert!(
+            stderr(&out).contains(&format!("KAIROS_AGENT_CRASH_AT={cut}: aborting here")),
+            "{cut}: {}",
+            stderr(&out)
+        );
+        let env = r.fx.env();
+        let next = grubenv::grub_choice(&env);
+        if *cut == "done" {
+            assert_eq!(
+                (next.entry.as_str(), next.reason),
+                ("cos", "counted-try"),
+                "{cut}: {env:?}"
+            );
+            assert_eq!(env.get("kairos_reset_pending"), None);
+            assert_eq!(marker(&r.fx.cos("active.img")), RECOVERY);
+            continue;
+        }
+        assert_eq!(
+            (next.entry.as_str(), next.reason),
+            ("statereset", "saved_entry"),
+            "{cut}: GRUB would not redo the reset: {env:?}"
+        );
+        assert_eq!(
+            env.get("kairos_reset_pending"),
+            Some("persistent=keep,oem=keep")
+        );
+        // The unattended re-run: no flags.
+        let out = r.reset(&["--booted", "recovery"]);
+        r.assert_reset(&out);
+        assert!(
+            stderr(&out).contains("redoing an interrupted reset"),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(r.fx.env().get("kairos_reset_pending"), None);
+        assert_eq!(
+            std::fs::read_to_string(r.persistent.join(".state/etc-ssh.bind/key")).unwrap(),
+            "secret",
+            "{cut}: the re-run did not keep COS_PERSISTENT as the interrupted run was asked"
+        );
+        println!("crash at {cut}: GRUB boots statereset; the re-run finished the reset");
+    }
+}
+
 /// The guest's part (sourced by the test driver): in recovery, `kairos-agent reset`, which
 /// reboots (QEMU ends under -no-reboot); in active, what the reset left.
 const VM_SCENARIO: &str = r#"
@@ -281,4 +363,119 @@ fn vm_reset_from_recovery_boots_active_with_a_fresh_persistent() {
         "not wiped: {persistent}"
     );
     assert_eq!(value("reset-history"), "1");
+}
+
+/// The guest's part of the power-cut test: in a `kairos.reset` boot the daemon resets the
+/// node unattended (pausing where the boot stage below told it to, until QEMU is killed), so
+/// the driver only waits; in active it reports what the reset left.
+const VM_CUT_SCENARIO: &str = r#"
+if [ -f /run/cos/autoreset_mode ]; then
+  say "autoreset-boot"
+  sleep 3600
+else
+  say "reset-mode $(kairos-agent state | sed -n 's/.*"mode":"\([a-z]*\)".*/\1/p')"
+  say "reset-persistent $(ls -A /usr/local | tr '\n' ' ')"
+  say "reset-oem $(ls /oem | tr '\n' ' ')"
+fi
+"#;
+
+/// A boot-stage command (runs before the daemon's unattended reset): in a `kairos.reset` boot,
+/// the next crash point from /oem/kt-cuts (a counter on COS_OEM, which the reset keeps) for
+/// the reset to pause at.
+const VM_CUT_PICKER: &str = "#cloud-config\nstages:\n  boot:\n    - name: pick the reset's crash point\n      commands:\n        - sh /oem/kt-cut.sh\n";
+const VM_CUT_SCRIPT: &str = r#"[ -f /run/cos/autoreset_mode ] || exit 0
+n=$(cat /oem/kt-cut-n 2>/dev/null || echo 0)
+p=$(sed -n "$((n+1))p" /oem/kt-cuts)
+echo $((n+1)) > /oem/kt-cut-n
+sync
+mkdir -p /run/kairos
+[ -n "$p" ] && echo "pause:$p" > /run/kairos/reset-crash-at
+echo "KAIROS-T: reset-cut-point ${p:-none}" > /dev/console
+"#;
+
+/// Issue 15 item 5: power cuts (QEMU killed) at every crash point of a reset. GRUB starts in
+/// the statereset entry (as a person picking "state reset" would); after each cut the next
+/// boot must be statereset again, where the daemon redoes the reset, until the cut after the
+/// last step, after which active boots with an empty COS_PERSISTENT and COS_OEM kept. Before
+/// the pending mark the first cut after the new active.img booted it with the old
+/// COS_PERSISTENT, and nothing ran the reset of a `kairos.reset` boot.
+#[test]
+fn vm_power_cut_at_each_reset_step_then_the_reset_completes() {
+    if !kairos_tests::can_run() {
+        return;
+    }
+    let oem = [
+        ("kairos-test-extra.sh", VM_CUT_SCENARIO),
+        ("kt-cut.yaml", VM_CUT_PICKER),
+        ("kt-cut.sh", VM_CUT_SCRIPT),
+    ];
+    let cuts = RESET_CUTS.join("\n") + "\n";
+    let d = kairos_tests::pid1_disk("reset-cut", &oem, |s| {
+        s.recovery = kairos_qemu::disk::ImageState::Ok;
+        s.passive = kairos_qemu::disk::ImageState::Ok;
+        s.grubenv
+            .push(("next_entry".to_string(), "statereset".to_string()));
+        s.persistent_files
+            .push(("user-data.txt".to_string(), b"precious".to_vec()));
+        s.oem_files.push(("kt-cuts".to_string(), cuts.into_bytes()));
+        for t in [
+            "/sbin/mke2fs",
+            "/sbin/mkfs.ext4",
+            "/sbin/e2label",
+            "/sbin/tune2fs",
+        ] {
+            s.host_tools.push(t.to_string());
+        }
+    });
+    let a = kairos_tests::artifacts();
+    // The boots only (the disk and the binaries are built by then).
+    let started = std::time::Instant::now();
+    for cut in RESET_CUTS {
+        let name = format!("reset-cut-{cut}");
+        let mut s = kairos_qemu::boot::BootSpec::new(a.work.join(format!("{name}.log")));
+        s.disks = vec![d.clone()];
+        s.memory_mb = 768;
+        s.until = vec!["paused here".to_string()];
+        s.timeout = std::time::Duration::from_secs(400);
+        let r = kairos_qemu::boot::run(&s).unwrap_or_else(|e| panic!("booting {name}: {e}"));
+        println!(
+            "---- serial log of {name} ({:.1} s) ----\n{}",
+            r.elapsed.as_secs_f64(),
+            r.log
+        );
+        assert!(
+            r.log
+                .contains("kairos-agent: booted with kairos.reset: resetting the node unattended"),
+            "before the cut at {cut}: not a statereset boot redoing the reset:\n{}",
+            r.tail(60)
+        );
+        assert!(
+            r.log
+                .contains(&format!("KAIROS_AGENT_CRASH_AT=pause:{cut}: paused here")),
+            "the reset never reached {cut}:\n{}",
+            r.tail(60)
+        );
+        println!(
+            "power cut at {cut} ({:.0} s so far)",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    // The cut after the last step: the next boot is active, the reset complete.
+    let last = kairos_tests::boot_until_off("reset-cut-final", &d, 300);
+    let value = |k: &str| {
+        kairos_tests::driver_value(&last.log, k)
+            .unwrap_or_else(|| panic!("no {k} line:\n{}", last.tail(60)))
+    };
+    assert_eq!(value("reset-mode"), "active");
+    let persistent = value("reset-persistent");
+    assert!(
+        !persistent.contains("user-data.txt"),
+        "COS_PERSISTENT not wiped: {persistent}"
+    );
+    let oem = value("reset-oem");
+    assert!(oem.contains("kt-cuts"), "COS_OEM not kept: {oem}");
+    println!(
+        "vm_power_cut_at_each_reset_step_then_the_reset_completes: {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
 }
