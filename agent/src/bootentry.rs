@@ -5,7 +5,7 @@ use std::io::Write;
 
 use kairos_init::grubenv::{self, Counters, DEFAULT_MAX_TRIES, GrubEnv, var};
 
-use crate::{AgentError, Ctx, Outcome, check_entry, load_env, load_env_for_update, repair};
+use crate::{AgentError, Ctx, Outcome, check_entry, load_env, load_env_for_update, lock, repair};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -74,6 +74,7 @@ pub fn bootentry(
             writeln!(out, "kairos-agent: boot assessment disarmed")?;
         }
         Action::Repair => {
+            let _held = lock::grubenv(ctx, &lock::this_command())?;
             let mut l = load_env(ctx, err)?;
             if l.problem.is_none() {
                 writeln!(

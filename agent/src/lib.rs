@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod http;
 pub mod install;
 pub mod k3s;
+pub mod lock;
 pub mod markgood;
 pub mod p2p;
 pub mod reset;
@@ -65,6 +66,8 @@ pub enum AgentError {
     UnknownEntry(String),
     #[error("writing the output: {0}")]
     Output(#[from] std::io::Error),
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
 }
 
 /// How a command ended when it did not fail.
@@ -166,6 +169,8 @@ pub struct LoadedEnv {
     pub env: GrubEnv,
     /// Why the file could not be used (missing, corrupt, unreadable).
     pub problem: Option<GrubEnvError>,
+    /// The grubenv lock, for a read-modify-write ([`load_env_for_update`]).
+    pub lock: Option<lock::Lock>,
 }
 
 /// For commands that only read: warn about an unusable file and go on with no variables,
@@ -177,6 +182,7 @@ pub fn load_env(ctx: &Ctx, err: &mut dyn Write) -> Result<LoadedEnv, AgentError>
             path,
             env,
             problem: None,
+            lock: None,
         }),
         Err(e) => {
             writeln!(
@@ -187,6 +193,7 @@ pub fn load_env(ctx: &Ctx, err: &mut dyn Write) -> Result<LoadedEnv, AgentError>
                 path,
                 env: GrubEnv::default(),
                 problem: Some(e),
+                lock: None,
             })
         }
     }
@@ -222,13 +229,17 @@ pub fn repair(loaded: &mut LoadedEnv, out: &mut dyn Write) -> Result<(), AgentEr
     Ok(())
 }
 
-/// For commands that change the block: [`load_env`] then [`repair`].
+/// For commands that change the block: the grubenv lock ([`lock::grubenv`]), [`load_env`],
+/// then [`repair`]. The lock is held as long as the returned value lives, so the caller's
+/// write lands on what it read, never over another writer's change made in between.
 pub fn load_env_for_update(
     ctx: &Ctx,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<LoadedEnv, AgentError> {
+    let held = lock::grubenv(ctx, &lock::this_command())?;
     let mut loaded = load_env(ctx, err)?;
+    loaded.lock = Some(held);
     repair(&mut loaded, out)?;
     Ok(loaded)
 }

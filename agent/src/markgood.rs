@@ -44,13 +44,16 @@ pub fn mark_good(
     err: &mut dyn Write,
 ) -> Result<Outcome, AgentError> {
     let explicit = opts.booted.as_deref().map(check_entry).transpose()?;
-    let mut l = load_env_for_update(ctx, out, err)?;
     let entry = match explicit {
         Some(e) => e.to_owned(),
-        None => match booted_entry(ctx, &l.env, out)? {
-            Ok(e) => e,
-            Err(why) => return refuse(out, &why),
-        },
+        None => {
+            // Dropped (the lock with it) before the checks: the K3s wait is long.
+            let l = load_env_for_update(ctx, out, err)?;
+            match booted_entry(ctx, &l.env, out)? {
+                Ok(e) => e,
+                Err(why) => return refuse(out, &why),
+            }
+        }
     };
     if !ctx.path(BOOT_STAGE_OK).exists() {
         return refuse(
@@ -63,6 +66,9 @@ pub fn mark_good(
     {
         return refuse(out, &why);
     }
+    // Read again, under the lock, after the checks: the K3s wait is long enough for
+    // `bootentry --select` or an upgrade to change the block, and their change must stay.
+    let mut l = load_env_for_update(ctx, out, err)?;
     if let Err(e) = Counters::from_env(&l.env) {
         writeln!(err, "kairos-agent: warning: {}: {e}", l.path.display())?;
     }

@@ -21,7 +21,7 @@ use std::time::Instant;
 use kairos_agent::Ctx;
 use kairos_agent::install::efi::Firmware;
 use kairos_agent::install::{self, InstallError, Progress, SourceImage, device};
-use kairos_agent::upgrade::image::{ToolFailure, run_tool};
+use kairos_agent::upgrade::image::{KERNEL_FILES, ToolFailure, run_tool, tree_has};
 use kairos_agent::upgrade::{self, rotate::Booted};
 
 use crate::cli::{Format, RawArgs, RawFirmware};
@@ -144,30 +144,6 @@ impl Drop for Partial {
     }
 }
 
-/// Whether the image tree has `rel` (a file, or a symlink that resolves inside the tree).
-pub fn tree_has(tree: &Path, rel: &str) -> bool {
-    let mut p = tree.join(rel.trim_start_matches('/'));
-    for _ in 0..8 {
-        match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_symlink() => {
-                let Ok(target) = std::fs::read_link(&p) else {
-                    return false;
-                };
-                p = if target.is_absolute() {
-                    tree.join(target.strip_prefix("/").unwrap_or(&target))
-                } else {
-                    p.parent()
-                        .map_or_else(|| tree.to_path_buf(), Path::to_path_buf)
-                        .join(target)
-                };
-            }
-            Ok(m) => return m.is_file(),
-            Err(_) => return false,
-        }
-    }
-    false
-}
-
 pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
     let started = Instant::now();
     // 1. Checks that write nothing.
@@ -229,7 +205,8 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
             origin: src.origin.clone(),
             what: "root tree".into(),
         })?;
-    for need in ["boot/vmlinuz", "boot/initrd"] {
+    // The same check an upgrade makes (kairos-agent's image.rs).
+    for need in KERNEL_FILES {
         if !tree_has(&tree, need) {
             return Err(RawError::NotReady {
                 origin: src.origin.clone(),

@@ -22,7 +22,9 @@ use crate::{debug, error, info, warn};
 /// Modules every Kairos boot needs whatever the hardware: images are loop-mounted ext4 or
 /// squashfs with overlays on top.
 const BASE_MODULES: &[&str] = &["loop", "ext4", "overlay", "squashfs"];
-const HANDOFF: &[&str] = &[
+/// The programs kairos-init hands off to, in order, when rd.kairos.init names none (the
+/// agent refuses an upgrade image without one of them).
+pub const HANDOFF: &[&str] = &[
     "/sbin/init",
     "/usr/bin/kairos-agent",
     "/usr/sbin/kairos-agent",

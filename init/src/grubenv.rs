@@ -346,11 +346,33 @@ pub fn read(path: &Path) -> Result<GrubEnv, GrubEnvError> {
     GrubEnv::parse(&bytes, path)
 }
 
-/// `path` with `.tmp` appended to its file name.
+/// `path` with `.tmp` appended to its file name: the temporary file of earlier versions,
+/// removed when found (nothing writes it any more).
 pub fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".tmp");
     path.with_file_name(name)
+}
+
+/// A temporary file beside `path` that no other writer uses: `NAME.tmp.PID.N`, created with
+/// O_EXCL (a name left by a crashed process of the same pid is skipped, never written through).
+fn create_unique_tmp(path: &Path) -> std::io::Result<(PathBuf, File)> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    loop {
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".tmp.{}.{n}", std::process::id()));
+        let tmp = path.with_file_name(name);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => continue,
+            other => return other.map(|f| (tmp, f)),
+        }
+    }
 }
 
 /// Atomic replace: write PATH.tmp, fsync it, rename over PATH, fsync the directory, then
@@ -359,22 +381,18 @@ pub fn tmp_path(path: &Path) -> PathBuf {
 /// leaves either the old or the new block, never a torn one GRUB would refuse.
 pub fn write(path: &Path, env: &GrubEnv) -> Result<(), GrubEnvError> {
     let block = env.to_block(path)?;
-    let tmp = tmp_path(path);
-    let written = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(&block)?;
-            f.sync_all()
-        })
+    // Unique: two writers (or a writer and a stale file) never share a temporary file.
+    let (tmp, mut f) = create_unique_tmp(path).map_err(io_err(&tmp_path(path)))?;
+    let written = f
+        .write_all(&block)
+        .and_then(|()| f.sync_all())
         .and_then(|()| std::fs::rename(&tmp, path));
+    drop(f);
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(io_err(&tmp)(e));
     }
+    let _ = std::fs::remove_file(tmp_path(path));
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -841,10 +859,40 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_writers_never_share_a_temporary_file() {
+        let dir = tempfile::tempdir().expect("test setup");
+        let f = dir.path().join("grubenv");
+        let writers: Vec<_> = (0..4)
+            .map(|i| {
+                let f = f.clone();
+                std::thread::spawn(move || {
+                    for n in 0..100 {
+                        write(&f, &env_of(&[("w", &format!("{i}-{n}"))]))?;
+                    }
+                    Ok::<(), GrubEnvError>(())
+                })
+            })
+            .collect();
+        for w in writers {
+            // With one shared PATH.tmp a writer renames another's file away, or its own is
+            // gone when it renames.
+            w.join()
+                .expect("writer thread")
+                .expect("every write succeeds");
+        }
+        assert!(read(&f).expect("a valid block").get("w").is_some());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("test setup")
+            .map(|e| e.expect("test setup").file_name())
+            .collect();
+        assert_eq!(names, ["grubenv"]);
+    }
+
+    #[test]
     fn atomic_write_replaces_and_leaves_no_tmp() {
         let dir = tempfile::tempdir().expect("test setup");
         let f = dir.path().join("grubenv");
-        // A stale temp file from a crash is simply overwritten.
+        // A stale temp file of an earlier version is removed.
         std::fs::write(tmp_path(&f), b"stale").expect("test setup");
         write(&f, &env_of(&[("a", "1")])).expect("test setup");
         write(&f, &env_of(&[("b", "2")])).expect("test setup");

@@ -46,11 +46,16 @@ fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A tiny root filesystem whose marker file says `marker`.
+/// A tiny root filesystem whose marker file says `marker`, with what an upgrade requires of
+/// a bootable image: /boot/vmlinuz, /boot/initrd and an init (stand-ins: nothing boots them).
 fn rootfs(dir: &Path, marker: &str) {
-    for d in ["etc", "bin", "usr/lib", "var/empty"] {
+    for d in ["etc", "bin", "sbin", "boot", "usr/lib", "var/empty"] {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
+    std::fs::write(dir.join("boot/vmlinuz-6.1"), "kernel").unwrap();
+    let _ = std::os::unix::fs::symlink("vmlinuz-6.1", dir.join("boot/vmlinuz"));
+    std::fs::write(dir.join("boot/initrd"), "initramfs").unwrap();
+    let _ = std::os::unix::fs::symlink("/bin/tool", dir.join("sbin/init"));
     std::fs::write(dir.join(MARKER), marker).unwrap();
     std::fs::write(
         dir.join("usr/lib/os-release"),
@@ -162,12 +167,34 @@ impl Fixture {
             ),
         )
         .unwrap();
-        Fixture {
+        let fx = Fixture {
             new_rootfs: d.join("trees/new"),
             dir,
             root,
             state,
-        }
+        };
+        fx.boot_from("active.img");
+        fx
+    }
+
+    /// What kairos-init leaves for the agent to identify the running image: the root mounted
+    /// from a loop device. The "device" here is a copy of the image file as it is now (the same
+    /// ext4 superblock, so the same UUID), at `/dev/loop7` under the agent's --root.
+    fn boot_from(&self, image: &str) {
+        let dev = self.root.join("dev/loop7");
+        std::fs::create_dir_all(dev.parent().unwrap()).unwrap();
+        std::fs::copy(self.cos(image), &dev).unwrap();
+        std::fs::create_dir_all(self.root.join("proc/self")).unwrap();
+        std::fs::write(
+            self.root.join("proc/self/mounts"),
+            "/dev/loop7 / ext4 ro,relatime 0 0\ntmpfs /run tmpfs rw 0 0\n",
+        )
+        .unwrap();
+    }
+
+    /// No identity for the running root (not a loop-mounted image).
+    fn boot_from_nothing_known(&self) {
+        std::fs::remove_file(self.root.join("proc/self/mounts")).unwrap();
     }
 
     fn cos(&self, name: &str) -> PathBuf {
@@ -464,6 +491,7 @@ fn booted_from_passive_the_passive_is_left_alone() {
     .unwrap();
     std::fs::create_dir_all(fx.root.join("run/cos")).unwrap();
     std::fs::write(fx.root.join("run/cos/passive_mode"), "").unwrap();
+    fx.boot_from("passive.img");
     let out = fx.upgrade_with(&[], None);
     assert!(out.status.success());
     assert_eq!(marker(&fx.cos("active.img")), NEW);
@@ -885,6 +913,278 @@ fn a_crash_at_every_step_leaves_a_bootable_pair() {
 
 fn libc_sigabrt() -> i32 {
     6
+}
+
+/// (marker, label) of an image file.
+fn marked(img: &Path) -> (String, String) {
+    (marker(img), label(img))
+}
+
+#[test]
+fn a_rotation_cut_between_the_renames_is_finished_and_keeps_the_booted_image() {
+    if !root_or_skip() {
+        return;
+    }
+    // Booted from active.img (old-active); the power goes between the two renames, so
+    // transition.img is the running image.
+    let fx = Fixture::new();
+    let source = format!("ocifile:{}", fx.archive().display());
+    let out = fx.upgrade(&source, &["--booted", "active"], Some("between-renames"));
+    assert_eq!(out.status.signal(), Some(libc_sigabrt()), "{}", out.status);
+    assert_eq!(marker(&fx.cos("transition.img")), OLD_ACTIVE);
+    // Run again, still on the same boot: the booted image must end up as passive.img.
+    let out = fx.upgrade(&source, &["--booted", "active"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        marked(&fx.cos("passive.img")),
+        (OLD_ACTIVE.into(), "COS_PASSIVE".into()),
+        "passive.img must hold the image that booted"
+    );
+    let e = stderr(&out);
+    assert!(e.contains("finished the interrupted rotation"), "{e}");
+    assert_eq!(
+        marked(&fx.cos("active.img")),
+        (NEW.into(), "COS_ACTIVE".into())
+    );
+    assert!(!fx.cos("transition.img").exists());
+    assert!(fsck_clean(&fx.cos("passive.img")) && fsck_clean(&fx.cos("active.img")));
+}
+
+#[test]
+fn two_upgrades_without_a_reboot_keep_the_booted_image() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::new();
+    let source = format!("ocifile:{}", fx.archive().display());
+    fx.assert_upgraded_from_active(&fx.upgrade(&source, &["--booted", "active"], None), &source);
+    // No reboot: old-active still runs (now passive.img); active.img never booted.
+    let booted = hash(&fx.cos("passive.img"));
+    let other = fx.dir.path().join("trees/newer");
+    rootfs(&other, "newer-v3");
+    let out = fx.upgrade(
+        &format!("dir:{}", other.display()),
+        &["--booted", "active"],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(marker(&fx.cos("active.img")), "newer-v3");
+    assert_eq!(
+        hash(&fx.cos("passive.img")),
+        booted,
+        "the booted image was replaced"
+    );
+    assert_eq!(marker(&fx.cos("passive.img")), OLD_ACTIVE);
+    assert!(
+        stderr(&out).contains("not the image that booted"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn an_unknown_boot_mode_is_refused_or_decided_by_the_running_root() {
+    if !root_or_skip() {
+        return;
+    }
+    // No --booted, no /run/cos sentinel, no /proc/cmdline, the root no loop-mounted image.
+    let fx = Fixture::new();
+    fx.boot_from_nothing_known();
+    let before = fx.hashes();
+    let source = format!("ocifile:{}", fx.archive().display());
+    let out = fx.upgrade(&source, &[], None);
+    assert_refused(&fx, &out, &before, &["cannot tell what booted", "--booted"]);
+    // The running root identifies passive.img: handled as booted from passive, said so.
+    fx.boot_from("passive.img");
+    let out = fx.upgrade(&source, &[], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("(booted: passive)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        fx.hashes().1,
+        before.1,
+        "passive.img (what booted) was replaced"
+    );
+    assert_eq!(marker(&fx.cos("active.img")), NEW);
+}
+
+#[test]
+fn an_image_that_cannot_boot_is_refused_before_anything_is_rotated() {
+    if !root_or_skip() {
+        return;
+    }
+    let fx = Fixture::new();
+    let before = fx.hashes();
+    // dir: a tree without a kernel or an initramfs.
+    let bare = fx.dir.path().join("trees/bare");
+    rootfs(&bare, "bare");
+    std::fs::remove_file(bare.join("boot/vmlinuz")).unwrap();
+    std::fs::remove_file(bare.join("boot/initrd")).unwrap();
+    let source = format!("dir:{}", bare.display());
+    let out = fx.upgrade(&source, &["--booted", "active"], None);
+    assert_refused(
+        &fx,
+        &out,
+        &before,
+        &[&source, "/boot/vmlinuz, /boot/initrd", "could not boot"],
+    );
+    // file: an ext4 image whose tree has no init (looked into through a read-only mount).
+    let noinit = fx.dir.path().join("trees/noinit");
+    rootfs(&noinit, "noinit");
+    std::fs::remove_file(noinit.join("sbin/init")).unwrap();
+    let img = fx.dir.path().join("noinit.img");
+    ext4_image(&noinit, &img, "X", "8M");
+    let source = format!("file:{}", img.display());
+    let out = fx.upgrade(&source, &["--booted", "active"], None);
+    assert_refused(
+        &fx,
+        &out,
+        &before,
+        &[&source, "init (an executable /sbin/init"],
+    );
+    assert!(!fx.state.join(".kairos-upgrade.check").exists());
+}
+
+#[test]
+fn two_upgrades_at_once_the_second_is_refused_naming_the_first() {
+    if !root_or_skip() {
+        return;
+    }
+    use std::io::BufRead;
+    let fx = Fixture::new();
+    let source = format!("ocifile:{}", fx.archive().display());
+    // The first stops just before its first rename (the image built, the counters armed).
+    let mut first = Command::new(agent())
+        .arg("--root")
+        .arg(&fx.root)
+        .args(["upgrade", "--booted", "active", "--state-dir"])
+        .arg(&fx.state)
+        .arg("--source")
+        .arg(&source)
+        .env("KAIROS_AGENT_CRASH_AT", "pause:before-rename-1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the first upgrade");
+    let pid = first.id();
+    let mut lines = std::io::BufReader::new(first.stderr.take().expect("stderr")).lines();
+    let paused = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("paused here"));
+    assert!(paused, "the first upgrade did not pause");
+    // A second upgrade, and a recovery upgrade (another partition, the same work directory).
+    let recovery = fx.dir.path().join("recovery");
+    std::fs::create_dir_all(recovery.join("cOS")).unwrap();
+    let second = fx.upgrade(&source, &["--booted", "active"], None);
+    let third = fx.upgrade(
+        &source,
+        &[
+            "--recovery",
+            "--recovery-dir",
+            &recovery.display().to_string(),
+        ],
+        None,
+    );
+    let _ = first.kill();
+    let _ = first.wait();
+    for (out, me) in [(&second, "upgrade"), (&third, "upgrade --recovery")] {
+        assert_eq!(out.status.code(), Some(2), "{me}: not refused");
+        let e = stderr(out);
+        assert!(
+            e.contains(&format!("{me} refused: upgrade (pid {pid}) holds")),
+            "{me}: the refusal does not name the holder:\n{e}"
+        );
+    }
+    assert!(!recovery.join("cOS/recovery.squashfs").exists());
+    // The first one's work is still there, untouched by the refused ones.
+    assert_eq!(marker(&fx.cos("transition.img")), NEW);
+    assert_eq!(marker(&fx.cos("active.img")), OLD_ACTIVE);
+}
+
+#[test]
+fn mark_good_waiting_for_k3s_keeps_a_boot_entry_selected_meanwhile() {
+    if !root_or_skip() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path();
+    // A counted boot of cos, the boot stage done, K3s configured: a stand-in k3s that answers
+    // /readyz only after `bootentry --select` has run.
+    let mut env = GrubEnv::default();
+    grubenv::arm(&mut env, 3).unwrap();
+    grubenv::grub_boot(&mut env);
+    std::fs::create_dir_all(root.join("oem")).unwrap();
+    grubenv::write(&root.join("oem/grubenv"), &env).unwrap();
+    for (f, c) in [
+        (
+            "proc/cmdline",
+            "root=LABEL=COS_ACTIVE rd.kairos.boot_reason=cos:counted-try\n",
+        ),
+        ("run/cos/active_mode", ""),
+        ("run/kairos/boot-stage-ok", ""),
+        ("etc/rancher/k3s/config.yaml", "{}\n"),
+    ] {
+        std::fs::create_dir_all(root.join(f).parent().unwrap()).unwrap();
+        std::fs::write(root.join(f), c).unwrap();
+    }
+    let waiting = root.join("k3s-asked");
+    let go = root.join("k3s-go");
+    let k3s = root.join("usr/local/bin/k3s");
+    std::fs::create_dir_all(k3s.parent().unwrap()).unwrap();
+    std::fs::write(
+        &k3s,
+        format!(
+            "#!/bin/sh\ntouch {w}\nwhile [ ! -e {g} ]; do sleep 0.05; done\necho ok\n",
+            w = waiting.display(),
+            g = go.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&k3s, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let agent_in = |args: &[&str]| {
+        let mut c = Command::new(agent());
+        c.arg("--root").arg(root).args(args);
+        c
+    };
+    let mark = agent_in(&["mark-good", "--k3s-timeout", "20"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting mark-good");
+    let t0 = std::time::Instant::now();
+    while !waiting.exists() {
+        assert!(t0.elapsed().as_secs() < 20, "mark-good never asked k3s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // mark-good is waiting for K3s: a user picks the next boot.
+    let out = run_ok(&mut agent_in(&["bootentry", "--select", "recovery"]));
+    assert!(out.contains("next boot: recovery"), "{out}");
+    std::fs::write(&go, "").unwrap();
+    let done = mark.wait_with_output().expect("mark-good");
+    assert!(
+        done.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&done.stdout),
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let env = grubenv::read(&root.join("oem/grubenv")).unwrap();
+    assert_eq!(
+        env.get("next_entry"),
+        Some("recovery"),
+        "mark-good wrote back the block it read before the wait"
+    );
+    assert_eq!(env.get("kairos_tries_cos"), Some("3"), "not marked good");
+    assert_eq!(env.get("boot_assessment_tentative"), None);
+    // No temporary file is left beside the grubenv.
+    let names: Vec<_> = std::fs::read_dir(root.join("oem"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["grubenv"]);
 }
 
 // The QEMU parts of issue 6, one module per command.

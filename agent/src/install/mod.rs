@@ -910,6 +910,8 @@ pub fn install(
     out: &mut dyn Write,
     log: &mut dyn Write,
 ) -> Result<Outcome, InstallError> {
+    // One install, upgrade or reset at a time (lock.rs).
+    let _system = crate::lock::system(ctx, "install").map_err(UpgradeError::from)?;
     let loaded = config::load(ctx, &LoadOptions::default());
     stages::report_load(&loaded, log)?;
     let configured = loaded.merged.install.clone().unwrap_or_default();

@@ -138,9 +138,19 @@ pub fn sync_file(p: &Path) -> Result<(), UpgradeError> {
         })
 }
 
+/// What mke2fs says when `-O` names a feature it does not know (e2fsprogs' misc/mke2fs.c).
+const UNKNOWN_FEATURE: &str = "Invalid filesystem option set";
+
+/// Whether a failed `mkfs.ext4` is worth retrying with fewer feature names: only when it
+/// rejected the names (an older e2fsprogs), never for any other failure, whose message is the
+/// one to report.
+pub fn retry_without_features(failure: &UpgradeError) -> bool {
+    matches!(failure, UpgradeError::Command { output, .. } if output.contains(UNKNOWN_FEATURE))
+}
+
 /// `mkfs.ext4 -d tree` into a new sparse file `img` of `size` bytes labelled `label`, then
 /// fsync. An e2fsprogs that does not know the GRUB-unfriendly features is retried without
-/// naming them.
+/// naming them. On failure `img` is removed.
 pub fn mkfs_ext4(
     tree: &Path,
     img: &Path,
@@ -181,13 +191,107 @@ pub fn mkfs_ext4(
             .arg(img);
         run(&mut cmd)
     };
-    if let Err(first) = attempt(EXT4_OFF) {
+    let built = match attempt(EXT4_OFF) {
         // An older mke2fs rejects feature names it does not know; the journal it knows.
-        if attempt(&EXT4_OFF[..1]).is_err() {
-            return Err(first);
+        Err(first) if retry_without_features(&first) => attempt(&EXT4_OFF[..1]).map_err(|_| first),
+        other => other,
+    }
+    .and_then(|()| sync_file(img));
+    if built.is_err() {
+        let _ = std::fs::remove_file(img);
+    }
+    built
+}
+
+/// The files GRUB boots from inside an image: the kernel and the initramfs.
+pub const KERNEL_FILES: &[&str] = &["boot/vmlinuz", "boot/initrd"];
+
+/// Whether the image tree has `rel` (a file, or a symlink that resolves inside the tree).
+pub fn tree_has(tree: &Path, rel: &str) -> bool {
+    let mut p = tree.join(rel.trim_start_matches('/'));
+    for _ in 0..8 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let Ok(target) = std::fs::read_link(&p) else {
+                    return false;
+                };
+                p = if target.is_absolute() {
+                    tree.join(target.strip_prefix("/").unwrap_or(&target))
+                } else {
+                    p.parent()
+                        .map_or_else(|| tree.to_path_buf(), Path::to_path_buf)
+                        .join(target)
+                };
+            }
+            Ok(m) => return m.is_file(),
+            Err(_) => return false,
         }
     }
-    sync_file(img)
+    false
+}
+
+/// What a system image tree lacks to boot: `/boot/vmlinuz`, `/boot/initrd` (GRUB loads them
+/// from the image), an init kairos-init can hand off to (its default list).
+pub fn missing_boot_files(tree: &Path) -> Vec<String> {
+    let mut missing: Vec<String> = KERNEL_FILES
+        .iter()
+        .filter(|f| !tree_has(tree, f))
+        .map(|f| format!("/{f}"))
+        .collect();
+    let handoff = kairos_init::boot::HANDOFF;
+    if !handoff
+        .iter()
+        .any(|p| kairos_init::sys::fsutil::executable_in_root(tree, p))
+    {
+        missing.push(format!("init (an executable {})", handoff.join(" or ")));
+    }
+    missing
+}
+
+/// A filesystem image mounted read-only through a loop device, to look into; unmounted on
+/// drop.
+pub struct MountedImage {
+    pub target: PathBuf,
+}
+
+impl MountedImage {
+    pub fn new(img: &Path, target: &Path) -> Result<MountedImage, UpgradeError> {
+        let bad = |what: String| UpgradeError::BadImage {
+            path: img.to_path_buf(),
+            what,
+        };
+        let fs = kairos_init::probe::probe_path(img)
+            .map_err(|e| bad(e.to_string()))?
+            .ok_or_else(|| bad("no filesystem to look into".into()))?;
+        // One left by a crashed run: detach it first.
+        let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
+        std::fs::create_dir_all(target).map_err(|source| UpgradeError::Io {
+            path: target.to_path_buf(),
+            what: "creating the mount point".into(),
+            source,
+        })?;
+        let m = MountedImage {
+            target: target.to_path_buf(),
+        };
+        let lo = kairos_init::sys::loopdev::attach(Path::new("/dev"), img, true)
+            .map_err(|e| bad(format!("attaching a loop device: {e}")))?;
+        kairos_init::sys::mount::device(&lo.path, target, fs.fstype.mount_type(), true).map_err(
+            |e| {
+                bad(format!(
+                    "mounting it read-only on {}: {e}",
+                    target.display()
+                ))
+            },
+        )?;
+        Ok(m)
+    }
+}
+
+impl Drop for MountedImage {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.target, rustix::mount::UnmountFlags::DETACH);
+        let _ = std::fs::remove_dir(&self.target);
+    }
 }
 
 /// Sets the filesystem label of the ext2/3/4 image file `img`.
@@ -322,5 +426,70 @@ mod tests {
         assert_eq!(fs.label.as_deref(), Some("COS_PASSIVE"));
         let e = relabel(&t.path().join("missing.img"), "X").unwrap_err();
         assert!(e.to_string().contains("tune2fs"), "{e}");
+    }
+
+    #[test]
+    fn a_failed_mkfs_says_why_and_leaves_no_image() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let img = t.path().join("transition.img");
+        // A tree that does not exist: mke2fs fails for a reason other than feature names.
+        let e = mkfs_ext4(
+            &t.path().join("no-tree"),
+            &img,
+            32 << 20,
+            1024,
+            "COS_ACTIVE",
+        )
+        .expect_err("mkfs of a missing tree");
+        assert!(!retry_without_features(&e), "{e}");
+        // The first attempt's error, with every feature it turned off.
+        assert!(
+            e.to_string()
+                .contains("^has_journal,^metadata_csum_seed,^orphan_file"),
+            "{e}"
+        );
+        assert!(!img.exists(), "a failed build left {}", img.display());
+        // Only mke2fs' complaint about a feature name is retried.
+        let older = UpgradeError::Command {
+            command: "mkfs.ext4".into(),
+            status: "exit status: 1".into(),
+            output: "Invalid filesystem option set: ^has_journal,^metadata_csum_seed,^orphan_file"
+                .into(),
+        };
+        assert!(retry_without_features(&older));
+    }
+
+    #[test]
+    fn an_image_tree_needs_a_kernel_an_initrd_and_an_init() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().expect("tempdir");
+        let r = t.path();
+        assert_eq!(
+            missing_boot_files(r),
+            [
+                "/boot/vmlinuz",
+                "/boot/initrd",
+                "init (an executable /sbin/init or /usr/bin/kairos-agent or /usr/sbin/kairos-agent)"
+            ]
+        );
+        std::fs::create_dir_all(r.join("boot")).expect("mkdir");
+        std::fs::create_dir_all(r.join("bin")).expect("mkdir");
+        std::fs::create_dir_all(r.join("sbin")).expect("mkdir");
+        std::fs::write(r.join("boot/vmlinuz-6.1"), "k").expect("write");
+        std::os::unix::fs::symlink("vmlinuz-6.1", r.join("boot/vmlinuz")).expect("link");
+        std::fs::write(r.join("boot/initrd"), "i").expect("write");
+        // An init that is not executable does not count; an absolute link inside the tree does.
+        std::fs::write(r.join("bin/busybox"), "b").expect("write");
+        std::os::unix::fs::symlink("/bin/busybox", r.join("sbin/init")).expect("link");
+        assert_eq!(missing_boot_files(r).len(), 1);
+        std::fs::set_permissions(
+            r.join("bin/busybox"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+        assert!(missing_boot_files(r).is_empty());
+        // tree_has follows links inside the tree only.
+        std::os::unix::fs::symlink("/etc/hostname-not-in-tree", r.join("boot/host")).expect("link");
+        assert!(!tree_has(r, "boot/host"));
     }
 }

@@ -5,23 +5,30 @@
 //! rebuilds `COS_RECOVERY:/cOS/recovery.squashfs` (or `recovery.img`) instead.
 //!
 //! The order, and what a failure or a power cut at each point leaves:
+//! 0. the system lock is taken (one install, upgrade or reset at a time, lock.rs), and what
+//!    booted is decided from the file holding the running root (slots.rs): unknown, refused;
 //! 1. the target partition is mounted read-write, `before-upgrade` runs;
 //! 2. the source is resolved (index → manifest → config, verified, in memory) and the space
 //!    checked: a refusal here has written nothing;
 //! 3. the layers are downloaded into a work directory, every byte hashed as it streams; a
 //!    digest or size mismatch names the blob and the source and stops before unpacking;
-//! 4. the layers are applied in order into a staging directory, `mkfs.ext4 -d` builds
-//!    `transition.img` from it (sized from the content, no journal, GRUB-readable features),
-//!    fsynced; the work directory is removed;
+//! 4. the layers are applied in order into a staging directory; an image without
+//!    /boot/vmlinuz, /boot/initrd or an init is refused; a leftover `transition.img` is removed,
+//!    or, when it is the booted image (a rotation cut between its renames), moved to
+//!    passive.img; `mkfs.ext4 -d` builds `transition.img` (sized from the content, no journal,
+//!    GRUB-readable features), fsynced, removed again if the build fails; the work directory is
+//!    removed;
 //! 5. the counters are armed (cos and fallback get their tries; a pending one-shot
 //!    `next_entry` is dropped, it would boot uncounted);
 //! 6. rotate: active ↔ transition (atomic exchange), the old active relabelled COS_PASSIVE,
-//!    then renamed over passive.img, the directory fsynced after each rename; booted from
-//!    passive, only active.img is replaced;
+//!    then renamed over passive.img, the directory fsynced after each rename; when active.img
+//!    is not what booted (booted from passive, an upgrade without a reboot since, a boot not
+//!    marked good yet), only active.img is replaced;
 //! 7. `.kairos-state` gets a line, `after-upgrade` runs.
 //!
-//! Up to step 4 the installed images are untouched; a stale `transition.img` or work
-//! directory from an interrupted run is removed by the next one.
+//! Up to step 4 the installed images are untouched; a stale work directory from an
+//! interrupted run is removed by the next one, and a `transition.img` too unless it is the
+//! image that booted.
 //!
 //! `KAIROS_AGENT_CRASH_AT=<point>` aborts the process at one of [`CRASH_POINTS`], for the
 //! power-cut tests.
@@ -32,6 +39,7 @@ pub mod layer;
 pub mod locate;
 pub mod oci;
 pub mod rotate;
+pub mod slots;
 pub mod source;
 
 use std::fs::File;
@@ -155,6 +163,14 @@ pub enum UpgradeError {
     Locate(String),
     #[error("{CRASH_ENV}={given:?} is not a crash point (known: {known})")]
     CrashPoint { given: String, known: String },
+    #[error(transparent)]
+    Plan(#[from] slots::PlanError),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+    #[error(
+        "{origin}: the new image has no {missing}: it could not boot; refusing it before anything is rotated (the installed images are untouched)"
+    )]
+    NotBootable { origin: String, missing: String },
 }
 
 impl From<std::io::Error> for UpgradeError {
@@ -416,6 +432,16 @@ pub fn upgrade(
     if let Some(c) = &opts.crash_at {
         check_crash_point(c)?;
     }
+    // One install, upgrade or reset at a time: they share the work directory, the bind mount
+    // and the partitions (an upgrade and an upgrade --recovery too).
+    let _system = crate::lock::system(
+        ctx,
+        if opts.recovery {
+            "upgrade --recovery"
+        } else {
+            "upgrade"
+        },
+    )?;
     let loaded = config::load(ctx, &LoadOptions::default());
     stages::report_load(&loaded, log)?;
     let (key, configured) = match &loaded.merged.upgrade {
@@ -437,16 +463,7 @@ pub fn upgrade(
         .ok_or(UpgradeError::NoSource { key })?;
     let src = source::parse(&given)?;
     let origin = given.trim().to_string();
-    let booted = match opts.booted.or_else(|| detect_booted(ctx)) {
-        Some(b) => b,
-        None => {
-            writeln!(
-                log,
-                "kairos-agent: cannot tell what booted (no /run/cos sentinel, no COS_ label on the command line): upgrading as from active"
-            )?;
-            Booted::Active
-        }
-    };
+    let mode = opts.booted.or_else(|| detect_booted(ctx));
     let (which, explicit) = if opts.recovery {
         (locate::Partition::Recovery, opts.recovery_dir.as_deref())
     } else {
@@ -472,6 +489,32 @@ pub fn upgrade(
             ))
         },
     )?;
+    // Which file holds the running system decides what is kept (slots.rs); decided before
+    // anything is written. A recovery upgrade touches none of them.
+    let plan = if opts.recovery {
+        None
+    } else {
+        let boot = slots::Boot {
+            mode,
+            root_uuid: slots::running_root_uuid(ctx),
+            tentative: grubenv::read(&ctx.grubenv_path())
+                .ok()
+                .and_then(|env| Counters::from_env(&env).ok())
+                .is_some_and(|c| c.armed && c.tentative),
+        };
+        Some(slots::decide(&slots::Files::read(&cos), &boot)?)
+    };
+    let booted = match (&plan, mode) {
+        (Some(p), _) => p.booted,
+        (None, Some(m)) => m,
+        (None, None) => {
+            writeln!(
+                log,
+                "kairos-agent: cannot tell what booted (no /run/cos sentinel, no COS_ label on the command line); a recovery upgrade does not depend on it: recorded as active"
+            )?;
+            Booted::Active
+        }
+    };
     writeln!(
         log,
         "kairos-agent: upgrading {} from {origin} (booted: {})",
@@ -482,6 +525,9 @@ pub fn upgrade(
         },
         booted_name(booted)
     )?;
+    if let Some(p) = &plan {
+        writeln!(log, "kairos-agent: {}", p.why)?;
+    }
 
     run_hook(ctx, &loaded, "before-upgrade", log);
 
@@ -496,7 +542,12 @@ pub fn upgrade(
         (TRANSITION, ACTIVE, Some("COS_ACTIVE"))
     };
     let new_path = cos.join(new_name);
-    let reclaimable = file_size(&new_path);
+    // What the space check may count as freed: the leftover transition.img, or passive.img
+    // when the leftover is the booted image that replaces it.
+    let reclaimable = match plan.as_ref().map(|p| p.leftover) {
+        Some(slots::Leftover::FinishRotation) => file_size(&cos.join(PASSIVE)),
+        _ => file_size(&new_path),
+    };
 
     let work_base = opts
         .work_dir
@@ -518,55 +569,40 @@ pub fn upgrade(
         log,
     )?;
 
-    // Build the new image completely, next to the ones it replaces.
-    if new_path.exists() {
-        std::fs::remove_file(&new_path).map_err(io(&new_path, "removing the stale"))?;
-        writeln!(
-            log,
-            "kairos-agent: removed {} left by an interrupted upgrade",
-            new_path.display()
-        )?;
-    }
-    match &prepared.content {
-        Content::Tree(tree) => {
-            let m = image::measure(tree)?;
-            if label.is_some() {
-                let size = image::image_size(m);
-                check_space(&cos, size + SLACK, 0)?;
-                writeln!(
-                    log,
-                    "kairos-agent: building {} ({} MiB for {} MiB in {} inodes)",
-                    new_path.display(),
-                    size >> 20,
-                    m.bytes >> 20,
-                    m.inodes
-                )?;
-                image::mkfs_ext4(
-                    tree,
-                    &new_path,
-                    size,
-                    image::inode_count(m),
-                    label.unwrap_or("COS_ACTIVE"),
-                )?;
-            } else {
-                check_space(&cos, m.bytes + SLACK, 0)?;
-                writeln!(log, "kairos-agent: building {}", new_path.display())?;
-                image::mksquashfs(tree, &new_path)?;
-            }
-        }
-        Content::File(f) => {
+    // An image that cannot boot is refused before anything is touched.
+    check_bootable(
+        &prepared.content,
+        &origin,
+        &work_path.with_extension("check"),
+    )?;
+
+    // A leftover transition.img: the booted image is never deleted (slots.rs).
+    match plan.as_ref().map(|p| p.leftover) {
+        Some(slots::Leftover::FinishRotation) => {
+            image::relabel(&new_path, "COS_PASSIVE")?;
+            rotate::execute(&cos, &[Step::OldActiveToPassive])?;
             writeln!(
                 log,
-                "kairos-agent: copying {} to {}",
-                f.display(),
+                "kairos-agent: finished the interrupted rotation: {TRANSITION} (the image that booted) is now {PASSIVE}"
+            )?;
+        }
+        _ if new_path.exists() => {
+            std::fs::remove_file(&new_path).map_err(io(&new_path, "removing the stale"))?;
+            sync_dir(&cos)?;
+            writeln!(
+                log,
+                "kairos-agent: removed {} left by an interrupted upgrade (never booted)",
                 new_path.display()
             )?;
-            std::fs::copy(f, &new_path).map_err(io(&new_path, "copying the image to"))?;
-            if let Some(l) = label {
-                image::relabel(&new_path, l)?;
-            }
-            image::sync_file(&new_path)?;
         }
+        _ => {}
+    }
+    // Build the new image completely, next to the ones it replaces; a failed build leaves
+    // nothing behind.
+    let built = build(&prepared.content, &new_path, &cos, label, log);
+    if let Err(e) = built {
+        let _ = std::fs::remove_file(&new_path);
+        return Err(e);
     }
     let digest = prepared.digest.clone();
     drop(prepared);
@@ -583,8 +619,7 @@ pub fn upgrade(
         crash(opts, "after-rename-1-before-sync", log);
         sync_dir(&cos)?;
     } else {
-        let have_active = cos.join(ACTIVE).exists();
-        let steps = rotate::plan(booted, have_active);
+        let steps = plan.map(|p| p.steps).unwrap_or_default();
         if steps.contains(&Step::OldActiveToPassive) {
             let a = cos.join(ACTIVE);
             let fs = kairos_init::probe::probe_path(&a).ok().flatten();
@@ -657,6 +692,78 @@ pub fn upgrade(
         }
     )?;
     Ok(Outcome::Done)
+}
+
+/// Step 4: the new image, complete and fsynced, at `new_path` (ext4 labelled `label`, or a
+/// squashfs when `label` is None).
+fn build(
+    content: &Content,
+    new_path: &Path,
+    cos: &Path,
+    label: Option<&str>,
+    log: &mut dyn Write,
+) -> Result<(), UpgradeError> {
+    match content {
+        Content::Tree(tree) => {
+            let m = image::measure(tree)?;
+            if label.is_some() {
+                let size = image::image_size(m);
+                check_space(cos, size + SLACK, 0)?;
+                writeln!(
+                    log,
+                    "kairos-agent: building {} ({} MiB for {} MiB in {} inodes)",
+                    new_path.display(),
+                    size >> 20,
+                    m.bytes >> 20,
+                    m.inodes
+                )?;
+                image::mkfs_ext4(
+                    tree,
+                    new_path,
+                    size,
+                    image::inode_count(m),
+                    label.unwrap_or("COS_ACTIVE"),
+                )?;
+            } else {
+                check_space(cos, m.bytes + SLACK, 0)?;
+                writeln!(log, "kairos-agent: building {}", new_path.display())?;
+                image::mksquashfs(tree, new_path)?;
+            }
+        }
+        Content::File(f) => {
+            writeln!(
+                log,
+                "kairos-agent: copying {} to {}",
+                f.display(),
+                new_path.display()
+            )?;
+            std::fs::copy(f, new_path).map_err(io(new_path, "copying the image to"))?;
+            if let Some(l) = label {
+                image::relabel(new_path, l)?;
+            }
+            image::sync_file(new_path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an image without a kernel, an initramfs or an init: GRUB and kairos-init would
+/// fail on it after the rotation. A `file:` image is looked into through a read-only mount.
+fn check_bootable(content: &Content, origin: &str, mount_point: &Path) -> Result<(), UpgradeError> {
+    let missing = match content {
+        Content::Tree(t) => image::missing_boot_files(t),
+        Content::File(f) => {
+            let m = image::MountedImage::new(f, mount_point)?;
+            image::missing_boot_files(&m.target)
+        }
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(UpgradeError::NotBootable {
+        origin: origin.into(),
+        missing: missing.join(", "),
+    })
 }
 
 /// Steps 1–3 for each kind of source: resolve, check the space, fetch (verified), unpack.
