@@ -626,6 +626,8 @@ mod tests {
             lines,
             [
                 "KAIROS-GRUB: start",
+                // COS_OEM and COS_STATE from the disk GRUB was loaded from; no recovery on it.
+                "KAIROS-GRUB: boot disk hd0 state=hd0,gpt3 oem=hd0,gpt2 recovery=",
                 "KAIROS-GRUB: chose cos:counted-try",
                 "KAIROS-GRUB: tries cos=0 fallback=3 tentative=yes",
                 "KAIROS-GRUB: default=cos fallback=1 2",
