@@ -9,7 +9,8 @@
 //!
 //! Cut before 1: the old pair, plus a stale `transition.img` that the next upgrade removes.
 //! Cut between 1 and 2: the new active (on counted tries) and the *previous* passive, both
-//! bootable. Booted from passive, the passive is never touched: the new image only replaces
+//! bootable; `transition.img` is then the old active, the image that booted, and the next
+//! upgrade finishes the rotation with it instead of deleting it (slots.rs). Booted from passive, the passive is never touched: the new image only replaces
 //! `active.img`.
 
 use std::fs::File;
@@ -166,7 +167,9 @@ pub fn check_space(dir: &Path, needed: u64) -> Result<(), RotateError> {
     Ok(())
 }
 
-/// A `transition.img` left by an interrupted upgrade: never booted, safe to delete.
+/// Deletes a `transition.img` left by an interrupted upgrade or reset. For reset only: booted
+/// from recovery it is never the running image, and a reset rebuilds both slots. An upgrade
+/// decides with slots.rs, since after a cut between the renames it is the booted image.
 pub fn remove_stale_transition(dir: &Path) -> Result<bool, RotateError> {
     let t = dir.join(TRANSITION);
     match std::fs::remove_file(&t) {

@@ -59,6 +59,17 @@ fn random_rootfs(dir: &Path, mib: u64) -> Result<()> {
     }
     std::fs::create_dir_all(dir.join("etc"))?;
     std::fs::write(dir.join("etc/kairos-marker"), "pull-bench")?;
+    // What the agent requires of a bootable image (stand-ins: nothing boots this one).
+    std::fs::create_dir_all(dir.join("boot"))?;
+    std::fs::create_dir_all(dir.join("sbin"))?;
+    std::fs::write(dir.join("boot/vmlinuz"), "kernel")?;
+    std::fs::write(dir.join("boot/initrd"), "initramfs")?;
+    std::fs::write(dir.join("sbin/init"), "#!/bin/sh\n")?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join("sbin/init"),
+        std::fs::Permissions::from_mode(0o755),
+    )?;
     Ok(())
 }
 
