@@ -1049,6 +1049,30 @@ fn an_image_that_cannot_boot_is_refused_before_anything_is_rotated() {
 }
 
 #[test]
+fn a_failed_build_leaves_no_transition_image() {
+    if !root_or_skip() {
+        return;
+    }
+    // A node without e2fsprogs on its PATH: mkfs.ext4 cannot run.
+    let fx = Fixture::new();
+    let before = fx.hashes();
+    let empty = fx.dir.path().join("empty-path");
+    std::fs::create_dir_all(&empty).unwrap();
+    let source = format!("dir:{}", fx.new_rootfs.display());
+    let out = Command::new(agent())
+        .arg("--root")
+        .arg(&fx.root)
+        .args(["upgrade", "--booted", "active", "--state-dir"])
+        .arg(&fx.state)
+        .arg("--source")
+        .arg(&source)
+        .env("PATH", &empty)
+        .output()
+        .expect("running kairos-agent upgrade");
+    assert_refused(&fx, &out, &before, &["mkfs.ext4", "not run"]);
+}
+
+#[test]
 fn two_upgrades_at_once_the_second_is_refused_naming_the_first() {
     if !root_or_skip() {
         return;
