@@ -37,6 +37,34 @@ fn sh(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The mesh forger (`agent/p2p/examples/mesh-forger.rs`): a token holder that publishes
+/// forged ledger entries. Built like the agent (with `ci`, the whole workspace already built
+/// by `cargo test` includes the examples).
+pub fn build_forger() -> Result<PathBuf> {
+    let profile = crate::test_profile();
+    let root = crate::workspace_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        .args(["build", "--profile", &profile]);
+    if profile == "ci" {
+        cmd.args(["--workspace", "--all-targets"]);
+    } else {
+        cmd.args(["-p", "kairos-p2p", "--example", "mesh-forger"]);
+    }
+    if !cmd.status().context("running cargo build")?.success() {
+        bail!("cargo build of the mesh-forger example failed");
+    }
+    let bin = root
+        .join("target/x86_64-unknown-linux-gnu")
+        .join(&profile)
+        .join("examples/mesh-forger");
+    if !bin.is_file() {
+        bail!("cargo build did not make {}", bin.display());
+    }
+    Ok(bin)
+}
+
 /// A node's stand-in for k3s: records its arguments and environment; as a server it writes a
 /// node token where real K3s does; then stays up like K3s (the namespace teardown kills it).
 pub fn stand_in_k3s(root: &Path, token: &str) -> String {
@@ -229,6 +257,27 @@ impl Mesh {
             .stderr(log)
             .spawn()
             .context("starting kairos-agent p2p run")?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// Run `program CONFIG` in node `i`'s namespace instead of the agent, its output in the
+    /// node's log (`Node::log`).
+    pub fn start_program(&mut self, i: usize, program: &Path) -> Result<()> {
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.root.join("agent.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.ns])
+            .arg(program)
+            .arg(node.root.join("config.yaml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
         node.child = Some(child);
         Ok(())
     }

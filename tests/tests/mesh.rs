@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use kairos_tests::mesh::{Mesh, build_agent, require_root};
+use kairos_tests::mesh::{Mesh, build_agent, build_forger, require_root};
 
 #[test]
 fn three_nodes_roles_k3s_vpn_restart_and_failover() {
@@ -236,6 +236,140 @@ fn wrong_token_node_learns_nothing_and_counts_for_nothing() {
         Some((stranger.clone(), "none".into()))
     );
     assert!(mesh.nodes[2].record("server").is_none() && mesh.nodes[2].record("agent").is_none());
+}
+
+/// A node with the network token forges ledger entries (issue 15, item 8): the two honest
+/// nodes ignore each forged entry with a log line saying why, and keep their leader, roles,
+/// VPN addresses, K3s join data and routes. The forger (agent/p2p/examples/mesh-forger.rs)
+/// writes another node's role and lease, the primary server's VPN address as its own lease,
+/// `k3s/url` and `k3s/token`, an entry claiming another node as its owner, a permanent TTL
+/// and a stamp a year ahead.
+#[test]
+fn token_holder_forgeries_are_ignored() {
+    require_root();
+    let agent = build_agent().expect("building kairos-agent");
+    let forger = build_forger().expect("building the mesh forger");
+    let mut mesh = Mesh::new(&agent, "f", 3).expect("setting up namespaces");
+    mesh.started = Instant::now();
+    mesh.start(0).unwrap();
+    mesh.start(1).unwrap();
+    let roles = mesh
+        .wait("roles in the two-node mesh", Duration::from_secs(60), |m| {
+            let s: Vec<(String, String)> = m.nodes[..2]
+                .iter()
+                .map(|n| n.state())
+                .collect::<Option<_>>()?;
+            (s[0].0 == s[1].0 && s.iter().all(|(_, r)| r != "none")).then_some(s)
+        })
+        .unwrap();
+    let master = (0..2).find(|i| roles[*i].1 == "master").expect("a master");
+    let worker = 1 - master;
+    let ips: Vec<String> = mesh
+        .wait("VPN addresses", Duration::from_secs(30), |m| {
+            m.nodes[..2].iter().map(|n| n.vpn_ip()).collect()
+        })
+        .unwrap();
+    let joined = mesh
+        .wait("the worker's k3s agent", Duration::from_secs(30), |m| {
+            m.nodes[worker].record("agent")
+        })
+        .unwrap();
+
+    mesh.start_program(2, &forger).unwrap();
+    let line = mesh
+        .wait("the forger at work", Duration::from_secs(30), |m| {
+            let log = m.nodes[2].log();
+            log.lines()
+                .find(|l| l.starts_with("FORGER "))
+                .map(str::to_owned)
+        })
+        .unwrap();
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (fpeer, fuuid, victim) = (field("peer="), field("uuid="), field("victim="));
+    let forged_ip = field("forged_ip=");
+    assert!(
+        forged_ip.starts_with("10.1.0.") && !ips.contains(&forged_ip),
+        "{line}"
+    );
+    assert_eq!(victim, mesh.nodes[worker].uuid(), "{line}");
+    // Each forgery, and the reason the honest nodes give for ignoring it.
+    let expected = [
+        (
+            format!("roles/{fuuid}"),
+            "ttl of 18446744073709551615 ms exceeds the cap",
+        ),
+        (format!("pairing/{fpeer}"), "ms ahead of local time"),
+        (format!("vpn/lease/{fuuid}"), "is leased by node"),
+        (format!("vpn/lease/{victim}"), "that node's own key"),
+        (format!("roles/{victim}"), "only the leader"),
+        ("k3s/url".into(), "only from the primary server"),
+        ("k3s/token".into(), "only from the primary server"),
+        ("k3s/master-ip".into(), "is not the peer that sent it"),
+    ];
+    let t0 = Instant::now();
+    for n in 0..2 {
+        mesh.wait(
+            &format!("node{n} ignoring every forged entry"),
+            Duration::from_secs(20),
+            |m| {
+                let log = m.nodes[n].log();
+                expected
+                    .iter()
+                    .all(|(k, why)| {
+                        log.lines().any(|l| {
+                            l.contains(&format!("ledger: ignored {k} from {fpeer}: "))
+                                && l.contains(why)
+                        })
+                    })
+                    .then_some(())
+            },
+        )
+        .unwrap();
+    }
+    // A few more rounds of forgeries before looking at the honest nodes' state.
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(t0.elapsed()));
+    for n in 0..2 {
+        let node = &mesh.nodes[n];
+        let log = node.log();
+        assert_eq!(node.state(), Some(roles[n].clone()), "{log}");
+        assert_eq!(node.vpn_ip().as_deref(), Some(ips[n].as_str()), "{log}");
+        for forged in [forged_ip.as_str(), "K10forged", "also claimed", "clashes"] {
+            assert!(!log.contains(forged), "node{n} took {forged:?}:\n{log}");
+        }
+        // Each refusal is logged once (a minute), not on every forged message.
+        let k3s_url = format!("ledger: ignored k3s/url from {fpeer}");
+        assert_eq!(log.matches(&k3s_url).count(), 1, "{log}");
+    }
+    assert_eq!(mesh.nodes[worker].record("agent"), Some(joined));
+    // The forger's own node announcement is fine: it is a member, so it gets a role.
+    assert!(
+        mesh.nodes[master]
+            .log()
+            .contains(&format!("roles/{fuuid} = worker"))
+            || mesh.nodes[worker]
+                .log()
+                .contains(&format!("roles/{fuuid} = worker")),
+        "{}",
+        mesh.logs()
+    );
+    // Traffic to the master's address still reaches the master over the VPN.
+    mesh.wait("ping worker -> master", Duration::from_secs(10), |m| {
+        m.exec(
+            worker,
+            &["ping", "-c", "1", "-W", "1", "-I", "edgevpn0", &ips[master]],
+        )
+        .ok()
+    })
+    .unwrap();
+    println!(
+        "FIGURE mesh: forgeries ignored, whole test {:.1} s",
+        mesh.started.elapsed().as_secs_f64()
+    );
 }
 
 /// A loop device on a sparse file, detached (and the file removed) on drop.

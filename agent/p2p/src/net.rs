@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    Multiaddr, StreamProtocol, Swarm, dcutr, gossipsub, identify, identity, kad, mdns, noise,
-    relay, tcp, yamux,
+    Multiaddr, StreamProtocol, Swarm, connection_limits, dcutr, gossipsub, identify, identity, kad,
+    mdns, noise, relay, tcp, yamux,
 };
 
 use crate::keys;
@@ -26,8 +26,16 @@ fn build_err(what: &'static str) -> impl Fn(String) -> NetError {
     move |msg| NetError::Build { what, msg }
 }
 
+/// Connections one peer may hold with us at once: TCP and QUIC, dialled from both sides at
+/// the same moment, is four; more is a peer opening connections to tie up our resources.
+pub const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+/// Incoming connections still in their handshake, from everyone together.
+pub const MAX_PENDING_INCOMING: u32 = 64;
+
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// First, so a connection over the limits is refused before the others see it.
+    pub limits: connection_limits::Behaviour,
     pub gossipsub: gossipsub::Behaviour,
     pub mdns: mdns::tokio::Behaviour,
     pub identify: identify::Behaviour,
@@ -72,14 +80,16 @@ impl Names {
     }
 }
 
+/// The swarm with `keypair` as the node's identity: the same key signs its ledger entries.
 pub fn build_swarm(
+    keypair: &identity::Keypair,
     token: &Token,
     names: &Names,
     heartbeat: Duration,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let max = usize::try_from(token.max_message_size).unwrap_or(usize::MAX);
     let names = names.clone();
-    let swarm = libp2p::SwarmBuilder::with_new_identity()
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair.clone())
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
@@ -124,7 +134,13 @@ pub fn build_swarm(
                 kad::Config::new(names.kad.clone()),
             );
             kad.set_mode(Some(kad::Mode::Server));
+            let limits = connection_limits::Behaviour::new(
+                connection_limits::ConnectionLimits::default()
+                    .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+                    .with_max_pending_incoming(Some(MAX_PENDING_INCOMING)),
+            );
             Ok(Behaviour {
+                limits,
                 gossipsub,
                 mdns,
                 identify,

@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::identity::Keypair;
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, kad, mdns};
@@ -19,7 +20,7 @@ use tun_rs::AsyncDevice;
 use crate::config::P2pConfig;
 use crate::keys;
 use crate::lease::{self, LeaseError, Range};
-use crate::ledger::{self, Entry, Ledger, Update};
+use crate::ledger::{self, Admission, Entry, Ledger, Refusal, Update};
 use crate::net::{self, Behaviour, BehaviourEvent, Names, NetError};
 use crate::roles::{self, Role};
 use crate::time::{now_ms, rfc3339};
@@ -184,6 +185,8 @@ struct Node {
     names: Names,
     uuid: String,
     peer: String,
+    /// The libp2p identity: signs this node's ledger entries.
+    keypair: Keypair,
     announce: Duration,
     ledger: Ledger,
     own: BTreeMap<String, Own>,
@@ -203,6 +206,8 @@ struct Node {
     pairing_ack: Option<(PairingData, u32)>,
     /// When a dropped message from each peer was last logged.
     drop_logged: HashMap<PeerId, u64>,
+    /// When each refused (writer, key) was last logged.
+    refusal_logged: HashMap<(String, String), u64>,
 }
 
 async fn run_async(opts: Options) -> Result<Outcome, NodeError> {
@@ -222,7 +227,8 @@ async fn run_async(opts: Options) -> Result<Outcome, NodeError> {
     let names = Names::new(&token, &config.network_id)?;
     // Heartbeat no slower than the announcements, so fast test meshes form fast.
     let heartbeat = announce.min(Duration::from_secs(1));
-    let mut swarm = net::build_swarm(&token, &names, heartbeat)?;
+    let keypair = Keypair::generate_ed25519();
+    let mut swarm = net::build_swarm(&keypair, &token, &names, heartbeat)?;
     net::listen(&mut swarm, config.listen_port)?;
     if let Err(e) = swarm.behaviour_mut().gossipsub.subscribe(&names.topic) {
         return Err(NetError::Build {
@@ -249,6 +255,7 @@ async fn run_async(opts: Options) -> Result<Outcome, NodeError> {
         names,
         uuid,
         peer,
+        keypair,
         announce,
         ledger: Ledger::default(),
         own: BTreeMap::new(),
@@ -266,6 +273,7 @@ async fn run_async(opts: Options) -> Result<Outcome, NodeError> {
         dht_window: None,
         pairing_ack: None,
         drop_logged: HashMap::new(),
+        refusal_logged: HashMap::new(),
         cfg: config,
         token,
     };
@@ -301,8 +309,38 @@ async fn run_async(opts: Options) -> Result<Outcome, NodeError> {
 
 impl Node {
     fn ttl(&self) -> u64 {
-        // Three missed announcements and a node is gone.
-        3 * self.announce.as_millis() as u64
+        // Three missed announcements and a node is gone; never above what peers accept.
+        (3 * self.announce.as_millis() as u64).min(ledger::MAX_TTL_MS)
+    }
+
+    /// This node's entry for `key`, signed.
+    fn own_entry(&self, key: &str, o: &Own, ttl: u64) -> Entry {
+        ledger::sign(&self.keypair, key, o.value.clone(), o.stamp, ttl)
+    }
+
+    fn admission(&self, now: u64) -> Admission {
+        Admission {
+            now_ms: now,
+            range: self.range,
+            // A lease is settled after its node's TTL: by then every live node has seen it.
+            settle_ms: self.ttl(),
+        }
+    }
+
+    /// Log a refused entry, once a minute per writer and key: a peer must not be able to
+    /// flood the log.
+    fn log_refusal(&mut self, from: &str, key: &str, why: &Refusal, now: u64) {
+        if self.refusal_logged.len() > 4096 {
+            self.refusal_logged.clear();
+        }
+        let last = self
+            .refusal_logged
+            .entry((from.to_owned(), key.to_owned()))
+            .or_insert(0);
+        if now.saturating_sub(*last) >= 60_000 {
+            *last = now;
+            say(&format!("ledger: ignored {key} from {from}: {why}"));
+        }
     }
 
     /// Set an entry this node owns; the stamp only moves when the value does, so a stale
@@ -439,17 +477,13 @@ impl Node {
 
     fn merge_own(&mut self, now: u64) {
         let ttl = self.ttl();
-        for (k, o) in &self.own {
-            self.ledger.merge(
-                k,
-                Entry {
-                    value: o.value.clone(),
-                    owner: self.peer.clone(),
-                    stamp: o.stamp,
-                    ttl,
-                },
-                now,
-            );
+        let entries: Vec<(String, Entry)> = self
+            .own
+            .iter()
+            .map(|(k, o)| (k.clone(), self.own_entry(k, o, ttl)))
+            .collect();
+        for (k, e) in entries {
+            self.ledger.merge(&k, e, now);
         }
     }
 
@@ -494,6 +528,7 @@ impl Node {
             let dev = vpn::create(&iface, ip, self.range.prefix)?;
             vpn::spawn(
                 dev.clone(),
+                self.range,
                 self.routes.clone(),
                 self.control.clone(),
                 self.names.vpn.clone(),
@@ -508,20 +543,31 @@ impl Node {
                 self.range.prefix
             ));
         }
-        // Routes: every live node's leased address → its peer ID.
-        let mut routes = HashMap::new();
+        // Routes: every live node's leased address → its peer ID. Should two nodes claim one
+        // address, it goes to the claim this node has seen longest (then the smaller UUID,
+        // as `lease::must_yield`), never to whichever comes last.
+        let mut best: HashMap<Ipv4Addr, (u64, &str, PeerId)> = HashMap::new();
         for u in live {
-            let (Some(ip), Some(peer)) =
-                (leases.get(u), self.ledger.value(&format!("nodes/{u}"), now))
-            else {
+            let (Some(ip), Some(peer)) = (leases.get(u), self.ledger.peer_of(u, now)) else {
                 continue;
             };
+            let since = self
+                .ledger
+                .since(&format!("vpn/lease/{u}"), now)
+                .unwrap_or(u64::MAX);
             if let Ok(p) = peer.parse::<PeerId>()
                 && u != &self.uuid
+                && self.range.contains_host(*ip)
             {
-                routes.insert(*ip, p);
+                let cand = (since, u.as_str(), p);
+                let e = best.entry(*ip).or_insert(cand);
+                if (cand.0, cand.1) < (e.0, e.1) {
+                    *e = cand;
+                }
             }
         }
+        let routes: HashMap<Ipv4Addr, PeerId> =
+            best.into_iter().map(|(ip, (_, _, p))| (ip, p)).collect();
         if let Ok(mut r) = self.routes.write() {
             *r = routes;
         }
@@ -614,17 +660,7 @@ impl Node {
             entries: self
                 .own
                 .iter()
-                .map(|(k, o)| {
-                    (
-                        k.clone(),
-                        Entry {
-                            value: o.value.clone(),
-                            owner: self.peer.clone(),
-                            stamp: o.stamp,
-                            ttl,
-                        },
-                    )
-                })
+                .map(|(k, o)| (k.clone(), self.own_entry(k, o, ttl)))
                 .collect(),
         };
         match ledger::seal(&self.token, &update, now / 1000) {
@@ -681,7 +717,24 @@ impl Node {
                 let now = now_ms();
                 let verdict = match ledger::open(&self.token, &message.data, now / 1000) {
                     Ok(u) if message.source.map(|s| s.to_string()) == Some(u.from.clone()) => {
-                        self.ledger.apply(u, now);
+                        let from = u.from.clone();
+                        let ctx = self.admission(now);
+                        let (changed, refused) = self.ledger.apply(u, &from, &ctx);
+                        for (k, why) in &refused {
+                            self.log_refusal(&from, k, why, now);
+                        }
+                        // What decides roles and the K3s join, as it changes.
+                        for k in changed {
+                            if k == "k3s/url"
+                                || k.starts_with("roles/")
+                                || k.starts_with("vpn/lease/")
+                            {
+                                let v = self.ledger.value(&k, now).unwrap_or("");
+                                say(&format!("ledger: {k} = {v} (from {from})"));
+                            }
+                        }
+                        // The message is authentic (token and sender): pass it on even if
+                        // this node refused entries in it; every node checks for itself.
                         gossipsub::MessageAcceptance::Accept
                     }
                     Ok(u) => {

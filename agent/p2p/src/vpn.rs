@@ -12,6 +12,8 @@ use libp2p::{PeerId, StreamProtocol};
 use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
+use crate::lease::Range;
+
 /// MTU of the interface: below the 1500 of an Ethernet path; what flannel sees.
 pub const MTU: u16 = 1420;
 /// Packets queued per peer before new ones are dropped (as a full NIC queue would).
@@ -55,9 +57,57 @@ pub fn ipv4_src(pkt: &[u8]) -> Option<Ipv4Addr> {
     (pkt.len() >= 20 && pkt[0] >> 4 == 4).then(|| Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]))
 }
 
+/// Why a packet does not pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Not IPv4, or shorter than its header.
+    NotIpv4,
+    /// The destination is not a host of the VPN range: the VPN is no way to other networks
+    /// (a node with IP forwarding on, as K3s sets it, would pass it on).
+    OutsideVpn(Ipv4Addr),
+    /// The source is not the address the sending peer leased.
+    Spoofed { src: Ipv4Addr },
+    /// No peer leased the destination.
+    NoRoute(Ipv4Addr),
+}
+
+/// A packet read from the TUN interface: the peer to send it to.
+pub fn outbound_peer(
+    pkt: &[u8],
+    range: Range,
+    routes: &HashMap<Ipv4Addr, PeerId>,
+) -> Result<PeerId, Dropped> {
+    let dst = ipv4_dst(pkt).ok_or(Dropped::NotIpv4)?;
+    if !range.contains_host(dst) {
+        return Err(Dropped::OutsideVpn(dst));
+    }
+    routes.get(&dst).copied().ok_or(Dropped::NoRoute(dst))
+}
+
+/// A packet received from `peer`: written to the TUN interface only if it is for the VPN
+/// range and comes from the address `peer` leased.
+pub fn inbound_ok(
+    pkt: &[u8],
+    peer: PeerId,
+    range: Range,
+    routes: &HashMap<Ipv4Addr, PeerId>,
+) -> Result<(), Dropped> {
+    let (Some(src), Some(dst)) = (ipv4_src(pkt), ipv4_dst(pkt)) else {
+        return Err(Dropped::NotIpv4);
+    };
+    if !range.contains_host(dst) {
+        return Err(Dropped::OutsideVpn(dst));
+    }
+    if routes.get(&src) != Some(&peer) {
+        return Err(Dropped::Spoofed { src });
+    }
+    Ok(())
+}
+
 /// Start the datapath tasks; they live as long as the runtime.
 pub fn spawn(
     dev: Arc<AsyncDevice>,
+    range: Range,
     routes: Routes,
     mut control: libp2p_stream::Control,
     protocol: StreamProtocol,
@@ -65,13 +115,14 @@ pub fn spawn(
     let incoming = control
         .accept(protocol.clone())
         .map_err(|e| format!("registering VPN protocol {protocol}: {e}"))?;
-    tokio::spawn(inbound(dev.clone(), routes.clone(), incoming));
-    tokio::spawn(outbound(dev, routes, control, protocol));
+    tokio::spawn(inbound(dev.clone(), range, routes.clone(), incoming));
+    tokio::spawn(outbound(dev, range, routes, control, protocol));
     Ok(())
 }
 
 async fn outbound(
     dev: Arc<AsyncDevice>,
+    range: Range,
     routes: Routes,
     control: libp2p_stream::Control,
     protocol: StreamProtocol,
@@ -87,9 +138,8 @@ async fn outbound(
             }
         };
         let pkt = &buf[..n];
-        let Some(dst) = ipv4_dst(pkt) else { continue };
         let peer = match routes.read() {
-            Ok(r) => r.get(&dst).copied(),
+            Ok(r) => outbound_peer(pkt, range, &r).ok(),
             Err(_) => None,
         };
         let Some(peer) = peer else { continue };
@@ -139,6 +189,7 @@ fn start_sender(
 
 async fn inbound(
     dev: Arc<AsyncDevice>,
+    range: Range,
     routes: Routes,
     mut incoming: libp2p_stream::IncomingStreams,
 ) {
@@ -157,10 +208,13 @@ async fn inbound(
                     return;
                 }
                 let pkt = &buf[..n];
-                // Only accept packets whose source the sending peer leased: a peer cannot
-                // inject traffic in another node's name.
-                let owner = ipv4_src(pkt).and_then(|s| routes.read().ok()?.get(&s).copied());
-                if owner != Some(peer) {
+                // A peer can neither inject traffic in another node's name nor use this node
+                // as a router to other networks.
+                let ok = match routes.read() {
+                    Ok(r) => inbound_ok(pkt, peer, range, &r).is_ok(),
+                    Err(_) => false,
+                };
+                if !ok {
                     continue;
                 }
                 if let Err(e) = dev.send(pkt).await {
@@ -186,5 +240,69 @@ mod tests {
         p[0] = 0x60;
         assert_eq!(ipv4_dst(&p), None);
         assert_eq!(ipv4_dst(&p[..10]), None);
+    }
+
+    fn packet(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p
+    }
+
+    #[test]
+    fn packets_stay_inside_the_vpn_and_carry_their_senders_address() {
+        let range = Range::parse("10.1.0.0/24").expect("range");
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let routes = HashMap::from([
+            (Ipv4Addr::new(10, 1, 0, 1), a),
+            (Ipv4Addr::new(10, 1, 0, 2), b),
+        ]);
+        let me = [10, 1, 0, 3];
+        // Inbound from a: its own address to us passes.
+        assert_eq!(
+            inbound_ok(&packet([10, 1, 0, 1], me), a, range, &routes),
+            Ok(())
+        );
+        // To the internet, the LAN, the range's broadcast: dropped, not forwarded.
+        for dst in [
+            [8, 8, 8, 8],
+            [192, 168, 1, 1],
+            [10, 1, 0, 255],
+            [10, 1, 1, 3],
+        ] {
+            assert_eq!(
+                inbound_ok(&packet([10, 1, 0, 1], dst), a, range, &routes),
+                Err(Dropped::OutsideVpn(Ipv4Addr::from(dst)))
+            );
+        }
+        // b's address, an unleased one, a foreign one, all sent by a: spoofed.
+        for src in [[10, 1, 0, 2], [10, 1, 0, 9], [192, 168, 1, 1]] {
+            assert_eq!(
+                inbound_ok(&packet(src, me), a, range, &routes),
+                Err(Dropped::Spoofed {
+                    src: Ipv4Addr::from(src)
+                })
+            );
+        }
+        let mut v6 = packet([10, 1, 0, 1], me);
+        v6[0] = 0x60;
+        assert_eq!(inbound_ok(&v6, a, range, &routes), Err(Dropped::NotIpv4));
+        // Outbound: to a leased address goes to its peer; outside the range goes nowhere,
+        // even if a route for it were there.
+        assert_eq!(
+            outbound_peer(&packet(me, [10, 1, 0, 2]), range, &routes),
+            Ok(b)
+        );
+        let mut bad = routes.clone();
+        bad.insert(Ipv4Addr::new(8, 8, 8, 8), a);
+        assert_eq!(
+            outbound_peer(&packet(me, [8, 8, 8, 8]), range, &bad),
+            Err(Dropped::OutsideVpn(Ipv4Addr::new(8, 8, 8, 8)))
+        );
+        assert_eq!(
+            outbound_peer(&packet(me, [10, 1, 0, 7]), range, &routes),
+            Err(Dropped::NoRoute(Ipv4Addr::new(10, 1, 0, 7)))
+        );
     }
 }
