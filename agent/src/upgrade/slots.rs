@@ -160,7 +160,11 @@ pub fn decide(files: &Files, boot: &Boot) -> Result<Plan, PlanError> {
         (None, Some(_)) => Booted::Active,
         (None, None) => return Err(PlanError::UnknownBoot),
     };
-    let mut why = Vec::new();
+    let mut why = vec![match (&boot.root_uuid, slot) {
+        (Some(u), Some(s)) => format!("the running root (UUID {u}) is {}", s.file()),
+        (Some(u), None) => format!("the running root (UUID {u}) is none of the images"),
+        (None, _) => "the running root is not a loop-mounted image: going by the boot mode".into(),
+    }];
     let leftover = match (&files.transition, slot) {
         (None, _) => Leftover::Nothing,
         (Some(_), Some(Slot::Transition)) => {
@@ -327,6 +331,12 @@ mod tests {
         assert_eq!(p.steps, [Step::ReplaceActive]);
         assert_eq!(p.booted, Booted::Active);
         assert!(p.why.contains("cut between"), "{}", p.why);
+        assert!(
+            p.why
+                .starts_with("the running root (UUID A) is transition.img"),
+            "{}",
+            p.why
+        );
         // Without the root's identity the two cases look the same: refused, nothing deleted.
         assert_eq!(
             decide(
