@@ -198,6 +198,9 @@ struct Node {
     routes: Routes,
     control: libp2p_stream::Control,
     leader: Option<String>,
+    /// How long the set of live nodes has been the same: the leader assigns roles only once it
+    /// has settled (see `Settle`).
+    settle: Settle,
     role: Option<Role>,
     shown: Option<(Option<String>, Option<Role>)>,
     k3s: Box<dyn K3sStarter>,
@@ -266,6 +269,7 @@ async fn run_async(opts: Options) -> Result<Outcome, NodeError> {
         routes: Arc::new(RwLock::new(HashMap::new())),
         control,
         leader: None,
+        settle: Settle::default(),
         role: None,
         shown: None,
         k3s,
@@ -427,22 +431,27 @@ impl Node {
             self.vpn_tick(now, &live)?;
         }
         self.leader = roles::leader(&live).map(str::to_owned);
+        let settled = self.settle.observe(&live);
         let fixed = Role::parse(self.cfg.role.trim());
         let auto = fixed.is_none() && self.cfg.auto.enable && self.cfg.role != "none";
         if auto && self.leader.as_deref() == Some(self.uuid.as_str()) {
-            let current: BTreeMap<String, Role> = self
-                .ledger
-                .prefix("roles/", now)
-                .filter_map(|(k, e)| Role::parse(&e.value).map(|r| (k.to_owned(), r)))
-                .collect();
-            let assigned = roles::assign(&live, &current, self.cfg.minimum_nodes, self.cfg.ha());
-            let keep: Vec<String> = assigned.keys().map(|u| format!("roles/{u}")).collect();
-            self.own
-                .retain(|k, _| !k.starts_with("roles/") || keep.contains(k));
-            for (u, r) in assigned {
-                self.set_own(&format!("roles/{u}"), r.as_str().into());
+            // Until the view has settled the leader keeps what it announced and assigns nothing.
+            if settled {
+                let current: BTreeMap<String, Role> = self
+                    .ledger
+                    .prefix("roles/", now)
+                    .filter_map(|(k, e)| Role::parse(&e.value).map(|r| (k.to_owned(), r)))
+                    .collect();
+                let assigned =
+                    roles::assign(&live, &current, self.cfg.minimum_nodes, self.cfg.ha());
+                let keep: Vec<String> = assigned.keys().map(|u| format!("roles/{u}")).collect();
+                self.own
+                    .retain(|k, _| !k.starts_with("roles/") || keep.contains(k));
+                for (u, r) in assigned {
+                    self.set_own(&format!("roles/{u}"), r.as_str().into());
+                }
+                self.merge_own(now);
             }
-            self.merge_own(now);
         } else {
             // A former leader stops re-announcing the others' assignments.
             let mine = format!("roles/{}", self.uuid);
@@ -781,8 +790,46 @@ impl Node {
     }
 }
 
+/// Ticks the live set must stay unchanged before a leader assigns roles. Nodes that start
+/// together can each see only part of the mesh for a tick or two; a node that then counts
+/// itself leader on that partial view would make itself master next to another such node,
+/// and roles are never taken back. Two announce intervals of an unchanged view costs that much
+/// time once, at formation, and removes the race.
+const SETTLE_TICKS: u32 = 2;
+
+#[derive(Default)]
+struct Settle {
+    last: Vec<String>,
+    same_for: u32,
+}
+
+impl Settle {
+    /// Records this tick's live set; true once it has been the same for `SETTLE_TICKS` ticks.
+    fn observe(&mut self, live: &[String]) -> bool {
+        if self.last.as_slice() == live {
+            self.same_for = self.same_for.saturating_add(1);
+        } else {
+            self.last = live.to_vec();
+            self.same_for = 0;
+        }
+        self.same_for >= SETTLE_TICKS
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn roles_wait_until_the_live_set_has_settled() {
+        let mut s = super::Settle::default();
+        let a = vec!["n0".to_owned(), "n2".to_owned()];
+        let b = vec!["n0".to_owned(), "n1".to_owned(), "n2".to_owned()];
+        assert!(!s.observe(&a), "first sight of a partial view");
+        assert!(!s.observe(&b), "a node appeared: start over");
+        assert!(!s.observe(&b));
+        assert!(s.observe(&b), "unchanged for two ticks");
+        assert!(!s.observe(&a), "a node left: start over");
+    }
+
     use super::*;
 
     #[test]
