@@ -840,8 +840,6 @@ pub fn reset(
     if let Some(c) = &opts.crash_at {
         check_crash_point(c)?;
     }
-    // One install, upgrade or reset at a time (lock.rs).
-    let _system = crate::lock::system(ctx, "reset").map_err(AgentError::from)?;
     let booted = opts.booted.or_else(|| detect_booted(ctx));
     if booted != Some(Booted::Recovery) {
         return Err(ResetError::NotRecovery {
@@ -866,6 +864,9 @@ pub fn reset(
             (src, origin)
         }
     };
+    // One install, upgrade or reset at a time (lock.rs); taken after the checks above, so a
+    // refused reset leaves no trace, not even the lock file.
+    let _system = crate::lock::system(ctx, "reset").map_err(AgentError::from)?;
 
     let target = locate::open(
         ctx,
