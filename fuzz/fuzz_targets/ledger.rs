@@ -8,7 +8,8 @@ use arbitrary::{Arbitrary, Unstructured};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use kairos_p2p::keys;
-use kairos_p2p::ledger::{self, Entry, Ledger, Update};
+use kairos_p2p::lease::Range;
+use kairos_p2p::ledger::{self, Admission, Entry, Ledger, Update};
 use kairos_p2p::token::{Otp, OtpKey, Token};
 use libfuzzer_sys::fuzz_target;
 
@@ -57,12 +58,20 @@ struct FuzzEntry {
     owner: String,
     stamp: u64,
     ttl: u64,
+    sig: String,
 }
 
 fn apply(update: Update) {
     let mut l = Ledger::default();
     let keys: Vec<String> = update.entries.iter().map(|(k, _)| k.clone()).collect();
-    let _ = l.apply(update, NOW * 1000);
+    // The admission checks (signatures, owners, stamps, TTLs, leases, caps) see every entry.
+    let ctx = Admission {
+        now_ms: NOW * 1000,
+        range: Range::parse("10.1.0.0/24").expect("a valid range"),
+        settle_ms: 3000,
+    };
+    let from = update.from.clone();
+    let _ = l.apply(update, &from, &ctx);
     for k in &keys {
         let _ = l.value(k, NOW * 1000);
     }
@@ -96,7 +105,7 @@ fuzz_target!(|data: &[u8]| {
                 entries: entries
                     .into_iter()
                     .map(|e| {
-                        (e.key, Entry { value: e.value, owner: e.owner, stamp: e.stamp, ttl: e.ttl })
+                        (e.key, Entry { value: e.value, owner: e.owner, stamp: e.stamp, ttl: e.ttl, sig: e.sig })
                     })
                     .collect(),
             };
