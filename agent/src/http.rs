@@ -26,7 +26,7 @@ const MAX_REDIRECTS: usize = 5;
 
 /// The error with its causes (reqwest says "error sending request" and hides why, e.g. the
 /// certificate that was refused).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -46,6 +46,20 @@ pub fn work_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target/kairos-tests"))
 }
 
+/// Runs a host command that must succeed; panics with its status, stdout and stderr otherwise.
+/// Returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Boot tests need root (loop devices in the guest are fine, but building disks with GRUB and
 /// installing Debian packages is not). Without root the test fails and says why: a test that
 /// cannot run must never pass.

@@ -10,6 +10,7 @@ use std::process::Command;
 use kairos_qemu::boot::BootResult;
 use kairos_qemu::disk::{DiskSpec, ImageState};
 use kairos_tests::hardening::*;
+use kairos_tests::run_ok;
 use kairos_tests::*;
 
 /// Every matrix disk: seeded user data on COS_PERSISTENT, and an image that writes nothing, so
@@ -825,18 +826,6 @@ fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
 /// OVMF as one flash image (the ovmf package), given to QEMU with -bios.
 const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 const MIB: u64 = 1 << 20;
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn file_hash(p: &Path) -> String {
     kairos_tests::registry::sha256(&std::fs::read(p).expect("reading a disk image"))

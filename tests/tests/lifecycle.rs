@@ -15,6 +15,7 @@ use std::process::{Command, Output};
 
 use kairos_init::grubenv::{self, GrubEnv};
 use kairos_tests::registry::{self, Registry};
+use kairos_tests::run_ok;
 
 const MARKER: &str = "etc/kairos-marker";
 const OLD_ACTIVE: &str = "old-active";
@@ -32,18 +33,6 @@ fn root_or_skip() -> bool {
 
 fn agent() -> PathBuf {
     kairos_tests::build_agent().expect("building kairos-agent")
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A tiny root filesystem whose marker file says `marker`, with what an upgrade requires of

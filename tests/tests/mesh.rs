@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use kairos_tests::mesh::{Mesh, build_agent, build_forger, require_root};
+use kairos_tests::run_ok;
 
 #[test]
 fn three_nodes_roles_k3s_vpn_restart_and_failover() {
@@ -395,17 +396,6 @@ impl Drop for Mounted {
             .status();
         let _ = std::fs::remove_dir(&self.0);
     }
-}
-
-fn run_ok(cmd: &mut std::process::Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// QR pairing: a node in install mode saves its token as a PNG QR code; `register` with that

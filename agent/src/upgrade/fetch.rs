@@ -24,6 +24,7 @@ use oci_client::{Client, Reference};
 use super::UpgradeError;
 use super::oci::{self, Blob, MAX_DOCUMENT_BYTES, Resolved, Verifier};
 use super::source::ImageRef;
+use crate::http::chain;
 
 /// Small blobs kept in memory while an archive is scanned, in total.
 const MAX_SMALL_BLOBS_BYTES: u64 = 64 << 20;
@@ -158,21 +159,6 @@ pub fn plain_http(registry: &str, allow_private: bool) -> bool {
         }
         Err(_) => false,
     }
-}
-
-/// The error text with its causes (reqwest says "error sending request" and hides why).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// The first of these environment variables that is set and not empty.
