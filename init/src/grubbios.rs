@@ -19,42 +19,15 @@ const CORE_SEGMENT: u16 = 0x820;
 /// GPT type GUID of a BIOS boot partition (21686148-6449-6E6F-744E-656564454649) as stored on disk.
 pub const BIOS_BOOT_TYPE: [u8; 16] = *b"Hah!IdontNeedEFI";
 
-/// Modules built into core.img, so grub.cfg works without reading any module from disk; the
-/// caller drops names its GRUB lacks ([`core_modules_in`]).
-pub const CORE_MODULES: &[&str] = &[
-    "biosdisk",
-    "part_gpt",
-    "ext2",
-    "normal",
-    "configfile",
-    "loadenv",
-    "test",
-    "echo",
-    "linux",
-    "serial",
-    "terminal",
-    "loopback",
-    "squash4",
-    "search",
-    "search_label",
-    "regexp",
-    "probe",
-    "linux16",
-    "boot",
-    "cat",
-    "ls",
-    "sleep",
-    "halt",
-    "reboot",
-];
+/// What core.img needs besides [`crate::grubcfg::CFG_MODULES`] (i386-pc names): the BIOS
+/// disk driver and the 16-bit Linux loader.
+pub const BIOS_PLATFORM_MODULES: &[&str] = &["biosdisk", "linux16"];
 
-/// The [`CORE_MODULES`] present as `NAME.mod` in GRUB's i386-pc directory `dir`.
+/// The modules built into core.img, so grub.cfg works without reading any module from disk:
+/// [`BIOS_PLATFORM_MODULES`] and the configs' [`crate::grubcfg::CFG_MODULES`] present as
+/// `NAME.mod` in GRUB's i386-pc directory `dir`.
 pub fn core_modules_in(dir: &Path) -> Vec<&'static str> {
-    CORE_MODULES
-        .iter()
-        .copied()
-        .filter(|m| dir.join(format!("{m}.mod")).exists())
-        .collect()
+    crate::grubcfg::modules_in(dir, &[BIOS_PLATFORM_MODULES, crate::grubcfg::CFG_MODULES])
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -25,11 +25,11 @@ impl Default for GrubCfgOptions {
     }
 }
 
-/// Modules built into BOOTX64.EFI, so the ESP's grub.cfg and COS_STATE's grub.cfg
-/// ([`grub_cfg`]) work without reading a module from disk (x86_64-efi names).
-pub const EFI_MODULES: &[&str] = &[
+/// Modules our configs (COS_STATE's grub.cfg, [`grub_cfg`], and the ESP stub) use on every
+/// platform. Built into the image GRUB starts from, so nothing is read from disk; the one list
+/// both platforms take it from, so a module a config starts using is added once.
+pub const CFG_MODULES: &[&str] = &[
     "part_gpt",
-    "fat",
     "ext2",
     "normal",
     "configfile",
@@ -39,17 +39,12 @@ pub const EFI_MODULES: &[&str] = &[
     "linux",
     "serial",
     "terminal",
-    "terminfo",
     "loopback",
     "squash4",
     "search",
     "search_label",
-    "search_fs_uuid",
     "regexp",
     "probe",
-    "gzio",
-    "all_video",
-    "efi_gop",
     "boot",
     "cat",
     "ls",
@@ -57,6 +52,32 @@ pub const EFI_MODULES: &[&str] = &[
     "halt",
     "reboot",
 ];
+
+/// What BOOTX64.EFI needs besides [`CFG_MODULES`] (x86_64-efi names): the ESP's filesystem,
+/// the firmware's console and graphics, the stub's `search --fs-uuid`.
+pub const EFI_PLATFORM_MODULES: &[&str] = &[
+    "fat",
+    "terminfo",
+    "search_fs_uuid",
+    "gzio",
+    "all_video",
+    "efi_gop",
+];
+
+/// The modules of `lists`, in order, that exist as `NAME.mod` in GRUB's module directory
+/// `dir`: a name the GRUB at hand lacks is dropped.
+pub fn modules_in(dir: &std::path::Path, lists: &[&[&'static str]]) -> Vec<&'static str> {
+    lists
+        .iter()
+        .flat_map(|l| l.iter().copied())
+        .filter(|m| dir.join(format!("{m}.mod")).exists())
+        .collect()
+}
+
+/// [`EFI_PLATFORM_MODULES`] and [`CFG_MODULES`] present in GRUB's x86_64-efi directory `dir`.
+pub fn efi_modules_in(dir: &std::path::Path) -> Vec<&'static str> {
+    modules_in(dir, &[EFI_PLATFORM_MODULES, CFG_MODULES])
+}
 
 /// Menu entry ids GRUB picks from (SPEC §4).
 pub use crate::grubenv::ENTRIES as ENTRY_IDS;

@@ -22,7 +22,6 @@ pub const GRUB_I386_PC_DIR: &str = "/usr/lib/grub/i386-pc";
 /// Packages [`install_bios`] runs tools from.
 pub const PACKAGES: &[&str] = &["grub-pc-bin", "grub-common"];
 
-pub use kairos_init::grubbios::CORE_MODULES;
 use kairos_init::grubbios::{self, GrubBiosError};
 
 #[derive(Debug, thiserror::Error)]

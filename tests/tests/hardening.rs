@@ -888,11 +888,7 @@ fn add_esp(disk: &Path) {
             .arg(&esp),
     );
     let efi = dir.path().join("BOOTX64.EFI");
-    let modules: Vec<&str> = kairos_init::grubcfg::EFI_MODULES
-        .iter()
-        .copied()
-        .filter(|m| grub.join(format!("{m}.mod")).exists())
-        .collect();
+    let modules = kairos_init::grubcfg::efi_modules_in(grub);
     run_ok(
         Command::new("grub-mkimage")
             .args(["-O", "x86_64-efi", "-d"])

@@ -17,11 +17,6 @@ pub const ESP_MIB: u64 = 64;
 /// The GRUB prefix baked into BOOTX64.EFI: the ESP's own directory, holding grub.cfg.
 pub const ESP_PREFIX: &str = "/EFI/BOOT";
 
-/// Modules built into BOOTX64.EFI, so the ESP's grub.cfg and COS_STATE's grub.cfg
-/// (`kairos_init::grubcfg`) work without reading a module from disk; names the GRUB at hand
-/// lacks are dropped ([`modules_in`]). The list lives next to the configs that need it.
-pub const MODULES: &[&str] = kairos_init::grubcfg::EFI_MODULES;
-
 /// Which boot code `install` writes (`--firmware`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Firmware {
@@ -81,13 +76,10 @@ pub fn esp_grub_cfg() -> String {
     kairos_init::grubcfg::esp_grub_cfg()
 }
 
-/// The [`MODULES`] present as `NAME.mod` in GRUB's x86_64-efi directory `dir`.
+/// The modules built into BOOTX64.EFI (the lists live next to the configs that need them,
+/// `kairos_init::grubcfg`) present as `NAME.mod` in GRUB's x86_64-efi directory `dir`.
 pub fn modules_in(dir: &Path) -> Vec<&'static str> {
-    MODULES
-        .iter()
-        .copied()
-        .filter(|m| dir.join(format!("{m}.mod")).exists())
-        .collect()
+    kairos_init::grubcfg::efi_modules_in(dir)
 }
 
 /// Whether `dir` looks like GRUB's x86_64-efi directory.
@@ -166,6 +158,12 @@ mod tests {
 
     #[test]
     fn modules_cover_the_configs() {
+        use kairos_init::grubcfg::{CFG_MODULES, EFI_PLATFORM_MODULES};
+        let modules: Vec<&str> = EFI_PLATFORM_MODULES
+            .iter()
+            .chain(CFG_MODULES)
+            .copied()
+            .collect();
         for m in [
             "part_gpt",
             "fat",
@@ -182,11 +180,11 @@ mod tests {
             "regexp",
             "probe",
         ] {
-            assert!(MODULES.contains(&m), "{m}");
+            assert!(modules.contains(&m), "{m}");
         }
         // No BIOS-only modules.
         for m in ["biosdisk", "linux16"] {
-            assert!(!MODULES.contains(&m), "{m}");
+            assert!(!modules.contains(&m), "{m}");
         }
         let t = tempfile::tempdir().unwrap();
         std::fs::write(t.path().join("fat.mod"), "").unwrap();
