@@ -233,16 +233,14 @@ pub fn ext_uuid(p: &Path) -> Option<String> {
         .flatten()
 }
 
-/// The device mounted at `/` in `mounts` (`/proc/self/mounts`): the last entry wins, as
-/// later mounts hide earlier ones.
-pub fn root_device(mounts: &str) -> Option<&str> {
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let dev = f.next()?;
-            (f.next()? == "/").then_some(dev)
-        })
+/// The device mounted at `/` in `mounts` (`/proc/self/mounts`, read by the agent's one
+/// mount-table parser, `state::parse_mounts`): the last entry wins, as later mounts hide
+/// earlier ones.
+pub fn root_device(mounts: &str) -> Option<String> {
+    crate::state::parse_mounts(mounts)
+        .into_iter()
+        .filter(|(_, mnt)| mnt == "/")
+        .map(|(dev, _)| dev)
         .next_back()
 }
 
@@ -254,7 +252,7 @@ pub fn running_root_uuid(ctx: &Ctx) -> Option<String> {
     if !dev.starts_with("/dev/loop") {
         return None;
     }
-    ext_uuid(&ctx.path(dev))
+    ext_uuid(&ctx.path(&dev))
 }
 
 #[cfg(test)]
@@ -437,7 +435,7 @@ mod tests {
     fn the_root_device_is_the_last_mount_on_slash() {
         let m =
             "rootfs / rootfs rw 0 0\n/dev/loop0 / ext4 ro,relatime 0 0\nproc /proc proc rw 0 0\n";
-        assert_eq!(root_device(m), Some("/dev/loop0"));
+        assert_eq!(root_device(m).as_deref(), Some("/dev/loop0"));
         assert_eq!(root_device("proc /proc proc rw 0 0\n"), None);
         let t = crate::testutil::Tree::new();
         assert_eq!(running_root_uuid(&t.ctx), None);
