@@ -6,15 +6,16 @@
 //! flushes and empties its journal) on kernels without that ioctl.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use rustix::ioctl::{Opcode, Setter, Updater, opcode};
+
 /// _IOW('f', 43, __u32) (linux/ext4.h).
-const EXT4_IOC_CHECKPOINT: libc::c_ulong = 0x4004_662b;
+const EXT4_IOC_CHECKPOINT: Opcode = opcode::write::<u32>(b'f', 43);
 /// _IOWR('X', 119, int) (linux/fs.h).
-const FIFREEZE: libc::c_ulong = 0xc004_5877;
+const FIFREEZE: Opcode = opcode::read_write::<libc::c_int>(b'X', 119);
 /// _IOWR('X', 120, int) (linux/fs.h).
-const FITHAW: libc::c_ulong = 0xc004_5878;
+const FITHAW: Opcode = opcode::read_write::<libc::c_int>(b'X', 120);
 /// `EXT4_SUPER_MAGIC` (ext2, ext3 and ext4 mounted by the ext4 driver).
 const EXT4_SUPER_MAGIC: i64 = 0xef53;
 
@@ -40,13 +41,20 @@ pub enum Checkpointed {
     NotExt4,
 }
 
-fn ioctl(file: &File, cmd: libc::c_ulong, arg: *mut libc::c_void) -> std::io::Result<()> {
-    // SAFETY: every command used here reads at most one 4-byte integer through `arg`, which
-    // the callers keep alive for the call (or pass null where the kernel reads nothing).
-    if unsafe { libc::ioctl(file.as_raw_fd(), cmd, arg) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+/// `EXT4_IOC_CHECKPOINT` with no flags (write the journal back, no discard or zeroing).
+fn ext4_checkpoint(file: &File) -> std::io::Result<()> {
+    // SAFETY: the opcode is the kernel's, and it reads one __u32 of flags, which `Setter`
+    // passes by pointer to its own copy for the duration of the call.
+    unsafe { rustix::ioctl::ioctl(file, Setter::<EXT4_IOC_CHECKPOINT, u32>::new(0)) }
+        .map_err(std::io::Error::from)
+}
+
+/// `FIFREEZE` or `FITHAW`: the kernel ignores the int argument; it is passed as declared.
+fn freeze_or_thaw<const OP: Opcode>(file: &File) -> std::io::Result<()> {
+    let mut unused: libc::c_int = 0;
+    // SAFETY: OP is FIFREEZE or FITHAW (both _IOWR('X', n, int)); `unused` outlives the call.
+    unsafe { rustix::ioctl::ioctl(file, Updater::<OP, libc::c_int>::new(&mut unused)) }
+        .map_err(std::io::Error::from)
 }
 
 /// Writes the journal of the filesystem holding `path` (a file or directory on it) back to
@@ -68,8 +76,7 @@ pub fn checkpoint(path: &Path) -> Result<Checkpointed, CheckpointError> {
     if fs.f_type as i64 != EXT4_SUPER_MAGIC {
         return Ok(Checkpointed::NotExt4);
     }
-    let mut flags: u32 = 0;
-    match ioctl(&file, EXT4_IOC_CHECKPOINT, (&mut flags as *mut u32).cast()) {
+    match ext4_checkpoint(&file) {
         Ok(()) => return Ok(Checkpointed::Ioctl),
         // No journal: nothing to write back.
         Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(Checkpointed::NoJournal),
@@ -77,15 +84,14 @@ pub fn checkpoint(path: &Path) -> Result<Checkpointed, CheckpointError> {
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => {}
         Err(e) => return Err(fail("EXT4_IOC_CHECKPOINT")(e)),
     }
-    let mut zero: libc::c_int = 0;
-    ioctl(&file, FIFREEZE, (&mut zero as *mut libc::c_int).cast()).map_err(fail("FIFREEZE"))?;
+    freeze_or_thaw::<FIFREEZE>(&file).map_err(fail("FIFREEZE"))?;
     // A frozen filesystem blocks every writer: thaw even if the first attempt is interrupted.
-    let mut thawed = ioctl(&file, FITHAW, (&mut zero as *mut libc::c_int).cast());
+    let mut thawed = freeze_or_thaw::<FITHAW>(&file);
     for _ in 0..3 {
         if thawed.is_ok() {
             break;
         }
-        thawed = ioctl(&file, FITHAW, (&mut zero as *mut libc::c_int).cast());
+        thawed = freeze_or_thaw::<FITHAW>(&file);
     }
     thawed.map_err(fail("FITHAW"))?;
     Ok(Checkpointed::Freeze)
@@ -98,11 +104,16 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_the_kernel_abi() {
         let ioc = |dir: u64, ty: u8, nr: u64, size: usize| {
-            (dir << 30 | (size as u64) << 16 | u64::from(ty) << 8 | nr) as libc::c_ulong
+            (dir << 30 | (size as u64) << 16 | u64::from(ty) << 8 | nr) as Opcode
         };
         assert_eq!(EXT4_IOC_CHECKPOINT, ioc(1, b'f', 43, 4));
         assert_eq!(FIFREEZE, ioc(3, b'X', 119, 4));
         assert_eq!(FITHAW, ioc(3, b'X', 120, 4));
+        // The values linux/ext4.h and linux/fs.h expand to on x86_64.
+        assert_eq!(
+            [EXT4_IOC_CHECKPOINT, FIFREEZE, FITHAW],
+            [0x4004_662b, 0xc004_5877, 0xc004_5878]
+        );
     }
 
     #[test]
