@@ -261,14 +261,18 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    /// A root with a static busybox as /bin/sh and a fake agent; None when not root or no
-    /// busybox (the chroot and the namespace need both).
-    fn fake_root(agent: &str) -> Option<tempfile::TempDir> {
-        let root = rustix::process::geteuid().is_root();
-        if !root || !Path::new("/bin/busybox").exists() {
-            eprintln!("skipping: needs root and busybox-static");
-            return None;
-        }
+    /// A root with a static busybox as /bin/sh and a fake agent. Needs root and
+    /// busybox-static (the chroot and the namespace need both); without them the test fails
+    /// saying so, it never passes.
+    fn fake_root(agent: &str) -> tempfile::TempDir {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "needs root (a chroot and a mount namespace)"
+        );
+        assert!(
+            Path::new("/bin/busybox").exists(),
+            "needs busybox-static (`kairos-qemu setup` installs it)"
+        );
         let t = tempfile::tempdir().expect("test setup");
         for d in ["bin", "usr/bin", "proc", "sys", "dev", "run"] {
             std::fs::create_dir_all(t.path().join(d)).expect("test setup");
@@ -281,7 +285,7 @@ mod tests {
         let a = t.path().join(AGENT.trim_start_matches('/'));
         std::fs::write(&a, agent).expect("test setup");
         std::fs::set_permissions(&a, std::fs::Permissions::from_mode(0o755)).expect("test setup");
-        Some(t)
+        t
     }
 
     #[test]
@@ -289,7 +293,7 @@ mod tests {
         // Exit 0 only when chrooted (no /usr/bin/kairos-agent-host marker), with /proc and
         // /dev bound in, and given the stage name.
         let script = "#!/bin/sh\n[ \"$1 $2\" = \"run-stage rootfs\" ] || exit 3\n[ -e /proc/self/status ] || exit 4\n[ -c /dev/null ] || exit 5\n[ \"$(cat /marker)\" = inside ] || exit 6\necho fine\n";
-        let Some(t) = fake_root(script) else { return };
+        let t = fake_root(script);
         std::fs::write(t.path().join("marker"), "inside").expect("test setup");
         assert_eq!(
             run_stage(t.path(), "rootfs", Duration::from_secs(20)),
@@ -309,9 +313,7 @@ mod tests {
 
     #[test]
     fn stage_timeout_kills_the_group() {
-        let Some(t) = fake_root("#!/bin/sh\nsleep 30 &\nsleep 30\n") else {
-            return;
-        };
+        let t = fake_root("#!/bin/sh\nsleep 30 &\nsleep 30\n");
         let start = Instant::now();
         assert_eq!(
             run_stage(t.path(), "boot", Duration::from_millis(300)),
