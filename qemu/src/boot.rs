@@ -29,6 +29,9 @@ pub struct BootSpec {
     pub until: Vec<String>,
     pub timeout: Duration,
     pub extra_args: Vec<String>,
+    /// Run QEMU inside this network namespace (`ip netns exec NS`), so a `-netdev tap` made
+    /// there is reachable from the namespace only (tests with a private LAN).
+    pub netns: Option<String>,
 }
 
 impl BootSpec {
@@ -45,6 +48,7 @@ impl BootSpec {
             until: Vec::new(),
             timeout: Duration::from_secs(120),
             extra_args: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -222,7 +226,15 @@ pub fn run(spec: &BootSpec) -> Result<BootResult, BootError> {
     let stderr_file = File::create(&stderr_path).map_err(io(&stderr_path))?;
 
     let start = Instant::now();
-    let child = Command::new(QEMU)
+    let mut cmd = match &spec.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, QEMU]);
+            c
+        }
+        None => Command::new(QEMU),
+    };
+    let child = cmd
         .args(qemu_args(spec))
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -329,6 +329,7 @@ fn boot_cmd(args: BootArgs) -> Result<ExitCode> {
         until: args.until,
         timeout: Duration::from_secs(args.timeout),
         extra_args: Vec::new(),
+        netns: None,
     };
     let r = boot::run(&spec).context("running QEMU")?;
     println!("{}", r.tail(40));

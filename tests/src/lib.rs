@@ -4,6 +4,7 @@
 pub mod hardening;
 pub mod mesh;
 pub mod registry;
+pub mod tapnet;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -199,6 +200,7 @@ pub(crate) fn spec(disks: &[&Path], log: PathBuf, until: &[&str], timeout: u64) 
         until: until.iter().map(|s| s.to_string()).collect(),
         timeout: Duration::from_secs(timeout),
         extra_args: Vec::new(),
+        netns: None,
     }
 }
 

@@ -991,6 +991,7 @@ fn matrix_a_stray_disk_with_kairos_labels_never_takes_part_in_the_boot() {
             until: vec![DONE.to_string()],
             timeout: std::time::Duration::from_secs(420),
             extra_args: extra,
+            netns: None,
         };
         let r = kairos_qemu::boot::run(&spec).unwrap_or_else(|e| panic!("booting {name}: {e}"));
         println!(
