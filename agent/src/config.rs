@@ -228,8 +228,14 @@ pub struct Install {
     pub grub_entry_name: Option<String>,
     #[serde(rename = "extra-partitions")]
     pub extra_partitions: Option<Value>,
+    /// Install over a disk that already holds a Kairos installation (a COS_STATE or
+    /// COS_PERSISTENT on it); without it `install.auto` refuses such a disk.
     #[serde(deserialize_with = "de::boolean")]
     pub force: bool,
+    /// Let `install.device: auto` pick a removable or USB-attached disk (ours; upstream has
+    /// no such key). An explicit `install.device` path is always allowed.
+    #[serde(rename = "allow-removable", deserialize_with = "de::boolean")]
+    pub allow_removable: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]

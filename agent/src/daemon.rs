@@ -115,9 +115,9 @@ pub fn run(
     }
     // A live boot with install.auto installs (and usually reboots) before anything else starts.
     if let Some(r) = crate::install::auto_install(ctx, &loaded, &mut std::io::stdout(), log) {
-        match r {
-            Ok(_) => writeln!(log, "kairos-agent: install.auto finished")?,
-            Err(e) => writeln!(log, "kairos-agent: error: install.auto: {e}")?,
+        // A refusal or failure was said already, on the log and the console.
+        if r.is_ok() {
+            writeln!(log, "kairos-agent: install.auto finished")?;
         }
     }
     // A `kairos.reset` boot (GRUB's statereset entry, chosen by hand or by a pending reset)

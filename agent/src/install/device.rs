@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use kairos_init::sys::disk::{BLKPG_ADD_PARTITION, BLKPG_DEL_PARTITION, blkpg};
 
+use kairos_init::labels;
+
 use super::InstallError;
 use crate::Ctx;
 
@@ -174,13 +176,90 @@ pub fn inspect(ctx: &Ctx, path: &Path, allow_file: bool) -> Result<Disk, Install
     })
 }
 
-/// Of (name, size, in use) whole disks, the largest one not in use (ties: first by name).
-pub fn choose_auto(disks: &[(String, u64, bool)]) -> Option<&str> {
-    disks
-        .iter()
-        .filter(|(_, size, used)| !used && *size > 0)
-        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
-        .map(|(n, _, _)| n.as_str())
+/// Where kairos-init mounts the live medium (SPEC: live paths); it stays mounted after
+/// switch_root because the squashfs root is read through it.
+pub const LIVE_MOUNT: &str = "/run/initramfs/live";
+
+/// The labels that mark a disk as holding a Kairos installation.
+pub const INSTALLED_LABELS: &[&str] = &[labels::STATE, labels::PERSISTENT];
+
+/// A whole disk as `install.device: auto` sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The kernel's name (vda, sda, nvme0n1).
+    pub name: String,
+    pub size: u64,
+    /// Why it is never a target: it holds the live system, or something uses it. None when
+    /// free.
+    pub busy: Option<String>,
+    /// `removable` (sysfs says so) or `USB-attached`; None for a fixed disk.
+    pub removable: Option<&'static str>,
+    /// The Kairos labels on it, as `COS_STATE on /dev/vda4`.
+    pub kairos: Vec<String>,
+}
+
+impl Candidate {
+    /// One line for a log: `vdb 8192 MiB (removable)`.
+    pub fn describe(&self) -> String {
+        let mut why: Vec<String> = Vec::new();
+        if let Some(b) = &self.busy {
+            why.push(b.clone());
+        }
+        if let Some(r) = self.removable {
+            why.push(r.into());
+        }
+        if !self.kairos.is_empty() {
+            why.push(format!("Kairos: {}", self.kairos.join(", ")));
+        }
+        if self.size == 0 {
+            why.push("no size".into());
+        }
+        let mut line = format!("{} {} MiB", self.name, self.size >> 20);
+        if !why.is_empty() {
+            line.push_str(&format!(" ({})", why.join("; ")));
+        }
+        line
+    }
+}
+
+/// What `install.device: auto` may take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AutoPolicy {
+    /// Removable and USB-attached disks too (`install.allow-removable`).
+    pub removable: bool,
+    /// A disk holding a Kairos installation too (`install.force`, or a person running
+    /// `kairos-agent install` by hand).
+    pub kairos: bool,
+}
+
+/// The outcome of [`choose_auto`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoChoice<'a> {
+    Disk(&'a Candidate),
+    /// A disk `auto` could take already holds Kairos, and the policy does not allow that:
+    /// nothing is chosen at all, so a live medium left in an installed node never installs a
+    /// second system next to the first.
+    HoldsKairos(&'a Candidate),
+    Nothing,
+}
+
+/// The largest disk (ties: first by name) that is not busy (in use, the live medium) and,
+/// unless `policy` allows them, not removable or USB-attached. Without `policy.kairos`, any
+/// such disk holding Kairos refuses the whole choice ([`AutoChoice::HoldsKairos`]).
+pub fn choose_auto(disks: &[Candidate], policy: AutoPolicy) -> AutoChoice<'_> {
+    let eligible = || {
+        disks.iter().filter(move |d| {
+            d.busy.is_none() && d.size > 0 && (policy.removable || d.removable.is_none())
+        })
+    };
+    if !policy.kairos
+        && let Some(k) = eligible().find(|d| !d.kairos.is_empty())
+    {
+        return AutoChoice::HoldsKairos(k);
+    }
+    eligible()
+        .max_by(|a, b| a.size.cmp(&b.size).then(b.name.cmp(&a.name)))
+        .map_or(AutoChoice::Nothing, AutoChoice::Disk)
 }
 
 /// Kernel names that are never install targets.
@@ -190,55 +269,216 @@ fn not_a_target(name: &str) -> bool {
         .any(|p| name.starts_with(p))
 }
 
-/// `install.device: auto`: the largest whole disk under /sys/block with nothing mounted or
-/// swapped on it (so never the disk or media this system runs from).
-pub fn pick_auto(ctx: &Ctx) -> Result<PathBuf, InstallError> {
-    let mut seen = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(ctx.path("/sys/block")) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if not_a_target(&name) {
-                continue;
-            }
-            let dev = ctx.path(format!("/dev/{name}"));
-            match inspect(ctx, &dev, false) {
-                Ok(d) => {
-                    let used = check_unused(ctx, &d).is_err();
-                    seen.push((name, d.size, used));
-                }
-                Err(_) => seen.push((name, 0, true)),
-            }
-        }
-    }
-    seen.sort();
-    match choose_auto(&seen) {
-        Some(n) => Ok(PathBuf::from(format!("/dev/{n}"))),
-        None => Err(InstallError::NoAutoDevice {
-            checked: if seen.is_empty() {
-                "no disks under /sys/block".into()
-            } else {
-                seen.iter()
-                    .map(|(n, size, used)| {
-                        format!(
-                            "{n} {} MiB{}",
-                            size >> 20,
-                            if *used { " in use" } else { "" }
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
-        }),
-    }
+/// A block device in sysfs: (name, major, minor, GPT partition name).
+type SysNode = (String, u32, u32, Option<String>);
+
+/// A whole disk under `sys`/block: its size, whether removable or on a USB bus, and its own
+/// and its partitions' numbers.
+struct SysDisk {
+    name: String,
+    size: u64,
+    removable: Option<&'static str>,
+    nodes: Vec<SysNode>,
 }
 
-/// Refuses a disk any part of which is mounted or used as swap.
-pub fn check_unused(ctx: &Ctx, disk: &Disk) -> Result<(), InstallError> {
+/// `sys`/block/NAME: whole disks (loop devices included: they can back the live medium).
+fn sys_disks(sys: &Path) -> Vec<SysDisk> {
+    let block = sys.join("block");
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(&block) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let dir = block.join(&name);
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        let size = read(&dir.join("size"))
+            .trim()
+            .parse::<u64>()
+            .map_or(0, |s| s.saturating_mul(512));
+        let Some((ma, mi)) = parse_majmin(&read(&dir.join("dev"))) else {
+            continue;
+        };
+        // A USB stick or disk: its sysfs path runs through a USB bus (…/usb2/2-1/…).
+        let usb = std::fs::read_link(&dir).is_ok_and(|l| {
+            l.components().any(|c| {
+                c.as_os_str().to_str().is_some_and(|c| {
+                    c.strip_prefix("usb")
+                        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                })
+            })
+        });
+        let removable = if read(&dir.join("removable")).trim() == "1" {
+            Some("removable")
+        } else if usb {
+            Some("USB-attached")
+        } else {
+            None
+        };
+        let mut nodes = vec![(name.clone(), ma, mi, None)];
+        if let Ok(parts) = std::fs::read_dir(&dir) {
+            for p in parts.flatten() {
+                let pdir = p.path();
+                if !pdir.join("partition").exists() {
+                    continue;
+                }
+                if let Some((a, b)) = parse_majmin(&read(&pdir.join("dev"))) {
+                    let partname =
+                        kairos_init::blockdev::parse_uevent(&read(&pdir.join("uevent"))).partname;
+                    nodes.push((p.file_name().to_string_lossy().into_owned(), a, b, partname));
+                }
+            }
+        }
+        nodes.sort();
+        out.push(SysDisk {
+            name,
+            size,
+            removable,
+            nodes,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The disk owning device `majmin` (the disk itself or one of its partitions).
+fn owner(disks: &[SysDisk], majmin: (u32, u32)) -> Option<&SysDisk> {
+    disks
+        .iter()
+        .find(|d| d.nodes.iter().any(|n| (n.1, n.2) == majmin))
+}
+
+/// The disks a loop device `name` ultimately reads from: the device of the filesystem
+/// holding its backing file (`sys`/block/NAME/loop/backing_file), following loops of loops.
+fn loop_backing_disk<'a>(sys: &Path, disks: &'a [SysDisk], name: &str) -> Option<&'a SysDisk> {
+    use std::os::unix::fs::MetadataExt;
+    let mut name = name.to_string();
+    for _ in 0..8 {
+        let file = std::fs::read_to_string(sys.join("block").join(&name).join("loop/backing_file"))
+            .ok()?;
+        let dev = std::fs::metadata(file.trim_end_matches('\n')).ok()?.dev();
+        let d = owner(disks, (rustix::fs::major(dev), rustix::fs::minor(dev)))?;
+        if !d.name.starts_with("loop") {
+            return Some(d);
+        }
+        name = d.name.clone();
+    }
+    None
+}
+
+/// The mount source's device of `point` in a mountinfo text.
+fn mounted_at(mountinfo: &str, point: &str) -> Option<((u32, u32), String)> {
+    mountinfo.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_ascii_whitespace().collect();
+        let dash = f.iter().position(|x| *x == "-")?;
+        if unescape(f.get(4)?) != point {
+            return None;
+        }
+        Some((parse_majmin(f.get(2)?)?, f.get(dash + 2)?.to_string()))
+    })
+}
+
+/// The whole disks under `ctx`'s /sys/block that could be install targets, with why each
+/// cannot be (busy: the live medium, mounted, swap, backing a loop device), whether it is
+/// removable, and the Kairos labels on it (read from the superblocks under `ctx`'s /dev, or
+/// the GPT names: no udev needed). `mountinfo` and `swaps` are the texts of
+/// /proc/self/mountinfo and /proc/swaps.
+pub fn candidates(ctx: &Ctx, mountinfo: &str, swaps: &str) -> Vec<Candidate> {
+    let sys = ctx.path("/sys");
+    let disks = sys_disks(&sys);
+    // The live medium: what is mounted at /run/initramfs/live, through a loop device when
+    // the medium is an image file.
+    let live = mounted_at(mountinfo, LIVE_MOUNT).and_then(|(mm, src)| {
+        let d = owner(&disks, mm)?;
+        let d = if d.name.starts_with("loop") {
+            loop_backing_disk(&sys, &disks, &d.name)?
+        } else {
+            d
+        };
+        Some((d.name.clone(), src))
+    });
+    // Disks whose filesystems back a loop device (the live squashfs is one).
+    let mut backing: Vec<(String, String)> = Vec::new();
+    for l in disks.iter().filter(|d| d.name.starts_with("loop")) {
+        if let Some(d) = loop_backing_disk(&sys, &disks, &l.name) {
+            backing.push((d.name.clone(), l.name.clone()));
+        }
+    }
+    let mut out = Vec::new();
+    for d in disks.iter().filter(|d| !not_a_target(&d.name)) {
+        let nodes: Vec<(String, u32, u32)> =
+            d.nodes.iter().map(|n| (n.0.clone(), n.1, n.2)).collect();
+        let mut busy: Vec<String> = Vec::new();
+        if let Some((_, src)) = live.as_ref().filter(|(n, _)| *n == d.name) {
+            busy.push(format!(
+                "it holds the live system ({src} is mounted at {LIVE_MOUNT})"
+            ));
+        } else {
+            busy.extend(uses(mountinfo, swaps, &nodes));
+        }
+        let loops: Vec<&str> = backing
+            .iter()
+            .filter(|(disk, _)| *disk == d.name)
+            .map(|(_, l)| l.as_str())
+            .collect();
+        if !loops.is_empty() {
+            busy.push(format!("it backs {}", loops.join(", ")));
+        }
+        out.push(Candidate {
+            name: d.name.clone(),
+            size: d.size,
+            busy: (!busy.is_empty()).then(|| busy.join("; ")),
+            removable: d.removable,
+            kairos: kairos_labels(ctx, &d.nodes),
+        });
+    }
+    out
+}
+
+/// `COS_STATE on /dev/vda4`, … for the nodes (disk and partitions) carrying one of
+/// [`INSTALLED_LABELS`]: a filesystem label read from the superblock, else the GPT name.
+fn kairos_labels(ctx: &Ctx, nodes: &[SysNode]) -> Vec<String> {
+    use kairos_init::blockdev::{BlockDev, carried_label};
+    nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (name, _, _, partname))| {
+            let devnode = ctx.path(format!("/dev/{name}"));
+            let dev = BlockDev {
+                name: name.clone(),
+                fs: kairos_init::probe::probe_path(&devnode).ok().flatten(),
+                devnode,
+                partname: partname.clone(),
+                is_partition: i > 0,
+                disk: nodes[0].0.clone(),
+                size_bytes: 0,
+            };
+            carried_label(&dev, INSTALLED_LABELS).map(|l| format!("{l} on /dev/{name}"))
+        })
+        .collect()
+}
+
+/// The Kairos labels on `disk` (see [`candidates`]); empty for a disk without them or a
+/// regular file.
+pub fn installed_labels(ctx: &Ctx, disk: &Disk) -> Vec<String> {
+    if disk.name.is_empty() {
+        return Vec::new();
+    }
+    let sys = ctx.path("/sys");
+    sys_disks(&sys)
+        .into_iter()
+        .find(|d| d.name == disk.name)
+        .map(|d| kairos_labels(ctx, &d.nodes))
+        .unwrap_or_default()
+}
+
+/// The texts of /proc/self/mountinfo and /proc/swaps under the root and, when the root is
+/// not `/`, this process's own too: a --root pointing elsewhere never hides the running
+/// system's disks.
+fn mount_tables(ctx: &Ctx) -> (String, String) {
     let mut mountinfo =
         std::fs::read_to_string(ctx.path("/proc/self/mountinfo")).unwrap_or_default();
     let mut swaps = std::fs::read_to_string(ctx.path("/proc/swaps")).unwrap_or_default();
-    // The device path is literal, not under --root: what this process itself sees mounted
-    // counts too, so a --root pointing elsewhere can never hide the running system's disk.
     if ctx.root != Path::new("/") {
         for (text, file) in [
             (&mut mountinfo, "/proc/self/mountinfo"),
@@ -248,6 +488,38 @@ pub fn check_unused(ctx: &Ctx, disk: &Disk) -> Result<(), InstallError> {
             text.push_str(&std::fs::read_to_string(file).unwrap_or_default());
         }
     }
+    (mountinfo, swaps)
+}
+
+/// `install.device: auto`: [`choose_auto`] over [`candidates`]. Never the live medium or a
+/// disk in use; removable and USB disks only with `policy.removable`; a disk holding Kairos
+/// only with `policy.kairos` (else [`InstallError::HoldsKairos`] names it).
+pub fn pick_auto(ctx: &Ctx, policy: AutoPolicy) -> Result<(PathBuf, Candidate), InstallError> {
+    let (mountinfo, swaps) = mount_tables(ctx);
+    let seen = candidates(ctx, &mountinfo, &swaps);
+    match choose_auto(&seen, policy) {
+        AutoChoice::Disk(d) => Ok((PathBuf::from(format!("/dev/{}", d.name)), d.clone())),
+        AutoChoice::HoldsKairos(d) => Err(InstallError::HoldsKairos {
+            device: PathBuf::from(format!("/dev/{}", d.name)),
+            found: d.kairos.join(", "),
+        }),
+        AutoChoice::Nothing => Err(InstallError::NoAutoDevice {
+            checked: if seen.is_empty() {
+                "no disks under /sys/block".into()
+            } else {
+                seen.iter()
+                    .map(Candidate::describe)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            removable: !policy.removable && seen.iter().any(|d| d.removable.is_some()),
+        }),
+    }
+}
+
+/// Refuses a disk any part of which is mounted or used as swap.
+pub fn check_unused(ctx: &Ctx, disk: &Disk) -> Result<(), InstallError> {
+    let (mountinfo, swaps) = mount_tables(ctx);
     let u = uses(&mountinfo, &swaps, &disk.nodes);
     if u.is_empty() {
         return Ok(());
@@ -415,8 +687,75 @@ pub fn wait_partition(
     }
 }
 
+/// Fake sysfs and /dev trees for the tests of `install.device: auto` here and in mod.rs.
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+
+    /// A fake /sys and /dev under a temp root.
+    pub struct Fake {
+        pub t: crate::testutil::Tree,
+    }
+
+    impl Fake {
+        pub fn new() -> Fake {
+            Fake {
+                t: crate::testutil::Tree::new(),
+            }
+        }
+
+        /// /sys/block/NAME, a symlink into /sys/devices/`bus`/… as the kernel makes it.
+        pub fn disk(&self, bus: &str, name: &str, mm: (u32, u32), gib: u64, removable: bool) {
+            let dir = format!("/sys/devices/{bus}/block/{name}");
+            self.t
+                .file(&format!("{dir}/size"), format!("{}\n", (gib << 30) / 512));
+            self.t
+                .file(&format!("{dir}/dev"), format!("{}:{}\n", mm.0, mm.1));
+            self.t.file(
+                &format!("{dir}/removable"),
+                if removable { "1\n" } else { "0\n" },
+            );
+            let link = self.t.ctx.path(format!("/sys/block/{name}"));
+            std::fs::create_dir_all(link.parent().expect("parent")).expect("mkdir");
+            std::os::unix::fs::symlink(format!("../devices/{bus}/block/{name}"), &link)
+                .expect("symlink");
+        }
+
+        pub fn part(&self, bus: &str, disk: &str, n: u32, mm: (u32, u32), gpt: &str) {
+            let p = partition_name(disk, n);
+            let dir = format!("/sys/devices/{bus}/block/{disk}/{p}");
+            self.t.file(&format!("{dir}/partition"), format!("{n}\n"));
+            self.t
+                .file(&format!("{dir}/dev"), format!("{}:{}\n", mm.0, mm.1));
+            self.t.file(
+                &format!("{dir}/uevent"),
+                format!(
+                    "MAJOR={}\nDEVNAME={p}\nDEVTYPE=partition\nPARTN={n}\nPARTNAME={gpt}\n",
+                    mm.0
+                ),
+            );
+        }
+
+        /// /dev/NAME as a file with an ext4 superblock labelled `label`.
+        pub fn ext4(&self, name: &str, label: &str) {
+            let mut sb = vec![0u8; 4096];
+            sb[1024 + 56..1024 + 58].copy_from_slice(&0xEF53u16.to_le_bytes());
+            sb[1024 + 120..1024 + 120 + label.len()].copy_from_slice(label.as_bytes());
+            self.t.file(&format!("/dev/{name}"), sb);
+        }
+
+        pub fn find<'a>(&self, c: &'a [Candidate], name: &str) -> &'a Candidate {
+            c.iter().find(|d| d.name == name).expect("candidate")
+        }
+    }
+
+    pub const PCI: &str = "pci0000:00/0000:00:04.0/virtio1";
+    pub const USB: &str = "pci0000:00/0000:00:05.0/usb3/3-1/3-1:1.0/host2/target2:0:0/2:0:0:0";
+}
+
 #[cfg(test)]
 mod tests {
+    use super::fake::*;
     use super::*;
 
     const MOUNTINFO: &str = "\
@@ -495,19 +834,223 @@ mod tests {
         assert!(e.contains("nope") && e.contains("cannot stat"), "{e}");
     }
 
+    fn cand(name: &str, gib: u64) -> Candidate {
+        Candidate {
+            name: name.into(),
+            size: gib << 30,
+            busy: None,
+            removable: None,
+            kairos: Vec::new(),
+        }
+    }
+
     #[test]
-    fn auto_picks_the_largest_unused_disk() {
-        let d = |n: &str, gib: u64, used: bool| (n.to_string(), gib << 30, used);
+    fn auto_picks_the_largest_free_fixed_disk() {
+        let all = AutoPolicy {
+            removable: true,
+            kairos: true,
+        };
+        let busy = Candidate {
+            busy: Some("it holds the live system".into()),
+            ..cand("vda", 8)
+        };
+        let disks = [busy, cand("vdb", 3), cand("vdc", 2)];
         assert_eq!(
-            choose_auto(&[d("vda", 8, true), d("vdb", 3, false), d("vdc", 2, false)]),
-            Some("vdb")
+            choose_auto(&disks, AutoPolicy::default()),
+            AutoChoice::Disk(&disks[1])
         );
-        assert_eq!(choose_auto(&[d("vda", 8, true)]), None);
-        assert_eq!(
-            choose_auto(&[d("vdb", 2, false), d("vdc", 2, false)]),
-            Some("vdb")
-        );
-        assert_eq!(choose_auto(&[d("vdb", 0, false)]), None);
+        // Busy is never taken, whatever the policy.
+        assert_eq!(choose_auto(&disks[..1], all), AutoChoice::Nothing);
+        // Ties: first by name; no size: never.
+        let tie = [cand("vdc", 2), cand("vdb", 2), cand("vdd", 0)];
+        assert_eq!(choose_auto(&tie, all), AutoChoice::Disk(&tie[1]));
+        assert_eq!(choose_auto(&tie[2..], all), AutoChoice::Nothing);
         assert!(not_a_target("loop0") && not_a_target("sr0") && !not_a_target("nvme0n1"));
+    }
+
+    #[test]
+    fn auto_skips_removable_disks_unless_allowed() {
+        let usb = Candidate {
+            removable: Some("USB-attached"),
+            ..cand("sda", 64)
+        };
+        let disks = [usb, cand("vdb", 8)];
+        assert_eq!(
+            choose_auto(&disks, AutoPolicy::default()),
+            AutoChoice::Disk(&disks[1])
+        );
+        let allow = AutoPolicy {
+            removable: true,
+            kairos: false,
+        };
+        assert_eq!(choose_auto(&disks, allow), AutoChoice::Disk(&disks[0]));
+        assert_eq!(
+            choose_auto(&disks[..1], AutoPolicy::default()),
+            AutoChoice::Nothing
+        );
+    }
+
+    #[test]
+    fn auto_refuses_when_a_disk_it_could_take_holds_kairos() {
+        let installed = Candidate {
+            kairos: vec!["COS_STATE on /dev/vda4".into()],
+            ..cand("vda", 8)
+        };
+        // A blank disk next to an installed one: no second system without force.
+        let disks = [installed, cand("vdb", 16)];
+        assert_eq!(
+            choose_auto(&disks, AutoPolicy::default()),
+            AutoChoice::HoldsKairos(&disks[0])
+        );
+        let force = AutoPolicy {
+            removable: false,
+            kairos: true,
+        };
+        assert_eq!(choose_auto(&disks, force), AutoChoice::Disk(&disks[1]));
+        assert_eq!(choose_auto(&disks[..1], force), AutoChoice::Disk(&disks[0]));
+        // A removable Kairos stick that auto would not take anyway does not block.
+        let stick = Candidate {
+            removable: Some("removable"),
+            kairos: vec!["COS_PERSISTENT on /dev/sdb5".into()],
+            ..cand("sdb", 32)
+        };
+        let disks = [stick, cand("vdb", 8)];
+        assert_eq!(
+            choose_auto(&disks, AutoPolicy::default()),
+            AutoChoice::Disk(&disks[1])
+        );
+    }
+
+    #[test]
+    fn candidates_from_a_fake_sysfs_tree() {
+        let f = Fake::new();
+        // The live ISO written to a USB stick, mounted whole; QEMU's usb-storage says
+        // removable=0, the bus says USB.
+        f.disk(USB, "sda", (8, 0), 1, false);
+        // A blank disk, an installed one (labels from superblocks and from GPT names), a
+        // removable card reader, a CD drive and a loop device.
+        f.disk(PCI, "vdb", (252, 16), 8, false);
+        f.disk(PCI, "vdc", (252, 32), 16, false);
+        f.part(PCI, "vdc", 1, (252, 33), "bios");
+        f.part(PCI, "vdc", 4, (252, 36), "state");
+        f.part(PCI, "vdc", 5, (252, 37), "persistent");
+        f.ext4("vdc5", "COS_PERSISTENT");
+        f.ext4("vdc4", "something-else");
+        f.disk(PCI, "sdb", (8, 16), 32, true);
+        f.disk(PCI, "sr0", (11, 0), 1, true);
+        f.disk("virtual", "loop0", (7, 0), 1, false);
+        let mountinfo = "\
+22 1 0:21 / / rw - overlay overlay rw
+30 22 8:0 / /run/initramfs/live ro - iso9660 /dev/sda ro
+31 22 7:0 / /run/rootfsbase ro - squashfs /dev/loop0 ro
+";
+        let c = candidates(&f.t.ctx, mountinfo, "");
+        let names: Vec<&str> = c.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["sda", "sdb", "vdb", "vdc"]);
+        let sda = f.find(&c, "sda");
+        assert_eq!(
+            sda.busy.as_deref(),
+            Some("it holds the live system (/dev/sda is mounted at /run/initramfs/live)")
+        );
+        assert_eq!(sda.removable, Some("USB-attached"));
+        assert_eq!(f.find(&c, "sdb").removable, Some("removable"));
+        let vdc = f.find(&c, "vdc");
+        // vdc5 by its superblock; vdc4 by its GPT name `state`, whatever its filesystem
+        // says (an unreadable COS_STATE still marks an installation).
+        assert_eq!(
+            vdc.kairos,
+            ["COS_STATE on /dev/vdc4", "COS_PERSISTENT on /dev/vdc5"]
+        );
+        assert_eq!(vdc.busy, None);
+        assert!(f.find(&c, "vdb").kairos.is_empty());
+        assert_eq!(
+            choose_auto(&c, AutoPolicy::default()),
+            AutoChoice::HoldsKairos(vdc)
+        );
+        let force = AutoPolicy {
+            removable: false,
+            kairos: true,
+        };
+        assert_eq!(choose_auto(&c, force), AutoChoice::Disk(vdc));
+        let all = AutoPolicy {
+            removable: true,
+            kairos: true,
+        };
+        assert_eq!(choose_auto(&c, all), AutoChoice::Disk(f.find(&c, "sdb")));
+        assert!(
+            vdc.describe()
+                == "vdc 16384 MiB (Kairos: COS_STATE on /dev/vdc4, COS_PERSISTENT on /dev/vdc5)",
+            "{}",
+            vdc.describe()
+        );
+    }
+
+    #[test]
+    fn a_partition_or_a_loop_file_as_live_medium_marks_its_disk() {
+        use std::os::unix::fs::MetadataExt;
+        let f = Fake::new();
+        f.disk(PCI, "vda", (252, 0), 8, false);
+        f.part(PCI, "vda", 1, (252, 1), "ISO");
+        f.disk(PCI, "vdb", (252, 16), 8, false);
+        let mountinfo = "30 22 252:1 / /run/initramfs/live ro - iso9660 /dev/vda1 ro\n";
+        let c = candidates(&f.t.ctx, mountinfo, "");
+        assert!(
+            f.find(&c, "vda")
+                .busy
+                .as_deref()
+                .is_some_and(|b| b.starts_with("it holds the live system (/dev/vda1")),
+            "{c:?}"
+        );
+        assert_eq!(
+            choose_auto(&c, AutoPolicy::default()),
+            AutoChoice::Disk(f.find(&c, "vdb"))
+        );
+        // The ISO as a file on some disk, attached to loop3 and mounted from there: the disk
+        // holding the file is the one the filesystem of the backing file lives on. Make the
+        // fake vdz that device.
+        let g = Fake::new();
+        let iso = g.t.ctx.path("/images/live.iso");
+        g.t.file("/images/live.iso", "iso");
+        let dev = std::fs::metadata(&iso).expect("stat").dev();
+        let (ma, mi) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+        g.disk(PCI, "vdz", (ma, mi), 4, false);
+        g.disk("virtual", "loop3", (7, 3), 1, false);
+        g.t.file(
+            "/sys/devices/virtual/block/loop3/loop/backing_file",
+            format!("{}\n", iso.display()),
+        );
+        g.disk(PCI, "vdy", (252, 48), 2, false);
+        let mountinfo = "30 22 7:3 / /run/initramfs/live ro - iso9660 /dev/loop3 ro\n";
+        let c = candidates(&g.t.ctx, mountinfo, "");
+        let vdz = g.find(&c, "vdz");
+        assert_eq!(
+            vdz.busy.as_deref(),
+            Some(
+                "it holds the live system (/dev/loop3 is mounted at /run/initramfs/live); it backs loop3"
+            )
+        );
+        assert_eq!(
+            choose_auto(&c, AutoPolicy::default()),
+            AutoChoice::Disk(g.find(&c, "vdy"))
+        );
+        // Not the live medium, only backing a loop device: busy all the same.
+        let c = candidates(&g.t.ctx, "", "");
+        assert_eq!(g.find(&c, "vdz").busy.as_deref(), Some("it backs loop3"));
+    }
+
+    #[test]
+    fn no_disk_says_what_it_saw() {
+        let f = Fake::new();
+        f.disk(USB, "sda", (8, 0), 16, false);
+        let e = match pick_auto(&f.t.ctx, AutoPolicy::default()) {
+            Err(e) => e.to_string(),
+            Ok(p) => panic!("picked {p:?}"),
+        };
+        assert!(
+            e.contains("sda 16384 MiB (USB-attached)")
+                && e.contains("install.allow-removable: true")
+                && e.ends_with("nothing was written"),
+            "{e}"
+        );
     }
 }

@@ -77,8 +77,16 @@ pub enum InstallError {
     NoGrubEfi { device: PathBuf },
     #[error("no device to install to: pass --device or set install.device in the cloud-config")]
     NoDevice,
-    #[error("install.device: auto found no unused whole disk ({checked}); nothing was written")]
-    NoAutoDevice { checked: String },
+    #[error(
+        "install.device: auto found no disk to install to ({checked}){}; nothing was written",
+        if *removable { "; removable and USB disks are only taken with install.allow-removable: true" } else { "" }
+    )]
+    NoAutoDevice { checked: String, removable: bool },
+    #[error(
+        "{} already holds a Kairos installation ({found}): not installing over it without install.force: true; nothing was written",
+        device.display()
+    )]
+    HoldsKairos { device: PathBuf, found: String },
     #[error("{}: writing the partition table: {error}", device.display())]
     Gpt {
         device: PathBuf,
@@ -924,10 +932,24 @@ pub fn install(
             .map(PathBuf::from)
             .ok_or(InstallError::NoDevice)?,
     };
-    // `auto`, as upstream: the largest whole disk nothing uses.
+    // `auto`, as upstream: the largest whole disk nothing uses; never the live medium, and
+    // removable or USB disks only when the config allows them. Run by hand, a disk holding
+    // Kairos may be taken (install.auto decides before: `auto_target`).
     let dev = if dev.as_os_str() == "auto" {
-        let picked = device::pick_auto(ctx)?;
+        let policy = device::AutoPolicy {
+            removable: configured.allow_removable,
+            kairos: true,
+        };
+        let (picked, seen) = device::pick_auto(ctx, policy)?;
         writeln!(log, "install: device auto: {}", picked.display())?;
+        if !seen.kairos.is_empty() {
+            writeln!(
+                log,
+                "install: {} holds a Kairos installation ({}); it is replaced",
+                picked.display(),
+                seen.kairos.join(", ")
+            )?;
+        }
         picked
     } else {
         dev
@@ -1053,8 +1075,9 @@ pub fn install(
 
 /// `install.auto: true` on a live boot (upstream installs from live media only, so an
 /// installed system booting with the same config does not install itself again): install to
-/// `install.device` (`auto` picks the largest unused disk) with the merged cloud-config copied
-/// to COS_OEM, then reboot or power off as `install.reboot` / `install.poweroff` say.
+/// `install.device` ([`auto_target`]) with the merged cloud-config copied to COS_OEM, then
+/// reboot or power off as `install.reboot` / `install.poweroff` say. A refusal or failure is
+/// said on the console too; nothing reboots then and the live system stays up.
 /// None when nothing is to be done here.
 pub fn auto_install(
     ctx: &Ctx,
@@ -1076,18 +1099,83 @@ pub fn auto_install(
         poweroff: wanted.poweroff,
         hold: false,
     };
-    Some((|| {
+    let r = (|| {
+        let target = auto_target(ctx, wanted, log)?;
         let conf = ctx.path("/run/kairos/auto-install.yaml");
         let text = cloud_config_text(&loaded.raw)
             .map_err(|e| InstallError::Other(format!("serializing the cloud-config: {e}")))?;
         write_private(&conf, text.as_bytes()).map_err(io(&conf, "writing"))?;
-        writeln!(log, "kairos-agent: install.auto: installing")?;
+        crate::console::say(
+            ctx,
+            log,
+            &format!(
+                "kairos-agent: install.auto: installing to {}",
+                target.display()
+            ),
+        );
         let opts = Options {
+            device: Some(target),
             config: Some(conf),
             ..Options::default()
         };
         install_then(ctx, &opts, "install.auto", finish, out, log)
-    })())
+    })();
+    if let Err(e) = &r {
+        crate::console::say(
+            ctx,
+            log,
+            &format!("kairos-agent: install.auto: {e}; the live system stays up"),
+        );
+    }
+    Some(r)
+}
+
+/// The disk `install.auto` installs to: `install.device`, or for `auto` the pick of
+/// [`device::pick_auto`] (never the live medium; removable and USB disks only with
+/// `install.allow-removable`). Without `install.force`, a disk that already holds a Kairos
+/// installation (a COS_STATE or COS_PERSISTENT on it) is refused
+/// ([`InstallError::HoldsKairos`]), before anything is written.
+pub fn auto_target(
+    ctx: &Ctx,
+    wanted: &config::Install,
+    log: &mut dyn Write,
+) -> Result<PathBuf, InstallError> {
+    let dev = wanted
+        .device
+        .as_deref()
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .ok_or(InstallError::NoDevice)?;
+    let (path, found) = if dev == "auto" {
+        let policy = device::AutoPolicy {
+            removable: wanted.allow_removable,
+            kairos: wanted.force,
+        };
+        let (path, seen) = device::pick_auto(ctx, policy)?;
+        writeln!(log, "install: device auto: {}", path.display())?;
+        (path, seen.kairos)
+    } else {
+        let path = PathBuf::from(dev);
+        let disk = device::inspect(ctx, &path, false)?;
+        let found = device::installed_labels(ctx, &disk);
+        (path, found)
+    };
+    if found.is_empty() {
+        return Ok(path);
+    }
+    if !wanted.force {
+        return Err(InstallError::HoldsKairos {
+            device: path,
+            found: found.join(", "),
+        });
+    }
+    writeln!(
+        log,
+        "kairos-agent: install.auto: install.force: true: installing over the Kairos installation on {} ({})",
+        path.display(),
+        found.join(", ")
+    )?;
+    Ok(path)
 }
 
 /// A merged cloud-config as text for a file: JSON is YAML, the header makes it a cloud-config.
@@ -1361,15 +1449,121 @@ mod tests {
         let loaded = config::load(&ctx, &LoadOptions::default());
         assert!(auto_install(&ctx, &loaded, &mut out, &mut log).is_none());
         assert!(String::from_utf8_lossy(&log).contains("install.auto ignored: booted active"));
-        // Live: it installs, here to a device that does not exist: a named error, and the
-        // merged config it would copy to COS_OEM is kept 0600.
+        // Live: it installs, here to a device that does not exist: a named error, on the
+        // console too, before anything is written.
         std::fs::remove_file(ctx.path("/run/cos/active_mode")).expect("rm");
         put("/run/cos/live_mode", "");
+        put("/dev/console", "");
         let loaded = config::load(&ctx, &LoadOptions::default());
         let e = auto_install(&ctx, &loaded, &mut out, &mut log)
             .expect("live + auto installs")
             .expect_err("no such device");
         assert!(e.to_string().contains("/dev/nothing-here"), "{e}");
+        let console = std::fs::read_to_string(ctx.path("/dev/console")).expect("console");
+        assert!(
+            console.starts_with("kairos-agent: install.auto: /dev/nothing-here: cannot stat it")
+                && console.ends_with("; the live system stays up\n"),
+            "{console}"
+        );
+        assert!(!ctx.path("/run/kairos/auto-install.yaml").exists());
+    }
+
+    /// A fake machine booted live: an installed disk `testdisk` (a name no test host has:
+    /// `auto` returns /dev paths outside the fake root) with install.auto and device auto.
+    fn installed_machine(force: bool) -> device::fake::Fake {
+        use device::fake::{Fake, PCI};
+        let f = Fake::new();
+        f.disk(PCI, "testdisk", (240, 0), 8, false);
+        f.part(PCI, "testdisk", 4, (240, 4), "state");
+        f.ext4("testdisk5", "COS_PERSISTENT");
+        f.part(PCI, "testdisk", 5, (240, 5), "persistent");
+        f.t.file("/run/cos/live_mode", "");
+        f.t.file("/dev/console", "");
+        f.t.file(
+            "/run/initramfs/live/config.yaml",
+            format!(
+                "#cloud-config\ninstall:\n  auto: true\n  device: auto\n  poweroff: true\n  force: {force}\n"
+            ),
+        );
+        f
+    }
+
+    #[test]
+    fn auto_install_refuses_a_disk_holding_kairos_and_says_so() {
+        let f = installed_machine(false);
+        let ctx = &f.t.ctx;
+        let loaded = config::load(ctx, &LoadOptions::default());
+        let (r, _, log) =
+            crate::testutil::run(|o, e| auto_install(ctx, &loaded, o, e).expect("auto"));
+        let e = r.expect_err("refused");
+        assert!(matches!(e, InstallError::HoldsKairos { .. }), "{e:?}");
+        let want = "kairos-agent: install.auto: /dev/testdisk already holds a Kairos installation (COS_STATE on /dev/testdisk4, COS_PERSISTENT on /dev/testdisk5): not installing over it without install.force: true; nothing was written; the live system stays up\n";
+        assert_eq!(
+            std::fs::read_to_string(ctx.path("/dev/console")).expect("console"),
+            want
+        );
+        assert!(log.ends_with(want), "{log}");
+        assert!(!ctx.path("/run/kairos/auto-install.yaml").exists());
+    }
+
+    #[test]
+    fn an_explicit_install_device_holding_kairos_is_refused_too() {
+        let f = installed_machine(false);
+        let ctx = &f.t.ctx;
+        // A block node for the fake disk (mknod: needs root, as the install tests do) and
+        // the sysfs link inspect() follows from its numbers.
+        let node = ctx.path("/dev/testdisk");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &node,
+            rustix::fs::FileType::BlockDevice,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            rustix::fs::makedev(240, 0),
+        )
+        .expect("mknod of a block device node: this test needs root");
+        let link = ctx.path("/sys/dev/block/240:0");
+        std::fs::create_dir_all(link.parent().expect("parent")).expect("mkdir");
+        std::os::unix::fs::symlink(
+            format!("../../devices/{}/block/testdisk", device::fake::PCI),
+            &link,
+        )
+        .expect("symlink");
+        f.t.file(
+            "/run/initramfs/live/config.yaml",
+            format!(
+                "#cloud-config\ninstall:\n  auto: true\n  device: {}\n",
+                node.display()
+            ),
+        );
+        let loaded = config::load(ctx, &LoadOptions::default());
+        let (r, _, _) =
+            crate::testutil::run(|o, e| auto_install(ctx, &loaded, o, e).expect("auto"));
+        let e = r.expect_err("refused").to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{} already holds a Kairos installation (COS_STATE on /dev/testdisk4, COS_PERSISTENT on /dev/testdisk5): not installing over it without install.force: true; nothing was written",
+                node.display()
+            )
+        );
+        assert!(!ctx.path("/run/kairos/auto-install.yaml").exists());
+    }
+
+    #[test]
+    fn install_force_takes_the_disk_holding_kairos() {
+        let f = installed_machine(true);
+        let ctx = &f.t.ctx;
+        let loaded = config::load(ctx, &LoadOptions::default());
+        let (r, _, log) =
+            crate::testutil::run(|o, e| auto_install(ctx, &loaded, o, e).expect("auto"));
+        // It goes on to install: here the fake disk has no /dev node, so it stops at the
+        // first check; the config it would copy to COS_OEM is kept 0600.
+        let e = r.expect_err("no node").to_string();
+        assert!(e.starts_with("/dev/testdisk: cannot stat it"), "{e}");
+        assert!(
+            log.contains("install.force: true: installing over the Kairos installation on /dev/testdisk (COS_STATE on /dev/testdisk4, COS_PERSISTENT on /dev/testdisk5)"),
+            "{log}"
+        );
         let conf = ctx.path("/run/kairos/auto-install.yaml");
         let mode = std::fs::metadata(&conf)
             .expect("config written")
@@ -1379,7 +1573,7 @@ mod tests {
         assert!(
             std::fs::read_to_string(&conf)
                 .expect("read")
-                .contains("nothing-here")
+                .contains("\"force\": true")
         );
     }
 }
