@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "kairos-build",
     version,
-    about = "Turns an OS image into Kairos artifacts: a generic initramfs, a Kairos-ready image, raw/qcow2 disks"
+    about = "Turns an OS image into Kairos artifacts: a generic initramfs, a Kairos-ready image, raw/qcow2 disks, a live ISO"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -27,6 +27,9 @@ pub enum Command {
     /// A ready-to-boot disk image with the same GPT, labels, images and GRUB as
     /// `kairos-agent install`.
     Raw(RawArgs),
+    /// A live installer ISO (squashfs root, kernel, initrd, GRUB for BIOS and UEFI, the
+    /// config): one hybrid file for a CD or a USB stick.
+    Iso(IsoArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -108,6 +111,34 @@ pub struct RawArgs {
     #[arg(long)]
     pub size: Option<String>,
     /// Where unpacking happens; default a temporary directory under /var/tmp.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct IsoArgs {
+    /// A Kairos-ready image (see `image`): `dir:`, `oci:`, `ocifile:`.
+    #[arg(long)]
+    pub source: String,
+    /// The ISO file (written as OUT.partial, then renamed).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A cloud-config put on the medium as /config.yaml (mode 0600), which the live system's
+    /// agent reads from /run/initramfs/live.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The ISO's volume id, which the live entries boot with `root=live:CDLABEL=`: up to 32
+    /// characters of A-Z, 0-9 and _.
+    #[arg(long, default_value = "COS_LIVE")]
+    pub label: String,
+    /// Added to every GRUB entry's kernel command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Seconds GRUB shows its menu before booting the live entry.
+    #[arg(long, default_value_t = 5)]
+    pub grub_timeout: u32,
+    /// Where unpacking and the ISO tree go (about twice the image's size); default a
+    /// temporary directory under /var/tmp.
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
 }

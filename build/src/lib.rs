@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod image;
 pub mod initramfs;
+pub mod iso;
 pub mod oci;
 pub mod raw;
 

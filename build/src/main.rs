@@ -14,6 +14,9 @@ fn main() -> ExitCode {
         Command::Raw(a) => kairos_build::raw::run(&a, &mut log)
             .map(|r| println!("{}", kairos_build::raw::summary(&r)))
             .map_err(Into::into),
+        Command::Iso(a) => kairos_build::iso::run(&a, &mut log)
+            .map(|r| println!("{}", kairos_build::iso::summary(&r)))
+            .map_err(Into::into),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

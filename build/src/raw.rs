@@ -127,14 +127,14 @@ fn firmware(f: RawFirmware) -> Firmware {
 }
 
 /// `path` with `suffix` added to its file name.
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
 }
 
 /// Files removed on drop unless kept: the partial outputs of a failed build.
-struct Partial(Vec<PathBuf>);
+pub(crate) struct Partial(pub(crate) Vec<PathBuf>);
 
 impl Drop for Partial {
     fn drop(&mut self) {
