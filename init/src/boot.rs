@@ -194,7 +194,7 @@ pub fn run() -> Failure {
     }
     warn_duplicate_labels(&devices);
     let chosen = step("root", || {
-        mount_root(&req, &cands, &mut devices, first_found)
+        mount_root(&req, &cands, &mut devices, first_found, &mut loader)
     });
     let Some(chosen) = chosen else {
         return fail("no bootable image".into());
@@ -208,7 +208,9 @@ pub fn run() -> Failure {
     }
     // SPEC section 3: /oem, then the rootfs stage (which may write /run/cos/*.env), then the
     // layout is read and the overlays, volumes and binds are mounted, then the initramfs stage.
-    let oem_fstab = step("oem", || mount_oem(&req, chosen.mode, &devices));
+    let oem_fstab = step("oem", || {
+        mount_oem(&req, chosen.mode, &devices, &mut loader)
+    });
     step("stage rootfs", || run_stage("rootfs"));
     let layout = step("layout", || read_layout(chosen.mode));
     // A first boot on a bigger disk grows COS_PERSISTENT before it is mounted (recovery does
@@ -223,7 +225,14 @@ pub fn run() -> Failure {
         });
     }
     step("system", || {
-        mount_system(&req, chosen.mode, &layout, &devices, &oem_fstab)
+        mount_system(
+            &req,
+            chosen.mode,
+            &layout,
+            &devices,
+            &oem_fstab,
+            &mut loader,
+        )
     });
     step("stage initramfs", || run_stage("initramfs"));
     unmount_unused_sources(&chosen);
@@ -320,6 +329,28 @@ impl ModLoader {
         for alias in modules::device_modaliases(Path::new("/sys")) {
             wanted.extend(self.index.lookup(&alias));
         }
+        self.load(wanted)
+    }
+
+    /// The module for a filesystem about to be mounted (`iso9660` from a live medium, `vfat`,
+    /// `xfs`): the kernel cannot load it by itself, there is no modprobe in the initramfs.
+    /// Nothing to do when it is loaded, built in or was tried already.
+    fn filesystem(&mut self, mount_type: &str) {
+        let name = probe::module_for(mount_type);
+        if self.tried.contains(&modules::normalize(name)) || self.index.is_builtin(name) {
+            return;
+        }
+        if self.index.lookup(name).is_empty() {
+            // Tried once: the mount that follows says whether the kernel had it after all.
+            self.tried.insert(modules::normalize(name));
+            warn!("no module {name} in this initramfs for a {mount_type} filesystem");
+            return;
+        }
+        self.load(vec![name.to_string()]);
+    }
+
+    /// Loads `wanted` (names or aliases) and their dependencies, each module once.
+    fn load(&mut self, mut wanted: Vec<String>) -> usize {
         wanted.retain(|m| !self.tried.contains(&modules::normalize(m)));
         wanted.sort();
         wanted.dedup();
@@ -510,7 +541,12 @@ fn warn_duplicate_labels(devices: &[BlockDev]) {
 
 /// Fill the inventory: for each candidate, find and mount its partition (read-only, once) and
 /// look at the image file.
-fn inspect(c: &Candidate, devices: &[BlockDev], mounted: &mut Vec<String>) -> ImageStatus {
+fn inspect(
+    c: &Candidate,
+    devices: &[BlockDev],
+    mounted: &mut Vec<String>,
+    loader: &mut Option<ModLoader>,
+) -> ImageStatus {
     let mnt = c.source_mountpoint();
     if !mounted.iter().any(|s| s == &c.source) {
         let Some(dev) = blockdev::find_spec(devices, &c.source) else {
@@ -519,6 +555,9 @@ fn inspect(c: &Candidate, devices: &[BlockDev], mounted: &mut Vec<String>) -> Im
         let fstype = dev.fs.as_ref().map_or("ext4", |f| f.fstype.mount_type());
         if let Err(e) = fsutil::mkdir_p(Path::new(mnt)) {
             return ImageStatus::NoSource(e.to_string());
+        }
+        if let Some(l) = loader.as_mut() {
+            l.filesystem(fstype);
         }
         let devnode = &dev.devnode;
         let res = substep("root", format!("mount {} at {mnt}", c.source), || {
@@ -557,6 +596,7 @@ fn mount_root(
     cands: &[Candidate],
     devices: &mut Vec<BlockDev>,
     may_wait: bool,
+    loader: &mut Option<ModLoader>,
 ) -> Option<Candidate> {
     let mut inv = Inventory::default();
     let mut mounted_sources: Vec<String> = Vec::new();
@@ -565,7 +605,7 @@ fn mount_root(
     loop {
         for c in cands {
             if inv.get(c).is_none() {
-                let status = inspect(c, devices, &mut mounted_sources);
+                let status = inspect(c, devices, &mut mounted_sources, loader);
                 inv.set(c, status);
             }
         }
@@ -692,10 +732,16 @@ fn read_layout(mode: BootMode) -> Layout {
 
 /// COS_OEM at /sysroot/oem, ahead of the rest so the rootfs stage can read the cloud-config
 /// there. Returns the fstab line for it (empty when it was not mounted).
-fn mount_oem(req: &BootRequest, mode: BootMode, devices: &[BlockDev]) -> String {
+fn mount_oem(
+    req: &BootRequest,
+    mode: BootMode,
+    devices: &[BlockDev],
+    loader: &mut Option<ModLoader>,
+) -> String {
     let mut fstab = String::new();
     match plan::plan_oem(req, mode, devices) {
         Ok(Some(a)) => {
+            filesystem_module(&a, loader);
             if let Err(e) = substep("oem", describe(&a), || execute(&a, &mut fstab)) {
                 warn!("{e}");
             }
@@ -723,6 +769,7 @@ fn mount_system(
     layout: &Layout,
     devices: &[BlockDev],
     oem_fstab: &str,
+    loader: &mut Option<ModLoader>,
 ) {
     let kind = |p: &str| fsutil::path_kind(Path::new(&format!("{SYSROOT}{p}")));
     let sp = plan::plan_system(&plan::SystemInputs {
@@ -747,6 +794,7 @@ fn mount_system(
             failed[i] = true;
             continue;
         }
+        filesystem_module(&step.action, loader);
         let res = match &step.action {
             Action::Mkdir { .. } | Action::WriteFile { .. } => execute(&step.action, &mut fstab),
             a => substep("system", describe(a), || execute(a, &mut fstab)),
@@ -765,6 +813,13 @@ fn mount_system(
     }
     if let Err(e) = std::fs::write(format!("{SYSROOT}/etc/fstab"), fstab) {
         debug!("{SYSROOT}/etc/fstab not written: {e}");
+    }
+}
+
+/// Before a device mount: its filesystem's module.
+fn filesystem_module(a: &Action, loader: &mut Option<ModLoader>) {
+    if let (Action::Device { fstype, .. }, Some(l)) = (a, loader.as_mut()) {
+        l.filesystem(fstype);
     }
 }
 

@@ -360,16 +360,28 @@ pub fn plan_oem(
 /// The mounts that turn the read-only image at /sysroot into the running system, in order:
 /// overlays on the RW paths, /oem, volumes (COS_PERSISTENT at /usr/local), persistent state
 /// binds, the boot-mode sentinel.
+///
+/// A live boot writes to no disk of the machine: the medium may be booted next to an installed
+/// disk, whose COS_PERSISTENT the image's layout file names. So on live media the layout's
+/// VOLUMES and persistent state paths are left out, an overlay device becomes tmpfs, and a
+/// volume from the command line (`rd.cos.mount`) is mounted read-only.
 pub fn plan_system(inp: &SystemInputs<'_>) -> SystemPlan {
     let mut plan = SystemPlan::default();
     let layout = inp.layout;
+    let live = inp.mode == BootMode::Live;
 
     // Overlay backing store: the command line wins over the layout file.
-    let overlay = inp
+    let mut overlay = inp
         .req
         .overlay
         .clone()
         .unwrap_or_else(|| layout.overlay.clone());
+    if let (true, Overlay::Device { spec }) = (live, &overlay) {
+        plan.warnings.push(format!(
+            "live boot: overlay device {spec} not used (a live system writes to no disk): tmpfs:25% instead"
+        ));
+        overlay = Overlay::Tmpfs { size: "25%".into() };
+    }
     match &overlay {
         Overlay::Tmpfs { size } => {
             plan.push(
@@ -466,6 +478,14 @@ pub fn plan_system(inp: &SystemInputs<'_>) -> SystemPlan {
         .iter()
         .map(|v| (v.spec.clone(), v.mountpoint.clone()))
         .collect();
+    if live && !volumes.is_empty() {
+        let named: Vec<String> = volumes.iter().map(|(s, m)| format!("{s}:{m}")).collect();
+        plan.warnings.push(format!(
+            "live boot: the layout's VOLUMES ({}) are not mounted: a live system writes to no disk",
+            named.join(" ")
+        ));
+        volumes.clear();
+    }
     volumes.extend(inp.req.extra_mounts.iter().cloned());
     let persistent_spec = format!("LABEL={}", labels::PERSISTENT);
     let mut state_ok = layout.persistent_state_paths.is_empty();
@@ -478,7 +498,8 @@ pub fn plan_system(inp: &SystemInputs<'_>) -> SystemPlan {
             ));
             continue;
         };
-        let persistent = spec == persistent_spec;
+        // On live media even COS_PERSISTENT (named on the command line) is read-only.
+        let persistent = spec == persistent_spec && !live;
         match blockdev::find_spec(inp.devices, &spec) {
             Some(dev) => {
                 let fstype = dev.fs.as_ref().map_or("ext4", |f| f.fstype.mount_type());
@@ -518,6 +539,13 @@ pub fn plan_system(inp: &SystemInputs<'_>) -> SystemPlan {
 
     let mut persist: Vec<String> = layout.persistent_state_paths.clone();
     persist.extend(layout.custom_bind_mounts.iter().cloned());
+    if live && !persist.is_empty() {
+        plan.warnings.push(format!(
+            "live boot: {} persistent state paths not bound: nothing of a live system persists",
+            persist.len()
+        ));
+        persist.clear();
+    }
     let persist = layout::sort_persistent(&persist);
     if !persist.is_empty() && !state_ok {
         plan.warnings.push(format!(
@@ -998,6 +1026,99 @@ mod tests {
             == Action::WriteFile {
                 path: "/run/cos/autoreset_mode".into(),
                 contents: "1".into()
+            }));
+    }
+    /// Issue 14: a Kairos image's layout names COS_PERSISTENT; booted live next to an
+    /// installed disk it must not mount that disk (read-write, or at all).
+    #[test]
+    fn live_boots_mount_no_disk_of_the_machine() {
+        const LIVE: &str = "root=live:CDLABEL=COS_LIVE rd.live.dir=/ rd.live.squashimg=rootfs.squashfs rd.cos.disable";
+        let f = image_with(&["/etc", "/var", "/srv", "/etc/ssh", "/home"]);
+        let mut devices = all_devices();
+        devices.push(dev("vdb1", "DATA"));
+        // The layout of a Kairos image (SPEC section 3), with a device overlay on top.
+        let (layout, w) = Layout::apply(
+            Layout::recovery_default(),
+            &[(
+                PathBuf::from("/sysroot/etc/cos/cos-layout.env"),
+                vec![
+                    ("VOLUMES".into(), "LABEL=COS_PERSISTENT:/usr/local".into()),
+                    ("OVERLAY".into(), "LABEL=COS_PERSISTENT".into()),
+                    (
+                        "PERSISTENT_STATE_PATHS".into(),
+                        "/etc/ssh /home /var/lib/rancher".into(),
+                    ),
+                    ("CUSTOM_BIND_MOUNTS".into(), "/var/lib/extra".into()),
+                ],
+            )],
+        );
+        assert!(w.is_empty(), "{w:?}");
+        let p = plan(LIVE, &layout, &devices, &f);
+        let acts: Vec<&Action> = p.steps.iter().map(|s| &s.action).collect();
+        assert_eq!(
+            acts[0],
+            &Action::Tmpfs {
+                target: "/run/overlay".into(),
+                size: "25%".into()
+            }
+        );
+        assert!(
+            !acts.iter().any(|a| matches!(
+                a,
+                Action::Device { .. } | Action::Bind { .. } | Action::SyncMissing { .. }
+            )),
+            "{acts:#?}"
+        );
+        assert!(
+            acts.iter()
+                .any(|a| matches!(a, Action::Overlay { target, .. } if target == "/sysroot/etc"))
+        );
+        assert_eq!(
+            acts.last(),
+            Some(&&Action::WriteFile {
+                path: "/run/cos/live_mode".into(),
+                contents: "1".into()
+            })
+        );
+        for want in [
+            "live boot: overlay device LABEL=COS_PERSISTENT not used",
+            "live boot: the layout's VOLUMES (LABEL=COS_PERSISTENT:/usr/local) are not mounted",
+            "live boot: 4 persistent state paths not bound",
+        ] {
+            assert!(
+                p.warnings.iter().any(|w| w.starts_with(want)),
+                "{want}: {:?}",
+                p.warnings
+            );
+        }
+        // A mount asked for on the command line happens, read-only, COS_PERSISTENT included.
+        let p = plan(
+            &format!(
+                "{LIVE} rd.cos.mount=LABEL=DATA:/data rd.cos.mount=LABEL=COS_PERSISTENT:/usr/local"
+            ),
+            &layout,
+            &devices,
+            &f,
+        );
+        let ro: Vec<(&str, bool)> = p
+            .steps
+            .iter()
+            .filter_map(|s| match &s.action {
+                Action::Device {
+                    target, readonly, ..
+                } => Some((target.as_str(), *readonly)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ro, [("/sysroot/data", true), ("/sysroot/usr/local", true)]);
+        // The same layout on an installed system still mounts COS_PERSISTENT read-write.
+        let p = plan(ACTIVE_CMDLINE, &layout, &devices, &f);
+        assert!(p.steps.iter().any(|s| s.action
+            == Action::Device {
+                device: "/dev/vda5".into(),
+                target: "/sysroot/usr/local".into(),
+                fstype: "ext4".into(),
+                readonly: false,
             }));
     }
 }

@@ -39,11 +39,16 @@ impl FsType {
 
     /// The kernel module providing the filesystem.
     pub fn module(self) -> &'static str {
-        match self {
-            FsType::Ext2 | FsType::Ext3 | FsType::Ext4 => "ext4",
-            FsType::Iso9660 => "isofs",
-            other => other.name(),
-        }
+        module_for(self.mount_type())
+    }
+}
+
+/// The kernel module providing the mount(2) type `mount_type`: `isofs` for iso9660, the
+/// type's own name for the others this crate mounts (ext4, vfat, xfs, squashfs, overlay).
+pub fn module_for(mount_type: &str) -> &str {
+    match mount_type {
+        "iso9660" => "isofs",
+        other => other,
     }
 }
 
