@@ -2,6 +2,7 @@
 //! initramfs once per test process, builds disks per test and boots them.
 
 pub mod hardening;
+pub mod iso;
 pub mod mesh;
 pub mod registry;
 pub mod tapnet;
