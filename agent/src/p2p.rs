@@ -29,6 +29,14 @@ pub enum P2pError {
     Token(#[from] kairos_p2p::token::TokenError),
     #[error(transparent)]
     Qr(#[from] qr::QrError),
+    /// The error is in the message, so not also the source (no repeat in chains).
+    #[error("{path}: neither a PNG nor a text file with a QR code or a token: {error}")]
+    QrText { path: PathBuf, error: qr::QrError },
+    #[error("reading {path}: {source}")]
+    ReadArg {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Node(#[from] node::NodeError),
     #[error("reading the config to send, {path}: {source}")]
@@ -110,8 +118,9 @@ pub struct RegisterArgs {
     /// Give up after this many seconds without an acknowledgement
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub timeout: u64,
-    /// A PNG with the node's QR code, or the token itself
-    #[arg(value_name = "IMAGE_OR_TOKEN")]
+    /// The node's QR code as a PNG, or as a text file holding the console's block-character
+    /// drawing (a serial log), or the token itself
+    #[arg(value_name = "QR_OR_TOKEN")]
     pub image_or_token: String,
 }
 
@@ -397,13 +406,33 @@ fn save_pairing(ctx: &Ctx, data: &PairingData, out: &mut dyn Write) -> Result<Pa
     Ok(cc)
 }
 
-/// The token from a QR code image, or the argument itself.
+/// The token from `register`'s argument: a PNG with the QR code; else a text file with the
+/// code drawn in block characters (a saved console or serial log, see
+/// [`qr::decode_text`]) or with just the token in it; else the argument itself.
 pub fn token_from_arg(arg: &str) -> Result<String, P2pError> {
+    const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
     let p = Path::new(arg);
-    if p.is_file() {
-        Ok(qr::decode_png(p)?)
-    } else {
-        Ok(arg.to_owned())
+    if !p.is_file() {
+        return Ok(arg.to_owned());
+    }
+    let bytes = std::fs::read(p).map_err(|source| P2pError::ReadArg {
+        path: p.to_path_buf(),
+        source,
+    })?;
+    if bytes.starts_with(PNG_MAGIC) {
+        return Ok(qr::decode_png(p)?);
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    match qr::decode_text(&text) {
+        Ok(t) => Ok(t),
+        // A file holding only the token.
+        Err(qr::QrError::NoTextCode) if text.split_whitespace().count() == 1 => {
+            Ok(text.trim().to_owned())
+        }
+        Err(error) => Err(P2pError::QrText {
+            path: p.to_path_buf(),
+            error,
+        }),
     }
 }
 
@@ -456,6 +485,30 @@ mod tests {
         qr::write_png(&t, &png).unwrap();
         assert_eq!(token_from_arg(png.to_str().unwrap()).unwrap(), t);
         assert_eq!(token_from_arg(&t).unwrap(), t);
+        // A serial log with the console QR in it; a file with only the token; a text file
+        // with neither.
+        let log = dir.path().join("serial.log");
+        std::fs::write(
+            &log,
+            format!(
+                "boot...\r\n{}\r\nkairos-agent register ...\r\n",
+                qr::render_text(&t).unwrap().replace('\n', "\r\n")
+            ),
+        )
+        .unwrap();
+        assert_eq!(token_from_arg(log.to_str().unwrap()).unwrap(), t);
+        let plain = dir.path().join("token.txt");
+        std::fs::write(&plain, format!("{t}\n")).unwrap();
+        assert_eq!(token_from_arg(plain.to_str().unwrap()).unwrap(), t);
+        let junk = dir.path().join("junk.txt");
+        std::fs::write(&junk, "no code\nin here\n").unwrap();
+        let e = token_from_arg(junk.to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("{}: neither", junk.display())),
+            "{e}"
+        );
     }
 
     fn request(device: &str, reboot: bool) -> PairingData {

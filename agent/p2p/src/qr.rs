@@ -34,6 +34,10 @@ pub enum QrError {
     NotFound(PathBuf),
     #[error("the QR code in {path} does not decode: {msg}")]
     Decode { path: PathBuf, msg: String },
+    #[error("no QR code drawn in block characters (▀ ▄ █) in the text")]
+    NoTextCode,
+    #[error("the block-character QR code in the text does not decode: {0}")]
+    TextDecode(String),
 }
 
 fn code(data: &str) -> Result<QrCode, QrError> {
@@ -49,6 +53,92 @@ pub fn render_text(data: &str) -> Result<String, QrError> {
         .light_color(Dense1x2::Light)
         .quiet_zone(true)
         .build())
+}
+
+/// Upper half, lower half dark: the characters [`render_text`] draws (Dense1x2).
+fn cell(c: char) -> Option<(bool, bool)> {
+    match c {
+        ' ' => Some((false, false)),
+        '\u{2580}' => Some((true, false)),
+        '\u{2584}' => Some((false, true)),
+        '\u{2588}' => Some((true, true)),
+        _ => None,
+    }
+}
+
+/// The text of the QR code drawn by [`render_text`] somewhere in `text`: a console log with
+/// other lines around it, `\r\n` line ends, trailing spaces cut. Each run of lines made only
+/// of block characters and spaces is read back into modules (two per character, upper and
+/// lower), cropped to its dark modules (the finder patterns are three of its corners) and
+/// decoded; the first run that decodes wins.
+pub fn decode_text(text: &str) -> Result<String, QrError> {
+    let mut runs: Vec<Vec<&str>> = Vec::new();
+    let mut run: Vec<&str> = Vec::new();
+    for line in text.split('\n') {
+        let line = line.trim_end_matches('\r');
+        let drawn = line.chars().all(|c| cell(c).is_some());
+        if drawn {
+            run.push(line);
+        } else if !run.is_empty() {
+            runs.push(std::mem::take(&mut run));
+        }
+    }
+    runs.push(run);
+    // Last, all drawn lines as one run: one code with a kernel message printed into it.
+    let all: Vec<&str> = runs.iter().flatten().copied().collect();
+    if runs.len() > 1 {
+        runs.push(all);
+    }
+    let mut last = None;
+    for run in runs {
+        // Blank lines around the code (its quiet zone) carry nothing.
+        let Some(first) = run.iter().position(|l| !l.trim().is_empty()) else {
+            continue;
+        };
+        let end = run
+            .iter()
+            .rposition(|l| !l.trim().is_empty())
+            .unwrap_or(first);
+        match decode_rows(&run[first..=end]) {
+            Ok(t) => return Ok(t),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(QrError::NoTextCode))
+}
+
+/// Decodes lines of block characters: two module rows per line.
+fn decode_rows(lines: &[&str]) -> Result<String, QrError> {
+    let mut rows: Vec<Vec<bool>> = Vec::new();
+    for l in lines {
+        let (top, bottom): (Vec<bool>, Vec<bool>) = l.chars().filter_map(cell).unzip();
+        rows.push(top);
+        rows.push(bottom);
+    }
+    let dark = |x: usize, y: usize| rows.get(y).and_then(|r| r.get(x)).copied().unwrap_or(false);
+    let mut ys = (0..rows.len()).filter(|&y| rows[y].iter().any(|d| *d));
+    let (Some(y0), y1) = (ys.next(), ys.next_back()) else {
+        return Err(QrError::NoTextCode);
+    };
+    let y1 = y1.unwrap_or(y0);
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut xs = (0..width).filter(|&x| (y0..=y1).any(|y| dark(x, y)));
+    let (Some(x0), x1) = (xs.next(), xs.next_back()) else {
+        return Err(QrError::NoTextCode);
+    };
+    let x1 = x1.unwrap_or(x0);
+    let size = x1 - x0 + 1;
+    if y1 - y0 + 1 != size || size < 21 || (size - 17) % 4 != 0 {
+        return Err(QrError::TextDecode(format!(
+            "the drawn code is {size} x {} modules, not the square of a QR version",
+            y1 - y0 + 1
+        )));
+    }
+    let grid = rqrr::SimpleGrid::from_func(size, |x, y| dark(x0 + x, y0 + y));
+    rqrr::Grid::new(grid)
+        .decode()
+        .map(|(_, t)| t)
+        .map_err(|e| QrError::TextDecode(e.to_string()))
 }
 
 /// Write the code as an 8-bit greyscale PNG.
@@ -166,6 +256,41 @@ mod tests {
         assert_eq!(mode, 0o600, "the PNG holds the token");
         let text = render_text(&token).unwrap();
         assert!(text.contains('█') || text.contains('▀') || text.contains('▄'));
+    }
+
+    #[test]
+    fn token_round_trips_through_console_text() {
+        let token = Token::generate().encode();
+        let drawn = render_text(&token).unwrap();
+        // As a serial log holds it: CR LF line ends, log lines around it, one line with its
+        // trailing blanks cut and the blank quiet-zone lines gone.
+        let mut lines: Vec<String> = drawn.lines().map(str::to_owned).collect();
+        lines.retain(|l| !l.trim().is_empty());
+        lines[3] = lines[3].trim_end().to_owned();
+        let log = format!(
+            "[    1.234] kairos-init: started /usr/bin/kairos-agent\r\nInstall by hand: kairos-agent install --device /dev/vda\r\n\r\n{}\r\n\r\nkairos-agent register <token|qr.png|qr.txt>\r\n",
+            lines.join("\r\n")
+        );
+        assert_eq!(decode_text(&log).unwrap(), token);
+        // As drawn, plain.
+        assert_eq!(decode_text(&drawn).unwrap(), token);
+        // A kernel message printed into the middle of the code.
+        let mut split = lines.clone();
+        split.insert(12, "[   12.345678] random: crng init done".into());
+        assert_eq!(decode_text(&split.join("\n")).unwrap(), token);
+        // Two codes: the first wins; garbage and no code at all are named errors.
+        let other = Token::generate().encode();
+        let two = format!("{drawn}\nbetween\n{}", render_text(&other).unwrap());
+        assert_eq!(decode_text(&two).unwrap(), token);
+        assert!(matches!(
+            decode_text("no code here\n"),
+            Err(QrError::NoTextCode)
+        ));
+        let cut: String = drawn.lines().take(10).collect::<Vec<_>>().join("\n");
+        assert!(
+            matches!(decode_text(&cut), Err(QrError::TextDecode(_))),
+            "{cut}"
+        );
     }
 
     #[test]
