@@ -812,6 +812,50 @@ mod tests {
         );
     }
 
+    /// Issue 14: an ISO written to a USB stick. xorriso's hybrid image has the ISO 9660
+    /// volume on the whole disk and a GPT whose partitions (the gaps, the EFI image) carry no
+    /// such label: the whole disk is the medium. An image made with a partition offset has a
+    /// second superblock in partition 1: then that one, and only one device either way.
+    #[test]
+    fn a_live_stick_is_found_on_its_whole_disk() {
+        let dev = |name: &str, part: bool, fs: Option<(probe::FsType, Option<&str>)>| BlockDev {
+            name: name.into(),
+            devnode: PathBuf::from(format!("/dev/{name}")),
+            partname: None,
+            is_partition: part,
+            disk: "sda".into(),
+            size_bytes: 1 << 20,
+            fs: fs.map(|(fstype, label)| FsInfo {
+                fstype,
+                label: label.map(str::to_string),
+                uuid: None,
+            }),
+        };
+        let iso = Some((probe::FsType::Iso9660, Some("COS_LIVE")));
+        let mut devs = vec![
+            dev("sda", false, iso),
+            dev("sda1", true, None),
+            dev("sda2", true, Some((probe::FsType::Vfat, None))),
+            dev("sda3", true, None),
+            dev("vda", false, None),
+        ];
+        let (first, dups) = find_by_label(&devs, "COS_LIVE").expect("found");
+        assert_eq!((first.name.as_str(), dups.len()), ("sda", 0));
+        assert_eq!(
+            find_spec(&devs, "LABEL=COS_LIVE").map(|d| d.name.as_str()),
+            Some("sda")
+        );
+        devs[1].fs = iso.map(|(t, l)| FsInfo {
+            fstype: t,
+            label: l.map(str::to_string),
+            uuid: None,
+        });
+        assert_eq!(
+            find_spec(&devs, "LABEL=COS_LIVE").map(|d| d.name.as_str()),
+            Some("sda1")
+        );
+    }
+
     /// Issue 15 item 2: a stray disk (sda) carrying COS_STATE, COS_OEM and COS_PERSISTENT
     /// sorts before the Kairos disk GRUB booted from (vda). Only vda's partitions are used;
     /// the stray's are named for the log; unlabelled devices elsewhere stay.
