@@ -86,6 +86,11 @@ enum Cmd {
     /// passive and recovery images from the source, BIOS or UEFI GRUB; refuses a disk in use
     /// or too small
     Install(InstallArgs),
+    /// Install to a whole disk with a cloud-config, as upstream's manual-install: the
+    /// config's install.device, install.source, install.reboot and install.poweroff are the
+    /// defaults of the flags; `auto` when nothing names a disk
+    #[command(visible_alias = "m")]
+    ManualInstall(ManualInstallArgs),
     /// Upgrade the system (or recovery) image: pull and verify the source, build
     /// COS_STATE:/cOS/transition.img, rotate active -> passive, arm the boot counters
     Upgrade(UpgradeArgs),
@@ -159,6 +164,29 @@ struct InstallArgs {
     /// Boot code to install
     #[arg(long, value_enum, default_value_t)]
     firmware: kairos_agent::install::efi::Firmware,
+}
+
+#[derive(Args)]
+struct ManualInstallArgs {
+    /// The whole disk to install to (everything on it is lost), or `auto` [default: CONFIG's
+    /// install.device, else this node's, else auto]
+    #[arg(long, value_name = "DEV")]
+    device: Option<PathBuf>,
+    /// As for install [default: CONFIG's install.source, else this node's, else dir:/]
+    #[arg(long, value_name = "SRC")]
+    source: Option<String>,
+    /// Reboot when done (also with install.reboot in CONFIG)
+    #[arg(long)]
+    reboot: bool,
+    /// Power off when done (also with install.poweroff in CONFIG)
+    #[arg(long)]
+    poweroff: bool,
+    /// Boot code to install
+    #[arg(long, value_enum, default_value_t)]
+    firmware: kairos_agent::install::efi::Firmware,
+    /// The cloud-config to install with (COS_OEM:/90_custom.yaml, mode 0600)
+    #[arg(value_name = "CONFIG")]
+    config: PathBuf,
 }
 
 #[derive(Args)]
@@ -303,6 +331,24 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 &mut std::io::stderr(),
             )
             .context("install")?
+        }
+        Cmd::ManualInstall(a) => {
+            drop((out, err));
+            let opts = kairos_agent::install::ManualOptions {
+                config: a.config,
+                device: a.device,
+                source: a.source,
+                reboot: a.reboot,
+                poweroff: a.poweroff,
+                firmware: a.firmware,
+            };
+            kairos_agent::install::manual_install(
+                &ctx,
+                &opts,
+                &mut std::io::stdout(),
+                &mut std::io::stderr(),
+            )
+            .context("manual-install")?
         }
         Cmd::Upgrade(a) => {
             use kairos_agent::upgrade::{self, rotate::Booted};

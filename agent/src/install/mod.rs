@@ -1178,6 +1178,96 @@ pub fn auto_target(
     Ok(path)
 }
 
+/// `kairos-agent manual-install CONFIG`'s options (upstream's flags: --device, --source,
+/// --reboot, --poweroff).
+#[derive(Debug, Clone, Default)]
+pub struct ManualOptions {
+    /// The cloud-config to install with (copied to COS_OEM:/90_custom.yaml).
+    pub config: PathBuf,
+    /// The whole disk [default: CONFIG's install.device, else this node's, else `auto`].
+    pub device: Option<PathBuf>,
+    /// [default: CONFIG's install.source, else this node's, else `dir:/`].
+    pub source: Option<String>,
+    pub reboot: bool,
+    pub poweroff: bool,
+    pub firmware: efi::Firmware,
+}
+
+/// Upstream's `manual-install`: [`install`] with CONFIG as the cloud-config, its
+/// `install.device` / `install.source` / `install.reboot` / `install.poweroff` as defaults
+/// for the flags, `auto` when nothing names a disk (removable and USB disks with CONFIG's or
+/// this node's `install.allow-removable`); then reboot or power off.
+pub fn manual_install(
+    ctx: &Ctx,
+    opts: &ManualOptions,
+    out: &mut dyn Write,
+    log: &mut dyn Write,
+) -> Result<Outcome, InstallError> {
+    let c = &opts.config;
+    let text = std::fs::read_to_string(c).map_err(io(c, "reading the config"))?;
+    let origin = c.display().to_string();
+    let parsed = config::parse(&origin, &text, true)
+        .map_err(|e| InstallError::Other(e.to_string()))?
+        .ok_or_else(|| {
+            InstallError::Other(format!(
+                "{origin}: no #cloud-config header in its first lines; nothing was written"
+            ))
+        })?;
+    let given = parsed.config.install.unwrap_or_default();
+    let node = config::load(ctx, &LoadOptions::default())
+        .merged
+        .install
+        .unwrap_or_default();
+    let named = |d: &Option<String>| {
+        d.as_deref()
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+    };
+    let device = opts
+        .device
+        .clone()
+        .or_else(|| named(&given.device))
+        .or_else(|| named(&node.device))
+        .unwrap_or_else(|| PathBuf::from("auto"));
+    let device = if device.as_os_str() == "auto" {
+        let policy = device::AutoPolicy {
+            removable: given.allow_removable || node.allow_removable,
+            kairos: true,
+        };
+        let (picked, seen) = device::pick_auto(ctx, policy)?;
+        writeln!(log, "install: device auto: {}", picked.display())?;
+        if !seen.kairos.is_empty() {
+            writeln!(
+                log,
+                "install: {} holds a Kairos installation ({}); it is replaced",
+                picked.display(),
+                seen.kairos.join(", ")
+            )?;
+        }
+        picked
+    } else {
+        device
+    };
+    let install_opts = Options {
+        device: Some(device),
+        source: opts
+            .source
+            .clone()
+            .or(given.source)
+            .filter(|s| !s.trim().is_empty()),
+        config: Some(c.clone()),
+        grub_dir: None,
+        firmware: opts.firmware,
+    };
+    let finish = Finish {
+        reboot: opts.reboot || given.reboot,
+        poweroff: opts.poweroff || given.poweroff,
+        hold: false,
+    };
+    install_then(ctx, &install_opts, "manual-install", finish, out, log)
+}
+
 /// A merged cloud-config as text for a file: JSON is YAML, the header makes it a cloud-config.
 pub fn cloud_config_text(
     raw: &serde_json::Map<String, serde_json::Value>,
@@ -1547,6 +1637,46 @@ mod tests {
             )
         );
         assert!(!ctx.path("/run/kairos/auto-install.yaml").exists());
+    }
+
+    #[test]
+    fn manual_install_takes_its_defaults_from_the_config() {
+        let f = installed_machine(false);
+        let ctx = &f.t.ctx;
+        let cfg = ctx.path("/tmp/config.yaml");
+        let run = |text: &str, device: Option<&str>| {
+            std::fs::create_dir_all(cfg.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&cfg, text).expect("write");
+            let opts = ManualOptions {
+                config: cfg.clone(),
+                device: device.map(PathBuf::from),
+                ..ManualOptions::default()
+            };
+            let (r, _, log) = crate::testutil::run(|o, e| manual_install(ctx, &opts, o, e));
+            (r.expect_err("no real disk").to_string(), log)
+        };
+        // CONFIG's install.device.
+        let (e, _) = run(
+            "#cloud-config\ninstall:\n  device: /nonexistent-disk\n",
+            None,
+        );
+        assert!(e.starts_with("/nonexistent-disk: cannot stat it"), "{e}");
+        // --device wins.
+        let (e, _) = run(
+            "#cloud-config\ninstall:\n  device: /nonexistent-disk\n",
+            Some("/other-disk"),
+        );
+        assert!(e.starts_with("/other-disk: cannot stat it"), "{e}");
+        // Nothing names a disk: auto, which a person may point at a Kairos disk (the live
+        // config's install.device: auto here is this node's).
+        let (e, log) = run("#cloud-config\nhostname: x\n", None);
+        assert!(e.starts_with("/dev/testdisk: cannot stat it"), "{e}");
+        assert!(
+            log.contains("install: /dev/testdisk holds a Kairos installation (COS_STATE on /dev/testdisk4, COS_PERSISTENT on /dev/testdisk5); it is replaced"),
+            "{log}"
+        );
+        let (e, _) = run("hostname: x\n", None);
+        assert!(e.contains("no #cloud-config header"), "{e}");
     }
 
     #[test]
