@@ -40,7 +40,8 @@ fn open(ctx: &Ctx, also: impl AsFd) -> Option<File> {
         return None;
     }
     OpenOptions::new()
-        .write(true)
+        // Append: a file standing in for the console (tests) keeps every line.
+        .append(true)
         // Never become the console's controlling process.
         .custom_flags(libc::O_NOCTTY)
         .open(&path)

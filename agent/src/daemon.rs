@@ -114,12 +114,21 @@ pub fn run(
         }
     }
     // A live boot with install.auto installs (and usually reboots) before anything else starts.
-    if let Some(r) = crate::install::auto_install(ctx, &loaded, &mut std::io::stdout(), log) {
+    let auto = crate::install::auto_install(ctx, &loaded, &mut std::io::stdout(), log);
+    if let Some(r) = &auto {
         // A refusal or failure was said already, on the log and the console.
         if r.is_ok() {
             writeln!(log, "kairos-agent: install.auto finished")?;
         }
     }
+    // A live boot that did not install: the install screen on the console, and with
+    // install-mode (or nodepair.enable) and no install.auto, upstream's QR pairing in the
+    // background (nothing else runs on a live boot: no K3s, no mesh without a token).
+    let _pairing = if ctx.mode() == Some("live") && !auto.as_ref().is_some_and(|r| r.is_ok()) {
+        live_install_screen(ctx, auto.is_some(), log)?
+    } else {
+        None
+    };
     // A `kairos.reset` boot (GRUB's statereset entry, chosen by hand or by a pending reset)
     // resets the node and reboots; a failure leaves recovery running for a person to look.
     if let Some(Err(e)) = crate::reset::auto_reset(ctx, &mut std::io::stdout(), log) {
@@ -245,6 +254,29 @@ pub fn run(
             }
         }
     }
+}
+
+/// The live console without an install: the pairing thread when the kernel command line
+/// asks for install mode and install.auto did not run (`auto_ran`), else the install screen
+/// alone.
+fn live_install_screen(
+    ctx: &Ctx,
+    auto_ran: bool,
+    log: &mut dyn Write,
+) -> Result<Option<std::thread::JoinHandle<()>>, AgentError> {
+    let cmdline = std::fs::read_to_string(ctx.path("/proc/cmdline")).unwrap_or_default();
+    if !auto_ran && crate::p2p::install_mode_requested(&cmdline) {
+        match crate::p2p::start_live_pairing(ctx) {
+            Ok(h) => return Ok(Some(h)),
+            Err(e) => writeln!(
+                log,
+                "kairos-agent: error: install mode: pairing thread: {e}"
+            )?,
+        }
+    }
+    let disks = crate::install::device::seen_disks(ctx);
+    crate::console::show(ctx, &crate::p2p::install_screen(&disks, None));
+    Ok(None)
 }
 
 /// The mesh node, `kairos-agent p2p run`, as a child of the daemon: restarted with back-off
@@ -382,6 +414,42 @@ mod tests {
     use kairos_init::grubenv;
     use std::os::unix::fs::PermissionsExt;
     use std::sync::Mutex;
+
+    #[test]
+    fn a_live_boot_without_install_shows_the_install_screen() {
+        let t = Tree::new();
+        t.cmdline("root=live:CDLABEL=COS_LIVE rd.live.dir=/ rd.live.squashimg=rootfs.squashfs");
+        t.file("/run/cos/live_mode", "");
+        t.file("/dev/console", "");
+        let opts = DaemonOptions {
+            run_stages: false,
+            health_timeout: Duration::from_millis(100),
+            ..DaemonOptions::default()
+        };
+        let (tx, rx) = mpsc::channel();
+        let ctx = t.ctx.clone();
+        let h = std::thread::spawn(move || {
+            let mut log = Vec::new();
+            let r = super::run(&ctx, &opts, &rx, &mut log);
+            (r.unwrap(), String::from_utf8(log).unwrap())
+        });
+        let end = Instant::now() + Duration::from_secs(10);
+        while !t.ctx.path(READY).exists() {
+            assert!(Instant::now() < end, "daemon not ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tx.send(Event::Stop(0)).unwrap();
+        let (outcome, _) = h.join().unwrap();
+        assert_eq!(outcome, Outcome::Done);
+        let console = std::fs::read_to_string(t.ctx.path("/dev/console")).unwrap();
+        assert!(console.contains(crate::p2p::SCREEN_TITLE), "{console}");
+        assert!(
+            console.contains("  kairos-agent manual-install --device /dev/XXX CONFIG\n"),
+            "{console}"
+        );
+        // No install-mode on the command line: no pairing code.
+        assert!(!console.contains("register"), "{console}");
+    }
 
     #[test]
     fn stages_k3s_mark_good_and_stop() {

@@ -200,16 +200,9 @@ pub fn p2p(
                 }
                 None => (P2pConfig::default(), Token::generate()),
             };
-            let text = token.encode();
-            let png = ctx.path(PAIRING_PNG);
-            qr::write_png(&text, &png)?;
-            writeln!(out, "{}", qr::render_text(&text)?)?;
-            writeln!(
-                out,
-                "kairos-p2p: scan this code or run `kairos-agent register {}` (QR saved to {})",
-                png.display(),
-                png.display()
-            )?;
+            let drawn = show_token(ctx, &token.encode())?;
+            let disks = crate::install::device::seen_disks(ctx);
+            writeln!(out, "{}", install_screen(&disks, Some(&drawn)))?;
             out.flush()?;
             let outcome = node::run(node::Options {
                 root: ctx.root.clone(),
@@ -233,6 +226,153 @@ pub fn p2p(
         }
     }
     Ok(Outcome::Done)
+}
+
+/// Where the pairing QR code is also saved as text (the console's drawing), under the root:
+/// `register` reads it as well as the PNG.
+pub const PAIRING_TXT: &str = "/run/kairos/pairing-qr.txt";
+
+/// Upstream's install mode asked for on the kernel command line: `install-mode`, or
+/// `nodepair.enable` (bare or `=1`/`=true`/`=yes`).
+pub fn install_mode_requested(cmdline: &str) -> bool {
+    cmdline.split_ascii_whitespace().any(|w| match w {
+        "install-mode" | "nodepair.enable" => true,
+        w => w
+            .strip_prefix("nodepair.enable=")
+            .is_some_and(|v| matches!(v, "1" | "true" | "yes" | "on")),
+    })
+}
+
+/// The first line of the live console's install screen.
+pub const SCREEN_TITLE: &str = "Kairos live system: not installed";
+/// The line the pairing screen ends with, once the node listens.
+pub const WAITING: &str =
+    "kairos-agent: install mode: waiting for `kairos-agent register` from this network";
+
+/// The live console's install screen: how to install by hand, the disks seen, and with `qr`
+/// (the pairing token drawn by [`qr::render_text`]) how to send a config by QR code.
+pub fn install_screen(disks: &[crate::install::device::Candidate], qr: Option<&str>) -> String {
+    let rule = "=".repeat(72);
+    let mut s = format!(
+        "{rule}\n{SCREEN_TITLE}\n\
+         To install by hand (everything on the disk is lost):\n\
+         \x20 kairos-agent install --device /dev/XXX [--config FILE]\n\
+         \x20 kairos-agent manual-install --device /dev/XXX CONFIG\n\
+         Disks:\n"
+    );
+    if disks.is_empty() {
+        s.push_str("  (none found under /sys/block)\n");
+    }
+    for d in disks {
+        s.push_str(&format!("  /dev/{}\n", d.describe()));
+    }
+    if let Some(qr) = qr {
+        s.push_str(&format!(
+            "To install with a config sent from another machine on this network, run there:\n\
+             \x20 kairos-agent register [--config FILE] [--device /dev/XXX] [--reboot|--poweroff] <token|qr.png|qr.txt>\n\
+             with the pairing token of this QR code (scan this code, or save this screen as qr.txt;\n\
+             also in {PAIRING_PNG} and {PAIRING_TXT}):\n{qr}\n"
+        ));
+    }
+    s.push_str(&rule);
+    s
+}
+
+/// Saves the token's QR code (PNG and text, root only) and returns the drawing.
+fn show_token(ctx: &Ctx, token: &str) -> Result<String, P2pError> {
+    qr::write_png(token, &ctx.path(PAIRING_PNG))?;
+    let drawn = qr::render_text(token)?;
+    let txt = ctx.path(PAIRING_TXT);
+    install::write_private(&txt, format!("{drawn}\n").as_bytes())
+        .map_err(|source| P2pError::Write { path: txt, source })?;
+    Ok(drawn)
+}
+
+/// Upstream's install mode on a live boot (the daemon's part): the install screen with a
+/// fresh token's QR code on the console, then wait for `register` and install with what it
+/// sends (as `p2p pair` does), rebooting or powering off as asked. A failed pairing or
+/// install is said on the console and starts over with a new token. Runs in its own thread
+/// so the daemon goes on; SIGTERM ends it.
+pub fn start_live_pairing(ctx: &Ctx) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let ctx = ctx.clone();
+    std::thread::Builder::new()
+        .name("pairing".into())
+        .spawn(move || live_pairing(&ctx))
+}
+
+fn live_pairing(ctx: &Ctx) {
+    use crate::console;
+    let mut err = std::io::stderr();
+    let mut backoff = Duration::from_secs(5);
+    loop {
+        let token = Token::generate();
+        let disks = install::device::seen_disks(ctx);
+        let drawn = match show_token(ctx, &token.encode()) {
+            Ok(d) => d,
+            Err(e) => {
+                console::say(ctx, &mut err, &format!("kairos-agent: install mode: {e}"));
+                console::show(ctx, &install_screen(&disks, None));
+                return;
+            }
+        };
+        console::show(ctx, &install_screen(&disks, Some(&drawn)));
+        console::say(ctx, &mut err, WAITING);
+        let outcome = node::run(node::Options {
+            root: ctx.root.clone(),
+            config: P2pConfig::default(),
+            token,
+            mode: Mode::AwaitPairing,
+            k3s: Box::new(AgentK3s {
+                ctx: ctx.clone(),
+                running: Vec::new(),
+            }),
+            timeout: None,
+        });
+        let failed = match outcome {
+            Ok(NodeOutcome::Paired(data)) => {
+                console::say(
+                    ctx,
+                    &mut err,
+                    &format!(
+                        "kairos-agent: install mode: paired; installing (device {})",
+                        if data.device.trim().is_empty() {
+                            "from the config"
+                        } else {
+                            data.device.trim()
+                        }
+                    ),
+                );
+                let mut out = std::io::stdout();
+                let r = save_pairing(ctx, &data, &mut out).and_then(|saved| {
+                    install_paired(ctx, &data, &saved, false, &mut out, &mut err)
+                });
+                match r {
+                    // Installed, and neither reboot nor poweroff asked: the live system stays.
+                    Ok(_) => {
+                        console::say(
+                            ctx,
+                            &mut err,
+                            "kairos-agent: install mode: installed; reboot to use the new system",
+                        );
+                        return;
+                    }
+                    Err(e) => e.to_string(),
+                }
+            }
+            Ok(_) => return,
+            Err(e) => e.to_string(),
+        };
+        console::say(
+            ctx,
+            &mut err,
+            &format!(
+                "kairos-agent: install mode: {failed}; a new pairing code follows in {} s",
+                backoff.as_secs()
+            ),
+        );
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
 }
 
 /// What the pairing makes the installer do.
@@ -413,6 +553,18 @@ pub fn token_from_arg(arg: &str) -> Result<String, P2pError> {
     const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
     let p = Path::new(arg);
     if !p.is_file() {
+        // A token is base64 (`/` included, never `./` or a leading `/`): a path that is not
+        // there is a mistyped path, not a token.
+        if arg.starts_with('/')
+            || arg.starts_with("./")
+            || arg.ends_with(".png")
+            || arg.ends_with(".txt")
+        {
+            return Err(P2pError::ReadArg {
+                path: p.to_path_buf(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
         return Ok(arg.to_owned());
     }
     let bytes = std::fs::read(p).map_err(|source| P2pError::ReadArg {
@@ -478,6 +630,60 @@ mod tests {
     use super::*;
 
     #[test]
+    fn install_mode_from_the_command_line() {
+        let base = "root=live:CDLABEL=COS_LIVE rd.live.dir=/ rd.cos.disable cdroot";
+        assert!(!install_mode_requested(base));
+        assert!(install_mode_requested(&format!("{base} install-mode")));
+        assert!(install_mode_requested(&format!("nodepair.enable {base}")));
+        assert!(install_mode_requested("nodepair.enable=true"));
+        assert!(!install_mode_requested("nodepair.enable=0 xinstall-mode"));
+    }
+
+    #[test]
+    fn the_install_screen_says_how_to_install_and_holds_the_code() {
+        use crate::install::device::Candidate;
+        let disks = [
+            Candidate {
+                name: "vda".into(),
+                size: 8 << 30,
+                busy: None,
+                removable: None,
+                kairos: Vec::new(),
+            },
+            Candidate {
+                name: "sda".into(),
+                size: 1 << 30,
+                busy: Some(
+                    "it holds the live system (/dev/sda is mounted at /run/initramfs/live)".into(),
+                ),
+                removable: Some("USB-attached"),
+                kairos: Vec::new(),
+            },
+        ];
+        let t = Token::generate().encode();
+        let drawn = qr::render_text(&t).unwrap();
+        let s = install_screen(&disks, Some(&drawn));
+        for want in [
+            SCREEN_TITLE,
+            "  kairos-agent install --device /dev/XXX [--config FILE]\n",
+            "  kairos-agent manual-install --device /dev/XXX CONFIG\n",
+            "  /dev/vda 8192 MiB\n",
+            "  /dev/sda 1024 MiB (it holds the live system (/dev/sda is mounted at /run/initramfs/live); USB-attached)\n",
+            "  kairos-agent register [--config FILE] [--device /dev/XXX] [--reboot|--poweroff] <token|qr.png|qr.txt>\n",
+            "scan this code",
+        ] {
+            assert!(s.contains(want), "{want:?} not in\n{s}");
+        }
+        // The screen as the console shows it is what `register` reads.
+        assert_eq!(qr::decode_text(&s).unwrap(), t);
+        let plain = install_screen(&disks, None);
+        assert!(
+            !plain.contains("register") && plain.contains(SCREEN_TITLE),
+            "{plain}"
+        );
+    }
+
+    #[test]
     fn token_argument_or_qr_image() {
         let dir = tempfile::tempdir().unwrap();
         let t = Token::generate().encode();
@@ -500,6 +706,10 @@ mod tests {
         let plain = dir.path().join("token.txt");
         std::fs::write(&plain, format!("{t}\n")).unwrap();
         assert_eq!(token_from_arg(plain.to_str().unwrap()).unwrap(), t);
+        let e = token_from_arg("/nonexistent/qr.txt")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("reading /nonexistent/qr.txt: "), "{e}");
         let junk = dir.path().join("junk.txt");
         std::fs::write(&junk, "no code\nin here\n").unwrap();
         let e = token_from_arg(junk.to_str().unwrap())

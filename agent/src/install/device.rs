@@ -491,6 +491,12 @@ fn mount_tables(ctx: &Ctx) -> (String, String) {
     (mountinfo, swaps)
 }
 
+/// [`candidates`] of this system, for a screen listing the disks.
+pub fn seen_disks(ctx: &Ctx) -> Vec<Candidate> {
+    let (mountinfo, swaps) = mount_tables(ctx);
+    candidates(ctx, &mountinfo, &swaps)
+}
+
 /// `install.device: auto`: [`choose_auto`] over [`candidates`]. Never the live medium or a
 /// disk in use; removable and USB disks only with `policy.removable`; a disk holding Kairos
 /// only with `policy.kairos` (else [`InstallError::HoldsKairos`] names it).
