@@ -832,10 +832,48 @@ pub fn deploy_images(
     image::relabel(&passive, labels::PASSIVE)?;
     p.step("building recovery.squashfs", log);
     image::mksquashfs(&tree, &rec_cos.join("recovery.squashfs"))?;
+    let missing = reset_tools_missing(&tree);
+    if !missing.is_empty() {
+        writeln!(
+            log,
+            "install: warning: the image has no {} (e2fsprogs): booted from its recovery copy, `kairos-agent reset` and the statereset entry cannot rebuild the system",
+            missing.join(", ")
+        )?;
+    }
     if work.exists() {
         std::fs::remove_dir_all(&work).map_err(io(&work, "removing"))?;
     }
     Ok(std::fs::metadata(&active).map(|m| m.len()).unwrap_or(0))
+}
+
+/// What `reset` runs in recovery (the recovery image is a copy of the installed one) that
+/// `tree` lacks: `mkfs.ext4` (or `mke2fs`) builds the new images, `e2label` (or `tune2fs`)
+/// labels passive. Looked for in the image's sbin and bin directories.
+pub fn reset_tools_missing(tree: &Path) -> Vec<&'static str> {
+    let has = |names: &[&str]| {
+        [
+            "usr/local/sbin",
+            "usr/local/bin",
+            "usr/sbin",
+            "usr/bin",
+            "sbin",
+            "bin",
+        ]
+        .iter()
+        .any(|d| {
+            names
+                .iter()
+                .any(|n| std::fs::symlink_metadata(tree.join(d).join(n)).is_ok())
+        })
+    };
+    let mut missing = Vec::new();
+    if !has(&["mkfs.ext4", "mke2fs"]) {
+        missing.push("mkfs.ext4");
+    }
+    if !has(&["e2label", "tune2fs"]) {
+        missing.push("e2label");
+    }
+    missing
 }
 
 /// Phase: GRUB's files on COS_STATE (grub.cfg and the modules of each platform written),
@@ -1456,6 +1494,20 @@ mod tests {
         .unwrap();
         assert_eq!(grub_prefix(&bios), "(hd0,gpt4)/grub2");
         assert!(layout((needed_mib(&s) - 1) * MIB, &s, fw).is_none());
+    }
+
+    #[test]
+    fn an_image_without_what_reset_needs_is_named() {
+        let t = tempfile::tempdir().expect("temp dir");
+        assert_eq!(reset_tools_missing(t.path()), ["mkfs.ext4", "e2label"]);
+        // Symlinks count whatever they point at (absolute links point into the image).
+        std::fs::create_dir_all(t.path().join("sbin")).expect("mkdir");
+        std::os::unix::fs::symlink("/sbin/mke2fs", t.path().join("sbin/mkfs.ext4"))
+            .expect("symlink");
+        assert_eq!(reset_tools_missing(t.path()), ["e2label"]);
+        std::fs::create_dir_all(t.path().join("usr/sbin")).expect("mkdir");
+        std::fs::write(t.path().join("usr/sbin/tune2fs"), "").expect("write");
+        assert!(reset_tools_missing(t.path()).is_empty());
     }
 
     #[test]
