@@ -104,7 +104,7 @@ fn live_boot(medium: Medium, firmware: Firmware) {
     );
     let up = v("uptime");
     println!(
-        "FIGURE iso live boot {medium:?} {}: power-on to driver done {:.1} s wall (guest uptime {up} s)",
+        "FIGURE iso live boot {medium:?} {}: power-on to power-off {:.1} s wall (driver done at guest uptime {up} s)",
         firmware.name(),
         r.elapsed.as_secs_f64()
     );
