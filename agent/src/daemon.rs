@@ -137,12 +137,25 @@ pub fn run(
     let mut k3s = None;
     // With a mesh token the P2P node picks the role and starts K3s itself (as upstream's
     // provider); the blocks then only carry its args.
+    // A live boot is the installer, not the node: its config's K3s and mesh are for the
+    // installed system (upstream starts neither off live media), and it has no boot entry
+    // of its own to mark good.
+    let live = ctx.mode() == Some("live");
     let mesh = loaded
         .merged
         .p2p
         .as_ref()
         .and_then(|p| p.network_token.as_deref())
         .is_some_and(|t| !t.is_empty());
+    let wants_k3s = Spec::from_config(&loaded.merged).is_some();
+    if live && (mesh || wants_k3s) {
+        writeln!(
+            log,
+            "kairos-agent: live boot: not starting {} (the config's, for the installed system)",
+            if mesh { "the mesh" } else { "K3s" }
+        )?;
+    }
+    let mesh = mesh && !live;
     let mut mesh_node = None;
     if mesh {
         writeln!(
@@ -151,7 +164,7 @@ pub fn run(
         )?;
         mesh_node = Some(MeshNode::start(ctx));
     }
-    let k3s_wanted = match Spec::from_config(&loaded.merged) {
+    let k3s_wanted = match Spec::from_config(&loaded.merged).filter(|_| !live) {
         Some(_) if mesh => true,
         Some(spec) => {
             match Supervisor::start_with(ctx, spec, opts.k3s.clone()) {
@@ -172,7 +185,7 @@ pub fn run(
     {
         writeln!(log, "kairos-agent: warning: {}: {e}", ready.display())?;
     }
-    let mut marking = Some(Instant::now() + opts.health_timeout);
+    let mut marking = (!live).then(|| Instant::now() + opts.health_timeout);
     let mut last_refusal = String::new();
     let mut next_health = Instant::now();
     let mut next_reconcile = Instant::now() + opts.reconcile_every;
@@ -421,6 +434,18 @@ mod tests {
         t.cmdline("root=live:CDLABEL=COS_LIVE rd.live.dir=/ rd.live.squashimg=rootfs.squashfs");
         t.file("/run/cos/live_mode", "");
         t.file("/dev/console", "");
+        // The installed system's K3s: not started off live media.
+        let root = t.ctx.root.display().to_string();
+        t.file("/oem/90_k3s.yaml", "#cloud-config\nk3s:\n  enabled: true\n");
+        t.file(
+            "/usr/bin/k3s",
+            format!("#!/bin/sh\necho \"$*\" > {root}/started\nexec sleep 30\n"),
+        );
+        std::fs::set_permissions(
+            t.ctx.path("/usr/bin/k3s"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
         let opts = DaemonOptions {
             run_stages: false,
             health_timeout: Duration::from_millis(100),
@@ -439,8 +464,16 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         tx.send(Event::Stop(0)).unwrap();
-        let (outcome, _) = h.join().unwrap();
+        let (outcome, log) = h.join().unwrap();
         assert_eq!(outcome, Outcome::Done);
+        assert!(
+            log.contains(
+                "kairos-agent: live boot: not starting K3s (the config's, for the installed system)"
+            ),
+            "{log}"
+        );
+        assert!(!log.contains("marking good"), "{log}");
+        assert!(!t.ctx.path("/started").exists());
         let console = std::fs::read_to_string(t.ctx.path("/dev/console")).unwrap();
         assert!(console.contains(crate::p2p::SCREEN_TITLE), "{console}");
         assert!(
