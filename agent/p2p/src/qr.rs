@@ -70,7 +70,8 @@ fn cell(c: char) -> Option<(bool, bool)> {
 /// other lines around it, `\r\n` line ends, trailing spaces cut. Each run of lines made only
 /// of block characters and spaces is read back into modules (two per character, upper and
 /// lower), cropped to its dark modules (the finder patterns are three of its corners) and
-/// decoded; the first run that decodes wins.
+/// decoded; the last run that decodes wins (a log holds codes oldest first: a node that
+/// showed a new code after a failed pairing listens with the newest).
 pub fn decode_text(text: &str) -> Result<String, QrError> {
     let mut runs: Vec<Vec<&str>> = Vec::new();
     let mut run: Vec<&str> = Vec::new();
@@ -84,8 +85,9 @@ pub fn decode_text(text: &str) -> Result<String, QrError> {
         }
     }
     runs.push(run);
+    runs.reverse();
     // Last, all drawn lines as one run: one code with a kernel message printed into it.
-    let all: Vec<&str> = runs.iter().flatten().copied().collect();
+    let all: Vec<&str> = runs.iter().rev().flatten().copied().collect();
     if runs.len() > 1 {
         runs.push(all);
     }
@@ -278,10 +280,10 @@ mod tests {
         let mut split = lines.clone();
         split.insert(12, "[   12.345678] random: crng init done".into());
         assert_eq!(decode_text(&split.join("\n")).unwrap(), token);
-        // Two codes: the first wins; garbage and no code at all are named errors.
+        // Two codes: the newest (last) wins; garbage and no code at all are named errors.
         let other = Token::generate().encode();
         let two = format!("{drawn}\nbetween\n{}", render_text(&other).unwrap());
-        assert_eq!(decode_text(&two).unwrap(), token);
+        assert_eq!(decode_text(&two).unwrap(), other);
         assert!(matches!(
             decode_text("no code here\n"),
             Err(QrError::NoTextCode)
