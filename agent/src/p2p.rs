@@ -384,6 +384,8 @@ pub struct PairedInstall {
     pub source: Option<String>,
     pub reboot: bool,
     pub poweroff: bool,
+    /// install.allow-removable of the merged config, for `auto`.
+    pub allow_removable: bool,
 }
 
 /// The request's device unless it is empty or `auto` (register's default), then the merged
@@ -407,6 +409,7 @@ pub fn paired_install(data: &PairingData, merged: &cloud_config::Config) -> Pair
         source: inst.source.filter(|s| !s.trim().is_empty()),
         reboot: data.reboot || inst.reboot,
         poweroff: data.poweroff || inst.poweroff,
+        allow_removable: inst.allow_removable,
     }
 }
 
@@ -494,6 +497,22 @@ fn install_paired(
         )?),
         None => None,
     };
+    // `auto` with the merged config's install.allow-removable (install() would read only this
+    // node's); a person sent the request, so a disk holding Kairos may be taken, as by hand.
+    let mut plan = plan;
+    if plan.device.as_deref() == Some("auto") {
+        let policy = install::device::AutoPolicy {
+            removable: plan.allow_removable,
+            kairos: true,
+        };
+        let (picked, _) =
+            install::device::pick_auto(ctx, policy).map_err(|error| P2pError::Install {
+                device: "auto".into(),
+                error,
+            })?;
+        writeln!(log, "install: device auto: {}", picked.display())?;
+        plan.device = Some(picked.display().to_string());
+    }
     let device = plan.device.clone().unwrap_or_else(|| "(none)".into());
     writeln!(
         log,
@@ -755,6 +774,9 @@ mod tests {
         assert_eq!(p.device.as_deref(), Some("auto"));
         assert_eq!(p.source, None);
         assert_eq!(paired_install(&request("", false), &none).device, None);
+        assert!(!paired_install(&request("auto", false), &none).allow_removable);
+        let usb = typed("#cloud-config\ninstall:\n  allow-removable: true\n");
+        assert!(paired_install(&request("auto", false), &usb).allow_removable);
     }
 
     #[test]
