@@ -326,6 +326,9 @@ enum Resolved {
         _bind: Option<image::BindMount>,
         _mount: Option<ImageMount>,
         image_file: Option<PathBuf>,
+        /// The squashfs file the tree is (a live or recovery system installing itself):
+        /// COS_RECOVERY's image is a copy of it instead of the same tree compressed again.
+        squashfs: Option<PathBuf>,
     },
     Oci {
         puller: Box<fetch::Puller>,
@@ -359,12 +362,17 @@ fn resolve(
                 .as_ref()
                 .map_or_else(|| p.clone(), |b| b.target.clone());
             let m = image::measure(&tree)?;
+            // Only the bind of `/` is exactly the root filesystem's contents.
+            let squashfs = (bind.is_some() && *p == ctx.path("/"))
+                .then(|| running_root_squashfs(ctx))
+                .flatten();
             Ok((
                 Resolved::Tree {
                     tree,
                     _bind: bind,
                     _mount: None,
                     image_file: None,
+                    squashfs,
                 },
                 image::image_size(m),
                 None,
@@ -387,6 +395,7 @@ fn resolve(
                     _bind: None,
                     _mount: Some(ImageMount(point)),
                     image_file: Some(p.clone()),
+                    squashfs: None,
                 },
                 size,
                 None,
@@ -629,10 +638,34 @@ impl SourceImage {
                 _bind: None,
                 _mount: None,
                 image_file: None,
+                squashfs: None,
             };
         }
         Ok(())
     }
+}
+
+/// The squashfs file the running root is, when `/` is a loop device over one (a live system
+/// from its medium's rootfs.squashfs, or recovery): read from `/proc/mounts` and the loop
+/// device's `backing_file` under `ctx`'s root, checked by its magic.
+fn running_root_squashfs(ctx: &Ctx) -> Option<PathBuf> {
+    use std::io::Read;
+    let mounts = std::fs::read_to_string(ctx.path("/proc/mounts")).ok()?;
+    // The last mount on `/` is the one in effect.
+    let (dev, _) = crate::state::parse_mounts(&mounts)
+        .into_iter()
+        .rev()
+        .find(|(_, at)| at == "/")?;
+    let name = dev.strip_prefix("/dev/")?;
+    if !name.starts_with("loop") || name.contains('/') {
+        return None;
+    }
+    let backing =
+        std::fs::read_to_string(ctx.path(format!("/sys/block/{name}/loop/backing_file"))).ok()?;
+    let file = ctx.path(backing.trim_end_matches('\n'));
+    let mut magic = [0u8; 4];
+    File::open(&file).ok()?.read_exact(&mut magic).ok()?;
+    (&magic == b"hsqs").then_some(file)
 }
 
 /// GRUB's files for the boot code an install writes.
@@ -799,13 +832,16 @@ pub fn deploy_images(
         std::fs::create_dir_all(d).map_err(io(d, "creating"))?;
     }
     let work = t.state.join(".kairos-install");
-    let (tree, image_file) = match &mut src.resolved {
+    let (tree, image_file, squashfs) = match &mut src.resolved {
         Resolved::Tree {
-            tree, image_file, ..
-        } => (tree.clone(), image_file.clone()),
+            tree,
+            image_file,
+            squashfs,
+            ..
+        } => (tree.clone(), image_file.clone(), squashfs.clone()),
         Resolved::Oci { puller, resolved } => {
             p.step(&format!("pulling {}", src.origin), log);
-            (unpack_oci(puller, resolved, &work, log)?, None)
+            (unpack_oci(puller, resolved, &work, log)?, None, None)
         }
     };
     let active = state_cos.join("active.img");
@@ -830,8 +866,26 @@ pub fn deploy_images(
     let passive = state_cos.join("passive.img");
     std::fs::copy(&active, &passive).map_err(io(&passive, "copying active.img to"))?;
     image::relabel(&passive, labels::PASSIVE)?;
-    p.step("building recovery.squashfs", log);
-    image::mksquashfs(&tree, &rec_cos.join("recovery.squashfs"))?;
+    let recovery = rec_cos.join("recovery.squashfs");
+    match &squashfs {
+        Some(file) => {
+            p.step("copying recovery.squashfs", log);
+            writeln!(
+                log,
+                "install: recovery.squashfs is a copy of {}, the squashfs this system runs from",
+                file.display()
+            )?;
+            std::fs::copy(file, &recovery)
+                .map_err(io(&recovery, "copying the root squashfs to"))?;
+            File::open(&recovery)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&recovery, "syncing"))?;
+        }
+        None => {
+            p.step("building recovery.squashfs", log);
+            image::mksquashfs(&tree, &recovery)?;
+        }
+    }
     let missing = reset_tools_missing(&tree);
     if !missing.is_empty() {
         writeln!(
@@ -1401,6 +1455,40 @@ pub fn install_then(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_running_roots_squashfs_is_found_through_its_loop_device() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let r = t.path();
+        let ctx = Ctx::new(r, "/oem/grubenv");
+        let put = |rel: &str, data: &[u8]| {
+            let p = r.join(rel);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, data).expect("write");
+        };
+        put("run/initramfs/live/rootfs.squashfs", b"hsqs and the rest");
+        put(
+            "sys/block/loop0/loop/backing_file",
+            b"/run/initramfs/live/rootfs.squashfs\n",
+        );
+        put(
+            "proc/mounts",
+            b"rootfs / rootfs rw 0 0\n/dev/loop0 / squashfs ro 0 0\n/dev/sr0 /run/initramfs/live iso9660 ro 0 0\n",
+        );
+        assert_eq!(
+            running_root_squashfs(&ctx),
+            Some(r.join("run/initramfs/live/rootfs.squashfs"))
+        );
+        // An ext4 image on a loop device (active, passive) is not one.
+        put(
+            "run/initramfs/live/rootfs.squashfs",
+            b"\x53\xef not squashfs",
+        );
+        assert_eq!(running_root_squashfs(&ctx), None);
+        // Nor a root on a disk partition.
+        put("proc/mounts", b"/dev/vda2 / ext4 rw 0 0\n");
+        assert_eq!(running_root_squashfs(&ctx), None);
+    }
 
     #[test]
     fn sizes_follow_the_spec() {
