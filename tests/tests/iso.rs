@@ -1,132 +1,586 @@
-//! The live installer ISO (issue 14): `kairos-build iso` from the busybox image tree, booted
-//! by the firmware and GRUB from the medium (no `-kernel`) as a CD-ROM and as a USB stick,
-//! under SeaBIOS and OVMF, to a running live system: kairos-init in live mode, the squashfs
-//! read-only with tmpfs overlays, `/run/cos/live_mode`, the medium's config.yaml read by the
-//! agent, which runs the stages (the test driver is started by that config).
+//! The live installer ISO (issue 14) in QEMU, firmware and GRUB from the medium (no `-kernel`).
+//! One busybox image tree (kairos-init as PID 1, kairos-agent, the installer's host tools; its
+//! own cos-layout.env naming COS_PERSISTENT) made into two ISOs by `kairos-build iso`: one
+//! with an `install.auto` config, one without (pairing).
+//! - CD under SeaBIOS: live (squashfs read-only, tmpfs overlays, `/run/cos/live_mode`, the
+//!   medium's config read), install.auto installs onto the blank disk and powers off; the disk
+//!   alone boots BIOS into active with the config applied; then the same ISO file as a USB
+//!   stick next to that disk: live again, nothing installed and the console says why,
+//!   COS_PERSISTENT byte for byte the same.
+//! - CD under OVMF: the same install; the disk alone boots UEFI; `kairos-agent bootentry
+//!   --select statereset` there leads, with no other input, through recovery's unattended
+//!   reset back to active with an empty COS_PERSISTENT and COS_OEM kept.
+//! - The pairing ISO as a USB stick under OVMF on a tap LAN in a network namespace: the
+//!   console shows the install instructions and a QR code; the test reads the code from the
+//!   serial log and `kairos-agent register` with it, run on the LAN's host side, installs the
+//!   node with the config it sends.
+//! - The Debian systemd image made into an ISO (build only; size and time figures).
 //!
-//! The ISO is built once per test process and shared. Run as root:
+//! The tree and the ISOs are built once per test process and shared. Run as root:
 //! `cargo test --release -p kairos-tests --test iso`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
-use kairos_qemu::boot::BootExit;
+use kairos_qemu::boot::{BootExit, BootResult, BootSpec};
 use kairos_tests::iso::{Firmware, Medium, build_iso, live_boot_spec, live_source_tree};
-use kairos_tests::{DRIVER_DONE, can_run, driver_lines, driver_value};
+use kairos_tests::tapnet::TapLan;
+use kairos_tests::{artifacts, can_run, driver_lines, driver_value};
 
-/// The medium's config.yaml: the driver's start, and a file that shows it was applied.
-const CONFIG: &str = "#cloud-config\nstages:\n  boot:\n    - name: iso test\n      files:\n        - path: /etc/kairos-test/hello.txt\n          permissions: 0644\n          content: applied from the ISO's config.yaml\n  network:\n    - name: start the test driver\n      commands:\n        - setsid /usr/libexec/kairos-test-driver </dev/null >/dev/console 2>&1 &\n";
+/// The image's own layout, as a Kairos image ships it (SPEC §3): a live boot must leave its
+/// COS_PERSISTENT volume alone (it would be the installed disk's).
+const LAYOUT: &str = "VOLUMES=\"LABEL=COS_PERSISTENT:/usr/local\"\nOVERLAY=\"tmpfs:25%\"\nRW_PATHS=\"/var /etc /srv\"\nPERSISTENT_STATE_PATHS=\"/etc/ssh /home /root /var/log\"\n";
 
-/// What the driver prints on the live system (sourced from the image's /oem, which a live
-/// boot leaves unmounted).
-const SCENARIO: &str = r#"
+/// Run by a network stage on every live boot (before the agent installs anything): what the
+/// live system is, as `KAIROS-T:` lines.
+const LIVE_REPORT: &str = r#"#!/bin/sh
+say() { echo "KAIROS-T: $*"; }
 say "live_mode $([ -e /run/cos/live_mode ] && echo yes || echo no)"
 say "medium $(grep ' /run/initramfs/live ' /proc/mounts | cut -d' ' -f1,3,4)"
 say "medium-config $(stat -c '%a %U' /run/initramfs/live/config.yaml 2>&1)"
 say "root $(grep ' / ' /proc/mounts | tail -n1 | cut -d' ' -f3,4)"
 say "etc $(grep ' /etc ' /proc/mounts | cut -d' ' -f3)"
-say "disk-mounts $(grep '^/dev/[vsn][drv]' /proc/mounts | grep -vc ' /run/initramfs/live ')"
-say "firmware $([ -d /sys/firmware/efi ] && echo efi || echo bios)"
+say "disk-mounts $(grep -c '^/dev/vd' /proc/mounts)"
+say "live-firmware $([ -d /sys/firmware/efi ] && echo efi || echo bios)"
 "#;
 
-/// The image's own layout, as a Kairos image ships it (SPEC §3): a live boot must ignore its
-/// COS_PERSISTENT volume.
-const LAYOUT: &str = "VOLUMES=\"LABEL=COS_PERSISTENT:/usr/local\"\nOVERLAY=\"tmpfs:25%\"\nRW_PATHS=\"/var /etc /srv\"\nPERSISTENT_STATE_PATHS=\"/etc/ssh /home /root /var/log\"\n";
+/// On an installed system (active boots only), once per boot: what the tests check, then
+/// power off. With `/oem/kt-statereset` (dropped by the statereset test) the first run leaves
+/// a file on COS_PERSISTENT, selects the statereset entry and reboots; COS_OEM's step file
+/// (kept by the reset) makes the next active boot report and power off.
+const INSTALLED_DRIVER: &str = r#"#!/bin/sh
+mkdir /run/kt-iso 2>/dev/null || exit 0
+say() { echo "KAIROS-T: $*"; }
+n=0
+while [ ! -e /run/kairos/agent-ready ] && [ $n -lt 480 ]; do sleep 0.25; n=$((n+1)); done
+say "state $(kairos-agent state 2>&1 | tr '\n' ' ')"
+say "firmware $([ -d /sys/firmware/efi ] && echo efi || echo bios)"
+f=/etc/kairos-test/hello.txt
+[ -f $f ] && say "config-file $(stat -c '%a' $f) $(cat $f)"
+say "persistent $(ls -A /usr/local | tr '\n' ' ')"
+step=$(cat /oem/kt-step 2>/dev/null || echo 0)
+if [ -e /oem/kt-statereset ] && [ "$step" = 0 ]; then
+  echo "written before the reset" > /usr/local/kt-before-reset
+  echo 1 > /oem/kt-step
+  sync
+  say "select $(kairos-agent bootentry --select statereset 2>&1 | tr '\n' ' ')"
+  say "rebooting"
+  kill -TERM 1
+  exit 0
+fi
+say "driver done"
+kill -USR2 1
+"#;
 
-fn iso() -> PathBuf {
-    static ISO: OnceLock<PathBuf> = OnceLock::new();
-    ISO.get_or_init(|| {
-        let tree = live_source_tree("iso-live", |s| {
-            s.image_files.push((
-                "/oem/kairos-test-extra.sh".into(),
-                SCENARIO.as_bytes().to_vec(),
-                0o644,
-            ));
-            s.layout_file = Some(LAYOUT.into());
-        });
-        let iso = build_iso("iso-live", &tree, Some(CONFIG), &["--grub-timeout", "0"]);
-        let _ = std::fs::remove_dir_all(&tree);
-        iso
-    })
-    .clone()
+/// The test LAN: the host side and the live node's address.
+const LAN_HOST: &str = "10.77.0.1";
+const LAN_NODE: &str = "10.77.0.15";
+
+/// The image's own config (/etc/kairos): the LAN address on live boots with a NIC, the live
+/// report, and the installed driver's start on active boots.
+fn image_config() -> String {
+    format!(
+        "#cloud-config\nstages:\n  network:\n    - name: test LAN address (live media with a NIC)\n      if: '[ -e /run/cos/live_mode ] && [ -e /sys/class/net/eth0 ]'\n      commands:\n        - ip link set eth0 up && ip addr add {LAN_NODE}/24 dev eth0 && ip route add 224.0.0.0/4 dev eth0\n    - name: live report\n      if: '[ -e /run/cos/live_mode ]'\n      commands:\n        - sh /usr/libexec/kt-live-report >/dev/console 2>&1\n    - name: start the installed driver\n      if: '[ -e /run/cos/active_mode ]'\n      commands:\n        - setsid /usr/libexec/kt-iso-driver </dev/null >/dev/console 2>&1 &\n"
+    )
 }
 
-fn live_boot(medium: Medium, firmware: Firmware) {
-    if !can_run() {
-        return;
-    }
-    let iso = iso();
-    let name = format!("iso-{medium:?}-{}", firmware.name()).to_lowercase();
-    let spec = live_boot_spec(&name, &iso, medium, firmware, &[], &[], 400);
-    let r = kairos_qemu::boot::run(&spec).unwrap_or_else(|e| panic!("booting {name}: {e}"));
+/// `--config` of the install.auto ISO: it goes to the installed COS_OEM with everything else
+/// the live system merged.
+const AUTO_CONFIG: &str = "#cloud-config\ninstall:\n  auto: true\n  device: auto\n  poweroff: true\nstages:\n  boot:\n    - name: iso test marker\n      if: '[ ! -e /run/cos/live_mode ]'\n      files:\n        - path: /etc/kairos-test/hello.txt\n          permissions: 0644\n          content: applied from kairos-build iso --config\n";
+
+/// What `register` sends to the paired node.
+const PAIRED_CONFIG: &str = "#cloud-config\ninstall:\n  poweroff: true\nstages:\n  boot:\n    - name: sent by register\n      files:\n        - path: /etc/kairos-test/hello.txt\n          permissions: 0644\n          content: sent by kairos-agent register\n";
+
+/// Blank target disks, told apart from the medium by being virtio.
+const TARGET_SIZE: u64 = 3 << 30;
+
+fn tree() -> &'static Path {
+    static TREE: OnceLock<PathBuf> = OnceLock::new();
+    TREE.get_or_init(|| {
+        let a = artifacts();
+        // The generic initramfs plus the NIC's driver: kairos-init loads it for the virtio
+        // NIC, so the pairing node has its LAN.
+        let initrd = a.work.join("iso-initramfs.img");
+        let mut modules = kairos_initramfs::generic_modules();
+        modules.push("virtio_net".into());
+        kairos_initramfs::build(
+            &kairos_initramfs::InitramfsSpec {
+                init_binary: a.init_binary.clone(),
+                kernel: a.kernel.clone(),
+                modules,
+                extra_files: Vec::new(),
+            },
+            &initrd,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", initrd.display()));
+        live_source_tree("iso-src", |s| {
+            s.initrd = Some(initrd.clone());
+            s.layout_file = Some(LAYOUT.into());
+            s.image_files.extend([
+                (
+                    "/usr/libexec/kt-live-report".to_string(),
+                    LIVE_REPORT.as_bytes().to_vec(),
+                    0o755,
+                ),
+                (
+                    "/usr/libexec/kt-iso-driver".to_string(),
+                    INSTALLED_DRIVER.as_bytes().to_vec(),
+                    0o755,
+                ),
+                (
+                    "/etc/kairos/20_iso_test.yaml".to_string(),
+                    image_config().into_bytes(),
+                    0o600,
+                ),
+            ]);
+        })
+    })
+}
+
+fn auto_iso() -> &'static Path {
+    static ISO: OnceLock<PathBuf> = OnceLock::new();
+    ISO.get_or_init(|| {
+        build_iso(
+            "iso-auto",
+            tree(),
+            Some(AUTO_CONFIG),
+            &["--grub-timeout", "1"],
+        )
+    })
+}
+
+fn pairing_iso() -> &'static Path {
+    static ISO: OnceLock<PathBuf> = OnceLock::new();
+    ISO.get_or_init(|| build_iso("iso-pair", tree(), None, &["--grub-timeout", "1"]))
+}
+
+fn blank(name: &str) -> PathBuf {
+    let p = artifacts().work.join(format!("{name}.img"));
+    let _ = std::fs::remove_file(&p);
+    std::fs::File::create(&p)
+        .and_then(|f| f.set_len(TARGET_SIZE))
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    p
+}
+
+fn run(name: &str, spec: &BootSpec) -> BootResult {
+    let r = kairos_qemu::boot::run(spec).unwrap_or_else(|e| panic!("booting {name}: {e}"));
     println!(
-        "---- serial log of {name} ({:.1} s) ----\n{}",
+        "---- serial log of {name} ({:.1} s, {:?}) ----\n{}\n---- end of {name} ----",
         r.elapsed.as_secs_f64(),
+        r.exit,
         r.log
     );
-    let lines = driver_lines(&r.log);
+    r
+}
+
+fn value(r: &BootResult, key: &str) -> String {
+    driver_value(&r.log, key).unwrap_or_default()
+}
+
+/// The live report's lines: a live system booted from the medium, nothing of a disk mounted.
+fn assert_live(r: &BootResult, firmware: Firmware, config: bool, what: &str) {
     assert!(
         r.log.contains("KAIROS-GRUB: entry=live"),
-        "GRUB from the medium did not boot the live entry"
+        "{what}: GRUB from the medium did not boot the live entry"
     );
-    assert!(r.log.contains("starting: mode=live"), "not a live boot");
     assert!(
-        lines.iter().any(|l| l == "driver done"),
-        "the live system did not run the driver: {:?}",
-        r.exit
-    );
-    let v = |k: &str| driver_value(&r.log, k).unwrap_or_default();
-    assert_eq!(v("live_mode"), "yes");
-    assert!(v("medium").contains("iso9660 ro"), "{}", v("medium"));
-    assert_eq!(v("medium-config"), "600 root");
-    assert!(v("root").starts_with("squashfs ro"), "{}", v("root"));
-    assert_eq!(v("etc"), "overlay");
-    assert_eq!(v("disk-mounts"), "0");
-    let fw = match firmware {
-        Firmware::SeaBios => "bios",
-        Firmware::Ovmf => "efi",
-    };
-    assert_eq!(v("firmware"), fw);
-    assert!(v("state").contains("\"mode\":\"live\""), "{}", v("state"));
-    assert!(
-        lines.iter().any(|l| l == "boot-stage-ok"),
-        "the agent's boot stage did not finish"
+        r.log.contains("starting: mode=live"),
+        "{what}: not a live boot"
     );
     assert!(
         r.log
             .contains("the layout's VOLUMES (LABEL=COS_PERSISTENT:/usr/local) are not mounted"),
-        "the live boot did not say why COS_PERSISTENT is left alone"
+        "{what}: the live boot did not say why COS_PERSISTENT is left alone"
+    );
+    if config {
+        assert_eq!(value(r, "medium-config"), "600 root", "{what}");
+    }
+    assert_eq!(value(r, "live_mode"), "yes", "{what}");
+    assert!(
+        value(r, "medium").contains("iso9660 ro"),
+        "{what}: {}",
+        value(r, "medium")
+    );
+    assert!(
+        value(r, "root").starts_with("squashfs ro"),
+        "{what}: {}",
+        value(r, "root")
+    );
+    assert_eq!(value(r, "etc"), "overlay", "{what}");
+    assert_eq!(value(r, "disk-mounts"), "0", "{what}: a disk was mounted");
+    let fw = match firmware {
+        Firmware::SeaBios => "bios",
+        Firmware::Ovmf => "efi",
+    };
+    assert_eq!(value(r, "live-firmware"), fw, "{what}");
+}
+
+/// GPT partition number of the partition named `name` (the installer's names).
+fn part_by_name(disk: &Path, name: &str) -> u32 {
+    let out = Command::new("sgdisk")
+        .arg("-p")
+        .arg(disk)
+        .output()
+        .expect("sgdisk");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    table
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let n: u32 = w.first()?.parse().ok()?;
+            (w.len() >= 7 && w.last() == Some(&name)).then_some(n)
+        })
+        .next()
+        .unwrap_or_else(|| panic!("{}: no partition named {name}:\n{table}", disk.display()))
+}
+
+/// A partition of a disk image loop-mounted on a temp dir (read-only without journal replay,
+/// or read-write), unmounted on drop.
+struct Mounted(tempfile::TempDir);
+
+impl Mounted {
+    fn new(disk: &Path, name: &str, rw: bool) -> Mounted {
+        let n = part_by_name(disk, name);
+        let (offset, size) = kairos_qemu::disk::partition_bytes(disk, n)
+            .unwrap_or_else(|e| panic!("{}: partition {n}: {e}", disk.display()));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mode = if rw { "rw" } else { "ro,noload" };
+        let st = Command::new("mount")
+            .args([
+                "-o",
+                &format!("{mode},loop,offset={offset},sizelimit={size}"),
+            ])
+            .arg(disk)
+            .arg(dir.path())
+            .status()
+            .expect("mount(8)");
+        assert!(st.success(), "mounting {name} of {}", disk.display());
+        Mounted(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// Live boot with install.auto onto `target`; asserts the install and the power-off; prints
+/// the power-on-to-off figure.
+fn auto_install(name: &str, medium: Medium, firmware: Firmware, target: &Path) {
+    let spec = live_boot_spec(name, auto_iso(), medium, firmware, &[target], &[], 900);
+    let r = run(name, &spec);
+    assert_live(&r, firmware, true, name);
+    assert!(
+        r.log.contains("install: device auto: /dev/vd"),
+        "{name}: the agent did not pick the blank disk"
+    );
+    assert!(
+        r.log.contains("install.auto: done; powering off"),
+        "{name}: the auto-install did not finish"
     );
     assert!(
         matches!(r.exit, BootExit::Exited(_)),
-        "the live system did not power off: {:?}",
+        "{name}: the VM did not power off: {:?}",
         r.exit
     );
-    let up = v("uptime");
     println!(
-        "FIGURE iso live boot {medium:?} {}: power-on to power-off {:.1} s wall (driver done at guest uptime {up} s)",
-        firmware.name(),
+        "FIGURE iso {name}: power-on to installed and powered off {:.1} s (TCG)",
         r.elapsed.as_secs_f64()
     );
-    assert!(r.log.contains(DRIVER_DONE));
+}
+
+/// The installed disk alone, through its own firmware path and GRUB, until it powers off
+/// (reboots reset the machine).
+fn installed_boot(name: &str, disk: &Path, firmware: Firmware, timeout_s: u64) -> BootResult {
+    let mut s = BootSpec::new(artifacts().work.join(format!("{name}.log")));
+    s.disks = vec![disk.to_path_buf()];
+    s.memory_mb = 768;
+    s.kvm = std::env::var_os("KAIROS_KVM").is_some();
+    s.timeout = Duration::from_secs(timeout_s);
+    s.until = vec!["end Kernel panic".into()];
+    s.extra_args = firmware.qemu_args();
+    s.extra_args
+        .extend(["-action".to_string(), "reboot=reset".to_string()]);
+    run(name, &s)
+}
+
+fn assert_installed_active(r: &BootResult, firmware: Firmware, what: &str) {
+    let lines = driver_lines(&r.log);
+    assert!(
+        lines.iter().any(|l| l == "driver done"),
+        "{what}: the installed disk did not boot to the driver"
+    );
+    let state = value(r, "state");
+    assert!(state.contains("\"mode\":\"active\""), "{what}: {state}");
+    let fw = match firmware {
+        Firmware::SeaBios => "bios",
+        Firmware::Ovmf => "efi",
+    };
+    assert_eq!(value(r, "firmware"), fw, "{what}");
 }
 
 #[test]
-fn live_boots_from_cd_under_seabios() {
-    live_boot(Medium::Cd, Firmware::SeaBios);
+fn cd_under_seabios_installs_the_disk_boots_bios_and_the_iso_again_changes_nothing() {
+    if !can_run() {
+        return;
+    }
+    let target = blank("iso-bios-target");
+    auto_install(
+        "iso-cd-seabios-install",
+        Medium::Cd,
+        Firmware::SeaBios,
+        &target,
+    );
+
+    let r = installed_boot("iso-bios-installed", &target, Firmware::SeaBios, 400);
+    assert_installed_active(&r, Firmware::SeaBios, "the BIOS-installed disk");
+    assert_eq!(
+        value(&r, "config-file"),
+        "644 applied from kairos-build iso --config",
+        "the ISO's --config was not applied on the installed system"
+    );
+    assert!(
+        r.log.contains("install.auto ignored: booted active"),
+        "install.auto was not ignored on the installed system"
+    );
+
+    // The ISO again, now as a USB stick, next to the installed disk.
+    let persistent = part_by_name(&target, "persistent");
+    let before = kairos_tests::partition_hash(&target, persistent);
+    let name = "iso-usb-seabios-again";
+    let spec = live_boot_spec(
+        name,
+        auto_iso(),
+        Medium::Usb,
+        Firmware::SeaBios,
+        &[&target],
+        &[REFUSED],
+        400,
+    );
+    let r = run(name, &spec);
+    assert_live(&r, Firmware::SeaBios, true, name);
+    assert_eq!(
+        r.matched.as_deref(),
+        Some(REFUSED),
+        "{name}: no refusal on the console"
+    );
+    assert!(
+        !r.log.contains("install.auto: installing"),
+        "{name}: the live system started an install"
+    );
+    drop(r);
+    let after = kairos_tests::partition_hash(&target, persistent);
+    assert_eq!(before, after, "COS_PERSISTENT changed");
 }
 
-#[test]
-fn live_boots_from_cd_under_ovmf() {
-    live_boot(Medium::Cd, Firmware::Ovmf);
-}
+/// The console line of a refused install.auto (agent/src/install/mod.rs).
+const REFUSED: &str = "not installing over it without install.force: true";
 
 #[test]
-fn live_boots_from_usb_under_seabios() {
-    live_boot(Medium::Usb, Firmware::SeaBios);
+fn cd_under_ovmf_installs_the_disk_boots_uefi_and_statereset_resets_it() {
+    if !can_run() {
+        return;
+    }
+    let target = blank("iso-uefi-target");
+    auto_install("iso-cd-ovmf-install", Medium::Cd, Firmware::Ovmf, &target);
+    // The statereset scenario's switch, on COS_OEM (kept by the reset).
+    {
+        let oem = Mounted::new(&target, "oem", true);
+        std::fs::write(oem.path().join("kt-statereset"), "1\n").expect("writing the switch");
+    }
+    let r = installed_boot("iso-uefi-installed", &target, Firmware::Ovmf, 900);
+    let boots: Vec<&str> = r.log.split("Linux version").skip(1).collect();
+    println!("{} kernel boots", boots.len());
+    assert!(
+        value(&r, "select").contains("statereset"),
+        "bootentry --select statereset: {}",
+        value(&r, "select")
+    );
+    assert!(
+        r.log.contains("kairos.reset"),
+        "recovery was not booted for the reset"
+    );
+    assert_installed_active(&r, Firmware::Ovmf, "after the statereset");
+    let persistent = driver_lines(&r.log)
+        .into_iter()
+        .filter_map(|l| l.strip_prefix("persistent ").map(str::to_string))
+        .collect::<Vec<_>>();
+    assert_eq!(persistent.len(), 2, "{persistent:?}");
+    assert!(
+        !persistent[1].contains("kt-before-reset"),
+        "COS_PERSISTENT was not wiped: {}",
+        persistent[1]
+    );
+    assert_eq!(
+        value(&r, "config-file"),
+        "644 applied from kairos-build iso --config",
+        "COS_OEM's config is gone after the reset"
+    );
+    let oem = Mounted::new(&target, "oem", false);
+    assert_eq!(
+        std::fs::read_to_string(oem.path().join("kt-step")).unwrap_or_default(),
+        "1\n",
+        "COS_OEM was not kept"
+    );
+    let p = Mounted::new(&target, "persistent", false);
+    assert!(
+        !p.path().join("kt-before-reset").exists(),
+        "the file written before the reset is still on COS_PERSISTENT"
+    );
 }
 
+/// The live console's pairing screen (agent/src/p2p.rs).
+const QR_SHOWN: &str = "kairos-agent: install mode: waiting for `kairos-agent register`";
+
 #[test]
-fn live_boots_from_usb_under_ovmf() {
-    live_boot(Medium::Usb, Firmware::Ovmf);
+fn without_install_auto_the_console_shows_a_qr_and_register_installs_the_node() {
+    if !can_run() {
+        return;
+    }
+    let agent = kairos_tests::build_agent().expect("kairos-agent for the host side");
+    let lan = TapLan::new("iso", LAN_HOST).expect("the tap LAN");
+    let target = blank("iso-pair-target");
+    let name = "iso-usb-ovmf-pair";
+    let mut spec = live_boot_spec(
+        name,
+        pairing_iso(),
+        Medium::Usb,
+        Firmware::Ovmf,
+        &[&target],
+        &[],
+        900,
+    );
+    spec.netns = Some(lan.ns.clone());
+    spec.extra_args.extend(lan.qemu_args());
+    let log = spec.serial_log.clone();
+    // A log of an earlier run must not be read as this one's.
+    let _ = std::fs::remove_file(&log);
+    let sent = artifacts().work.join("iso-pair-sent.yaml");
+    std::fs::write(&sent, PAIRED_CONFIG).expect("writing the config to send");
+    // The host side: wait for the QR on the serial console, then register with it.
+    let mut cmd = lan.command(agent.to_str().expect("agent path"));
+    let qr_file = artifacts().work.join("iso-pair-console.txt");
+    let host = std::thread::spawn(move || {
+        let t = Instant::now();
+        let console = loop {
+            // Lossy: GRUB's screen output is not all UTF-8.
+            let read =
+                || String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+            if read().contains(QR_SHOWN) {
+                // The code is drawn before that line; give the console a moment to finish.
+                std::thread::sleep(Duration::from_millis(500));
+                break read();
+            }
+            if t.elapsed() > Duration::from_secs(600) {
+                return Err("no QR code on the console after 600 s".to_string());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        std::fs::write(&qr_file, console.replace('\r', "")).map_err(|e| e.to_string())?;
+        let o = cmd
+            .args(["register", "--config"])
+            .arg(&sent)
+            .args(["--timeout", "300"])
+            .arg(&qr_file)
+            .output()
+            .map_err(|e| e.to_string())?;
+        Ok(format!(
+            "{}\n{}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ))
+    });
+    let r = run(name, &spec);
+    let registered = host.join().expect("the register thread");
+    println!("---- kairos-agent register ----\n{registered:?}");
+    assert_live(&r, Firmware::Ovmf, false, name);
+    let registered = registered.unwrap_or_else(|e| panic!("register: {e}"));
+    assert!(registered.contains("registered with node"), "{registered}");
+    for needle in [
+        "kairos-agent install --device",
+        "kairos-agent manual-install",
+    ] {
+        assert!(r.log.contains(needle), "the console lacks {needle:?}");
+    }
+    assert!(
+        matches!(r.exit, BootExit::Exited(_)),
+        "the paired node did not power off: {:?}",
+        r.exit
+    );
+    let oem = Mounted::new(&target, "oem", false);
+    let cfg = std::fs::read_to_string(oem.path().join("90_custom.yaml"))
+        .expect("the paired config on COS_OEM");
+    assert!(cfg.contains("sent by kairos-agent register"), "{cfg}");
+}
+
+/// The figure for a real distribution: the Debian 12 systemd tree with Debian's kernel (the
+/// artifacts test's user image, cached) made Kairos-ready by `kairos-build image` into a
+/// `dir:`, then `kairos-build iso` from it. Build only; the ISO's parts are checked with
+/// xorriso's listing.
+#[test]
+fn the_debian_systemd_image_makes_an_iso() {
+    if !can_run() {
+        return;
+    }
+    let a = artifacts();
+    let kt = kairos_qemu::debian::cached_or_build_with_kernel()
+        .unwrap_or_else(|e| panic!("the Debian tree with its kernel: {e}"));
+    let src = a.work.join("iso-debian-src.tree");
+    kairos_qemu::debian::copy_tree(&kt.tree, &src).unwrap_or_else(|e| panic!("{e}"));
+    let ready = a.work.join("iso-debian-ready.tree");
+    let _ = std::fs::remove_dir_all(&ready);
+    let t = Instant::now();
+    let o = Command::new(kairos_tests::iso::kairos_build_bin())
+        .args(["image", "--source"])
+        .arg(format!("dir:{}", src.display()))
+        .arg("--out")
+        .arg(format!("dir:{}", ready.display()))
+        .arg("--init")
+        .arg(&a.init_binary)
+        .output()
+        .expect("kairos-build image");
+    println!(
+        "--- kairos-build image: {}\n{}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "kairos-build image failed");
+    println!(
+        "FIGURE iso debian: kairos-build image (dir: -> dir:) {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&src);
+    let iso = build_iso("iso-debian", &ready, Some(AUTO_CONFIG), &[]);
+    let _ = std::fs::remove_dir_all(&ready);
+    let o = Command::new("xorriso")
+        .args(["-indev"])
+        .arg(&iso)
+        .args(["-find", "/", "-type", "f"])
+        .output()
+        .expect("xorriso");
+    let files = String::from_utf8_lossy(&o.stdout);
+    for f in [
+        "/boot/kernel",
+        "/boot/initrd",
+        "/rootfs.squashfs",
+        "/boot/grub2/grub.cfg",
+        "/config.yaml",
+        "/EFI/BOOT/BOOTX64.EFI",
+    ] {
+        assert!(
+            files.lines().any(|l| l.trim_matches('\'') == f),
+            "{f} not in the ISO:\n{files}"
+        );
+    }
+    let _ = std::fs::remove_file(&iso);
 }
