@@ -28,10 +28,8 @@ pub const PACKAGES: &[&str] = &[
     "ovmf",
 ];
 
-/// Host tools `kairos-agent install` runs on the live system, for BIOS and UEFI targets (ELF
-/// files bring their libraries): the filesystems and images, GRUB for both platforms, the
-/// ESP's mkfs.vfat and mtools (mmd and mcopy are links to mtools, added by
-/// [`live_source_tree`]), and glibc's gconv for mtools' code page 850.
+/// Host tools `kairos-agent install` runs on a live system for a BIOS target (ELF files bring
+/// their libraries): the filesystems and images, GRUB i386-pc.
 pub const INSTALL_TOOLS: &[&str] = &[
     "/usr/sbin/mkfs.ext4",
     "/usr/sbin/tune2fs",
@@ -42,12 +40,29 @@ pub const INSTALL_TOOLS: &[&str] = &[
     "/usr/lib/x86_64-linux-gnu/libgcc_s.so.1",
     "/usr/bin/grub-mkimage",
     "/usr/lib/grub/i386-pc",
+];
+
+/// What a UEFI target needs beyond [`INSTALL_TOOLS`]: GRUB x86_64-efi, mtools for the ESP
+/// (mmd and mcopy are links to mtools, and mkfs.vfat: see [`uefi_links_and_mkfs`]), and
+/// glibc's gconv for mtools' code page 850.
+pub const UEFI_INSTALL_TOOLS: &[&str] = &[
     "/usr/lib/grub/x86_64-efi",
     "/usr/bin/mtools",
     "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules",
     "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.d",
     "/usr/lib/x86_64-linux-gnu/gconv/IBM850.so",
 ];
+
+/// mkfs.vfat's real file (a link on Debian) and the (link, target) pairs for mmd and mcopy.
+pub fn uefi_links_and_mkfs() -> (String, Vec<(String, String)>) {
+    let mkfs_fat = std::fs::canonicalize("/usr/sbin/mkfs.vfat")
+        .unwrap_or_else(|_| "/usr/sbin/mkfs.fat".into());
+    let links = ["mmd", "mcopy"]
+        .iter()
+        .map(|t| (format!("/usr/bin/{t}"), "mtools".to_string()))
+        .collect();
+    (mkfs_fat.display().to_string(), links)
+}
 
 /// What a live source tree holds beyond the common parts; filled by the caller's tweak.
 #[derive(Debug, Clone, Default)]
@@ -69,23 +84,23 @@ pub struct LiveTreeSpec {
 /// [`crate::pid1_disk`] makes its active image: kairos-init as `/sbin/init`, kairos-agent
 /// (`agent_userland`), the k3s stand-in, the test driver at `/usr/libexec/kairos-test-driver`,
 /// `/boot/vmlinuz` (the harness's Debian kernel) and `/boot/initrd`; plus the installer's host
-/// tools ([`INSTALL_TOOLS`]) and what `tweak` adds. The driver is not started by anything in
+/// tools ([`INSTALL_TOOLS`], [`UEFI_INSTALL_TOOLS`]) and what `tweak` adds. The driver is not started by anything in
 /// the tree: a test's config does that.
 pub fn live_source_tree(name: &str, tweak: impl FnOnce(&mut LiveTreeSpec)) -> PathBuf {
     let a = artifacts();
     let agent = agent_userland();
     kairos_qemu::apt::ensure_packages(PACKAGES).expect("the ISO tools (kairos-qemu setup)");
+    let (mkfs_fat, links) = uefi_links_and_mkfs();
     let mut spec = LiveTreeSpec {
-        host_tools: INSTALL_TOOLS.iter().map(|t| t.to_string()).collect(),
+        host_tools: INSTALL_TOOLS
+            .iter()
+            .chain(UEFI_INSTALL_TOOLS)
+            .map(|t| t.to_string())
+            .chain([mkfs_fat])
+            .collect(),
+        image_symlinks: links,
         ..LiveTreeSpec::default()
     };
-    let mkfs_fat = std::fs::canonicalize("/usr/sbin/mkfs.vfat")
-        .unwrap_or_else(|_| "/usr/sbin/mkfs.fat".into());
-    spec.host_tools.push(mkfs_fat.display().to_string());
-    for tool in ["mmd", "mcopy"] {
-        spec.image_symlinks
-            .push((format!("/usr/bin/{tool}"), "mtools".to_string()));
-    }
     tweak(&mut spec);
     let initrd = spec
         .initrd

@@ -1,6 +1,7 @@
 //! Shared harness for the QEMU boot tests: builds kairos-init, fetches the kernel, builds the
 //! initramfs once per test process, builds disks per test and boots them.
 
+pub mod diskimg;
 pub mod hardening;
 pub mod iso;
 pub mod mesh;

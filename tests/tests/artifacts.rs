@@ -22,6 +22,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use kairos_qemu::boot::{BootExit, BootResult, BootSpec};
+use kairos_tests::diskimg::{Mounted, part_by_name};
 use kairos_tests::registry::Registry;
 use kairos_tests::{
     Bus, DRIVER_DONE, boots, build_init, can_run, cargo_build_bin, driver_value, grow_for_sd,
@@ -368,20 +369,6 @@ fn sgdisk(args: &[&str], disk: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
-/// The number of the GPT partition named `name` (`sgdisk -p`'s last column).
-fn part_by_name(disk: &Path, name: &str) -> u32 {
-    let table = sgdisk(&["-p"], disk);
-    table
-        .lines()
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            let n: u32 = w.first()?.parse().ok()?;
-            (w.len() >= 7 && w.last() == Some(&name)).then_some(n)
-        })
-        .next()
-        .unwrap_or_else(|| panic!("{}: no partition named {name}:\n{table}", disk.display()))
-}
-
 /// (first, last) sector of partition `n` from the GPT.
 fn extent(disk: &Path, n: u32) -> (u64, u64) {
     let (at, len) = kairos_qemu::disk::partition_bytes(disk, n)
@@ -443,58 +430,6 @@ fn assert_grown(disk: &Path, n: u32, before_last: u64, when: &str) {
     );
 }
 
-/// A partition of a disk image mounted read-only (no journal replay).
-struct Mounted(tempfile::TempDir);
-
-impl Mounted {
-    fn new(what: &Path, range: Option<(u64, u64)>) -> Mounted {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let opts = match range {
-            Some((offset, size)) => format!("ro,noload,loop,offset={offset},sizelimit={size}"),
-            None => "ro,noload,loop".into(),
-        };
-        let st = Command::new("mount")
-            .args(["-o", &opts])
-            .arg(what)
-            .arg(dir.path())
-            .status()
-            .expect("mount(8)");
-        assert!(st.success(), "mounting {} ({opts})", what.display());
-        Mounted(dir)
-    }
-
-    fn part(disk: &Path, n: u32) -> Mounted {
-        let range = kairos_qemu::disk::partition_bytes(disk, n)
-            .unwrap_or_else(|e| panic!("{}: partition {n}: {e}", disk.display()));
-        Mounted::new(disk, Some(range))
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.0.path().join(rel)
-    }
-
-    /// `rel` with symlinks resolved inside the mount (an absolute target means the mount's /).
-    fn resolve(&self, rel: &str) -> PathBuf {
-        let mut p = self.path(rel);
-        for _ in 0..8 {
-            match std::fs::read_link(&p) {
-                Ok(t) if t.is_absolute() => {
-                    p = self.path(t.to_string_lossy().trim_start_matches('/'))
-                }
-                Ok(t) => p = p.parent().expect("parent").join(t),
-                Err(_) => break,
-            }
-        }
-        p
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 /// The active image's `/boot/vmlinuz` and `/boot/initrd` (copied out next to the disk) and
 /// the command line of grub.cfg's active entry, with GRUB's variables left out.
 fn boot_files(disk: &Path, state: u32) -> (PathBuf, PathBuf, String) {
@@ -502,7 +437,7 @@ fn boot_files(disk: &Path, state: u32) -> (PathBuf, PathBuf, String) {
     let cfg =
         std::fs::read_to_string(st.path("grub2/grub.cfg")).expect("COS_STATE:/grub2/grub.cfg");
     let cmdline = active_cmdline(&cfg);
-    let active = Mounted::new(&st.path("cOS/active.img"), None);
+    let active = Mounted::new(&st.path("cOS/active.img"), None, false);
     let kernel = disk.with_extension("vmlinuz");
     let initrd = disk.with_extension("initrd");
     for (rel, to) in [("boot/vmlinuz", &kernel), ("boot/initrd", &initrd)] {

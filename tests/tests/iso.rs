@@ -25,6 +25,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use kairos_qemu::boot::{BootExit, BootResult, BootSpec};
+use kairos_tests::diskimg::{Mounted, part_by_name};
 use kairos_tests::iso::{Firmware, Medium, build_iso, live_boot_spec, live_source_tree};
 use kairos_tests::tapnet::TapLan;
 use kairos_tests::{artifacts, can_run, driver_lines, driver_value};
@@ -218,60 +219,6 @@ fn assert_live(r: &BootResult, firmware: Firmware, config: bool, what: &str) {
     assert_eq!(value(r, "live-firmware"), fw, "{what}");
 }
 
-/// GPT partition number of the partition named `name` (the installer's names).
-fn part_by_name(disk: &Path, name: &str) -> u32 {
-    let out = Command::new("sgdisk")
-        .arg("-p")
-        .arg(disk)
-        .output()
-        .expect("sgdisk");
-    let table = String::from_utf8_lossy(&out.stdout).into_owned();
-    table
-        .lines()
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            let n: u32 = w.first()?.parse().ok()?;
-            (w.len() >= 7 && w.last() == Some(&name)).then_some(n)
-        })
-        .next()
-        .unwrap_or_else(|| panic!("{}: no partition named {name}:\n{table}", disk.display()))
-}
-
-/// A partition of a disk image loop-mounted on a temp dir (read-only without journal replay,
-/// or read-write), unmounted on drop.
-struct Mounted(tempfile::TempDir);
-
-impl Mounted {
-    fn new(disk: &Path, name: &str, rw: bool) -> Mounted {
-        let n = part_by_name(disk, name);
-        let (offset, size) = kairos_qemu::disk::partition_bytes(disk, n)
-            .unwrap_or_else(|e| panic!("{}: partition {n}: {e}", disk.display()));
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mode = if rw { "rw" } else { "ro,noload" };
-        let st = Command::new("mount")
-            .args([
-                "-o",
-                &format!("{mode},loop,offset={offset},sizelimit={size}"),
-            ])
-            .arg(disk)
-            .arg(dir.path())
-            .status()
-            .expect("mount(8)");
-        assert!(st.success(), "mounting {name} of {}", disk.display());
-        Mounted(dir)
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 /// Live boot with install.auto onto `target`; asserts the install and the power-off; prints
 /// the power-on-to-off figure.
 fn auto_install(name: &str, medium: Medium, firmware: Firmware, target: &Path) {
@@ -393,8 +340,8 @@ fn cd_under_ovmf_installs_the_disk_boots_uefi_and_statereset_resets_it() {
     auto_install("iso-cd-ovmf-install", Medium::Cd, Firmware::Ovmf, &target);
     // The statereset scenario's switch, on COS_OEM (kept by the reset).
     {
-        let oem = Mounted::new(&target, "oem", true);
-        std::fs::write(oem.path().join("kt-statereset"), "1\n").expect("writing the switch");
+        let oem = Mounted::part_rw(&target, part_by_name(&target, "oem"));
+        std::fs::write(oem.root().join("kt-statereset"), "1\n").expect("writing the switch");
     }
     let r = installed_boot("iso-uefi-installed", &target, Firmware::Ovmf, 900);
     let boots: Vec<&str> = r.log.split("Linux version").skip(1).collect();
@@ -424,15 +371,15 @@ fn cd_under_ovmf_installs_the_disk_boots_uefi_and_statereset_resets_it() {
         "644 applied from kairos-build iso --config",
         "COS_OEM's config is gone after the reset"
     );
-    let oem = Mounted::new(&target, "oem", false);
+    let oem = Mounted::part(&target, part_by_name(&target, "oem"));
     assert_eq!(
-        std::fs::read_to_string(oem.path().join("kt-step")).unwrap_or_default(),
+        std::fs::read_to_string(oem.root().join("kt-step")).unwrap_or_default(),
         "1\n",
         "COS_OEM was not kept"
     );
-    let p = Mounted::new(&target, "persistent", false);
+    let p = Mounted::part(&target, part_by_name(&target, "persistent"));
     assert!(
-        !p.path().join("kt-before-reset").exists(),
+        !p.root().join("kt-before-reset").exists(),
         "the file written before the reset is still on COS_PERSISTENT"
     );
 }
@@ -516,8 +463,8 @@ fn without_install_auto_the_console_shows_a_qr_and_register_installs_the_node() 
         "the paired node did not power off: {:?}",
         r.exit
     );
-    let oem = Mounted::new(&target, "oem", false);
-    let cfg = std::fs::read_to_string(oem.path().join("90_custom.yaml"))
+    let oem = Mounted::part(&target, part_by_name(&target, "oem"));
+    let cfg = std::fs::read_to_string(oem.root().join("90_custom.yaml"))
         .expect("the paired config on COS_OEM");
     assert!(cfg.contains("sent by kairos-agent register"), "{cfg}");
 }

@@ -7,20 +7,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use kairos_tests::diskimg::Mounted;
 use kairos_tests::{ACTIVE, BASE_CMDLINE, DRIVER_DONE, artifacts, can_run, driver_lines};
 
 /// Tools the installer runs, from the host (ELF files bring their libraries).
-const HOST_TOOLS: &[&str] = &[
-    "/usr/sbin/mkfs.ext4",
-    "/usr/sbin/tune2fs",
-    "/usr/sbin/e2label",
-    "/etc/mke2fs.conf",
-    "/usr/bin/mksquashfs",
-    // glibc loads it at run time for pthread_exit (mksquashfs' threads); ldd does not list it.
-    "/usr/lib/x86_64-linux-gnu/libgcc_s.so.1",
-    "/usr/bin/grub-mkimage",
-    "/usr/lib/grub/i386-pc",
-];
+const HOST_TOOLS: &[&str] = kairos_tests::iso::INSTALL_TOOLS;
 
 /// The config given to `--config`: starts the test driver on the installed system and leaves a
 /// file the driver prints. Not a .yaml on the live system, so only the installed one reads it.
@@ -60,36 +51,6 @@ fn sparse(path: &Path, size: u64) {
     std::fs::File::create(path)
         .and_then(|f| f.set_len(size))
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-}
-
-/// Partition `n` of a disk image mounted read-only (no journal replay) on a temp dir.
-struct Mounted(tempfile::TempDir);
-
-impl Mounted {
-    fn new(disk: &Path, n: u32) -> Mounted {
-        let (offset, size) = kairos_qemu::disk::partition_bytes(disk, n)
-            .unwrap_or_else(|e| panic!("{}: partition {n}: {e}", disk.display()));
-        let dir = tempfile::tempdir().expect("temp dir");
-        let st = std::process::Command::new("mount")
-            .args([
-                "-o",
-                &format!("ro,noload,loop,offset={offset},sizelimit={size}"),
-            ])
-            .arg(disk)
-            .arg(dir.path())
-            .status()
-            .expect("mount(8)");
-        assert!(st.success(), "mounting partition {n} of {}", disk.display());
-        Mounted(dir)
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.0.path())
-            .status();
-    }
 }
 
 fn value<'a>(lines: &'a [String], key: &str) -> Option<&'a str> {
@@ -227,15 +188,15 @@ fn install_onto_a_blank_disk_then_boot_it_alone() {
     assert!(p.contains("EF02"), "{p}");
 
     // What the installer wrote, read on the host through read-only loop mounts.
-    let oem = Mounted::new(&target, 2);
-    let cfg = oem.0.path().join("90_custom.yaml");
+    let oem = Mounted::part(&target, 2);
+    let cfg = oem.root().join("90_custom.yaml");
     assert_eq!(std::fs::read_to_string(&cfg).unwrap(), INSTALL_CONFIG);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let env = std::fs::read(oem.0.path().join("grubenv")).unwrap();
+    let env = std::fs::read(oem.root().join("grubenv")).unwrap();
     assert_eq!(env.len(), 1024);
     assert!(kairos_tests::grub_editenv_accepts(&env));
     assert_eq!(
@@ -243,21 +204,21 @@ fn install_onto_a_blank_disk_then_boot_it_alone() {
         Some("3")
     );
     drop(oem);
-    let state = Mounted::new(&target, 4);
+    let state = Mounted::part(&target, 4);
     for f in [
         "cOS/active.img",
         "cOS/passive.img",
         "grub2/grub.cfg",
         "grub2/i386-pc/normal.mod",
     ] {
-        assert!(state.0.path().join(f).is_file(), "COS_STATE:/{f} missing");
+        assert!(state.root().join(f).is_file(), "COS_STATE:/{f} missing");
     }
     drop(state);
-    let rec = Mounted::new(&target, 3);
-    assert!(rec.0.path().join("cOS/recovery.squashfs").is_file());
+    let rec = Mounted::part(&target, 3);
+    assert!(rec.root().join("cOS/recovery.squashfs").is_file());
     drop(rec);
-    let persistent = Mounted::new(&target, 5);
-    let hist = std::fs::read_to_string(persistent.0.path().join(".kairos-state")).unwrap();
+    let persistent = Mounted::part(&target, 5);
+    let hist = std::fs::read_to_string(persistent.root().join(".kairos-state")).unwrap();
     assert!(
         hist.contains("\"action\":\"install\"") && hist.contains("\"source\":\"dir:/\""),
         "{hist}"
@@ -316,21 +277,14 @@ fn install_uefi_onto_a_blank_disk_then_boot_it_alone() {
         ],
         |s| {
             s.host_tools = HOST_TOOLS.iter().map(|t| t.to_string()).collect();
-            let mkfs_fat = std::fs::canonicalize("/usr/sbin/mkfs.vfat")
-                .unwrap_or_else(|_| "/usr/sbin/mkfs.fat".into());
-            s.host_tools.extend([
-                "/usr/lib/grub/x86_64-efi".to_string(),
-                mkfs_fat.display().to_string(),
-                "/usr/bin/mtools".to_string(),
-                // mtools converts names through iconv to code page 850: glibc's gconv.
-                "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules".to_string(),
-                "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.d".to_string(),
-                "/usr/lib/x86_64-linux-gnu/gconv/IBM850.so".to_string(),
-            ]);
-            for tool in ["mmd", "mcopy"] {
-                s.image_symlinks
-                    .push((format!("/usr/bin/{tool}"), "mtools".to_string()));
-            }
+            let (mkfs_fat, links) = kairos_tests::iso::uefi_links_and_mkfs();
+            s.host_tools.extend(
+                kairos_tests::iso::UEFI_INSTALL_TOOLS
+                    .iter()
+                    .map(|t| t.to_string())
+                    .chain([mkfs_fat]),
+            );
+            s.image_symlinks.extend(links);
         },
     );
     let target = a.work.join("install-uefi-target.img");
@@ -419,13 +373,13 @@ fn install_uefi_onto_a_blank_disk_then_boot_it_alone() {
         String::from_utf8_lossy(&dir.stdout).contains("BOOTX64.EFI"),
         "no BOOTX64.EFI"
     );
-    let state = Mounted::new(&target, 4);
+    let state = Mounted::part(&target, 4);
     for f in [
         "cOS/active.img",
         "grub2/grub.cfg",
         "grub2/x86_64-efi/normal.mod",
     ] {
-        assert!(state.0.path().join(f).is_file(), "COS_STATE:/{f} missing");
+        assert!(state.root().join(f).is_file(), "COS_STATE:/{f} missing");
     }
     drop(state);
 
