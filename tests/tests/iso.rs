@@ -66,6 +66,7 @@ if [ -e /oem/kt-statereset ] && [ "$step" = 0 ]; then
   echo "written before the reset" > /usr/local/kt-before-reset
   echo 1 > /oem/kt-step
   sync
+  say "wrote $(cat /usr/local/kt-before-reset)"
   say "select $(kairos-agent bootentry --select statereset 2>&1 | tr '\n' ' ')"
   say "rebooting"
   kill -TERM 1
@@ -345,7 +346,23 @@ fn cd_under_ovmf_installs_the_disk_boots_uefi_and_statereset_resets_it() {
     }
     let r = installed_boot("iso-uefi-installed", &target, Firmware::Ovmf, 900);
     let boots: Vec<&str> = r.log.split("Linux version").skip(1).collect();
-    println!("{} kernel boots", boots.len());
+    // Active (selects statereset), recovery (resets unattended), active again.
+    assert_eq!(
+        boots.len(),
+        3,
+        "expected 3 kernel boots, saw {}",
+        boots.len()
+    );
+    assert!(
+        boots[1].contains("kairos-agent: booted with kairos.reset: resetting the node unattended")
+            && boots[1].contains("kairos-agent: reset done from recovery:"),
+        "the second boot did not reset unattended"
+    );
+    assert_eq!(
+        value(&r, "wrote"),
+        "written before the reset",
+        "the first active boot did not leave its file on COS_PERSISTENT"
+    );
     assert!(
         value(&r, "select").contains("statereset"),
         "bootentry --select statereset: {}",
