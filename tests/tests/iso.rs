@@ -7,7 +7,8 @@
 //!   alone boots BIOS into active with the config applied; then the same ISO file as a USB
 //!   stick next to that disk: live again, nothing installed and the console says why,
 //!   COS_PERSISTENT byte for byte the same.
-//! - CD under OVMF: the same install; the disk alone boots UEFI; `kairos-agent bootentry
+//! - CD under OVMF: the same install; the same ISO file as a USB stick next to the disk changes
+//!   nothing there either; the disk alone boots UEFI; `kairos-agent bootentry
 //!   --select statereset` there leads, with no other input, through recovery's unattended
 //!   reset back to active with an empty COS_PERSISTENT and COS_OEM kept.
 //! - The pairing ISO as a USB stick under OVMF on a tap LAN in a network namespace: the
@@ -300,21 +301,26 @@ fn cd_under_seabios_installs_the_disk_boots_bios_and_the_iso_again_changes_nothi
         "install.auto was not ignored on the installed system"
     );
 
-    // The ISO again, now as a USB stick, next to the installed disk.
-    let persistent = part_by_name(&target, "persistent");
-    let before = kairos_tests::partition_hash(&target, persistent);
-    let name = "iso-usb-seabios-again";
+    iso_again_changes_nothing(&target, Firmware::SeaBios);
+}
+
+/// The install.auto ISO again, now as a USB stick next to the disk it installed: live, the
+/// refusal on the console, no install started, COS_PERSISTENT byte for byte the same.
+fn iso_again_changes_nothing(target: &Path, firmware: Firmware) {
+    let persistent = part_by_name(target, "persistent");
+    let before = kairos_tests::partition_hash(target, persistent);
+    let name = format!("iso-usb-{}-again", firmware.name());
     let spec = live_boot_spec(
-        name,
+        &name,
         auto_iso(),
         Medium::Usb,
-        Firmware::SeaBios,
-        &[&target],
+        firmware,
+        &[target],
         &[REFUSED],
         400,
     );
-    let r = run(name, &spec);
-    assert_live(&r, Firmware::SeaBios, true, name);
+    let r = run(&name, &spec);
+    assert_live(&r, firmware, true, &name);
     assert_eq!(
         r.matched.as_deref(),
         Some(REFUSED),
@@ -325,20 +331,21 @@ fn cd_under_seabios_installs_the_disk_boots_bios_and_the_iso_again_changes_nothi
         "{name}: the live system started an install"
     );
     drop(r);
-    let after = kairos_tests::partition_hash(&target, persistent);
-    assert_eq!(before, after, "COS_PERSISTENT changed");
+    let after = kairos_tests::partition_hash(target, persistent);
+    assert_eq!(before, after, "{name}: COS_PERSISTENT changed");
 }
 
 /// The console line of a refused install.auto (agent/src/install/mod.rs).
 const REFUSED: &str = "not installing over it without install.force: true";
 
 #[test]
-fn cd_under_ovmf_installs_the_disk_boots_uefi_and_statereset_resets_it() {
+fn cd_under_ovmf_installs_usb_again_changes_nothing_the_disk_boots_uefi_and_statereset_resets_it() {
     if !can_run() {
         return;
     }
     let target = blank("iso-uefi-target");
     auto_install("iso-cd-ovmf-install", Medium::Cd, Firmware::Ovmf, &target);
+    iso_again_changes_nothing(&target, Firmware::Ovmf);
     // The statereset scenario's switch, on COS_OEM (kept by the reset).
     {
         let oem = Mounted::part_rw(&target, part_by_name(&target, "oem"));
