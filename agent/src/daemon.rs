@@ -428,6 +428,30 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::sync::Mutex;
 
+    /// `/usr/bin/k3s` in the tree: `script`, executable.
+    fn fake_k3s(t: &Tree, script: &str) {
+        t.file("/usr/bin/k3s", script);
+        std::fs::set_permissions(
+            t.ctx.path("/usr/bin/k3s"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+    }
+
+    /// The daemon on its own thread; joined, its outcome and log.
+    fn spawn_daemon(
+        ctx: &Ctx,
+        opts: DaemonOptions,
+        rx: mpsc::Receiver<Event>,
+    ) -> std::thread::JoinHandle<(Outcome, String)> {
+        let ctx = ctx.clone();
+        std::thread::spawn(move || {
+            let mut log = Vec::new();
+            let r = super::run(&ctx, &opts, &rx, &mut log);
+            (r.unwrap(), String::from_utf8(log).unwrap())
+        })
+    }
+
     #[test]
     fn a_live_boot_without_install_shows_the_install_screen() {
         let t = Tree::new();
@@ -437,27 +461,17 @@ mod tests {
         // The installed system's K3s: not started off live media.
         let root = t.ctx.root.display().to_string();
         t.file("/oem/90_k3s.yaml", "#cloud-config\nk3s:\n  enabled: true\n");
-        t.file(
-            "/usr/bin/k3s",
-            format!("#!/bin/sh\necho \"$*\" > {root}/started\nexec sleep 30\n"),
+        fake_k3s(
+            &t,
+            &format!("#!/bin/sh\necho \"$*\" > {root}/started\nexec sleep 30\n"),
         );
-        std::fs::set_permissions(
-            t.ctx.path("/usr/bin/k3s"),
-            std::fs::Permissions::from_mode(0o755),
-        )
-        .unwrap();
         let opts = DaemonOptions {
             run_stages: false,
             health_timeout: Duration::from_millis(100),
             ..DaemonOptions::default()
         };
         let (tx, rx) = mpsc::channel();
-        let ctx = t.ctx.clone();
-        let h = std::thread::spawn(move || {
-            let mut log = Vec::new();
-            let r = super::run(&ctx, &opts, &rx, &mut log);
-            (r.unwrap(), String::from_utf8(log).unwrap())
-        });
+        let h = spawn_daemon(&t.ctx, opts, rx);
         let end = Instant::now() + Duration::from_secs(10);
         while !t.ctx.path(READY).exists() {
             assert!(Instant::now() < end, "daemon not ready");
@@ -501,17 +515,12 @@ mod tests {
             ),
         );
         // Ready only once the server has started.
-        t.file(
-            "/usr/bin/k3s",
-            format!(
+        fake_k3s(
+            &t,
+            &format!(
                 "#!/bin/sh\nif [ \"$1\" = kubectl ]; then [ -e {root}/started ] && echo ok; exit 0; fi\necho \"$*\" > {root}/started\nexec sleep 30\n"
             ),
         );
-        std::fs::set_permissions(
-            t.ctx.path("/usr/bin/k3s"),
-            std::fs::Permissions::from_mode(0o755),
-        )
-        .unwrap();
         let k3s_lines = Arc::new(Mutex::new(Vec::<String>::new()));
         let kl = k3s_lines.clone();
         let opts = DaemonOptions {
@@ -527,12 +536,7 @@ mod tests {
             },
         };
         let (tx, rx) = mpsc::channel();
-        let ctx = t.ctx.clone();
-        let h = std::thread::spawn(move || {
-            let mut log = Vec::new();
-            let r = super::run(&ctx, &opts, &rx, &mut log);
-            (r.unwrap(), String::from_utf8(log).unwrap())
-        });
+        let h = spawn_daemon(&t.ctx, opts, rx);
         let end = Instant::now() + Duration::from_secs(20);
         loop {
             let c = grubenv::Counters::from_env(&t.read_env()).unwrap();

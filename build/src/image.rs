@@ -30,7 +30,7 @@ use kairos_init::layout::{
 use crate::cli::ImageArgs;
 use crate::initramfs::{self, resolve_in};
 use crate::oci;
-use crate::{WorkDir, find_program};
+use crate::{WorkDir, find_program, io};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -49,12 +49,8 @@ pub enum ImageError {
     },
     #[error(transparent)]
     Program(#[from] crate::ProgramError),
-    #[error("{}: {what}: {err}", path.display())]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        err: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
     #[error("{path}: {what} in the image: {err}")]
     Tree {
         path: String,
@@ -73,11 +69,6 @@ pub enum ImageError {
     Oci(#[from] oci::OciError),
     #[error(transparent)]
     Work(#[from] crate::WorkError),
-}
-
-fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> ImageError {
-    let path = path.to_path_buf();
-    move |err| ImageError::Io { path, what, err }
 }
 
 /// Where `--out` sends the image.
@@ -183,7 +174,8 @@ fn file_in(tree: &Path, rel: &str) -> Result<PathBuf, ImageError> {
 fn write_in(tree: &Path, rel: &str, data: &[u8], mode: u32) -> Result<(), ImageError> {
     let p = file_in(tree, rel)?;
     std::fs::write(&p, data).map_err(io(&p, "writing"))?;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(io(&p, "chmod"))
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(io(&p, "chmod"))?;
+    Ok(())
 }
 
 fn symlink_in(tree: &Path, rel: &str, target: &str) -> Result<(), ImageError> {
@@ -191,7 +183,8 @@ fn symlink_in(tree: &Path, rel: &str, target: &str) -> Result<(), ImageError> {
     if p.symlink_metadata().is_ok() {
         std::fs::remove_file(&p).map_err(io(&p, "replacing"))?;
     }
-    std::os::unix::fs::symlink(target, &p).map_err(io(&p, "linking"))
+    std::os::unix::fs::symlink(target, &p).map_err(io(&p, "linking"))?;
+    Ok(())
 }
 
 /// Whether `rel` exists in the tree (following symlinks inside it).

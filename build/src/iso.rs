@@ -36,16 +36,17 @@ use std::process::Command;
 use std::time::Instant;
 
 use kairos_agent::Ctx;
+use kairos_agent::install::InstallError;
 use kairos_agent::install::efi::{self, GRUB_X86_64_EFI};
-use kairos_agent::install::{InstallError, SourceImage};
 use kairos_agent::upgrade::UpgradeError;
-use kairos_agent::upgrade::image::{self, KERNEL_FILES, ToolFailure, run_tool};
+use kairos_agent::upgrade::image::{self, ToolFailure, run_tool};
 use kairos_init::grubbios::BIOS_PLATFORM_MODULES;
 use kairos_init::grubcfg::{self, CFG_MODULES, EFI_PLATFORM_MODULES, LIVE_MODULES};
 
+use crate::checks::{self, CheckError, Ready};
 use crate::cli::IsoArgs;
 use crate::raw::{Partial, with_suffix};
-use crate::{WorkDir, find_tool};
+use crate::{WorkDir, find_tool, io};
 
 const MIB: u64 = 1 << 20;
 /// GRUB's BIOS directory (grub-pc-bin), with cdboot.img and boot_hybrid.img.
@@ -60,14 +61,6 @@ const BOOTX64: &str = "EFI/BOOT/BOOTX64.EFI";
 pub enum IsoError {
     #[error("--label {label:?}: {why}; nothing was written")]
     Label { label: String, why: String },
-    #[error("--config {}: cannot read it: {err}; nothing was written", path.display())]
-    Config { path: PathBuf, err: std::io::Error },
-    #[error(
-        "{origin}: the image has no {what}; make it Kairos-ready with `kairos-build image` first; nothing was written"
-    )]
-    NotReady { origin: String, what: String },
-    #[error("--out {}: {what}; nothing was written", path.display())]
-    Out { path: PathBuf, what: String },
     #[error("{tool} is needed for {why} and is not installed ({package}); nothing was written")]
     Tool {
         tool: &'static str,
@@ -82,12 +75,8 @@ pub enum IsoError {
     },
     #[error("SOURCE_DATE_EPOCH={given:?}: not a number of seconds; nothing was written")]
     Date { given: String },
-    #[error("{}: {what}: {err}", path.display())]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        err: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
     #[error(transparent)]
     ToolFailed(#[from] ToolFailure),
     #[error(transparent)]
@@ -96,14 +85,8 @@ pub enum IsoError {
     Upgrade(#[from] UpgradeError),
     #[error(transparent)]
     Work(#[from] crate::WorkError),
-}
-
-fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> IsoError + 'a {
-    move |err| IsoError::Io {
-        path: path.to_path_buf(),
-        what,
-        err,
-    }
+    #[error(transparent)]
+    Check(#[from] CheckError),
 }
 
 /// What was written.
@@ -320,44 +303,21 @@ fn check_args(args: &IsoArgs) -> Result<Option<Vec<u8>>, IsoError> {
         label: args.label.clone(),
         why,
     })?;
-    let config = args
-        .config
-        .as_ref()
-        .map(|c| {
-            std::fs::read(c).map_err(|err| IsoError::Config {
-                path: c.clone(),
-                err,
-            })
-        })
-        .transpose()?;
-    let dir = args
-        .out
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        return Err(IsoError::Out {
-            path: args.out.clone(),
-            what: format!("{} is not a directory", dir.display()),
-        });
-    }
-    if args.out.is_dir() {
-        return Err(IsoError::Out {
-            path: args.out.clone(),
-            what: "is a directory".into(),
-        });
-    }
+    let config = checks::read_config(args.config.as_deref())?;
+    checks::check_out(&args.out)?;
     Ok(config)
 }
 
 fn mkdir(p: &Path) -> Result<(), IsoError> {
-    std::fs::create_dir_all(p).map_err(io(p, "creating"))
+    std::fs::create_dir_all(p).map_err(io(p, "creating"))?;
+    Ok(())
 }
 
 fn write_mode(p: &Path, data: &[u8], mode: u32) -> Result<(), IsoError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::write(p, data).map_err(io(p, "writing"))?;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(io(p, "chmod"))
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(io(p, "chmod"))?;
+    Ok(())
 }
 
 fn copy_mode(from: &Path, to: &Path, mode: u32) -> Result<u64, IsoError> {
@@ -441,27 +401,18 @@ pub fn run(args: &IsoArgs, log: &mut dyn Write) -> Result<IsoReport, IsoError> {
     }
     let work = WorkDir::new(args.work_dir.as_deref(), "iso")?;
     let ctx = Ctx::new("/", "/oem/grubenv");
-    let mut src = SourceImage::resolve(&ctx, &args.source, work.path(), log)?;
-    if src.is_remote() {
-        writeln!(log, "kairos-build: pulling {}", src.origin).ok();
-        src.unpack_into(work.path(), log)?;
-    }
-    let tree = src
-        .tree()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| IsoError::NotReady {
-            origin: src.origin.clone(),
-            what: "root tree".into(),
-        })?;
-    // The same files an upgrade requires (kairos-agent's image.rs), found inside the tree.
-    let mut kernel_files = Vec::new();
-    for need in KERNEL_FILES {
-        let p = in_tree(&tree, need).ok_or_else(|| IsoError::NotReady {
-            origin: src.origin.clone(),
-            what: format!("/{need} (the kernel and initramfs the live system boots)"),
-        })?;
-        kernel_files.push(p);
-    }
+    let Ready {
+        src,
+        tree,
+        kernel_files,
+    } = checks::ready_source::<IsoError>(
+        &ctx,
+        &args.source,
+        work.path(),
+        in_tree,
+        "the live system boots",
+        log,
+    )?;
     if !rustix::process::geteuid().is_root() {
         writeln!(
             log,

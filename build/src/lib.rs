@@ -2,6 +2,7 @@
 //! initramfs writer (`kairos-initramfs`), the agent's sources, layers and installer phases
 //! (`kairos_agent::install`), the boot model of `kairos-init`.
 
+pub mod checks;
 pub mod cli;
 pub mod image;
 pub mod initramfs;
@@ -69,6 +70,22 @@ pub fn find_program(
             flag,
             exe_dir: exe_dir.map_or_else(|| "this program".into(), |d| d.display().to_string()),
         })
+}
+
+/// A file operation that failed, with the path it was on; each subcommand's error holds it
+/// (`#[error(transparent)] Io(#[from] IoError)`).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {what}: {err}", path.display())]
+pub struct IoError {
+    pub path: PathBuf,
+    pub what: &'static str,
+    pub err: std::io::Error,
+}
+
+/// For `map_err`: `what` (e.g. "reading") failed on `path`.
+pub fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> IoError {
+    let path = path.to_path_buf();
+    move |err| IoError { path, what, err }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -12,6 +12,8 @@ use kairos_agent::upgrade::oci::{hex, sha256_digest};
 use kairos_agent::upgrade::source::ImageRef;
 use sha2::{Digest, Sha256};
 
+use crate::io;
+
 pub const MT_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MT_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
@@ -20,19 +22,10 @@ const GZIP_LEVEL: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
-    #[error("{}: {what}: {err}", path.display())]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        err: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
     #[error(transparent)]
     Registry(#[from] kairos_agent::upgrade::UpgradeError),
-}
-
-fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> OciError {
-    let path = path.to_path_buf();
-    move |err| OciError::Io { path, what, err }
 }
 
 /// A written image: the layer and config as files in the work directory, the manifest.
@@ -126,7 +119,8 @@ fn append_special<W: Write>(
     h.set_device_minor(minor)
         .map_err(io(path, "adding to the layer"))?;
     b.append_data(&mut h, rel, std::io::empty())
-        .map_err(io(path, "adding to the layer"))
+        .map_err(io(path, "adding to the layer"))?;
+    Ok(())
 }
 
 /// The image of `tree` for `arch` (an OCI architecture name), its blobs written to `work`.
@@ -164,11 +158,7 @@ pub fn build(
     compressed
         .inner
         .into_inner()
-        .map_err(|e| OciError::Io {
-            path: layer.clone(),
-            what: "writing",
-            err: e.into_error(),
-        })?
+        .map_err(|e| io(&layer, "writing")(e.into_error()))?
         .sync_all()
         .map_err(io(&layer, "fsync"))?;
 
@@ -255,19 +245,17 @@ pub fn write_archive(img: &Image, tag: &str, out: &Path) -> Result<(), OciError>
         }
         let w = b.into_inner().map_err(io(&partial, "finishing"))?;
         w.into_inner()
-            .map_err(|e| OciError::Io {
-                path: partial.clone(),
-                what: "writing",
-                err: e.into_error(),
-            })?
+            .map_err(|e| io(&partial, "writing")(e.into_error()))?
             .sync_all()
-            .map_err(io(&partial, "fsync"))
+            .map_err(io(&partial, "fsync"))?;
+        Ok(())
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&partial);
         return Err(e);
     }
-    std::fs::rename(&partial, out).map_err(io(out, "renaming the archive to"))
+    std::fs::rename(&partial, out).map_err(io(out, "renaming the archive to"))?;
+    Ok(())
 }
 
 /// Pushes `img` to the registry as `r` (blobs, then the manifest).

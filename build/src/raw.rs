@@ -20,12 +20,13 @@ use std::time::Instant;
 
 use kairos_agent::Ctx;
 use kairos_agent::install::efi::Firmware;
-use kairos_agent::install::{self, InstallError, Progress, SourceImage, device};
-use kairos_agent::upgrade::image::{KERNEL_FILES, ToolFailure, run_tool, tree_has};
+use kairos_agent::install::{self, InstallError, Progress, device};
+use kairos_agent::upgrade::image::{ToolFailure, run_tool, tree_has};
 use kairos_agent::upgrade::{self, rotate::Booted};
 
+use crate::checks::{self, CheckError, Ready};
 use crate::cli::{Format, RawArgs, RawFirmware};
-use crate::{WorkDir, find_tool};
+use crate::{WorkDir, find_tool, io};
 
 const MIB: u64 = 1 << 20;
 
@@ -46,14 +47,6 @@ pub enum RawError {
         state: u64,
         persistent: u64,
     },
-    #[error("--config {}: cannot read it: {err}; nothing was written", path.display())]
-    Config { path: PathBuf, err: std::io::Error },
-    #[error(
-        "{origin}: the image has no {what}; make it Kairos-ready with `kairos-build image` first; nothing was written"
-    )]
-    NotReady { origin: String, what: String },
-    #[error("--out {}: {what}; nothing was written", path.display())]
-    Out { path: PathBuf, what: String },
     #[error("kairos-build raw needs root (loop devices, mkfs, mounts); nothing was written")]
     NotRoot,
     #[error("{tool} is needed for {why} and is not installed ({package}); nothing was written")]
@@ -64,18 +57,16 @@ pub enum RawError {
     },
     #[error("{}: attaching a loop device: {err}", file.display())]
     Loop { file: PathBuf, err: String },
-    #[error("{}: {what}: {err}", path.display())]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        err: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
     #[error(transparent)]
     ToolFailed(#[from] ToolFailure),
     #[error(transparent)]
     Install(#[from] InstallError),
     #[error(transparent)]
     Work(#[from] crate::WorkError),
+    #[error(transparent)]
+    Check(#[from] CheckError),
 }
 
 /// What was written.
@@ -157,12 +148,7 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
             })
         })
         .transpose()?;
-    if let Some(c) = &args.config {
-        std::fs::read(c).map_err(|err| RawError::Config {
-            path: c.clone(),
-            err,
-        })?;
-    }
+    checks::read_config(args.config.as_deref())?;
     if !rustix::process::geteuid().is_root() {
         return Err(RawError::NotRoot);
     }
@@ -174,46 +160,18 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
         })?),
         Format::Raw => None,
     };
-    let dir = args
-        .out
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        return Err(RawError::Out {
-            path: args.out.clone(),
-            what: format!("{} is not a directory", dir.display()),
-        });
-    }
-    if args.out.is_dir() {
-        return Err(RawError::Out {
-            path: args.out.clone(),
-            what: "is a directory".into(),
-        });
-    }
+    checks::check_out(&args.out)?;
     let work = WorkDir::new(args.work_dir.as_deref(), "raw")?;
     let ctx = Ctx::new("/", "/oem/grubenv");
-    let mut src = SourceImage::resolve(&ctx, &args.source, work.path(), log)?;
-    if src.is_remote() {
-        writeln!(log, "kairos-build: pulling {}", src.origin).ok();
-        src.unpack_into(work.path(), log)?;
-    }
-    let tree = src
-        .tree()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| RawError::NotReady {
-            origin: src.origin.clone(),
-            what: "root tree".into(),
-        })?;
     // The same check an upgrade makes (kairos-agent's image.rs).
-    for need in KERNEL_FILES {
-        if !tree_has(&tree, need) {
-            return Err(RawError::NotReady {
-                origin: src.origin.clone(),
-                what: format!("/{need} (the kernel and initramfs GRUB boots)"),
-            });
-        }
-    }
+    let Ready { mut src, .. } = checks::ready_source::<RawError>(
+        &ctx,
+        &args.source,
+        work.path(),
+        |tree, f| tree_has(tree, f).then(|| tree.join(f)),
+        "GRUB boots",
+        log,
+    )?;
     let fw = firmware(args.firmware);
     let boot = install::find_boot_code(&ctx, fw, None, &src, &args.out)?;
     let s = install::sizes(src.image_size, fw);
@@ -250,11 +208,7 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
     let mut partial = Partial(vec![partial_raw.clone()]);
     std::fs::File::create(&partial_raw)
         .and_then(|f| f.set_len(disk_bytes))
-        .map_err(|err| RawError::Io {
-            path: partial_raw.clone(),
-            what: "creating",
-            err,
-        })?;
+        .map_err(io(&partial_raw, "creating"))?;
     let lo =
         kairos_init::sys::loopdev::attach(Path::new("/dev"), &partial_raw, false).map_err(|e| {
             RawError::Loop {
@@ -288,11 +242,7 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
     // The partitions go before the loop device, whatever happened.
     let numbers: Vec<u32> = (1..=parts.len() as u32).collect();
     let removed = std::fs::File::open(&lo.path)
-        .map_err(|err| RawError::Io {
-            path: lo.path.clone(),
-            what: "opening",
-            err,
-        })
+        .map_err(|e| RawError::from(io(&lo.path, "opening")(e)))
         .and_then(|f| Ok(device::remove_partitions(&f, &lo.path, &numbers)?));
     drop(lo);
     drop(src);
@@ -310,17 +260,11 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
                     .arg(&partial_raw)
                     .arg(&partial_q),
             )?;
-            std::fs::rename(&partial_q, &args.out).map_err(|err| RawError::Io {
-                path: args.out.clone(),
-                what: "renaming the qcow2 image to",
-                err,
-            })?;
+            std::fs::rename(&partial_q, &args.out)
+                .map_err(io(&args.out, "renaming the qcow2 image to"))?;
         }
-        None => std::fs::rename(&partial_raw, &args.out).map_err(|err| RawError::Io {
-            path: args.out.clone(),
-            what: "renaming the disk image to",
-            err,
-        })?,
+        None => std::fs::rename(&partial_raw, &args.out)
+            .map_err(io(&args.out, "renaming the disk image to"))?,
     }
     drop(partial);
     let file_bytes = std::fs::metadata(&args.out)

@@ -811,6 +811,19 @@ mod tests {
         })
     }
 
+    /// The plan's actions, in order.
+    fn actions(p: &SystemPlan) -> Vec<&Action> {
+        p.steps.iter().map(|s| &s.action).collect()
+    }
+
+    /// The tmpfs under the overlays, of `size`.
+    fn overlay_tmpfs(size: &str) -> Action {
+        Action::Tmpfs {
+            target: "/run/overlay".into(),
+            size: size.into(),
+        }
+    }
+
     #[test]
     fn oem_is_planned_apart_for_the_rootfs_stage() {
         let r = req(ACTIVE_CMDLINE);
@@ -856,14 +869,8 @@ mod tests {
             &all_devices(),
             &f,
         );
-        let acts: Vec<&Action> = p.steps.iter().map(|s| &s.action).collect();
-        assert_eq!(
-            acts[0],
-            &Action::Tmpfs {
-                target: "/run/overlay".into(),
-                size: "25%".into()
-            }
-        );
+        let acts = actions(&p);
+        assert_eq!(acts[0], &overlay_tmpfs("25%"));
         let overlays: Vec<&str> = acts
             .iter()
             .filter_map(|a| {
@@ -1015,13 +1022,7 @@ mod tests {
             &all_devices(),
             &f,
         );
-        assert_eq!(
-            p.steps[0].action,
-            Action::Tmpfs {
-                target: "/run/overlay".into(),
-                size: "1g".into()
-            }
-        );
+        assert_eq!(p.steps[0].action, overlay_tmpfs("1g"));
         assert!(p.steps.iter().any(|s| s.action
             == Action::WriteFile {
                 path: "/run/cos/autoreset_mode".into(),
@@ -1054,14 +1055,8 @@ mod tests {
         );
         assert!(w.is_empty(), "{w:?}");
         let p = plan(LIVE, &layout, &devices, &f);
-        let acts: Vec<&Action> = p.steps.iter().map(|s| &s.action).collect();
-        assert_eq!(
-            acts[0],
-            &Action::Tmpfs {
-                target: "/run/overlay".into(),
-                size: "25%".into()
-            }
-        );
+        let acts = actions(&p);
+        assert_eq!(acts[0], &overlay_tmpfs("25%"));
         assert!(
             !acts.iter().any(|a| matches!(
                 a,

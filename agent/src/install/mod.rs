@@ -1028,21 +1028,7 @@ pub fn install(
     // removable or USB disks only when the config allows them. Run by hand, a disk holding
     // Kairos may be taken (install.auto decides before: `auto_target`).
     let dev = if dev.as_os_str() == "auto" {
-        let policy = device::AutoPolicy {
-            removable: configured.allow_removable,
-            kairos: true,
-        };
-        let (picked, seen) = device::pick_auto(ctx, policy)?;
-        writeln!(log, "install: device auto: {}", picked.display())?;
-        if !seen.kairos.is_empty() {
-            writeln!(
-                log,
-                "install: {} holds a Kairos installation ({}); it is replaced",
-                picked.display(),
-                seen.kairos.join(", ")
-            )?;
-        }
-        picked
+        pick_auto_by_hand(ctx, configured.allow_removable, log)?
     } else {
         dev
     };
@@ -1222,6 +1208,31 @@ pub fn auto_install(
     Some(r)
 }
 
+/// `--device auto` as a person asks for it (install, manual-install): the pick of
+/// [`device::pick_auto`], removable and USB disks only with `removable`; a disk holding Kairos
+/// may be taken (the log says it is replaced), unlike install.auto's [`auto_target`].
+fn pick_auto_by_hand(
+    ctx: &Ctx,
+    removable: bool,
+    log: &mut dyn Write,
+) -> Result<PathBuf, InstallError> {
+    let policy = device::AutoPolicy {
+        removable,
+        kairos: true,
+    };
+    let (picked, seen) = device::pick_auto(ctx, policy)?;
+    writeln!(log, "install: device auto: {}", picked.display())?;
+    if !seen.kairos.is_empty() {
+        writeln!(
+            log,
+            "install: {} holds a Kairos installation ({}); it is replaced",
+            picked.display(),
+            seen.kairos.join(", ")
+        )?;
+    }
+    Ok(picked)
+}
+
 /// The disk `install.auto` installs to: `install.device`, or for `auto` the pick of
 /// [`device::pick_auto`] (never the live medium; removable and USB disks only with
 /// `install.allow-removable`). Without `install.force`, a disk that already holds a Kairos
@@ -1323,21 +1334,7 @@ pub fn manual_install(
         .or_else(|| named(&node.device))
         .unwrap_or_else(|| PathBuf::from("auto"));
     let device = if device.as_os_str() == "auto" {
-        let policy = device::AutoPolicy {
-            removable: given.allow_removable || node.allow_removable,
-            kairos: true,
-        };
-        let (picked, seen) = device::pick_auto(ctx, policy)?;
-        writeln!(log, "install: device auto: {}", picked.display())?;
-        if !seen.kairos.is_empty() {
-            writeln!(
-                log,
-                "install: {} holds a Kairos installation ({}); it is replaced",
-                picked.display(),
-                seen.kairos.join(", ")
-            )?;
-        }
-        picked
+        pick_auto_by_hand(ctx, given.allow_removable || node.allow_removable, log)?
     } else {
         device
     };
