@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use kairos_agent::Ctx;
 use kairos_agent::install::{InstallError, SourceImage};
-use kairos_agent::upgrade::image::KERNEL_FILES;
+use kairos_agent::upgrade::image::{KERNEL_FILES, tree_file};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
@@ -59,18 +59,17 @@ pub fn check_out(out: &Path) -> Result<(), CheckError> {
 pub struct Ready {
     pub src: SourceImage,
     pub tree: PathBuf,
-    /// [`KERNEL_FILES`], in that order, as `find` located them in `tree`.
+    /// [`KERNEL_FILES`], in that order, where they are in `tree` (symlinks resolved).
     pub kernel_files: Vec<PathBuf>,
 }
 
 /// `source` resolved (a remote image pulled and unpacked into `work`), its root tree, and the
-/// files an upgrade requires too ([`KERNEL_FILES`]) found in it by `find`; `boots` says in the
-/// error what boots them.
+/// files an upgrade requires too ([`KERNEL_FILES`]) found in it (symlinks followed inside the
+/// tree: `tree_file`); `boots` says in the error what boots them.
 pub fn ready_source<E>(
     ctx: &Ctx,
     source: &str,
     work: &Path,
-    find: fn(&Path, &str) -> Option<PathBuf>,
     boots: &str,
     log: &mut dyn Write,
 ) -> Result<Ready, E>
@@ -91,7 +90,7 @@ where
         })?;
     let mut kernel_files = Vec::new();
     for need in KERNEL_FILES {
-        let p = find(&tree, need).ok_or_else(|| CheckError::NotReady {
+        let p = tree_file(&tree, need).ok_or_else(|| CheckError::NotReady {
             origin: src.origin.clone(),
             what: format!("/{need} (the kernel and initramfs {boots})"),
         })?;

@@ -196,37 +196,6 @@ pub fn xorriso_args(
     a
 }
 
-/// `rel` inside `tree`, following symlinks inside the tree (an absolute link target is taken
-/// relative to the tree, as in the image it belongs to); None when it leads nowhere or out.
-pub fn in_tree(tree: &Path, rel: &str) -> Option<PathBuf> {
-    let mut p = tree.join(rel.trim_start_matches('/'));
-    for _ in 0..16 {
-        let m = std::fs::symlink_metadata(&p).ok()?;
-        if !m.file_type().is_symlink() {
-            return m.is_file().then_some(p);
-        }
-        let target = std::fs::read_link(&p).ok()?;
-        p = if target.is_absolute() {
-            tree.join(target.strip_prefix("/").ok()?)
-        } else {
-            p.parent()?.join(target)
-        };
-        // `..` may not climb out of the tree.
-        let mut depth = 0i32;
-        for c in p.strip_prefix(tree).ok()?.components() {
-            match c {
-                std::path::Component::ParentDir => depth -= 1,
-                std::path::Component::Normal(_) => depth += 1,
-                _ => {}
-            }
-            if depth < 0 {
-                return None;
-            }
-        }
-    }
-    None
-}
-
 /// The tools of an ISO build, found before anything is written.
 struct Tools {
     xorriso: PathBuf,
@@ -409,7 +378,6 @@ pub fn run(args: &IsoArgs, log: &mut dyn Write) -> Result<IsoReport, IsoError> {
         &ctx,
         &args.source,
         work.path(),
-        in_tree,
         "the live system boots",
         log,
     )?;
@@ -573,30 +541,6 @@ mod tests {
         );
         // Rock Ridge keeps modes (config.yaml 0600): never -r, which resets them.
         assert!(!a.contains(&"-r".to_string()));
-    }
-
-    #[test]
-    fn kernel_links_resolve_inside_the_tree() {
-        let t = tempfile::tempdir().expect("tempdir");
-        let boot = t.path().join("boot");
-        std::fs::create_dir_all(&boot).expect("mkdir");
-        std::fs::write(boot.join("vmlinuz-6.1"), "k").expect("write");
-        std::os::unix::fs::symlink("/boot/vmlinuz-6.1", boot.join("vmlinuz")).expect("link");
-        std::os::unix::fs::symlink("vmlinuz", boot.join("again")).expect("link");
-        std::os::unix::fs::symlink("../../etc/passwd", boot.join("out")).expect("link");
-        std::os::unix::fs::symlink("loop", boot.join("loop")).expect("link");
-        assert_eq!(
-            in_tree(t.path(), "/boot/vmlinuz"),
-            Some(boot.join("vmlinuz-6.1"))
-        );
-        assert_eq!(
-            in_tree(t.path(), "boot/again"),
-            Some(boot.join("vmlinuz-6.1"))
-        );
-        assert_eq!(in_tree(t.path(), "boot/out"), None);
-        assert_eq!(in_tree(t.path(), "boot/loop"), None);
-        assert_eq!(in_tree(t.path(), "boot"), None);
-        assert_eq!(in_tree(t.path(), "boot/missing"), None);
     }
 
     fn args(dir: &Path, source: &str) -> IsoArgs {

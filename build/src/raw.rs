@@ -21,7 +21,7 @@ use std::time::Instant;
 use kairos_agent::Ctx;
 use kairos_agent::install::efi::Firmware;
 use kairos_agent::install::{self, InstallError, Progress, device};
-use kairos_agent::upgrade::image::{ToolFailure, run_tool, tree_has};
+use kairos_agent::upgrade::image::{ToolFailure, run_tool};
 use kairos_agent::upgrade::{self, rotate::Booted};
 
 use crate::checks::{self, CheckError, Ready};
@@ -164,14 +164,8 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
     let work = WorkDir::new(args.work_dir.as_deref(), "raw")?;
     let ctx = Ctx::new("/", "/oem/grubenv");
     // The same check an upgrade makes (kairos-agent's image.rs).
-    let Ready { mut src, .. } = checks::ready_source::<RawError>(
-        &ctx,
-        &args.source,
-        work.path(),
-        |tree, f| tree_has(tree, f).then(|| tree.join(f)),
-        "GRUB boots",
-        log,
-    )?;
+    let Ready { mut src, .. } =
+        checks::ready_source::<RawError>(&ctx, &args.source, work.path(), "GRUB boots", log)?;
     let fw = firmware(args.firmware);
     let boot = install::find_boot_code(&ctx, fw, None, &src, &args.out)?;
     let s = install::sizes(src.image_size, fw);
@@ -321,24 +315,6 @@ mod tests {
         for bad in ["", "G", "4X", "-1G", "0", "99999999999999999999T"] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn the_kernel_check_follows_symlinks_inside_the_tree() {
-        let t = tempfile::tempdir().expect("tempdir");
-        let boot = t.path().join("boot");
-        std::fs::create_dir_all(&boot).expect("mkdir");
-        assert!(!tree_has(t.path(), "boot/vmlinuz"));
-        std::fs::write(boot.join("vmlinuz-6.1"), "k").expect("write");
-        std::os::unix::fs::symlink("vmlinuz-6.1", boot.join("vmlinuz")).expect("link");
-        assert!(tree_has(t.path(), "boot/vmlinuz"));
-        // Absolute links resolve inside the tree, not on the host.
-        std::os::unix::fs::symlink("/boot/vmlinuz-6.1", boot.join("abs")).expect("link");
-        assert!(tree_has(t.path(), "/boot/abs"));
-        std::os::unix::fs::symlink("/etc/hostname-not-in-tree", boot.join("host")).expect("link");
-        assert!(!tree_has(t.path(), "boot/host"));
-        std::os::unix::fs::symlink("loop", boot.join("loop")).expect("link");
-        assert!(!tree_has(t.path(), "boot/loop"));
     }
 
     #[test]

@@ -208,26 +208,39 @@ pub const KERNEL_FILES: &[&str] = &["boot/vmlinuz", "boot/initrd"];
 
 /// Whether the image tree has `rel` (a file, or a symlink that resolves inside the tree).
 pub fn tree_has(tree: &Path, rel: &str) -> bool {
+    tree_file(tree, rel).is_some()
+}
+
+/// The regular file `rel` of the image `tree`, following symlinks inside the tree (an absolute
+/// link target is taken relative to the tree, as in the image it belongs to); None when it
+/// leads nowhere, loops, or climbs out of the tree with `..`.
+pub fn tree_file(tree: &Path, rel: &str) -> Option<PathBuf> {
     let mut p = tree.join(rel.trim_start_matches('/'));
-    for _ in 0..8 {
-        match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_symlink() => {
-                let Ok(target) = std::fs::read_link(&p) else {
-                    return false;
-                };
-                p = if target.is_absolute() {
-                    tree.join(target.strip_prefix("/").unwrap_or(&target))
-                } else {
-                    p.parent()
-                        .map_or_else(|| tree.to_path_buf(), Path::to_path_buf)
-                        .join(target)
-                };
+    for _ in 0..16 {
+        let m = std::fs::symlink_metadata(&p).ok()?;
+        if !m.file_type().is_symlink() {
+            return m.is_file().then_some(p);
+        }
+        let target = std::fs::read_link(&p).ok()?;
+        p = if target.is_absolute() {
+            tree.join(target.strip_prefix("/").ok()?)
+        } else {
+            p.parent()?.join(target)
+        };
+        // `..` may not climb out of the tree (onto the host's files).
+        let mut depth = 0i32;
+        for c in p.strip_prefix(tree).ok()?.components() {
+            match c {
+                std::path::Component::ParentDir => depth -= 1,
+                std::path::Component::Normal(_) => depth += 1,
+                _ => {}
             }
-            Ok(m) => return m.is_file(),
-            Err(_) => return false,
+            if depth < 0 {
+                return None;
+            }
         }
     }
-    false
+    None
 }
 
 /// What a system image tree lacks to boot: `/boot/vmlinuz`, `/boot/initrd` (GRUB loads them
@@ -371,6 +384,32 @@ impl Drop for BindMount {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_check_follows_symlinks_inside_the_tree() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let boot = t.path().join("boot");
+        std::fs::create_dir_all(&boot).expect("mkdir");
+        assert!(!tree_has(t.path(), "boot/vmlinuz"));
+        std::fs::write(boot.join("vmlinuz-6.1"), "k").expect("write");
+        std::os::unix::fs::symlink("vmlinuz-6.1", boot.join("vmlinuz")).expect("link");
+        assert!(tree_has(t.path(), "boot/vmlinuz"));
+        // Absolute links resolve inside the tree, not on the host.
+        std::os::unix::fs::symlink("/boot/vmlinuz-6.1", boot.join("abs")).expect("link");
+        assert!(tree_has(t.path(), "/boot/abs"));
+        std::os::unix::fs::symlink("/etc/hostname-not-in-tree", boot.join("host")).expect("link");
+        assert!(!tree_has(t.path(), "boot/host"));
+        std::os::unix::fs::symlink("loop", boot.join("loop")).expect("link");
+        assert!(!tree_has(t.path(), "boot/loop"));
+        // `..` never climbs out of the tree onto the host's files.
+        std::os::unix::fs::symlink("../../etc/passwd", boot.join("out")).expect("link");
+        assert!(!tree_has(t.path(), "boot/out"));
+        assert!(!tree_has(t.path(), "boot"));
+        assert_eq!(
+            tree_file(t.path(), "boot/vmlinuz"),
+            Some(boot.join("vmlinuz-6.1"))
+        );
+    }
 
     #[test]
     fn a_tree_is_measured_in_blocks_and_inodes() {
