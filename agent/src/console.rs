@@ -42,8 +42,9 @@ fn open(ctx: &Ctx, also: impl AsFd) -> Option<File> {
     OpenOptions::new()
         // Append: a file standing in for the console (tests) keeps every line.
         .append(true)
-        // Never become the console's controlling process.
-        .custom_flags(libc::O_NOCTTY)
+        // Never become the console's controlling process; never block the daemon on a serial
+        // line held by flow control (as kairos-init opens its consoles).
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
         .open(&path)
         .ok()
 }

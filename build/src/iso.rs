@@ -36,8 +36,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use kairos_agent::Ctx;
-use kairos_agent::install::InstallError;
 use kairos_agent::install::efi::{self, GRUB_X86_64_EFI};
+use kairos_agent::install::{GRUB_I386_PC, InstallError};
 use kairos_agent::upgrade::UpgradeError;
 use kairos_agent::upgrade::image::{self, ToolFailure, run_tool};
 use kairos_init::grubbios::BIOS_PLATFORM_MODULES;
@@ -49,8 +49,6 @@ use crate::raw::{Partial, with_suffix};
 use crate::{WorkDir, find_tool, io};
 
 const MIB: u64 = 1 << 20;
-/// GRUB's BIOS directory (grub-pc-bin), with cdboot.img and boot_hybrid.img.
-pub const GRUB_I386_PC: &str = "/usr/lib/grub/i386-pc";
 /// Paths in the ISO tree (relative to its root).
 pub const ELTORITO_IMG: &str = "boot/grub2/eltorito.img";
 pub const EFIBOOT_IMG: &str = "boot/grub2/efiboot.img";

@@ -193,6 +193,26 @@ pub fn build_iso(name: &str, tree: &Path, config: Option<&str>, extra_args: &[&s
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(o.status.success(), "kairos-build iso {name} failed");
+    // GRUB finds its medium by this UUID: the one kairos-build put in its built-in config must
+    // be the one the ISO carries.
+    let said = String::from_utf8_lossy(&o.stdout);
+    let uuid = said
+        .split(" uuid ")
+        .nth(1)
+        .and_then(|r| r.split([',', ' ']).next())
+        .unwrap_or_else(|| panic!("no uuid in kairos-build's summary: {said}"))
+        .to_string();
+    let blkid = Command::new("blkid")
+        .args(["-p", "-s", "UUID", "-o", "value"])
+        .arg(&out)
+        .output()
+        .expect("blkid");
+    assert_eq!(
+        String::from_utf8_lossy(&blkid.stdout).trim(),
+        uuid,
+        "{}: the ISO's UUID is not the one GRUB searches for",
+        out.display()
+    );
     let bytes = std::fs::metadata(&out)
         .unwrap_or_else(|e| panic!("{}: {e}", out.display()))
         .len();

@@ -10,8 +10,6 @@ use anyhow::{Context, Result, bail};
 pub struct TapLan {
     pub ns: String,
     pub tap: String,
-    /// The host side's address on the LAN (the guest takes another in the same /24).
-    pub host_ip: String,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -42,7 +40,6 @@ impl TapLan {
         let lan = TapLan {
             ns,
             tap: "tap0".into(),
-            host_ip: host_ip.into(),
         };
         let n = lan.ns.as_str();
         ip(&["-n", n, "link", "set", "lo", "up"])?;

@@ -646,16 +646,13 @@ impl SourceImage {
 }
 
 /// The squashfs file the running root is, when `/` is a loop device over one (a live system
-/// from its medium's rootfs.squashfs, or recovery): read from `/proc/mounts` and the loop
+/// from its medium's rootfs.squashfs, or recovery): the root device as the upgrade finds it
+/// (`slots::root_device`), then the loop
 /// device's `backing_file` under `ctx`'s root, checked by its magic.
 fn running_root_squashfs(ctx: &Ctx) -> Option<PathBuf> {
     use std::io::Read;
-    let mounts = std::fs::read_to_string(ctx.path("/proc/mounts")).ok()?;
-    // The last mount on `/` is the one in effect.
-    let (dev, _) = crate::state::parse_mounts(&mounts)
-        .into_iter()
-        .rev()
-        .find(|(_, at)| at == "/")?;
+    let mounts = std::fs::read_to_string(ctx.path("/proc/self/mounts")).ok()?;
+    let dev = crate::upgrade::slots::root_device(&mounts)?;
     let name = dev.strip_prefix("/dev/")?;
     if !name.starts_with("loop") || name.contains('/') {
         return None;
@@ -1469,7 +1466,7 @@ mod tests {
             b"/run/initramfs/live/rootfs.squashfs\n",
         );
         put(
-            "proc/mounts",
+            "proc/self/mounts",
             b"rootfs / rootfs rw 0 0\n/dev/loop0 / squashfs ro 0 0\n/dev/sr0 /run/initramfs/live iso9660 ro 0 0\n",
         );
         assert_eq!(
@@ -1483,7 +1480,7 @@ mod tests {
         );
         assert_eq!(running_root_squashfs(&ctx), None);
         // Nor a root on a disk partition.
-        put("proc/mounts", b"/dev/vda2 / ext4 rw 0 0\n");
+        put("proc/self/mounts", b"/dev/vda2 / ext4 rw 0 0\n");
         assert_eq!(running_root_squashfs(&ctx), None);
     }
 

@@ -219,7 +219,13 @@ pub fn tree_file(tree: &Path, rel: &str) -> Option<PathBuf> {
     for _ in 0..16 {
         let m = std::fs::symlink_metadata(&p).ok()?;
         if !m.file_type().is_symlink() {
-            return m.is_file().then_some(p);
+            // The host resolved the directories on the way (a symlinked `/boot` is followed
+            // as the host sees it): the file must really be inside the tree.
+            let inside = std::fs::canonicalize(&p)
+                .ok()
+                .zip(std::fs::canonicalize(tree).ok())
+                .is_some_and(|(f, t)| f.starts_with(t));
+            return (m.is_file() && inside).then_some(p);
         }
         let target = std::fs::read_link(&p).ok()?;
         p = if target.is_absolute() {
@@ -404,6 +410,11 @@ mod tests {
         // `..` never climbs out of the tree onto the host's files.
         std::os::unix::fs::symlink("../../etc/passwd", boot.join("out")).expect("link");
         assert!(!tree_has(t.path(), "boot/out"));
+        // Nor does a symlinked directory on the way lead out (the host follows it).
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::write(outside.path().join("vmlinuz"), "host").expect("write");
+        std::os::unix::fs::symlink(outside.path(), t.path().join("hostboot")).expect("link");
+        assert!(!tree_has(t.path(), "hostboot/vmlinuz"));
         assert!(!tree_has(t.path(), "boot"));
         assert_eq!(
             tree_file(t.path(), "boot/vmlinuz"),
