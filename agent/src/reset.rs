@@ -959,7 +959,7 @@ pub fn reset(
     };
     if let Some(h) = history {
         let line = history_line(
-            &kairos_p2p::time::rfc3339(kairos_p2p::time::now_ms()),
+            &kairos_util::time::rfc3339(kairos_util::time::now_ms()),
             "reset",
             &origin,
             None,

@@ -107,7 +107,7 @@ pub struct IsoReport {
 /// which GRUB's `search --fs-uuid` and blkid report.
 pub fn iso_stamp(ms: u64) -> (String, String) {
     // "YYYY-MM-DDThh:mm:ss.mmmZ"
-    let t = kairos_p2p::time::rfc3339(ms);
+    let t = kairos_util::time::rfc3339(ms);
     let digits: String = t.chars().filter(char::is_ascii_digit).collect();
     let (ymdhms, _) = digits.split_at(14.min(digits.len()));
     let cc = format!("{:02}", (ms % 1000) / 10);
@@ -135,7 +135,7 @@ fn build_time_ms() -> Result<u64, IsoError> {
             .ok()
             .and_then(|secs| secs.checked_mul(1000))
             .ok_or(IsoError::Date { given: s }),
-        _ => Ok(kairos_p2p::time::now_ms()),
+        _ => Ok(kairos_util::time::now_ms()),
     }
 }
 

@@ -220,7 +220,7 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
         let size = install::deploy_images(&mut src, &targets, &mut p, log)?;
         p.step("installing GRUB", log);
         let line = upgrade::history_line(
-            &kairos_p2p::time::rfc3339(kairos_p2p::time::now_ms()),
+            &kairos_util::time::rfc3339(kairos_util::time::now_ms()),
             "build",
             &src.origin,
             src.digest.as_deref(),

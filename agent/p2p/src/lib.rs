@@ -13,7 +13,6 @@ pub mod net;
 pub mod node;
 pub mod qr;
 pub mod roles;
-pub mod time;
 pub mod token;
 pub mod vpn;
 

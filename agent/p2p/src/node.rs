@@ -23,9 +23,9 @@ use crate::lease::{self, LeaseError, Range};
 use crate::ledger::{self, Admission, Entry, Ledger, Refusal, Update};
 use crate::net::{self, Behaviour, BehaviourEvent, Names, NetError};
 use crate::roles::{self, Role};
-use crate::time::{now_ms, rfc3339};
 use crate::token::Token;
 use crate::vpn::{self, Routes, VpnError};
+use kairos_util::time::{now_ms, rfc3339};
 
 pub const NODE_TOKEN: &str = "var/lib/rancher/k3s/server/node-token";
 pub const KUBECONFIG: &str = "etc/rancher/k3s/k3s.yaml";

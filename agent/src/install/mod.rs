@@ -1114,7 +1114,7 @@ pub fn install(
     p.step("installing GRUB", log);
     let booted = upgrade::detect_booted(ctx).unwrap_or(Booted::Active);
     let line = upgrade::history_line(
-        &kairos_p2p::time::rfc3339(kairos_p2p::time::now_ms()),
+        &kairos_util::time::rfc3339(kairos_util::time::now_ms()),
         "install",
         &src.origin,
         src.digest.as_deref(),

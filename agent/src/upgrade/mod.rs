@@ -666,7 +666,7 @@ pub fn upgrade(
     crash(opts, "done", log);
 
     let line = history_line(
-        &kairos_p2p::time::rfc3339(kairos_p2p::time::now_ms()),
+        &kairos_util::time::rfc3339(kairos_util::time::now_ms()),
         if opts.recovery {
             "upgrade-recovery"
         } else {

@@ -1,5 +1,6 @@
-//! Wall-clock helpers: the key schedule and the ledger run on Unix time, and log lines carry
-//! an RFC 3339 UTC timestamp (no date crate for one formatting function).
+//! Wall-clock helpers: the mesh's key schedule and ledger run on Unix time; log lines, ISO
+//! stamps and the install/upgrade/reset records carry an RFC 3339 UTC timestamp (no date
+//! crate for one formatting function).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

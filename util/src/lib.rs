@@ -1,0 +1,10 @@
+//! The pieces every kairos crate shares and none owns: the I/O error that names its path
+//! ([`io`]), a failed external tool ([`tool`]) and UTC timestamps ([`time`]). No
+//! dependencies beyond `thiserror`, so kairos-init links it at no cost.
+
+pub mod io;
+pub mod time;
+pub mod tool;
+
+pub use io::{IoError, IoResultExt};
+pub use tool::{ToolError, run_tool};
