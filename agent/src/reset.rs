@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kairos_init::grubenv::{self, Counters, DEFAULT_MAX_TRIES, GrubEnv, var};
+use kairos_util::run_tool;
 use serde_json::{Map, Value};
 
 use crate::config::{self, LoadOptions};
@@ -109,12 +110,8 @@ pub enum ResetError {
         #[source]
         source: std::io::Error,
     },
-    #[error("`{command}` failed ({status}): {output}")]
-    Command {
-        command: String,
-        status: String,
-        output: String,
-    },
+    #[error(transparent)]
+    Command(#[from] kairos_util::ToolError),
     #[error(transparent)]
     Source(#[from] source::SourceError),
     #[error(transparent)]
@@ -373,16 +370,6 @@ fn explicit_source(given: &str) -> Result<ImageSource, ResetError> {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<(), ResetError> {
-    image::run_tool(cmd)
-        .map(drop)
-        .map_err(|f| ResetError::Command {
-            command: f.command,
-            status: f.status,
-            output: f.output,
-        })
-}
-
 fn sync_dir(dir: &Path) -> Result<(), ResetError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -473,10 +460,12 @@ fn open_squashfs(
             )?;
             let _ = std::fs::remove_dir_all(scratch);
             let guard = RemoveTree(scratch.to_path_buf());
-            run(Command::new("unsquashfs")
-                .args(["-q", "-n", "-d"])
-                .arg(scratch)
-                .arg(file))?;
+            run_tool(
+                Command::new("unsquashfs")
+                    .args(["-q", "-n", "-d"])
+                    .arg(scratch)
+                    .arg(file),
+            )?;
             Ok(SquashTree::Unpacked(guard))
         }
     }
@@ -646,9 +635,11 @@ fn handle_persistent(
         }));
     }
     if wipe {
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", kairos_init::labels::PERSISTENT])
-            .arg(&dev))?;
+        run_tool(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-L", kairos_init::labels::PERSISTENT])
+                .arg(&dev),
+        )?;
         writeln!(
             log,
             "kairos-agent: wiped COS_PERSISTENT: new ext4 filesystem on {}",

@@ -8,7 +8,9 @@ use std::process::Command;
 
 use kairos_init::labels;
 
-use super::{InstallError, io, run};
+use kairos_util::run_tool;
+
+use super::{InstallError, io};
 
 /// Where GRUB's UEFI modules are (grub-efi-amd64-bin).
 pub const GRUB_X86_64_EFI: &str = "/usr/lib/grub/x86_64-efi";
@@ -110,18 +112,22 @@ pub fn tools() -> Result<(PathBuf, PathBuf, PathBuf), String> {
 /// built in `scratch`.
 pub fn write_esp(dev: &Path, grub_dir: &Path, scratch: &Path) -> Result<(), InstallError> {
     let (mkfs, mmd, mcopy) = tools().map_err(|t| InstallError::Other(format!("{t} not found")))?;
-    run(Command::new(&mkfs)
-        .args(["-F", "32", "-n", labels::GRUB])
-        .arg(dev))?;
+    run_tool(
+        Command::new(&mkfs)
+            .args(["-F", "32", "-n", labels::GRUB])
+            .arg(dev),
+    )?;
     std::fs::create_dir_all(scratch).map_err(io(scratch, "creating"))?;
     let efi = scratch.join("BOOTX64.EFI");
-    run(Command::new("grub-mkimage")
-        .args(["-O", "x86_64-efi", "-d"])
-        .arg(grub_dir)
-        .arg("-o")
-        .arg(&efi)
-        .args(["-p", ESP_PREFIX])
-        .args(modules_in(grub_dir)))?;
+    run_tool(
+        Command::new("grub-mkimage")
+            .args(["-O", "x86_64-efi", "-d"])
+            .arg(grub_dir)
+            .arg("-o")
+            .arg(&efi)
+            .args(["-p", ESP_PREFIX])
+            .args(modules_in(grub_dir)),
+    )?;
     let cfg = scratch.join("grub.cfg");
     std::fs::write(&cfg, esp_grub_cfg()).map_err(io(&cfg, "writing"))?;
     let mut mm = Command::new(&mmd);
@@ -129,7 +135,7 @@ pub fn write_esp(dev: &Path, grub_dir: &Path, scratch: &Path) -> Result<(), Inst
         .arg("-i")
         .arg(dev)
         .args(["::/EFI", "::/EFI/BOOT"]);
-    run(&mut mm)?;
+    run_tool(&mut mm)?;
     let mut mc = Command::new(&mcopy);
     mc.env("MTOOLS_SKIP_CHECK", "1")
         .arg("-i")
@@ -137,7 +143,7 @@ pub fn write_esp(dev: &Path, grub_dir: &Path, scratch: &Path) -> Result<(), Inst
         .arg(&efi)
         .arg(&cfg)
         .arg(format!("::{ESP_PREFIX}/"));
-    run(&mut mc)?;
+    run_tool(&mut mc)?;
     let _ = std::fs::remove_dir_all(scratch);
     Ok(())
 }

@@ -33,6 +33,7 @@ use kairos_init::grubbios::{self, GrubBiosError};
 use kairos_init::grubcfg::{GrubCfgOptions, grub_cfg};
 use kairos_init::grubenv::{self, DEFAULT_MAX_TRIES, GrubEnv, var};
 use kairos_init::labels;
+use kairos_util::run_tool;
 
 use crate::config::{self, LoadOptions};
 use crate::upgrade::rotate::Booted;
@@ -105,12 +106,8 @@ pub enum InstallError {
         what: String,
         err: std::io::Error,
     },
-    #[error("`{command}` failed ({status}): {output}")]
-    Command {
-        command: String,
-        status: String,
-        output: String,
-    },
+    #[error(transparent)]
+    Command(#[from] kairos_util::ToolError),
     #[error("{0}")]
     Other(String),
     #[error("writing the output: {0}")]
@@ -269,14 +266,6 @@ impl Progress {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<std::process::Output, InstallError> {
-    image::run_tool(cmd).map_err(|f| InstallError::Command {
-        command: f.command,
-        status: f.status,
-        output: f.output,
-    })
-}
-
 /// ext4 on a partition, labelled, without the features GRUB 2.06 cannot read (an older
 /// mke2fs that does not know their names is retried without them). `-T default`: 4 KiB
 /// blocks even on a small partition (mke2fs would pick 1 KiB below 512 MiB), because a
@@ -288,13 +277,14 @@ fn mkfs_partition(dev: &Path, label: &str) -> Result<(), InstallError> {
         if let Some(o) = off {
             c.args(["-O", o]);
         }
-        run(c.arg(dev)).map(|_| ())
+        run_tool(c.arg(dev)).map(drop)
     };
     attempt(Some("^metadata_csum_seed,^orphan_file")).or_else(|first| {
         attempt(Some("^metadata_csum_seed"))
             .or_else(|_| attempt(None))
             .map_err(|_| first)
-    })
+    })?;
+    Ok(())
 }
 
 /// Partitions mounted for the install, unmounted (in reverse) on drop.
@@ -506,13 +496,15 @@ fn copy_grub_modules(
 /// core.img for `prefix` from `grub-mkimage`, written next to `scratch`.
 fn make_core(grub_dir: &Path, prefix: &str, scratch: &Path) -> Result<Vec<u8>, InstallError> {
     let out = scratch.join("core.img");
-    run(Command::new("grub-mkimage")
-        .args(["-O", "i386-pc", "-d"])
-        .arg(grub_dir)
-        .arg("-o")
-        .arg(&out)
-        .args(["-p", prefix])
-        .args(grubbios::core_modules_in(grub_dir)))?;
+    run_tool(
+        Command::new("grub-mkimage")
+            .args(["-O", "i386-pc", "-d"])
+            .arg(grub_dir)
+            .arg("-o")
+            .arg(&out)
+            .args(["-p", prefix])
+            .args(grubbios::core_modules_in(grub_dir)),
+    )?;
     let core = std::fs::read(&out).map_err(io(&out, "reading"))?;
     let _ = std::fs::remove_file(&out);
     Ok(core)

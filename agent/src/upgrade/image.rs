@@ -8,6 +8,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use kairos_util::ToolError;
+
 use super::UpgradeError;
 
 const MIB: u64 = 1 << 20;
@@ -83,49 +85,8 @@ pub fn image_size(m: Measure) -> u64 {
     (raw + raw / 10 + 16 * MIB).div_ceil(MIB) * MIB
 }
 
-/// A tool that did not run or exited non-zero: the command line, the status and the last
-/// lines it printed. The agent's error types each carry these three in a `Command` variant;
-/// kairos-build's carry it as it is.
-#[derive(Debug, thiserror::Error)]
-#[error("`{command}` failed ({status}): {output}")]
-pub struct ToolFailure {
-    pub command: String,
-    pub status: String,
-    pub output: String,
-}
-
-/// Runs a tool to completion, its output captured.
-pub fn run_tool(cmd: &mut Command) -> Result<std::process::Output, ToolFailure> {
-    let shown = std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|s| s.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let out = cmd.output().map_err(|e| ToolFailure {
-        command: shown.clone(),
-        status: "not run".into(),
-        output: e.to_string(),
-    })?;
-    if out.status.success() {
-        return Ok(out);
-    }
-    let text =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    Err(ToolFailure {
-        command: shown,
-        status: out.status.to_string(),
-        output: lines[lines.len().saturating_sub(6)..].join("\n"),
-    })
-}
-
-fn run(cmd: &mut Command) -> Result<(), UpgradeError> {
-    run_tool(cmd).map(drop).map_err(|f| UpgradeError::Command {
-        command: f.command,
-        status: f.status,
-        output: f.output,
-    })
-}
+// kairos-build still takes the tool error from here; it moves to kairos_util directly.
+pub use kairos_util::{ToolError as ToolFailure, run_tool};
 
 /// fsync of a file's data and metadata.
 pub fn sync_file(p: &Path) -> Result<(), UpgradeError> {
@@ -145,7 +106,7 @@ const UNKNOWN_FEATURE: &str = "Invalid filesystem option set";
 /// rejected the names (an older e2fsprogs), never for any other failure, whose message is the
 /// one to report.
 pub fn retry_without_features(failure: &UpgradeError) -> bool {
-    matches!(failure, UpgradeError::Command { output, .. } if output.contains(UNKNOWN_FEATURE))
+    matches!(failure, UpgradeError::Command(ToolError { output, .. }) if output.contains(UNKNOWN_FEATURE))
 }
 
 /// `mkfs.ext4 -d tree` into a new sparse file `img` of `size` bytes labelled `label`, then
@@ -189,7 +150,8 @@ pub fn mkfs_ext4(
             .arg("-d")
             .arg(tree)
             .arg(img);
-        run(&mut cmd)
+        run_tool(&mut cmd)?;
+        Ok(())
     };
     let built = match attempt(EXT4_OFF) {
         // An older mke2fs rejects feature names it does not know; the journal it knows.
@@ -315,8 +277,8 @@ impl Drop for MountedImage {
 
 /// Sets the filesystem label of the ext2/3/4 image file `img`.
 pub fn relabel(img: &Path, label: &str) -> Result<(), UpgradeError> {
-    if run(Command::new("e2label").arg(img).arg(label)).is_err() {
-        run(Command::new("tune2fs").arg("-L").arg(label).arg(img))?;
+    if run_tool(Command::new("e2label").arg(img).arg(label)).is_err() {
+        run_tool(Command::new("tune2fs").arg("-L").arg(label).arg(img))?;
     }
     sync_file(img)
 }
@@ -324,7 +286,7 @@ pub fn relabel(img: &Path, label: &str) -> Result<(), UpgradeError> {
 /// `mksquashfs tree out` (xz: GRUB's squash4 reads it), then fsync.
 pub fn mksquashfs(tree: &Path, out: &Path) -> Result<(), UpgradeError> {
     let _ = std::fs::remove_file(out);
-    run(Command::new("mksquashfs").arg(tree).arg(out).args([
+    run_tool(Command::new("mksquashfs").arg(tree).arg(out).args([
         "-comp",
         "xz",
         "-noappend",
@@ -501,12 +463,12 @@ mod tests {
         );
         assert!(!img.exists(), "a failed build left {}", img.display());
         // Only mke2fs' complaint about a feature name is retried.
-        let older = UpgradeError::Command {
+        let older = UpgradeError::Command(kairos_util::ToolError {
             command: "mkfs.ext4".into(),
             status: "exit status: 1".into(),
             output: "Invalid filesystem option set: ^has_journal,^metadata_csum_seed,^orphan_file"
                 .into(),
-        };
+        });
         assert!(retry_without_features(&older));
     }
 

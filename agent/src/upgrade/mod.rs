@@ -145,12 +145,8 @@ pub enum UpgradeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("`{command}` failed ({status}): {output}")]
-    Command {
-        command: String,
-        status: String,
-        output: String,
-    },
+    #[error(transparent)]
+    Command(#[from] kairos_util::ToolError),
     #[error("{}: {what}", path.display())]
     BadImage { path: PathBuf, what: String },
     #[error(transparent)]
