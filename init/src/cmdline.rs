@@ -288,25 +288,55 @@ impl<'a> Iterator for Tokens<'a> {
     }
 }
 
-/// Mode per SPEC §2, first match wins: `kairos.reset`, COS_ACTIVE, COS_PASSIVE,
-/// COS_RECOVERY|COS_SYSTEM|recovery-mode, live:LABEL|live:CDLABEL|netboot, else active.
-fn derive_mode(s: &str) -> (BootMode, bool) {
+/// The words of a kernel command line as the kernel splits them: whitespace separates, double
+/// quotes group (`kairos.config="a.b=x y"`) and are removed.
+pub fn words(raw: &str) -> impl Iterator<Item = Cow<'_, str>> {
+    Tokens { s: raw, pos: 0 }
+}
+
+/// The part of `raw` before a lone `--`: what follows is init's argv, not kernel parameters.
+fn params_part(raw: &str) -> &str {
+    let mut tokens = Tokens { s: raw, pos: 0 };
+    while let Some(tok) = tokens.next() {
+        if tok == "--" {
+            return raw.get(..tokens.pos).unwrap_or(raw);
+        }
+    }
+    raw
+}
+
+/// Mode per SPEC §2, first match wins: `kairos.reset` (recovery, and the bool says reset),
+/// COS_ACTIVE, COS_PASSIVE, COS_RECOVERY|COS_SYSTEM|recovery-mode,
+/// live:LABEL|live:CDLABEL|netboot; `None` when no marker is there.
+fn marked_mode(s: &str) -> Option<(BootMode, bool)> {
     if s.contains("kairos.reset") {
-        (BootMode::Recovery, true)
+        Some((BootMode::Recovery, true))
     } else if s.contains(labels::ACTIVE) {
-        (BootMode::Active, false)
+        Some((BootMode::Active, false))
     } else if s.contains(labels::PASSIVE) {
-        (BootMode::Passive, false)
+        Some((BootMode::Passive, false))
     } else if s.contains(labels::RECOVERY)
         || s.contains(labels::SYSTEM)
         || s.contains("recovery-mode")
     {
-        (BootMode::Recovery, false)
+        Some((BootMode::Recovery, false))
     } else if s.contains("live:LABEL") || s.contains("live:CDLABEL") || s.contains("netboot") {
-        (BootMode::Live, false)
+        Some((BootMode::Live, false))
     } else {
-        (BootMode::Active, false)
+        None
     }
+}
+
+/// Mode per SPEC §2; without any marker kairos-init boots the active image.
+fn derive_mode(s: &str) -> (BootMode, bool) {
+    marked_mode(s).unwrap_or((BootMode::Active, false))
+}
+
+/// The mode a kernel command line asks for, by the markers of SPEC §2 (the ones kairos-init
+/// decides by), looking only before a lone `--`; `None` when no marker is there (kairos-init
+/// then boots the active image, but nothing says it was asked to).
+pub fn boot_mode(raw: &str) -> Option<BootMode> {
+    marked_mode(params_part(raw)).map(|(mode, _)| mode)
 }
 
 /// The accepted overlay forms, for warnings.

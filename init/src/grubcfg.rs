@@ -5,6 +5,22 @@
 
 use crate::grubenv::reason;
 
+/// COS_STATE's GRUB directory (grub.cfg, the modules), relative to the partition's root.
+pub const GRUB_DIR: &str = "grub2";
+
+/// The prefix baked into a BIOS core.img on the Kairos layout: COS_STATE's [`GRUB_DIR`] on
+/// partition 4 of the disk the BIOS loaded GRUB from.
+pub const GRUB_PREFIX: &str = "(hd0,gpt4)/grub2";
+
+/// [`GRUB_PREFIX`] for COS_STATE as partition `state_partition` (5 behind a hybrid disk's ESP).
+pub fn grub_prefix(state_partition: u32) -> String {
+    format!("(hd0,gpt{state_partition})/{GRUB_DIR}")
+}
+
+/// ext4 features GRUB 2.06 cannot read: a filesystem GRUB loads from is made without them
+/// (`mkfs.ext4 -O ^feature`, when this e2fsprogs knows them).
+pub const EXT4_FEATURES_GRUB_CANNOT_READ: &[&str] = &["metadata_csum_seed", "orphan_file"];
+
 /// Kernel arguments every entry gets (SPEC §2; no `quiet`, ttyS0 last so it is /dev/console).
 pub const BASE_CMDLINE: &str = "console=tty1 console=ttyS0,115200 net.ifnames=1 rd.cos.oemlabel=COS_OEM rd.cos.oemtimeout=10 panic=5 rd.emergency=reboot rd.shell=0 systemd.crash_reboot=yes";
 
@@ -91,32 +107,9 @@ pub const MAX_TRIES: u32 = 9;
 /// argument as one GRUB word. GRUB's `linux` puts double quotes back around
 /// arguments containing spaces, so `a="b c"` reaches the kernel intact.
 fn grub_words(cmdline: &str) -> Vec<String> {
-    let mut args = Vec::new();
-    let mut cur = String::new();
-    let mut in_quote = false;
-    let mut started = false;
-    for c in cmdline.chars() {
-        match c {
-            '"' => {
-                in_quote = !in_quote;
-                started = true;
-            }
-            c if c.is_whitespace() && !in_quote => {
-                if started {
-                    args.push(std::mem::take(&mut cur));
-                    started = false;
-                }
-            }
-            c => {
-                cur.push(c);
-                started = true;
-            }
-        }
-    }
-    if started {
-        args.push(cur);
-    }
-    args.into_iter().map(|a| grub_quote(&a)).collect()
+    crate::cmdline::words(cmdline)
+        .map(|a| grub_quote(&a))
+        .collect()
 }
 
 /// GRUB's menu on the first serial port (what boot tests read) and the screen, at the speed
@@ -337,8 +330,8 @@ else
   echo "KAIROS-GRUB: no COS_STATE on ${{kairos_disk}}, the disk GRUB was loaded from: searching every disk"
   search --no-floppy --label --set=root COS_STATE
 fi
-set prefix=($root)/grub2
-configfile ($root)/grub2/grub.cfg
+set prefix=($root)/{GRUB_DIR}
+configfile ($root)/{GRUB_DIR}/grub.cfg
 "#,
         scan = scan_function()
     )

@@ -12,6 +12,7 @@ pub mod grubenv;
 pub mod labels;
 pub mod layout;
 pub mod modules;
+pub mod mountinfo;
 pub mod pid1;
 pub mod plan;
 pub mod probe;

@@ -111,66 +111,8 @@ pub fn next_backoff(prev: Option<Duration>, ran: Duration) -> Duration {
     }
 }
 
-/// One line of /proc/self/mountinfo, the fields the shutdown needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    pub id: u32,
-    pub parent: u32,
-    pub mountpoint: String,
-    pub fstype: String,
-    pub source: String,
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            if let Ok(v) = u8::try_from(v) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parses /proc/self/mountinfo; malformed lines are skipped.
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        // id parent major:minor root mountpoint options [optional...] - fstype source superopts
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        if sep < 6 || f.len() < sep + 3 {
-            continue;
-        }
-        let (Ok(id), Ok(parent)) = (f[0].parse(), f[1].parse()) else {
-            continue;
-        };
-        out.push(MountEntry {
-            id,
-            parent,
-            mountpoint: unescape(f[4]),
-            fstype: f[sep + 1].to_string(),
-            source: unescape(f[sep + 2]),
-        });
-    }
-    out
-}
+// The parser lives in `mountinfo`; kept here under its old name until kairos-build switches.
+pub use crate::mountinfo::{MountEntry, parse as parse_mountinfo};
 
 /// Kernel filesystems with nothing to flush, and which the shutdown itself still needs
 /// (/dev/kmsg for the log, /proc for mountinfo).
@@ -681,11 +623,5 @@ mod tests {
         let stacked = "1 0 0:1 / / rw - ext4 a rw\n5 1 0:2 / /m rw - tmpfs x rw\n6 5 0:3 / /m rw - tmpfs y rw\n";
         let e = parse_mountinfo(stacked);
         assert_eq!(unmount_order(&e), ["/m", "/m"]);
-    }
-
-    #[test]
-    fn unescape_octal() {
-        assert_eq!(unescape("a\\040b\\011c\\134"), "a b\tc\\");
-        assert_eq!(unescape("trail\\04"), "trail\\04");
     }
 }
