@@ -106,7 +106,7 @@ pub fn run(
             }
         }
     }
-    let loaded = config::load(ctx, &config::LoadOptions::default());
+    let loaded = crate::sources::load(ctx, &config::LoadOptions::default());
     if !opts.run_stages {
         // run-stage already reported the files; only say what matters for K3s here.
         for e in loaded.errors.iter().filter(|e| e.origin().contains("://")) {

@@ -22,7 +22,8 @@ use serde_json::{Map, Value};
 
 use crate::Ctx;
 use crate::config::{Config, K3sBlock};
-use crate::stages::{env_value, write_atomic};
+use crate::safe_fs::write_atomic;
+use crate::stages::env_value;
 
 /// One list for every place that looks for K3s.
 pub use crate::markgood::{K3S_BINARIES, K3S_CONFIG};
@@ -47,11 +48,8 @@ pub enum K3sError {
     Render(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Server,
-    Agent,
-}
+/// The role type belongs to the config model (`k3s` or `k3s-agent`); its K3s details here.
+pub use crate::config::Role;
 
 impl Role {
     /// The k3s subcommand.

@@ -13,6 +13,7 @@ pub mod markgood;
 pub mod p2p;
 pub mod reset;
 pub mod safe_fs;
+pub mod sources;
 pub mod stages;
 pub mod state;
 pub mod upgrade;

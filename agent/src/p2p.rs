@@ -434,7 +434,7 @@ fn merge_paired(
                 })?,
         )
     };
-    let own = cloud_config::load(
+    let own = crate::sources::load(
         ctx,
         &LoadOptions {
             fetch: false,

@@ -841,7 +841,7 @@ pub fn reset(
             },
         });
     }
-    let loaded = config::load(ctx, &LoadOptions::default());
+    let loaded = crate::sources::load(ctx, &LoadOptions::default());
     stages::report_load(&loaded, log)?;
 
     // The source first: a missing recovery image refuses before anything is written.

@@ -306,6 +306,40 @@ pub fn write(
     r
 }
 
+// The callers' forms: errors as text for a step's or K3s' failure message.
+
+/// Write `bytes` to `p` (a path on this system) by a rename: never half a file, a symlink
+/// at `p` replaced rather than its target, no symlink on the way followed unless root's
+/// (see the module's text).
+pub(crate) fn write_atomic(
+    p: &Path,
+    bytes: &[u8],
+    mode: u32,
+    ids: Option<Owner>,
+) -> Result<(), String> {
+    let root = if p.is_absolute() { "/" } else { "." };
+    write(Path::new(root), p, bytes, mode, ids).map_err(|e| e.to_string())
+}
+
+/// [`write_atomic`] for `path` inside the context's root.
+pub(crate) fn write_under(
+    ctx: &crate::Ctx,
+    path: &str,
+    bytes: &[u8],
+    mode: u32,
+    ids: Option<Owner>,
+) -> Result<(), String> {
+    write(&ctx.root, Path::new(path), bytes, mode, ids).map_err(|e| e.to_string())
+}
+
+/// The text of `path` inside the context's root, empty when missing; a symlink planted by
+/// someone else is an error, not followed.
+pub(crate) fn read_under(ctx: &crate::Ctx, path: &str) -> Result<Vec<u8>, String> {
+    read(&ctx.root, Path::new(path), 256 << 20)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

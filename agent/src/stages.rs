@@ -9,11 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::Value;
-
-use crate::config::{self, Source, de};
+use crate::config::{self, Source};
+use crate::safe_fs::{Owner, read_under, write_under};
 use crate::{AgentError, Ctx, Outcome, users};
+
+/// The step types (yip's schema) live with the config model; re-exported for callers.
+pub use crate::config::schema::{
+    Directory, Dns, Download, Entity, File, Id, Step, Systemctl, SystemctlOverride, User,
+};
 
 /// Written when the `boot` stage ran without a failed step; read by mark-good.
 pub use crate::markgood::BOOT_STAGE_OK;
@@ -23,267 +26,6 @@ pub const EARLY_STAGES: &[&str] = &["rootfs", "initramfs"];
 /// Userland stages, in upstream's order (cos-setup-fs before sysinit, boot before getty,
 /// network after network-online).
 pub const USERLAND_STAGES: &[&str] = &["fs", "boot", "network"];
-
-/// One step of a stage (yip's schema; field names as upstream).
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct Step {
-    #[serde(deserialize_with = "de::opt_string")]
-    pub name: Option<String>,
-    /// Shell condition (`/bin/sh -c`); the step runs only when it exits 0.
-    #[serde(rename = "if", deserialize_with = "de::opt_string")]
-    pub if_: Option<String>,
-    #[serde(deserialize_with = "de::list")]
-    pub files: Vec<File>,
-    #[serde(deserialize_with = "de::list")]
-    pub directories: Vec<Directory>,
-    #[serde(deserialize_with = "de::commands")]
-    pub commands: Vec<String>,
-    #[serde(deserialize_with = "users_map")]
-    pub users: BTreeMap<String, User>,
-    #[serde(deserialize_with = "keys_map")]
-    pub authorized_keys: BTreeMap<String, Vec<String>>,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub hostname: Option<String>,
-    #[serde(deserialize_with = "de::string_map")]
-    pub environment: BTreeMap<String, String>,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub environment_file: Option<String>,
-    /// Upstream's examples spell it `systctl`; both are read.
-    #[serde(alias = "systctl", deserialize_with = "de::string_map")]
-    pub sysctl: BTreeMap<String, String>,
-    #[serde(deserialize_with = "de::strings")]
-    pub modules: Vec<String>,
-    #[serde(deserialize_with = "de::opt")]
-    pub dns: Option<Dns>,
-    #[serde(deserialize_with = "de::list")]
-    pub ensure_entities: Vec<Entity>,
-    #[serde(deserialize_with = "de::list")]
-    pub delete_entities: Vec<Entity>,
-    #[serde(deserialize_with = "de::list")]
-    pub downloads: Vec<Download>,
-    #[serde(deserialize_with = "de::opt")]
-    pub systemctl: Option<Systemctl>,
-    #[serde(deserialize_with = "de::string_map")]
-    pub timesyncd: BTreeMap<String, String>,
-    // Accepted so a Kairos file parses, reported as not supported when used.
-    pub layout: Option<Value>,
-    pub git: Option<Value>,
-    pub datasource: Option<Value>,
-    pub packages: Option<Value>,
-    pub systemd_firstboot: Option<Value>,
-    pub unpack_images: Option<Value>,
-}
-
-/// A user (a step's `users:` value, or an entry of cloud-init `users:`).
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct User {
-    #[serde(deserialize_with = "de::opt_string")]
-    pub name: Option<String>,
-    /// A crypt(3) hash (`$6$…`), `!`/`*` (locked), or a clear-text password (hashed here).
-    #[serde(deserialize_with = "de::opt_string")]
-    pub passwd: Option<String>,
-    #[serde(alias = "ssh-authorized-keys", deserialize_with = "de::strings")]
-    pub ssh_authorized_keys: Vec<String>,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub gecos: Option<String>,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub homedir: Option<String>,
-    #[serde(alias = "no-create-home", deserialize_with = "de::boolean")]
-    pub no_create_home: bool,
-    #[serde(alias = "primary-group", deserialize_with = "de::opt_string")]
-    pub primary_group: Option<String>,
-    #[serde(deserialize_with = "de::groups")]
-    pub groups: Vec<String>,
-    #[serde(alias = "no-user-group", deserialize_with = "de::boolean")]
-    pub no_user_group: bool,
-    #[serde(deserialize_with = "de::boolean")]
-    pub system: bool,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub shell: Option<String>,
-    #[serde(deserialize_with = "de::boolean")]
-    pub lock_passwd: bool,
-    #[serde(deserialize_with = "de::opt_u32")]
-    pub uid: Option<u32>,
-}
-
-/// An owner or group: a number or a name.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(untagged)]
-pub enum Id {
-    Num(u32),
-    Name(String),
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct File {
-    #[serde(deserialize_with = "de::string")]
-    pub path: String,
-    #[serde(deserialize_with = "de::string")]
-    pub content: String,
-    #[serde(deserialize_with = "mode")]
-    pub permissions: Option<u32>,
-    #[serde(deserialize_with = "id")]
-    pub owner: Option<Id>,
-    #[serde(deserialize_with = "id")]
-    pub group: Option<Id>,
-    /// `b64`/`base64`, `gz`/`gzip`, or both (`gz+b64`, …).
-    #[serde(deserialize_with = "de::opt_string")]
-    pub encoding: Option<String>,
-    /// `user:group` or `user`.
-    #[serde(deserialize_with = "de::opt_string")]
-    pub owner_string: Option<String>,
-    /// cloud-init `write_files` `append: true`.
-    #[serde(deserialize_with = "de::boolean")]
-    pub append: bool,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct Directory {
-    #[serde(deserialize_with = "de::string")]
-    pub path: String,
-    #[serde(deserialize_with = "mode")]
-    pub permissions: Option<u32>,
-    #[serde(deserialize_with = "id")]
-    pub owner: Option<Id>,
-    #[serde(deserialize_with = "id")]
-    pub group: Option<Id>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct Download {
-    #[serde(deserialize_with = "de::string")]
-    pub path: String,
-    #[serde(deserialize_with = "de::string")]
-    pub url: String,
-    #[serde(deserialize_with = "mode")]
-    pub permissions: Option<u32>,
-    #[serde(deserialize_with = "id")]
-    pub owner: Option<Id>,
-    #[serde(deserialize_with = "id")]
-    pub group: Option<Id>,
-    #[serde(deserialize_with = "de::opt_u32")]
-    pub timeout: Option<u32>,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub owner_string: Option<String>,
-    /// The content's SHA-256 (hex); when set, a mismatch is an error and nothing is written.
-    /// Not in upstream's yip (which has no checksum for downloads).
-    #[serde(deserialize_with = "de::opt_string")]
-    pub sha256: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct Dns {
-    #[serde(deserialize_with = "de::strings")]
-    pub nameservers: Vec<String>,
-    #[serde(deserialize_with = "de::strings")]
-    pub search: Vec<String>,
-    #[serde(deserialize_with = "de::strings")]
-    pub options: Vec<String>,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub path: Option<String>,
-}
-
-/// `ensure_entities`/`delete_entities`: an entity (YAML text) kept in the file at `path`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct Entity {
-    #[serde(deserialize_with = "de::string")]
-    pub path: String,
-    #[serde(deserialize_with = "de::string")]
-    pub entity: String,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct Systemctl {
-    #[serde(deserialize_with = "de::strings")]
-    pub enable: Vec<String>,
-    #[serde(deserialize_with = "de::strings")]
-    pub disable: Vec<String>,
-    #[serde(deserialize_with = "de::strings")]
-    pub start: Vec<String>,
-    #[serde(deserialize_with = "de::strings")]
-    pub mask: Vec<String>,
-    #[serde(deserialize_with = "de::list")]
-    pub overrides: Vec<SystemctlOverride>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct SystemctlOverride {
-    #[serde(deserialize_with = "de::string")]
-    pub service: String,
-    #[serde(deserialize_with = "de::string")]
-    pub content: String,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub name: Option<String>,
-}
-
-fn mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    use serde::de::Error;
-    match Value::deserialize(d)? {
-        Value::Null => Ok(None),
-        Value::Number(n) => n
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .filter(|n| *n <= 0o7777)
-            .map(Some)
-            .ok_or_else(|| D::Error::custom(format!("permissions {n}: out of range"))),
-        // A string is octal (`"0644"`, and `0644` which the reader keeps as a string).
-        Value::String(s) => {
-            let t = s.trim();
-            let t = t.strip_prefix("0o").unwrap_or(t);
-            u32::from_str_radix(t, 8)
-                .ok()
-                .filter(|n| *n <= 0o7777)
-                .map(Some)
-                .ok_or_else(|| D::Error::custom(format!("permissions {s:?}: not an octal mode")))
-        }
-        v => Err(D::Error::custom(format!(
-            "permissions: expected a mode, found {v}"
-        ))),
-    }
-}
-
-fn id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Id>, D::Error> {
-    use serde::de::Error;
-    match Value::deserialize(d)? {
-        Value::Null => Ok(None),
-        Value::Number(n) => n
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .map(|n| Some(Id::Num(n)))
-            .ok_or_else(|| D::Error::custom(format!("{n}: not a user or group id"))),
-        Value::String(s) if s.is_empty() => Ok(None),
-        Value::String(s) => Ok(Some(match s.parse() {
-            Ok(n) => Id::Num(n),
-            Err(_) => Id::Name(s),
-        })),
-        v => Err(D::Error::custom(format!(
-            "expected an id or a name, found {v}"
-        ))),
-    }
-}
-
-fn users_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, User>, D::Error> {
-    let m = Option::<BTreeMap<String, Option<User>>>::deserialize(d)?.unwrap_or_default();
-    Ok(m.into_iter()
-        .map(|(k, v)| (k, v.unwrap_or_default()))
-        .collect())
-}
-
-fn keys_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Vec<String>>, D::Error> {
-    #[derive(Deserialize)]
-    struct Keys(#[serde(deserialize_with = "de::strings")] Vec<String>);
-    let m = Option::<BTreeMap<String, Keys>>::deserialize(d)?.unwrap_or_default();
-    Ok(m.into_iter().map(|(k, v)| (k, v.0)).collect())
-}
 
 /// What one stage run did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -353,7 +95,7 @@ pub fn run_stage(
         fetch: !matches!(stage, "rootfs" | "initramfs" | "fs"),
         ..config::LoadOptions::default()
     };
-    let loaded = config::load(ctx, &opts);
+    let loaded = crate::sources::load(ctx, &opts);
     report_load(&loaded, log)?;
     let report = run(ctx, stage, &loaded.sources, log);
     writeln!(
@@ -529,9 +271,6 @@ fn run_command(ctx: &Ctx, cmd: &str, log: &mut dyn Write) -> Result<(), String> 
     })
 }
 
-/// New owner and group of a file (None: unchanged).
-pub(crate) type Owner = crate::safe_fs::Owner;
-
 /// Owner and group ids for a file: numbers as they are, names looked up in the root's
 /// /etc/passwd and /etc/group (never through libc: the binary is static).
 fn resolve_owner(
@@ -570,38 +309,6 @@ fn resolve_owner(
         None => {}
     }
     Ok((uid.is_some() || gid.is_some()).then_some((uid, gid)))
-}
-
-/// Write `bytes` to `p` (a path on this system) by a rename: never half a file, a symlink
-/// at `p` replaced rather than its target, no symlink on the way followed unless root's
-/// (see [`crate::safe_fs`]).
-pub(crate) fn write_atomic(
-    p: &Path,
-    bytes: &[u8],
-    mode: u32,
-    ids: Option<Owner>,
-) -> Result<(), String> {
-    let root = if p.is_absolute() { "/" } else { "." };
-    crate::safe_fs::write(Path::new(root), p, bytes, mode, ids).map_err(|e| e.to_string())
-}
-
-/// [`write_atomic`] for `path` inside the context's root.
-pub(crate) fn write_under(
-    ctx: &Ctx,
-    path: &str,
-    bytes: &[u8],
-    mode: u32,
-    ids: Option<Owner>,
-) -> Result<(), String> {
-    crate::safe_fs::write(&ctx.root, Path::new(path), bytes, mode, ids).map_err(|e| e.to_string())
-}
-
-/// The text of `path` inside the context's root, empty when missing; a symlink planted by
-/// someone else is an error, not followed.
-pub(crate) fn read_under(ctx: &Ctx, path: &str) -> Result<Vec<u8>, String> {
-    crate::safe_fs::read(&ctx.root, Path::new(path), 256 << 20)
-        .map(Option::unwrap_or_default)
-        .map_err(|e| e.to_string())
 }
 
 fn decode(content: &str, encoding: Option<&str>) -> Result<Vec<u8>, String> {
@@ -892,9 +599,12 @@ fn systemctl(ctx: &Ctx, s: &Systemctl, log: &mut dyn Write) -> Result<(), String
             let root_arg = if on_root {
                 String::new()
             } else {
-                format!("--root={} ", de::shell_quote(&ctx.root.to_string_lossy()))
+                format!(
+                    "--root={} ",
+                    config::de::shell_quote(&ctx.root.to_string_lossy())
+                )
             };
-            let cmd = format!("systemctl {root_arg}{verb} {}", de::shell_quote(u));
+            let cmd = format!("systemctl {root_arg}{verb} {}", config::de::shell_quote(u));
             if let Err(e) = run_command(ctx, &cmd, log) {
                 errs.push(e);
             }

@@ -6,8 +6,9 @@ use std::io::Read;
 use std::path::Path;
 
 use crate::Ctx;
+use crate::config::schema::{Entity, User};
 use crate::safe_fs;
-use crate::stages::{Entity, User, read_under, write_under};
+use crate::safe_fs::{read_under, write_under};
 
 pub const PASSWD: &str = "/etc/passwd";
 pub const SHADOW: &str = "/etc/shadow";

@@ -1001,7 +1001,7 @@ pub fn install(
 ) -> Result<Outcome, InstallError> {
     // One install, upgrade or reset at a time (lock.rs).
     let _system = crate::lock::system(ctx, "install").map_err(UpgradeError::from)?;
-    let loaded = config::load(ctx, &LoadOptions::default());
+    let loaded = crate::sources::load(ctx, &LoadOptions::default());
     stages::report_load(&loaded, log)?;
     let configured = loaded.merged.install.clone().unwrap_or_default();
     let dev = match &opts.device {
@@ -1306,7 +1306,7 @@ pub fn manual_install(
             ))
         })?;
     let given = parsed.config.install.unwrap_or_default();
-    let node = config::load(ctx, &LoadOptions::default())
+    let node = crate::sources::load(ctx, &LoadOptions::default())
         .merged
         .install
         .unwrap_or_default();
@@ -1653,7 +1653,7 @@ mod tests {
         let (mut out, mut log) = (Vec::new(), Vec::new());
         // No install.auto: nothing to do, whatever the mode.
         put("/run/cos/live_mode", "");
-        let loaded = config::load(&ctx, &LoadOptions::default());
+        let loaded = crate::sources::load(&ctx, &LoadOptions::default());
         assert!(auto_install(&ctx, &loaded, &mut out, &mut log).is_none());
         // install.auto on an installed system: ignored, and said so.
         put(
@@ -1662,7 +1662,7 @@ mod tests {
         );
         std::fs::remove_file(ctx.path("/run/cos/live_mode")).expect("rm");
         put("/run/cos/active_mode", "");
-        let loaded = config::load(&ctx, &LoadOptions::default());
+        let loaded = crate::sources::load(&ctx, &LoadOptions::default());
         assert!(auto_install(&ctx, &loaded, &mut out, &mut log).is_none());
         assert!(String::from_utf8_lossy(&log).contains("install.auto ignored: booted active"));
         // Live: it installs, here to a device that does not exist: a named error, on the
@@ -1670,7 +1670,7 @@ mod tests {
         std::fs::remove_file(ctx.path("/run/cos/active_mode")).expect("rm");
         put("/run/cos/live_mode", "");
         put("/dev/console", "");
-        let loaded = config::load(&ctx, &LoadOptions::default());
+        let loaded = crate::sources::load(&ctx, &LoadOptions::default());
         let e = auto_install(&ctx, &loaded, &mut out, &mut log)
             .expect("live + auto installs")
             .expect_err("no such device");
@@ -1708,7 +1708,7 @@ mod tests {
     fn auto_install_refuses_a_disk_holding_kairos_and_says_so() {
         let f = installed_machine(false);
         let ctx = &f.t.ctx;
-        let loaded = config::load(ctx, &LoadOptions::default());
+        let loaded = crate::sources::load(ctx, &LoadOptions::default());
         let (r, _, log) =
             crate::testutil::run(|o, e| auto_install(ctx, &loaded, o, e).expect("auto"));
         let e = r.expect_err("refused");
@@ -1751,7 +1751,7 @@ mod tests {
                 node.display()
             ),
         );
-        let loaded = config::load(ctx, &LoadOptions::default());
+        let loaded = crate::sources::load(ctx, &LoadOptions::default());
         let (r, _, _) =
             crate::testutil::run(|o, e| auto_install(ctx, &loaded, o, e).expect("auto"));
         let e = r.expect_err("refused").to_string();
@@ -1809,7 +1809,7 @@ mod tests {
     fn install_force_takes_the_disk_holding_kairos() {
         let f = installed_machine(true);
         let ctx = &f.t.ctx;
-        let loaded = config::load(ctx, &LoadOptions::default());
+        let loaded = crate::sources::load(ctx, &LoadOptions::default());
         let (r, _, log) =
             crate::testutil::run(|o, e| auto_install(ctx, &loaded, o, e).expect("auto"));
         // It goes on to install: here the fake disk has no /dev node, so it stops at the

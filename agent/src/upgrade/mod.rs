@@ -438,7 +438,7 @@ pub fn upgrade(
             "upgrade"
         },
     )?;
-    let loaded = config::load(ctx, &LoadOptions::default());
+    let loaded = crate::sources::load(ctx, &LoadOptions::default());
     stages::report_load(&loaded, log)?;
     let (key, configured) = match &loaded.merged.upgrade {
         Some(u) if opts.recovery => (

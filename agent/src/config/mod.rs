@@ -4,17 +4,25 @@
 //! names its file and line) and once into a generic tree (to merge, and to keep unknown
 //! keys). The stage runner uses the sources one by one (yip runs files in order); everything
 //! else (k3s, install, p2p) reads the merged [`Loaded::merged`].
+//!
+//! The bottom layer of the agent: [`schema`] holds the types, [`de`] their loose decoding,
+//! this module reads and merges the sources. It imports no other agent module; fetching a
+//! `config_url` is handed in by the caller ([`load_with`]; the `sources` module passes
+//! the HTTP client).
+
+pub(crate) mod de;
+pub mod schema;
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use crate::Ctx;
-use crate::stages::Step;
+use de::kind;
+pub use schema::*;
 
 /// The first line of a cloud-config must (within the first [`HEADER_LINES`]) be one of these.
 pub const HEADERS: &[&str] = &["#cloud-config", "#kairos-config", "#node-config"];
@@ -109,43 +117,6 @@ impl Default for LoadOptions {
     }
 }
 
-/// The typed configuration. Known keys only; the rest stays in [`Source::raw`].
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct Config {
-    #[serde(deserialize_with = "de::stages")]
-    pub stages: BTreeMap<String, Vec<Step>>,
-    /// cloud-init `users:` (a list); mapped to a `boot` step.
-    #[serde(deserialize_with = "de::list")]
-    pub users: Vec<crate::stages::User>,
-    /// cloud-init `write_files:`; mapped to a `boot` step.
-    #[serde(deserialize_with = "de::list")]
-    pub write_files: Vec<crate::stages::File>,
-    /// cloud-init `runcmd:`; each entry a shell line or an argv list.
-    #[serde(deserialize_with = "de::commands")]
-    pub runcmd: Vec<String>,
-    /// cloud-init `ssh_authorized_keys:`: for every listed user, root when there is none.
-    #[serde(deserialize_with = "de::strings")]
-    pub ssh_authorized_keys: Vec<String>,
-    /// cloud-init `hostname:`; mapped to an `initramfs` step.
-    #[serde(deserialize_with = "de::opt_string")]
-    pub hostname: Option<String>,
-    #[serde(deserialize_with = "de::opt")]
-    pub k3s: Option<K3sBlock>,
-    #[serde(rename = "k3s-agent", deserialize_with = "de::opt")]
-    pub k3s_agent: Option<K3sBlock>,
-    #[serde(deserialize_with = "de::opt")]
-    pub install: Option<Install>,
-    #[serde(deserialize_with = "de::opt")]
-    pub p2p: Option<P2p>,
-    #[serde(deserialize_with = "de::opt")]
-    pub upgrade: Option<Upgrade>,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub config_url: Option<String>,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub name: Option<String>,
-}
-
 /// Top-level keys of [`Config`].
 const TYPED_KEYS: &[&str] = &[
     "stages",
@@ -179,132 +150,6 @@ const KNOWN_UNTYPED_KEYS: &[&str] = &[
     "k0s",
     "k0s-worker",
 ];
-
-/// `k3s:` and `k3s-agent:` (provider-kairos' fields, plus `config`: keys for
-/// /etc/rancher/k3s/config.yaml).
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct K3sBlock {
-    #[serde(deserialize_with = "de::boolean")]
-    pub enabled: bool,
-    #[serde(deserialize_with = "de::strings")]
-    pub args: Vec<String>,
-    #[serde(deserialize_with = "de::string_map")]
-    pub env: BTreeMap<String, String>,
-    #[serde(deserialize_with = "de::boolean")]
-    pub replace_args: bool,
-    #[serde(deserialize_with = "de::boolean")]
-    pub replace_env: bool,
-    #[serde(deserialize_with = "de::boolean")]
-    pub embedded_registry: bool,
-    /// Keys written to /etc/rancher/k3s/config.yaml as they are (K3s' own flag names).
-    pub config: Option<Map<String, Value>>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct Install {
-    #[serde(deserialize_with = "de::boolean")]
-    pub auto: bool,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub device: Option<String>,
-    #[serde(deserialize_with = "de::boolean")]
-    pub reboot: bool,
-    #[serde(deserialize_with = "de::boolean")]
-    pub poweroff: bool,
-    pub partitions: Option<Value>,
-    #[serde(deserialize_with = "de::string_map")]
-    pub grub_options: BTreeMap<String, String>,
-    #[serde(deserialize_with = "de::strings")]
-    pub bind_mounts: Vec<String>,
-    #[serde(deserialize_with = "de::strings")]
-    pub ephemeral_mounts: Vec<String>,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub source: Option<String>,
-    #[serde(rename = "recovery-system")]
-    pub recovery_system: Option<Value>,
-    pub passive: Option<Value>,
-    #[serde(rename = "grub-entry-name", deserialize_with = "de::opt_string")]
-    pub grub_entry_name: Option<String>,
-    #[serde(rename = "extra-partitions")]
-    pub extra_partitions: Option<Value>,
-    /// Install over a disk that already holds a Kairos installation (a COS_STATE or
-    /// COS_PERSISTENT on it); without it `install.auto` refuses such a disk.
-    #[serde(deserialize_with = "de::boolean")]
-    pub force: bool,
-    /// Let `install.device: auto` pick a removable or USB-attached disk (ours; upstream has
-    /// no such key). An explicit `install.device` path is always allowed.
-    #[serde(rename = "allow-removable", deserialize_with = "de::boolean")]
-    pub allow_removable: bool,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct P2p {
-    #[serde(deserialize_with = "de::opt_string")]
-    pub network_token: Option<String>,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub network_id: Option<String>,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub role: Option<String>,
-    #[serde(deserialize_with = "de::boolean")]
-    pub dns: bool,
-    #[serde(deserialize_with = "de::opt")]
-    pub vpn: Option<P2pVpn>,
-    #[serde(deserialize_with = "de::opt_u32")]
-    pub minimum_nodes: Option<u32>,
-    #[serde(deserialize_with = "de::boolean")]
-    pub disable_dht: bool,
-    #[serde(deserialize_with = "de::opt")]
-    pub auto: Option<P2pAuto>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct P2pVpn {
-    #[serde(deserialize_with = "de::opt_bool")]
-    pub create: Option<bool>,
-    #[serde(rename = "use", deserialize_with = "de::opt_bool")]
-    pub use_: Option<bool>,
-    #[serde(deserialize_with = "de::string_map")]
-    pub env: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct P2pAuto {
-    #[serde(deserialize_with = "de::opt_bool")]
-    pub enable: Option<bool>,
-    #[serde(deserialize_with = "de::opt")]
-    pub ha: Option<P2pHa>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct P2pHa {
-    #[serde(deserialize_with = "de::opt_bool")]
-    pub enable: Option<bool>,
-    #[serde(deserialize_with = "de::opt_u32")]
-    pub master_nodes: Option<u32>,
-    #[serde(deserialize_with = "de::opt_string")]
-    pub external_db: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct Upgrade {
-    #[serde(deserialize_with = "de::opt")]
-    pub system: Option<UpgradeSource>,
-    #[serde(rename = "recovery-system", deserialize_with = "de::opt")]
-    pub recovery_system: Option<UpgradeSource>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct UpgradeSource {
-    #[serde(deserialize_with = "de::opt_string")]
-    pub source: Option<String>,
-}
 
 impl Config {
     /// The stages of this source as yip runs them: the cloud-init keys become steps first
@@ -367,14 +212,14 @@ impl Config {
     }
 
     /// The K3s block that is enabled: `k3s` (server) wins over `k3s-agent`, as upstream.
-    pub fn k3s_enabled(&self) -> Option<(crate::k3s::Role, &K3sBlock)> {
+    pub fn k3s_enabled(&self) -> Option<(Role, &K3sBlock)> {
         if let Some(b) = self.k3s.as_ref().filter(|b| b.enabled) {
-            return Some((crate::k3s::Role::Server, b));
+            return Some((Role::Server, b));
         }
         self.k3s_agent
             .as_ref()
             .filter(|b| b.enabled)
-            .map(|b| (crate::k3s::Role::Agent, b))
+            .map(|b| (Role::Agent, b))
     }
 }
 
@@ -469,17 +314,6 @@ pub fn parse(
     }))
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "nothing",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "a mapping",
-    }
-}
-
 /// Merge `b` into `a` (b wins): maps merge per key, lists of maps concatenate, other lists
 /// union (a's order, then b's new items), scalars are replaced; a null in `b` changes
 /// nothing.
@@ -512,8 +346,12 @@ pub fn merge_maps(a: &mut Map<String, Value>, b: Map<String, Value>) {
     }
 }
 
-/// Read every source under `ctx`'s root, in Kairos order, and merge them.
-pub fn load(ctx: &Ctx, opts: &LoadOptions) -> Loaded {
+/// Fetches a `config_url`'s body: (URL, deadline, size cap) → bytes or why not.
+pub type Fetch<'a> = &'a dyn Fn(&str, Duration, u64) -> Result<Vec<u8>, String>;
+
+/// Read every source under `ctx`'s root, in Kairos order, and merge them; `config_url`s
+/// are fetched with `fetch` (when `opts.fetch` allows).
+pub fn load_with(ctx: &Ctx, opts: &LoadOptions, fetch: Fetch) -> Loaded {
     let mut l = Loaded::default();
     let mut system = Vec::new();
     for (path, text) in read_dir_files(ctx, SYSTEM_DIR, &mut l.errors) {
@@ -559,7 +397,7 @@ pub fn load(ctx: &Ctx, opts: &LoadOptions) -> Loaded {
                 .push(format!("config_url {url}: not fetched in this stage"));
             continue;
         }
-        match fetch_config(&url, opts.fetch_timeout) {
+        match fetch_config(&url, opts.fetch_timeout, fetch) {
             Ok(Some(s)) => {
                 if let Some(next) = &s.config.config_url {
                     if depth + 1 < MAX_URL_DEPTH {
@@ -660,43 +498,13 @@ fn read_limited(p: &Path) -> std::io::Result<Option<String>> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
 }
 
-/// Kernel command line words, honouring double quotes (`kairos.config="a.b=x y"`).
-pub fn cmdline_words(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    let mut any = false;
-    for c in s.chars() {
-        match c {
-            '"' => {
-                quoted = !quoted;
-                any = true;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if any {
-                    out.push(std::mem::take(&mut cur));
-                    any = false;
-                }
-            }
-            c => {
-                cur.push(c);
-                any = true;
-            }
-        }
-    }
-    if any {
-        out.push(cur);
-    }
-    out
-}
-
 pub const CMDLINE_ORIGIN: &str = "kernel command line";
 
 /// `kairos.config=KEY=VAL` (dot paths; values are strings, as upstream) and the config URLs.
 pub fn from_cmdline(cmdline: &str, errors: &mut Vec<ConfigError>) -> (Option<Source>, Vec<String>) {
     let mut tree = Map::new();
     let mut urls = Vec::new();
-    for w in cmdline_words(cmdline) {
+    for w in kairos_init::cmdline::words(cmdline) {
         if w == "--" {
             break;
         }
@@ -759,10 +567,10 @@ fn set_path(m: &mut Map<String, Value>, path: &[&str], v: Value) {
     }
 }
 
-fn fetch_config(url: &str, timeout: Duration) -> Result<Option<Source>, ConfigError> {
-    let body = crate::http::get(url, timeout, MAX_FILE_BYTES).map_err(|e| ConfigError::Fetch {
+fn fetch_config(url: &str, timeout: Duration, fetch: Fetch) -> Result<Option<Source>, ConfigError> {
+    let body = fetch(url, timeout, MAX_FILE_BYTES).map_err(|message| ConfigError::Fetch {
         url: url.to_owned(),
-        message: e.to_string(),
+        message,
     })?;
     let text = String::from_utf8(body).map_err(|_| ConfigError::Fetch {
         url: url.to_owned(),
@@ -771,187 +579,10 @@ fn fetch_config(url: &str, timeout: Duration) -> Result<Option<Source>, ConfigEr
     parse(url, &text, true)
 }
 
-/// Serde helpers: Kairos values arrive loosely typed (`"true"` from the command line,
-/// `0644` as a string, one string where a list is expected), so the typed model accepts
-/// what upstream's Go decoding accepts.
-pub(crate) mod de {
-    use super::*;
-    use serde::de::Error;
-
-    pub fn scalar_string(v: &Value) -> Option<String> {
-        match v {
-            Value::String(s) => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            Value::Bool(b) => Some(b.to_string()),
-            _ => None,
-        }
-    }
-
-    pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-        Ok(opt_string(d)?.unwrap_or_default())
-    }
-
-    pub fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        match Value::deserialize(d)? {
-            Value::Null => Ok(None),
-            v => scalar_string(&v)
-                .map(Some)
-                .ok_or_else(|| D::Error::custom(format!("expected a string, found {}", kind(&v)))),
-        }
-    }
-
-    pub fn parse_bool(v: &Value) -> Option<bool> {
-        match v {
-            Value::Bool(b) => Some(*b),
-            Value::String(s) => match s.to_ascii_lowercase().as_str() {
-                "true" | "yes" | "on" | "1" => Some(true),
-                "false" | "no" | "off" | "0" | "" => Some(false),
-                _ => None,
-            },
-            Value::Number(n) => n.as_u64().map(|n| n != 0),
-            _ => None,
-        }
-    }
-
-    pub fn opt_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
-        match Value::deserialize(d)? {
-            Value::Null => Ok(None),
-            v => parse_bool(&v)
-                .map(Some)
-                .ok_or_else(|| D::Error::custom(format!("expected true or false, found {v}"))),
-        }
-    }
-
-    pub fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-        Ok(opt_bool(d)?.unwrap_or(false))
-    }
-
-    pub fn opt_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-        match Value::deserialize(d)? {
-            Value::Null => Ok(None),
-            v => scalar_string(&v)
-                .and_then(|s| s.trim().parse().ok())
-                .map(Some)
-                .ok_or_else(|| D::Error::custom(format!("expected a number, found {v}"))),
-        }
-    }
-
-    /// A list of strings; one scalar counts as a list of one.
-    pub fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-        match Value::deserialize(d)? {
-            Value::Null => Ok(Vec::new()),
-            Value::Array(items) => items
-                .iter()
-                .map(|v| {
-                    scalar_string(v).ok_or_else(|| {
-                        D::Error::custom(format!("expected a list of strings, found {}", kind(v)))
-                    })
-                })
-                .collect(),
-            v => scalar_string(&v).map(|s| vec![s]).ok_or_else(|| {
-                D::Error::custom(format!("expected a list of strings, found {}", kind(&v)))
-            }),
-        }
-    }
-
-    /// Groups: a list, or one comma-separated string (cloud-init).
-    pub fn groups<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-        Ok(strings(d)?
-            .iter()
-            .flat_map(|s| s.split(','))
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .collect())
-    }
-
-    /// Commands: strings, or argv lists (cloud-init `runcmd`), quoted into one shell line.
-    pub fn commands<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-        let items = match Value::deserialize(d)? {
-            Value::Null => return Ok(Vec::new()),
-            Value::Array(items) => items,
-            v => vec![v],
-        };
-        items
-            .iter()
-            .map(|v| match v {
-                Value::Array(argv) => argv
-                    .iter()
-                    .map(|a| scalar_string(a).map(|s| shell_quote(&s)))
-                    .collect::<Option<Vec<_>>>()
-                    .map(|w| w.join(" "))
-                    .ok_or_else(|| D::Error::custom("expected a command line or a list of words")),
-                v => scalar_string(v).ok_or_else(|| {
-                    D::Error::custom(format!("expected a command, found {}", kind(v)))
-                }),
-            })
-            .collect()
-    }
-
-    pub fn string_map<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<BTreeMap<String, String>, D::Error> {
-        match Value::deserialize(d)? {
-            Value::Null => Ok(BTreeMap::new()),
-            Value::Object(m) => m
-                .into_iter()
-                .map(|(k, v)| match v {
-                    Value::Null => Ok((k, String::new())),
-                    v => scalar_string(&v).map(|s| (k.clone(), s)).ok_or_else(|| {
-                        D::Error::custom(format!("{k}: expected a string, found {}", kind(&v)))
-                    }),
-                })
-                .collect(),
-            // `env: ["A=1", "B=2"]`, the form `install.env` uses upstream.
-            Value::Array(items) => items
-                .iter()
-                .map(|v| {
-                    let s = scalar_string(v).unwrap_or_default();
-                    s.split_once('=')
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .ok_or_else(|| D::Error::custom(format!("expected KEY=VALUE, found {s:?}")))
-                })
-                .collect(),
-            v => Err(D::Error::custom(format!(
-                "expected a mapping, found {}",
-                kind(&v)
-            ))),
-        }
-    }
-
-    pub fn opt<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-        d: D,
-    ) -> Result<Option<T>, D::Error> {
-        Option::<T>::deserialize(d)
-    }
-
-    pub fn list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
-        Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
-    }
-
-    pub fn stages<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<BTreeMap<String, Vec<Step>>, D::Error> {
-        // Per stage, a list of steps; a null stage is an empty one.
-        let m = Option::<BTreeMap<String, Option<Vec<Step>>>>::deserialize(d)?.unwrap_or_default();
-        Ok(m.into_iter()
-            .map(|(k, v)| (k, v.unwrap_or_default()))
-            .collect())
-    }
-
-    pub fn shell_quote(s: &str) -> String {
-        if !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
-        {
-            return s.to_owned();
-        }
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sources::load;
     use crate::testutil::*;
 
     fn src(t: &Tree, path: &str, text: &str) {
