@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kairos_init::grubenv::{self, Counters, DEFAULT_MAX_TRIES, GrubEnv, var};
-use kairos_util::run_tool;
+use kairos_util::{IoError, IoResultExt, run_tool};
 use serde_json::{Map, Value};
 
 use crate::config::{self, LoadOptions};
@@ -103,13 +103,8 @@ pub enum ResetError {
     BadSource { given: String },
     #[error("{}: {what}", path.display())]
     BadImage { path: PathBuf, what: String },
-    #[error("{}: {what}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] kairos_util::IoError),
     #[error(transparent)]
     Command(#[from] kairos_util::ToolError),
     #[error(transparent)]
@@ -133,12 +128,6 @@ pub enum ResetError {
     },
 }
 
-impl From<std::io::Error> for ResetError {
-    fn from(e: std::io::Error) -> Self {
-        ResetError::Agent(AgentError::Output(e))
-    }
-}
-
 impl From<grubenv::GrubEnvError> for ResetError {
     fn from(e: grubenv::GrubEnvError) -> Self {
         ResetError::Agent(e.into())
@@ -149,12 +138,6 @@ impl From<grubenv::CounterError> for ResetError {
     fn from(e: grubenv::CounterError) -> Self {
         ResetError::Agent(e.into())
     }
-}
-
-fn io(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> ResetError {
-    let path = path.to_path_buf();
-    let what = what.to_string();
-    move |source| ResetError::Io { path, what, source }
 }
 
 /// What happens once the reset is done.
@@ -373,7 +356,8 @@ fn explicit_source(given: &str) -> Result<ImageSource, ResetError> {
 fn sync_dir(dir: &Path) -> Result<(), ResetError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io(dir, "fsync of the directory"))
+        .at(dir, "fsync of the directory")?;
+    Ok(())
 }
 
 /// Removes everything in `dir` (not `dir` itself) that is on `dir`'s filesystem; entries
@@ -386,22 +370,22 @@ pub fn wipe_contents(dir: &Path) -> Result<Vec<PathBuf>, ResetError> {
 /// pending mark until the reset is done).
 pub fn wipe_contents_except(dir: &Path, keep: &[PathBuf]) -> Result<Vec<PathBuf>, ResetError> {
     use std::os::unix::fs::MetadataExt;
-    let top = dir.symlink_metadata().map_err(io(dir, "reading"))?.dev();
+    let top = dir.symlink_metadata().at(dir, "reading")?.dev();
     let mut skipped = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(io(dir, "listing"))? {
-        let p = e.map_err(io(dir, "listing"))?.path();
+    for e in std::fs::read_dir(dir).at(dir, "listing")? {
+        let p = e.at(dir, "listing")?.path();
         if keep.contains(&p) {
             continue;
         }
-        let md = p.symlink_metadata().map_err(io(&p, "reading"))?;
+        let md = p.symlink_metadata().at(&p, "reading")?;
         if md.is_dir() {
             if md.dev() != top {
                 skipped.push(p);
                 continue;
             }
-            std::fs::remove_dir_all(&p).map_err(io(&p, "removing"))?;
+            std::fs::remove_dir_all(&p).at(&p, "removing")?;
         } else {
-            std::fs::remove_file(&p).map_err(io(&p, "removing"))?;
+            std::fs::remove_file(&p).at(&p, "removing")?;
         }
     }
     sync_dir(dir)?;
@@ -457,7 +441,8 @@ fn open_squashfs(
                 log,
                 "kairos-agent: warning: mounting {}: {e}; unpacking it with unsquashfs instead",
                 file.display()
-            )?;
+            )
+            .map_err(AgentError::Output)?;
             let _ = std::fs::remove_dir_all(scratch);
             let guard = RemoveTree(scratch.to_path_buf());
             run_tool(
@@ -486,8 +471,8 @@ fn build_transition(
             writeln!(
                 log,
                 "kairos-agent: removing {PASSIVE} first to make room (it is rebuilt from the new image)"
-            )?;
-            std::fs::remove_file(cos.join(PASSIVE)).map_err(io(&cos.join(PASSIVE), "removing"))?;
+            ).map_err(AgentError::Output)?;
+            std::fs::remove_file(cos.join(PASSIVE)).at(&cos.join(PASSIVE), "removing")?;
             sync_dir(cos)?;
         }
         rotate::check_space(cos, needed)?;
@@ -505,7 +490,8 @@ fn build_transition(
             m.bytes >> 20,
             m.inodes,
             src.path().display()
-        )?;
+        )
+        .map_err(AgentError::Output)?;
         image::mkfs_ext4(tree, &transition, size, image::inode_count(m), "COS_ACTIVE")?;
         Ok(())
     };
@@ -529,21 +515,23 @@ fn build_transition(
                         log,
                         "kairos-agent: warning: {e}; reading {} directly",
                         p.display()
-                    )?;
+                    )
+                    .map_err(AgentError::Output)?;
                     from_tree(p, log)?;
                 }
             }
         }
         ImageSource::ExtImage(f) => {
-            let size = std::fs::metadata(f).map_err(io(f, "reading"))?.len();
+            let size = std::fs::metadata(f).at(f, "reading")?.len();
             make_room(size + SLACK, log)?;
             writeln!(
                 log,
                 "kairos-agent: copying {} to {}",
                 f.display(),
                 transition.display()
-            )?;
-            std::fs::copy(f, &transition).map_err(io(&transition, "copying the image to"))?;
+            )
+            .map_err(AgentError::Output)?;
+            std::fs::copy(f, &transition).at(&transition, "copying the image to")?;
             image::relabel(&transition, "COS_ACTIVE")?;
         }
     }
@@ -555,22 +543,22 @@ fn build_transition(
 fn copy_to_passive(cos: &Path) -> Result<(), ResetError> {
     let active = cos.join(ACTIVE);
     let transition = cos.join(TRANSITION);
-    let size = std::fs::metadata(&active)
-        .map_err(io(&active, "reading"))?
-        .len();
+    let size = std::fs::metadata(&active).at(&active, "reading")?.len();
     let reclaim = std::fs::metadata(cos.join(PASSIVE)).map_or(0, |m| m.len());
     rotate::check_space(cos, (size + SLACK).saturating_sub(reclaim))?;
-    std::fs::copy(&active, &transition).map_err(io(&transition, "copying the active image to"))?;
+    std::fs::copy(&active, &transition).at(&transition, "copying the active image to")?;
     image::relabel(&transition, "COS_PASSIVE")?;
     image::sync_file(&transition)?;
     let passive = cos.join(PASSIVE);
-    std::fs::rename(&transition, &passive).map_err(io(&passive, "renaming the copy to"))?;
+    std::fs::rename(&transition, &passive).at(&passive, "renaming the copy to")?;
     sync_dir(cos)?;
     // GRUB reads COS_STATE without replaying its journal.
-    kairos_init::sys::journal::checkpoint(cos).map_err(|e| ResetError::Io {
-        path: e.path,
-        what: "checkpointing the ext4 journal (so GRUB sees the new passive.img)".into(),
-        source: e.source,
+    kairos_init::sys::journal::checkpoint(cos).map_err(|e| {
+        ResetError::Io(IoError::new(
+            e.path,
+            "checkpointing the ext4 journal (so GRUB sees the new passive.img)",
+            e.source,
+        ))
     })?;
     Ok(())
 }
@@ -622,7 +610,8 @@ fn handle_persistent(
             log,
             "kairos-agent: warning: no partition labelled COS_PERSISTENT: nothing to {}",
             if wipe { "wipe" } else { "keep" }
-        )?;
+        )
+        .map_err(AgentError::Output)?;
         return Ok(None);
     };
     if let Some(dir) = mounted_at {
@@ -644,15 +633,18 @@ fn handle_persistent(
             log,
             "kairos-agent: wiped COS_PERSISTENT: new ext4 filesystem on {}",
             dev.display()
-        )?;
+        )
+        .map_err(AgentError::Output)?;
     }
     let mp = ctx.path(PERSISTENT_MOUNT);
-    std::fs::create_dir_all(&mp).map_err(io(&mp, "creating the mount point"))?;
+    std::fs::create_dir_all(&mp).at(&mp, "creating the mount point")?;
     let guard = Mounted(mp.clone());
-    kairos_init::sys::mount::device(&dev, &mp, "ext4", false).map_err(|e| ResetError::Io {
-        path: dev.clone(),
-        what: format!("mounting on {}", mp.display()),
-        source: e.source,
+    kairos_init::sys::mount::device(&dev, &mp, "ext4", false).map_err(|e| {
+        ResetError::Io(IoError::new(
+            dev.clone(),
+            format!("mounting on {}", mp.display()),
+            e.source,
+        ))
     })?;
     Ok(Some(Persistent {
         dir: mp,
@@ -686,7 +678,8 @@ fn wipe_reporting_except(
                     .join(", ")
             )
         }
-    )?;
+    )
+    .map_err(AgentError::Output)?;
     Ok(())
 }
 
@@ -842,7 +835,7 @@ pub fn reset(
         });
     }
     let loaded = crate::sources::load(ctx, &LoadOptions::default());
-    stages::report_load(&loaded, log)?;
+    stages::report_load(&loaded, log).map_err(AgentError::Output)?;
 
     // The source first: a missing recovery image refuses before anything is written.
     let recovery_target;
@@ -866,13 +859,15 @@ pub fn reset(
         log,
     )?;
     let cos = target.dir.join("cOS");
-    std::fs::create_dir_all(&cos).map_err(io(&cos, "creating"))?;
-    let lock = File::open(&cos).map_err(io(&cos, "opening"))?;
+    std::fs::create_dir_all(&cos).at(&cos, "creating")?;
+    let lock = File::open(&cos).at(&cos, "opening")?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-        |e| ResetError::Io {
-            path: cos.clone(),
-            what: "locking (is an upgrade or another reset running?)".into(),
-            source: e.into(),
+        |e| {
+            ResetError::Io(IoError::new(
+                cos.clone(),
+                "locking (is an upgrade or another reset running?)",
+                e.into(),
+            ))
         },
     )?;
     // Pending before anything is touched: from here a cut boots statereset, which redoes it.
@@ -893,14 +888,16 @@ pub fn reset(
         } else {
             ""
         }
-    )?;
+    )
+    .map_err(AgentError::Output)?;
     mark_pending(&mut l.env, &policy)?;
     grubenv::write(&l.path, &l.env)?;
     writeln!(
         log,
         "kairos-agent: reset pending in {}: every boot is statereset until it is done",
         l.path.display()
-    )?;
+    )
+    .map_err(AgentError::Output)?;
     let grubenv_path = l.path.clone();
     drop(l);
     crash(opts, "pending", log);
@@ -910,10 +907,11 @@ pub fn reset(
     build_transition(ctx, &src, &cos, log)?;
     crash(opts, "transition-built", log);
     rotate::execute(&cos, &[rotate::Step::ReplaceActive])?;
-    writeln!(log, "kairos-agent: {ACTIVE} rebuilt from {origin}")?;
+    writeln!(log, "kairos-agent: {ACTIVE} rebuilt from {origin}").map_err(AgentError::Output)?;
     crash(opts, "active-replaced", log);
     copy_to_passive(&cos)?;
-    writeln!(log, "kairos-agent: {PASSIVE} is a copy of it (COS_PASSIVE)")?;
+    writeln!(log, "kairos-agent: {PASSIVE} is a copy of it (COS_PASSIVE)")
+        .map_err(AgentError::Output)?;
     crash(opts, "passive-replaced", log);
     let size = std::fs::metadata(cos.join(ACTIVE)).map_or(0, |m| m.len());
 
@@ -923,14 +921,15 @@ pub fn reset(
     {
         let cfg = target.dir.join("grub2/grub.cfg");
         std::fs::create_dir_all(target.dir.join("grub2"))
-            .map_err(io(&target.dir.join("grub2"), "creating"))?;
+            .at(&target.dir.join("grub2"), "creating")?;
         std::fs::write(
             &cfg,
             kairos_init::grubcfg::grub_cfg(&kairos_init::grubcfg::GrubCfgOptions::default()),
         )
-        .map_err(io(&cfg, "writing"))?;
+        .at(&cfg, "writing")?;
         image::sync_file(&cfg)?;
-        writeln!(log, "kairos-agent: wrote the missing {}", cfg.display())?;
+        writeln!(log, "kairos-agent: wrote the missing {}", cfg.display())
+            .map_err(AgentError::Output)?;
     }
     drop(lock);
     drop(target);
@@ -970,7 +969,7 @@ pub fn reset(
         log,
         "kairos-agent: next boot: active ({}: counters re-armed, next_entry and the pending mark cleared)",
         l.path.display()
-    )?;
+    ).map_err(AgentError::Output)?;
     crash(opts, "done", log);
 
     run_hook(ctx, &loaded, "after-reset", log);
@@ -980,7 +979,7 @@ pub fn reset(
         After::PowerOff => "powering off",
         After::Nothing => "reboot to use it",
     };
-    writeln!(out, "kairos-agent: reset done from {origin}; {what}")?;
+    writeln!(out, "kairos-agent: reset done from {origin}; {what}").map_err(AgentError::Output)?;
     let _ = out.flush();
     let _ = log.flush();
     let cmd = match policy.after {

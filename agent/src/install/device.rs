@@ -6,7 +6,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kairos_init::sys::disk::{BLKPG_ADD_PARTITION, BLKPG_DEL_PARTITION, blkpg};
+use kairos_init::sys::blk::{BLKPG_ADD_PARTITION, BLKPG_DEL_PARTITION, blkpg};
 
 use kairos_init::labels;
 
@@ -537,15 +537,13 @@ pub fn check_unused(ctx: &Ctx, disk: &Disk) -> Result<(), InstallError> {
 }
 
 /// BLKRRPART: the kernel re-reads the partition table (`blockdev --rereadpt` as a fallback).
-/// BLKRRPART (else `blockdev --rereadpt`). Ok(false) when the device does not scan
-/// partitions at all (EINVAL: a loop device attached without LO_FLAGS_PARTSCAN).
+/// Ok(false) when the device does not scan partitions at all (EINVAL: a loop device attached
+/// without LO_FLAGS_PARTSCAN).
 fn reread(f: &File, disk: &Path) -> Result<bool, InstallError> {
-    const BLKRRPART: rustix::ioctl::Opcode = rustix::ioctl::opcode::none(0x12, 95);
-    // SAFETY: BLKRRPART takes no argument.
-    let r = unsafe { rustix::ioctl::ioctl(f, rustix::ioctl::NoArg::<BLKRRPART>::new()) };
-    match r {
+    let r = kairos_init::sys::blk::reread_partitions(f);
+    match &r {
         Ok(()) => return Ok(true),
-        Err(rustix::io::Errno::INVAL) => return Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
         Err(_) => {}
     }
     let out = std::process::Command::new("blockdev")
@@ -556,10 +554,7 @@ fn reread(f: &File, disk: &Path) -> Result<bool, InstallError> {
         (_, Ok(o)) if o.status.success() => Ok(true),
         (Err(e), _) => Err(InstallError::Partitions {
             device: disk.to_path_buf(),
-            what: format!(
-                "re-reading the partition table (BLKRRPART): {}",
-                std::io::Error::from(e)
-            ),
+            what: format!("re-reading the partition table (BLKRRPART): {e}"),
         }),
         (Ok(()), _) => Ok(true),
     }

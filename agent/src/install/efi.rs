@@ -8,9 +8,9 @@ use std::process::Command;
 
 use kairos_init::labels;
 
-use kairos_util::run_tool;
+use kairos_util::{IoResultExt, run_tool};
 
-use super::{InstallError, io};
+use super::InstallError;
 
 /// Where GRUB's UEFI modules are (grub-efi-amd64-bin).
 pub const GRUB_X86_64_EFI: &str = "/usr/lib/grub/x86_64-efi";
@@ -117,7 +117,7 @@ pub fn write_esp(dev: &Path, grub_dir: &Path, scratch: &Path) -> Result<(), Inst
             .args(["-F", "32", "-n", labels::GRUB])
             .arg(dev),
     )?;
-    std::fs::create_dir_all(scratch).map_err(io(scratch, "creating"))?;
+    std::fs::create_dir_all(scratch).at(scratch, "creating")?;
     let efi = scratch.join("BOOTX64.EFI");
     run_tool(
         Command::new("grub-mkimage")
@@ -129,7 +129,7 @@ pub fn write_esp(dev: &Path, grub_dir: &Path, scratch: &Path) -> Result<(), Inst
             .args(modules_in(grub_dir)),
     )?;
     let cfg = scratch.join("grub.cfg");
-    std::fs::write(&cfg, esp_grub_cfg()).map_err(io(&cfg, "writing"))?;
+    std::fs::write(&cfg, esp_grub_cfg()).at(&cfg, "writing")?;
     let mut mm = Command::new(&mmd);
     mm.env("MTOOLS_SKIP_CHECK", "1")
         .arg("-i")

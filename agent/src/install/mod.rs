@@ -33,7 +33,7 @@ use kairos_init::grubbios::{self, GrubBiosError};
 use kairos_init::grubcfg::{GrubCfgOptions, grub_cfg};
 use kairos_init::grubenv::{self, DEFAULT_MAX_TRIES, GrubEnv, var};
 use kairos_init::labels;
-use kairos_util::run_tool;
+use kairos_util::{IoError, IoResultExt, run_tool};
 
 use crate::config::{self, LoadOptions};
 use crate::upgrade::rotate::Booted;
@@ -99,25 +99,14 @@ pub enum InstallError {
     Upgrade(#[from] UpgradeError),
     #[error(transparent)]
     Grub(#[from] GrubBiosError),
-    /// `err` is in the message, so it is not also the error's source (no repeat in chains).
-    #[error("{}: {what}: {err}", path.display())]
-    Io {
-        path: PathBuf,
-        what: String,
-        err: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] kairos_util::IoError),
     #[error(transparent)]
     Command(#[from] kairos_util::ToolError),
     #[error("{0}")]
     Other(String),
     #[error("writing the output: {0}")]
-    Output(#[from] std::io::Error),
-}
-
-fn io(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> InstallError {
-    let path = path.to_path_buf();
-    let what = what.to_string();
-    move |err| InstallError::Io { path, what, err }
+    Output(std::io::Error),
 }
 
 /// `kairos-agent install`'s options; literal paths (not under `--root`).
@@ -372,9 +361,9 @@ fn resolve(
             if !p.is_file() {
                 return Err(missing(p));
             }
-            let size = std::fs::metadata(p).map_err(io(p, "reading"))?.len();
+            let size = std::fs::metadata(p).at(p, "reading")?.len();
             let point = scratch.join("install-image");
-            std::fs::create_dir_all(&point).map_err(io(&point, "creating"))?;
+            std::fs::create_dir_all(&point).at(&point, "creating")?;
             let lo = kairos_init::sys::loopdev::attach(&ctx.path("/dev"), p, true)
                 .map_err(|e| InstallError::Other(format!("{}: {e}", p.display())))?;
             kairos_init::sys::mount::device(&lo.path, &point, "ext4", true)
@@ -426,7 +415,8 @@ fn resolve_oci(
         resolved.manifest_digest,
         resolved.platform,
         resolved.layers.len()
-    )?;
+    )
+    .map_err(InstallError::Output)?;
     let digest = Some(resolved.manifest_digest.clone());
     Ok((
         Resolved::Oci {
@@ -448,12 +438,12 @@ fn unpack_oci(
     let store = fetch::Store::new(&work.join("blobs"))?;
     let layers = puller.fetch_layers(resolved, &store, log)?;
     let staging = work.join("rootfs");
-    std::fs::create_dir_all(&staging).map_err(io(&staging, "creating"))?;
+    std::fs::create_dir_all(&staging).at(&staging, "creating")?;
     for (blob, path) in resolved.layers.iter().zip(&layers) {
-        let f = File::open(path).map_err(io(path, "opening"))?;
+        let f = File::open(path).at(path, "opening")?;
         layer::apply(&staging, &blob.digest, f).map_err(UpgradeError::from)?;
         if puller.copies_layers() {
-            std::fs::remove_file(path).map_err(io(path, "removing"))?;
+            std::fs::remove_file(path).at(path, "removing")?;
         }
     }
     Ok(staging)
@@ -478,16 +468,16 @@ fn copy_grub_modules(
     platform: &str,
 ) -> Result<(), InstallError> {
     let dst = prefix_dir.join(platform);
-    std::fs::create_dir_all(&dst).map_err(io(&dst, "creating"))?;
-    for e in std::fs::read_dir(grub_dir).map_err(io(grub_dir, "listing"))? {
-        let e = e.map_err(io(grub_dir, "listing"))?;
+    std::fs::create_dir_all(&dst).at(&dst, "creating")?;
+    for e in std::fs::read_dir(grub_dir).at(grub_dir, "listing")? {
+        let e = e.at(grub_dir, "listing")?;
         let name = e.file_name();
         let keep = Path::new(&name)
             .extension()
             .is_some_and(|x| x == "mod" || x == "lst");
         if keep {
             let to = dst.join(&name);
-            std::fs::copy(e.path(), &to).map_err(io(&to, "copying GRUB module to"))?;
+            std::fs::copy(e.path(), &to).at(&to, "copying GRUB module to")?;
         }
     }
     Ok(())
@@ -505,7 +495,7 @@ fn make_core(grub_dir: &Path, prefix: &str, scratch: &Path) -> Result<Vec<u8>, I
             .args(["-p", prefix])
             .args(grubbios::core_modules_in(grub_dir)),
     )?;
-    let core = std::fs::read(&out).map_err(io(&out, "reading"))?;
+    let core = std::fs::read(&out).at(&out, "reading")?;
     let _ = std::fs::remove_file(&out);
     Ok(core)
 }
@@ -561,14 +551,12 @@ fn write_gpt(
     let d = &disk.path;
     let mut head = vec![0u8; MIB as usize];
     head[..g.primary.len()].copy_from_slice(&g.primary);
-    f.seek(SeekFrom::Start(0)).map_err(io(d, "seeking"))?;
-    f.write_all(&head)
-        .map_err(io(d, "writing the primary GPT to"))?;
-    f.seek(SeekFrom::Start(g.backup_offset))
-        .map_err(io(d, "seeking"))?;
-    f.write_all(&g.backup)
-        .map_err(io(d, "writing the backup GPT to"))?;
-    f.sync_all().map_err(io(d, "fsync"))
+    f.seek(SeekFrom::Start(0)).at(d, "seeking")?;
+    f.write_all(&head).at(d, "writing the primary GPT to")?;
+    f.seek(SeekFrom::Start(g.backup_offset)).at(d, "seeking")?;
+    f.write_all(&g.backup).at(d, "writing the backup GPT to")?;
+    f.sync_all().at(d, "fsync")?;
+    Ok(())
 }
 
 /// The source of an install, resolved: a tree on disk (`dir:`, `file:`, or an OCI image
@@ -750,7 +738,8 @@ pub fn write_partitions(
             log,
             "install: the kernel did not read the new GPT of {}; added its partitions (BLKPG)",
             disk.path.display()
-        )?;
+        )
+        .map_err(InstallError::Output)?;
     }
     // mkfs opens the partitions exclusively, which an exclusive opener of the disk prevents.
     drop(f);
@@ -787,7 +776,7 @@ pub fn make_filesystems(
             .ok_or_else(|| InstallError::Other(format!("no device node for {name}")))?;
         mkfs_partition(node, label)?;
         let point = base.join(name);
-        std::fs::create_dir_all(&point).map_err(io(&point, "creating"))?;
+        std::fs::create_dir_all(&point).at(&point, "creating")?;
         kairos_init::sys::mount::device(node, &point, "ext4", false)
             .map_err(|e| InstallError::Other(format!("{}: {e}", node.display())))?;
         mounts.0.push(point.clone());
@@ -818,7 +807,7 @@ pub fn deploy_images(
     let state_cos = t.state.join("cOS");
     let rec_cos = t.recovery.join("cOS");
     for d in [&state_cos, &rec_cos] {
-        std::fs::create_dir_all(d).map_err(io(d, "creating"))?;
+        std::fs::create_dir_all(d).at(d, "creating")?;
     }
     let work = t.state.join(".kairos-install");
     let (tree, image_file, squashfs) = match &mut src.resolved {
@@ -837,7 +826,7 @@ pub fn deploy_images(
     p.step("building active.img", log);
     match &image_file {
         Some(file) => {
-            std::fs::copy(file, &active).map_err(io(&active, "copying the image to"))?;
+            std::fs::copy(file, &active).at(&active, "copying the image to")?;
             image::relabel(&active, labels::ACTIVE)?;
         }
         None => {
@@ -853,7 +842,7 @@ pub fn deploy_images(
     }
     p.step("copying passive.img", log);
     let passive = state_cos.join("passive.img");
-    std::fs::copy(&active, &passive).map_err(io(&passive, "copying active.img to"))?;
+    std::fs::copy(&active, &passive).at(&passive, "copying active.img to")?;
     image::relabel(&passive, labels::PASSIVE)?;
     let recovery = rec_cos.join("recovery.squashfs");
     match &squashfs {
@@ -863,12 +852,12 @@ pub fn deploy_images(
                 log,
                 "install: recovery.squashfs is a copy of {}, the squashfs this system runs from",
                 file.display()
-            )?;
-            std::fs::copy(file, &recovery)
-                .map_err(io(&recovery, "copying the root squashfs to"))?;
+            )
+            .map_err(InstallError::Output)?;
+            std::fs::copy(file, &recovery).at(&recovery, "copying the root squashfs to")?;
             File::open(&recovery)
                 .and_then(|f| f.sync_all())
-                .map_err(io(&recovery, "syncing"))?;
+                .at(&recovery, "syncing")?;
         }
         None => {
             p.step("building recovery.squashfs", log);
@@ -881,10 +870,10 @@ pub fn deploy_images(
             log,
             "install: warning: the image has no {} (e2fsprogs): booted from its recovery copy, `kairos-agent reset` and the statereset entry cannot rebuild the system",
             missing.join(", ")
-        )?;
+        ).map_err(InstallError::Output)?;
     }
     if work.exists() {
-        std::fs::remove_dir_all(&work).map_err(io(&work, "removing"))?;
+        std::fs::remove_dir_all(&work).at(&work, "removing")?;
     }
     Ok(std::fs::metadata(&active).map(|m| m.len()).unwrap_or(0))
 }
@@ -929,9 +918,9 @@ pub fn write_boot_files(
     history: &str,
 ) -> Result<(), InstallError> {
     let grub2 = t.state.join("grub2");
-    std::fs::create_dir_all(&grub2).map_err(io(&grub2, "creating"))?;
+    std::fs::create_dir_all(&grub2).at(&grub2, "creating")?;
     let cfg = grub2.join("grub.cfg");
-    std::fs::write(&cfg, grub_cfg(&GrubCfgOptions::default())).map_err(io(&cfg, "writing"))?;
+    std::fs::write(&cfg, grub_cfg(&GrubCfgOptions::default())).at(&cfg, "writing")?;
     if let Some(d) = &boot.bios {
         copy_grub_modules(d, &grub2, "i386-pc")?;
     }
@@ -943,12 +932,13 @@ pub fn write_boot_files(
         .map_err(UpgradeError::from)?;
     grubenv::write(&t.oem.join("grubenv"), &env).map_err(UpgradeError::from)?;
     if let Some(c) = config {
-        let text = std::fs::read(c).map_err(io(c, "reading the config"))?;
+        let text = std::fs::read(c).at(c, "reading the config")?;
         let to = t.oem.join(CONFIG_NAME);
-        write_private(&to, &text).map_err(io(&to, "writing"))?;
+        write_private(&to, &text).at(&to, "writing")?;
     }
     let hist = t.persistent.join(".kairos-state");
-    std::fs::write(&hist, history).map_err(io(&hist, "writing"))
+    std::fs::write(&hist, history).at(&hist, "writing")?;
+    Ok(())
 }
 
 /// Phase: the boot code: the ESP (UEFI) and/or boot.img in the MBR with core.img in the
@@ -972,16 +962,17 @@ pub fn write_boot_code(
         .read(true)
         .write(true)
         .open(&disk.path)
-        .map_err(io(&disk.path, "opening"))?;
+        .at(&disk.path, "opening")?;
     if let Some(d) = &boot.bios {
         let n = part_number(parts, "bios")
             .ok_or_else(|| InstallError::Other("the layout has no bios partition".into()))?;
         let boot_img = d.join("boot.img");
-        let code = std::fs::read(&boot_img).map_err(io(&boot_img, "reading"))?;
+        let code = std::fs::read(&boot_img).at(&boot_img, "reading")?;
         let core = make_core(d, &grub_prefix(parts), &t.state)?;
         grubbios::install(&mut f, &disk.path, parts[n as usize - 1].2, &code, core)?;
     }
-    f.sync_all().map_err(io(&disk.path, "fsync"))
+    f.sync_all().at(&disk.path, "fsync")?;
+    Ok(())
 }
 
 /// Phase: everything on the filesystems written out, and them unmounted.
@@ -990,7 +981,8 @@ pub fn finish(t: Targets, disk: &device::Disk) -> Result<(), InstallError> {
     drop(t);
     File::open(&disk.path)
         .and_then(|f| f.sync_all())
-        .map_err(io(&disk.path, "fsync"))
+        .at(&disk.path, "fsync")?;
+    Ok(())
 }
 
 pub fn install(
@@ -1002,7 +994,7 @@ pub fn install(
     // One install, upgrade or reset at a time (lock.rs).
     let _system = crate::lock::system(ctx, "install").map_err(UpgradeError::from)?;
     let loaded = crate::sources::load(ctx, &LoadOptions::default());
-    stages::report_load(&loaded, log)?;
+    stages::report_load(&loaded, log).map_err(InstallError::Output)?;
     let configured = loaded.merged.install.clone().unwrap_or_default();
     let dev = match &opts.device {
         Some(d) => d.clone(),
@@ -1030,11 +1022,11 @@ pub fn install(
     if let Some(c) = &opts.config
         && !c.is_file()
     {
-        return Err(InstallError::Io {
-            path: c.clone(),
-            what: "reading the --config file".into(),
-            err: std::io::Error::from(std::io::ErrorKind::NotFound),
-        });
+        return Err(InstallError::Io(IoError::new(
+            c.clone(),
+            "reading the --config file",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        )));
     }
     let given = opts
         .source
@@ -1067,12 +1059,14 @@ pub fn install(
             } else {
                 "this system booted UEFI"
             }
-        )?,
+        )
+        .map_err(InstallError::Output)?,
         efi::Firmware::Hybrid => writeln!(
             log,
             "install: firmware: BIOS and UEFI (a bios_grub partition and an ESP)"
-        )?,
-        _ => writeln!(log, "install: firmware: BIOS")?,
+        )
+        .map_err(InstallError::Output)?,
+        _ => writeln!(log, "install: firmware: BIOS").map_err(InstallError::Output)?,
     }
     let boot = find_boot_code(ctx, firmware, opts.grub_dir.as_deref(), &src, &disk.path)?;
     p.note(
@@ -1136,7 +1130,8 @@ pub fn install(
             .collect::<Vec<_>>()
             .join(", "),
         s.state
-    )?;
+    )
+    .map_err(InstallError::Output)?;
     Ok(Outcome::Done)
 }
 
@@ -1171,7 +1166,7 @@ pub fn auto_install(
         let conf = ctx.path("/run/kairos/auto-install.yaml");
         let text = cloud_config_text(&loaded.raw)
             .map_err(|e| InstallError::Other(format!("serializing the cloud-config: {e}")))?;
-        write_private(&conf, text.as_bytes()).map_err(io(&conf, "writing"))?;
+        write_private(&conf, text.as_bytes()).at(&conf, "writing")?;
         crate::console::say(
             ctx,
             log,
@@ -1210,14 +1205,15 @@ fn pick_auto_by_hand(
         kairos: true,
     };
     let (picked, seen) = device::pick_auto(ctx, policy)?;
-    writeln!(log, "install: device auto: {}", picked.display())?;
+    writeln!(log, "install: device auto: {}", picked.display()).map_err(InstallError::Output)?;
     if !seen.kairos.is_empty() {
         writeln!(
             log,
             "install: {} holds a Kairos installation ({}); it is replaced",
             picked.display(),
             seen.kairos.join(", ")
-        )?;
+        )
+        .map_err(InstallError::Output)?;
     }
     Ok(picked)
 }
@@ -1244,7 +1240,7 @@ pub fn auto_target(
             kairos: wanted.force,
         };
         let (path, seen) = device::pick_auto(ctx, policy)?;
-        writeln!(log, "install: device auto: {}", path.display())?;
+        writeln!(log, "install: device auto: {}", path.display()).map_err(InstallError::Output)?;
         (path, seen.kairos)
     } else {
         let path = PathBuf::from(dev);
@@ -1266,7 +1262,7 @@ pub fn auto_target(
         "kairos-agent: install.auto: install.force: true: installing over the Kairos installation on {} ({})",
         path.display(),
         found.join(", ")
-    )?;
+    ).map_err(InstallError::Output)?;
     Ok(path)
 }
 
@@ -1296,7 +1292,7 @@ pub fn manual_install(
     log: &mut dyn Write,
 ) -> Result<Outcome, InstallError> {
     let c = &opts.config;
-    let text = std::fs::read_to_string(c).map_err(io(c, "reading the config"))?;
+    let text = std::fs::read_to_string(c).at(c, "reading the config")?;
     let origin = c.display().to_string();
     let parsed = config::parse(&origin, &text, true)
         .map_err(|e| InstallError::Other(e.to_string()))?
@@ -1406,7 +1402,8 @@ pub fn install_then(
             || "install.device's disk".into(),
             |d| d.display().to_string()
         )
-    )?;
+    )
+    .map_err(InstallError::Output)?;
     let (what, cmd) = if finish.poweroff {
         ("powering off", rustix::system::RebootCommand::PowerOff)
     } else if finish.reboot {
@@ -1415,7 +1412,8 @@ pub fn install_then(
         writeln!(
             log,
             "kairos-agent: {who}: done; reboot to use the new system"
-        )?;
+        )
+        .map_err(InstallError::Output)?;
         return Ok(Outcome::Done);
     };
     if finish.hold {
@@ -1427,11 +1425,12 @@ pub fn install_then(
             } else {
                 "reboot"
             },
-        )?;
+        )
+        .map_err(InstallError::Output)?;
         return Ok(Outcome::Done);
     }
-    writeln!(log, "kairos-agent: {who}: done; {what}")?;
-    log.flush()?;
+    writeln!(log, "kairos-agent: {who}: done; {what}").map_err(InstallError::Output)?;
+    log.flush().map_err(InstallError::Output)?;
     rustix::fs::sync();
     rustix::system::reboot(cmd)
         .map_err(|e| InstallError::Other(format!("{what} after installing: reboot(2): {e}")))?;

@@ -21,6 +21,8 @@ use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
+use kairos_util::{IoError, IoResultExt};
+
 use super::UpgradeError;
 use super::oci::{self, Blob, MAX_DOCUMENT_BYTES, Resolved, Verifier};
 use super::source::ImageRef;
@@ -29,12 +31,6 @@ use crate::http::chain;
 /// Small blobs kept in memory while an archive is scanned, in total.
 const MAX_SMALL_BLOBS_BYTES: u64 = 64 << 20;
 
-fn io_err(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> UpgradeError {
-    let path = path.to_path_buf();
-    let what = what.to_string();
-    move |source| UpgradeError::Io { path, what, source }
-}
-
 /// Verified blobs under a work directory, one file per digest (`<hex>`).
 pub struct Store {
     dir: PathBuf,
@@ -42,7 +38,7 @@ pub struct Store {
 
 impl Store {
     pub fn new(dir: &Path) -> Result<Store, UpgradeError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir, "creating the blob directory"))?;
+        std::fs::create_dir_all(dir).at(dir, "creating the blob directory")?;
         Ok(Store {
             dir: dir.to_path_buf(),
         })
@@ -64,7 +60,7 @@ impl Store {
         let dest = self.path(b);
         let part = self.dir.join(format!("{}.part", b.hex()));
         let result = (|| {
-            let mut f = File::create(&part).map_err(io_err(&part, "creating"))?;
+            let mut f = File::create(&part).at(&part, "creating")?;
             let mut v = Verifier::new(origin, what, b);
             let mut buf = vec![0u8; 256 << 10];
             loop {
@@ -77,10 +73,12 @@ impl Store {
                     break;
                 }
                 v.update(&buf[..n])?;
-                f.write_all(&buf[..n]).map_err(io_err(&part, "writing"))?;
+                f.write_all(&buf[..n]).at(&part, "writing")?;
             }
             v.finish()?;
-            std::fs::rename(&part, &dest).map_err(io_err(&dest, "renaming the blob to"))
+            std::fs::rename(&part, &dest)
+                .at(&dest, "renaming the blob to")
+                .map_err(UpgradeError::from)
         })();
         if result.is_err() {
             let _ = std::fs::remove_file(&part);
@@ -276,7 +274,7 @@ impl Registry {
                 .await
                 .map_err(|e| self.error("authenticating to push", e))?;
             for (digest, path) in blobs {
-                let data = std::fs::read(path).map_err(io_err(path, "reading the blob"))?;
+                let data = std::fs::read(path).at(path, "reading the blob")?;
                 self.client
                     .push_blob(&self.reference, data, digest)
                     .await
@@ -414,15 +412,17 @@ impl Registry {
             );
             let dest = store.path(b);
             let part = dest.with_extension("part");
-            let mut f = File::create(&part).map_err(io_err(&part, "creating"))?;
+            let mut f = File::create(&part).at(&part, "creating")?;
             let res = self.stream(&what, b, &mut |c| {
-                f.write_all(c).map_err(io_err(&part, "writing"))
+                f.write_all(c)
+                    .at(&part, "writing")
+                    .map_err(UpgradeError::from)
             });
             if let Err(e) = res {
                 let _ = std::fs::remove_file(&part);
                 return Err(e);
             }
-            std::fs::rename(&part, &dest).map_err(io_err(&dest, "renaming the blob to"))?;
+            std::fs::rename(&part, &dest).at(&dest, "renaming the blob to")?;
             out.push(dest);
         }
         Ok(out)
@@ -451,7 +451,7 @@ fn open_tar(path: &Path, origin: &str) -> Result<tar::Archive<Box<dyn Read>>, Up
     let mut r = BufReader::new(f);
     let gz = {
         use std::io::BufRead;
-        let head = r.fill_buf().map_err(io_err(path, "reading"))?;
+        let head = r.fill_buf().at(path, "reading")?;
         head.starts_with(&[0x1f, 0x8b])
     };
     let inner: Box<dyn Read> = if gz {
@@ -469,11 +469,7 @@ fn not_found_or(path: &Path, origin: &str, e: std::io::Error) -> UpgradeError {
             path: path.to_path_buf(),
         }
     } else {
-        UpgradeError::Io {
-            path: path.to_path_buf(),
-            what: "opening".into(),
-            source: e,
-        }
+        UpgradeError::Io(IoError::new(path.to_path_buf(), "opening", e))
     }
 }
 
@@ -647,11 +643,11 @@ impl Layout {
                     what: format!("{what}: {} does not exist", path.display()),
                 }
             } else {
-                io_err(path, "opening")(e)
+                IoError::new(path, "opening", e).into()
             }
         })?;
         read_bounded(&mut f, MAX_DOCUMENT_BYTES)
-            .map_err(io_err(path, "reading"))?
+            .at(path, "reading")?
             .ok_or_else(|| UpgradeError::Invalid {
                 origin: self.origin.clone(),
                 what: format!("{what} is larger than 8 MiB"),
@@ -687,13 +683,13 @@ impl Layout {
                         what: format!("{what} {} is not in the layout", b.digest),
                     }
                 } else {
-                    io_err(&path, "opening")(e)
+                    IoError::new(&path, "opening", e).into()
                 }
             })?;
             let mut v = Verifier::new(&self.origin, &what, b);
             let mut buf = vec![0u8; 256 << 10];
             loop {
-                let n = f.read(&mut buf).map_err(io_err(&path, "reading"))?;
+                let n = f.read(&mut buf).at(&path, "reading")?;
                 if n == 0 {
                     break;
                 }

@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kairos_util::ToolError;
+use kairos_util::{IoResultExt, ToolError};
 
 use super::UpgradeError;
 
@@ -31,29 +31,21 @@ pub struct Measure {
 
 /// Walks `root` without following symlinks or crossing into other filesystems.
 pub fn measure(root: &Path) -> Result<Measure, UpgradeError> {
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| UpgradeError::Io {
-            path: p,
-            what: "measuring".into(),
-            source,
-        }
-    };
-    let top = root.symlink_metadata().map_err(io(root))?;
+    let top = root.symlink_metadata().at(root, "measuring")?;
     let mut m = Measure::default();
     let mut seen = HashSet::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let md = dir.symlink_metadata().map_err(io(&dir))?;
+        let md = dir.symlink_metadata().at(&dir, "measuring")?;
         m.inodes += 1;
         m.bytes += md.len().div_ceil(BLOCK).max(1) * BLOCK;
         if md.dev() != top.dev() {
             continue;
         }
-        for e in std::fs::read_dir(&dir).map_err(io(&dir))? {
-            let e = e.map_err(io(&dir))?;
+        for e in std::fs::read_dir(&dir).at(&dir, "measuring")? {
+            let e = e.at(&dir, "measuring")?;
             let p = e.path();
-            let md = p.symlink_metadata().map_err(io(&p))?;
+            let md = p.symlink_metadata().at(&p, "measuring")?;
             let ft = md.file_type();
             if ft.is_dir() {
                 stack.push(p);
@@ -90,13 +82,8 @@ pub use kairos_util::{ToolError as ToolFailure, run_tool};
 
 /// fsync of a file's data and metadata.
 pub fn sync_file(p: &Path) -> Result<(), UpgradeError> {
-    File::open(p)
-        .and_then(|f| f.sync_all())
-        .map_err(|source| UpgradeError::Io {
-            path: p.to_path_buf(),
-            what: "fsync".into(),
-            source,
-        })
+    File::open(p).and_then(|f| f.sync_all()).at(p, "fsync")?;
+    Ok(())
 }
 
 /// What mke2fs says when `-O` names a feature it does not know (e2fsprogs' misc/mke2fs.c).
@@ -120,16 +107,9 @@ pub fn mkfs_ext4(
     label: &str,
 ) -> Result<(), UpgradeError> {
     let create = || -> Result<(), UpgradeError> {
-        let f = File::create(img).map_err(|source| UpgradeError::Io {
-            path: img.to_path_buf(),
-            what: "creating".into(),
-            source,
-        })?;
-        f.set_len(size).map_err(|source| UpgradeError::Io {
-            path: img.to_path_buf(),
-            what: "sizing".into(),
-            source,
-        })
+        let f = File::create(img).at(img, "creating")?;
+        f.set_len(size).at(img, "sizing")?;
+        Ok(())
     };
     let attempt = |features: &[&str]| {
         create()?;
@@ -246,11 +226,7 @@ impl MountedImage {
             .ok_or_else(|| bad("no filesystem to look into".into()))?;
         // One left by a crashed run: detach it first.
         let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
-        std::fs::create_dir_all(target).map_err(|source| UpgradeError::Io {
-            path: target.to_path_buf(),
-            what: "creating the mount point".into(),
-            source,
-        })?;
+        std::fs::create_dir_all(target).at(target, "creating the mount point")?;
         let m = MountedImage {
             target: target.to_path_buf(),
         };
@@ -307,16 +283,9 @@ impl BindMount {
         if rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH).is_ok() {
             let _ = std::fs::remove_dir(target);
         }
-        std::fs::create_dir_all(target).map_err(|source| UpgradeError::Io {
-            path: target.to_path_buf(),
-            what: "creating the mount point".into(),
-            source,
-        })?;
-        rustix::mount::mount_bind(source, target).map_err(|e| UpgradeError::Io {
-            path: target.to_path_buf(),
-            what: format!("bind-mounting {} on", source.display()),
-            source: e.into(),
-        })?;
+        std::fs::create_dir_all(target).at(target, "creating the mount point")?;
+        rustix::mount::mount_bind(source, target)
+            .at(target, format!("bind-mounting {} on", source.display()))?;
         Ok(BindMount {
             target: target.to_path_buf(),
         })

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use kairos_init::blockdev;
 use rustix::mount::{MountFlags, UnmountFlags};
 
+use kairos_util::IoResultExt;
+
 use super::UpgradeError;
 use crate::Ctx;
 
@@ -165,11 +167,7 @@ pub fn open(
         .map_or("ext4", |f| f.fstype.mount_type())
         .to_string();
     let dir = ctx.path(which.own_mountpoint());
-    std::fs::create_dir_all(&dir).map_err(|source| UpgradeError::Io {
-        path: dir.clone(),
-        what: "creating the mount point".into(),
-        source,
-    })?;
+    std::fs::create_dir_all(&dir).at(&dir, "creating the mount point")?;
     rustix::mount::mount(
         &dev.devnode,
         &dir,

@@ -48,6 +48,8 @@ use std::path::{Path, PathBuf};
 
 use kairos_init::grubenv::{self, Counters, DEFAULT_MAX_TRIES, var};
 
+use kairos_util::IoResultExt;
+
 use crate::config::{self, LoadOptions};
 use crate::{AgentError, Ctx, Outcome, stages};
 use fetch::{Puller, Store};
@@ -138,13 +140,8 @@ pub enum UpgradeError {
         what: String,
         detail: String,
     },
-    #[error("{}: {what}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] kairos_util::IoError),
     #[error(transparent)]
     Command(#[from] kairos_util::ToolError),
     #[error("{}: {what}", path.display())]
@@ -167,12 +164,6 @@ pub enum UpgradeError {
         "{origin}: the new image has no {missing}: it could not boot; refusing it before anything is rotated (the installed images are untouched)"
     )]
     NotBootable { origin: String, missing: String },
-}
-
-impl From<std::io::Error> for UpgradeError {
-    fn from(e: std::io::Error) -> Self {
-        UpgradeError::Agent(AgentError::Output(e))
-    }
 }
 
 impl From<kairos_init::grubenv::GrubEnvError> for UpgradeError {
@@ -345,12 +336,6 @@ fn crash(opts: &Options, point: &str, log: &mut dyn Write) {
     }
 }
 
-fn io(path: &Path, what: &str) -> impl FnOnce(std::io::Error) -> UpgradeError {
-    let path = path.to_path_buf();
-    let what = what.to_string();
-    move |source| UpgradeError::Io { path, what, source }
-}
-
 fn device_of(p: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).ok().map(|m| m.dev())
@@ -363,7 +348,8 @@ fn file_size(p: &Path) -> u64 {
 fn sync_dir(dir: &Path) -> Result<(), UpgradeError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io(dir, "fsync of the directory"))
+        .at(dir, "fsync of the directory")?;
+    Ok(())
 }
 
 /// The work directory's parent when not given: COS_PERSISTENT if it is mounted at /usr/local
@@ -439,7 +425,7 @@ pub fn upgrade(
         },
     )?;
     let loaded = crate::sources::load(ctx, &LoadOptions::default());
-    stages::report_load(&loaded, log)?;
+    stages::report_load(&loaded, log).map_err(AgentError::Output)?;
     let (key, configured) = match &loaded.merged.upgrade {
         Some(u) if opts.recovery => (
             "upgrade.recovery-system.source",
@@ -475,7 +461,7 @@ pub fn upgrade(
         )));
     }
     // One upgrade at a time: an exclusive lock on the cOS directory itself (nothing written).
-    let _lock = File::open(&cos).map_err(io(&cos, "opening"))?;
+    let _lock = File::open(&cos).at(&cos, "opening")?;
     rustix::fs::flock(&_lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
         |e| {
             UpgradeError::Locate(format!(
@@ -507,7 +493,7 @@ pub fn upgrade(
             writeln!(
                 log,
                 "kairos-agent: cannot tell what booted (no /run/cos sentinel, no COS_ label on the command line); a recovery upgrade does not depend on it: recorded as active"
-            )?;
+            ).map_err(AgentError::Output)?;
             Booted::Active
         }
     };
@@ -520,9 +506,10 @@ pub fn upgrade(
             "the system"
         },
         booted_name(booted)
-    )?;
+    )
+    .map_err(AgentError::Output)?;
     if let Some(p) = &plan {
-        writeln!(log, "kairos-agent: {}", p.why)?;
+        writeln!(log, "kairos-agent: {}", p.why).map_err(AgentError::Output)?;
     }
 
     run_hook(ctx, &loaded, "before-upgrade", log);
@@ -580,16 +567,17 @@ pub fn upgrade(
             writeln!(
                 log,
                 "kairos-agent: finished the interrupted rotation: {TRANSITION} (the image that booted) is now {PASSIVE}"
-            )?;
+            ).map_err(AgentError::Output)?;
         }
         _ if new_path.exists() => {
-            std::fs::remove_file(&new_path).map_err(io(&new_path, "removing the stale"))?;
+            std::fs::remove_file(&new_path).at(&new_path, "removing the stale")?;
             sync_dir(&cos)?;
             writeln!(
                 log,
                 "kairos-agent: removed {} left by an interrupted upgrade (never booted)",
                 new_path.display()
-            )?;
+            )
+            .map_err(AgentError::Output)?;
         }
         _ => {}
     }
@@ -610,8 +598,7 @@ pub fn upgrade(
         image_name = final_name.to_string();
         let final_path = cos.join(final_name);
         crash(opts, "before-rename-1", log);
-        std::fs::rename(&new_path, &final_path)
-            .map_err(io(&final_path, "renaming the new image to"))?;
+        std::fs::rename(&new_path, &final_path).at(&final_path, "renaming the new image to")?;
         crash(opts, "after-rename-1-before-sync", log);
         sync_dir(&cos)?;
     } else {
@@ -657,7 +644,7 @@ pub fn upgrade(
             }
             _ => format!("the old {ACTIVE} is now {PASSIVE} (COS_PASSIVE)"),
         };
-        writeln!(log, "kairos-agent: rotated: {what}")?;
+        writeln!(log, "kairos-agent: rotated: {what}").map_err(AgentError::Output)?;
     }
     crash(opts, "done", log);
 
@@ -686,7 +673,8 @@ pub fn upgrade(
         } else {
             "the active image"
         }
-    )?;
+    )
+    .map_err(AgentError::Output)?;
     Ok(Outcome::Done)
 }
 
@@ -712,7 +700,8 @@ fn build(
                     size >> 20,
                     m.bytes >> 20,
                     m.inodes
-                )?;
+                )
+                .map_err(AgentError::Output)?;
                 image::mkfs_ext4(
                     tree,
                     new_path,
@@ -722,7 +711,8 @@ fn build(
                 )?;
             } else {
                 check_space(cos, m.bytes + SLACK, 0)?;
-                writeln!(log, "kairos-agent: building {}", new_path.display())?;
+                writeln!(log, "kairos-agent: building {}", new_path.display())
+                    .map_err(AgentError::Output)?;
                 image::mksquashfs(tree, new_path)?;
             }
         }
@@ -732,8 +722,9 @@ fn build(
                 "kairos-agent: copying {} to {}",
                 f.display(),
                 new_path.display()
-            )?;
-            std::fs::copy(f, new_path).map_err(io(new_path, "copying the image to"))?;
+            )
+            .map_err(AgentError::Output)?;
+            std::fs::copy(f, new_path).at(new_path, "copying the image to")?;
             if let Some(l) = label {
                 image::relabel(new_path, l)?;
             }
@@ -798,7 +789,8 @@ fn prepare(
         resolved.manifest_digest,
         resolved.platform,
         resolved.layers.len()
-    )?;
+    )
+    .map_err(AgentError::Output)?;
     let estimate = oci::estimate_unpacked(compressed);
     let blobs = if puller.copies_layers() {
         compressed
@@ -808,20 +800,20 @@ fn prepare(
     let (on_target, on_work) = space_needed(estimate, blobs, estimate, same_fs);
     check_space(cos, on_target, reclaimable)?;
     if on_work > 0 {
-        std::fs::create_dir_all(work_base).map_err(io(work_base, "creating"))?;
+        std::fs::create_dir_all(work_base).at(work_base, "creating")?;
         check_space(work_base, on_work, 0)?;
     }
     // Only now is anything written: the work directory (a stale one is from a crash).
     if work.exists() {
-        std::fs::remove_dir_all(work).map_err(io(work, "removing the stale work directory"))?;
+        std::fs::remove_dir_all(work).at(work, "removing the stale work directory")?;
     }
     let store = Store::new(&work.join("blobs"))?;
     let layers = puller.fetch_layers(&resolved, &store, log)?;
     crash(opts, "pull", log);
     let staging = work.join("rootfs");
-    std::fs::create_dir_all(&staging).map_err(io(&staging, "creating"))?;
+    std::fs::create_dir_all(&staging).at(&staging, "creating")?;
     for (i, (blob, path)) in resolved.layers.iter().zip(&layers).enumerate() {
-        let f = File::open(path).map_err(io(path, "opening"))?;
+        let f = File::open(path).at(path, "opening")?;
         let done = layer::apply(&staging, &blob.digest, f)?;
         writeln!(
             log,
@@ -840,9 +832,10 @@ fn prepare(
             } else {
                 String::new()
             }
-        )?;
+        )
+        .map_err(AgentError::Output)?;
         if puller.copies_layers() {
-            std::fs::remove_file(path).map_err(io(path, "removing"))?;
+            std::fs::remove_file(path).at(path, "removing")?;
         }
     }
     crash(opts, "unpack", log);
@@ -873,7 +866,7 @@ fn prepare_dir(
     let m = image::measure(p)?;
     check_space(cos, image::image_size(m) + SLACK, reclaimable)?;
     if work.exists() {
-        std::fs::remove_dir_all(work).map_err(io(work, "removing the stale work directory"))?;
+        std::fs::remove_dir_all(work).at(work, "removing the stale work directory")?;
     }
     // The mount point is beside the work directory, never inside it: the work directory is
     // removed recursively, and a bind mount left behind would take the source with it.
@@ -959,14 +952,16 @@ fn arm(ctx: &Ctx, out: &mut dyn Write, log: &mut dyn Write) -> Result<(), Upgrad
         writeln!(
             log,
             "kairos-agent: dropped next_entry={next}: the new image boots on counted tries"
-        )?;
+        )
+        .map_err(AgentError::Output)?;
     }
     grubenv::write(&l.path, &l.env)?;
     writeln!(
         log,
         "kairos-agent: boot assessment armed in {}: cos and fallback get {n} tries each",
         l.path.display()
-    )?;
+    )
+    .map_err(AgentError::Output)?;
     Ok(())
 }
 

@@ -16,6 +16,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use kairos_util::{IoError, IoResultExt};
 use rustix::fs::{CWD, RenameFlags};
 
 pub const ACTIVE: &str = "active.img";
@@ -51,13 +52,8 @@ pub fn plan(booted: Booted, have_active: bool) -> Vec<Step> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RotateError {
-    #[error("{}: {what}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] kairos_util::IoError),
     #[error("{}: {TRANSITION} is missing: build it before rotating", dir.display())]
     NoTransition { dir: PathBuf },
     #[error(
@@ -73,24 +69,18 @@ pub enum RotateError {
     },
 }
 
-fn io<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(std::io::Error) -> RotateError + 'a {
-    move |source| RotateError::Io {
-        path: path.to_path_buf(),
-        what,
-        source,
-    }
-}
-
 /// fsync, then the journal checkpointed: GRUB, which ignores the journal, must find the
 /// image a rename put in place (else it boots the old image's kernel with the new rootfs).
 fn sync_dir(dir: &Path) -> Result<(), RotateError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io(dir, "fsync of the directory"))?;
-    kairos_init::sys::journal::checkpoint(dir).map_err(|e| RotateError::Io {
-        path: e.path,
-        what: "checkpointing the ext4 journal (so GRUB sees the rename)",
-        source: e.source,
+        .at(dir, "fsync of the directory")?;
+    kairos_init::sys::journal::checkpoint(dir).map_err(|e| {
+        RotateError::Io(IoError::new(
+            e.path,
+            "checkpointing the ext4 journal (so GRUB sees the rename)",
+            e.source,
+        ))
     })?;
     Ok(())
 }
@@ -126,7 +116,8 @@ pub fn execute_with<E: From<RotateError>>(
     }
     File::open(&transition)
         .and_then(|f| f.sync_all())
-        .map_err(io(&transition, "fsync"))?;
+        .at(&transition, "fsync")
+        .map_err(RotateError::from)?;
     sync_dir(dir)?;
     let active = dir.join(ACTIVE);
     let passive = dir.join(PASSIVE);
@@ -137,12 +128,15 @@ pub fn execute_with<E: From<RotateError>>(
             Step::Exchange => {
                 rustix::fs::renameat_with(CWD, &transition, CWD, &active, RenameFlags::EXCHANGE)
                     .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
-                    .map_err(io(&active, "exchanging with transition.img"))?
+                    .at(&active, "exchanging with transition.img")
+                    .map_err(RotateError::from)?
             }
             Step::OldActiveToPassive => std::fs::rename(&transition, &passive)
-                .map_err(io(&passive, "renaming the old active to"))?,
+                .at(&passive, "renaming the old active to")
+                .map_err(RotateError::from)?,
             Step::ReplaceActive => std::fs::rename(&transition, &active)
-                .map_err(io(&active, "renaming transition.img to"))?,
+                .at(&active, "renaming transition.img to")
+                .map_err(RotateError::from)?,
         }
         hook(Event::AfterRenameBeforeSync(n))?;
         sync_dir(dir)?;
@@ -155,7 +149,7 @@ pub fn execute_with<E: From<RotateError>>(
 pub fn check_space(dir: &Path, needed: u64) -> Result<(), RotateError> {
     let st = rustix::fs::statvfs(dir)
         .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
-        .map_err(io(dir, "statvfs"))?;
+        .at(dir, "statvfs")?;
     let available = st.f_bavail.saturating_mul(st.f_frsize);
     if available < needed {
         return Err(RotateError::NoSpace {
@@ -175,7 +169,7 @@ pub fn remove_stale_transition(dir: &Path) -> Result<bool, RotateError> {
     match std::fs::remove_file(&t) {
         Ok(()) => sync_dir(dir).map(|()| true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(io(&t, "removing a stale transition image")(e)),
+        Err(e) => Err(IoError::new(&t, "removing a stale transition image", e).into()),
     }
 }
 
