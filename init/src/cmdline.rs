@@ -7,7 +7,9 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use crate::labels;
-use crate::layout::clean_path;
+use crate::syntax::clean_path;
+// Shared with the layout file; re-exported under their old home.
+pub use crate::syntax::{OVERLAY_FORMS, Overlay, parse_overlay, split_volume};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BootMode {
@@ -15,15 +17,6 @@ pub enum BootMode {
     Passive,
     Recovery,
     Live,
-}
-
-/// Backing store for the overlay upper dirs (`rd.cos.overlay=`, layout `OVERLAY=`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Overlay {
-    /// `size` is kept as given ("25%", "512m") because it goes straight into the tmpfs options.
-    Tmpfs { size: String },
-    /// `spec` is "LABEL=x" or "UUID=x".
-    Device { spec: String },
 }
 
 /// `rd.kairos.pause=NAME`: a point where kairos-init stops for good, so a test harness can cut
@@ -337,47 +330,6 @@ fn derive_mode(s: &str) -> (BootMode, bool) {
 /// then boots the active image, but nothing says it was asked to).
 pub fn boot_mode(raw: &str) -> Option<BootMode> {
     marked_mode(params_part(raw)).map(|(mode, _)| mode)
-}
-
-/// The accepted overlay forms, for warnings.
-pub const OVERLAY_FORMS: &str = "tmpfs:<N>%, tmpfs:<N>[kmg], LABEL=... or UUID=...";
-
-/// `tmpfs:<N>%`, `tmpfs:<N>[kmgKMG]`, `LABEL=x` or `UUID=x`; shared with the layout file.
-pub fn parse_overlay(s: &str) -> Option<Overlay> {
-    if let Some(size) = s.strip_prefix("tmpfs:") {
-        let (num, pct) = match size.strip_suffix('%') {
-            Some(n) => (n, true),
-            None => match size.strip_suffix(['k', 'm', 'g', 'K', 'M', 'G']) {
-                Some(n) => (n, false),
-                None => (size, false),
-            },
-        };
-        if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let n: u64 = num.parse().ok()?;
-        // tmpfs reads size=0 as "unlimited", which would let the overlay eat all RAM.
-        if n == 0 || (pct && n > 100) {
-            return None;
-        }
-        return Some(Overlay::Tmpfs {
-            size: size.to_owned(),
-        });
-    }
-    let is_dev = ["LABEL=", "UUID="]
-        .iter()
-        .any(|p| s.strip_prefix(p).is_some_and(|v| !v.is_empty()));
-    is_dev.then(|| Overlay::Device { spec: s.to_owned() })
-}
-
-/// Split `SPEC:MOUNTPOINT` at the last ':' whose right side starts with '/', so a SPEC may
-/// itself contain ':'. Shared with the layout file's VOLUMES.
-pub fn split_volume(s: &str) -> Option<(&str, &str)> {
-    let (i, _) = s
-        .rmatch_indices(':')
-        .find(|(i, _)| s.as_bytes().get(i + 1) == Some(&b'/'))?;
-    let (spec, mnt) = (s.get(..i)?, s.get(i + 1..)?);
-    (!spec.is_empty()).then_some((spec, mnt))
 }
 
 struct Warnings(Vec<Warning>);
@@ -920,40 +872,6 @@ mod tests {
     }
 
     #[test]
-    fn overlay_forms() {
-        for ok_form in [
-            "tmpfs:25%",
-            "tmpfs:100%",
-            "tmpfs:512m",
-            "tmpfs:2G",
-            "tmpfs:1048576",
-            "LABEL=x",
-            "UUID=y",
-        ] {
-            assert!(parse_overlay(ok_form).is_some(), "{ok_form}");
-        }
-        for bad in [
-            "tmpfs",
-            "tmpfs:",
-            "tmpfs:%",
-            "tmpfs:0",
-            "tmpfs:0%",
-            "tmpfs:101%",
-            "tmpfs:25t",
-            "tmpfs:-1",
-            "tmpfs:+5",
-            "tmpfs:1.5g",
-            "tmpfs:99999999999999999999",
-            "LABEL=",
-            "UUID=",
-            "PARTLABEL=x",
-            "/dev/sda",
-        ] {
-            assert!(parse_overlay(bad).is_none(), "{bad}");
-        }
-    }
-
-    #[test]
     fn malformed_params_warn_and_keep_defaults() {
         let d = BootRequest::default();
         let secs = Duration::from_secs;
@@ -1164,18 +1082,5 @@ mod tests {
                 assert!(req.oem_timeout <= Duration::from_secs(MAX_TIMEOUT_SECS));
             }
         }
-    }
-
-    #[test]
-    fn split_volume_rule() {
-        assert_eq!(
-            split_volume("LABEL=COS_PERSISTENT:/usr/local"),
-            Some(("LABEL=COS_PERSISTENT", "/usr/local"))
-        );
-        assert_eq!(split_volume("LABEL=a:b:/m"), Some(("LABEL=a:b", "/m")));
-        assert_eq!(split_volume("/dev/sda1:/m:x"), Some(("/dev/sda1", "/m:x")));
-        assert_eq!(split_volume("LABEL=a"), None);
-        assert_eq!(split_volume(":/m"), None);
-        assert_eq!(split_volume("a:"), None);
     }
 }

@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::cmdline::{OVERLAY_FORMS, Overlay, parse_overlay, split_volume};
 use crate::labels;
+pub use crate::syntax::clean_path;
+use crate::syntax::{OVERLAY_FORMS, Overlay, parse_overlay, split_volume};
 
 /// At most this many entries per key; a layout file with 10 000 paths must not stall the boot.
 pub const MAX_PATHS: usize = 1024;
@@ -432,33 +433,6 @@ fn volumes(value: &str, w: &mut impl FnMut(String)) -> Vec<Volume> {
     out
 }
 
-/// Normalise one layout path: absolute, no `..`, no NUL, not "/" itself; duplicate slashes,
-/// `.` components and a trailing slash are dropped.
-pub fn clean_path(p: &str) -> Result<String, String> {
-    if p.contains('\0') {
-        return Err(format!("{p:?} contains a NUL byte"));
-    }
-    if !p.starts_with('/') {
-        return Err(format!("{p:?} is not an absolute path"));
-    }
-    let mut out = String::with_capacity(p.len());
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            // Refused rather than resolved: a layout path must not climb out of the root.
-            ".." => return Err(format!("{p:?} contains `..`")),
-            c => {
-                out.push('/');
-                out.push_str(c);
-            }
-        }
-    }
-    if out.is_empty() {
-        return Err(format!("{p:?} is the root directory itself"));
-    }
-    Ok(out)
-}
-
 fn depth(p: &str) -> usize {
     p.split('/').filter(|c| !c.is_empty()).count()
 }
@@ -720,18 +694,6 @@ CUSTOM_EPHEMERAL_MOUNTS=
             w.iter()
                 .any(|m| m.contains("OVERLAY") && m.contains("tmpfs:lots"))
         );
-    }
-
-    #[test]
-    fn clean_path_rules() {
-        assert_eq!(clean_path("/var//lib/"), Ok("/var/lib".into()));
-        assert_eq!(clean_path("//etc/./ssh//"), Ok("/etc/ssh".into()));
-        for bad in [
-            "", "var", "./var", "/", "//", "/./", "/var/..", "/../etc", "/a\0b", "~/x",
-        ] {
-            assert!(clean_path(bad).is_err(), "{bad:?}");
-        }
-        assert_eq!(clean_path("/a/..b/c.."), Ok("/a/..b/c..".into()));
     }
 
     #[test]

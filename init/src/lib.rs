@@ -17,4 +17,5 @@ pub mod pid1;
 pub mod plan;
 pub mod probe;
 pub mod stages;
+pub mod syntax;
 pub mod sys;

@@ -7,10 +7,12 @@
 use std::collections::BTreeMap;
 
 use crate::blockdev::{self, BlockDev};
-use crate::cmdline::{BootMode, BootRequest, Overlay};
+use crate::cmdline::{BootMode, BootRequest};
 use crate::labels;
 use crate::layout::{self, Layout};
 use crate::probe::FsType;
+use crate::syntax::Overlay;
+pub use crate::syntax::PathKind;
 
 pub const SYSROOT: &str = "/sysroot";
 pub const OVERLAY_DIR: &str = "/run/overlay";
@@ -232,15 +234,6 @@ pub fn select(cands: &[Candidate], inv: &Inventory) -> Selection {
         chosen: None,
         skipped,
     }
-}
-
-/// What a path is inside the mounted image (lstat: symlinks are not followed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathKind {
-    Missing,
-    Dir,
-    File,
-    Symlink,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

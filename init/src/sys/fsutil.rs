@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::plan::PathKind;
+use crate::syntax::PathKind;
 
 /// Bounds the recursion in image-controlled trees: a deeper tree is left partly uncopied with
 /// a warning rather than exhausting the init's stack.
