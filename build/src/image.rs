@@ -20,17 +20,17 @@ use std::time::Instant;
 
 use kairos_agent::Ctx;
 use kairos_agent::install::SourceImage;
-use kairos_agent::upgrade::image::{ToolFailure, run_tool};
 use kairos_agent::upgrade::source::{self, ImageRef};
 use kairos_init::layout::{
     DEFAULT_OVERLAY_SIZE, DEFAULT_PERSISTENT_STATE_TARGET, KAIROS_PERSISTENT_STATE_PATHS,
     KAIROS_RW_PATHS,
 };
+use kairos_util::{IoError, IoResultExt, ToolError, run_tool};
 
 use crate::cli::ImageArgs;
 use crate::initramfs::{self, resolve_in};
 use crate::oci;
-use crate::{WorkDir, find_program, io};
+use crate::{WorkDir, find_program};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -50,7 +50,7 @@ pub enum ImageError {
     #[error(transparent)]
     Program(#[from] crate::ProgramError),
     #[error(transparent)]
-    Io(#[from] crate::IoError),
+    Io(#[from] IoError),
     #[error("{path}: {what} in the image: {err}")]
     Tree {
         path: String,
@@ -58,7 +58,7 @@ pub enum ImageError {
         err: String,
     },
     #[error(transparent)]
-    ToolFailed(#[from] ToolFailure),
+    Command(#[from] ToolError),
     #[error(transparent)]
     Source(#[from] source::SourceError),
     #[error(transparent)]
@@ -149,7 +149,7 @@ pub fn dir_in(tree: &Path, rel: &str) -> Result<PathBuf, ImageError> {
                         "/{s} is a dangling symlink"
                     )));
                 }
-                std::fs::create_dir(&p).map_err(io(&p, "creating"))?;
+                std::fs::create_dir(&p).at(&p, "creating")?;
                 p
             }
         };
@@ -166,24 +166,24 @@ fn file_in(tree: &Path, rel: &str) -> Result<PathBuf, ImageError> {
     if p.symlink_metadata()
         .is_ok_and(|m| m.file_type().is_symlink())
     {
-        std::fs::remove_file(&p).map_err(io(&p, "removing the symlink"))?;
+        std::fs::remove_file(&p).at(&p, "removing the symlink")?;
     }
     Ok(p)
 }
 
 fn write_in(tree: &Path, rel: &str, data: &[u8], mode: u32) -> Result<(), ImageError> {
     let p = file_in(tree, rel)?;
-    std::fs::write(&p, data).map_err(io(&p, "writing"))?;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(io(&p, "chmod"))?;
+    std::fs::write(&p, data).at(&p, "writing")?;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).at(&p, "chmod")?;
     Ok(())
 }
 
 fn symlink_in(tree: &Path, rel: &str, target: &str) -> Result<(), ImageError> {
     let p = file_in(tree, rel)?;
     if p.symlink_metadata().is_ok() {
-        std::fs::remove_file(&p).map_err(io(&p, "replacing"))?;
+        std::fs::remove_file(&p).at(&p, "replacing")?;
     }
-    std::os::unix::fs::symlink(target, &p).map_err(io(&p, "linking"))?;
+    std::os::unix::fs::symlink(target, &p).at(&p, "linking")?;
     Ok(())
 }
 
@@ -300,7 +300,7 @@ pub fn make_ready(
         err,
     })?;
     writeln!(log, "kairos-build: kernel {} in {origin}", kernel.version).ok();
-    let agent_bin = std::fs::read(agent).map_err(io(agent, "reading kairos-agent"))?;
+    let agent_bin = std::fs::read(agent).at(agent, "reading kairos-agent")?;
     write_in(tree, "usr/bin/kairos-agent", &agent_bin, 0o755)?;
 
     // The generic initramfs from the image's own modules, then /boot/vmlinuz beside it.
@@ -316,7 +316,7 @@ pub fn make_ready(
     let has_init = exists_in(tree, "sbin/init");
     let init_added = !has_init;
     if init_added {
-        let bin = std::fs::read(init).map_err(io(init, "reading kairos-init"))?;
+        let bin = std::fs::read(init).at(init, "reading kairos-init")?;
         write_in(tree, "sbin/init", &bin, 0o755)?;
         writeln!(
             log,
@@ -449,7 +449,7 @@ pub fn run(args: &ImageArgs, log: &mut dyn Write) -> Result<ImageReport, ImageEr
         writeln!(log, "kairos-build: pulling {}", src.origin).ok();
         src.unpack_into(work.path(), log)?;
     } else if let Some(tree) = src.tree() {
-        std::fs::create_dir_all(&stage).map_err(io(&stage, "creating"))?;
+        std::fs::create_dir_all(&stage).at(&stage, "creating")?;
         run_cmd(
             Command::new("cp")
                 .args(["-a", "--reflink=auto", "--"])
@@ -468,10 +468,10 @@ pub fn run(args: &ImageArgs, log: &mut dyn Write) -> Result<ImageReport, ImageEr
     match &out {
         Output::Dir(p) => {
             if p.exists() {
-                std::fs::remove_dir(p).map_err(io(p, "replacing the empty directory"))?;
+                std::fs::remove_dir(p).at(p, "replacing the empty directory")?;
             }
             if std::fs::rename(&stage, p).is_err() {
-                std::fs::create_dir_all(p).map_err(io(p, "creating"))?;
+                std::fs::create_dir_all(p).at(p, "creating")?;
                 run_cmd(
                     Command::new("cp")
                         .args(["-a", "--reflink=auto", "--"])

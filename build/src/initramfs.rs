@@ -13,6 +13,7 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::Context;
 use kairos_initramfs::{BuildReport, InitramfsError, InitramfsSpec};
+use kairos_util::{IoError, IoResultExt};
 
 use crate::cli::InitramfsArgs;
 
@@ -26,12 +27,8 @@ const MAX_LINKS: usize = 40;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error(
         "no kernel in {root}: looked for lib/modules/VER and usr/lib/modules/VER with boot/vmlinuz-VER or usr/lib/modules/VER/vmlinuz{}",
         without_image(.modules_only)
@@ -116,10 +113,7 @@ pub fn find_kernel(root: &Path, kver: Option<&str>) -> Result<KernelInTree, Kern
         if !dir.is_dir() || !seen.insert(dir.clone()) {
             continue;
         }
-        let entries = fs::read_dir(&dir).map_err(|source| KernelError::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        let entries = fs::read_dir(&dir).at(&dir, "listing")?;
         let mut versions: Vec<String> = entries
             .filter_map(Result::ok)
             .filter_map(|e| e.file_name().to_str().map(str::to_string))
@@ -231,15 +225,14 @@ pub fn resolve_in(root: &Path, rel: &str) -> Result<Option<PathBuf>, KernelError
                         if hops > MAX_LINKS {
                             return Err(KernelError::SymlinkLoop { path: host });
                         }
-                        let target = fs::read_link(&host)
-                            .map_err(|source| KernelError::Io { path: host, source })?;
+                        let target = fs::read_link(&host).at(&host, "reading the symlink")?;
                         todo.push(target);
                     }
                     Ok(_) => done.push(name.to_os_string()),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                     // A file where the path wants a directory.
                     Err(e) if e.kind() == io::ErrorKind::NotADirectory => return Ok(None),
-                    Err(source) => return Err(KernelError::Io { path: host, source }),
+                    Err(e) => return Err(IoError::new(host, "reading the metadata of", e).into()),
                 }
             }
         }

@@ -39,14 +39,15 @@ use kairos_agent::Ctx;
 use kairos_agent::install::efi::{self, GRUB_X86_64_EFI};
 use kairos_agent::install::{GRUB_I386_PC, InstallError};
 use kairos_agent::upgrade::UpgradeError;
-use kairos_agent::upgrade::image::{self, ToolFailure, run_tool};
+use kairos_agent::upgrade::image;
 use kairos_init::grubbios::BIOS_PLATFORM_MODULES;
 use kairos_init::grubcfg::{self, CFG_MODULES, EFI_PLATFORM_MODULES, LIVE_MODULES};
+use kairos_util::{IoError, IoResultExt, ToolError, run_tool};
 
 use crate::checks::{self, CheckError, Ready};
 use crate::cli::IsoArgs;
 use crate::raw::{Partial, with_suffix};
-use crate::{WorkDir, find_tool, io};
+use crate::{WorkDir, find_tool};
 
 const MIB: u64 = 1 << 20;
 /// Paths in the ISO tree (relative to its root).
@@ -74,9 +75,9 @@ pub enum IsoError {
     #[error("SOURCE_DATE_EPOCH={given:?}: not a number of seconds; nothing was written")]
     Date { given: String },
     #[error(transparent)]
-    Io(#[from] crate::IoError),
+    Io(#[from] IoError),
     #[error(transparent)]
-    ToolFailed(#[from] ToolFailure),
+    Command(#[from] ToolError),
     #[error(transparent)]
     Install(#[from] InstallError),
     #[error(transparent)]
@@ -220,19 +221,12 @@ fn tools() -> Result<Tools, IsoError> {
         "grub-common",
         "GRUB's boot images",
     )?;
-    let (mkfs_vfat, mmd, mcopy) = efi::tools().map_err(|t| IsoError::Tool {
-        tool: if t.starts_with("mkfs") {
-            "mkfs.vfat"
-        } else {
-            "mtools"
-        },
-        package: if t.starts_with("mkfs") {
-            "dosfstools"
-        } else {
-            "mtools"
-        },
-        why: "the EFI boot image",
-    })?;
+    // The installer's ESP tools (`efi::tools`), looked up by name here so a missing one is
+    // reported with its package.
+    let esp = "the EFI boot image";
+    let mkfs_vfat = need(&["mkfs.vfat", "mkfs.fat"], "mkfs.vfat", "dosfstools", esp)?;
+    let mmd = need(&["mmd"], "mtools", "mtools", esp)?;
+    let mcopy = need(&["mcopy"], "mtools", "mtools", esp)?;
     Ok(Tools {
         xorriso,
         mkimage,
@@ -276,21 +270,21 @@ fn check_args(args: &IsoArgs) -> Result<Option<Vec<u8>>, IsoError> {
 }
 
 fn mkdir(p: &Path) -> Result<(), IsoError> {
-    std::fs::create_dir_all(p).map_err(io(p, "creating"))?;
+    std::fs::create_dir_all(p).at(p, "creating")?;
     Ok(())
 }
 
 fn write_mode(p: &Path, data: &[u8], mode: u32) -> Result<(), IsoError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::write(p, data).map_err(io(p, "writing"))?;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(io(p, "chmod"))?;
+    std::fs::write(p, data).at(p, "writing")?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).at(p, "chmod")?;
     Ok(())
 }
 
 fn copy_mode(from: &Path, to: &Path, mode: u32) -> Result<u64, IsoError> {
     use std::os::unix::fs::PermissionsExt;
-    let n = std::fs::copy(from, to).map_err(io(from, "copying"))?;
-    std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode)).map_err(io(to, "chmod"))?;
+    let n = std::fs::copy(from, to).at(from, "copying")?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode)).at(to, "chmod")?;
     Ok(n)
 }
 
@@ -319,13 +313,11 @@ fn mkimage(
 /// The FAT image holding `EFI/BOOT/BOOTX64.EFI`: BOOTX64.EFI's size plus room for FAT's
 /// tables, made with mkfs.vfat and mtools (no mount).
 fn efi_image(t: &Tools, bootx64: &Path, out: &Path) -> Result<(), IsoError> {
-    let len = std::fs::metadata(bootx64)
-        .map_err(io(bootx64, "reading"))?
-        .len();
+    let len = std::fs::metadata(bootx64).at(bootx64, "reading")?.len();
     let kib = (len / 1024 + 512).div_ceil(1024) * 1024;
     std::fs::File::create(out)
         .and_then(|f| f.set_len(kib * 1024))
-        .map_err(io(out, "creating"))?;
+        .at(out, "creating")?;
     run_tool(Command::new(&t.mkfs_vfat).arg(out))?;
     run_tool(
         Command::new(&t.mmd)
@@ -401,7 +393,7 @@ pub fn run(args: &IsoArgs, log: &mut dyn Write) -> Result<IsoReport, IsoError> {
     .ok();
     let sq = iso.join(grubcfg::LIVE_SQUASHFS);
     image::mksquashfs(&tree, &sq)?;
-    let squashfs_bytes = std::fs::metadata(&sq).map_err(io(&sq, "reading"))?.len();
+    let squashfs_bytes = std::fs::metadata(&sq).at(&sq, "reading")?.len();
     let mut boot_bytes = 0;
     for (from, to) in kernel_files
         .iter()
@@ -471,11 +463,9 @@ pub fn run(args: &IsoArgs, log: &mut dyn Write) -> Result<IsoReport, IsoError> {
         &iso,
         &partial_path,
     )))?;
-    std::fs::rename(&partial_path, &args.out).map_err(io(&args.out, "renaming the ISO to"))?;
+    std::fs::rename(&partial_path, &args.out).at(&args.out, "renaming the ISO to")?;
     drop(partial);
-    let bytes = std::fs::metadata(&args.out)
-        .map_err(io(&args.out, "reading"))?
-        .len();
+    let bytes = std::fs::metadata(&args.out).at(&args.out, "reading")?.len();
     Ok(IsoReport {
         out: args.out.clone(),
         label: args.label.clone(),

@@ -72,22 +72,6 @@ pub fn find_program(
         })
 }
 
-/// A file operation that failed, with the path it was on; each subcommand's error holds it
-/// (`#[error(transparent)] Io(#[from] IoError)`).
-#[derive(Debug, thiserror::Error)]
-#[error("{}: {what}: {err}", path.display())]
-pub struct IoError {
-    pub path: PathBuf,
-    pub what: &'static str,
-    pub err: std::io::Error,
-}
-
-/// For `map_err`: `what` (e.g. "reading") failed on `path`.
-pub fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> IoError {
-    let path = path.to_path_buf();
-    move |err| IoError { path, what, err }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum WorkError {
     #[error("{}: creating the work directory: {err}", dir.display())]
@@ -122,8 +106,9 @@ impl WorkDir {
 impl Drop for WorkDir {
     fn drop(&mut self) {
         let Some(dir) = self.0.take() else { return };
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let busy = kairos_init::pid1::parse_mountinfo(&mounts)
+        // An unreadable table (no /proc) counts as nothing mounted, as before.
+        let busy = kairos_init::mountinfo::read()
+            .unwrap_or_default()
             .into_iter()
             .map(|m| PathBuf::from(m.mountpoint))
             .find(|m| m.starts_with(dir.path()));

@@ -12,7 +12,7 @@ use kairos_agent::upgrade::oci::{hex, sha256_digest};
 use kairos_agent::upgrade::source::ImageRef;
 use sha2::{Digest, Sha256};
 
-use crate::io;
+use kairos_util::{IoError, IoResultExt};
 
 pub const MT_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -23,7 +23,7 @@ const GZIP_LEVEL: u32 = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
     #[error(transparent)]
-    Io(#[from] crate::IoError),
+    Io(#[from] IoError),
     #[error(transparent)]
     Registry(#[from] kairos_agent::upgrade::UpgradeError),
 }
@@ -67,13 +67,13 @@ impl<W: Write> Write for Hashing<W> {
 /// Symlinks are stored as links; sockets are skipped (they are runtime state).
 fn append_tree<W: Write>(b: &mut tar::Builder<W>, root: &Path, dir: &Path) -> Result<(), OciError> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .map_err(io(dir, "listing"))?
+        .at(dir, "listing")?
         .collect::<Result<_, _>>()
-        .map_err(io(dir, "listing"))?;
+        .at(dir, "listing")?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let path = e.path();
-        let ft = e.file_type().map_err(io(&path, "reading the type of"))?;
+        let ft = e.file_type().at(&path, "reading the type of")?;
         if ft.is_socket() {
             continue;
         }
@@ -84,7 +84,7 @@ fn append_tree<W: Write>(b: &mut tar::Builder<W>, root: &Path, dir: &Path) -> Re
             append_special(b, &path, rel)?;
         } else {
             b.append_path_with_name(&path, rel)
-                .map_err(io(&path, "adding to the layer"))?;
+                .at(&path, "adding to the layer")?;
         }
         if ft.is_dir() {
             append_tree(b, root, &path)?;
@@ -100,7 +100,7 @@ fn append_special<W: Write>(
     rel: &Path,
 ) -> Result<(), OciError> {
     use std::os::unix::fs::MetadataExt;
-    let md = std::fs::symlink_metadata(path).map_err(io(path, "reading the metadata of"))?;
+    let md = std::fs::symlink_metadata(path).at(path, "reading the metadata of")?;
     let ft = md.file_type();
     let mut h = tar::Header::new_gnu();
     h.set_metadata_in_mode(&md, tar::HeaderMode::Complete);
@@ -114,12 +114,10 @@ fn append_special<W: Write>(
     h.set_size(0);
     let dev = md.rdev();
     let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
-    h.set_device_major(major)
-        .map_err(io(path, "adding to the layer"))?;
-    h.set_device_minor(minor)
-        .map_err(io(path, "adding to the layer"))?;
+    h.set_device_major(major).at(path, "adding to the layer")?;
+    h.set_device_minor(minor).at(path, "adding to the layer")?;
     b.append_data(&mut h, rel, std::io::empty())
-        .map_err(io(path, "adding to the layer"))?;
+        .at(path, "adding to the layer")?;
     Ok(())
 }
 
@@ -131,9 +129,9 @@ pub fn build(
     arch: &str,
     labels: &[(String, String)],
 ) -> Result<Image, OciError> {
-    std::fs::create_dir_all(work).map_err(io(work, "creating"))?;
+    std::fs::create_dir_all(work).at(work, "creating")?;
     let layer = work.join("layer.tar.gz");
-    let file = File::create(&layer).map_err(io(&layer, "creating"))?;
+    let file = File::create(&layer).at(&layer, "creating")?;
     let compressed = Hashing {
         inner: BufWriter::with_capacity(1 << 20, file),
         hash: Sha256::new(),
@@ -149,18 +147,19 @@ pub fn build(
     b.follow_symlinks(false);
     b.mode(tar::HeaderMode::Complete);
     append_tree(&mut b, tree, tree)?;
-    let plain = b.into_inner().map_err(io(&layer, "finishing the tar of"))?;
+    let plain = b.into_inner().at(&layer, "finishing the tar of")?;
     let diff_id = format!("sha256:{}", hex(&plain.hash.finalize()));
-    let mut compressed = plain.inner.finish().map_err(io(&layer, "compressing"))?;
-    compressed.flush().map_err(io(&layer, "writing"))?;
+    let mut compressed = plain.inner.finish().at(&layer, "compressing")?;
+    compressed.flush().at(&layer, "writing")?;
     let layer_digest = format!("sha256:{}", hex(&compressed.hash.finalize()));
     let layer_size = compressed.bytes;
     compressed
         .inner
         .into_inner()
-        .map_err(|e| io(&layer, "writing")(e.into_error()))?
+        .map_err(|e| e.into_error())
+        .at(&layer, "writing")?
         .sync_all()
-        .map_err(io(&layer, "fsync"))?;
+        .at(&layer, "fsync")?;
 
     let labels: serde_json::Map<String, serde_json::Value> = labels
         .iter()
@@ -175,7 +174,7 @@ pub fn build(
     });
     let config_bytes = config_json.to_string().into_bytes();
     let config = work.join("config.json");
-    std::fs::write(&config, &config_bytes).map_err(io(&config, "writing"))?;
+    std::fs::write(&config, &config_bytes).at(&config, "writing")?;
     let config_digest = sha256_digest(&config_bytes);
     let manifest = serde_json::json!({
         "schemaVersion": 2,
@@ -207,15 +206,14 @@ pub fn write_archive(img: &Image, tag: &str, out: &Path) -> Result<(), OciError>
         PathBuf::from(s)
     };
     let written = (|| -> Result<(), OciError> {
-        let f = File::create(&partial).map_err(io(&partial, "creating"))?;
+        let f = File::create(&partial).at(&partial, "creating")?;
         let mut b = tar::Builder::new(BufWriter::with_capacity(1 << 20, f));
         let mut add = |name: &str, data: &mut dyn std::io::Read, size: u64| {
             let mut h = tar::Header::new_ustar();
             h.set_size(size);
             h.set_mode(0o644);
             h.set_entry_type(tar::EntryType::Regular);
-            b.append_data(&mut h, name, data)
-                .map_err(io(&partial, "writing"))
+            b.append_data(&mut h, name, data).at(&partial, "writing")
         };
         let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
         add("oci-layout", &mut &layout[..], layout.len() as u64)?;
@@ -240,21 +238,22 @@ pub fn write_archive(img: &Image, tag: &str, out: &Path) -> Result<(), OciError>
             (&img.config_digest, &img.config, img.config_size),
             (&img.layer_digest, &img.layer, img.layer_size),
         ] {
-            let mut f = File::open(path).map_err(io(path, "opening"))?;
+            let mut f = File::open(path).at(path, "opening")?;
             add(&blob(digest), &mut f, size)?;
         }
-        let w = b.into_inner().map_err(io(&partial, "finishing"))?;
+        let w = b.into_inner().at(&partial, "finishing")?;
         w.into_inner()
-            .map_err(|e| io(&partial, "writing")(e.into_error()))?
+            .map_err(|e| e.into_error())
+            .at(&partial, "writing")?
             .sync_all()
-            .map_err(io(&partial, "fsync"))?;
+            .at(&partial, "fsync")?;
         Ok(())
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&partial);
         return Err(e);
     }
-    std::fs::rename(&partial, out).map_err(io(out, "renaming the archive to"))?;
+    std::fs::rename(&partial, out).at(out, "renaming the archive to")?;
     Ok(())
 }
 

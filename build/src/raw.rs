@@ -21,12 +21,12 @@ use std::time::Instant;
 use kairos_agent::Ctx;
 use kairos_agent::install::efi::Firmware;
 use kairos_agent::install::{self, InstallError, Progress, device};
-use kairos_agent::upgrade::image::{ToolFailure, run_tool};
 use kairos_agent::upgrade::{self, rotate::Booted};
+use kairos_util::{IoError, IoResultExt, ToolError, run_tool};
 
 use crate::checks::{self, CheckError, Ready};
 use crate::cli::{Format, RawArgs, RawFirmware};
-use crate::{WorkDir, find_tool, io};
+use crate::{WorkDir, find_tool};
 
 const MIB: u64 = 1 << 20;
 
@@ -58,9 +58,9 @@ pub enum RawError {
     #[error("{}: attaching a loop device: {err}", file.display())]
     Loop { file: PathBuf, err: String },
     #[error(transparent)]
-    Io(#[from] crate::IoError),
+    Io(#[from] IoError),
     #[error(transparent)]
-    ToolFailed(#[from] ToolFailure),
+    Command(#[from] ToolError),
     #[error(transparent)]
     Install(#[from] InstallError),
     #[error(transparent)]
@@ -202,7 +202,7 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
     let mut partial = Partial(vec![partial_raw.clone()]);
     std::fs::File::create(&partial_raw)
         .and_then(|f| f.set_len(disk_bytes))
-        .map_err(io(&partial_raw, "creating"))?;
+        .at(&partial_raw, "creating")?;
     let lo =
         kairos_init::sys::loopdev::attach(Path::new("/dev"), &partial_raw, false).map_err(|e| {
             RawError::Loop {
@@ -236,7 +236,8 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
     // The partitions go before the loop device, whatever happened.
     let numbers: Vec<u32> = (1..=parts.len() as u32).collect();
     let removed = std::fs::File::open(&lo.path)
-        .map_err(|e| RawError::from(io(&lo.path, "opening")(e)))
+        .at(&lo.path, "opening")
+        .map_err(RawError::from)
         .and_then(|f| Ok(device::remove_partitions(&f, &lo.path, &numbers)?));
     drop(lo);
     drop(src);
@@ -254,11 +255,11 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
                     .arg(&partial_raw)
                     .arg(&partial_q),
             )?;
-            std::fs::rename(&partial_q, &args.out)
-                .map_err(io(&args.out, "renaming the qcow2 image to"))?;
+            std::fs::rename(&partial_q, &args.out).at(&args.out, "renaming the qcow2 image to")?;
         }
-        None => std::fs::rename(&partial_raw, &args.out)
-            .map_err(io(&args.out, "renaming the disk image to"))?,
+        None => {
+            std::fs::rename(&partial_raw, &args.out).at(&args.out, "renaming the disk image to")?
+        }
     }
     drop(partial);
     let file_bytes = std::fs::metadata(&args.out)

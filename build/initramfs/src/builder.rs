@@ -8,6 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use kairos_init::modules::{ModError, ModuleIndex};
+use kairos_util::{IoError, IoResultExt};
 
 use crate::Kernel;
 use crate::cpio::{CpioError, CpioWriter};
@@ -46,12 +47,8 @@ pub struct BuildReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("scanning modules in {dir}: {source}")]
     Scan {
         dir: PathBuf,
@@ -89,13 +86,6 @@ pub enum InitramfsError {
     },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InitramfsError + '_ {
-    move |source| InitramfsError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// Writes the initramfs for `spec` to `out` (through a temporary file and a rename, so a
 /// failed build never leaves a half-written image where a boot would pick it up).
 pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<BuildReport, InitramfsError> {
@@ -120,7 +110,7 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<BuildReport, InitramfsE
         .map(|w| (*w).to_string())
         .collect();
 
-    let init = fs::read(&spec.init_binary).map_err(io(&spec.init_binary))?;
+    let init = fs::read(&spec.init_binary).at(&spec.init_binary, "reading")?;
     if elf_has_interpreter(&init) {
         return Err(InitramfsError::InitNotStatic {
             path: spec.init_binary.clone(),
@@ -157,7 +147,7 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<BuildReport, InitramfsE
             .file(&format!("{mod_root}/modules.builtin"), 0o644, &data)
             .map_err(cpio_err)?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(&builtin_list)(e)),
+        Err(e) => return Err(IoError::new(builtin_list, "reading", e).into()),
     }
 
     // Sorted by path: the archive's byte layout then depends only on the module set.
@@ -184,13 +174,16 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<BuildReport, InitramfsE
     }
     files.sort();
     for (archive_path, host) in &files {
-        let data = fs::read(host).map_err(io(host))?;
+        let data = fs::read(host).at(host, "reading the module")?;
         w.file(archive_path, 0o644, &data).map_err(cpio_err)?;
     }
 
     for (host, archive_path) in &spec.extra_files {
-        let data = fs::read(host).map_err(io(host))?;
-        let mode = fs::metadata(host).map_err(io(host))?.permissions().mode();
+        let data = fs::read(host).at(host, "reading")?;
+        let mode = fs::metadata(host)
+            .at(host, "reading the mode of")?
+            .permissions()
+            .mode();
         w.file(archive_path, mode & 0o7777, &data)
             .map_err(cpio_err)?;
     }
@@ -208,7 +201,7 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<BuildReport, InitramfsE
             return Err(e);
         }
     };
-    fs::rename(&tmp, out).map_err(io(out))?;
+    fs::rename(&tmp, out).at(out, "renaming the finished image to")?;
     Ok(BuildReport {
         size_bytes,
         cpio_bytes: cpio.len() as u64,
