@@ -92,18 +92,7 @@ pub fn guid_from_random(mut r: [u8; 16]) -> [u8; 16] {
 
 /// CRC-32 (IEEE, reflected), as the GPT uses.
 pub fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
+    crc32fast::hash(data)
 }
 
 /// Last usable LBA of a disk of `sectors` sectors (backup table and header behind it).
