@@ -235,7 +235,7 @@ pub const PAIRING_TXT: &str = "/run/kairos/pairing-qr.txt";
 /// Upstream's install mode asked for on the kernel command line: `install-mode`, or
 /// `nodepair.enable` (bare or `=1`/`=true`/`=yes`).
 pub fn install_mode_requested(cmdline: &str) -> bool {
-    cmdline.split_ascii_whitespace().any(|w| match w {
+    kairos_init::cmdline::words(cmdline).any(|w| match &*w {
         "install-mode" | "nodepair.enable" => true,
         w => w
             .strip_prefix("nodepair.enable=")

@@ -176,39 +176,9 @@ fn same_device(ctx: &Ctx, source: &str, device: &str, devnode: &Path) -> bool {
     }
 }
 
-/// (source, mount point) of each /proc/self/mounts line, with the kernel's octal escapes
-/// (`\040` for a space) decoded.
-pub fn parse_mounts(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter_map(|l| {
-            let mut f = l.split_ascii_whitespace();
-            Some((unescape(f.next()?), unescape(f.next()?)))
-        })
-        .collect()
-}
-
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        let oct = b
-            .get(i + 1..i + 4)
-            .filter(|d| c == b'\\' && d.iter().all(|x| (b'0'..=b'7').contains(x)))
-            .map(|d| d.iter().fold(0u32, |n, x| n * 8 + u32::from(x - b'0')));
-        match oct.and_then(|n| u8::try_from(n).ok()) {
-            Some(v) => {
-                out.push(v);
-                i += 4;
-            }
-            None => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+/// (source, mount point) of each /proc/self/mounts line: kairos-init's one mount-table
+/// parser, re-exported for the agent's callers.
+pub use kairos_init::mountinfo::parse_mounts;
 
 /// kairos-init's timeline, embedded as JSON; Ok(null) when there is none (not booted by it).
 fn timeline(ctx: &Ctx) -> Result<Value, String> {
