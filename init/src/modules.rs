@@ -738,7 +738,6 @@ pub enum LoadOutcome {
 
 /// Loads a module file with finit_module(2). EEXIST means it is already loaded.
 pub fn load(name: &str, path: &Path, params: &str) -> Result<LoadOutcome, ModError> {
-    use std::os::fd::AsRawFd;
     let file = File::open(path).map_err(|source| ModError::Io {
         path: path.to_path_buf(),
         source,
@@ -746,23 +745,12 @@ pub fn load(name: &str, path: &Path, params: &str) -> Result<LoadOutcome, ModErr
     let params = std::ffi::CString::new(params).map_err(|_| ModError::BadParams {
         name: name.to_string(),
     })?;
-    // SAFETY: the fd is open for the duration of the call and `params` is a valid
-    // NUL-terminated string that outlives it; flags 0 asks for no special behaviour.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_finit_module,
-            file.as_raw_fd(),
-            params.as_ptr(),
-            0 as libc::c_int,
-        )
+    // Flags 0: no special behaviour.
+    let errno = match rustix::system::finit_module(&file, &params, 0) {
+        Ok(()) => return Ok(LoadOutcome::Loaded),
+        Err(rustix::io::Errno::EXIST) => return Ok(LoadOutcome::AlreadyLoaded),
+        Err(e) => io::Error::from(e),
     };
-    if rc == 0 {
-        return Ok(LoadOutcome::Loaded);
-    }
-    let errno = io::Error::last_os_error();
-    if errno.raw_os_error() == Some(libc::EEXIST) {
-        return Ok(LoadOutcome::AlreadyLoaded);
-    }
     Err(ModError::Load {
         name: name.to_string(),
         path: path.to_path_buf(),

@@ -25,8 +25,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rustix::mount::MountFlags;
+use rustix::process::{Pid, Signal, WaitOptions, kill_process_group, waitpid};
 
-use crate::sys::{fsutil, log, mount};
+use crate::sys::{fsutil, log, mount, signal};
 use crate::{error, info, warn};
 
 /// The supervised program and its arguments.
@@ -185,18 +186,6 @@ pub fn unmount_order(entries: &[MountEntry]) -> Vec<String> {
 
 // ---- the running system ----
 
-fn sigset(sigs: &[i32]) -> libc::sigset_t {
-    // SAFETY: sigemptyset initialises the set before any use.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in sigs {
-            libc::sigaddset(&mut set, *s);
-        }
-        set
-    }
-}
-
 const HANDLED: &[i32] = &[
     libc::SIGCHLD,
     libc::SIGTERM,
@@ -207,29 +196,14 @@ const HANDLED: &[i32] = &[
     libc::SIGHUP,
 ];
 
-/// Waits up to `timeout` for one of the blocked signals.
-fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: set and ts are valid for the call; a null siginfo is allowed.
-    let r = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
-    (r > 0).then_some(r)
-}
-
 /// Reaps every exited child; returns (pid, wait status) of each.
 fn reap() -> Vec<(i32, i32)> {
     let mut out = Vec::new();
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid with a valid status pointer.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
-            return out;
-        }
-        out.push((pid, status));
+    // Until none is left (ECHILD) or none has exited yet (None).
+    while let Ok(Some((pid, status))) = waitpid(None, WaitOptions::NOHANG) {
+        out.push((pid.as_raw_nonzero().get(), status.as_raw()));
     }
+    out
 }
 
 fn describe_status(status: i32) -> String {
@@ -331,14 +305,7 @@ impl Supervised {
         let mut cmd = std::process::Command::new(AGENT);
         // PID 1 blocks the signals it waits for; the child must not inherit that mask (it
         // would never see the SIGTERM of a shutdown).
-        // SAFETY: the closure only makes async-signal-safe calls on stack memory.
-        unsafe {
-            cmd.pre_exec(|| {
-                let empty = sigset(&[]);
-                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                Ok(())
-            });
-        }
+        signal::unblock_all_in_child(&mut cmd);
         let res = cmd
             .args(AGENT_ARGS)
             .env_clear()
@@ -402,12 +369,7 @@ pub fn run() -> ! {
     if let Err(e) = rustix::system::reboot(rustix::system::RebootCommand::CadOff) {
         warn!("reboot(CAD_OFF): {e}");
     }
-    let set = sigset(HANDLED);
-    // SAFETY: blocking signals for this (single-threaded) process; children get an empty
-    // mask from std::process::Command.
-    unsafe {
-        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    let blocked = signal::block(HANDLED);
     let _ = std::env::set_current_dir("/");
     let mut agent = Supervised {
         pid: None,
@@ -422,7 +384,7 @@ pub fn run() -> ! {
             .next_start
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600));
-        let sig = wait_signal(&set, wait);
+        let sig = blocked.wait(wait);
         for (pid, status) in reap() {
             agent.exited(pid, status);
         }
@@ -440,20 +402,15 @@ pub fn run() -> ! {
 
 /// Signals every process but us, then waits (reaping) until none is left or `grace` passes.
 /// Returns true when all are gone.
-fn stop_all(sig: i32, grace: Duration) -> bool {
-    // SAFETY: kill(-1) signals every process we may signal except PID 1 itself.
-    unsafe {
-        libc::kill(-1, sig);
-        libc::kill(-1, libc::SIGCONT);
-    }
+fn stop_all(sig: Signal, grace: Duration) -> bool {
+    // kill(-1): every process we may signal except PID 1 itself.
+    let _ = kill_process_group(Pid::INIT, sig);
+    let _ = kill_process_group(Pid::INIT, Signal::CONT);
     let deadline = Instant::now() + grace;
     loop {
         let _ = reap();
         // ECHILD: no children left (orphans are reparented to us, so this covers all).
-        let mut status = 0;
-        // SAFETY: waitpid with a valid status pointer.
-        let r = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if r < 0 {
+        if waitpid(None, WaitOptions::NOHANG).is_err() {
             return true;
         }
         if Instant::now() >= deadline {
@@ -489,13 +446,13 @@ fn survivors() -> Vec<String> {
 }
 
 fn shutdown(action: Shutdown) -> ! {
-    if !stop_all(libc::SIGTERM, STOP_GRACE) {
+    if !stop_all(Signal::TERM, STOP_GRACE) {
         warn!(
             "processes still running {} s after SIGTERM: sending SIGKILL",
             STOP_GRACE.as_secs()
         );
         warn!("still running: {}", survivors().join(", "));
-        stop_all(libc::SIGKILL, Duration::from_secs(2));
+        stop_all(Signal::KILL, Duration::from_secs(2));
     }
     rustix::fs::sync();
     let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

@@ -16,6 +16,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rustix::mount::{MountPropagationFlags, mount_bind_recursive, mount_change};
+use rustix::process::{Pid, Signal, chdir, chroot, kill_process_group};
+use rustix::thread::UnshareFlags;
+
 use crate::sys::fsutil;
 use crate::{info, warn};
 
@@ -60,14 +64,8 @@ impl std::fmt::Display for StageOutcome {
 
 /// A close-on-exec pipe (read end, write end).
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
-    use std::os::fd::FromRawFd;
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: pipe2 fills two descriptors we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: both are fresh descriptors owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| format!("pipe: {}", std::io::Error::from(e)))
 }
 
 /// The stage's output, read without blocking (no thread in the init) and logged line by line.
@@ -80,11 +78,10 @@ struct StageOutput {
 
 impl StageOutput {
     fn new(rd: OwnedFd, prefix: String) -> Self {
-        use std::os::fd::AsRawFd;
-        // SAFETY: fcntl on a descriptor we own.
-        unsafe {
-            let fl = libc::fcntl(rd.as_raw_fd(), libc::F_GETFL);
-            libc::fcntl(rd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        use rustix::fs::{OFlags, fcntl_getfl, fcntl_setfl};
+        // F_GETFL/F_SETFL on a pipe we just made do not fail.
+        if let Ok(fl) = fcntl_getfl(&rd) {
+            let _ = fcntl_setfl(&rd, fl | OFlags::NONBLOCK);
         }
         StageOutput {
             pipe: std::fs::File::from(rd),
@@ -176,39 +173,23 @@ fn spawn_and_wait(root: &Path, name: &str, timeout: Duration) -> Result<StageOut
         .stdout(Stdio::from(wr))
         .stderr(Stdio::from(wr2))
         .process_group(0);
-    // SAFETY: the closure only makes syscalls on memory allocated before fork.
+    // SAFETY: the closure runs in the forked child before exec. It only makes system calls
+    // (rustix's raw syscalls, no libc state) on memory allocated before the fork: nothing
+    // that allocates or takes a lock, so it is async-signal-safe. unshare(CLONE_NEWNS) in that
+    // single-threaded child only gives it its own mount namespace.
     unsafe {
         cmd.pre_exec(move || {
-            let none = std::ptr::null();
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            rustix::thread::unshare_unsafe(UnshareFlags::NEWNS)?;
             // Private, so the binds do not propagate back to the initramfs's namespace.
-            if libc::mount(
-                none,
-                slash.as_ptr(),
-                none,
-                libc::MS_REC | libc::MS_PRIVATE,
-                none as *const libc::c_void,
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
+            mount_change(
+                slash.as_c_str(),
+                MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+            )?;
             for (src, dst) in &binds {
-                if libc::mount(
-                    src.as_ptr(),
-                    dst.as_ptr(),
-                    none,
-                    libc::MS_BIND | libc::MS_REC,
-                    none as *const libc::c_void,
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                mount_bind_recursive(src.as_c_str(), dst.as_c_str())?;
             }
-            if libc::chroot(root_c.as_ptr()) != 0 || libc::chdir(slash.as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            chroot(root_c.as_c_str())?;
+            chdir(slash.as_c_str())?;
             Ok(())
         });
     }
@@ -239,9 +220,9 @@ fn spawn_and_wait(root: &Path, name: &str, timeout: Duration) -> Result<StageOut
                 "stage {name}: still running after {} s, killing it",
                 timeout.as_secs()
             );
-            // SAFETY: kill of the child's own process group (process_group(0) made it).
-            unsafe {
-                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            // The child's own process group (process_group(0) made it), grandchildren too.
+            if let Some(pgid) = i32::try_from(child.id()).ok().and_then(Pid::from_raw) {
+                let _ = kill_process_group(pgid, Signal::KILL);
             }
             let _ = child.wait();
             break StageOutcome::TimedOut;

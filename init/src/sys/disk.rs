@@ -3,38 +3,10 @@
 //! Regular files work too (size from their length), so the GPT writes can be tested on files.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
-/// _IOR(0x12, 114, size_t)
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-/// _IO(0x12, 105)
-const BLKPG: libc::c_ulong = 0x1269;
-pub const BLKPG_ADD_PARTITION: i32 = 1;
-pub const BLKPG_DEL_PARTITION: i32 = 2;
-pub const BLKPG_RESIZE_PARTITION: i32 = 3;
-/// _IOW('f', 16, __u64)
-const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
-
-/// `struct blkpg_partition` (linux/blkpg.h).
-#[repr(C)]
-struct BlkpgPartition {
-    start: i64,
-    length: i64,
-    pno: i32,
-    devname: [u8; 64],
-    volname: [u8; 64],
-}
-
-/// `struct blkpg_ioctl_arg` (linux/blkpg.h).
-#[repr(C)]
-struct BlkpgArg {
-    op: i32,
-    flags: i32,
-    datalen: i32,
-    data: *mut BlkpgPartition,
-}
+use super::blk::{self, BLKPG_ADD_PARTITION, BLKPG_RESIZE_PARTITION};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {what}: {source}")]
@@ -82,17 +54,7 @@ impl Disk {
         if !meta.file_type().is_block_device() {
             return Ok(meta.len());
         }
-        let mut size: u64 = 0;
-        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which outlives the call.
-        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
-        if rc != 0 {
-            return Err(err(
-                &self.path,
-                "BLKGETSIZE64",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(size)
+        blk::size_bytes(&self.file).map_err(|e| err(&self.path, "BLKGETSIZE64", e))
     }
 
     pub fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
@@ -135,69 +97,26 @@ impl Disk {
     }
 
     fn blkpg(&self, op: i32, number: u32, start: u64, length: u64) -> std::io::Result<()> {
-        blkpg(&self.file, op, number, start, length)
+        blk::blkpg(&self.file, op, number, start, length)
     }
-}
-
-/// One BLKPG call on the open whole disk `file`: `op` is one of the `BLKPG_*_PARTITION`
-/// constants, for partition `number` of `length` bytes from byte `start` (ignored by delete).
-/// The agent's installer adds and removes partitions with it too.
-pub fn blkpg(file: &File, op: i32, number: u32, start: u64, length: u64) -> std::io::Result<()> {
-    let invalid = |_| std::io::Error::from(std::io::ErrorKind::InvalidInput);
-    let mut p = BlkpgPartition {
-        start: i64::try_from(start).map_err(invalid)?,
-        length: i64::try_from(length).map_err(invalid)?,
-        pno: i32::try_from(number).map_err(invalid)?,
-        devname: [0; 64],
-        volname: [0; 64],
-    };
-    let mut arg = BlkpgArg {
-        op,
-        flags: 0,
-        datalen: std::mem::size_of::<BlkpgPartition>() as i32,
-        data: &mut p,
-    };
-    // SAFETY: BLKPG reads a blkpg_ioctl_arg whose data points at a blkpg_partition of
-    // datalen bytes; both live until the call returns.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKPG, &mut arg as *mut BlkpgArg) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Grows the mounted ext4 at `mountpoint` to `blocks` filesystem blocks, online:
 /// EXT4_IOC_RESIZE_FS on its root directory (what resize2fs does for a mounted filesystem).
 pub fn ext4_resize(mountpoint: &Path, blocks: u64) -> Result<(), DiskError> {
     let dir = File::open(mountpoint).map_err(|e| err(mountpoint, "open", e))?;
-    // SAFETY: EXT4_IOC_RESIZE_FS reads one u64 through the pointer, which outlives the call.
-    let rc = unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_RESIZE_FS, &blocks as *const u64) };
-    if rc != 0 {
-        return Err(err(
+    blk::ext4_resize(&dir, blocks).map_err(|e| {
+        err(
             mountpoint,
             format!("EXT4_IOC_RESIZE_FS to {blocks} blocks"),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+            e,
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ioctl_numbers_and_structs_match_the_kernel_abi() {
-        // _IOC(dir, type, nr, size) = dir << 30 | size << 16 | type << 8 | nr.
-        let ioc = |dir: u64, ty: u8, nr: u64, size: usize| {
-            (dir << 30 | (size as u64) << 16 | u64::from(ty) << 8 | nr) as libc::c_ulong
-        };
-        assert_eq!(BLKGETSIZE64, ioc(2, 0x12, 114, 8));
-        assert_eq!(BLKPG, ioc(0, 0x12, 105, 0));
-        assert_eq!(EXT4_IOC_RESIZE_FS, ioc(1, b'f', 16, 8));
-        assert_eq!(std::mem::size_of::<BlkpgPartition>(), 152);
-        assert_eq!(std::mem::size_of::<BlkpgArg>(), 24);
-    }
 
     #[test]
     fn a_file_reads_writes_and_knows_its_size() {

@@ -8,14 +8,8 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use rustix::ioctl::{Opcode, Setter, Updater, opcode};
+use super::blk;
 
-/// _IOW('f', 43, __u32) (linux/ext4.h).
-const EXT4_IOC_CHECKPOINT: Opcode = opcode::write::<u32>(b'f', 43);
-/// _IOWR('X', 119, int) (linux/fs.h).
-const FIFREEZE: Opcode = opcode::read_write::<libc::c_int>(b'X', 119);
-/// _IOWR('X', 120, int) (linux/fs.h).
-const FITHAW: Opcode = opcode::read_write::<libc::c_int>(b'X', 120);
 /// `EXT4_SUPER_MAGIC` (ext2, ext3 and ext4 mounted by the ext4 driver).
 const EXT4_SUPER_MAGIC: i64 = 0xef53;
 
@@ -41,22 +35,6 @@ pub enum Checkpointed {
     NotExt4,
 }
 
-/// `EXT4_IOC_CHECKPOINT` with no flags (write the journal back, no discard or zeroing).
-fn ext4_checkpoint(file: &File) -> std::io::Result<()> {
-    // SAFETY: the opcode is the kernel's, and it reads one __u32 of flags, which `Setter`
-    // passes by pointer to its own copy for the duration of the call.
-    unsafe { rustix::ioctl::ioctl(file, Setter::<EXT4_IOC_CHECKPOINT, u32>::new(0)) }
-        .map_err(std::io::Error::from)
-}
-
-/// `FIFREEZE` or `FITHAW`: the kernel ignores the int argument; it is passed as declared.
-fn freeze_or_thaw<const OP: Opcode>(file: &File) -> std::io::Result<()> {
-    let mut unused: libc::c_int = 0;
-    // SAFETY: OP is FIFREEZE or FITHAW (both _IOWR('X', n, int)); `unused` outlives the call.
-    unsafe { rustix::ioctl::ioctl(file, Updater::<OP, libc::c_int>::new(&mut unused)) }
-        .map_err(std::io::Error::from)
-}
-
 /// Writes the journal of the filesystem holding `path` (a file or directory on it) back to
 /// its home locations, so a reader that ignores the journal (GRUB) sees every write made
 /// before the call. Needs CAP_SYS_ADMIN.
@@ -76,7 +54,7 @@ pub fn checkpoint(path: &Path) -> Result<Checkpointed, CheckpointError> {
     if fs.f_type as i64 != EXT4_SUPER_MAGIC {
         return Ok(Checkpointed::NotExt4);
     }
-    match ext4_checkpoint(&file) {
+    match blk::ext4_checkpoint(&file) {
         Ok(()) => return Ok(Checkpointed::Ioctl),
         // No journal: nothing to write back.
         Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(Checkpointed::NoJournal),
@@ -84,14 +62,14 @@ pub fn checkpoint(path: &Path) -> Result<Checkpointed, CheckpointError> {
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY | libc::EINVAL)) => {}
         Err(e) => return Err(fail("EXT4_IOC_CHECKPOINT")(e)),
     }
-    freeze_or_thaw::<FIFREEZE>(&file).map_err(fail("FIFREEZE"))?;
+    blk::freeze(&file).map_err(fail("FIFREEZE"))?;
     // A frozen filesystem blocks every writer: thaw even if the first attempt is interrupted.
-    let mut thawed = freeze_or_thaw::<FITHAW>(&file);
+    let mut thawed = blk::thaw(&file);
     for _ in 0..3 {
         if thawed.is_ok() {
             break;
         }
-        thawed = freeze_or_thaw::<FITHAW>(&file);
+        thawed = blk::thaw(&file);
     }
     thawed.map_err(fail("FITHAW"))?;
     Ok(Checkpointed::Freeze)
@@ -100,21 +78,6 @@ pub fn checkpoint(path: &Path) -> Result<Checkpointed, CheckpointError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ioctl_numbers_match_the_kernel_abi() {
-        let ioc = |dir: u64, ty: u8, nr: u64, size: usize| {
-            (dir << 30 | (size as u64) << 16 | u64::from(ty) << 8 | nr) as Opcode
-        };
-        assert_eq!(EXT4_IOC_CHECKPOINT, ioc(1, b'f', 43, 4));
-        assert_eq!(FIFREEZE, ioc(3, b'X', 119, 4));
-        assert_eq!(FITHAW, ioc(3, b'X', 120, 4));
-        // The values linux/ext4.h and linux/fs.h expand to on x86_64.
-        assert_eq!(
-            [EXT4_IOC_CHECKPOINT, FIFREEZE, FITHAW],
-            [0x4004_662b, 0xc004_5877, 0xc004_5878]
-        );
-    }
 
     #[test]
     fn errors_name_the_path() {
