@@ -16,7 +16,10 @@ use crate::modules::{self, ModuleIndex};
 use crate::plan::{self, Action, Candidate, ImageStatus, Inventory, SYSROOT};
 use crate::probe;
 use crate::stages;
-use crate::sys::{fsutil, log, loopdev, mount};
+use crate::sys::fsutil::{self, FsError};
+use crate::sys::log;
+use crate::sys::loopdev::{self, LoopError};
+use crate::sys::mount::{self, MountError};
 use crate::{debug, error, info, warn};
 
 /// Modules every Kairos boot needs whatever the hardware: images are loop-mounted ext4 or
@@ -97,9 +100,62 @@ fn timeline_json() -> String {
     s
 }
 
+/// What stopped the boot, or one of its actions; each says the path, device or parameter.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Loop(#[from] LoopError),
+    #[error("no bootable image")]
+    NoBootableImage,
+    /// The image mounted but holds none of the programs to hand off to.
+    #[error("{image} has no init to hand off to ({HANDOFF:?} and rd.kairos.init)")]
+    NoInit { image: String },
+    #[error("no program to hand off to in {chosen} (tried rd.kairos.init and {HANDOFF:?})")]
+    NoHandoff { chosen: String },
+    /// `path` leads through `link` (a symlink to `to`); paths are shown without /sysroot.
+    #[error("refusing {path}: {link} is a symlink (to {}); it could lead outside the root", to.display())]
+    Symlink {
+        path: String,
+        link: String,
+        to: PathBuf,
+    },
+    #[error("write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("chdir {dir}: {source}")]
+    Chdir {
+        dir: &'static str,
+        source: std::io::Error,
+    },
+    #[error("chroot: {0}")]
+    Chroot(rustix::io::Errno),
+    #[error("exec {prog}: {source}")]
+    Exec {
+        prog: String,
+        source: std::io::Error,
+    },
+    #[error("switch_root: {0}")]
+    SwitchRoot(Box<BootError>),
+    #[error("rd.kairos.debug: no shell in this initramfs (looked for {})", SHELLS.join(", "))]
+    NoShell,
+    #[error("rd.kairos.debug: /dev/console: {0}")]
+    Console(std::io::Error),
+    #[error("rd.kairos.debug: {shell}: {source}")]
+    Shell {
+        shell: &'static str,
+        source: std::io::Error,
+    },
+}
+
 /// Why the boot stopped, and how long to show it before rebooting.
 pub struct Failure {
-    pub reason: String,
+    pub reason: BootError,
     pub reboot_delay: Duration,
     /// `rd.kairos.debug` (or `rd.cos.debug`) was given: offer a shell before rebooting.
     pub debug_shell: bool,
@@ -111,22 +167,19 @@ pub const SHELLS: &[&str] = &["/bin/sh", "/usr/bin/sh", "/bin/bash", "/bin/busyb
 /// Under `rd.kairos.debug` only: run the initramfs's shell on the console and wait for it to
 /// exit. Without that parameter no shell is ever started, whatever the initramfs holds, so a
 /// failed boot cannot be turned into a root prompt by someone at the console.
-pub fn debug_shell() -> Result<(), String> {
-    let Some(sh) = SHELLS
+pub fn debug_shell() -> Result<(), BootError> {
+    let Some(&sh) = SHELLS
         .iter()
         .find(|p| fsutil::executable_in_root(Path::new("/"), p))
     else {
-        return Err(format!(
-            "rd.kairos.debug: no shell in this initramfs (looked for {})",
-            SHELLS.join(", ")
-        ));
+        return Err(BootError::NoShell);
     };
     let console = |_| {
         std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open("/dev/console")
-            .map_err(|e| format!("rd.kairos.debug: /dev/console: {e}"))
+            .map_err(BootError::Console)
     };
     let mut cmd = std::process::Command::new(sh);
     if sh.ends_with("busybox") {
@@ -141,7 +194,7 @@ pub fn debug_shell() -> Result<(), String> {
     warn!("rd.kairos.debug: starting {sh} on the console; the machine reboots when it exits");
     let status = cmd
         .status()
-        .map_err(|e| format!("rd.kairos.debug: {sh}: {e}"))?;
+        .map_err(|source| BootError::Shell { shell: sh, source })?;
     info!("rd.kairos.debug: {sh} exited ({status})");
     Ok(())
 }
@@ -163,7 +216,7 @@ pub fn run() -> Failure {
     for w in &warnings {
         warn!("{w}");
     }
-    let fail = |reason: String| Failure {
+    let fail = |reason: BootError| Failure {
         reason,
         reboot_delay: req.reboot_delay,
         debug_shell: req.debug,
@@ -197,7 +250,7 @@ pub fn run() -> Failure {
         mount_root(&req, &cands, &mut devices, first_found, &mut loader)
     });
     let Some(chosen) = chosen else {
-        return fail("no bootable image".into());
+        return fail(BootError::NoBootableImage);
     };
     // OEM may come late (rd.cos.oemtimeout); give it that long, but only when it is missing.
     if chosen.mode != BootMode::Live && blockdev::find_by_label(&devices, &req.oem_label).is_none()
@@ -237,16 +290,16 @@ pub fn run() -> Failure {
     step("stage initramfs", || run_stage("initramfs"));
     unmount_unused_sources(&chosen);
     let Some(prog) = handoff_program(&req) else {
-        return fail(format!(
-            "no program to hand off to in {chosen} (tried rd.kairos.init and {HANDOFF:?})"
-        ));
+        return fail(BootError::NoHandoff {
+            chosen: chosen.to_string(),
+        });
     };
     let _ = fsutil::mkdir_p(Path::new("/run/kairos"));
     let _ = std::fs::write("/run/kairos/boot-image", format!("{chosen}\n"));
     info!("switch_root to {} ({chosen}), exec {prog}", SYSROOT);
     match switch_root(&prog) {
         Ok(never) => match never {},
-        Err(e) => fail(format!("switch_root: {e}")),
+        Err(e) => fail(BootError::SwitchRoot(Box::new(e))),
     }
 }
 
@@ -654,27 +707,26 @@ fn mount_root(
                 return Some(c);
             }
             Err(why) => {
-                inv.set(&c, ImageStatus::Failed(why));
+                inv.set(&c, ImageStatus::Failed(why.to_string()));
             }
         }
     }
 }
 
-fn mount_image(req: &BootRequest, c: &Candidate, fstype: probe::FsType) -> Result<(), String> {
+fn mount_image(req: &BootRequest, c: &Candidate, fstype: probe::FsType) -> Result<(), BootError> {
     let file = PathBuf::from(format!("{}{}", c.source_mountpoint(), c.image));
     let ro = !req.debugrw;
     let sysroot = Path::new(SYSROOT);
-    fsutil::mkdir_p(sysroot).map_err(|e| e.to_string())?;
-    let lo = loopdev::attach(Path::new("/dev"), &file, ro).map_err(|e| e.to_string())?;
-    mount::device(&lo.path, sysroot, fstype.mount_type(), ro).map_err(|e| e.to_string())?;
+    fsutil::mkdir_p(sysroot)?;
+    let lo = loopdev::attach(Path::new("/dev"), &file, ro)?;
+    mount::device(&lo.path, sysroot, fstype.mount_type(), ro)?;
     drop(lo); // the mount holds the device now; AUTOCLEAR frees it on umount
     // An image that mounts but cannot start is no better than a missing one.
     if handoff_program(req).is_none() {
         let _ = mount::unmount(sysroot, false);
-        return Err(format!(
-            "{} has no init to hand off to ({HANDOFF:?} and rd.kairos.init)",
-            c.image
-        ));
+        return Err(BootError::NoInit {
+            image: c.image.clone(),
+        });
     }
     let _ = std::fs::write("/run/kairos-root-fs", fstype.name());
     Ok(())
@@ -858,25 +910,23 @@ fn written_paths(a: &Action) -> Vec<&str> {
     }
 }
 
-fn execute(a: &Action, fstab: &mut String) -> Result<(), String> {
-    let s = |e: &dyn std::fmt::Display| e.to_string();
+fn execute(a: &Action, fstab: &mut String) -> Result<(), BootError> {
     // A symlink in the image or on COS_PERSISTENT must not redirect a mount or a copy outside
     // the new root: the kernel would resolve it against the initramfs.
     for p in written_paths(a) {
         if let Some((link, to)) = fsutil::symlink_below(Path::new(SYSROOT), Path::new(p)) {
-            return Err(format!(
-                "refusing {}: {} is a symlink (to {}); it could lead outside the root",
-                strip(p),
-                strip(&link.to_string_lossy()),
-                to.display()
-            ));
+            return Err(BootError::Symlink {
+                path: strip(p).to_string(),
+                link: strip(&link.to_string_lossy()).to_string(),
+                to,
+            });
         }
     }
     match a {
-        Action::Mkdir { path } => fsutil::mkdir_p(Path::new(path)).map_err(|e| s(&e)),
+        Action::Mkdir { path } => Ok(fsutil::mkdir_p(Path::new(path))?),
         Action::Tmpfs { target, size } => {
-            fsutil::mkdir_p(Path::new(target)).map_err(|e| s(&e))?;
-            mount::tmpfs(Path::new(target), size, "0755").map_err(|e| s(&e))?;
+            fsutil::mkdir_p(Path::new(target))?;
+            mount::tmpfs(Path::new(target), size, "0755")?;
             let _ = writeln!(
                 fstab,
                 "tmpfs {} tmpfs defaults,size={size} 0 0",
@@ -890,8 +940,7 @@ fn execute(a: &Action, fstab: &mut String) -> Result<(), String> {
             fstype,
             readonly,
         } => {
-            mount::device(Path::new(device), Path::new(target), fstype, *readonly)
-                .map_err(|e| s(&e))?;
+            mount::device(Path::new(device), Path::new(target), fstype, *readonly)?;
             info!(
                 "mounted {device} at {target} ({})",
                 if *readonly { "ro" } else { "rw" }
@@ -917,13 +966,12 @@ fn execute(a: &Action, fstab: &mut String) -> Result<(), String> {
                 "overlay",
                 MountFlags::empty(),
                 &data,
-            )
-            .map_err(|e| s(&e))?;
+            )?;
             let _ = writeln!(fstab, "overlay {} overlay {data} 0 0", strip(target));
             Ok(())
         }
         Action::Bind { source, target } => {
-            mount::bind(Path::new(source), Path::new(target)).map_err(|e| s(&e))?;
+            mount::bind(Path::new(source), Path::new(target))?;
             let _ = writeln!(
                 fstab,
                 "{} {} none defaults,bind 0 0",
@@ -946,7 +994,10 @@ fn execute(a: &Action, fstab: &mut String) -> Result<(), String> {
             Ok(())
         }
         Action::WriteFile { path, contents } => {
-            std::fs::write(path, contents).map_err(|e| format!("write {path}: {e}"))
+            std::fs::write(path, contents).map_err(|source| BootError::Write {
+                path: path.clone(),
+                source,
+            })
         }
     }
 }
@@ -964,7 +1015,7 @@ fn unmount_unused_sources(chosen: &Candidate) {
     }
 }
 
-fn switch_root(prog: &str) -> Result<std::convert::Infallible, String> {
+fn switch_root(prog: &str) -> Result<std::convert::Infallible, BootError> {
     let start = uptime_ms();
     let new = Path::new(SYSROOT);
     for m in ["/dev", "/proc", "/sys", "/run"] {
@@ -977,13 +1028,16 @@ fn switch_root(prog: &str) -> Result<std::convert::Infallible, String> {
             let _ = mount::unmount(Path::new(m), true);
             continue;
         }
-        mount::move_mount(Path::new(m), &target).map_err(|e| e.to_string())?;
+        mount::move_mount(Path::new(m), &target)?;
     }
-    std::env::set_current_dir(new).map_err(|e| format!("chdir {SYSROOT}: {e}"))?;
+    let chdir = |dir: &'static str| {
+        std::env::set_current_dir(dir).map_err(|source| BootError::Chdir { dir, source })
+    };
+    chdir(SYSROOT)?;
     let freed = fsutil::free_initramfs(Path::new("/"), new);
-    mount::move_mount(new, Path::new("/")).map_err(|e| e.to_string())?;
-    rustix::process::chroot(".").map_err(|e| format!("chroot: {e}"))?;
-    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    mount::move_mount(new, Path::new("/"))?;
+    rustix::process::chroot(".").map_err(BootError::Chroot)?;
+    chdir("/")?;
     record("switch_root".into(), None, start, uptime_ms() - start);
     // /run is the image's /run now; userland and `kairos-agent state` read the timeline there.
     let _ = std::fs::write("/run/kairos/boot-timeline.json", timeline_json());
@@ -994,7 +1048,10 @@ fn switch_root(prog: &str) -> Result<std::convert::Infallible, String> {
     );
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(prog).exec();
-    Err(format!("exec {prog}: {err}"))
+    Err(BootError::Exec {
+        prog: prog.to_string(),
+        source: err,
+    })
 }
 
 /// VmHWM of this process, for the size-first claim: how much memory the init itself needed.

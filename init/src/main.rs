@@ -40,10 +40,10 @@ fn main() {
     }));
     let failure = kairos_init::boot::run();
     if failure.debug_shell {
-        log::fatal(&failure.reason);
+        log::fatal(&failure.reason.to_string());
         if let Err(e) = kairos_init::boot::debug_shell() {
-            log::fatal(&e);
+            log::fatal(&e.to_string());
         }
     }
-    emergency(&failure.reason, failure.reboot_delay);
+    emergency(&failure.reason.to_string(), failure.reboot_delay);
 }
