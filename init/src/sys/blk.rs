@@ -57,8 +57,8 @@ struct BlkpgArg {
 
 /// The size in bytes of the block device open as `dev` (BLKGETSIZE64).
 pub fn size_bytes(dev: impl AsFd) -> io::Result<u64> {
-    // SAFETY: BLKGETSIZE64 is _IOR(0x12, 114, size_t) and writes one u64 (size_t is 64 bits
-    // wide wherever the kernel defines it so) into the Getter's own buffer.
+    // SAFETY: BLKGETSIZE64 (declared _IOR(0x12, 114, size_t)) writes one u64 (put_u64 in
+    // block/ioctl.c, whatever size_t is) into the Getter's own u64 buffer.
     Ok(unsafe { ioctl(dev, Getter::<BLKGETSIZE64, u64>::new()) }?)
 }
 
