@@ -578,7 +578,7 @@ fn find_persistent(ctx: &Ctx) -> Option<(PathBuf, Option<PathBuf>)> {
     })?;
     let mounts = std::fs::read_to_string(ctx.path("/proc/self/mounts")).unwrap_or_default();
     let canon = std::fs::canonicalize(&dev.devnode).unwrap_or_else(|_| dev.devnode.clone());
-    let at = crate::state::parse_mounts(&mounts)
+    let at = kairos_init::mountinfo::parse_mounts(&mounts)
         .into_iter()
         .filter(|(source, _)| {
             let s = Path::new(source);
@@ -919,9 +919,9 @@ pub fn reset(
         .iter()
         .any(|p| target.dir.join(p).is_file())
     {
-        let cfg = target.dir.join("grub2/grub.cfg");
-        std::fs::create_dir_all(target.dir.join("grub2"))
-            .at(&target.dir.join("grub2"), "creating")?;
+        let grub2 = target.dir.join(kairos_init::grubcfg::GRUB_DIR);
+        let cfg = grub2.join("grub.cfg");
+        std::fs::create_dir_all(&grub2).at(&grub2, "creating")?;
         std::fs::write(
             &cfg,
             kairos_init::grubcfg::grub_cfg(&kairos_init::grubcfg::GrubCfgOptions::default()),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use kairos_init::sys::blk::{BLKPG_ADD_PARTITION, BLKPG_DEL_PARTITION, blkpg};
 
 use kairos_init::labels;
+use kairos_init::mountinfo::{self, parse_majmin};
 
 use super::InstallError;
 use crate::Ctx;
@@ -35,34 +36,6 @@ pub fn partition_name(disk: &str, n: u32) -> String {
     }
 }
 
-fn parse_majmin(s: &str) -> Option<(u32, u32)> {
-    let (a, b) = s.trim().split_once(':')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
-}
-
-/// A mount table path with its octal escapes (`\040` for a space) decoded.
-fn unescape(s: &str) -> String {
-    let mut out = Vec::new();
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        let oct = b
-            .get(i + 1..i + 4)
-            .filter(|d| b[i] == b'\\' && d.iter().all(|x| (b'0'..=b'7').contains(x)));
-        match oct.map(|d| d.iter().fold(0u32, |n, x| n * 8 + u32::from(x - b'0'))) {
-            Some(v) if v < 256 => {
-                out.push(v as u8);
-                i += 4;
-            }
-            _ => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// What in `mountinfo` (/proc/self/mountinfo) and `swaps` (/proc/swaps) uses one of `nodes`
 /// (name, major, minor): one description per use, empty when the disk is free.
 pub fn uses(mountinfo: &str, swaps: &str, nodes: &[(String, u32, u32)]) -> Vec<String> {
@@ -72,23 +45,16 @@ pub fn uses(mountinfo: &str, swaps: &str, nodes: &[(String, u32, u32)]) -> Vec<S
     };
     // (device, first mount point, how many more): bind mounts repeat a device many times.
     let mut mounted: Vec<(String, String, usize)> = Vec::new();
-    for line in mountinfo.lines() {
-        let f: Vec<&str> = line.split_ascii_whitespace().collect();
-        let Some(dash) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        let (Some(majmin), Some(point)) = (f.get(2), f.get(4)) else {
-            continue;
-        };
-        let source = f.get(dash + 2).copied().unwrap_or("");
-        let hit = parse_majmin(majmin)
+    for m in mountinfo::parse(mountinfo) {
+        let hit = m
+            .device
             .and_then(|(ma, mi)| nodes.iter().find(|(_, a, b)| (*a, *b) == (ma, mi)))
             .map(|(n, _, _)| format!("/dev/{n}"))
-            .or_else(|| by_name(source).then(|| source.to_string()));
+            .or_else(|| by_name(&m.source).then(|| m.source.clone()));
         if let Some(dev) = hit {
             match mounted.iter_mut().find(|(d, _, _)| *d == dev) {
-                Some(m) => m.2 += 1,
-                None => mounted.push((dev, unescape(point), 0)),
+                Some(e) => e.2 += 1,
+                None => mounted.push((dev, m.mountpoint, 0)),
             }
         }
     }
@@ -366,18 +332,6 @@ fn loop_backing_disk<'a>(sys: &Path, disks: &'a [SysDisk], name: &str) -> Option
     None
 }
 
-/// The mount source's device of `point` in a mountinfo text.
-fn mounted_at(mountinfo: &str, point: &str) -> Option<((u32, u32), String)> {
-    mountinfo.lines().find_map(|line| {
-        let f: Vec<&str> = line.split_ascii_whitespace().collect();
-        let dash = f.iter().position(|x| *x == "-")?;
-        if unescape(f.get(4)?) != point {
-            return None;
-        }
-        Some((parse_majmin(f.get(2)?)?, f.get(dash + 2)?.to_string()))
-    })
-}
-
 /// The whole disks under `ctx`'s /sys/block that could be install targets, with why each
 /// cannot be (busy: the live medium, mounted, swap, backing a loop device), whether it is
 /// removable, and the Kairos labels on it (read from the superblocks under `ctx`'s /dev, or
@@ -388,7 +342,9 @@ pub fn candidates(ctx: &Ctx, mountinfo: &str, swaps: &str) -> Vec<Candidate> {
     let disks = sys_disks(&sys);
     // The live medium: what is mounted at /run/initramfs/live, through a loop device when
     // the medium is an image file.
-    let live = mounted_at(mountinfo, LIVE_MOUNT).and_then(|(mm, src)| {
+    let table = mountinfo::parse(mountinfo);
+    let live = mountinfo::mounted_at(&table, LIVE_MOUNT).and_then(|m| {
+        let (mm, src) = (m.device?, m.source.clone());
         let d = owner(&disks, mm)?;
         let d = if d.name.starts_with("loop") {
             loop_backing_disk(&sys, &disks, &d.name)?

@@ -30,7 +30,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use kairos_init::grubbios::{self, GrubBiosError};
-use kairos_init::grubcfg::{GrubCfgOptions, grub_cfg};
+use kairos_init::grubcfg::{
+    self, EXT4_FEATURES_GRUB_CANNOT_READ, GRUB_DIR, GrubCfgOptions, grub_cfg,
+};
 use kairos_init::grubenv::{self, DEFAULT_MAX_TRIES, GrubEnv, var};
 use kairos_init::labels;
 use kairos_util::{IoError, IoResultExt, run_tool};
@@ -196,10 +198,7 @@ pub fn part_number(parts: &[Part], name: &str) -> Option<u32> {
 /// The GRUB prefix baked into core.img: COS_STATE's grub2 directory on the disk the BIOS
 /// loaded GRUB from (partition 4, or 5 behind a hybrid disk's ESP).
 pub fn grub_prefix(parts: &[Part]) -> String {
-    format!(
-        "(hd0,gpt{})/grub2",
-        part_number(parts, "state").unwrap_or(4)
-    )
+    grubcfg::grub_prefix(part_number(parts, "state").unwrap_or(4))
 }
 
 /// One line per step: a progress bar redrawn in place on a terminal, `install: ...` lines
@@ -260,16 +259,24 @@ impl Progress {
 /// blocks even on a small partition (mke2fs would pick 1 KiB below 512 MiB), because a
 /// built disk's 64 MiB COS_PERSISTENT is grown to the device's size on first boot.
 fn mkfs_partition(dev: &Path, label: &str) -> Result<(), InstallError> {
-    let attempt = |off: Option<&str>| {
+    let off = |features: &[&str]| {
+        features
+            .iter()
+            .map(|f| format!("^{f}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let attempt = |off: Option<String>| {
         let mut c = Command::new("mkfs.ext4");
         c.args(["-q", "-F", "-T", "default", "-L", label]);
         if let Some(o) = off {
-            c.args(["-O", o]);
+            c.arg("-O").arg(o);
         }
         run_tool(c.arg(dev)).map(drop)
     };
-    attempt(Some("^metadata_csum_seed,^orphan_file")).or_else(|first| {
-        attempt(Some("^metadata_csum_seed"))
+    let all = EXT4_FEATURES_GRUB_CANNOT_READ;
+    attempt(Some(off(all))).or_else(|first| {
+        attempt(Some(off(&all[..1])))
             .or_else(|_| attempt(None))
             .map_err(|_| first)
     })?;
@@ -917,7 +924,7 @@ pub fn write_boot_files(
     config: Option<&Path>,
     history: &str,
 ) -> Result<(), InstallError> {
-    let grub2 = t.state.join("grub2");
+    let grub2 = t.state.join(GRUB_DIR);
     std::fs::create_dir_all(&grub2).at(&grub2, "creating")?;
     let cfg = grub2.join("grub.cfg");
     std::fs::write(&cfg, grub_cfg(&GrubCfgOptions::default())).at(&cfg, "writing")?;

@@ -16,9 +16,17 @@ const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
 const INODE_SIZE: u64 = 256;
 
-/// ext4 features GRUB 2.06 cannot read (it loads the kernel from inside the image), and the
-/// journal, which a read-only image never uses.
-const EXT4_OFF: &[&str] = &["has_journal", "metadata_csum_seed", "orphan_file"];
+/// The journal, which a read-only image never uses, and the ext4 features GRUB 2.06 cannot
+/// read (it loads the kernel from inside the image).
+fn ext4_off() -> Vec<&'static str> {
+    std::iter::once("has_journal")
+        .chain(
+            kairos_init::grubcfg::EXT4_FEATURES_GRUB_CANNOT_READ
+                .iter()
+                .copied(),
+        )
+        .collect()
+}
 
 /// What a tree holds, as an ext4 image will store it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -133,9 +141,10 @@ pub fn mkfs_ext4(
         run_tool(&mut cmd)?;
         Ok(())
     };
-    let built = match attempt(EXT4_OFF) {
+    let off = ext4_off();
+    let built = match attempt(&off) {
         // An older mke2fs rejects feature names it does not know; the journal it knows.
-        Err(first) if retry_without_features(&first) => attempt(&EXT4_OFF[..1]).map_err(|_| first),
+        Err(first) if retry_without_features(&first) => attempt(&off[..1]).map_err(|_| first),
         other => other,
     }
     .and_then(|()| sync_file(img));

@@ -74,7 +74,7 @@ impl Drop for Target {
 
 /// (mount point, options) of each line of a mounts table, octal escapes decoded.
 pub fn mount_options(text: &str) -> Vec<(String, String)> {
-    let points = crate::state::parse_mounts(text);
+    let points = kairos_init::mountinfo::parse_mounts(text);
     text.lines()
         .zip(points)
         .filter_map(|(l, (_, target))| {

@@ -249,21 +249,15 @@ pub fn detect_booted(ctx: &Ctx) -> Option<Booted> {
     booted_from_cmdline(&cmdline)
 }
 
-/// SPEC §2's order: `kairos.reset`, `COS_ACTIVE`, `COS_PASSIVE`, then the recovery markers.
+/// The slot kairos-init booted, by its own derivation of the mode (SPEC §2's markers); a live
+/// system (or no marker) booted no slot.
 pub fn booted_from_cmdline(cmdline: &str) -> Option<Booted> {
-    if cmdline.contains("kairos.reset") {
-        Some(Booted::Recovery)
-    } else if cmdline.contains("COS_ACTIVE") {
-        Some(Booted::Active)
-    } else if cmdline.contains("COS_PASSIVE") {
-        Some(Booted::Passive)
-    } else if ["COS_RECOVERY", "COS_SYSTEM", "recovery-mode"]
-        .iter()
-        .any(|m| cmdline.contains(m))
-    {
-        Some(Booted::Recovery)
-    } else {
-        None
+    use kairos_init::cmdline::BootMode;
+    match kairos_init::cmdline::boot_mode(cmdline)? {
+        BootMode::Active => Some(Booted::Active),
+        BootMode::Passive => Some(Booted::Passive),
+        BootMode::Recovery => Some(Booted::Recovery),
+        BootMode::Live => None,
     }
 }
 

@@ -234,10 +234,10 @@ pub fn ext_uuid(p: &Path) -> Option<String> {
 }
 
 /// The device mounted at `/` in `mounts` (`/proc/self/mounts`, read by the agent's one
-/// mount-table parser, `state::parse_mounts`): the last entry wins, as later mounts hide
+/// mount-table parser, `kairos_init::mountinfo`): the last entry wins, as later mounts hide
 /// earlier ones.
 pub fn root_device(mounts: &str) -> Option<String> {
-    crate::state::parse_mounts(mounts)
+    kairos_init::mountinfo::parse_mounts(mounts)
         .into_iter()
         .filter(|(_, mnt)| mnt == "/")
         .map(|(dev, _)| dev)
