@@ -360,10 +360,29 @@ pub fn plan_oem(
 /// volume from the command line (`rd.cos.mount`) is mounted read-only.
 pub fn plan_system(inp: &SystemInputs<'_>) -> SystemPlan {
     let mut plan = SystemPlan::default();
+    plan_overlay_store(&mut plan, inp);
+    plan_rw_overlays(&mut plan, inp);
+    // COS_OEM is mounted ahead of the rest when the rootfs stage needs it (see `plan_oem`).
+    if !inp.oem_mounted {
+        match plan_oem(inp.req, inp.mode, inp.devices) {
+            Ok(Some(a)) => {
+                plan.push(a, false);
+            }
+            Ok(None) => {}
+            Err(w) => plan.warnings.push(w),
+        }
+    }
+    let state = plan_volumes(&mut plan, inp);
+    plan_persistent(&mut plan, inp, state);
+    plan_sentinel(&mut plan, inp);
+    plan
+}
+
+/// Overlay backing store at [`OVERLAY_DIR`]: the command line wins over the layout file; a
+/// live boot and a missing device fall back to tmpfs:25%.
+fn plan_overlay_store(plan: &mut SystemPlan, inp: &SystemInputs<'_>) {
     let layout = inp.layout;
     let live = inp.mode == BootMode::Live;
-
-    // Overlay backing store: the command line wins over the layout file.
     let mut overlay = inp
         .req
         .overlay
@@ -412,7 +431,11 @@ pub fn plan_system(inp: &SystemInputs<'_>) -> SystemPlan {
             }
         },
     }
+}
 
+/// An overlay on each RW path (and custom ephemeral mount) the image has as a directory.
+fn plan_rw_overlays(plan: &mut SystemPlan, inp: &SystemInputs<'_>) {
+    let layout = inp.layout;
     let mut rw: Vec<String> = layout.rw_paths.clone();
     rw.extend(layout.custom_ephemeral_mounts.iter().cloned());
     let mut done_rw = Vec::new();
@@ -454,18 +477,20 @@ pub fn plan_system(inp: &SystemInputs<'_>) -> SystemPlan {
         );
         done_rw.push(p);
     }
+}
 
-    // COS_OEM is mounted ahead of the rest when the rootfs stage needs it (see `plan_oem`).
-    if !inp.oem_mounted {
-        match plan_oem(inp.req, inp.mode, inp.devices) {
-            Ok(Some(a)) => {
-                plan.push(a, false);
-            }
-            Ok(None) => {}
-            Err(w) => plan.warnings.push(w),
-        }
-    }
+/// Where the persistent state paths go, as [`plan_volumes`] left it: the target directory,
+/// and whether a mounted volume (or its tmpfs stand-in) holds it.
+struct StateTarget {
+    target: String,
+    ok: bool,
+}
 
+/// The layout's VOLUMES (none on a live boot) and the command line's extra mounts; only
+/// COS_PERSISTENT is writable.
+fn plan_volumes(plan: &mut SystemPlan, inp: &SystemInputs<'_>) -> StateTarget {
+    let layout = inp.layout;
+    let live = inp.mode == BootMode::Live;
     let mut volumes: Vec<(String, String)> = layout
         .volumes
         .iter()
@@ -529,7 +554,21 @@ pub fn plan_system(inp: &SystemInputs<'_>) -> SystemPlan {
                 .push(format!("volume {spec} not found: {mnt} not mounted")),
         }
     }
+    StateTarget {
+        target: state_target,
+        ok: state_ok,
+    }
+}
 
+/// The persistent state paths (none on a live boot), shallow first: each gets a `<p>.bind`
+/// store under the state target, filled from the image, and is bound from it.
+fn plan_persistent(plan: &mut SystemPlan, inp: &SystemInputs<'_>, state: StateTarget) {
+    let layout = inp.layout;
+    let live = inp.mode == BootMode::Live;
+    let StateTarget {
+        target: state_target,
+        ok: state_ok,
+    } = state;
     let mut persist: Vec<String> = layout.persistent_state_paths.clone();
     persist.extend(layout.custom_bind_mounts.iter().cloned());
     if live && !persist.is_empty() {
@@ -589,7 +628,10 @@ pub fn plan_system(inp: &SystemInputs<'_>) -> SystemPlan {
             prev,
         );
     }
+}
 
+/// `/run/cos/<mode>_mode`, the sentinel the image's services read.
+fn plan_sentinel(plan: &mut SystemPlan, inp: &SystemInputs<'_>) {
     plan.push(
         Action::Mkdir {
             path: "/run/cos".into(),
@@ -603,7 +645,6 @@ pub fn plan_system(inp: &SystemInputs<'_>) -> SystemPlan {
         },
         true,
     );
-    plan
 }
 
 fn sentinel_name(mode: BootMode, reset: bool) -> &'static str {
