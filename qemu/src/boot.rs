@@ -374,18 +374,12 @@ mod tests {
     /// proves the QEMU plumbing (serial file, markers, kill) works.
     #[test]
     fn boots_kernel_to_root_panic() {
-        let Some(kernel) =
-            crate::kernel::cached(&crate::kernel::default_cache_dir().join("kernel"))
-        else {
-            eprintln!(
-                "skipping boots_kernel_to_root_panic: no cached kernel (run `kairos-qemu kernel`)"
-            );
-            return;
-        };
-        if !apt::is_installed("qemu-system-x86") {
-            eprintln!("skipping boots_kernel_to_root_panic: qemu-system-x86 not installed");
-            return;
-        }
+        let kernel = crate::kernel::cached(&crate::kernel::default_cache_dir().join("kernel"))
+            .expect("needs the cached kernel: run `kairos-qemu kernel` (or `kairos-qemu setup`)");
+        assert!(
+            apt::is_installed("qemu-system-x86"),
+            "needs qemu-system-x86 (`kairos-qemu setup` installs it)"
+        );
         let dir = tempfile::tempdir().expect("tempdir");
         let mut spec = BootSpec::new(dir.path().join("serial.log"));
         spec.kernel = Some(kernel.vmlinuz);

@@ -134,10 +134,10 @@ mod tests {
 
     #[test]
     fn cfg_passes_grub_script_check() {
-        if !on_path("grub-script-check") {
-            eprintln!("skipping: grub-script-check missing (grub-common)");
-            return;
-        }
+        assert!(
+            on_path("grub-script-check"),
+            "needs grub-script-check (grub-common; `kairos-qemu setup` installs it)"
+        );
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("grub.cfg");
         fs::write(
@@ -161,10 +161,10 @@ mod tests {
 
     #[test]
     fn install_patches_mbr_and_blocklist() {
-        if !on_path("sgdisk") || !on_path("grub-mkimage") || !Path::new(GRUB_I386_PC_DIR).exists() {
-            eprintln!("skipping: sgdisk or grub-pc-bin missing");
-            return;
-        }
+        assert!(
+            on_path("sgdisk") && on_path("grub-mkimage") && Path::new(GRUB_I386_PC_DIR).exists(),
+            "needs sgdisk (gdisk) and grub-pc-bin (`kairos-qemu setup` installs them)"
+        );
         let tmp = tempfile::tempdir().unwrap();
         let disk = tmp.path().join("d.img");
         fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
@@ -198,7 +198,8 @@ mod tests {
         assert!(err.to_string().contains("BIOS boot"), "{err}");
     }
 
-    fn grub_tests_ready() -> bool {
+    /// Without these the test fails and says which (it never passes without having run).
+    fn grub_tests_ready() {
         let tools = [
             "sgdisk",
             "grub-mkimage",
@@ -209,12 +210,10 @@ mod tests {
         let ok = tools.iter().all(|t| on_path(t))
             && Path::new(GRUB_I386_PC_DIR).exists()
             && crate::apt::is_installed("qemu-system-x86");
-        if !ok {
-            eprintln!(
-                "skipping: needs qemu-system-x86, gdisk, grub-pc-bin, grub-common, e2fsprogs"
-            );
-        }
-        ok
+        assert!(
+            ok,
+            "needs qemu-system-x86, gdisk, grub-pc-bin, grub-common, e2fsprogs (`kairos-qemu setup` installs them)"
+        );
     }
 
     /// A disk with a BIOS boot partition and one 8 MiB ext4 partition per
@@ -494,9 +493,7 @@ mod tests {
     /// grubenv, then reads each block back to see what GRUB saved.
     #[test]
     fn decisions_in_real_grub() {
-        if !grub_tests_ready() {
-            return;
-        }
+        grub_tests_ready();
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let cases = decision_cases(dir);
@@ -580,9 +577,7 @@ mod tests {
     /// its reason, and the entry GRUB falls through to says `menu`.
     #[test]
     fn full_config_counts_and_falls_through_in_real_grub() {
-        if !grub_tests_ready() {
-            return;
-        }
+        grub_tests_ready();
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let oem = dir.join("oem");

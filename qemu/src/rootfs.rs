@@ -615,7 +615,8 @@ mod tests {
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
     }
 
-    fn tools_present() -> bool {
+    /// Without these the test fails and says which (it never passes without having run).
+    fn tools_present() {
         let ok = Path::new(HOST_BUSYBOX).exists()
             && [
                 "mkfs.ext4",
@@ -626,10 +627,10 @@ mod tests {
             ]
             .iter()
             .all(|t| have(t));
-        if !ok {
-            eprintln!("skipping: busybox-static, e2fsprogs or squashfs-tools missing");
-        }
-        ok
+        assert!(
+            ok,
+            "needs busybox-static, e2fsprogs and squashfs-tools (`kairos-qemu setup` installs them)"
+        );
     }
 
     fn sample_tree(dir: &Path, layout: Option<&str>) {
@@ -645,9 +646,7 @@ mod tests {
 
     #[test]
     fn tree_has_init_busybox_and_identity() {
-        if !tools_present() {
-            return;
-        }
+        tools_present();
         let tmp = tempfile::tempdir().unwrap();
         sample_tree(tmp.path(), None);
         let t = tmp.path().join("tree");
@@ -696,11 +695,11 @@ mod tests {
     }
 
     /// Asserts busybox `sh -n` accepts `script`; false (skip) when the host has no busybox.
-    fn sh_syntax_ok(script: &str) -> bool {
-        if !Path::new(HOST_BUSYBOX).exists() {
-            eprintln!("skipping: no {HOST_BUSYBOX}");
-            return false;
-        }
+    fn sh_syntax_ok(script: &str) {
+        assert!(
+            Path::new(HOST_BUSYBOX).exists(),
+            "needs {HOST_BUSYBOX} (busybox-static; `kairos-qemu setup` installs it)"
+        );
         let out = Command::new(HOST_BUSYBOX)
             .args(["sh", "-n", "-c", script])
             .output()
@@ -710,7 +709,6 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        true
     }
 
     #[test]
@@ -720,9 +718,7 @@ mod tests {
 
     #[test]
     fn k3s_standin_records_and_answers_readyz() {
-        if !sh_syntax_ok(K3S_STANDIN) {
-            return;
-        }
+        sh_syntax_ok(K3S_STANDIN);
         let tmp = tempfile::tempdir().unwrap();
         let script = tmp.path().join("k3s");
         write_file(&script, K3S_STANDIN.as_bytes(), 0o755).unwrap();
@@ -745,9 +741,7 @@ mod tests {
 
     #[test]
     fn init_binary_variant_keeps_the_script_aside() {
-        if !tools_present() {
-            return;
-        }
+        tools_present();
         let tmp = tempfile::tempdir().unwrap();
         sample_tree(tmp.path(), None);
         let t = tmp.path().join("tree");
@@ -770,9 +764,7 @@ mod tests {
 
     #[test]
     fn ext_images_are_grub_readable() {
-        if !tools_present() {
-            return;
-        }
+        tools_present();
         let tmp = tempfile::tempdir().unwrap();
         sample_tree(
             tmp.path(),
@@ -814,9 +806,7 @@ mod tests {
 
     #[test]
     fn squashfs_lists_tree() {
-        if !tools_present() {
-            return;
-        }
+        tools_present();
         let tmp = tempfile::tempdir().unwrap();
         sample_tree(tmp.path(), None);
         let out = tmp.path().join("r.squashfs");
@@ -851,9 +841,10 @@ mod tests {
         fs::write(&busybox, b"busybox").unwrap();
         fs::create_dir_all(tree.join("sbin")).unwrap();
         symlink("../bin/busybox", tree.join("sbin/mke2fs")).unwrap();
-        if !Path::new("/sbin/mke2fs").exists() {
-            return;
-        }
+        assert!(
+            Path::new("/sbin/mke2fs").exists(),
+            "needs /sbin/mke2fs (e2fsprogs; `kairos-qemu setup` installs it)"
+        );
         add_host_path(tree, Path::new("/sbin/mke2fs")).unwrap();
         assert_eq!(fs::read(&busybox).unwrap(), b"busybox");
         assert!(

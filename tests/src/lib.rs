@@ -66,12 +66,11 @@ pub fn run_ok(cmd: &mut Command) -> String {
 /// Boot tests need root (loop devices in the guest are fine, but building disks with GRUB and
 /// installing Debian packages is not). Without root the test fails and says why: a test that
 /// cannot run must never pass.
-pub fn can_run() -> bool {
+pub fn require_root() {
     assert!(
         rustix::process::geteuid().is_root(),
         "QEMU boot tests need root (they install packages and build disks): run them as root"
     );
-    true
 }
 
 /// The cargo profile the binaries for test images are built with: `KAIROS_TEST_PROFILE`

@@ -107,9 +107,7 @@ fn pid1_base_boot() -> &'static BootResult {
 
 #[test]
 fn pid1_busybox_applies_cloud_config() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let r = pid1_base_boot();
     assert_has(
         r,
@@ -144,9 +142,7 @@ fn pid1_busybox_applies_cloud_config() {
 
 #[test]
 fn state_json_matches_the_boot() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let r = pid1_base_boot();
     let raw = value(r, "state");
     let s: serde_json::Value = serde_json::from_str(raw.trim())
@@ -199,9 +195,7 @@ fn state_json_matches_the_boot() {
 
 #[test]
 fn debian_systemd_applies_cloud_config() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let cfg = base_config();
     let d = debian_disk("debian-config", &refs(&cfg), |_| {});
     let r = boot_until_off("debian-config", &d, 300);
@@ -229,9 +223,7 @@ say "k3s-alive $(kill -0 "$(cat $d/pid)" 2>/dev/null && echo yes || echo no)"
 
 #[test]
 fn k3s_server_is_supervised_with_the_configured_args() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let cfg = "#cloud-config\nk3s:\n  enabled: true\n  args:\n    - --disable=traefik\n    - --node-label kairos.io/test=yes\n  env:\n    K3S_KAIROS_TEST: \"1\"\n";
     let d = pid1_disk(
         "k3s-server",
@@ -265,9 +257,7 @@ fn k3s_server_is_supervised_with_the_configured_args() {
 
 #[test]
 fn k3s_agent_joins_with_server_url_and_token() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let cfg = "#cloud-config\nk3s-agent:\n  enabled: true\n  args:\n    - --node-name=edge-1\n  env:\n    K3S_URL: https://10.1.0.1:6443\n    K3S_TOKEN: kairos-test-token\n";
     // This boot ends with SIGINT to PID 1, what the kernel sends on ctrl-alt-del: a reboot
     // (which ends QEMU under -no-reboot) after the same clean shutdown.
@@ -295,9 +285,7 @@ fn k3s_agent_joins_with_server_url_and_token() {
 
 #[test]
 fn poweroff_signal_unmounts_persistent_cleanly() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     // Written right before the driver's SIGUSR2, never synced by the scenario: only PID 1's
     // shutdown (sync, unmount) gets it to the disk.
     let scenario = "if [ -f /usr/local/kairos-test-token ]; then say \"token $(cat /usr/local/kairos-test-token)\"; fi\necho \"token-$(cat /proc/sys/kernel/random/uuid)\" > /usr/local/kairos-test-token\nsay \"wrote $(cat /usr/local/kairos-test-token)\"\n";
@@ -333,9 +321,7 @@ fn poweroff_signal_unmounts_persistent_cleanly() {
 
 #[test]
 fn malformed_yaml_is_reported_and_the_rest_applied() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let good = "#cloud-config\nstages:\n  boot:\n    - name: good file\n      files:\n        - path: /etc/kairos-test/hello.txt\n          permissions: 0644\n          content: still applied\n      sysctl:\n        vm.swappiness: \"23\"\n";
     // Line 4 has a mapping where a sequence entry is open: a YAML syntax error.
     let broken = "#cloud-config\nstages:\n  boot:\n    - name: [unclosed\n      files: {\n";

@@ -25,7 +25,7 @@ use kairos_qemu::boot::{BootExit, BootResult, BootSpec};
 use kairos_tests::diskimg::{Mounted, part_by_name};
 use kairos_tests::registry::Registry;
 use kairos_tests::{
-    Bus, DRIVER_DONE, boots, build_init, can_run, cargo_build_bin, driver_value, grow_for_sd,
+    Bus, DRIVER_DONE, boots, build_init, cargo_build_bin, driver_value, grow_for_sd, require_root,
     work_dir,
 };
 
@@ -602,9 +602,7 @@ fn assert_refused(o: &Output, names: &[&str], out: &Path, what: &str) {
 /// No QEMU and no image: a source without a kernel, an unknown `--format`.
 #[test]
 fn bad_input_needing_no_image_is_named_and_writes_nothing() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let init = bins().init.to_str().expect("path");
     let t = tempfile::tempdir().expect("temp dir");
     let tree = t.path().join("no-kernel");
@@ -674,9 +672,7 @@ fn bad_input_needing_no_image_is_named_and_writes_nothing() {
 /// `--config` that cannot be read.
 #[test]
 fn bad_size_or_config_is_named_and_writes_nothing() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     images();
     let t = tempfile::tempdir().expect("temp dir");
     let disk = t.path().join("disk.raw");
@@ -725,9 +721,7 @@ fn bad_size_or_config_is_named_and_writes_nothing() {
 /// reboots (same QEMU, a reset) into v2 and powers off.
 #[test]
 fn qcow2_node_upgrades_from_the_registry_and_reboots_into_v2() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     // kairos-build converts with qemu-img; `kairos-qemu setup` installs it.
     kairos_qemu::apt::ensure_packages(&["qemu-utils"]).expect("qemu-utils");
     images();
@@ -834,9 +828,7 @@ fn qcow2_node_upgrades_from_the_registry_and_reboots_into_v2() {
 /// the file is still there). Both reach systemd with the agent's daemon and the config.
 #[test]
 fn raw_hybrid_boots_seabios_then_ovmf_and_grows_persistent_once() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     kairos_qemu::apt::ensure_packages(&["ovmf"]).expect("OVMF");
     let raw = raw();
     let disk = work_dir().join("artifacts-4x.raw");
@@ -888,9 +880,7 @@ fn raw_hybrid_boots_seabios_then_ovmf_and_grows_persistent_once() {
 /// GPT switched), then a GRUB boot must still reach the active image and finish the grow.
 #[test]
 fn raw_power_cut_during_the_grow_leaves_a_disk_that_boots_and_grows() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let raw = raw();
     let (_, before_last) = extent(&raw.path, raw.persistent);
     for point in ["grow-entries", "grow-gpt"] {
@@ -933,9 +923,7 @@ fn raw_power_cut_during_the_grow_leaves_a_disk_that_boots_and_grows() {
 /// directly: no firmware here boots from SD).
 #[test]
 fn raw_boots_from_usb_storage_and_from_an_sd_card() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let raw = raw();
     let usb = work_dir().join("artifacts-usb.raw");
     copy_disk(&raw.path, &usb, None);
@@ -976,9 +964,7 @@ fn raw_boots_from_usb_storage_and_from_an_sd_card() {
 /// The config given to every raw disk is what the OEM copy holds (read back on the host).
 #[test]
 fn raw_disk_carries_the_config_and_the_kairos_layout() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let raw = raw();
     let table = sgdisk(&["-p"], &raw.path);
     let names: Vec<&str> = table

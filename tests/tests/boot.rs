@@ -6,9 +6,7 @@ use kairos_tests::*;
 
 #[test]
 fn grub_boots_active_read_only() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = disk("grub-active", |_| {});
     let r = boot_grub("grub-active", &d, &[DONE]);
     assert_active_read_only(&r, "initramfs stage");
@@ -16,9 +14,7 @@ fn grub_boots_active_read_only() {
 
 #[test]
 fn overlay_is_ephemeral_and_persistent_survives_reboot() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = disk("persist", |_| {});
     let first = boot_direct("persist-1", &d, ACTIVE, &[DONE]);
     assert_has(&first, "KAIROS-TEST: absent /etc/kairos-test-overlay");
@@ -39,9 +35,7 @@ fn overlay_is_ephemeral_and_persistent_survives_reboot() {
 
 #[test]
 fn missing_active_falls_back_to_passive_in_the_same_boot() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = disk("no-active", |s| s.active = ImageState::Missing);
     let r = boot_direct("no-active", &d, ACTIVE, &[DONE]);
     assert_has(
@@ -56,9 +50,7 @@ fn missing_active_falls_back_to_passive_in_the_same_boot() {
 
 #[test]
 fn broken_active_and_passive_fall_back_to_recovery_squashfs() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = disk("broken-ab", |s| {
         s.active = ImageState::Zeros;
         s.passive = ImageState::Truncated;
@@ -80,9 +72,7 @@ fn broken_active_and_passive_fall_back_to_recovery_squashfs() {
 
 #[test]
 fn nothing_bootable_says_why_on_the_console_and_reboots() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = disk("nothing", |s| {
         s.active = ImageState::Missing;
         s.passive = ImageState::Zeros;
@@ -102,9 +92,7 @@ fn nothing_bootable_says_why_on_the_console_and_reboots() {
 
 #[test]
 fn missing_persistent_partition_boots_on_tmpfs_with_a_warning() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = disk("no-persistent", |s| s.persistent = false);
     let r = boot_direct("no-persistent", &d, ACTIVE, &[DONE]);
     assert_has(
@@ -118,9 +106,7 @@ fn missing_persistent_partition_boots_on_tmpfs_with_a_warning() {
 
 #[test]
 fn garbage_on_the_command_line_gives_named_warnings_and_still_boots() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = disk("garbage", |_| {});
     let garbage = concat!(
         "rd.kairos.timeout=abc rd.cos.oemtimeout=-1 rd.cos.overlay=bogus:1 cos-img/filename=relative.img ",
@@ -146,9 +132,7 @@ fn garbage_on_the_command_line_gives_named_warnings_and_still_boots() {
 
 #[test]
 fn recovery_entry_boots_the_squashfs() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = disk("recovery", |_| {});
     let r = boot_direct("recovery", &d, RECOVERY, &[DONE]);
     assert_has(&r, "starting: mode=recovery");
@@ -161,9 +145,7 @@ fn recovery_entry_boots_the_squashfs() {
 
 #[test]
 fn static_init_and_small_initramfs() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let a = artifacts();
     let out = std::process::Command::new("file")
         .arg(&a.init_binary)
@@ -189,9 +171,7 @@ fn static_init_and_small_initramfs() {
 /// against the modules' aliases, not from a list per machine.
 #[test]
 fn same_initramfs_boots_from_sata_and_nvme() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = disk("buses", |_| {});
     for (bus, driver, dev) in [
         (Bus::Sata, "ahci", "/dev/sda4"),
@@ -212,9 +192,7 @@ fn same_initramfs_boots_from_sata_and_nvme() {
 /// that enumerates after it, sd_mod for the SCSI disk usb_storage then creates.
 #[test]
 fn generic_initramfs_boots_from_usb_through_grub() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let initrd = generic_initramfs();
     let d = disk("usb", |s| s.initramfs = initrd.to_path_buf());
     let hello = "KAIROS-TEST: hello from image=active";
@@ -232,9 +210,7 @@ fn generic_initramfs_boots_from_usb_through_grub() {
 /// here reads SD): sdhci_pci for the controller, mmc_block for the card it finds.
 #[test]
 fn generic_initramfs_boots_from_sd() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let initrd = generic_initramfs();
     let d = disk("sd", |_| {});
     grow_for_sd(&d);

@@ -22,9 +22,7 @@ fn boots_active_read_only(name: &str, img: &std::path::Path, what: &str) {
 
 #[test]
 fn dracut_initramfs_boots_active_read_only() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let a = artifacts();
     let img = a.work.join("initramfs-dracut-kairos.img");
     let report = dracut::build(
@@ -79,9 +77,7 @@ fn dracut_initramfs_boots_active_read_only() {
 /// same way.
 #[test]
 fn dracut_add_form_boots_active_read_only() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let a = artifacts();
     let img = a.work.join("initramfs-dracut-add.img");
     let report = dracut::build(

@@ -109,9 +109,7 @@ fn figure(name: &str, r: &kairos_qemu::boot::BootResult, n: usize) {
 /// reset to kairos_max_tries, so the next boot is active again, counted from the top.
 #[test]
 fn good_boot_of_active_resets_its_counter_and_active_boots_next() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let agent = agent();
     let with_agent = agent.is_some();
     let d = disk("ga-good", |s| {
@@ -171,9 +169,7 @@ fn good_boot_of_active_resets_its_counter_and_active_boots_next() {
 /// N = 2 counted tries, then boots passive, and says why all the way to `kairos-agent state`.
 #[test]
 fn failing_active_falls_back_to_passive_after_exactly_n_tries() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let agent = agent();
     let with_agent = agent.is_some();
     let d = disk("ga-fail-active", |s| {
@@ -249,9 +245,7 @@ fn failing_active_falls_back_to_passive_after_exactly_n_tries() {
 /// Active and passive both fail: once both have spent their tries GRUB boots recovery.
 #[test]
 fn failing_active_and_passive_boot_recovery() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let agent = agent();
     let with_agent = agent.is_some();
     let d = disk("ga-fail-both", |s| {
@@ -303,9 +297,7 @@ fn failing_active_and_passive_boot_recovery() {
 /// over the counters and is not counted), then active again.
 #[test]
 fn select_fallback_boots_passive_once_then_active_again() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let agent = agent();
     let with_agent = agent.is_some();
     let d = disk("ga-select", |s| {
@@ -437,9 +429,7 @@ fn corrupt_grubenv(name: &str, block: Vec<u8>, grub_rejects: bool) {
 
 #[test]
 fn garbage_grubenv_boots_default_and_is_rewritten() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let mut block = vec![0u8; 1024];
     let mut x: u32 = 0x9e37_79b9;
     for byte in block.iter_mut() {
@@ -455,9 +445,7 @@ fn garbage_grubenv_boots_default_and_is_rewritten() {
 /// block that is not 1024 bytes is malformed to the agent, which rewrites it whole.
 #[test]
 fn truncated_grubenv_boots_default_and_is_rewritten() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let path = work_dir().join("ga-truncated.grubenv");
     kairos_qemu::disk::write_grubenv(&path, &[]).expect("grub-editenv");
     let mut block = std::fs::read(&path).expect("grubenv");

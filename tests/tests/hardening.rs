@@ -44,9 +44,7 @@ fn assert_boots(r: &BootResult, image: &str) {
 
 #[test]
 fn matrix_truncated_active_img() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = matrix_disk("m-truncated", |s| s.active = ImageState::Truncated);
     let r = boot_checked("m-truncated", &d, ACTIVE, &[DONE]);
     assert_has(
@@ -59,9 +57,7 @@ fn matrix_truncated_active_img() {
 
 #[test]
 fn matrix_active_img_full_of_zeros() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = matrix_disk("m-zeros", |s| s.active = ImageState::Zeros);
     let r = boot_checked("m-zeros", &d, ACTIVE, &[DONE]);
     assert_has(
@@ -73,9 +69,7 @@ fn matrix_active_img_full_of_zeros() {
 
 #[test]
 fn matrix_squashfs_with_corrupt_superblock() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = matrix_disk("m-squashfs", |s| s.recovery = ImageState::CorruptSuperblock);
     // Asked for recovery, whose squashfs cannot be mounted: stop with the reason, reboot.
     let r = boot_checked(
@@ -98,9 +92,7 @@ fn matrix_squashfs_with_corrupt_superblock() {
 
 #[test]
 fn matrix_cos_state_missing() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = matrix_disk("m-nostate", |_| {});
     // The partition itself is gone from the GPT, as after a botched repartition.
     let st = Command::new("sgdisk")
@@ -129,9 +121,7 @@ fn matrix_cos_state_missing() {
 /// named, in whatever order the disks come on the bus.
 #[test]
 fn matrix_two_partitions_with_the_same_label() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = matrix_disk("m-dup", |_| {});
     let state = labelled_disk("m-dup-state", "COS_STATE");
     let pers = labelled_disk("m-dup-persistent", "COS_PERSISTENT");
@@ -194,9 +184,7 @@ fn matrix_two_partitions_with_the_same_label() {
 /// parser itself takes 8 KiB and more in its unit tests and fuzz target.
 #[test]
 fn matrix_garbage_command_line() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let d = matrix_disk("m-cmdline", |_| {});
     let mut garbage = String::new();
     let keys = [
@@ -249,9 +237,7 @@ fn layout_disk(name: &str, layout: String) -> std::path::PathBuf {
 
 #[test]
 fn matrix_layout_with_10000_paths() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let paths: Vec<String> = (0..10_000).map(|i| format!("/srv/p{i}")).collect();
     let layout = format!(
         "VOLUMES=\"LABEL=COS_PERSISTENT:/usr/local\"\nOVERLAY=\"tmpfs:25%\"\nRW_PATHS=\"/var /etc /srv\"\nPERSISTENT_STATE_PATHS=\"/etc/ssh /var/log {}\"\n",
@@ -271,9 +257,7 @@ fn matrix_layout_with_10000_paths() {
 
 #[test]
 fn matrix_layout_with_dotdot_paths() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let layout = concat!(
         "VOLUMES=\"LABEL=COS_PERSISTENT:/usr/local LABEL=COS_OEM:/../../escape\"\n",
         "OVERLAY=\"tmpfs:25%\"\n",
@@ -302,9 +286,7 @@ fn matrix_layout_with_dotdot_paths() {
 
 #[test]
 fn matrix_persistent_path_symlink_outside_root() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let layout = concat!(
         "VOLUMES=\"LABEL=COS_PERSISTENT:/usr/local\"\n",
         "OVERLAY=\"tmpfs:25%\"\n",
@@ -339,9 +321,7 @@ fn matrix_persistent_path_symlink_outside_root() {
 
 #[test]
 fn matrix_grubenv_of_random_bytes() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let mut x = 0x9E3779B97F4A7C15u64;
     let junk: Vec<u8> = (0..1024)
         .map(|_| {
@@ -383,9 +363,7 @@ fn agent_disk(name: &str, oem: &[(&str, Vec<u8>)]) -> std::path::PathBuf {
 
 #[test]
 fn matrix_cloud_config_1mb_nested_yaml() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     // Valid YAML, just under the agent's 1 MiB cap: half a million nested flow sequences.
     let head = "#cloud-config\nstages:\n  initramfs: ";
     let depth = ((1 << 20) - head.len() - 2) / 2;
@@ -404,9 +382,7 @@ fn matrix_cloud_config_1mb_nested_yaml() {
 
 #[test]
 fn matrix_cloud_config_yaml_bomb() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     // A billion laughs: nine levels of nine aliases each.
     let mut bomb = String::from(
         "#cloud-config\na0: &a0 [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
@@ -427,9 +403,7 @@ fn matrix_cloud_config_yaml_bomb() {
 
 #[test]
 fn matrix_config_url_never_answers() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     // A server that accepts the connection and then says nothing: busybox nc listening on the
     // guest's loopback with its input held open. The agent's boot stage must give up on it
     // within its deadline and still apply the local config.
@@ -485,9 +459,7 @@ fn driver(r: &BootResult, key: &str) -> String {
 
 #[test]
 fn security_root_filesystem_is_read_only_even_for_root() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let extra = r#"say "uid $(id -u)"
 if touch /kairos-probe 2>/dev/null; then say "touch-root ok"; else say "touch-root refused"; fi
 if mount -o remount,rw / 2>/dev/null; then say "remount-rw ok"; else say "remount-rw refused"; fi
@@ -511,9 +483,7 @@ if blockdev --setrw $dev 2>/dev/null && mount -o remount,rw / 2>/dev/null && tou
 
 #[test]
 fn security_writes_outside_rw_and_persistent_paths_are_refused() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let extra = r#"for d in /usr /usr/bin /usr/lib /bin /sbin /lib /boot /kairos; do
   if mkdir -p "$d" 2>/dev/null && touch "$d/kairos-probe" 2>/dev/null; then say "write $d ok"; else say "write $d refused"; fi
 done
@@ -547,9 +517,7 @@ done
 
 #[test]
 fn security_files_placed_in_root_are_gone_after_reboot() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     // First boot: "install a package" (a binary and its config, by hand as a package manager
     // would) wherever the running system lets root write; second boot: look for them.
     let extra = r#"if [ -e /usr/local/kairos-second-boot ]; then
@@ -597,9 +565,7 @@ fi
 
 #[test]
 fn security_token_files_are_0600_root() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let agent = agent_userland();
     let out = Command::new(&agent)
         .args(["p2p", "generate-token"])
@@ -693,9 +659,7 @@ say "qr-png $(stat -c '%a %U:%G' /run/kairos/pairing-qr.png 2>&1)""#,
 
 #[test]
 fn security_initramfs_has_no_shell_without_rd_kairos_debug() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     // Our initramfs carries no shell at all.
     let a = artifacts();
     let out = Command::new("zstd")
@@ -749,9 +713,7 @@ fn security_initramfs_has_no_shell_without_rd_kairos_debug() {
 
 #[test]
 fn security_agent_refuses_an_upgrade_image_whose_digest_does_not_match() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     // An OCI image layout on COS_OEM whose layer blob was changed after the manifest named its
     // digest (one flipped byte: what a tampered mirror or a bad disk would serve).
     let t = tempfile::tempdir().expect("temp dir");
@@ -944,9 +906,7 @@ fn add_esp(disk: &Path) {
 /// supplied the root image, `sda2` the OEM hook and `sda5` the persistent data.
 #[test]
 fn matrix_a_stray_disk_with_kairos_labels_never_takes_part_in_the_boot() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     kairos_qemu::apt::ensure_packages(&["ovmf", "grub-efi-amd64-bin", "dosfstools", "mtools"])
         .expect("OVMF, GRUB x86_64-efi, dosfstools and mtools");
     let agent = kairos_tests::agent();

@@ -29,7 +29,7 @@ use kairos_qemu::boot::{BootExit, BootResult, BootSpec};
 use kairos_tests::diskimg::{Mounted, part_by_name};
 use kairos_tests::iso::{Firmware, Medium, build_iso, live_boot_spec, live_source_tree};
 use kairos_tests::tapnet::TapLan;
-use kairos_tests::{artifacts, can_run, driver_lines, driver_value};
+use kairos_tests::{artifacts, driver_lines, driver_value, require_root};
 
 /// The image's own layout, as a Kairos image ships it (SPEC §3): a live boot must leave its
 /// COS_PERSISTENT volume alone (it would be the installed disk's).
@@ -284,9 +284,7 @@ fn assert_installed_active(r: &BootResult, firmware: Firmware, what: &str) {
 
 #[test]
 fn cd_under_seabios_installs_the_disk_boots_bios_and_the_iso_again_changes_nothing() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let target = blank("iso-bios-target");
     auto_install(
         "iso-cd-seabios-install",
@@ -346,9 +344,7 @@ const REFUSED: &str = "not installing over it without install.force: true";
 
 #[test]
 fn cd_under_ovmf_installs_usb_again_changes_nothing_the_disk_boots_uefi_and_statereset_resets_it() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let target = blank("iso-uefi-target");
     auto_install("iso-cd-ovmf-install", Medium::Cd, Firmware::Ovmf, &target);
     iso_again_changes_nothing(&target, Firmware::Ovmf);
@@ -429,9 +425,7 @@ const QR_SHOWN: &str = "kairos-agent: install mode: waiting for `kairos-agent re
 
 #[test]
 fn without_install_auto_the_console_shows_a_qr_and_register_installs_the_node() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let agent = kairos_tests::build_agent().expect("kairos-agent for the host side");
     let lan = TapLan::new("iso", LAN_HOST).expect("the tap LAN");
     let target = blank("iso-pair-target");
@@ -515,9 +509,7 @@ fn without_install_auto_the_console_shows_a_qr_and_register_installs_the_node() 
 /// xorriso's listing.
 #[test]
 fn the_debian_systemd_image_makes_an_iso() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let a = artifacts();
     let kt = kairos_qemu::debian::cached_or_build_with_kernel()
         .unwrap_or_else(|e| panic!("the Debian tree with its kernel: {e}"));

@@ -22,13 +22,12 @@ const OLD_ACTIVE: &str = "old-active";
 const OLD_PASSIVE: &str = "old-passive";
 const NEW: &str = "new-v2";
 
-fn root_or_skip() -> bool {
-    // A test that cannot run fails with the reason; it never passes silently.
+/// A test that cannot run fails with the reason; it never passes silently.
+fn need_root() {
     assert!(
         rustix::process::geteuid().is_root(),
         "the lifecycle tests need root (mkfs images, mounts, the registry package)"
     );
-    true
 }
 
 fn agent() -> PathBuf {
@@ -339,9 +338,7 @@ fn assert_refused(fx: &Fixture, out: &Output, before: &(String, String), needles
 
 #[test]
 fn upgrade_from_a_local_registry_rotates_relabels_and_arms() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let reg = Registry::start().unwrap();
     let fx = Fixture::new();
     let img = reg.push_rootfs("kairos/os", "v2", &fx.new_rootfs).unwrap();
@@ -373,9 +370,7 @@ fn exists_in(img: &Path, path: &str) -> bool {
 
 #[test]
 fn an_index_and_stacked_layers_from_the_registry() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let reg = Registry::start().unwrap();
     let fx = Fixture::new();
     let d = fx.dir.path();
@@ -425,9 +420,7 @@ fn an_index_and_stacked_layers_from_the_registry() {
 
 #[test]
 fn upgrade_from_an_oci_archive_needs_no_registry() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let fx = Fixture::new();
     let source = format!("ocifile:{}", fx.archive().display());
     let out = fx.upgrade(&source, &["--booted", "active"], None);
@@ -466,9 +459,7 @@ fn upgrade_from_an_oci_archive_needs_no_registry() {
 
 #[test]
 fn booted_from_passive_the_passive_is_left_alone() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let fx = Fixture::new();
     let passive = hash(&fx.cos("passive.img"));
     // The source from the cloud-config (upgrade.system.source), what booted from /run/cos.
@@ -492,9 +483,7 @@ fn booted_from_passive_the_passive_is_left_alone() {
 
 #[test]
 fn upgrade_from_a_directory_and_from_an_image_file() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let fx = Fixture::new();
     let source = format!("dir:{}", fx.new_rootfs.display());
     fx.assert_upgraded_from_active(&fx.upgrade(&source, &["--booted", "active"], None), &source);
@@ -515,9 +504,7 @@ fn upgrade_from_a_directory_and_from_an_image_file() {
 
 #[test]
 fn recovery_upgrade_rebuilds_the_squashfs() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let fx = Fixture::new();
     let recovery = fx.dir.path().join("recovery");
     std::fs::create_dir_all(recovery.join("cOS")).unwrap();
@@ -557,9 +544,7 @@ fn recovery_upgrade_rebuilds_the_squashfs() {
 
 #[test]
 fn a_corrupted_blob_is_refused_and_nothing_changes() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let reg = Registry::start().unwrap();
     let fx = Fixture::new();
     let img = reg.push_rootfs("kairos/os", "bad", &fx.new_rootfs).unwrap();
@@ -601,9 +586,7 @@ fn a_corrupted_blob_is_refused_and_nothing_changes() {
 
 #[test]
 fn registry_errors_are_named_and_nothing_changes() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let fx = Fixture::new();
     let before = fx.hashes();
     let port = registry::free_port().unwrap();
@@ -629,9 +612,7 @@ fn registry_errors_are_named_and_nothing_changes() {
 
 #[test]
 fn missing_sources_are_named_and_nothing_changes() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let fx = Fixture::new();
     let before = fx.hashes();
     for (source, needle) in [
@@ -703,9 +684,7 @@ impl Drop for Tmpfs {
 
 #[test]
 fn not_enough_space_is_refused_before_anything_is_written() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let mnt = std::env::temp_dir().join(format!("kairos-small-state-{}", std::process::id()));
     std::fs::create_dir_all(&mnt).unwrap();
     rustix::mount::mount(
@@ -764,9 +743,7 @@ fn mount_options_of(target: &Path) -> Option<String> {
 
 #[test]
 fn without_state_dir_the_read_only_cos_state_is_remounted_and_restored() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     // COS_STATE as kairos-init leaves it: a partition (here an image file) mounted read-only
     // at /run/initramfs/cos-state, listed so in /proc/self/mounts.
     let fx = Fixture::new();
@@ -843,9 +820,7 @@ fn expected_after_crash(
 
 #[test]
 fn a_crash_at_every_step_leaves_a_bootable_pair() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     for point in [
         "pull",
         "unpack",
@@ -911,9 +886,7 @@ fn marked(img: &Path) -> (String, String) {
 
 #[test]
 fn a_rotation_cut_between_the_renames_is_finished_and_keeps_the_booted_image() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     // Booted from active.img (old-active); the power goes between the two renames, so
     // transition.img is the running image.
     let fx = Fixture::new();
@@ -941,9 +914,7 @@ fn a_rotation_cut_between_the_renames_is_finished_and_keeps_the_booted_image() {
 
 #[test]
 fn two_upgrades_without_a_reboot_keep_the_booted_image() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let fx = Fixture::new();
     let source = format!("ocifile:{}", fx.archive().display());
     fx.assert_upgraded_from_active(&fx.upgrade(&source, &["--booted", "active"], None), &source);
@@ -973,9 +944,7 @@ fn two_upgrades_without_a_reboot_keep_the_booted_image() {
 
 #[test]
 fn an_unknown_boot_mode_is_refused_or_decided_by_the_running_root() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     // No --booted, no /run/cos sentinel, no /proc/cmdline, the root no loop-mounted image.
     let fx = Fixture::new();
     fx.boot_from_nothing_known();
@@ -1002,9 +971,7 @@ fn an_unknown_boot_mode_is_refused_or_decided_by_the_running_root() {
 
 #[test]
 fn an_image_that_cannot_boot_is_refused_before_anything_is_rotated() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let fx = Fixture::new();
     let before = fx.hashes();
     // dir: a tree without a kernel or an initramfs.
@@ -1039,9 +1006,7 @@ fn an_image_that_cannot_boot_is_refused_before_anything_is_rotated() {
 
 #[test]
 fn a_failed_build_leaves_no_transition_image() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     // A node without e2fsprogs on its PATH: mkfs.ext4 cannot run.
     let fx = Fixture::new();
     let before = fx.hashes();
@@ -1063,9 +1028,7 @@ fn a_failed_build_leaves_no_transition_image() {
 
 #[test]
 fn two_upgrades_at_once_the_second_is_refused_naming_the_first() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     use std::io::BufRead;
     let fx = Fixture::new();
     let source = format!("ocifile:{}", fx.archive().display());
@@ -1119,9 +1082,7 @@ fn two_upgrades_at_once_the_second_is_refused_naming_the_first() {
 
 #[test]
 fn mark_good_waiting_for_k3s_keeps_a_boot_entry_selected_meanwhile() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     use std::os::unix::fs::PermissionsExt;
     let t = tempfile::tempdir().unwrap();
     let root = t.path();

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use kairos_tests::diskimg::Mounted;
-use kairos_tests::{ACTIVE, BASE_CMDLINE, DRIVER_DONE, artifacts, can_run, driver_lines};
+use kairos_tests::{ACTIVE, BASE_CMDLINE, DRIVER_DONE, artifacts, driver_lines, require_root};
 
 /// Tools the installer runs, from the host (ELF files bring their libraries).
 const HOST_TOOLS: &[&str] = kairos_tests::iso::INSTALL_TOOLS;
@@ -80,9 +80,7 @@ fn install_succeeded(lines: &[String], what: &str) {
 
 #[test]
 fn install_onto_a_blank_disk_then_boot_it_alone() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let a = artifacts();
     let live = kairos_tests::pid1_disk(
         "install-live",
@@ -262,9 +260,7 @@ const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 
 #[test]
 fn install_uefi_onto_a_blank_disk_then_boot_it_alone() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     // `kairos-qemu setup` installs them; a machine without them fails here, not silently.
     kairos_qemu::apt::ensure_packages(&["ovmf", "grub-efi-amd64-bin", "dosfstools", "mtools"])
         .expect("OVMF, GRUB x86_64-efi, dosfstools and mtools");

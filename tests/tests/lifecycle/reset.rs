@@ -146,9 +146,7 @@ impl ResetFixture {
 
 #[test]
 fn reset_from_the_recovery_squashfs_wipes_persistent_and_keeps_oem() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let r = ResetFixture::new(true);
     let out = r.reset(&["--booted", "recovery"]);
     r.assert_reset(&out);
@@ -165,9 +163,7 @@ fn reset_from_the_recovery_squashfs_wipes_persistent_and_keeps_oem() {
 
 #[test]
 fn reset_keeps_persistent_when_asked_and_takes_a_recovery_img() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let r = ResetFixture::new(false);
     // Detected from the command line this time, no override.
     std::fs::write(
@@ -188,9 +184,7 @@ fn reset_keeps_persistent_when_asked_and_takes_a_recovery_img() {
 
 #[test]
 fn reset_outside_recovery_mode_changes_nothing() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     let r = ResetFixture::new(true);
     std::fs::write(
         r.fx.root.join("proc/cmdline"),
@@ -237,9 +231,7 @@ const RESET_CUTS: &[&str] = &[
 /// left GRUB booting it with the old COS_PERSISTENT.
 #[test]
 fn reset_crashed_at_each_step_stays_pending_and_a_rerun_finishes_it() {
-    if !root_or_skip() {
-        return;
-    }
+    need_root();
     for cut in RESET_CUTS {
         let r = ResetFixture::new(true);
         let out = r.reset_crashing(&["--booted", "recovery", "--keep-persistent"], Some(cut));
@@ -311,9 +303,7 @@ fi
 /// reboots; the next boot is active, COS_PERSISTENT fresh with the reset in its history.
 #[test]
 fn vm_reset_from_recovery_boots_active_with_a_fresh_persistent() {
-    if !kairos_tests::can_run() {
-        return;
-    }
+    kairos_tests::require_root();
     let d = kairos_tests::pid1_disk("reset", &[("kairos-test-extra.sh", VM_SCENARIO)], |s| {
         s.recovery = kairos_qemu::disk::ImageState::Ok;
         s.passive = kairos_qemu::disk::ImageState::Ok;
@@ -401,9 +391,7 @@ echo "KAIROS-T: reset-cut-point ${p:-none}" > /dev/console
 /// COS_PERSISTENT, and nothing ran the reset of a `kairos.reset` boot.
 #[test]
 fn vm_power_cut_at_each_reset_step_then_the_reset_completes() {
-    if !kairos_tests::can_run() {
-        return;
-    }
+    kairos_tests::require_root();
     let oem = [
         ("kairos-test-extra.sh", VM_CUT_SCENARIO),
         ("kt-cut.yaml", VM_CUT_PICKER),

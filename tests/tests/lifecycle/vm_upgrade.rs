@@ -215,9 +215,7 @@ fn version_and_mode(r: &BootResult) -> (String, String) {
 
 #[test]
 fn vm_upgrade_from_the_registry_then_active_is_new_and_passive_old() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let reg = Registry::start().expect("registry");
     let port = reg.addr.rsplit(':').next().expect("port").to_string();
     let source = format!("oci:10.0.2.2:{port}/kairos/os:{NEW}");
@@ -252,9 +250,7 @@ fn vm_upgrade_from_the_registry_then_active_is_new_and_passive_old() {
 
 #[test]
 fn vm_upgrade_air_gapped_from_an_ocifile_archive() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let t = tempfile::tempdir().expect("temp dir");
     // The archive is made from the disk it goes on, so build the disk twice: once to read the
     // image from, once with the archive on COS_OEM.
@@ -288,9 +284,7 @@ fn vm_upgrade_air_gapped_from_an_ocifile_archive() {
 /// says so); the next boot must reach an image (old or new) and the user data must be intact.
 #[test]
 fn vm_power_cut_at_each_upgrade_step_leaves_a_bootable_system() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let reg = Registry::start().expect("registry");
     let port = reg.addr.rsplit(':').next().expect("port").to_string();
     let source = format!("oci:10.0.2.2:{port}/kairos/os:{NEW}");
@@ -372,9 +366,7 @@ const INITRD_GROWTH: usize = 2 << 20;
 /// booted active uncounted after the upgrade and active instead of fallback after the select.
 #[test]
 fn vm_power_cut_a_second_after_success_grub_kernel_and_root_agree() {
-    if !can_run() {
-        return;
-    }
+    require_root();
     let t = tempfile::tempdir().expect("temp dir");
     let probe = vm_disk("u-final-src", "", Vec::new());
     let tree = t.path().join("rootfs");
