@@ -216,11 +216,30 @@ pub fn run() -> Failure {
     for w in &warnings {
         warn!("{w}");
     }
-    let fail = |reason: BootError| Failure {
+    let reason = match boot(&req) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    Failure {
         reason,
         reboot_delay: req.reboot_delay,
         debug_shell: req.debug,
-    };
+    }
+}
+
+/// The steps of the boot, in order: the root image, then the rest of the system, then the
+/// hand-off.
+fn boot(req: &BootRequest) -> Result<std::convert::Infallible, BootError> {
+    let (chosen, devices, mut loader) = find_root(req)?;
+    mount_the_rest(req, &chosen, devices, &mut loader);
+    hand_off(req, &chosen)
+}
+
+/// Modules, devices, and the root image chosen and mounted at /sysroot (SPEC §2's fallback
+/// chain); returns it with the devices seen and the module loader for the later steps.
+fn find_root(
+    req: &BootRequest,
+) -> Result<(Candidate, Vec<BlockDev>, Option<ModLoader>), BootError> {
     let mut loader = step("modules", || {
         let mut l = ModLoader::new();
         if let Some(l) = l.as_mut() {
@@ -231,9 +250,9 @@ pub fn run() -> Failure {
         }
         l
     });
-    let cands = plan::candidates(&req);
-    let (devices, first_found) = step("devices", || wait_for_devices(&req, &cands, &mut loader));
-    let mut devices = on_boot_disk(&req, devices, true);
+    let cands = plan::candidates(req);
+    let (devices, first_found) = step("devices", || wait_for_devices(req, &cands, &mut loader));
+    let mut devices = on_boot_disk(req, devices, true);
     for d in &devices {
         if let Some(fs) = &d.fs {
             debug!(
@@ -247,23 +266,28 @@ pub fn run() -> Failure {
     }
     warn_duplicate_labels(&devices);
     let chosen = step("root", || {
-        mount_root(&req, &cands, &mut devices, first_found, &mut loader)
+        mount_root(req, &cands, &mut devices, first_found, &mut loader)
     });
-    let Some(chosen) = chosen else {
-        return fail(BootError::NoBootableImage);
-    };
+    let chosen = chosen.ok_or(BootError::NoBootableImage)?;
+    Ok((chosen, devices, loader))
+}
+
+/// SPEC section 3: /oem, then the rootfs stage (which may write /run/cos/*.env), then the
+/// layout is read and the overlays, volumes and binds are mounted, then the initramfs stage.
+fn mount_the_rest(
+    req: &BootRequest,
+    chosen: &Candidate,
+    mut devices: Vec<BlockDev>,
+    loader: &mut Option<ModLoader>,
+) {
     // OEM may come late (rd.cos.oemtimeout); give it that long, but only when it is missing.
     if chosen.mode != BootMode::Live && blockdev::find_by_label(&devices, &req.oem_label).is_none()
     {
         devices = step("oem-wait", || {
-            wait_for_label(&req, &req.oem_label, req.oem_timeout).unwrap_or(devices)
+            wait_for_label(req, &req.oem_label, req.oem_timeout).unwrap_or(devices)
         });
     }
-    // SPEC section 3: /oem, then the rootfs stage (which may write /run/cos/*.env), then the
-    // layout is read and the overlays, volumes and binds are mounted, then the initramfs stage.
-    let oem_fstab = step("oem", || {
-        mount_oem(&req, chosen.mode, &devices, &mut loader)
-    });
+    let oem_fstab = step("oem", || mount_oem(req, chosen.mode, &devices, loader));
     step("stage rootfs", || run_stage("rootfs"));
     let layout = step("layout", || read_layout(chosen.mode));
     // A first boot on a bigger disk grows COS_PERSISTENT before it is mounted (recovery does
@@ -278,29 +302,23 @@ pub fn run() -> Failure {
         });
     }
     step("system", || {
-        mount_system(
-            &req,
-            chosen.mode,
-            &layout,
-            &devices,
-            &oem_fstab,
-            &mut loader,
-        )
+        mount_system(req, chosen.mode, &layout, &devices, &oem_fstab, loader)
     });
     step("stage initramfs", || run_stage("initramfs"));
-    unmount_unused_sources(&chosen);
-    let Some(prog) = handoff_program(&req) else {
-        return fail(BootError::NoHandoff {
+}
+
+/// Unmount the sources not taken, record the chosen image and switch_root into it.
+fn hand_off(req: &BootRequest, chosen: &Candidate) -> Result<std::convert::Infallible, BootError> {
+    unmount_unused_sources(chosen);
+    let Some(prog) = handoff_program(req) else {
+        return Err(BootError::NoHandoff {
             chosen: chosen.to_string(),
         });
     };
     let _ = fsutil::mkdir_p(Path::new("/run/kairos"));
     let _ = std::fs::write("/run/kairos/boot-image", format!("{chosen}\n"));
     info!("switch_root to {} ({chosen}), exec {prog}", SYSROOT);
-    match switch_root(&prog) {
-        Ok(never) => match never {},
-        Err(e) => fail(BootError::SwitchRoot(Box::new(e))),
-    }
+    switch_root(&prog).map_err(|e| BootError::SwitchRoot(Box::new(e)))
 }
 
 /// The API filesystems. devtmpfs first, so /dev/kmsg exists for the log.
