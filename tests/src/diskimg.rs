@@ -1,6 +1,7 @@
 //! Reading test disk images on the host: GPT partitions by name (`sgdisk -p`) and partitions
 //! or image files loop-mounted on a temp dir (read-only without journal replay, so reading
-//! changes nothing; or read-write to plant a file), unmounted on drop.
+//! changes nothing; or read-write to plant a file), unmounted on drop. The one mount guard of
+//! the test crates.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,24 +25,39 @@ pub fn part_by_name(disk: &Path, name: &str) -> u32 {
         .unwrap_or_else(|| panic!("{}: no partition named {name}:\n{table}", disk.display()))
 }
 
-pub struct Mounted(tempfile::TempDir);
+/// A loop-mounted image or partition, or a block device, on a temp dir: unmounted on drop (or
+/// by [`Mounted::unmount`], which fails the test if umount(8) does) and the dir removed.
+pub struct Mounted {
+    dir: tempfile::TempDir,
+    /// Cleared by `unmount`, so drop does not unmount again.
+    mounted: bool,
+}
 
 impl Mounted {
     /// `what` (a file, or the byte range `(offset, size)` of it) loop-mounted.
     pub fn new(what: &Path, range: Option<(u64, u64)>, rw: bool) -> Mounted {
-        let dir = tempfile::tempdir().expect("temp dir");
         let mut opts = String::from(if rw { "rw,loop" } else { "ro,noload,loop" });
         if let Some((offset, size)) = range {
             opts.push_str(&format!(",offset={offset},sizelimit={size}"));
         }
+        Mounted::mount(what, &opts)
+    }
+
+    /// Block device `dev` (e.g. a partition of an attached loop device), read-only.
+    pub fn device(dev: &Path) -> Mounted {
+        Mounted::mount(dev, "ro")
+    }
+
+    fn mount(what: &Path, opts: &str) -> Mounted {
+        let dir = tempfile::tempdir().expect("temp dir");
         let st = Command::new("mount")
-            .args(["-o", &opts])
+            .args(["-o", opts])
             .arg(what)
             .arg(dir.path())
             .status()
             .expect("mount(8)");
         assert!(st.success(), "mounting {} ({opts})", what.display());
-        Mounted(dir)
+        Mounted { dir, mounted: true }
     }
 
     /// Partition `n` of `disk`, read-only.
@@ -54,12 +70,22 @@ impl Mounted {
         Mounted::new(disk, Some(partition_range(disk, n)), true)
     }
 
+    /// Unmounts now; a failing umount(8) fails the test.
+    pub fn unmount(mut self) {
+        let st = Command::new("umount")
+            .arg(self.dir.path())
+            .status()
+            .expect("umount(8)");
+        assert!(st.success(), "unmounting {}", self.dir.path().display());
+        self.mounted = false;
+    }
+
     pub fn root(&self) -> &Path {
-        self.0.path()
+        self.dir.path()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
-        self.0.path().join(rel)
+        self.dir.path().join(rel)
     }
 
     /// `rel` with symlinks resolved inside the mount (an absolute target means the mount's /).
@@ -85,6 +111,8 @@ fn partition_range(disk: &Path, n: u32) -> (u64, u64) {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
+        if self.mounted {
+            let _ = Command::new("umount").arg(self.dir.path()).status();
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::process::Command;
 
 use kairos_qemu::boot::BootResult;
 
+use crate::diskimg::Mounted;
 use crate::{BASE_CMDLINE, artifacts};
 
 /// GPT slot of COS_PERSISTENT on the test disks (qemu/src/disk.rs).
@@ -17,30 +18,10 @@ pub const PERSISTENT_PART: u32 = kairos_qemu::disk::part::PERSISTENT;
 /// (symlinks: their target). Read through a read-only, no-journal-replay loop mount, so reading
 /// changes nothing.
 pub fn persistent_snapshot(disk: &Path) -> BTreeMap<String, String> {
-    let (offset, size) = kairos_qemu::disk::partition_bytes(disk, PERSISTENT_PART)
-        .unwrap_or_else(|e| panic!("{}: COS_PERSISTENT: {e}", disk.display()));
-    let mnt = tempfile::tempdir().expect("temp dir");
-    let st = Command::new("mount")
-        .args([
-            "-o",
-            &format!("ro,noload,loop,offset={offset},sizelimit={size}"),
-        ])
-        .arg(disk)
-        .arg(mnt.path())
-        .status()
-        .expect("mount(8)");
-    assert!(
-        st.success(),
-        "mounting COS_PERSISTENT of {}",
-        disk.display()
-    );
+    let mnt = Mounted::part(disk, PERSISTENT_PART);
     let mut out = BTreeMap::new();
-    walk(mnt.path(), mnt.path(), &mut out);
-    let st = Command::new("umount")
-        .arg(mnt.path())
-        .status()
-        .expect("umount(8)");
-    assert!(st.success(), "unmounting {}", mnt.path().display());
+    walk(mnt.root(), mnt.root(), &mut out);
+    mnt.unmount();
     out
 }
 

@@ -3,8 +3,10 @@
 //! master, lease VPN addresses and ping each other over `edgevpn0`, keep their lease across a
 //! restart, and elect a new leader when the leader disappears. Needs root.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kairos_tests::diskimg::Mounted;
 use kairos_tests::mesh::{Mesh, build_agent, build_forger, require_root};
 use kairos_tests::run_ok;
 
@@ -385,19 +387,6 @@ impl Drop for LoopDisk {
     }
 }
 
-/// A mount point, unmounted (lazily) and removed on drop.
-struct Mounted(std::path::PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 /// QR pairing: a node in install mode saves its token as a PNG QR code; `register` with that
 /// PNG, run in another namespace, delivers a config and a device; the node acknowledges and
 /// installs to that device (a loop device here) from the config's install.source, with the
@@ -552,20 +541,12 @@ fn qr_pairing_delivers_the_config() {
         "{pair_log}"
     );
     // COS_OEM holds the paired config, root only.
-    let mnt = mesh.dir.join("oem-mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    run_ok(
-        std::process::Command::new("mount")
-            .args(["-o", "ro"])
-            .arg(format!("{dev}p2"))
-            .arg(&mnt),
-    );
-    let _oem = Mounted(mnt.clone());
-    let custom = mnt.join("90_custom.yaml");
+    let oem = Mounted::device(Path::new(&format!("{dev}p2")));
+    let custom = oem.path("90_custom.yaml");
     let on_oem = std::fs::read_to_string(&custom).unwrap();
     assert!(on_oem.contains("hostname: paired-node"), "{on_oem}");
     assert_eq!(on_oem, cc);
     let mode = std::fs::metadata(&custom).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "{}: mode {mode:o}", custom.display());
-    assert!(mnt.join("grubenv").is_file());
+    assert!(oem.path("grubenv").is_file());
 }

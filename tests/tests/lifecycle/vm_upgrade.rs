@@ -13,6 +13,7 @@ use std::process::Command;
 
 use kairos_qemu::boot::{BootResult, BootSpec};
 use kairos_qemu::disk::ImageState;
+use kairos_tests::diskimg::Mounted;
 use kairos_tests::hardening::{persistent_snapshot, seed_files};
 use kairos_tests::registry::{self, Registry};
 use kairos_tests::*;
@@ -149,40 +150,17 @@ fn state_of(r: &BootResult) -> serde_json::Value {
 /// The installed active image's tree with `/etc/kairos-version` = v2: read from the disk on
 /// the host (COS_STATE out of the GPT, active.img out of COS_STATE, both mounted read-only).
 fn new_rootfs(disk: &Path, out: &Path) {
-    let (offset, size) =
-        kairos_qemu::disk::partition_bytes(disk, kairos_qemu::disk::part::STATE).expect("state");
-    let state = tempfile::tempdir().expect("temp dir");
-    let active = tempfile::tempdir().expect("temp dir");
-    let mount = |opts: String, what: &Path, at: &Path| {
-        let st = Command::new("mount")
-            .arg("-o")
-            .arg(opts)
-            .arg(what)
-            .arg(at)
-            .status()
-            .expect("mount(8)");
-        assert!(st.success(), "mounting {}", what.display());
-    };
-    mount(
-        format!("ro,noload,loop,offset={offset},sizelimit={size}"),
-        disk,
-        state.path(),
-    );
-    mount(
-        "ro,noload,loop".into(),
-        &state.path().join("cOS/active.img"),
-        active.path(),
-    );
+    let state = Mounted::part(disk, kairos_qemu::disk::part::STATE);
+    let active = Mounted::new(&state.path("cOS/active.img"), None, false);
     std::fs::create_dir_all(out).expect("tree dir");
     let st = Command::new("cp")
         .arg("-a")
-        .arg(format!("{}/.", active.path().display()))
+        .arg(format!("{}/.", active.root().display()))
         .arg(out)
         .status()
         .expect("cp");
-    for m in [active.path(), state.path()] {
-        let _ = Command::new("umount").arg(m).status();
-    }
+    drop(active);
+    drop(state);
     assert!(st.success(), "copying the active image's tree");
     let _ = std::fs::remove_dir_all(out.join("lost+found"));
     std::fs::write(
