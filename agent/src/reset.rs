@@ -821,6 +821,44 @@ pub fn reset(
     out: &mut dyn Write,
     log: &mut dyn Write,
 ) -> Result<Outcome, ResetError> {
+    // 1. Refuse unless booted in recovery; then the source, so a missing recovery image
+    // refuses before anything is written.
+    check_recovery(ctx, opts)?;
+    let loaded = crate::sources::load(ctx, &LoadOptions::default());
+    stages::report_load(&loaded, log).map_err(AgentError::Output)?;
+    let source = resolve_source(ctx, opts, log)?;
+    let origin = source.origin.as_str();
+    // One install, upgrade or reset at a time (lock.rs); taken after the checks above, so a
+    // refused reset leaves no trace, not even the lock file.
+    let _system = crate::lock::system(ctx, "reset").map_err(AgentError::from)?;
+
+    // 2. COS_STATE mounted and locked, the reset pending in the grubenv.
+    let state = lock_state(ctx, opts, log)?;
+    let (policy, grubenv_path) = mark_reset_pending(ctx, opts, &loaded, origin, out, log)?;
+    crash(opts, "pending", log);
+
+    // 3. and 4. active.img from the source, passive.img a copy, grub.cfg if missing.
+    run_hook(ctx, &loaded, "before-reset", log);
+    let size = rebuild_images(ctx, opts, &source.image, origin, state, log)?;
+
+    // 5. COS_OEM.
+    if policy.wipe_oem {
+        let oem = opts.oem_dir.clone().unwrap_or_else(|| ctx.path("/oem"));
+        // The grubenv holds the pending mark until the very end.
+        let keep = [grubenv_path.clone(), grubenv::tmp_path(&grubenv_path)];
+        wipe_reporting_except(&oem, &keep, log)?;
+    }
+
+    // 6. and 7. COS_PERSISTENT and its history line.
+    reset_persistent(ctx, opts, policy.wipe_persistent, origin, size, log)?;
+    crash(opts, "persistent-wiped", log);
+
+    // 8. The grubenv says "boot active"; after-reset, then reboot as asked.
+    finish(ctx, opts, &loaded, &policy, origin, out, log)
+}
+
+/// Step 1: reset runs only from recovery mode.
+fn check_recovery(ctx: &Ctx, opts: &Options) -> Result<(), ResetError> {
     if let Some(c) = &opts.crash_at {
         check_crash_point(c)?;
     }
@@ -834,24 +872,51 @@ pub fn reset(
             },
         });
     }
-    let loaded = crate::sources::load(ctx, &LoadOptions::default());
-    stages::report_load(&loaded, log).map_err(AgentError::Output)?;
+    Ok(())
+}
 
-    // The source first: a missing recovery image refuses before anything is written.
-    let recovery_target;
-    let (src, origin) = match &opts.source {
-        Some(given) => (explicit_source(given)?, given.trim().to_string()),
+/// The image a reset rebuilds from, with what it is said to come from, and COS_RECOVERY's
+/// mount when the image is on it (held until the reset is done).
+struct ResetSource {
+    image: ImageSource,
+    origin: String,
+    _recovery: Option<locate::Target>,
+}
+
+/// Step 1: `--source`, else COS_RECOVERY's recovery image.
+fn resolve_source(
+    ctx: &Ctx,
+    opts: &Options,
+    log: &mut dyn Write,
+) -> Result<ResetSource, ResetError> {
+    Ok(match &opts.source {
+        Some(given) => ResetSource {
+            image: explicit_source(given)?,
+            origin: given.trim().to_string(),
+            _recovery: None,
+        },
         None => {
-            recovery_target = open_recovery(ctx, opts.recovery_dir.as_deref(), log)?;
-            let src = recovery_image(&recovery_target.dir)?;
-            let origin = format!("recovery:{}", src.path().display());
-            (src, origin)
+            let recovery = open_recovery(ctx, opts.recovery_dir.as_deref(), log)?;
+            let image = recovery_image(&recovery.dir)?;
+            ResetSource {
+                origin: format!("recovery:{}", image.path().display()),
+                image,
+                _recovery: Some(recovery),
+            }
         }
-    };
-    // One install, upgrade or reset at a time (lock.rs); taken after the checks above, so a
-    // refused reset leaves no trace, not even the lock file.
-    let _system = crate::lock::system(ctx, "reset").map_err(AgentError::from)?;
+    })
+}
 
+/// COS_STATE mounted read-write with its `cOS` directory locked (flock) while it is held;
+/// dropped, the lock goes first, then the mount (fields drop in order).
+struct LockedState {
+    _lock: File,
+    target: locate::Target,
+    cos: PathBuf,
+}
+
+/// Step 2: COS_STATE mounted and `cOS` locked.
+fn lock_state(ctx: &Ctx, opts: &Options, log: &mut dyn Write) -> Result<LockedState, ResetError> {
     let target = locate::open(
         ctx,
         locate::Partition::State,
@@ -870,7 +935,24 @@ pub fn reset(
             ))
         },
     )?;
-    // Pending before anything is touched: from here a cut boots statereset, which redoes it.
+    Ok(LockedState {
+        target,
+        cos,
+        _lock: lock,
+    })
+}
+
+/// Step 2: the reset marked pending before anything is touched (from here a cut boots
+/// statereset, which redoes it, with the choices recorded here). Returns the policy and the
+/// grubenv's path.
+fn mark_reset_pending(
+    ctx: &Ctx,
+    opts: &Options,
+    loaded: &config::Loaded,
+    origin: &str,
+    out: &mut dyn Write,
+    log: &mut dyn Write,
+) -> Result<(Policy, PathBuf), ResetError> {
     let mut l = crate::load_env_for_update(ctx, out, log)?;
     let pending = l.env.get(PENDING_VAR).map(str::to_owned);
     let policy = Policy::resolve_pending(opts, &loaded.raw, pending.as_deref());
@@ -898,50 +980,68 @@ pub fn reset(
         l.path.display()
     )
     .map_err(AgentError::Output)?;
-    let grubenv_path = l.path.clone();
-    drop(l);
-    crash(opts, "pending", log);
+    Ok((policy, l.path.clone()))
+}
 
-    run_hook(ctx, &loaded, "before-reset", log);
-
-    build_transition(ctx, &src, &cos, log)?;
+/// Steps 3 and 4: active.img rebuilt from `src` through transition.img, passive.img a copy
+/// of it, a missing grub.cfg regenerated; COS_STATE unlocked and released after. Returns
+/// active.img's size.
+fn rebuild_images(
+    ctx: &Ctx,
+    opts: &Options,
+    src: &ImageSource,
+    origin: &str,
+    state: LockedState,
+    log: &mut dyn Write,
+) -> Result<u64, ResetError> {
+    let cos = &state.cos;
+    build_transition(ctx, src, cos, log)?;
     crash(opts, "transition-built", log);
-    rotate::execute(&cos, &[rotate::Step::ReplaceActive])?;
+    rotate::execute(cos, &[rotate::Step::ReplaceActive])?;
     writeln!(log, "kairos-agent: {ACTIVE} rebuilt from {origin}").map_err(AgentError::Output)?;
     crash(opts, "active-replaced", log);
-    copy_to_passive(&cos)?;
+    copy_to_passive(cos)?;
     writeln!(log, "kairos-agent: {PASSIVE} is a copy of it (COS_PASSIVE)")
         .map_err(AgentError::Output)?;
     crash(opts, "passive-replaced", log);
     let size = std::fs::metadata(cos.join(ACTIVE)).map_or(0, |m| m.len());
+    ensure_grub_cfg(&state.target.dir, log)?;
+    Ok(size)
+}
 
-    if !["grub2/grub.cfg", "grub/grub.cfg"]
+/// Step 4: grub.cfg regenerated on COS_STATE when neither grub2/ nor grub/ holds one.
+fn ensure_grub_cfg(state_dir: &Path, log: &mut dyn Write) -> Result<(), ResetError> {
+    if ["grub2/grub.cfg", "grub/grub.cfg"]
         .iter()
-        .any(|p| target.dir.join(p).is_file())
+        .any(|p| state_dir.join(p).is_file())
     {
-        let grub2 = target.dir.join(kairos_init::grubcfg::GRUB_DIR);
-        let cfg = grub2.join("grub.cfg");
-        std::fs::create_dir_all(&grub2).at(&grub2, "creating")?;
-        std::fs::write(
-            &cfg,
-            kairos_init::grubcfg::grub_cfg(&kairos_init::grubcfg::GrubCfgOptions::default()),
-        )
-        .at(&cfg, "writing")?;
-        image::sync_file(&cfg)?;
-        writeln!(log, "kairos-agent: wrote the missing {}", cfg.display())
-            .map_err(AgentError::Output)?;
+        return Ok(());
     }
-    drop(lock);
-    drop(target);
+    let grub2 = state_dir.join(kairos_init::grubcfg::GRUB_DIR);
+    let cfg = grub2.join("grub.cfg");
+    std::fs::create_dir_all(&grub2).at(&grub2, "creating")?;
+    std::fs::write(
+        &cfg,
+        kairos_init::grubcfg::grub_cfg(&kairos_init::grubcfg::GrubCfgOptions::default()),
+    )
+    .at(&cfg, "writing")?;
+    image::sync_file(&cfg)?;
+    writeln!(log, "kairos-agent: wrote the missing {}", cfg.display())
+        .map_err(AgentError::Output)?;
+    Ok(())
+}
 
-    if policy.wipe_oem {
-        let oem = opts.oem_dir.clone().unwrap_or_else(|| ctx.path("/oem"));
-        // The grubenv holds the pending mark until the very end.
-        let keep = [grubenv_path.clone(), grubenv::tmp_path(&grubenv_path)];
-        wipe_reporting_except(&oem, &keep, log)?;
-    }
-
-    let persistent = handle_persistent(ctx, opts, policy.wipe_persistent, log)?;
+/// Steps 6 and 7: COS_PERSISTENT wiped (or kept), then `.kairos-state` (there, or at
+/// `--kairos-state`) gets the reset's line.
+fn reset_persistent(
+    ctx: &Ctx,
+    opts: &Options,
+    wipe: bool,
+    origin: &str,
+    size: u64,
+    log: &mut dyn Write,
+) -> Result<(), ResetError> {
+    let persistent = handle_persistent(ctx, opts, wipe, log)?;
     let history = match (&opts.kairos_state, &persistent) {
         (Some(p), _) => Some(ctx.path(p)),
         (None, Some(p)) => Some(p.dir.join(".kairos-state")),
@@ -951,7 +1051,7 @@ pub fn reset(
         let line = history_line(
             &kairos_util::time::rfc3339(kairos_util::time::now_ms()),
             "reset",
-            &origin,
+            origin,
             None,
             Booted::Recovery,
             ACTIVE,
@@ -959,9 +1059,20 @@ pub fn reset(
         );
         append_history(&h, &line, log);
     }
-    drop(persistent);
-    crash(opts, "persistent-wiped", log);
+    Ok(())
+}
 
+/// Step 8: the grubenv says "boot active" (counters re-armed, next_entry and the pending
+/// mark dropped); `after-reset`, sync, then reboot, power off or nothing.
+fn finish(
+    ctx: &Ctx,
+    opts: &Options,
+    loaded: &config::Loaded,
+    policy: &Policy,
+    origin: &str,
+    out: &mut dyn Write,
+    log: &mut dyn Write,
+) -> Result<Outcome, ResetError> {
     let mut l = crate::load_env_for_update(ctx, out, log)?;
     next_boot_active(&mut l.env)?;
     grubenv::write(&l.path, &l.env)?;
@@ -972,7 +1083,7 @@ pub fn reset(
     ).map_err(AgentError::Output)?;
     crash(opts, "done", log);
 
-    run_hook(ctx, &loaded, "after-reset", log);
+    run_hook(ctx, loaded, "after-reset", log);
     rustix::fs::sync();
     let what = match policy.after {
         After::Reboot => "rebooting into active",
