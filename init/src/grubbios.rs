@@ -5,8 +5,10 @@
 //! (protective) partition table. Library-only: the init binary never links it.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+
+use kairos_util::{IoError, IoResultExt};
 
 pub const SECTOR: u64 = 512;
 /// Offsets in boot.img / diskboot.img (grub-core/boot/i386/pc/*.S).
@@ -32,8 +34,8 @@ pub fn core_modules_in(dir: &Path) -> Vec<&'static str> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrubBiosError {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("{}: {what}", path.display())]
     BadImage { path: PathBuf, what: String },
     #[error("{}: core.img needs {needed} sectors but the bios partition at sector {first} holds {available}", disk.display())]
@@ -43,13 +45,6 @@ pub enum GrubBiosError {
         needed: u64,
         available: u64,
     },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> GrubBiosError + '_ {
-    move |source| GrubBiosError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn bad(path: &Path, what: impl Into<String>) -> GrubBiosError {
@@ -73,14 +68,20 @@ fn le_u32(b: &[u8], at: usize) -> u32 {
 
 fn read_at(f: &mut File, path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, GrubBiosError> {
     let mut buf = vec![0u8; len];
-    f.seek(SeekFrom::Start(offset)).map_err(io_err(path))?;
-    f.read_exact(&mut buf).map_err(io_err(path))?;
+    f.seek(SeekFrom::Start(offset))
+        .and_then(|_| f.read_exact(&mut buf))
+        .at(path, format!("reading {len} bytes at byte {offset}"))?;
     Ok(buf)
 }
 
 fn write_at(f: &mut File, path: &Path, offset: u64, data: &[u8]) -> Result<(), GrubBiosError> {
-    f.seek(SeekFrom::Start(offset)).map_err(io_err(path))?;
-    f.write_all(data).map_err(io_err(path))
+    f.seek(SeekFrom::Start(offset))
+        .and_then(|_| f.write_all(data))
+        .at(
+            path,
+            format!("writing {} bytes at byte {offset}", data.len()),
+        )?;
+    Ok(())
 }
 
 /// Size in sectors of the BIOS boot partition starting at `first`, from the primary GPT.
@@ -191,7 +192,8 @@ pub fn install(
         mbr[MBR_DRIVE_CHECK + 1] = 0x90;
     }
     write_at(f, disk, 0, &mbr)?;
-    f.sync_all().map_err(io_err(disk))
+    f.sync_all().at(disk, "fsync")?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use kairos_util::{IoError, IoResultExt};
+
 pub const BLOCK_SIZE: usize = 1024;
 pub const HEADER: &[u8] = b"# GRUB Environment Block\n";
 
@@ -57,12 +59,8 @@ pub const DEFAULT_MAX_TRIES: u8 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrubEnvError {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("{}: {size} bytes, a GRUB environment block is exactly {BLOCK_SIZE}", path.display())]
     WrongSize { path: PathBuf, size: u64 },
     #[error("{}: no \"# GRUB Environment Block\" header", path.display())]
@@ -96,7 +94,7 @@ impl GrubEnvError {
     }
 
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Self::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+        matches!(self, Self::Io(e) if e.kind() == std::io::ErrorKind::NotFound)
     }
 }
 
@@ -313,23 +311,14 @@ impl GrubEnv {
     }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> GrubEnvError + '_ {
-    move |source| GrubEnvError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
 /// Read and parse the block at `path`.
 pub fn read(path: &Path) -> Result<GrubEnv, GrubEnvError> {
-    let file = File::open(path).map_err(io_err(path))?;
-    let meta = file.metadata().map_err(io_err(path))?;
+    let file = File::open(path).at(path, "opening")?;
+    let meta = file.metadata().at(path, "reading the metadata")?;
     // A directory or device here is a mistake to report, not a corrupt block to replace.
     if !meta.is_file() {
-        return Err(io_err(path)(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        )));
+        let err = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
+        return Err(IoError::new(path, "opening", err).into());
     }
     let size = meta.len();
     if size != BLOCK_SIZE as u64 {
@@ -342,7 +331,7 @@ pub fn read(path: &Path) -> Result<GrubEnv, GrubEnvError> {
     // Bounded even if the file grows between the size check and the read.
     file.take(BLOCK_SIZE as u64 + 1)
         .read_to_end(&mut bytes)
-        .map_err(io_err(path))?;
+        .at(path, "reading")?;
     GrubEnv::parse(&bytes, path)
 }
 
@@ -382,15 +371,18 @@ fn create_unique_tmp(path: &Path) -> std::io::Result<(PathBuf, File)> {
 pub fn write(path: &Path, env: &GrubEnv) -> Result<(), GrubEnvError> {
     let block = env.to_block(path)?;
     // Unique: two writers (or a writer and a stale file) never share a temporary file.
-    let (tmp, mut f) = create_unique_tmp(path).map_err(io_err(&tmp_path(path)))?;
+    let (tmp, mut f) = create_unique_tmp(path).at(&tmp_path(path), "creating")?;
     let written = f
         .write_all(&block)
-        .and_then(|()| f.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .at(&tmp, "writing")
+        .and_then(|()| f.sync_all().at(&tmp, "fsync"))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).at(&tmp, format!("renaming to {}", path.display()))
+        });
     drop(f);
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(&tmp)(e));
+        return Err(e.into());
     }
     let _ = std::fs::remove_file(tmp_path(path));
     let dir = match path.parent() {
@@ -399,7 +391,7 @@ pub fn write(path: &Path, env: &GrubEnv) -> Result<(), GrubEnvError> {
     };
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
+        .at(dir, "fsync of the directory")?;
     crate::sys::journal::checkpoint(dir)?;
     Ok(())
 }
