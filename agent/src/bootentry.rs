@@ -7,6 +7,49 @@ use kairos_init::grubenv::{self, Counters, DEFAULT_MAX_TRIES, GrubEnv, var};
 
 use crate::{AgentError, Ctx, Outcome, check_entry, load_env, load_env_for_update, lock, repair};
 
+/// `kairos-agent bootentry`'s flags: at most one action, listing when none.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("action").args(["list", "select", "arm", "disarm", "repair"])))]
+pub struct Args {
+    /// Show the entries, which is default and next, and the counters
+    #[arg(long)]
+    list: bool,
+    /// Boot ID once on the next boot (one-shot next_entry): cos, fallback, recovery,
+    /// statereset
+    #[arg(long, value_name = "ID")]
+    select: Option<String>,
+    /// Arm boot assessment: active and passive each get N tries before GRUB falls back
+    #[arg(long)]
+    arm: bool,
+    /// Tries for --arm, 1..9 [default: kairos_max_tries, else 3]
+    #[arg(long, value_name = "N", requires = "arm",
+          value_parser = clap::value_parser!(u8).range(1..=9))]
+    tries: Option<u8>,
+    /// Stop counting: GRUB boots next_entry / saved_entry again
+    #[arg(long)]
+    disarm: bool,
+    /// Rewrite a missing or corrupt grubenv as a valid empty block
+    #[arg(long)]
+    repair: bool,
+}
+
+impl Args {
+    /// The action the flags name.
+    pub fn action(self) -> Action {
+        if let Some(id) = self.select {
+            Action::Select(id)
+        } else if self.arm {
+            Action::Arm(self.tries)
+        } else if self.disarm {
+            Action::Disarm
+        } else if self.repair {
+            Action::Repair
+        } else {
+            Action::List
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     List,

@@ -9,23 +9,36 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+use clap::builder::TypedValueParser as _;
+
 use crate::k3s::{Spec, Supervisor, SupervisorOptions};
 use crate::{AgentError, Ctx, Outcome, config, markgood, stages};
 
 /// Written once the daemon is past start-up (see [`run`]).
 pub const READY: &str = "/run/kairos/agent-ready";
 
-#[derive(Clone)]
+/// `kairos-agent daemon`'s options; the command line sets the first three.
+#[derive(Clone, clap::Args)]
 pub struct DaemonOptions {
     /// Run fs, boot and network first, and reconcile periodically (off when systemd units
     /// run them).
+    #[arg(long = "no-stages", action = clap::ArgAction::SetFalse,
+          help = "Do not run the stages, reconcile included (systemd units run them)")]
     pub run_stages: bool,
+    /// Seconds between runs of the reconcile stage (the first one after that long)
+    #[arg(long = "reconcile-interval", value_name = "SECS", default_value = "3600",
+          value_parser = clap::value_parser!(u64).range(1..).map(Duration::from_secs))]
     pub reconcile_every: Duration,
     /// How often to ask whether the boot can be marked good, and for how long.
+    #[arg(skip = DaemonOptions::default().health_every)]
     pub health_every: Duration,
+    /// Seconds to keep trying to mark the boot good before giving up
+    #[arg(long, value_name = "SECS", default_value = "900", value_parser = clap::value_parser!(u64).map(Duration::from_secs))]
     pub health_timeout: Duration,
     /// How long one `k3s kubectl get --raw /readyz` may take.
+    #[arg(skip = DaemonOptions::default().k3s_check_timeout)]
     pub k3s_check_timeout: Duration,
+    #[arg(skip = DaemonOptions::default().k3s)]
     pub k3s: SupervisorOptions,
 }
 

@@ -2,6 +2,7 @@
 //! tests drive them on temp trees. main.rs only parses the command line.
 
 pub mod bootentry;
+pub mod cli;
 pub mod config;
 pub mod console;
 pub mod daemon;

@@ -7,6 +7,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use clap::builder::TypedValueParser as _;
+
 use kairos_init::grubenv::{self, Counters, MarkedGood, var};
 
 use crate::{AgentError, Ctx, Outcome, check_entry, entry_for_mode, load_env_for_update};
@@ -18,12 +20,19 @@ pub const K3S_CONFIG: &str = "/etc/rancher/k3s/config.yaml";
 pub const K3S_BINARIES: &[&str] = &["/usr/bin/k3s", "/usr/local/bin/k3s"];
 pub const DEFAULT_K3S_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `kairos-agent mark-good`'s options (the command line's flags).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct Options {
-    /// The entry that booted; None: from rd.kairos.boot_reason, kairos_boot_entry, the mode.
+    /// Entry that booted (cos, fallback, recovery, statereset) [default: from
+    /// rd.kairos.boot_reason, else kairos_boot_entry, checked against /run/cos]
+    #[arg(long, value_name = "ENTRY")]
     pub booted: Option<String>,
-    /// Check K3s even without its config file.
+    /// Require K3s to be ready even without /etc/rancher/k3s/config.yaml
+    #[arg(long)]
     pub k3s: bool,
+    /// How long `k3s kubectl get --raw /readyz` may take
+    #[arg(long, value_name = "SECS", default_value = "30",
+          value_parser = clap::value_parser!(u64).map(Duration::from_secs))]
     pub k3s_timeout: Duration,
 }
 

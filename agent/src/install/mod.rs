@@ -112,18 +112,23 @@ pub enum InstallError {
 }
 
 /// `kairos-agent install`'s options; literal paths (not under `--root`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Options {
-    /// The whole disk; default: `install.device` from the cloud-config.
+    /// The whole disk to install to (everything on it is lost) [default: install.device]
+    #[arg(long, value_name = "DEV")]
     pub device: Option<PathBuf>,
-    /// Same forms as `upgrade --source`; default `install.source`, else `dir:/` (the running
-    /// system's image).
+    /// As for upgrade: oci:REF, docker:REF, a bare REF, ocifile:PATH, dir:PATH, file:PATH
+    /// [default: install.source, else dir:/, the running system's image]
+    #[arg(long, value_name = "SRC")]
     pub source: Option<String>,
-    /// A cloud-config copied to COS_OEM.
+    /// A cloud-config to install as COS_OEM:/90_custom.yaml (mode 0600)
+    #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// GRUB's i386-pc directory; default /usr/lib/grub/i386-pc, else the source's.
+    /// GRUB's i386-pc directory [default: /usr/lib/grub/i386-pc, else the source's]
+    #[arg(long, value_name = "DIR")]
     pub grub_dir: Option<PathBuf>,
-    /// BIOS or UEFI boot code; `Auto` (the default) follows how this system booted.
+    /// Boot code to install
+    #[arg(long, value_enum, default_value_t)]
     pub firmware: efi::Firmware,
 }
 
@@ -1275,16 +1280,26 @@ pub fn auto_target(
 
 /// `kairos-agent manual-install CONFIG`'s options (upstream's flags: --device, --source,
 /// --reboot, --poweroff).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct ManualOptions {
-    /// The cloud-config to install with (copied to COS_OEM:/90_custom.yaml).
+    /// The cloud-config to install with (COS_OEM:/90_custom.yaml, mode 0600)
+    #[arg(value_name = "CONFIG")]
     pub config: PathBuf,
-    /// The whole disk [default: CONFIG's install.device, else this node's, else `auto`].
+    /// The whole disk to install to (everything on it is lost), or `auto` [default: CONFIG's
+    /// install.device, else this node's, else auto]
+    #[arg(long, value_name = "DEV")]
     pub device: Option<PathBuf>,
-    /// [default: CONFIG's install.source, else this node's, else `dir:/`].
+    /// As for install [default: CONFIG's install.source, else this node's, else dir:/]
+    #[arg(long, value_name = "SRC")]
     pub source: Option<String>,
+    /// Reboot when done (also with install.reboot in CONFIG)
+    #[arg(long)]
     pub reboot: bool,
+    /// Power off when done (also with install.poweroff in CONFIG)
+    #[arg(long)]
     pub poweroff: bool,
+    /// Boot code to install
+    #[arg(long, value_enum, default_value_t)]
     pub firmware: efi::Firmware,
 }
 

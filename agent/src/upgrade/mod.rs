@@ -180,22 +180,35 @@ impl From<kairos_init::grubenv::CounterError> for UpgradeError {
 
 /// `kairos-agent upgrade`'s options. Paths are literal (not under `--root`) except
 /// `kairos_state`, which is a path inside the root like every other fixed path.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Options {
+    /// oci:REF, docker:REF or a bare REF (a registry image), ocifile:PATH (an OCI archive or
+    /// layout), dir:PATH, file:PATH (an ext image) [default: upgrade.system.source, or
+    /// upgrade.recovery-system.source with --recovery]
+    #[arg(long, value_name = "SRC")]
     pub source: Option<String>,
+    /// Rebuild COS_RECOVERY:/cOS/recovery.squashfs (or recovery.img) instead
+    #[arg(long)]
     pub recovery: bool,
-    /// Where COS_STATE is mounted (its root, holding `cOS/`); default: found and mounted.
+    /// Where COS_STATE is mounted [default: /run/initramfs/cos-state remounted read-write, or
+    /// the partition labelled COS_STATE mounted under /run/kairos]
+    #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Where COS_RECOVERY is mounted, for `--recovery`.
+    /// Where COS_RECOVERY is mounted, for --recovery [default: found like --state-dir]
+    #[arg(long, value_name = "DIR")]
     pub recovery_dir: Option<PathBuf>,
-    /// Where blobs and the staging tree go (a `.kairos-upgrade` directory is made in it);
-    /// default: COS_PERSISTENT when mounted at /usr/local, else the target partition.
+    /// Where to download and unpack (a .kairos-upgrade directory is made in it) [default:
+    /// /usr/local/.kairos when COS_PERSISTENT is mounted there, else the target partition]
+    #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
-    /// The install/upgrade history file, inside the root.
+    /// The install/upgrade history to append to, under --root
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_KAIROS_STATE)]
     pub kairos_state: PathBuf,
-    /// What booted; default from /run/cos and /proc/cmdline.
+    /// What booted, when /run/cos and /proc/cmdline do not say: active, passive, recovery
+    #[arg(long, value_name = "IMAGE", value_enum)]
     pub booted: Option<Booted>,
-    /// `KAIROS_AGENT_CRASH_AT`.
+    /// `KAIROS_AGENT_CRASH_AT` (tests only, never a flag).
+    #[arg(skip = std::env::var(CRASH_ENV).ok().filter(|s| !s.is_empty()))]
     pub crash_at: Option<String>,
 }
 

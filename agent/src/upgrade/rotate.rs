@@ -23,7 +23,7 @@ pub const ACTIVE: &str = "active.img";
 pub const PASSIVE: &str = "passive.img";
 pub const TRANSITION: &str = "transition.img";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Booted {
     Active,
     Passive,
