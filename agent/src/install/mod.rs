@@ -130,6 +130,11 @@ pub struct Options {
     /// Boot code to install
     #[arg(long, value_enum, default_value_t)]
     pub firmware: efi::Firmware,
+    /// `device: auto` may take a removable or USB disk, as `install.allow-removable: true`
+    /// allows (either is enough): for a caller whose config is not this node's (a pairing
+    /// request). Not a flag.
+    #[arg(skip)]
+    pub allow_removable: bool,
 }
 
 /// Partition sizes in MiB (0 for persistent: the rest of the disk).
@@ -1017,14 +1022,14 @@ pub fn install(
             .map(PathBuf::from)
             .ok_or(InstallError::NoDevice)?,
     };
-    // `auto`, as upstream: the largest whole disk nothing uses; never the live medium, and
-    // removable or USB disks only when the config allows them. Run by hand, a disk holding
-    // Kairos may be taken (install.auto decides before: `auto_target`).
-    let dev = if dev.as_os_str() == "auto" {
-        pick_auto_by_hand(ctx, configured.allow_removable, log)?
-    } else {
-        dev
-    };
+    // Run by hand, a disk holding Kairos may be taken (install.auto decides before:
+    // `auto_target`).
+    let dev = resolve_device(
+        ctx,
+        dev,
+        opts.allow_removable || configured.allow_removable,
+        log,
+    )?;
     let mut p = Progress::new(8);
 
     // 1. Checks that write nothing.
@@ -1204,14 +1209,20 @@ pub fn auto_install(
     Some(r)
 }
 
-/// `--device auto` as a person asks for it (install, manual-install): the pick of
-/// [`device::pick_auto`], removable and USB disks only with `removable`; a disk holding Kairos
-/// may be taken (the log says it is replaced), unlike install.auto's [`auto_target`].
-fn pick_auto_by_hand(
+/// The one decision of `--device auto` as a person asks for it (install, manual-install, a
+/// pairing request): `dev` itself unless it is `auto`; else, as upstream, the largest whole
+/// disk nothing uses ([`device::pick_auto`]): never the live medium, removable and USB disks
+/// only with `removable`; a disk holding Kairos may be taken (the log says it is replaced),
+/// unlike install.auto's [`auto_target`].
+pub fn resolve_device(
     ctx: &Ctx,
+    dev: PathBuf,
     removable: bool,
     log: &mut dyn Write,
 ) -> Result<PathBuf, InstallError> {
+    if dev.as_os_str() != "auto" {
+        return Ok(dev);
+    }
     let policy = device::AutoPolicy {
         removable,
         kairos: true,
@@ -1340,11 +1351,8 @@ pub fn manual_install(
         .or_else(|| named(&given.device))
         .or_else(|| named(&node.device))
         .unwrap_or_else(|| PathBuf::from("auto"));
-    let device = if device.as_os_str() == "auto" {
-        pick_auto_by_hand(ctx, given.allow_removable || node.allow_removable, log)?
-    } else {
-        device
-    };
+    let allow_removable = given.allow_removable || node.allow_removable;
+    let device = resolve_device(ctx, device, allow_removable, log)?;
     let install_opts = Options {
         device: Some(device),
         source: opts
@@ -1355,6 +1363,7 @@ pub fn manual_install(
         config: Some(c.clone()),
         grub_dir: None,
         firmware: opts.firmware,
+        allow_removable,
     };
     let finish = Finish {
         reboot: opts.reboot || given.reboot,
