@@ -421,8 +421,8 @@ pub fn upgrade(
     if let Some(c) = &opts.crash_at {
         check_crash_point(c)?;
     }
-    // One install, upgrade or reset at a time: they share the work directory, the bind mount
-    // and the partitions (an upgrade and an upgrade --recovery too).
+    // 0. One install, upgrade or reset at a time: they share the work directory, the bind
+    // mount and the partitions (an upgrade and an upgrade --recovery too).
     let _system = crate::lock::system(
         ctx,
         if opts.recovery {
@@ -433,104 +433,21 @@ pub fn upgrade(
     )?;
     let loaded = crate::sources::load(ctx, &LoadOptions::default());
     stages::report_load(&loaded, log).map_err(AgentError::Output)?;
-    let (key, configured) = match &loaded.merged.upgrade {
-        Some(u) if opts.recovery => (
-            "upgrade.recovery-system.source",
-            u.recovery_system.as_ref().and_then(|s| s.source.clone()),
-        ),
-        Some(u) => (
-            "upgrade.system.source",
-            u.system.as_ref().and_then(|s| s.source.clone()),
-        ),
-        None if opts.recovery => ("upgrade.recovery-system.source", None),
-        None => ("upgrade.system.source", None),
-    };
-    let given = opts
-        .source
-        .clone()
-        .or(configured)
-        .ok_or(UpgradeError::NoSource { key })?;
+    let given = source_given(opts, &loaded)?;
     let src = source::parse(&given)?;
     let origin = given.trim().to_string();
     let mode = opts.booted.or_else(|| detect_booted(ctx));
-    let (which, explicit) = if opts.recovery {
-        (locate::Partition::Recovery, opts.recovery_dir.as_deref())
-    } else {
-        (locate::Partition::State, opts.state_dir.as_deref())
-    };
-    let target = locate::open(ctx, which, explicit, log)?;
-    let cos = target.dir.join("cOS");
-    if !cos.is_dir() {
-        return Err(UpgradeError::Locate(format!(
-            "{}: no cOS directory: not a {} partition",
-            target.dir.display(),
-            which.label()
-        )));
-    }
-    // One upgrade at a time: an exclusive lock on the cOS directory itself (nothing written).
-    let _lock = File::open(&cos).at(&cos, "opening")?;
-    rustix::fs::flock(&_lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-        |e| {
-            UpgradeError::Locate(format!(
-                "{}: {}; is another upgrade running?",
-                cos.display(),
-                std::io::Error::from(e)
-            ))
-        },
-    )?;
-    // Which file holds the running system decides what is kept (slots.rs); decided before
-    // anything is written. A recovery upgrade touches none of them.
-    let plan = if opts.recovery {
-        None
-    } else {
-        let boot = slots::Boot {
-            mode,
-            root_uuid: slots::running_root_uuid(ctx),
-            tentative: grubenv::read(&ctx.grubenv_path())
-                .ok()
-                .and_then(|env| Counters::from_env(&env).ok())
-                .is_some_and(|c| c.armed && c.tentative),
-        };
-        Some(slots::decide(&slots::Files::read(&cos), &boot)?)
-    };
-    let booted = match (&plan, mode) {
-        (Some(p), _) => p.booted,
-        (None, Some(m)) => m,
-        (None, None) => {
-            writeln!(
-                log,
-                "kairos-agent: cannot tell what booted (no /run/cos sentinel, no COS_ label on the command line); a recovery upgrade does not depend on it: recorded as active"
-            ).map_err(AgentError::Output)?;
-            Booted::Active
-        }
-    };
-    writeln!(
-        log,
-        "kairos-agent: upgrading {} from {origin} (booted: {})",
-        if opts.recovery {
-            "recovery"
-        } else {
-            "the system"
-        },
-        booted_name(booted)
-    )
-    .map_err(AgentError::Output)?;
-    if let Some(p) = &plan {
-        writeln!(log, "kairos-agent: {}", p.why).map_err(AgentError::Output)?;
-    }
 
+    // 1. The target partition, mounted read-write, its cOS directory locked.
+    let target = open_target(ctx, opts, log)?;
+    let cos = target.cos.clone();
+    // 0. What booted, decided before anything is written.
+    let (plan, booted) = decide_slots(ctx, opts, &cos, mode, &origin, log)?;
     run_hook(ctx, &loaded, "before-upgrade", log);
 
-    // A transition image or new recovery left by an interrupted upgrade is never booted.
-    let (new_name, final_name, label) = if opts.recovery {
-        if cos.join("recovery.img").exists() && !cos.join("recovery.squashfs").exists() {
-            ("recovery.img.new", "recovery.img", Some("COS_SYSTEM"))
-        } else {
-            ("recovery.squashfs.new", "recovery.squashfs", None)
-        }
-    } else {
-        (TRANSITION, ACTIVE, Some("COS_ACTIVE"))
-    };
+    // 2.-4. The source resolved, the space checked, the layers downloaded and applied; the
+    // new image built completely next to the ones it replaces.
+    let (new_name, final_name, label) = new_image_names(opts, &cos);
     let new_path = cos.join(new_name);
     // What the space check may count as freed: the leftover transition.img, or passive.img
     // when the leftover is the booted image that replaces it.
@@ -538,14 +455,12 @@ pub fn upgrade(
         Some(slots::Leftover::FinishRotation) => file_size(&cos.join(PASSIVE)),
         _ => file_size(&new_path),
     };
-
     let work_base = opts
         .work_dir
         .clone()
         .unwrap_or_else(|| default_work_base(ctx, &target.dir));
     let work_path = work_base.join(".kairos-upgrade");
     let same_fs = device_of(&work_base).is_some() && device_of(&work_base) == device_of(&cos);
-
     let work_guard = RemoveTree(work_path.clone());
     let prepared = prepare(
         &src,
@@ -558,103 +473,31 @@ pub fn upgrade(
         reclaimable,
         log,
     )?;
-
     // An image that cannot boot is refused before anything is touched.
     check_bootable(
         &prepared.content,
         &origin,
         &work_path.with_extension("check"),
     )?;
-
-    // A leftover transition.img: the booted image is never deleted (slots.rs).
-    match plan.as_ref().map(|p| p.leftover) {
-        Some(slots::Leftover::FinishRotation) => {
-            image::relabel(&new_path, "COS_PASSIVE")?;
-            rotate::execute(&cos, &[Step::OldActiveToPassive])?;
-            writeln!(
-                log,
-                "kairos-agent: finished the interrupted rotation: {TRANSITION} (the image that booted) is now {PASSIVE}"
-            ).map_err(AgentError::Output)?;
-        }
-        _ if new_path.exists() => {
-            std::fs::remove_file(&new_path).at(&new_path, "removing the stale")?;
-            sync_dir(&cos)?;
-            writeln!(
-                log,
-                "kairos-agent: removed {} left by an interrupted upgrade (never booted)",
-                new_path.display()
-            )
-            .map_err(AgentError::Output)?;
-        }
-        _ => {}
-    }
-    // Build the new image completely, next to the ones it replaces; a failed build leaves
-    // nothing behind.
-    let built = build(&prepared.content, &new_path, &cos, label, log);
-    if let Err(e) = built {
-        let _ = std::fs::remove_file(&new_path);
-        return Err(e);
-    }
+    clear_leftover(plan.as_ref(), &cos, &new_path, log)?;
+    build_new(&prepared.content, &new_path, &cos, label, log)?;
     let digest = prepared.digest.clone();
     drop(prepared);
     drop(work_guard);
     let size = file_size(&new_path);
 
-    let image_name;
-    if opts.recovery {
-        image_name = final_name.to_string();
-        let final_path = cos.join(final_name);
-        crash(opts, "before-rename-1", log);
-        std::fs::rename(&new_path, &final_path).at(&final_path, "renaming the new image to")?;
-        crash(opts, "after-rename-1-before-sync", log);
-        sync_dir(&cos)?;
+    // 5. and 6. The counters armed and the images rotated (or the new recovery renamed in).
+    let image_name = if opts.recovery {
+        put_recovery(opts, &cos, &new_path, final_name, log)?;
+        final_name.to_string()
     } else {
         let steps = plan.map(|p| p.steps).unwrap_or_default();
-        if steps.contains(&Step::OldActiveToPassive) {
-            let a = cos.join(ACTIVE);
-            let fs = kairos_init::probe::probe_path(&a).ok().flatten();
-            if !fs.as_ref().is_some_and(|f| {
-                matches!(
-                    f.fstype,
-                    kairos_init::probe::FsType::Ext2
-                        | kairos_init::probe::FsType::Ext3
-                        | kairos_init::probe::FsType::Ext4
-                )
-            }) {
-                let _ = std::fs::remove_file(&new_path);
-                return Err(UpgradeError::BadImage {
-                    path: a,
-                    what: "not an ext2/3/4 image: it cannot be relabelled COS_PASSIVE; nothing was rotated".into(),
-                });
-            }
-        }
-        arm(ctx, out, log)?;
-        let two = steps.len() == 2;
-        rotate::execute_with(&cos, &steps, &mut |e| -> Result<(), UpgradeError> {
-            match e {
-                Event::BeforeRename(n) => crash(opts, &format!("before-rename-{n}"), log),
-                Event::AfterRenameBeforeSync(n) => {
-                    crash(opts, &format!("after-rename-{n}-before-sync"), log)
-                }
-                Event::Synced(1) if two => {
-                    crash(opts, "between-renames", log);
-                    image::relabel(&cos.join(TRANSITION), "COS_PASSIVE")?;
-                }
-                Event::Synced(_) => {}
-            }
-            Ok(())
-        })?;
-        image_name = ACTIVE.to_string();
-        let what = match steps.as_slice() {
-            [Step::ReplaceActive] => {
-                format!("{ACTIVE} replaced; {PASSIVE} (what booted, or missing) untouched")
-            }
-            _ => format!("the old {ACTIVE} is now {PASSIVE} (COS_PASSIVE)"),
-        };
-        writeln!(log, "kairos-agent: rotated: {what}").map_err(AgentError::Output)?;
-    }
+        rotate_system(ctx, opts, &cos, &new_path, &steps, out, log)?;
+        ACTIVE.to_string()
+    };
     crash(opts, "done", log);
 
+    // 7. The history line, after-upgrade.
     let line = history_line(
         &kairos_util::time::rfc3339(kairos_util::time::now_ms()),
         if opts.recovery {
@@ -683,6 +526,266 @@ pub fn upgrade(
     )
     .map_err(AgentError::Output)?;
     Ok(Outcome::Done)
+}
+
+/// `--source`, else the cloud-config's `upgrade.system.source` (or
+/// `upgrade.recovery-system.source` with `--recovery`).
+fn source_given(opts: &Options, loaded: &config::Loaded) -> Result<String, UpgradeError> {
+    let (key, configured) = match &loaded.merged.upgrade {
+        Some(u) if opts.recovery => (
+            "upgrade.recovery-system.source",
+            u.recovery_system.as_ref().and_then(|s| s.source.clone()),
+        ),
+        Some(u) => (
+            "upgrade.system.source",
+            u.system.as_ref().and_then(|s| s.source.clone()),
+        ),
+        None if opts.recovery => ("upgrade.recovery-system.source", None),
+        None => ("upgrade.system.source", None),
+    };
+    opts.source
+        .clone()
+        .or(configured)
+        .ok_or(UpgradeError::NoSource { key })
+}
+
+/// The partition an upgrade writes to, mounted, with its `cOS` directory locked while held.
+/// Dropped in field order: the mount's undo first, then the lock, as upgrade() always did
+/// (an unmount then meets the lock's open directory: EBUSY, ignored).
+struct OpenTarget {
+    target: locate::Target,
+    _lock: File,
+    cos: PathBuf,
+}
+
+impl std::ops::Deref for OpenTarget {
+    type Target = locate::Target;
+    fn deref(&self) -> &locate::Target {
+        &self.target
+    }
+}
+
+/// Step 1: COS_STATE (COS_RECOVERY with `--recovery`) mounted read-write; one upgrade at a
+/// time: an exclusive lock on the cOS directory itself (nothing written).
+fn open_target(ctx: &Ctx, opts: &Options, log: &mut dyn Write) -> Result<OpenTarget, UpgradeError> {
+    let (which, explicit) = if opts.recovery {
+        (locate::Partition::Recovery, opts.recovery_dir.as_deref())
+    } else {
+        (locate::Partition::State, opts.state_dir.as_deref())
+    };
+    let target = locate::open(ctx, which, explicit, log)?;
+    let cos = target.dir.join("cOS");
+    if !cos.is_dir() {
+        return Err(UpgradeError::Locate(format!(
+            "{}: no cOS directory: not a {} partition",
+            target.dir.display(),
+            which.label()
+        )));
+    }
+    let lock = File::open(&cos).at(&cos, "opening")?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |e| {
+            UpgradeError::Locate(format!(
+                "{}: {}; is another upgrade running?",
+                cos.display(),
+                std::io::Error::from(e)
+            ))
+        },
+    )?;
+    Ok(OpenTarget {
+        target,
+        _lock: lock,
+        cos,
+    })
+}
+
+/// Step 0: which file holds the running system decides what is kept (slots.rs); decided
+/// before anything is written. A recovery upgrade touches none of them (no plan). Says what
+/// is upgraded and why.
+fn decide_slots(
+    ctx: &Ctx,
+    opts: &Options,
+    cos: &Path,
+    mode: Option<Booted>,
+    origin: &str,
+    log: &mut dyn Write,
+) -> Result<(Option<slots::Plan>, Booted), UpgradeError> {
+    let plan = if opts.recovery {
+        None
+    } else {
+        let boot = slots::Boot {
+            mode,
+            root_uuid: slots::running_root_uuid(ctx),
+            tentative: grubenv::read(&ctx.grubenv_path())
+                .ok()
+                .and_then(|env| Counters::from_env(&env).ok())
+                .is_some_and(|c| c.armed && c.tentative),
+        };
+        Some(slots::decide(&slots::Files::read(cos), &boot)?)
+    };
+    let booted = match (&plan, mode) {
+        (Some(p), _) => p.booted,
+        (None, Some(m)) => m,
+        (None, None) => {
+            writeln!(
+                log,
+                "kairos-agent: cannot tell what booted (no /run/cos sentinel, no COS_ label on the command line); a recovery upgrade does not depend on it: recorded as active"
+            ).map_err(AgentError::Output)?;
+            Booted::Active
+        }
+    };
+    writeln!(
+        log,
+        "kairos-agent: upgrading {} from {origin} (booted: {})",
+        if opts.recovery {
+            "recovery"
+        } else {
+            "the system"
+        },
+        booted_name(booted)
+    )
+    .map_err(AgentError::Output)?;
+    if let Some(p) = &plan {
+        writeln!(log, "kairos-agent: {}", p.why).map_err(AgentError::Output)?;
+    }
+    Ok((plan, booted))
+}
+
+/// (the new image's name while built, its final name, its ext4 label or None for a
+/// squashfs). A transition image or new recovery left by an interrupted upgrade is never
+/// booted.
+fn new_image_names(
+    opts: &Options,
+    cos: &Path,
+) -> (&'static str, &'static str, Option<&'static str>) {
+    if opts.recovery {
+        if cos.join("recovery.img").exists() && !cos.join("recovery.squashfs").exists() {
+            ("recovery.img.new", "recovery.img", Some("COS_SYSTEM"))
+        } else {
+            ("recovery.squashfs.new", "recovery.squashfs", None)
+        }
+    } else {
+        (TRANSITION, ACTIVE, Some("COS_ACTIVE"))
+    }
+}
+
+/// Step 4: a leftover transition.img removed, or moved to passive.img when it is the image
+/// that booted (the booted image is never deleted, slots.rs).
+fn clear_leftover(
+    plan: Option<&slots::Plan>,
+    cos: &Path,
+    new_path: &Path,
+    log: &mut dyn Write,
+) -> Result<(), UpgradeError> {
+    match plan.map(|p| p.leftover) {
+        Some(slots::Leftover::FinishRotation) => {
+            image::relabel(new_path, "COS_PASSIVE")?;
+            rotate::execute(cos, &[Step::OldActiveToPassive])?;
+            writeln!(
+                log,
+                "kairos-agent: finished the interrupted rotation: {TRANSITION} (the image that booted) is now {PASSIVE}"
+            ).map_err(AgentError::Output)?;
+        }
+        _ if new_path.exists() => {
+            std::fs::remove_file(new_path).at(new_path, "removing the stale")?;
+            sync_dir(cos)?;
+            writeln!(
+                log,
+                "kairos-agent: removed {} left by an interrupted upgrade (never booted)",
+                new_path.display()
+            )
+            .map_err(AgentError::Output)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Step 4: the new image built completely, next to the ones it replaces; a failed build
+/// leaves nothing behind.
+fn build_new(
+    content: &Content,
+    new_path: &Path,
+    cos: &Path,
+    label: Option<&str>,
+    log: &mut dyn Write,
+) -> Result<(), UpgradeError> {
+    let built = build(content, new_path, cos, label, log);
+    if built.is_err() {
+        let _ = std::fs::remove_file(new_path);
+    }
+    built
+}
+
+/// Step 6 of `--recovery`: the new recovery image renamed over the old one.
+fn put_recovery(
+    opts: &Options,
+    cos: &Path,
+    new_path: &Path,
+    final_name: &str,
+    log: &mut dyn Write,
+) -> Result<(), UpgradeError> {
+    let final_path = cos.join(final_name);
+    crash(opts, "before-rename-1", log);
+    std::fs::rename(new_path, &final_path).at(&final_path, "renaming the new image to")?;
+    crash(opts, "after-rename-1-before-sync", log);
+    sync_dir(cos)
+}
+
+/// Steps 5 and 6: the counters armed, then `steps` rotated (rotate.rs), the crash points
+/// between the renames. The old active must be an ext image to be relabelled COS_PASSIVE:
+/// else nothing is rotated and the new image removed.
+fn rotate_system(
+    ctx: &Ctx,
+    opts: &Options,
+    cos: &Path,
+    new_path: &Path,
+    steps: &[Step],
+    out: &mut dyn Write,
+    log: &mut dyn Write,
+) -> Result<(), UpgradeError> {
+    if steps.contains(&Step::OldActiveToPassive) {
+        let a = cos.join(ACTIVE);
+        let fs = kairos_init::probe::probe_path(&a).ok().flatten();
+        if !fs.as_ref().is_some_and(|f| {
+            matches!(
+                f.fstype,
+                kairos_init::probe::FsType::Ext2
+                    | kairos_init::probe::FsType::Ext3
+                    | kairos_init::probe::FsType::Ext4
+            )
+        }) {
+            let _ = std::fs::remove_file(new_path);
+            return Err(UpgradeError::BadImage {
+                path: a,
+                what: "not an ext2/3/4 image: it cannot be relabelled COS_PASSIVE; nothing was rotated".into(),
+            });
+        }
+    }
+    arm(ctx, out, log)?;
+    let two = steps.len() == 2;
+    rotate::execute_with(cos, steps, &mut |e| -> Result<(), UpgradeError> {
+        match e {
+            Event::BeforeRename(n) => crash(opts, &format!("before-rename-{n}"), log),
+            Event::AfterRenameBeforeSync(n) => {
+                crash(opts, &format!("after-rename-{n}-before-sync"), log)
+            }
+            Event::Synced(1) if two => {
+                crash(opts, "between-renames", log);
+                image::relabel(&cos.join(TRANSITION), "COS_PASSIVE")?;
+            }
+            Event::Synced(_) => {}
+        }
+        Ok(())
+    })?;
+    let what = match steps {
+        [Step::ReplaceActive] => {
+            format!("{ACTIVE} replaced; {PASSIVE} (what booted, or missing) untouched")
+        }
+        _ => format!("the old {ACTIVE} is now {PASSIVE} (COS_PASSIVE)"),
+    };
+    writeln!(log, "kairos-agent: rotated: {what}").map_err(AgentError::Output)?;
+    Ok(())
 }
 
 /// Step 4: the new image, complete and fsynced, at `new_path` (ext4 labelled `label`, or a
