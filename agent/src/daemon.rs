@@ -103,22 +103,54 @@ pub fn run(
     )?;
     // A restarted daemon is not ready until it is past start-up again.
     let _ = std::fs::remove_file(ctx.path(READY));
-    if opts.run_stages {
-        for stage in stages::USERLAND_STAGES {
-            if let Ok(Event::Stop(s)) = events.try_recv() {
-                writeln!(
-                    log,
-                    "kairos-agent: {} before stage {stage}: exiting",
-                    signal_name(s)
-                )?;
-                return Ok(Outcome::Done);
-            }
-            match stages::run_stage(ctx, stage, log) {
-                Ok(_) => {}
-                Err(e) => writeln!(log, "kairos-agent: error: stage {stage}: {e}")?,
-            }
+    // 1. The userland stages, unless systemd units run them; a stop request ends it here.
+    if opts.run_stages && !run_userland_stages(ctx, events, log)? {
+        return Ok(Outcome::Done);
+    }
+    // 2. The merged configuration.
+    let loaded = load_config(ctx, opts, log)?;
+    // 3. Live and reset boots: install.auto, the install screen or pairing, kairos.reset.
+    let _pairing = install_or_reset(ctx, &loaded, log)?;
+    // 4. K3s, or the mesh that starts it.
+    // A live boot is the installer, not the node: its config's K3s and mesh are for the
+    // installed system (upstream starts neither off live media), and it has no boot entry
+    // of its own to mark good.
+    let live = ctx.mode() == Some("live");
+    let mut work = Workloads::start(ctx, opts, &loaded, live, log)?;
+    // 5. Ready for whoever waits on the agent.
+    write_ready(ctx, log)?;
+    // 6. Mark the boot good, reconcile periodically, until a stop request.
+    serve(ctx, opts, events, &mut work, live, log)
+}
+
+/// Runs fs, boot and network in order; false when a stop request came in between.
+fn run_userland_stages(
+    ctx: &Ctx,
+    events: &Receiver<Event>,
+    log: &mut dyn Write,
+) -> Result<bool, AgentError> {
+    for stage in stages::USERLAND_STAGES {
+        if let Ok(Event::Stop(s)) = events.try_recv() {
+            writeln!(
+                log,
+                "kairos-agent: {} before stage {stage}: exiting",
+                signal_name(s)
+            )?;
+            return Ok(false);
+        }
+        match stages::run_stage(ctx, stage, log) {
+            Ok(_) => {}
+            Err(e) => writeln!(log, "kairos-agent: error: stage {stage}: {e}")?,
         }
     }
+    Ok(true)
+}
+
+fn load_config(
+    ctx: &Ctx,
+    opts: &DaemonOptions,
+    log: &mut dyn Write,
+) -> Result<config::Loaded, AgentError> {
     let loaded = crate::sources::load(ctx, &config::LoadOptions::default());
     if !opts.run_stages {
         // run-stage already reported the files; only say what matters for K3s here.
@@ -126,8 +158,18 @@ pub fn run(
             writeln!(log, "kairos-agent: warning: {e}")?;
         }
     }
+    Ok(loaded)
+}
+
+/// install.auto on a live boot, else the live install screen (or pairing); a `kairos.reset`
+/// boot's reset. Returns the pairing thread, if one runs.
+fn install_or_reset(
+    ctx: &Ctx,
+    loaded: &config::Loaded,
+    log: &mut dyn Write,
+) -> Result<Option<std::thread::JoinHandle<()>>, AgentError> {
     // A live boot with install.auto installs (and usually reboots) before anything else starts.
-    let auto = crate::install::auto_install(ctx, &loaded, &mut std::io::stdout(), log);
+    let auto = crate::install::auto_install(ctx, loaded, &mut std::io::stdout(), log);
     if let Some(r) = &auto {
         // A refusal or failure was said already, on the log and the console.
         if r.is_ok() {
@@ -137,7 +179,7 @@ pub fn run(
     // A live boot that did not install: the install screen on the console, and with
     // install-mode (or nodepair.enable) and no install.auto, upstream's QR pairing in the
     // background (nothing else runs on a live boot: no K3s, no mesh without a token).
-    let _pairing = if ctx.mode() == Some("live") && !auto.as_ref().is_some_and(|r| r.is_ok()) {
+    let pairing = if ctx.mode() == Some("live") && !auto.as_ref().is_some_and(|r| r.is_ok()) {
         live_install_screen(ctx, auto.is_some(), log)?
     } else {
         None
@@ -147,49 +189,81 @@ pub fn run(
     if let Some(Err(e)) = crate::reset::auto_reset(ctx, &mut std::io::stdout(), log) {
         writeln!(log, "kairos-agent: error: reset: {e}")?;
     }
-    let mut k3s = None;
-    // With a mesh token the P2P node picks the role and starts K3s itself (as upstream's
-    // provider); the blocks then only carry its args.
-    // A live boot is the installer, not the node: its config's K3s and mesh are for the
-    // installed system (upstream starts neither off live media), and it has no boot entry
-    // of its own to mark good.
-    let live = ctx.mode() == Some("live");
-    let mesh = loaded
-        .merged
-        .p2p
-        .as_ref()
-        .and_then(|p| p.network_token.as_deref())
-        .is_some_and(|t| !t.is_empty());
-    let wants_k3s = Spec::from_config(&loaded.merged).is_some();
-    if live && (mesh || wants_k3s) {
-        writeln!(
-            log,
-            "kairos-agent: live boot: not starting {} (the config's, for the installed system)",
-            if mesh { "the mesh" } else { "K3s" }
-        )?;
-    }
-    let mesh = mesh && !live;
-    let mut mesh_node = None;
-    if mesh {
-        writeln!(
-            log,
-            "kairos-agent: p2p network_token set: joining the mesh (`kairos-agent p2p run`), which starts K3s"
-        )?;
-        mesh_node = Some(MeshNode::start(ctx));
-    }
-    let k3s_wanted = match Spec::from_config(&loaded.merged).filter(|_| !live) {
-        Some(_) if mesh => true,
-        Some(spec) => {
-            match Supervisor::start_with(ctx, spec, opts.k3s.clone()) {
-                Ok(s) => k3s = Some(s),
-                Err(e) => writeln!(log, "kairos-agent: error: k3s: {e}")?,
-            }
-            true
+    Ok(pairing)
+}
+
+/// What the daemon runs for the node: K3s under its supervisor, or the mesh node.
+struct Workloads {
+    k3s: Option<Supervisor>,
+    mesh: Option<MeshNode>,
+    /// Whether mark-good waits for K3s (configured, by the blocks or through the mesh).
+    k3s_wanted: bool,
+}
+
+impl Workloads {
+    fn start(
+        ctx: &Ctx,
+        opts: &DaemonOptions,
+        loaded: &config::Loaded,
+        live: bool,
+        log: &mut dyn Write,
+    ) -> Result<Workloads, AgentError> {
+        // With a mesh token the P2P node picks the role and starts K3s itself (as upstream's
+        // provider); the blocks then only carry its args.
+        let mesh = loaded
+            .merged
+            .p2p
+            .as_ref()
+            .and_then(|p| p.network_token.as_deref())
+            .is_some_and(|t| !t.is_empty());
+        let wants_k3s = Spec::from_config(&loaded.merged).is_some();
+        if live && (mesh || wants_k3s) {
+            writeln!(
+                log,
+                "kairos-agent: live boot: not starting {} (the config's, for the installed system)",
+                if mesh { "the mesh" } else { "K3s" }
+            )?;
         }
-        None => false,
-    };
-    // Readiness for whoever waits on the agent (scripts, tests): config applied, install.auto
-    // decided, K3s or the mesh started. Holds the pid, as a pidfile would.
+        let mesh = mesh && !live;
+        let mut work = Workloads {
+            k3s: None,
+            mesh: None,
+            k3s_wanted: false,
+        };
+        if mesh {
+            writeln!(
+                log,
+                "kairos-agent: p2p network_token set: joining the mesh (`kairos-agent p2p run`), which starts K3s"
+            )?;
+            work.mesh = Some(MeshNode::start(ctx));
+        }
+        work.k3s_wanted = match Spec::from_config(&loaded.merged).filter(|_| !live) {
+            Some(_) if mesh => true,
+            Some(spec) => {
+                match Supervisor::start_with(ctx, spec, opts.k3s.clone()) {
+                    Ok(s) => work.k3s = Some(s),
+                    Err(e) => writeln!(log, "kairos-agent: error: k3s: {e}")?,
+                }
+                true
+            }
+            None => false,
+        };
+        Ok(work)
+    }
+
+    fn stop(&mut self) {
+        if let Some(k) = self.k3s.take() {
+            k.stop();
+        }
+        if let Some(m) = self.mesh.take() {
+            m.stop();
+        }
+    }
+}
+
+/// Readiness for whoever waits on the agent (scripts, tests): config applied, install.auto
+/// decided, K3s or the mesh started. Holds the pid, as a pidfile would.
+fn write_ready(ctx: &Ctx, log: &mut dyn Write) -> Result<(), AgentError> {
     let ready = ctx.path(READY);
     if let Err(e) = ready
         .parent()
@@ -198,78 +272,124 @@ pub fn run(
     {
         writeln!(log, "kairos-agent: warning: {}: {e}", ready.display())?;
     }
-    let mut marking = (!live).then(|| Instant::now() + opts.health_timeout);
-    let mut last_refusal = String::new();
-    let mut next_health = Instant::now();
+    Ok(())
+}
+
+/// Marking the boot good: retried every `health_every` until it is, or `health_timeout`.
+struct Marking {
+    /// None once done or given up.
+    deadline: Option<Instant>,
+    next: Instant,
+    /// The last refusal said, so a repeated one is not said again.
+    last_refusal: String,
+}
+
+impl Marking {
+    /// One attempt when due.
+    fn tick(
+        &mut self,
+        ctx: &Ctx,
+        opts: &DaemonOptions,
+        k3s_wanted: bool,
+        now: Instant,
+        log: &mut dyn Write,
+    ) -> Result<(), AgentError> {
+        let Some(deadline) = self.deadline else {
+            return Ok(());
+        };
+        if now < self.next {
+            return Ok(());
+        }
+        match try_mark_good(ctx, k3s_wanted, opts.k3s_check_timeout) {
+            Ok((Outcome::Done, said)) => {
+                write!(log, "{said}")?;
+                self.deadline = None;
+            }
+            Ok((Outcome::Refused, said)) => {
+                if said != self.last_refusal {
+                    write!(log, "{said}")?;
+                    self.last_refusal = said;
+                }
+                if Instant::now() >= deadline {
+                    writeln!(
+                        log,
+                        "kairos-agent: boot not marked good after {} s; giving up (GRUB keeps counting tries)",
+                        opts.health_timeout.as_secs()
+                    )?;
+                    self.deadline = None;
+                }
+            }
+            Err(e) => {
+                writeln!(log, "kairos-agent: error: mark-good: {e}")?;
+                self.deadline = None;
+            }
+        }
+        self.next = Instant::now() + opts.health_every;
+        Ok(())
+    }
+}
+
+/// The reconcile stage on its own thread, unless the previous run is still going.
+fn reconcile(
+    ctx: &Ctx,
+    reconciling: &Arc<AtomicBool>,
+    log: &mut dyn Write,
+) -> Result<(), AgentError> {
+    if reconciling.swap(true, Ordering::SeqCst) {
+        writeln!(
+            log,
+            "kairos-agent: reconcile still running; skipped this round"
+        )?;
+        return Ok(());
+    }
+    let (ctx, flag) = (ctx.clone(), reconciling.clone());
+    std::thread::spawn(move || {
+        let mut err = std::io::stderr();
+        if let Err(e) = stages::run_stage(&ctx, "reconcile", &mut err) {
+            eprintln!("kairos-agent: error: stage reconcile: {e}");
+        }
+        flag.store(false, Ordering::SeqCst);
+    });
+    Ok(())
+}
+
+/// The daemon's loop: mark-good attempts and reconcile runs on their timers, until a stop
+/// request stops the workloads.
+fn serve(
+    ctx: &Ctx,
+    opts: &DaemonOptions,
+    events: &Receiver<Event>,
+    work: &mut Workloads,
+    live: bool,
+    log: &mut dyn Write,
+) -> Result<Outcome, AgentError> {
+    let mut marking = Marking {
+        deadline: (!live).then(|| Instant::now() + opts.health_timeout),
+        next: Instant::now(),
+        last_refusal: String::new(),
+    };
     let mut next_reconcile = Instant::now() + opts.reconcile_every;
     let reconciling = Arc::new(AtomicBool::new(false));
     loop {
         let now = Instant::now();
-        if let Some(deadline) = marking
-            && now >= next_health
-        {
-            match try_mark_good(ctx, k3s_wanted, opts.k3s_check_timeout) {
-                Ok((Outcome::Done, said)) => {
-                    write!(log, "{said}")?;
-                    marking = None;
-                }
-                Ok((Outcome::Refused, said)) => {
-                    if said != last_refusal {
-                        write!(log, "{said}")?;
-                        last_refusal = said;
-                    }
-                    if Instant::now() >= deadline {
-                        writeln!(
-                            log,
-                            "kairos-agent: boot not marked good after {} s; giving up (GRUB keeps counting tries)",
-                            opts.health_timeout.as_secs()
-                        )?;
-                        marking = None;
-                    }
-                }
-                Err(e) => {
-                    writeln!(log, "kairos-agent: error: mark-good: {e}")?;
-                    marking = None;
-                }
-            }
-            next_health = Instant::now() + opts.health_every;
-        }
+        marking.tick(ctx, opts, work.k3s_wanted, now, log)?;
         // With --no-stages the reconcile timer unit runs it.
         if opts.run_stages && now >= next_reconcile {
             next_reconcile = now + opts.reconcile_every;
-            if reconciling.swap(true, Ordering::SeqCst) {
-                writeln!(
-                    log,
-                    "kairos-agent: reconcile still running; skipped this round"
-                )?;
-            } else {
-                let (ctx, flag) = (ctx.clone(), reconciling.clone());
-                std::thread::spawn(move || {
-                    let mut err = std::io::stderr();
-                    if let Err(e) = stages::run_stage(&ctx, "reconcile", &mut err) {
-                        eprintln!("kairos-agent: error: stage reconcile: {e}");
-                    }
-                    flag.store(false, Ordering::SeqCst);
-                });
-            }
+            reconcile(ctx, &reconciling, log)?;
         }
         let mut wake = if opts.run_stages {
             next_reconcile
         } else {
             now + opts.reconcile_every
         };
-        if marking.is_some() {
-            wake = wake.min(next_health);
+        if marking.deadline.is_some() {
+            wake = wake.min(marking.next);
         }
         match events.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(Event::Stop(s)) => {
                 writeln!(log, "kairos-agent: {}: stopping", signal_name(s))?;
-                if let Some(k) = k3s.take() {
-                    k.stop();
-                }
-                if let Some(m) = mesh_node.take() {
-                    m.stop();
-                }
+                work.stop();
                 writeln!(log, "kairos-agent: daemon stopped")?;
                 return Ok(Outcome::Done);
             }
