@@ -1002,39 +1002,29 @@ pub fn finish(t: Targets, disk: &device::Disk) -> Result<(), InstallError> {
     Ok(())
 }
 
-pub fn install(
+/// What the checks found: the disk, the resolved source, the boot code and the layout.
+struct Checked {
+    disk: device::Disk,
+    src: SourceImage,
+    firmware: efi::Firmware,
+    sizes: Sizes,
+    parts: Vec<Part>,
+    boot: BootCode,
+}
+
+/// Phase 1, which writes nothing: `dev` is a whole disk nothing uses, the `--config` file
+/// exists, the source resolves, the disk holds the layout it needs and GRUB is there for the
+/// firmware.
+fn check(
     ctx: &Ctx,
     opts: &Options,
-    out: &mut dyn Write,
+    configured: &config::Install,
+    dev: &Path,
+    p: &mut Progress,
     log: &mut dyn Write,
-) -> Result<Outcome, InstallError> {
-    // One install, upgrade or reset at a time (lock.rs).
-    let _system = crate::lock::system(ctx, "install").map_err(UpgradeError::from)?;
-    let loaded = crate::sources::load(ctx, &LoadOptions::default());
-    stages::report_load(&loaded, log).map_err(InstallError::Output)?;
-    let configured = loaded.merged.install.clone().unwrap_or_default();
-    let dev = match &opts.device {
-        Some(d) => d.clone(),
-        None => configured
-            .device
-            .as_deref()
-            .filter(|d| !d.is_empty())
-            .map(PathBuf::from)
-            .ok_or(InstallError::NoDevice)?,
-    };
-    // Run by hand, a disk holding Kairos may be taken (install.auto decides before:
-    // `auto_target`).
-    let dev = resolve_device(
-        ctx,
-        dev,
-        opts.allow_removable || configured.allow_removable,
-        log,
-    )?;
-    let mut p = Progress::new(8);
-
-    // 1. Checks that write nothing.
+) -> Result<Checked, InstallError> {
     p.step(&format!("checking {}", dev.display()), log);
-    let disk = device::inspect(ctx, &dev, false)?;
+    let disk = device::inspect(ctx, dev, false)?;
     device::check_unused(ctx, &disk)?;
     if let Some(c) = &opts.config
         && !c.is_file()
@@ -1048,10 +1038,10 @@ pub fn install(
     let given = opts
         .source
         .clone()
-        .or(configured.source)
+        .or(configured.source.clone())
         .unwrap_or_else(|| "dir:/".into());
     p.step(&format!("resolving the source {}", given.trim()), log);
-    let mut src = SourceImage::resolve(ctx, &given, &ctx.path("/run/kairos"), log)?;
+    let src = SourceImage::resolve(ctx, &given, &ctx.path("/run/kairos"), log)?;
     if src.is_remote() {
         p.total += 1;
     }
@@ -1098,6 +1088,57 @@ pub fn install(
         ),
         log,
     );
+    Ok(Checked {
+        disk,
+        src,
+        firmware,
+        sizes: s,
+        parts,
+        boot,
+    })
+}
+
+/// `kairos-agent install`: the phases of the module's doc, in order; nothing is written to the disk
+/// before [`write_partitions`].
+pub fn install(
+    ctx: &Ctx,
+    opts: &Options,
+    out: &mut dyn Write,
+    log: &mut dyn Write,
+) -> Result<Outcome, InstallError> {
+    // One install, upgrade or reset at a time (lock.rs).
+    let _system = crate::lock::system(ctx, "install").map_err(UpgradeError::from)?;
+    let loaded = crate::sources::load(ctx, &LoadOptions::default());
+    stages::report_load(&loaded, log).map_err(InstallError::Output)?;
+    let configured = loaded.merged.install.clone().unwrap_or_default();
+    let dev = match &opts.device {
+        Some(d) => d.clone(),
+        None => configured
+            .device
+            .as_deref()
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .ok_or(InstallError::NoDevice)?,
+    };
+    // Run by hand, a disk holding Kairos may be taken (install.auto decides before:
+    // `auto_target`).
+    let dev = resolve_device(
+        ctx,
+        dev,
+        opts.allow_removable || configured.allow_removable,
+        log,
+    )?;
+    let mut p = Progress::new(8);
+
+    // 1. Checks that write nothing.
+    let Checked {
+        disk,
+        mut src,
+        firmware,
+        sizes: s,
+        parts,
+        boot,
+    } = check(ctx, opts, &configured, &dev, &mut p, log)?;
 
     // 2.
     run_hook(ctx, &loaded, "before-install", log);
