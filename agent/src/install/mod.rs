@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kairos_init::grubbios::{self, GrubBiosError};
 use kairos_init::grubcfg::{
     self, EXT4_FEATURES_GRUB_CANNOT_READ, GRUB_DIR, GrubCfgOptions, grub_cfg,
@@ -211,19 +212,22 @@ pub fn grub_prefix(parts: &[Part]) -> String {
     grubcfg::grub_prefix(part_number(parts, "state").unwrap_or(4))
 }
 
-/// One line per step: a progress bar redrawn in place on a terminal, `install: ...` lines
-/// otherwise.
+/// One line per step: an indicatif bar redrawn in place on a terminal (stderr), plain
+/// `install: ...` lines otherwise (what logs and tests read; written by hand so they stay
+/// exactly these lines).
 pub struct Progress {
     n: usize,
     total: usize,
-    tty: bool,
+    bar: Option<ProgressBar>,
 }
 
 impl Drop for Progress {
-    /// Ends the bar's line, also when the install stops with an error.
+    /// Leaves the bar's last state on its line, also when the install stops with an error.
     fn drop(&mut self) {
-        if self.tty && self.n > 0 {
-            eprintln!();
+        if let Some(bar) = &self.bar
+            && self.n > 0
+        {
+            bar.abandon();
         }
     }
 }
@@ -231,34 +235,41 @@ impl Drop for Progress {
 impl Progress {
     /// `total` steps, drawn as a bar when stderr is a terminal.
     pub fn new(total: usize) -> Progress {
-        Progress {
-            n: 0,
-            total,
-            tty: std::io::stderr().is_terminal(),
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let style = ProgressStyle::with_template("[{bar:20}] {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("#-");
+            ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr())
+                .with_style(style)
+        });
+        Progress { n: 0, total, bar }
+    }
+
+    /// One step more than planned (a download before the image is built).
+    pub fn add_step(&mut self) {
+        self.total += 1;
+        if let Some(bar) = &self.bar {
+            bar.set_length(self.total as u64);
         }
     }
 
     pub fn step(&mut self, what: &str, log: &mut dyn Write) {
         self.n += 1;
-        if self.tty {
-            let width = 20;
-            let done = self.n * width / self.total.max(1);
-            let _ = write!(
-                log,
-                "\r\x1b[K[{}{}] {}/{} {what}",
-                "#".repeat(done),
-                "-".repeat(width - done.min(width)),
-                self.n,
-                self.total
-            );
-        } else {
-            let _ = writeln!(log, "install: {what}");
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(self.n as u64);
+                bar.set_message(what.to_string());
+            }
+            None => {
+                let _ = writeln!(log, "install: {what}");
+                let _ = log.flush();
+            }
         }
-        let _ = log.flush();
     }
 
+    /// A detail the plain log gets and the bar leaves out.
     pub fn note(&self, what: &str, log: &mut dyn Write) {
-        if !self.tty {
+        if self.bar.is_none() {
             let _ = writeln!(log, "install: {what}");
         }
     }
@@ -1043,7 +1054,7 @@ fn check(
     p.step(&format!("resolving the source {}", given.trim()), log);
     let src = SourceImage::resolve(ctx, &given, &ctx.path("/run/kairos"), log)?;
     if src.is_remote() {
-        p.total += 1;
+        p.add_step();
     }
     let booted_efi = ctx.path("/sys/firmware/efi").exists();
     let firmware = opts.firmware.resolve(booted_efi);
@@ -1098,8 +1109,8 @@ fn check(
     })
 }
 
-/// `kairos-agent install`: the phases of the module's doc, in order; nothing is written to the disk
-/// before [`write_partitions`].
+/// `kairos-agent install`: the phases of the module's doc, in order; nothing is written to
+/// the disk before [`write_partitions`].
 pub fn install(
     ctx: &Ctx,
     opts: &Options,
