@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kairos_util::{IoResultExt, ToolError};
+use kairos_util::{IoResultExt, ToolError, run_tool};
 
 use super::UpgradeError;
 
@@ -84,9 +84,6 @@ pub fn image_size(m: Measure) -> u64 {
     let raw = m.bytes + inode_count(m) * INODE_SIZE;
     (raw + raw / 10 + 16 * MIB).div_ceil(MIB) * MIB
 }
-
-// kairos-build still takes the tool error from here; it moves to kairos_util directly.
-pub use kairos_util::{ToolError as ToolFailure, run_tool};
 
 /// fsync of a file's data and metadata.
 pub fn sync_file(p: &Path) -> Result<(), UpgradeError> {
