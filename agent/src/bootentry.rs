@@ -89,7 +89,8 @@ pub fn bootentry(
                 out,
                 "kairos-agent: next boot: {id} (one-shot next_entry in {})",
                 l.path.display()
-            )?;
+            )
+            .map_err(AgentError::Output)?;
         }
         Action::Arm(tries) => {
             let mut l = load_env_for_update(ctx, out, err)?;
@@ -102,19 +103,20 @@ pub fn bootentry(
             writeln!(
                 out,
                 "kairos-agent: boot assessment armed: cos and fallback get {n} tries each"
-            )?;
+            )
+            .map_err(AgentError::Output)?;
             if let Some(next) = l.env.get(var::NEXT_ENTRY) {
                 writeln!(
                     out,
                     "kairos-agent: note: next_entry={next} is set; GRUB boots it once, uncounted, before counting"
-                )?;
+                ).map_err(AgentError::Output)?;
             }
         }
         Action::Disarm => {
             let mut l = load_env_for_update(ctx, out, err)?;
             grubenv::disarm(&mut l.env);
             grubenv::write(&l.path, &l.env)?;
-            writeln!(out, "kairos-agent: boot assessment disarmed")?;
+            writeln!(out, "kairos-agent: boot assessment disarmed").map_err(AgentError::Output)?;
         }
         Action::Repair => {
             let _held = lock::grubenv(ctx, &lock::this_command())?;
@@ -124,7 +126,8 @@ pub fn bootentry(
                     out,
                     "kairos-agent: {} is a valid environment block, nothing to repair",
                     l.path.display()
-                )?;
+                )
+                .map_err(AgentError::Output)?;
             } else {
                 repair(&mut l, out)?;
             }
@@ -137,7 +140,7 @@ fn list(path: &str, env: &GrubEnv, out: &mut dyn Write) -> Result<(), AgentError
     let next = grubenv::grub_choice(env);
     let default = env.get(var::SAVED_ENTRY).unwrap_or("cos");
     let max = env.get(var::MAX_TRIES).unwrap_or("3");
-    writeln!(out, "grubenv: {path}")?;
+    writeln!(out, "grubenv: {path}").map_err(AgentError::Output)?;
     for (id, what) in DESCRIPTIONS {
         let mut flags = Vec::new();
         if *id == default {
@@ -155,15 +158,16 @@ fn list(path: &str, env: &GrubEnv, out: &mut dyn Write) -> Result<(), AgentError
             flags.push(format!("tries={}/{max}", env.get(c).unwrap_or("0")));
         }
         let line = format!("  {id:<11} {what:<22} {}", flags.join(" "));
-        writeln!(out, "{}", line.trim_end())?;
+        writeln!(out, "{}", line.trim_end()).map_err(AgentError::Output)?;
     }
-    writeln!(out, "next boot: {} ({})", next.entry, next.reason)?;
+    writeln!(out, "next boot: {} ({})", next.entry, next.reason).map_err(AgentError::Output)?;
     writeln!(
         out,
         "saved_entry: {}, next_entry: {}",
         env.get(var::SAVED_ENTRY).unwrap_or("-"),
         env.get(var::NEXT_ENTRY).unwrap_or("-")
-    )?;
+    )
+    .map_err(AgentError::Output)?;
     match Counters::from_env(env) {
         Ok(c) if c.armed => writeln!(
             out,
@@ -174,19 +178,22 @@ fn list(path: &str, env: &GrubEnv, out: &mut dyn Write) -> Result<(), AgentError
             } else {
                 "marked good"
             }
-        )?,
-        Ok(_) => writeln!(out, "boot assessment: not armed")?,
+        )
+        .map_err(AgentError::Output)?,
+        Ok(_) => writeln!(out, "boot assessment: not armed").map_err(AgentError::Output)?,
         Err(e) => writeln!(
             out,
             "boot assessment: invalid counter {e} (GRUB counts it as no tries left)"
-        )?,
+        )
+        .map_err(AgentError::Output)?,
     }
     if let Some(e) = env.get(var::BOOT_ENTRY) {
         writeln!(
             out,
             "last boot: {e} ({})",
             env.get(var::BOOT_REASON).unwrap_or("-")
-        )?;
+        )
+        .map_err(AgentError::Output)?;
     }
     Ok(())
 }

@@ -67,7 +67,12 @@ pub enum Event {
 pub fn daemon(ctx: &Ctx, opts: &DaemonOptions, log: &mut dyn Write) -> Result<Outcome, AgentError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let (tx, rx) = mpsc::channel();
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(|err| {
+        AgentError::Setup {
+            what: "installing the SIGTERM/SIGINT handler",
+            err,
+        }
+    })?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -76,6 +81,10 @@ pub fn daemon(ctx: &Ctx, opts: &DaemonOptions, log: &mut dyn Write) -> Result<Ou
                     return;
                 }
             }
+        })
+        .map_err(|err| AgentError::Setup {
+            what: "starting the signal thread",
+            err,
         })?;
     run(ctx, opts, &rx, log)
 }
@@ -100,7 +109,8 @@ pub fn run(
         log,
         "kairos-agent: daemon {} starting",
         env!("CARGO_PKG_VERSION")
-    )?;
+    )
+    .map_err(AgentError::Output)?;
     // A restarted daemon is not ready until it is past start-up again.
     let _ = std::fs::remove_file(ctx.path(READY));
     // 1. The userland stages, unless systemd units run them; a stop request ends it here.
@@ -135,12 +145,14 @@ fn run_userland_stages(
                 log,
                 "kairos-agent: {} before stage {stage}: exiting",
                 signal_name(s)
-            )?;
+            )
+            .map_err(AgentError::Output)?;
             return Ok(false);
         }
         match stages::run_stage(ctx, stage, log) {
             Ok(_) => {}
-            Err(e) => writeln!(log, "kairos-agent: error: stage {stage}: {e}")?,
+            Err(e) => writeln!(log, "kairos-agent: error: stage {stage}: {e}")
+                .map_err(AgentError::Output)?,
         }
     }
     Ok(true)
@@ -155,7 +167,7 @@ fn load_config(
     if !opts.run_stages {
         // run-stage already reported the files; only say what matters for K3s here.
         for e in loaded.errors.iter().filter(|e| e.origin().contains("://")) {
-            writeln!(log, "kairos-agent: warning: {e}")?;
+            writeln!(log, "kairos-agent: warning: {e}").map_err(AgentError::Output)?;
         }
     }
     Ok(loaded)
@@ -173,7 +185,7 @@ fn install_or_reset(
     if let Some(r) = &auto {
         // A refusal or failure was said already, on the log and the console.
         if r.is_ok() {
-            writeln!(log, "kairos-agent: install.auto finished")?;
+            writeln!(log, "kairos-agent: install.auto finished").map_err(AgentError::Output)?;
         }
     }
     // A live boot that did not install: the install screen on the console, and with
@@ -187,7 +199,7 @@ fn install_or_reset(
     // A `kairos.reset` boot (GRUB's statereset entry, chosen by hand or by a pending reset)
     // resets the node and reboots; a failure leaves recovery running for a person to look.
     if let Some(Err(e)) = crate::reset::auto_reset(ctx, &mut std::io::stdout(), log) {
-        writeln!(log, "kairos-agent: error: reset: {e}")?;
+        writeln!(log, "kairos-agent: error: reset: {e}").map_err(AgentError::Output)?;
     }
     Ok(pairing)
 }
@@ -222,7 +234,8 @@ impl Workloads {
                 log,
                 "kairos-agent: live boot: not starting {} (the config's, for the installed system)",
                 if mesh { "the mesh" } else { "K3s" }
-            )?;
+            )
+            .map_err(AgentError::Output)?;
         }
         let mesh = mesh && !live;
         let mut work = Workloads {
@@ -234,7 +247,7 @@ impl Workloads {
             writeln!(
                 log,
                 "kairos-agent: p2p network_token set: joining the mesh (`kairos-agent p2p run`), which starts K3s"
-            )?;
+            ).map_err(AgentError::Output)?;
             work.mesh = Some(MeshNode::start(ctx));
         }
         work.k3s_wanted = match Spec::from_config(&loaded.merged).filter(|_| !live) {
@@ -242,7 +255,8 @@ impl Workloads {
             Some(spec) => {
                 match Supervisor::start_with(ctx, spec, opts.k3s.clone()) {
                     Ok(s) => work.k3s = Some(s),
-                    Err(e) => writeln!(log, "kairos-agent: error: k3s: {e}")?,
+                    Err(e) => writeln!(log, "kairos-agent: error: k3s: {e}")
+                        .map_err(AgentError::Output)?,
                 }
                 true
             }
@@ -270,7 +284,8 @@ fn write_ready(ctx: &Ctx, log: &mut dyn Write) -> Result<(), AgentError> {
         .map_or(Ok(()), std::fs::create_dir_all)
         .and_then(|_| std::fs::write(&ready, format!("{}\n", std::process::id())))
     {
-        writeln!(log, "kairos-agent: warning: {}: {e}", ready.display())?;
+        writeln!(log, "kairos-agent: warning: {}: {e}", ready.display())
+            .map_err(AgentError::Output)?;
     }
     Ok(())
 }
@@ -302,12 +317,12 @@ impl Marking {
         }
         match try_mark_good(ctx, k3s_wanted, opts.k3s_check_timeout) {
             Ok((Outcome::Done, said)) => {
-                write!(log, "{said}")?;
+                write!(log, "{said}").map_err(AgentError::Output)?;
                 self.deadline = None;
             }
             Ok((Outcome::Refused, said)) => {
                 if said != self.last_refusal {
-                    write!(log, "{said}")?;
+                    write!(log, "{said}").map_err(AgentError::Output)?;
                     self.last_refusal = said;
                 }
                 if Instant::now() >= deadline {
@@ -315,12 +330,12 @@ impl Marking {
                         log,
                         "kairos-agent: boot not marked good after {} s; giving up (GRUB keeps counting tries)",
                         opts.health_timeout.as_secs()
-                    )?;
+                    ).map_err(AgentError::Output)?;
                     self.deadline = None;
                 }
             }
             Err(e) => {
-                writeln!(log, "kairos-agent: error: mark-good: {e}")?;
+                writeln!(log, "kairos-agent: error: mark-good: {e}").map_err(AgentError::Output)?;
                 self.deadline = None;
             }
         }
@@ -339,7 +354,8 @@ fn reconcile(
         writeln!(
             log,
             "kairos-agent: reconcile still running; skipped this round"
-        )?;
+        )
+        .map_err(AgentError::Output)?;
         return Ok(());
     }
     let (ctx, flag) = (ctx.clone(), reconciling.clone());
@@ -388,9 +404,10 @@ fn serve(
         }
         match events.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(Event::Stop(s)) => {
-                writeln!(log, "kairos-agent: {}: stopping", signal_name(s))?;
+                writeln!(log, "kairos-agent: {}: stopping", signal_name(s))
+                    .map_err(AgentError::Output)?;
                 work.stop();
-                writeln!(log, "kairos-agent: daemon stopped")?;
+                writeln!(log, "kairos-agent: daemon stopped").map_err(AgentError::Output)?;
                 return Ok(Outcome::Done);
             }
             Err(RecvTimeoutError::Timeout) => {}
@@ -417,7 +434,8 @@ fn live_install_screen(
             Err(e) => writeln!(
                 log,
                 "kairos-agent: error: install mode: pairing thread: {e}"
-            )?,
+            )
+            .map_err(AgentError::Output)?,
         }
     }
     let disks = crate::install::device::seen_disks(ctx);

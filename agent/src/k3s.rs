@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 
 use crate::Ctx;
 use crate::config::{Config, K3sBlock};
-use crate::safe_fs::write_atomic;
+use crate::safe_fs::{FsError, write_atomic};
 use crate::stages::env_value;
 
 /// One list for every place that looks for K3s.
@@ -34,8 +34,10 @@ pub const CONFIG_HEADER: &str = "# kairos-agent: generated from the cloud-config
 pub enum K3sError {
     #[error("k3s is enabled but not installed (no {})", K3S_BINARIES.join(" or "))]
     NotInstalled,
-    #[error("{path}: {message}")]
-    Write { path: String, message: String },
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("starting the supervisor thread: {0}")]
+    Thread(std::io::Error),
     #[error(
         "k3s-agent needs a server to join: set K3S_URL in env, --server in args or server in config"
     )]
@@ -306,10 +308,6 @@ pub enum ConfigFile {
 /// Write config.yaml (0600) and the env file (0600). A config.yaml written by a stage is
 /// kept when the block has no `config` of its own.
 pub fn write_files(ctx: &Ctx, spec: &Spec) -> Result<ConfigFile, K3sError> {
-    let err = |path: &str| {
-        let path = path.to_owned();
-        move |message| K3sError::Write { path, message }
-    };
     let cfg_path = ctx.path(K3S_CONFIG);
     let existing = std::fs::read_to_string(&cfg_path).ok();
     let kept = spec.config.is_empty()
@@ -317,8 +315,7 @@ pub fn write_files(ctx: &Ctx, spec: &Spec) -> Result<ConfigFile, K3sError> {
             .as_deref()
             .is_some_and(|t| !t.starts_with(CONFIG_HEADER));
     if !kept {
-        write_atomic(&cfg_path, spec.render_config()?.as_bytes(), 0o600, None)
-            .map_err(err(K3S_CONFIG))?;
+        write_atomic(&cfg_path, spec.render_config()?.as_bytes(), 0o600, None)?;
     }
     let env_file = spec.role.env_file();
     write_atomic(
@@ -326,8 +323,7 @@ pub fn write_files(ctx: &Ctx, spec: &Spec) -> Result<ConfigFile, K3sError> {
         spec.render_env().as_bytes(),
         0o600,
         None,
-    )
-    .map_err(err(env_file))?;
+    )?;
     Ok(if kept {
         ConfigFile::KeptExisting
     } else {
@@ -424,10 +420,7 @@ impl Supervisor {
             std::thread::Builder::new()
                 .name("k3s-supervisor".into())
                 .spawn(move || supervise(&shared, &spec, &binary, &opts, &output))
-                .map_err(|e| K3sError::Write {
-                    path: "supervisor thread".into(),
-                    message: e.to_string(),
-                })?
+                .map_err(K3sError::Thread)?
         };
         Ok(Supervisor {
             shared,

@@ -24,6 +24,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use kairos_init::grubenv::{self, CounterError, GrubEnv, GrubEnvError};
+use kairos_util::IoError;
 
 pub const DEFAULT_GRUBENV: &str = "/oem/grubenv";
 
@@ -67,8 +68,17 @@ pub enum AgentError {
     Counter(#[from] CounterError),
     #[error("unknown boot entry {0:?}: expected one of cos, fallback, recovery, statereset")]
     UnknownEntry(String),
+    /// Writing to the command's own output streams (explicit: not every I/O error is one).
     #[error("writing the output: {0}")]
-    Output(#[from] std::io::Error),
+    Output(std::io::Error),
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// The process could not set itself up (signal handler, a thread).
+    #[error("{what}: {err}")]
+    Setup {
+        what: &'static str,
+        err: std::io::Error,
+    },
     #[error(transparent)]
     Lock(#[from] lock::LockError),
 }
@@ -191,7 +201,8 @@ pub fn load_env(ctx: &Ctx, err: &mut dyn Write) -> Result<LoadedEnv, AgentError>
             writeln!(
                 err,
                 "kairos-agent: warning: {e}; GRUB ignores it and boots its default entry"
-            )?;
+            )
+            .map_err(AgentError::Output)?;
             Ok(LoadedEnv {
                 path,
                 env: GrubEnv::default(),
@@ -228,7 +239,8 @@ pub fn repair(loaded: &mut LoadedEnv, out: &mut dyn Write) -> Result<(), AgentEr
         out,
         "kairos-agent: {what} {} as a valid empty environment block (boot assessment not armed)",
         loaded.path.display()
-    )?;
+    )
+    .map_err(AgentError::Output)?;
     Ok(())
 }
 

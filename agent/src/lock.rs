@@ -16,6 +16,8 @@ use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kairos_util::{IoError, IoResultExt};
+
 use crate::Ctx;
 
 pub const GRUBENV_LOCK: &str = "/run/kairos/grubenv.lock";
@@ -26,13 +28,8 @@ pub const GRUBENV_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("{}: {what}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error(
         "{me} refused: {holder} holds {} ({what}); try again when it is done",
         path.display()
@@ -67,12 +64,8 @@ pub fn acquire(
     what: &'static str,
     wait: Duration,
 ) -> Result<Lock, LockError> {
-    let err = |what: &'static str| {
-        let path = path.to_path_buf();
-        move |source| LockError::Io { path, what, source }
-    };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err("creating the lock directory"))?;
+        std::fs::create_dir_all(dir).at(dir, "creating the lock directory")?;
     }
     let mut file = std::fs::OpenOptions::new()
         .read(true)
@@ -80,7 +73,7 @@ pub fn acquire(
         .create(true)
         .truncate(false)
         .open(path)
-        .map_err(err("opening the lock file"))?;
+        .at(path, "opening the lock file")?;
     let deadline = Instant::now() + wait;
     loop {
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -105,14 +98,14 @@ pub fn acquire(
                     what,
                 });
             }
-            Err(e) => return Err(err("locking")(e.into())),
+            Err(e) => return Err(IoError::new(path, "locking", e.into()).into()),
         }
     }
     let desc = format!("{me} (pid {})\n", std::process::id());
     file.set_len(0)
         .and_then(|()| file.rewind())
         .and_then(|()| file.write_all(desc.as_bytes()))
-        .map_err(err("writing the holder"))?;
+        .at(path, "writing the holder")?;
     Ok(Lock {
         file,
         path: path.to_path_buf(),

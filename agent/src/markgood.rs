@@ -79,7 +79,8 @@ pub fn mark_good(
     // `bootentry --select` or an upgrade to change the block, and their change must stay.
     let mut l = load_env_for_update(ctx, out, err)?;
     if let Err(e) = Counters::from_env(&l.env) {
-        writeln!(err, "kairos-agent: warning: {}: {e}", l.path.display())?;
+        writeln!(err, "kairos-agent: warning: {}: {e}", l.path.display())
+            .map_err(AgentError::Output)?;
     }
     let done = grubenv::mark_good(&mut l.env, &entry);
     grubenv::write(&l.path, &l.env)?;
@@ -91,12 +92,13 @@ pub fn mark_good(
     writeln!(
         out,
         "kairos-agent: boot marked good (entry={entry}, {what})"
-    )?;
+    )
+    .map_err(AgentError::Output)?;
     Ok(Outcome::Done)
 }
 
 fn refuse(out: &mut dyn Write, why: &str) -> Result<Outcome, AgentError> {
-    writeln!(out, "kairos-agent: not marking good: {why}")?;
+    writeln!(out, "kairos-agent: not marking good: {why}").map_err(AgentError::Output)?;
     Ok(Outcome::Refused)
 }
 
@@ -122,7 +124,7 @@ fn booted_entry(
                 out,
                 "kairos-agent: note: GRUB booted {g} but kairos-init started the {} image; marking {m}",
                 mode.unwrap_or("?")
-            )?;
+            ).map_err(AgentError::Output)?;
             Ok(m.to_owned())
         }
         (Some(g), _) => Ok(g.to_owned()),

@@ -9,6 +9,8 @@ use clap::{Args, Subcommand};
 use kairos_p2p::node::{self, K3sSpec, K3sStarter, Mode, Outcome as NodeOutcome, PairingData};
 use kairos_p2p::{P2pConfig, Token, config, qr};
 
+use kairos_util::{IoError, IoResultExt};
+
 use crate::config::{self as cloud_config, LoadOptions};
 use crate::install::{self, InstallError};
 use crate::k3s::{self, Supervisor};
@@ -32,23 +34,13 @@ pub enum P2pError {
     /// The error is in the message, so not also the source (no repeat in chains).
     #[error("{path}: neither a PNG nor a text file with a QR code or a token: {error}")]
     QrText { path: PathBuf, error: qr::QrError },
-    #[error("reading {path}: {source}")]
-    ReadArg {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// The image-or-token argument, said as `reading PATH: error` (what the user typed first).
+    #[error("reading {}: {}", .0.path.display(), .0.err)]
+    ReadArg(IoError),
     #[error(transparent)]
     Node(#[from] node::NodeError),
-    #[error("reading the config to send, {path}: {source}")]
-    ReadCc {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("writing {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("the paired config, saved as {path}: no #cloud-config header in its first lines")]
     NoHeader { path: PathBuf },
     /// The error names the file (the saved copy of the paired config); it is in the
@@ -60,7 +52,7 @@ pub enum P2pError {
     #[error("installing to {device} as the pairing asked: {error}")]
     Install { device: String, error: InstallError },
     #[error("writing the output: {0}")]
-    Output(#[from] std::io::Error),
+    Output(std::io::Error),
 }
 
 #[derive(Args)]
@@ -169,7 +161,7 @@ pub fn p2p(
 ) -> Result<Outcome, P2pError> {
     match args.command {
         P2pCmd::GenerateToken => {
-            writeln!(out, "{}", Token::generate().encode())?;
+            writeln!(out, "{}", Token::generate().encode()).map_err(P2pError::Output)?;
         }
         P2pCmd::Run { config } => {
             let cfg = load_config(ctx, config.as_deref())?;
@@ -202,8 +194,8 @@ pub fn p2p(
             };
             let drawn = show_token(ctx, &token.encode())?;
             let disks = crate::install::device::seen_disks(ctx);
-            writeln!(out, "{}", install_screen(&disks, Some(&drawn)))?;
-            out.flush()?;
+            writeln!(out, "{}", install_screen(&disks, Some(&drawn))).map_err(P2pError::Output)?;
+            out.flush().map_err(P2pError::Output)?;
             let outcome = node::run(node::Options {
                 root: ctx.root.clone(),
                 config: cfg,
@@ -218,7 +210,8 @@ pub fn p2p(
             if let NodeOutcome::Paired(data) = outcome {
                 let saved = save_pairing(ctx, &data, out)?;
                 if no_install {
-                    writeln!(out, "kairos-p2p: --no-install: not installing")?;
+                    writeln!(out, "kairos-p2p: --no-install: not installing")
+                        .map_err(P2pError::Output)?;
                 } else {
                     return install_paired(ctx, &data, &saved, no_reboot, out, err);
                 }
@@ -283,8 +276,7 @@ fn show_token(ctx: &Ctx, token: &str) -> Result<String, P2pError> {
     qr::write_png(token, &ctx.path(PAIRING_PNG))?;
     let drawn = qr::render_text(token)?;
     let txt = ctx.path(PAIRING_TXT);
-    install::write_private(&txt, format!("{drawn}\n").as_bytes())
-        .map_err(|source| P2pError::Write { path: txt, source })?;
+    install::write_private(&txt, format!("{drawn}\n").as_bytes()).at(&txt, "writing")?;
     Ok(drawn)
 }
 
@@ -442,7 +434,7 @@ fn merge_paired(
         },
     );
     for e in &own.errors {
-        writeln!(log, "kairos-agent: pairing: warning: {e}; skipped")?;
+        writeln!(log, "kairos-agent: pairing: warning: {e}; skipped").map_err(P2pError::Output)?;
     }
     if own.raw.is_empty() {
         return Ok(paired.map(|p| (cc.to_owned(), p.config)));
@@ -472,7 +464,8 @@ fn merge_paired(
         log,
         "kairos-agent: pairing: merged the paired config over this node's ({})",
         sources.join(", ")
-    )?;
+    )
+    .map_err(P2pError::Output)?;
     Ok(Some((text, merged)))
 }
 
@@ -510,7 +503,7 @@ fn install_paired(
                 device: "auto".into(),
                 error,
             })?;
-        writeln!(log, "install: device auto: {}", picked.display())?;
+        writeln!(log, "install: device auto: {}", picked.display()).map_err(P2pError::Output)?;
         plan.device = Some(picked.display().to_string());
     }
     let device = plan.device.clone().unwrap_or_else(|| "(none)".into());
@@ -521,7 +514,8 @@ fn install_paired(
         config
             .as_ref()
             .map_or_else(|| "(none)".into(), |c| c.display().to_string())
-    )?;
+    )
+    .map_err(P2pError::Output)?;
     let opts = install::Options {
         device: plan.device.as_ref().map(PathBuf::from),
         source: plan.source.clone(),
@@ -540,10 +534,7 @@ fn install_paired(
 /// Writes `dir/name` for root only (see [`install::write_private`]).
 fn write_private(dir: &Path, name: &str, content: &[u8]) -> Result<PathBuf, P2pError> {
     let path = dir.join(name);
-    install::write_private(&path, content).map_err(|source| P2pError::Write {
-        path: path.clone(),
-        source,
-    })?;
+    install::write_private(&path, content).at(&path, "writing")?;
     Ok(path)
 }
 
@@ -561,7 +552,8 @@ fn save_pairing(ctx: &Ctx, data: &PairingData, out: &mut dyn Write) -> Result<Pa
         data.device,
         data.reboot,
         data.poweroff
-    )?;
+    )
+    .map_err(P2pError::Output)?;
     Ok(cc)
 }
 
@@ -579,17 +571,14 @@ pub fn token_from_arg(arg: &str) -> Result<String, P2pError> {
             || arg.ends_with(".png")
             || arg.ends_with(".txt")
         {
-            return Err(P2pError::ReadArg {
-                path: p.to_path_buf(),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
-            });
+            let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+            return Err(P2pError::ReadArg(IoError::new(p, "reading", missing)));
         }
         return Ok(arg.to_owned());
     }
-    let bytes = std::fs::read(p).map_err(|source| P2pError::ReadArg {
-        path: p.to_path_buf(),
-        source,
-    })?;
+    let bytes = std::fs::read(p)
+        .at(p, "reading")
+        .map_err(P2pError::ReadArg)?;
     if bytes.starts_with(PNG_MAGIC) {
         return Ok(qr::decode_png(p)?);
     }
@@ -615,10 +604,7 @@ pub fn register(
 ) -> Result<Outcome, P2pError> {
     let token = Token::decode(&token_from_arg(&args.image_or_token)?)?;
     let cc = match &args.config {
-        Some(p) => std::fs::read_to_string(p).map_err(|source| P2pError::ReadCc {
-            path: p.clone(),
-            source,
-        })?,
+        Some(p) => std::fs::read_to_string(p).at(p, "reading the config to send")?,
         None => String::new(),
     };
     let data = PairingData {
@@ -639,7 +625,7 @@ pub fn register(
         timeout: Some(Duration::from_secs(args.timeout)),
     })?;
     if let NodeOutcome::Registered { node } = outcome {
-        writeln!(out, "kairos-agent: registered with node {node}")?;
+        writeln!(out, "kairos-agent: registered with node {node}").map_err(P2pError::Output)?;
     }
     Ok(Outcome::Done)
 }

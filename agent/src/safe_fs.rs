@@ -17,6 +17,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
+use kairos_util::{IoError, IoResultExt};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
@@ -44,26 +45,8 @@ pub enum FsError {
     NotDir { path: PathBuf, at: PathBuf },
     #[error("{path}: not a regular file")]
     NotFile { path: PathBuf },
-    #[error("{path}: {what}: {source}")]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        source: std::io::Error,
-    },
-}
-
-fn io(path: &Path, what: &'static str) -> impl FnOnce(Errno) -> FsError {
-    let path = path.to_path_buf();
-    move |e| FsError::Io {
-        path,
-        what,
-        source: e.into(),
-    }
-}
-
-fn std_io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> FsError {
-    let path = path.to_path_buf();
-    move |source| FsError::Io { path, what, source }
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// What the walk ends on.
@@ -89,7 +72,7 @@ fn components(p: &Path) -> VecDeque<OsString> {
 fn walk(root: &Path, path: &Path, want: Want) -> Result<OwnedFd, FsError> {
     let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let top = rustix::fs::open(root, dir_flags.difference(OFlags::NOFOLLOW), Mode::empty())
-        .map_err(io(root, "opening the root"))?;
+        .at(root, "opening the root")?;
     let mut stack = vec![top];
     // The walked path as seen inside the root, for messages.
     let mut at = PathBuf::from("/");
@@ -127,7 +110,9 @@ fn walk(root: &Path, path: &Path, want: Want) -> Result<OwnedFd, FsError> {
             Err(Errno::NOENT) if want == (Want::Dir { create: true }) && !created => {
                 match rustix::fs::mkdirat(dir, name.as_os_str(), Mode::from_raw_mode(0o755)) {
                     Ok(()) | Err(Errno::EXIST) => {}
-                    Err(e) => return Err(io(&here, "creating the directory")(e)),
+                    Err(e) => {
+                        return Err(IoError::new(&here, "creating the directory", e.into()).into());
+                    }
                 }
                 // Once: a second ENOENT right after mkdir is an error, not a loop.
                 created = true;
@@ -135,14 +120,14 @@ fn walk(root: &Path, path: &Path, want: Want) -> Result<OwnedFd, FsError> {
             }
             Err(Errno::LOOP | Errno::NOTDIR) => {
                 let st = rustix::fs::statat(dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(io(&here, "stat"))?;
+                    .at(&here, "stat")?;
                 if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
                     return Err(FsError::NotDir {
                         path: path.to_path_buf(),
                         at: here,
                     });
                 }
-                let dir_uid = rustix::fs::fstat(dir).map_err(io(&at, "stat"))?.st_uid;
+                let dir_uid = rustix::fs::fstat(dir).at(&at, "stat")?.st_uid;
                 if st.st_uid != 0 || dir_uid != 0 {
                     return Err(FsError::Symlink {
                         path: path.to_path_buf(),
@@ -159,7 +144,7 @@ fn walk(root: &Path, path: &Path, want: Want) -> Result<OwnedFd, FsError> {
                     });
                 }
                 let target = rustix::fs::readlinkat(dir, name.as_os_str(), Vec::new())
-                    .map_err(io(&here, "readlink"))?;
+                    .at(&here, "readlink")?;
                 let target = PathBuf::from(OsStr::from_bytes(target.as_bytes()));
                 if target.is_absolute() {
                     stack.truncate(1);
@@ -169,7 +154,7 @@ fn walk(root: &Path, path: &Path, want: Want) -> Result<OwnedFd, FsError> {
                     todo.push_front(c);
                 }
             }
-            Err(e) => return Err(io(&here, "open")(e)),
+            Err(e) => return Err(IoError::new(&here, "open", e.into()).into()),
         }
     }
     match want {
@@ -191,9 +176,10 @@ fn set_owner_mode(
 ) -> Result<(), FsError> {
     // Owner first: chown clears set-id bits that the mode may ask for.
     if let Some((u, g)) = ids {
-        std::os::unix::fs::fchown(&fd, u, g).map_err(std_io(path, "chown"))?;
+        std::os::unix::fs::fchown(&fd, u, g).at(path, "chown")?;
     }
-    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & 0o7777)).map_err(io(path, "chmod"))
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & 0o7777)).at(path, "chmod")?;
+    Ok(())
 }
 
 /// The directory `path` under `root`, created with its parents when missing, then given
@@ -213,12 +199,12 @@ pub fn is_dir(root: &Path, path: &Path) -> bool {
 pub fn read(root: &Path, path: &Path, max: u64) -> Result<Option<Vec<u8>>, FsError> {
     let fd = match walk(root, path, Want::File) {
         Ok(fd) => fd,
-        Err(FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(FsError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(None);
         }
         Err(e) => return Err(e),
     };
-    let st = rustix::fs::fstat(&fd).map_err(io(path, "stat"))?;
+    let st = rustix::fs::fstat(&fd).at(path, "stat")?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return Err(FsError::NotFile {
             path: path.to_path_buf(),
@@ -228,7 +214,7 @@ pub fn read(root: &Path, path: &Path, max: u64) -> Result<Option<Vec<u8>>, FsErr
     File::from(fd)
         .take(max)
         .read_to_end(&mut buf)
-        .map_err(std_io(path, "read"))?;
+        .at(path, "read")?;
     Ok(Some(buf))
 }
 
@@ -240,7 +226,7 @@ pub fn file_meta(root: &Path, path: &Path) -> Result<Option<(u32, u32, u32)>, Fs
     };
     let dir = match walk(root, parent, Want::Dir { create: false }) {
         Ok(d) => d,
-        Err(FsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(FsError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(None);
         }
         Err(e) => return Err(e),
@@ -250,7 +236,7 @@ pub fn file_meta(root: &Path, path: &Path) -> Result<Option<(u32, u32, u32)>, Fs
             Ok(Some((st.st_mode & 0o7777, st.st_uid, st.st_gid)))
         }
         Ok(_) | Err(Errno::NOENT) => Ok(None),
-        Err(e) => Err(io(path, "stat")(e)),
+        Err(e) => Err(IoError::new(path, "stat", e.into()).into()),
     }
 }
 
@@ -291,14 +277,15 @@ pub fn write(
         ) {
             Ok(fd) => break (fd, tmp),
             Err(Errno::EXIST) if tries < 8 => tries += 1,
-            Err(e) => return Err(io(path, "creating a temporary file")(e)),
+            Err(e) => return Err(IoError::new(path, "creating a temporary file", e.into()).into()),
         }
     };
     let mut f = File::from(fd);
-    let r = (|| {
-        f.write_all(bytes).map_err(std_io(path, "write"))?;
+    let r = (|| -> Result<(), FsError> {
+        f.write_all(bytes).at(path, "write")?;
         set_owner_mode(&f, path, mode, ids)?;
-        rustix::fs::renameat(&dir, tmp.as_os_str(), &dir, name).map_err(io(path, "rename"))
+        rustix::fs::renameat(&dir, tmp.as_os_str(), &dir, name).at(path, "rename")?;
+        Ok(())
     })();
     if r.is_err() {
         let _ = rustix::fs::unlinkat(&dir, tmp.as_os_str(), AtFlags::empty());
@@ -316,9 +303,9 @@ pub(crate) fn write_atomic(
     bytes: &[u8],
     mode: u32,
     ids: Option<Owner>,
-) -> Result<(), String> {
+) -> Result<(), FsError> {
     let root = if p.is_absolute() { "/" } else { "." };
-    write(Path::new(root), p, bytes, mode, ids).map_err(|e| e.to_string())
+    write(Path::new(root), p, bytes, mode, ids)
 }
 
 /// [`write_atomic`] for `path` inside the context's root.

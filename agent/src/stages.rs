@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use kairos_util::IoResultExt;
+
 use crate::config::{self, Source};
 use crate::safe_fs::{Owner, read_under, write_under};
 use crate::{AgentError, Ctx, Outcome, users};
@@ -96,7 +98,7 @@ pub fn run_stage(
         ..config::LoadOptions::default()
     };
     let loaded = crate::sources::load(ctx, &opts);
-    report_load(&loaded, log)?;
+    report_load(&loaded, log).map_err(AgentError::Output)?;
     let report = run(ctx, stage, &loaded.sources, log);
     writeln!(
         log,
@@ -104,16 +106,17 @@ pub fn run_stage(
         report.ran,
         report.skipped,
         report.failures.len()
-    )?;
+    )
+    .map_err(AgentError::Output)?;
     if stage == "boot" {
         let marker = ctx.path(BOOT_STAGE_OK);
         if report.ok() {
             if let Some(dir) = marker.parent() {
-                std::fs::create_dir_all(dir)?;
+                std::fs::create_dir_all(dir).at(dir, "creating the directory")?;
             }
-            std::fs::write(&marker, "")?;
+            std::fs::write(&marker, "").at(&marker, "writing")?;
         } else if marker.exists() {
-            std::fs::remove_file(&marker)?;
+            std::fs::remove_file(&marker).at(&marker, "removing")?;
         }
     }
     let outcome = if report.ok() {

@@ -38,8 +38,8 @@ pub fn state(
     } else {
         serde_json::to_string(&v)
     }
-    .map_err(std::io::Error::from)?;
-    writeln!(out, "{text}")?;
+    .map_err(|e| AgentError::Output(e.into()))?;
+    writeln!(out, "{text}").map_err(AgentError::Output)?;
     Ok(Outcome::Done)
 }
 

@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+use kairos_util::IoError;
+
 use crate::Ctx;
 use de::kind;
 pub use schema::*;
@@ -44,11 +46,9 @@ pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    /// A file that could not be read (its path as seen inside the root).
+    #[error(transparent)]
+    Read(IoError),
     #[error("{path}: more than {MAX_FILE_BYTES} bytes, not read")]
     TooLarge { path: String },
     #[error("{path}:{line}:{column}: {message}")]
@@ -68,8 +68,8 @@ impl ConfigError {
     /// The file, URL or "kernel command line" the error is about.
     pub fn origin(&self) -> &str {
         match self {
-            ConfigError::Read { path, .. }
-            | ConfigError::TooLarge { path }
+            ConfigError::Read(e) => e.path.to_str().unwrap_or_default(),
+            ConfigError::TooLarge { path }
             | ConfigError::Yaml { path, .. }
             | ConfigError::Invalid { path, .. } => path,
             ConfigError::Fetch { url, .. } => url,
@@ -476,10 +476,7 @@ fn read_dir_files(ctx: &Ctx, dir: &str, errors: &mut Vec<ConfigError>) -> Vec<(S
         match read_limited(&full) {
             Ok(Some(text)) => out.push((shown, text)),
             Ok(None) => errors.push(ConfigError::TooLarge { path: shown }),
-            Err(source) => errors.push(ConfigError::Read {
-                path: shown,
-                source,
-            }),
+            Err(err) => errors.push(ConfigError::Read(IoError::new(shown, "reading", err))),
         }
     }
     out
