@@ -783,7 +783,7 @@ mod tests {
         .unwrap();
         let files = &s.config.stages["boot"][0].files;
         assert_eq!(files[0].permissions, Some(0o600));
-        assert_eq!(files[0].owner, Some(crate::stages::Id::Num(1000)));
+        assert_eq!(files[0].owner, Some(Id::Num(1000)));
         assert_eq!(files[1].permissions, Some(0o644));
         assert_eq!(files[2].permissions, Some(0o755));
         let k = s.config.k3s.unwrap();
