@@ -557,7 +557,7 @@ fn copy_to_passive(cos: &Path) -> Result<(), ResetError> {
         ResetError::Io(IoError::new(
             e.path,
             "checkpointing the ext4 journal (so GRUB sees the new passive.img)",
-            e.source,
+            e.err,
         ))
     })?;
     Ok(())

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kairos_util::{IoError, IoResultExt};
 use rustix::mount::MountFlags;
 
 use crate::blockdev::{self, BlockDev};
@@ -16,7 +17,7 @@ use crate::modules::{self, ModuleIndex};
 use crate::plan::{self, Action, Candidate, ImageStatus, Inventory, SYSROOT};
 use crate::probe;
 use crate::stages;
-use crate::sys::fsutil::{self, FsError};
+use crate::sys::fsutil;
 use crate::sys::log;
 use crate::sys::loopdev::{self, LoopError};
 use crate::sys::mount::{self, MountError};
@@ -104,7 +105,7 @@ fn timeline_json() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error(transparent)]
-    Fs(#[from] FsError),
+    Io(#[from] IoError),
     #[error(transparent)]
     Mount(#[from] MountError),
     #[error(transparent)]
@@ -123,34 +124,12 @@ pub enum BootError {
         link: String,
         to: PathBuf,
     },
-    #[error("write {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("chdir {dir}: {source}")]
-    Chdir {
-        dir: &'static str,
-        source: std::io::Error,
-    },
     #[error("chroot: {0}")]
     Chroot(rustix::io::Errno),
-    #[error("exec {prog}: {source}")]
-    Exec {
-        prog: String,
-        source: std::io::Error,
-    },
     #[error("switch_root: {0}")]
     SwitchRoot(Box<BootError>),
     #[error("rd.kairos.debug: no shell in this initramfs (looked for {})", SHELLS.join(", "))]
     NoShell,
-    #[error("rd.kairos.debug: /dev/console: {0}")]
-    Console(std::io::Error),
-    #[error("rd.kairos.debug: {shell}: {source}")]
-    Shell {
-        shell: &'static str,
-        source: std::io::Error,
-    },
 }
 
 /// Why the boot stopped, and how long to show it before rebooting.
@@ -179,7 +158,7 @@ pub fn debug_shell() -> Result<(), BootError> {
             .read(true)
             .write(true)
             .open("/dev/console")
-            .map_err(BootError::Console)
+            .at(Path::new("/dev/console"), "rd.kairos.debug: opening")
     };
     let mut cmd = std::process::Command::new(sh);
     if sh.ends_with("busybox") {
@@ -194,7 +173,7 @@ pub fn debug_shell() -> Result<(), BootError> {
     warn!("rd.kairos.debug: starting {sh} on the console; the machine reboots when it exits");
     let status = cmd
         .status()
-        .map_err(|source| BootError::Shell { shell: sh, source })?;
+        .at(Path::new(sh), "rd.kairos.debug: starting")?;
     info!("rd.kairos.debug: {sh} exited ({status})");
     Ok(())
 }
@@ -781,8 +760,7 @@ fn read_layout(mode: BootMode) -> Layout {
                 info!("layout from {f}");
                 parsed.push((p, kv));
             }
-            Err(layout::LayoutError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(layout::LayoutError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => warn!("{e}; file ignored"),
         }
     }
@@ -1012,10 +990,7 @@ fn execute(a: &Action, fstab: &mut String) -> Result<(), BootError> {
             Ok(())
         }
         Action::WriteFile { path, contents } => {
-            std::fs::write(path, contents).map_err(|source| BootError::Write {
-                path: path.clone(),
-                source,
-            })
+            Ok(std::fs::write(path, contents).at(Path::new(path), "write")?)
         }
     }
 }
@@ -1048,9 +1023,7 @@ fn switch_root(prog: &str) -> Result<std::convert::Infallible, BootError> {
         }
         mount::move_mount(Path::new(m), &target)?;
     }
-    let chdir = |dir: &'static str| {
-        std::env::set_current_dir(dir).map_err(|source| BootError::Chdir { dir, source })
-    };
+    let chdir = |dir: &'static str| std::env::set_current_dir(dir).at(Path::new(dir), "chdir");
     chdir(SYSROOT)?;
     let freed = fsutil::free_initramfs(Path::new("/"), new);
     mount::move_mount(new, Path::new("/"))?;
@@ -1066,10 +1039,7 @@ fn switch_root(prog: &str) -> Result<std::convert::Infallible, BootError> {
     );
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(prog).exec();
-    Err(BootError::Exec {
-        prog: prog.to_string(),
-        source: err,
-    })
+    Err(IoError::new(prog, "exec", err).into())
 }
 
 /// VmHWM of this process, for the size-first claim: how much memory the init itself needed.

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use crate::blockdev::{self, BlockDev};
 use crate::cmdline::PausePoint;
 use crate::gpt::{self, GrowError, Resized, SECTOR};
-use crate::sys::disk::{self, Disk, DiskError};
+use crate::sys::disk::{self, Disk};
 use crate::sys::{fsutil, log, mount};
 use crate::{debug, info, warn};
+use kairos_util::{IoError, IoResultExt};
 
 const MIB: u64 = 1 << 20;
 
@@ -34,11 +35,8 @@ pub struct PartOnDisk {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocateError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("{path}: {value:?} is not a number")]
     Number { path: PathBuf, value: String },
     #[error("{path}: no parent disk directory")]
@@ -46,10 +44,7 @@ pub enum LocateError {
 }
 
 fn read_num(path: &Path) -> Result<u64, LocateError> {
-    let text = std::fs::read_to_string(path).map_err(|source| LocateError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).at(path, "reading")?;
     text.trim().parse().map_err(|_| LocateError::Number {
         path: path.to_path_buf(),
         value: text.trim().to_string(),
@@ -71,10 +66,7 @@ pub fn locate(
     let number = read_num(&dir.join("partition"))?;
     let start = read_num(&dir.join("start"))?;
     let sectors = read_num(&dir.join("size"))?;
-    let real = std::fs::canonicalize(&dir).map_err(|source| LocateError::Read {
-        path: dir.clone(),
-        source,
-    })?;
+    let real = std::fs::canonicalize(&dir).at(&dir, "resolving")?;
     let parent = real
         .parent()
         .filter(|p| p.join("dev").exists() || p.join("size").exists())
@@ -215,7 +207,7 @@ pub enum GrowFailure {
     #[error(transparent)]
     Locate(#[from] LocateError),
     #[error(transparent)]
-    Disk(#[from] DiskError),
+    Io(#[from] IoError),
     #[error("{device}: {source}")]
     Gpt { device: PathBuf, source: GrowError },
     #[error(transparent)]
@@ -376,7 +368,7 @@ pub fn apply(
     disk: &Disk,
     plan: &gpt::GrowPlan,
     after: &mut dyn FnMut(&str),
-) -> Result<(), DiskError> {
+) -> Result<(), IoError> {
     for phase in &plan.phases {
         for w in &phase.writes {
             disk.write_at(w.lba * SECTOR, &w.data)?;
@@ -401,11 +393,9 @@ fn grow_fs(
     };
     let read_sb = || -> Result<Option<Ext4>, GrowFailure> {
         let d = Disk::open(&dev.devnode, false)?;
-        let sb = d.read_at(1024, 1024).map_err(|source| DiskError {
-            path: dev.devnode.clone(),
-            what: "reading the superblock".into(),
-            source,
-        })?;
+        let sb = d
+            .read_at(1024, 1024)
+            .at(&dev.devnode, "reading the superblock")?;
         Ok(Ext4::parse(&sb))
     };
     let Some(fs) = read_sb()? else {

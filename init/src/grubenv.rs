@@ -80,8 +80,9 @@ pub enum GrubEnvError {
     BadName { name: String },
     #[error("value of {name}: contains a NUL byte")]
     BadValue { name: String },
+    /// Kept apart from `Io` so a failed checkpoint never reads as a missing grubenv.
     #[error(transparent)]
-    Checkpoint(#[from] crate::sys::journal::CheckpointError),
+    Checkpoint(IoError),
 }
 
 impl GrubEnvError {
@@ -392,7 +393,7 @@ pub fn write(path: &Path, env: &GrubEnv) -> Result<(), GrubEnvError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .at(dir, "fsync of the directory")?;
-    crate::sys::journal::checkpoint(dir)?;
+    crate::sys::journal::checkpoint(dir).map_err(GrubEnvError::Checkpoint)?;
     Ok(())
 }
 

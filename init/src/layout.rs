@@ -7,6 +7,8 @@ use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use kairos_util::{IoError, IoResultExt};
+
 use crate::labels;
 pub use crate::syntax::clean_path;
 use crate::syntax::{OVERLAY_FORMS, Overlay, parse_overlay, split_volume};
@@ -93,11 +95,8 @@ pub struct Layout {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("{}:{line}: {message}", path.display())]
     Syntax {
         path: PathBuf,
@@ -115,10 +114,6 @@ pub enum LayoutError {
 /// it: the image's symlink would be resolved in the initramfs, not in the image.
 pub fn read_env(path: &Path) -> Result<Vec<(String, String)>, LayoutError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let io = |source| LayoutError::Io {
-        path: path.to_owned(),
-        source,
-    };
     let not_a_file = |what: String| LayoutError::NotAFile {
         path: path.to_owned(),
         what,
@@ -136,8 +131,8 @@ pub fn read_env(path: &Path) -> Result<Vec<(String, String)>, LayoutError> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
-        .map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
+        .at(path, "opening")?;
+    let meta = file.metadata().at(path, "stat")?;
     if !meta.is_file() {
         return Err(not_a_file(format!(
             "not a regular file ({:?})",
@@ -147,7 +142,7 @@ pub fn read_env(path: &Path) -> Result<Vec<(String, String)>, LayoutError> {
     let mut bytes = Vec::new();
     file.take(MAX_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(io)?;
+        .at(path, "reading")?;
     let text = String::from_utf8_lossy(&bytes);
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(LayoutError::TooLarge {

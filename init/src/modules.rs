@@ -7,6 +7,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use kairos_util::{IoError, IoResultExt};
+
 /// What a module's `.modinfo` says about loading it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ModInfo {
@@ -19,12 +21,8 @@ pub struct ModInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("{path}: not an ELF64 little-endian object")]
     NotElf { path: PathBuf },
     #[error("{path}: no .modinfo section")]
@@ -225,19 +223,15 @@ fn stem_name(path: &str) -> String {
 /// Reads only the ELF header, section headers, shstrtab and `.modinfo` of a module file; whole
 /// modules are never read because the build tool scans thousands of them.
 pub fn read_modinfo(path: &Path) -> Result<ModInfo, ModError> {
-    let io_err = |source| ModError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(io_err)?;
-    let len = file.metadata().map_err(io_err)?.len();
+    let file = File::open(path).at(path, "opening")?;
+    let len = file.metadata().at(path, "stat")?.len();
     let sec = find_modinfo(len, |off, size| {
         let mut buf = vec![0; size];
         file.read_exact_at(&mut buf, off)?;
         Ok(buf)
     })
     .map_err(|e| match e {
-        ElfFail::Io(source) => io_err(source),
+        ElfFail::Io(e) => IoError::new(path, "reading", e).into(),
         ElfFail::NotElf => ModError::NotElf {
             path: path.to_path_buf(),
         },
@@ -272,10 +266,7 @@ impl ModuleIndex {
     pub fn scan(dir: &Path) -> Result<ModuleIndex, ModError> {
         let mut files = Vec::new();
         let mut skipped = Vec::new();
-        let top = std::fs::read_dir(dir).map_err(|source| ModError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        let top = std::fs::read_dir(dir).at(dir, "listing")?;
         collect_ko(dir, top, 0, &mut files, &mut skipped);
         // Sorted so a name provided twice keeps the same winner on every run.
         files.sort();
@@ -290,12 +281,7 @@ impl ModuleIndex {
         let builtin = match std::fs::read_to_string(&builtin_path) {
             Ok(text) => text.lines().map(str::to_string).collect(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(source) => {
-                return Err(ModError::Io {
-                    path: builtin_path,
-                    source,
-                });
-            }
+            Err(e) => return Err(IoError::new(builtin_path, "reading", e).into()),
         };
         let mut index = ModuleIndex::from_parts(mods, builtin);
         skipped.append(&mut index.skipped);
@@ -453,11 +439,8 @@ fn collect_ko(
     for entry in entries {
         let entry = match entry {
             Ok(e) => e,
-            Err(source) => {
-                skipped.push(ModError::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                });
+            Err(e) => {
+                skipped.push(IoError::new(dir, "listing", e).into());
                 continue;
             }
         };
@@ -471,7 +454,7 @@ fn collect_ko(
             }
             match std::fs::read_dir(&path) {
                 Ok(sub) => collect_ko(&path, sub, depth + 1, files, skipped),
-                Err(source) => skipped.push(ModError::Io { path, source }),
+                Err(e) => skipped.push(IoError::new(path, "listing", e).into()),
             }
         } else if path.extension().is_some_and(|e| e == "ko") {
             // Symlinked files are fine (read_modinfo follows them); symlinked dirs are
@@ -738,10 +721,7 @@ pub enum LoadOutcome {
 
 /// Loads a module file with finit_module(2). EEXIST means it is already loaded.
 pub fn load(name: &str, path: &Path, params: &str) -> Result<LoadOutcome, ModError> {
-    let file = File::open(path).map_err(|source| ModError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = File::open(path).at(path, "opening")?;
     let params = std::ffi::CString::new(params).map_err(|_| ModError::BadParams {
         name: name.to_string(),
     })?;

@@ -464,7 +464,7 @@ fn shutdown(action: Shutdown) -> ! {
                 // read-only, which flushes it and leaves the filesystem clean.
                 let ro = rustix::mount::mount_remount(m.as_str(), MountFlags::RDONLY, "");
                 match ro {
-                    Ok(()) => info!("{m} busy ({}): remounted read-only", e.source),
+                    Ok(()) => info!("{m} busy ({}): remounted read-only", e.err),
                     Err(e2) => warn!("{e}; remount read-only: {e2}"),
                 }
             }

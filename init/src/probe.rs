@@ -2,8 +2,10 @@
 //! without blkid or udev. Only the filesystems Kairos boots from are recognised.
 
 use std::fs::File;
-use std::io::{self, Read};
-use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::path::Path;
+
+use kairos_util::{IoError, IoResultExt};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsType {
@@ -61,12 +63,8 @@ pub struct FsInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("probing {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// Enough for every probe: the iso9660 volume descriptors start at 32768.
@@ -267,16 +265,12 @@ pub fn probe_bytes(buf: &[u8]) -> Option<FsInfo> {
 
 /// Reads up to PROBE_LEN bytes of a device or image file and probes them.
 pub fn probe_path(path: &Path) -> Result<Option<FsInfo>, ProbeError> {
-    let err = |source| ProbeError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::open(path).map_err(err)?;
+    let file = File::open(path).at(path, "opening to probe")?;
     let mut buf = Vec::with_capacity(PROBE_LEN);
     // take + read_to_end retries short reads and EINTR, and stops at EOF for small files.
     file.take(PROBE_LEN as u64)
         .read_to_end(&mut buf)
-        .map_err(err)?;
+        .at(path, "probing")?;
     Ok(probe_bytes(&buf))
 }
 

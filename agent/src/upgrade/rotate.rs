@@ -79,7 +79,7 @@ fn sync_dir(dir: &Path) -> Result<(), RotateError> {
         RotateError::Io(IoError::new(
             e.path,
             "checkpointing the ext4 journal (so GRUB sees the rename)",
-            e.source,
+            e.err,
         ))
     })?;
     Ok(())

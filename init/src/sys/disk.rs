@@ -6,23 +6,9 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
+use kairos_util::{IoError, IoResultExt};
+
 use super::blk::{self, BLKPG_ADD_PARTITION, BLKPG_RESIZE_PARTITION};
-
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {what}: {source}")]
-pub struct DiskError {
-    pub path: PathBuf,
-    pub what: String,
-    pub source: std::io::Error,
-}
-
-fn err(path: &Path, what: impl Into<String>, source: std::io::Error) -> DiskError {
-    DiskError {
-        path: path.to_path_buf(),
-        what: what.into(),
-        source,
-    }
-}
 
 /// An open disk (or image file).
 #[derive(Debug)]
@@ -34,27 +20,24 @@ pub struct Disk {
 impl Disk {
     /// Opens read-only unless `write`: a boot with nothing to grow never opens the disk for
     /// writing (a write-protected card must still boot).
-    pub fn open(path: &Path, write: bool) -> Result<Disk, DiskError> {
+    pub fn open(path: &Path, write: bool) -> Result<Disk, IoError> {
         let file = OpenOptions::new()
             .read(true)
             .write(write)
             .open(path)
-            .map_err(|e| err(path, if write { "open rw" } else { "open" }, e))?;
+            .at(path, if write { "open rw" } else { "open" })?;
         Ok(Disk {
             path: path.to_path_buf(),
             file,
         })
     }
 
-    pub fn size_bytes(&self) -> Result<u64, DiskError> {
-        let meta = self
-            .file
-            .metadata()
-            .map_err(|e| err(&self.path, "stat", e))?;
+    pub fn size_bytes(&self) -> Result<u64, IoError> {
+        let meta = self.file.metadata().at(&self.path, "stat")?;
         if !meta.file_type().is_block_device() {
             return Ok(meta.len());
         }
-        blk::size_bytes(&self.file).map_err(|e| err(&self.path, "BLKGETSIZE64", e))
+        blk::size_bytes(&self.file).at(&self.path, "BLKGETSIZE64")
     }
 
     pub fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
@@ -63,35 +46,35 @@ impl Disk {
         Ok(buf)
     }
 
-    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), DiskError> {
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), IoError> {
         self.file
             .write_all_at(data, offset)
-            .map_err(|e| err(&self.path, format!("write at byte {offset}"), e))
+            .at(&self.path, format!("write at byte {offset}"))
     }
 
     /// fsync: the page cache written back and the device's cache flushed, so every write
     /// before it is on the medium before any write after it.
-    pub fn sync(&self) -> Result<(), DiskError> {
-        self.file
-            .sync_all()
-            .map_err(|e| err(&self.path, "fsync", e))
+    pub fn sync(&self) -> Result<(), IoError> {
+        self.file.sync_all().at(&self.path, "fsync")
     }
 
     /// Tells the kernel partition `number` now spans `length` bytes from byte `start` (the
     /// start must be the one it has): BLKPG_RESIZE_PARTITION, as `resizepart` does.
-    pub fn resize_partition(&self, number: u32, start: u64, length: u64) -> Result<(), DiskError> {
+    pub fn resize_partition(&self, number: u32, start: u64, length: u64) -> Result<(), IoError> {
         self.blkpg(BLKPG_RESIZE_PARTITION, number, start, length)
-            .map_err(|e| err(&self.path, format!("BLKPG_RESIZE_PARTITION {number}"), e))
+            .at(&self.path, format!("BLKPG_RESIZE_PARTITION {number}"))
     }
 
     /// Adds partition `number` (`length` bytes from byte `start`) as `partx -a` does, for
     /// kernels without a GPT parser (this project's test hosts). One the kernel already has
     /// (EBUSY) is left as it is.
-    pub fn add_partition(&self, number: u32, start: u64, length: u64) -> Result<(), DiskError> {
+    pub fn add_partition(&self, number: u32, start: u64, length: u64) -> Result<(), IoError> {
         match self.blkpg(BLKPG_ADD_PARTITION, number, start, length) {
-            Err(e) if e.raw_os_error() != Some(libc::EBUSY) => {
-                Err(err(&self.path, format!("BLKPG_ADD_PARTITION {number}"), e))
-            }
+            Err(e) if e.raw_os_error() != Some(libc::EBUSY) => Err(IoError::new(
+                &self.path,
+                format!("BLKPG_ADD_PARTITION {number}"),
+                e,
+            )),
             _ => Ok(()),
         }
     }
@@ -103,15 +86,9 @@ impl Disk {
 
 /// Grows the mounted ext4 at `mountpoint` to `blocks` filesystem blocks, online:
 /// EXT4_IOC_RESIZE_FS on its root directory (what resize2fs does for a mounted filesystem).
-pub fn ext4_resize(mountpoint: &Path, blocks: u64) -> Result<(), DiskError> {
-    let dir = File::open(mountpoint).map_err(|e| err(mountpoint, "open", e))?;
-    blk::ext4_resize(&dir, blocks).map_err(|e| {
-        err(
-            mountpoint,
-            format!("EXT4_IOC_RESIZE_FS to {blocks} blocks"),
-            e,
-        )
-    })
+pub fn ext4_resize(mountpoint: &Path, blocks: u64) -> Result<(), IoError> {
+    let dir = File::open(mountpoint).at(mountpoint, "open")?;
+    blk::ext4_resize(&dir, blocks).at(mountpoint, format!("EXT4_IOC_RESIZE_FS to {blocks} blocks"))
 }
 
 #[cfg(test)]

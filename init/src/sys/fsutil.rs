@@ -2,31 +2,16 @@
 //! without overwriting it, and freeing the initramfs before switch_root.
 
 use std::fs;
-use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use kairos_util::{IoError, IoResultExt};
 
 use crate::syntax::PathKind;
 
 /// Bounds the recursion in image-controlled trees: a deeper tree is left partly uncopied with
 /// a warning rather than exhausting the init's stack.
 const MAX_DEPTH: usize = 64;
-
-#[derive(Debug, thiserror::Error)]
-#[error("{op} {path}: {source}")]
-pub struct FsError {
-    pub op: &'static str,
-    pub path: PathBuf,
-    pub source: io::Error,
-}
-
-fn ferr<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> FsError + 'a {
-    move |source| FsError {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 pub fn path_kind(p: &Path) -> PathKind {
     match fs::symlink_metadata(p) {
@@ -58,12 +43,12 @@ pub fn symlink_below(root: &Path, p: &Path) -> Option<(PathBuf, PathBuf)> {
     None
 }
 
-pub fn mkdir_p(p: &Path) -> Result<(), FsError> {
+pub fn mkdir_p(p: &Path) -> Result<(), IoError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o755)
         .create(p)
-        .map_err(ferr("mkdir", p))
+        .at(p, "mkdir")
 }
 
 /// What `sync_missing` did, for the log.
@@ -120,18 +105,18 @@ fn sync_dir(from: &Path, to: &Path, depth: usize, r: &mut SyncReport) {
     }
 }
 
-fn copy_entry(src: &Path, dst: &Path, meta: &fs::Metadata) -> Result<(), FsError> {
+fn copy_entry(src: &Path, dst: &Path, meta: &fs::Metadata) -> Result<(), IoError> {
     let ft = meta.file_type();
     if ft.is_symlink() {
-        let target = fs::read_link(src).map_err(ferr("readlink", src))?;
-        std::os::unix::fs::symlink(&target, dst).map_err(ferr("symlink", dst))?;
+        let target = fs::read_link(src).at(src, "readlink")?;
+        std::os::unix::fs::symlink(&target, dst).at(dst, "symlink")?;
     } else if ft.is_dir() {
         fs::DirBuilder::new()
             .mode(meta.mode() & 0o7777)
             .create(dst)
-            .map_err(ferr("mkdir", dst))?;
+            .at(dst, "mkdir")?;
     } else if ft.is_file() {
-        fs::copy(src, dst).map_err(ferr("copy to", dst))?;
+        fs::copy(src, dst).at(dst, format!("copy from {}", src.display()))?;
     } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
         rustix::fs::mknodat(
             rustix::fs::CWD,
@@ -140,20 +125,15 @@ fn copy_entry(src: &Path, dst: &Path, meta: &fs::Metadata) -> Result<(), FsError
             rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777),
             meta.rdev(),
         )
-        .map_err(|e| FsError {
-            op: "mknod",
-            path: dst.to_path_buf(),
-            source: e.into(),
-        })?;
+        .at(dst, "mknod")?;
     } else {
         return Ok(()); // sockets are runtime state, not worth keeping
     }
-    std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))
-        .map_err(ferr("chown", dst))?;
+    std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid())).at(dst, "chown")?;
     if !ft.is_symlink() {
         // chown clears setuid bits, so the mode goes last.
         fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))
-            .map_err(ferr("chmod", dst))?;
+            .at(dst, "chmod")?;
     }
     let times = rustix::fs::Timestamps {
         last_access: rustix::fs::Timespec {
@@ -244,6 +224,7 @@ pub fn executable_in_root(root: &Path, prog: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
 
     #[test]
     fn symlinks_below_the_root_are_found() -> io::Result<()> {

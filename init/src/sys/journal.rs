@@ -6,21 +6,14 @@
 //! flushes and empties its journal) on kernels without that ioctl.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use kairos_util::IoError;
 
 use super::blk;
 
 /// `EXT4_SUPER_MAGIC` (ext2, ext3 and ext4 mounted by the ext4 driver).
 const EXT4_SUPER_MAGIC: i64 = 0xef53;
-
-#[derive(Debug, thiserror::Error)]
-#[error("{}: checkpointing the ext4 journal so GRUB sees the writes ({what}): {source}", path.display())]
-pub struct CheckpointError {
-    pub path: PathBuf,
-    pub what: &'static str,
-    #[source]
-    pub source: std::io::Error,
-}
 
 /// How [`checkpoint`] made the metadata final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,13 +31,12 @@ pub enum Checkpointed {
 /// Writes the journal of the filesystem holding `path` (a file or directory on it) back to
 /// its home locations, so a reader that ignores the journal (GRUB) sees every write made
 /// before the call. Needs CAP_SYS_ADMIN.
-pub fn checkpoint(path: &Path) -> Result<Checkpointed, CheckpointError> {
-    let fail = |what| {
-        move |source| CheckpointError {
-            path: path.to_path_buf(),
-            what,
-            source,
-        }
+pub fn checkpoint(path: &Path) -> Result<Checkpointed, IoError> {
+    let fail = |what: &str| {
+        kairos_util::io::io::<std::io::Error>(
+            path,
+            format!("checkpointing the ext4 journal so GRUB sees the writes ({what})"),
+        )
     };
     let file = File::open(path).map_err(fail("open"))?;
     let fs = rustix::fs::fstatfs(&file)
@@ -78,6 +70,7 @@ pub fn checkpoint(path: &Path) -> Result<Checkpointed, CheckpointError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     #[test]
     fn errors_name_the_path() {

@@ -3,20 +3,16 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
+use kairos_util::{IoError, IoResultExt};
+
 use super::blk::{self, LO_FLAGS_AUTOCLEAR, LO_FLAGS_READ_ONLY};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
-    #[error("{path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("no free loop device from {ctl}: {source}")]
-    GetFree {
-        ctl: PathBuf,
-        source: std::io::Error,
-    },
+    /// Opening the control device, the backing file or a loop device, or no free device.
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// The backing file and the loop device it was to be attached to.
     #[error("attaching {file} to {dev}: {source}")]
     Configure {
         file: PathBuf,
@@ -39,34 +35,22 @@ pub fn attach(dev_root: &Path, file: &Path, readonly: bool) -> Result<LoopDevice
         .read(true)
         .write(true)
         .open(&ctl_path)
-        .map_err(|source| LoopError::Open {
-            path: ctl_path.clone(),
-            source,
-        })?;
+        .at(&ctl_path, "opening")?;
     let backing = OpenOptions::new()
         .read(true)
         .write(!readonly)
         .open(file)
-        .map_err(|source| LoopError::Open {
-            path: file.to_path_buf(),
-            source,
-        })?;
+        .at(file, "opening")?;
     let mut last = None;
     // Another process can take the free device between GET_FREE and CONFIGURE: retry.
     for _ in 0..8 {
-        let n = blk::loop_get_free(&ctl).map_err(|source| LoopError::GetFree {
-            ctl: ctl_path.clone(),
-            source,
-        })?;
+        let n = blk::loop_get_free(&ctl).at(&ctl_path, "no free loop device")?;
         let path = dev_root.join(format!("loop{n}"));
         let dev = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|source| LoopError::Open {
-                path: path.clone(),
-                source,
-            })?;
+            .at(&path, "opening")?;
         let flags = LO_FLAGS_AUTOCLEAR | if readonly { LO_FLAGS_READ_ONLY } else { 0 };
         let name = file.as_os_str().as_encoded_bytes();
         let Err(err) = blk::loop_configure(&dev, &backing, flags, name) else {

@@ -2,8 +2,11 @@
 
 use std::path::Path;
 
+use kairos_util::{IoError, IoResultExt};
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
+/// A mount: what (source, filesystem type, options) on which target. Operations on the
+/// target alone (umount, propagation) fail with an [`IoError`].
 #[derive(Debug, thiserror::Error)]
 #[error("mount {what} on {target}: {source}")]
 pub struct MountError {
@@ -85,19 +88,19 @@ pub fn move_mount(source: &Path, target: &Path) -> Result<(), MountError> {
         .map_err(|e| err(format!("move {}", source.display()), target, e))
 }
 
-pub fn make_private(target: &Path) -> Result<(), MountError> {
+pub fn make_private(target: &Path) -> Result<(), IoError> {
     rustix::mount::mount_change(
         target,
         MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
     )
-    .map_err(|e| err("make-rprivate", target, e))
+    .at(target, "make-rprivate")
 }
 
-pub fn unmount(target: &Path, lazy: bool) -> Result<(), MountError> {
+pub fn unmount(target: &Path, lazy: bool) -> Result<(), IoError> {
     let flags = if lazy {
         UnmountFlags::DETACH
     } else {
         UnmountFlags::empty()
     };
-    rustix::mount::unmount(target, flags).map_err(|e| err("umount", target, e))
+    rustix::mount::unmount(target, flags).at(target, "umount")
 }
