@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use kairos_util::{IoError, IoResultExt};
 use serde::Deserialize;
 
 use crate::roles::Ha;
@@ -118,11 +119,8 @@ impl P2pConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("{path}: the `p2p:` block is not valid: {msg}")]
     Parse { path: PathBuf, msg: String },
     #[error("no `p2p:` block with a network_token in {0}")]
@@ -145,10 +143,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Option<P2pConfig>, ConfigError> 
 }
 
 pub fn load_file(path: &Path) -> Result<Option<P2pConfig>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).at(path, "reading")?;
     parse(&text, path)
 }
 

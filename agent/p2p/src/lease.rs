@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use crate::roles::fnv32a;
+use kairos_util::{IoError, IoResultExt};
 
 pub const DEFAULT_RANGE: &str = "10.1.0.0/24";
 pub const LEASE_FILE: &str = "usr/local/.kairos/lease";
@@ -17,11 +18,8 @@ pub enum LeaseError {
     Range(String),
     #[error("VPN address range {range} has no free address ({taken} taken)")]
     Full { range: String, taken: usize },
-    #[error("writing the lease file {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
 }
 
 /// An IPv4 range; hosts exclude the network and broadcast addresses.
@@ -116,19 +114,14 @@ pub fn load(root: &Path) -> Option<Ipv4Addr> {
 
 pub fn store(root: &Path, ip: Ipv4Addr) -> Result<(), LeaseError> {
     let path = lease_path(root);
-    let write = || -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        // Write then rename: a crash never leaves half an address.
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, format!("{ip}\n"))?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(|source| LeaseError::Write {
-        path: path.clone(),
-        source,
-    })
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).at(dir, "creating the lease file's directory")?;
+    }
+    // Write then rename: a crash never leaves half an address.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{ip}\n")).at(&tmp, "writing the lease")?;
+    std::fs::rename(&tmp, &path).at(&path, "renaming the new lease into place")?;
+    Ok(())
 }
 
 #[cfg(test)]

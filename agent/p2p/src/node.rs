@@ -26,6 +26,7 @@ use crate::roles::{self, Role};
 use crate::token::Token;
 use crate::vpn::{self, Routes, VpnError};
 use kairos_util::time::{now_ms, rfc3339};
+use kairos_util::{IoError, IoResultExt};
 
 pub const NODE_TOKEN: &str = "var/lib/rancher/k3s/server/node-token";
 pub const KUBECONFIG: &str = "etc/rancher/k3s/k3s.yaml";
@@ -116,11 +117,8 @@ pub enum NodeError {
     Vpn(#[from] VpnError),
     #[error(transparent)]
     Lease(#[from] LeaseError),
-    #[error("node identity: cannot read {path}: {source}")]
-    Identity {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("node identity: {0}")]
+    Identity(IoError),
     #[error("node identity: {0} is empty")]
     EmptyIdentity(PathBuf),
     #[error("starting the async runtime: {0}")]
@@ -148,10 +146,9 @@ pub fn say(msg: &str) {
 /// the kernel's).
 pub fn node_uuid(root: &Path) -> Result<String, NodeError> {
     let read = |p: PathBuf| -> Result<String, NodeError> {
-        let s = std::fs::read_to_string(&p).map_err(|source| NodeError::Identity {
-            path: p.clone(),
-            source,
-        })?;
+        let s = std::fs::read_to_string(&p)
+            .at(&p, "reading")
+            .map_err(NodeError::Identity)?;
         let s = s.trim().to_owned();
         if s.is_empty() {
             return Err(NodeError::EmptyIdentity(p));
@@ -861,10 +858,7 @@ mod tests {
     #[test]
     fn uuid_from_root() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(
-            node_uuid(dir.path()),
-            Err(NodeError::Identity { .. })
-        ));
+        assert!(matches!(node_uuid(dir.path()), Err(NodeError::Identity(_))));
         std::fs::create_dir_all(dir.path().join("etc")).unwrap();
         std::fs::write(dir.path().join("etc/machine-id"), "abc\n").unwrap();
         std::fs::write(dir.path().join("etc/hostname"), "node1\n").unwrap();

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use qrcode::render::unicode::Dense1x2;
 use qrcode::{Color, QrCode};
 
+use kairos_util::{IoError, IoResultExt};
+
 /// Pixels per module in the PNG: large enough for a phone camera or a screenshot.
 const SCALE: usize = 8;
 /// The quiet zone QR readers need around the code, in modules.
@@ -16,18 +18,10 @@ const QUIET: usize = 4;
 pub enum QrError {
     #[error("the token does not fit in a QR code: {0}")]
     Encode(String),
-    #[error("writing {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("encoding PNG {path}: {msg}")]
     PngEncode { path: PathBuf, msg: String },
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("{path} is not a PNG image this decoder reads: {msg}")]
     PngDecode { path: PathBuf, msg: String },
     #[error("no QR code found in {0}")]
@@ -159,12 +153,8 @@ pub fn write_png(data: &str, path: &Path) -> Result<(), QrError> {
             pixels[y * side + mx * SCALE..y * side + (mx + 1) * SCALE].fill(0);
         }
     }
-    let werr = |source| QrError::Write {
-        path: path.to_owned(),
-        source,
-    };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(werr)?;
+        std::fs::create_dir_all(dir).at(dir, "creating the directory")?;
     }
     // The picture is the token: readable by root only.
     let file = {
@@ -180,7 +170,7 @@ pub fn write_png(data: &str, path: &Path) -> Result<(), QrError> {
                 f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
                 Ok(f)
             })
-            .map_err(werr)?
+            .at(path, "creating")?
     };
     let perr = |e: png::EncodingError| QrError::PngEncode {
         path: path.to_owned(),
@@ -196,10 +186,7 @@ pub fn write_png(data: &str, path: &Path) -> Result<(), QrError> {
 
 /// The text of the first QR code found in a PNG (a saved code, a screenshot, a photo).
 pub fn decode_png(path: &Path) -> Result<String, QrError> {
-    let file = std::fs::File::open(path).map_err(|source| QrError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let file = std::fs::File::open(path).at(path, "opening")?;
     let derr = |msg: String| QrError::PngDecode {
         path: path.to_owned(),
         msg,

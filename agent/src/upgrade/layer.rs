@@ -14,6 +14,8 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Component, Path, PathBuf};
 
+use kairos_util::{IoError, IoResultExt};
+
 const WHITEOUT: &str = ".wh.";
 /// Extended attributes applied from a layer: exact names, or prefixes ending in '.'.
 const KEPT_XATTRS: &[&str] = &["security.capability", "user."];
@@ -21,13 +23,9 @@ const OPAQUE: &str = ".wh..wh..opq";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
-    #[error("layer {layer}: {}: {source}", path.display())]
-    Io {
-        layer: String,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file operation inside the target tree; `layer` is the layer's digest.
+    #[error("layer {layer}: {err}")]
+    Io { layer: String, err: IoError },
     #[error("layer {layer}: entry {name:?} would land outside the root")]
     Escapes { layer: String, name: String },
     #[error("layer {layer}: not a tar archive: {source}")]
@@ -107,20 +105,22 @@ fn symlink_in(root: &Path, rel: &Path) -> Option<PathBuf> {
 }
 
 /// Empties `dir` except what this layer itself put there (`added`, relative to `root`).
-fn clear_lower(root: &Path, dir: &Path, added: &HashSet<PathBuf>) -> std::io::Result<()> {
-    let Ok(entries) = fs::read_dir(root.join(dir)) else {
+fn clear_lower(root: &Path, dir: &Path, added: &HashSet<PathBuf>) -> Result<(), IoError> {
+    let path = root.join(dir);
+    let Ok(entries) = fs::read_dir(&path) else {
         return Ok(());
     };
     for e in entries {
-        let e = e?;
+        let e = e.at(&path, "listing (opaque directory)")?;
         let rel = dir.join(e.file_name());
         if added.contains(&rel) {
-            if e.file_type()?.is_dir() {
+            if e.file_type().at(&e.path(), "reading the type")?.is_dir() {
                 clear_lower(root, &rel, added)?;
             }
             continue;
         }
-        remove_any(&root.join(&rel))?;
+        let victim = root.join(&rel);
+        remove_any(&victim).at(&victim, "removing (opaque directory)")?;
     }
     Ok(())
 }
@@ -140,13 +140,9 @@ fn decompress<'a>(r: impl Read + 'a) -> std::io::Result<Box<dyn Read + 'a>> {
 
 /// Applies one layer onto `root`. `layer` names it in errors (its digest).
 pub fn apply(root: &Path, layer: &str, data: impl Read) -> Result<Applied, LayerError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| LayerError::Io {
-            layer: layer.to_string(),
-            path,
-            source,
-        }
+    let in_layer = |err: IoError| LayerError::Io {
+        layer: layer.to_string(),
+        err,
     };
     let tar_err = |source| LayerError::Tar {
         layer: layer.to_string(),
@@ -187,7 +183,9 @@ pub fn apply(root: &Path, layer: &str, data: impl Read) -> Result<Applied, Layer
         }
         if let Some(target) = name.strip_prefix(WHITEOUT) {
             let victim = root.join(&parent).join(target);
-            remove_any(&victim).map_err(io(&victim))?;
+            remove_any(&victim)
+                .at(&victim, "removing (whiteout)")
+                .map_err(in_layer)?;
             done.whiteouts += 1;
             continue;
         }
@@ -196,10 +194,15 @@ pub fn apply(root: &Path, layer: &str, data: impl Read) -> Result<Applied, Layer
         if let Ok(m) = dest.symlink_metadata()
             && (m.is_dir() != entry.header().entry_type().is_dir())
         {
-            remove_any(&dest).map_err(io(&dest))?;
+            remove_any(&dest)
+                .at(&dest, "removing (replaced by another type)")
+                .map_err(in_layer)?;
         }
         let xattrs = xattrs_of(&mut entry);
-        let unpacked = entry.unpack_in(root).map_err(io(&dest))?;
+        let unpacked = entry
+            .unpack_in(root)
+            .at(&dest, "unpacking")
+            .map_err(in_layer)?;
         if !unpacked {
             return Err(LayerError::Escapes {
                 layer: layer.into(),
@@ -233,7 +236,7 @@ pub fn apply(root: &Path, layer: &str, data: impl Read) -> Result<Applied, Layer
                 name: dir.join(OPAQUE).display().to_string(),
             });
         }
-        clear_lower(root, &dir, &added).map_err(io(&root.join(&dir)))?;
+        clear_lower(root, &dir, &added).map_err(in_layer)?;
     }
     Ok(done)
 }
