@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use kairos_agent::Ctx;
 use kairos_agent::install::{InstallError, SourceImage};
 use kairos_agent::upgrade::image::{KERNEL_FILES, tree_file};
+use kairos_util::{IoError, IoResultExt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    #[error("--config {}: cannot read it: {err}; nothing was written", path.display())]
-    Config { path: PathBuf, err: std::io::Error },
+    /// "--config PATH: cannot read it: ERR; nothing was written".
+    #[error("--config {0}; nothing was written")]
+    Config(IoError),
     #[error(
         "{origin}: the image has no {what}; make it Kairos-ready with `kairos-build image` first; nothing was written"
     )]
@@ -26,10 +28,9 @@ pub enum CheckError {
 pub fn read_config(config: Option<&Path>) -> Result<Option<Vec<u8>>, CheckError> {
     config
         .map(|c| {
-            std::fs::read(c).map_err(|err| CheckError::Config {
-                path: c.to_path_buf(),
-                err,
-            })
+            std::fs::read(c)
+                .at(c, "cannot read it")
+                .map_err(CheckError::Config)
         })
         .transpose()
 }

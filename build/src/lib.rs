@@ -12,17 +12,17 @@ pub mod raw;
 
 use std::path::{Path, PathBuf};
 
+use kairos_util::{IoError, IoResultExt};
+
 pub use kairos_agent::install::efi::find_tool;
 
 /// A program kairos-build puts into images (kairos-init, kairos-agent) that it cannot use.
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
-    #[error("{flag} {}: {source}", path.display())]
-    Unreadable {
-        flag: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{flag} {err}")]
+    Unreadable { flag: &'static str, err: IoError },
+    #[error("{flag} {}: not a regular file", path.display())]
+    NotAFile { flag: &'static str, path: PathBuf },
     #[error(
         "{name} not found: not given with {flag}, not next to {exe_dir}, not in PATH (build it with `cargo build --release -p {name}`)"
     )]
@@ -43,15 +43,13 @@ pub fn find_program(
     if let Some(p) = explicit {
         return match std::fs::metadata(p) {
             Ok(m) if m.is_file() => Ok(p.to_path_buf()),
-            Ok(_) => Err(ProgramError::Unreadable {
+            Ok(_) => Err(ProgramError::NotAFile {
                 flag,
                 path: p.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
             }),
-            Err(source) => Err(ProgramError::Unreadable {
+            Err(err) => Err(ProgramError::Unreadable {
                 flag,
-                path: p.to_path_buf(),
-                source,
+                err: IoError::new(p, "cannot read it", err),
             }),
         };
     }
@@ -74,8 +72,9 @@ pub fn find_program(
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkError {
-    #[error("{}: creating the work directory: {err}", dir.display())]
-    Create { dir: PathBuf, err: std::io::Error },
+    /// In the parent directory: "{parent}: creating the work directory: {err}".
+    #[error(transparent)]
+    Create(IoError),
 }
 
 /// A work directory (under `--work-dir`, else /var/tmp, which is on disk where /tmp may be a
@@ -89,10 +88,8 @@ impl WorkDir {
         let dir = tempfile::Builder::new()
             .prefix(&format!("kairos-build-{what}-"))
             .tempdir_in(parent)
-            .map_err(|err| WorkError::Create {
-                dir: parent.to_path_buf(),
-                err,
-            })?;
+            .at(parent, "creating the work directory")
+            .map_err(WorkError::Create)?;
         Ok(WorkDir(Some(dir)))
     }
 

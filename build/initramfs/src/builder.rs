@@ -78,12 +78,6 @@ pub enum InitramfsError {
         #[source]
         source: CpioError,
     },
-    #[error("compressing {path} with zstd: {source}")]
-    Compress {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// Writes the initramfs for `spec` to `out` (through a temporary file and a rename, so a
@@ -190,15 +184,12 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<BuildReport, InitramfsE
     let cpio = w.finish().map_err(cpio_err)?;
 
     let tmp = tmp_path(out);
-    let written = compress(&cpio, &tmp).map_err(|source| InitramfsError::Compress {
-        path: tmp.clone(),
-        source,
-    });
+    let written = compress(&cpio, &tmp);
     let size_bytes = match written {
         Ok(n) => n,
         Err(e) => {
             let _ = fs::remove_file(&tmp);
-            return Err(e);
+            return Err(e.into());
         }
     };
     fs::rename(&tmp, out).at(out, "renaming the finished image to")?;
@@ -212,21 +203,24 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<BuildReport, InitramfsE
 }
 
 /// One zstd frame with a content checksum and a window the kernel's decompressor accepts.
-fn compress(data: &[u8], path: &Path) -> std::io::Result<u64> {
+fn compress(data: &[u8], path: &Path) -> Result<u64, IoError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir)?;
+        fs::create_dir_all(dir).at(dir, "creating the directory")?;
     }
-    let file = fs::File::create(path)?;
-    let mut enc = zstd::stream::Encoder::new(file, ZSTD_LEVEL)?;
-    enc.include_checksum(true)?;
-    enc.include_contentsize(true)?;
-    enc.window_log(ZSTD_WINDOW_LOG)?;
-    enc.long_distance_matching(false)?;
-    enc.set_pledged_src_size(Some(data.len() as u64))?;
-    enc.write_all(data)?;
-    let file = enc.finish()?;
-    file.sync_all()?;
-    Ok(file.metadata()?.len())
+    let file = fs::File::create(path).at(path, "creating")?;
+    let zstd = || -> std::io::Result<fs::File> {
+        let mut enc = zstd::stream::Encoder::new(file, ZSTD_LEVEL)?;
+        enc.include_checksum(true)?;
+        enc.include_contentsize(true)?;
+        enc.window_log(ZSTD_WINDOW_LOG)?;
+        enc.long_distance_matching(false)?;
+        enc.set_pledged_src_size(Some(data.len() as u64))?;
+        enc.write_all(data)?;
+        enc.finish()
+    };
+    let file = zstd().at(path, "compressing with zstd")?;
+    file.sync_all().at(path, "fsync")?;
+    Ok(file.metadata().at(path, "reading the size")?.len())
 }
 
 fn tmp_path(out: &Path) -> PathBuf {

@@ -22,8 +22,9 @@ const TRAILER: &str = "TRAILER!!!";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CpioError {
+    /// The writer is any `Write` (no path here): the caller names the output it goes to.
     #[error("writing cpio archive: {0}")]
-    Io(#[from] std::io::Error),
+    Write(std::io::Error),
     #[error("cpio entry name {name:?}: {why}")]
     BadPath { name: String, why: &'static str },
     #[error("cpio entry {name:?}: {len} bytes is more than newc's 4 GiB limit")]
@@ -98,7 +99,7 @@ impl<W: Write> CpioWriter<W> {
         self.put(&[0])?;
         self.pad(4)?;
         self.pad(512)?;
-        self.w.flush()?;
+        self.w.flush().map_err(CpioError::Write)?;
         Ok(self.w)
     }
 
@@ -144,7 +145,7 @@ impl<W: Write> CpioWriter<W> {
     }
 
     fn put(&mut self, bytes: &[u8]) -> Result<(), CpioError> {
-        self.w.write_all(bytes)?;
+        self.w.write_all(bytes).map_err(CpioError::Write)?;
         self.written += bytes.len() as u64;
         Ok(())
     }
