@@ -112,8 +112,7 @@ pub fn next_backoff(prev: Option<Duration>, ran: Duration) -> Duration {
     }
 }
 
-// The parser lives in `mountinfo`; kept here under its old name until kairos-build switches.
-pub use crate::mountinfo::{MountEntry, parse as parse_mountinfo};
+use crate::mountinfo::{self, MountEntry};
 
 /// Kernel filesystems with nothing to flush, and which the shutdown itself still needs
 /// (/dev/kmsg for the log, /proc for mountinfo).
@@ -233,7 +232,7 @@ fn system_mounts() {
     }
     let mounted: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
         .map(|t| {
-            parse_mountinfo(&t)
+            mountinfo::parse(&t)
                 .into_iter()
                 .map(|e| e.mountpoint)
                 .collect()
@@ -456,7 +455,7 @@ fn shutdown(action: Shutdown) -> ! {
     }
     rustix::fs::sync();
     let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for m in unmount_order(&parse_mountinfo(&table)) {
+    for m in unmount_order(&mountinfo::parse(&table)) {
         match mount::unmount(Path::new(&m), false) {
             Ok(()) => info!("unmounted {m}"),
             Err(e) => {
@@ -537,7 +536,7 @@ mod tests {
 
     #[test]
     fn unmount_order_children_first_latest_first() {
-        let e = parse_mountinfo(KAIROS);
+        let e = mountinfo::parse(KAIROS);
         assert_eq!(e.len(), 16);
         assert_eq!(e[15].mountpoint, "/etc/with space");
         let order = unmount_order(&e);
@@ -571,14 +570,14 @@ mod tests {
 
     #[test]
     fn unmount_order_survives_garbage_and_loops() {
-        assert!(unmount_order(&parse_mountinfo("garbage\n1 2 3\n\n")).is_empty());
+        assert!(unmount_order(&mountinfo::parse("garbage\n1 2 3\n\n")).is_empty());
         // A parent loop (not possible in a real table) must still terminate.
         let looped = "10 11 0:1 / /a rw - tmpfs t rw\n11 10 0:2 / /a/b rw - tmpfs t rw\n";
-        let order = unmount_order(&parse_mountinfo(looped));
+        let order = unmount_order(&mountinfo::parse(looped));
         assert!(order.len() <= 2);
         // Stacked mounts on one path: the later one first.
         let stacked = "1 0 0:1 / / rw - ext4 a rw\n5 1 0:2 / /m rw - tmpfs x rw\n6 5 0:3 / /m rw - tmpfs y rw\n";
-        let e = parse_mountinfo(stacked);
+        let e = mountinfo::parse(stacked);
         assert_eq!(unmount_order(&e), ["/m", "/m"]);
     }
 }
