@@ -493,17 +493,13 @@ fn install_paired(
     // `auto` with the merged config's install.allow-removable (install() would read only this
     // node's); a person sent the request, so a disk holding Kairos may be taken, as by hand.
     let mut plan = plan;
-    if plan.device.as_deref() == Some("auto") {
-        let policy = install::device::AutoPolicy {
-            removable: plan.allow_removable,
-            kairos: true,
+    if let Some(dev) = plan.device.take() {
+        let resolved = install::resolve_device(ctx, PathBuf::from(&dev), plan.allow_removable, log);
+        let picked = match resolved {
+            Ok(p) => p,
+            Err(InstallError::Output(e)) => return Err(P2pError::Output(e)),
+            Err(error) => return Err(P2pError::Install { device: dev, error }),
         };
-        let (picked, _) =
-            install::device::pick_auto(ctx, policy).map_err(|error| P2pError::Install {
-                device: "auto".into(),
-                error,
-            })?;
-        writeln!(log, "install: device auto: {}", picked.display()).map_err(P2pError::Output)?;
         plan.device = Some(picked.display().to_string());
     }
     let device = plan.device.clone().unwrap_or_else(|| "(none)".into());
