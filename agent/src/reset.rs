@@ -120,11 +120,11 @@ pub enum ResetError {
         crate::upgrade::CRASH_ENV
     )]
     CrashPoint { given: String, known: String },
-    #[error("reset done, but {what} failed: {source}")]
+    /// A syscall, no path; the error is in the message, so not also the source.
+    #[error("reset done, but {what} failed: {err}")]
     Reboot {
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
 }
 
@@ -1100,7 +1100,7 @@ fn finish(
     };
     rustix::system::reboot(cmd).map_err(|e| ResetError::Reboot {
         what: "reboot(2)",
-        source: e.into(),
+        err: e.into(),
     })?;
     Ok(Outcome::Done)
 }

@@ -24,12 +24,13 @@ pub type Routes = Arc<RwLock<HashMap<Ipv4Addr, PeerId>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VpnError {
-    #[error("creating TUN interface {name} with {addr}/{prefix}: {source}")]
+    /// The error is in the message, so not also the source (no repeat in chains).
+    #[error("creating TUN interface {name} with {addr}/{prefix}: {err}")]
     Create {
         name: String,
         addr: Ipv4Addr,
         prefix: u8,
-        source: std::io::Error,
+        err: std::io::Error,
     },
 }
 
@@ -40,11 +41,11 @@ pub fn create(name: &str, addr: Ipv4Addr, prefix: u8) -> Result<Arc<AsyncDevice>
         .mtu(MTU)
         .build_async()
         .map(Arc::new)
-        .map_err(|source| VpnError::Create {
+        .map_err(|err| VpnError::Create {
             name: name.to_owned(),
             addr,
             prefix,
-            source,
+            err,
         })
 }
 

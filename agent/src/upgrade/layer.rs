@@ -28,12 +28,10 @@ pub enum LayerError {
     Io { layer: String, err: IoError },
     #[error("layer {layer}: entry {name:?} would land outside the root")]
     Escapes { layer: String, name: String },
-    #[error("layer {layer}: not a tar archive: {source}")]
-    Tar {
-        layer: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The layer's byte stream (no file of its own). The error is in the message, so not
+    /// also the source (no repeat in chains).
+    #[error("layer {layer}: not a tar archive: {err}")]
+    Tar { layer: String, err: std::io::Error },
 }
 
 /// What one layer did, for the log.
@@ -144,9 +142,9 @@ pub fn apply(root: &Path, layer: &str, data: impl Read) -> Result<Applied, Layer
         layer: layer.to_string(),
         err,
     };
-    let tar_err = |source| LayerError::Tar {
+    let tar_err = |err| LayerError::Tar {
         layer: layer.to_string(),
-        source,
+        err,
     };
     let mut ar = tar::Archive::new(decompress(data).map_err(tar_err)?);
     ar.set_preserve_permissions(true);
