@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kairos_initramfs::{InitramfsError, InitramfsSpec};
+use kairos_util::{IoError, IoResultExt};
 
 use crate::boot::{self, BootError, BootSpec};
 use crate::disk::{self, DiskError};
@@ -181,12 +182,8 @@ pub struct BenchReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("building our initramfs {}: {source}", path.display())]
     Initramfs {
         path: PathBuf,
@@ -227,13 +224,6 @@ pub enum BenchError {
     },
     #[error("--runs must be at least 1")]
     NoRuns,
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BenchError + '_ {
-    move |source| BenchError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// The value of the image init's `KAIROS-TEST: uptime=<secs>` line.
@@ -292,7 +282,7 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
         return Err(BenchError::NoRuns);
     }
     let build_start = Instant::now();
-    fs::create_dir_all(&spec.work).map_err(io(&spec.work))?;
+    fs::create_dir_all(&spec.work).at(&spec.work, "creating")?;
 
     let ours = spec.work.join("initramfs-kairos.img");
     let report = kairos_initramfs::build(
@@ -357,7 +347,8 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
         return Err(BenchError::NoActiveImage { path: built_active });
     }
     let active = spec.work.join("active.img");
-    fs::copy(&built_active, &active).map_err(io(&active))?;
+    fs::copy(&built_active, &active)
+        .at(&active, format!("copying {} here", built_active.display()))?;
     progress(&format!(
         "disk {} and its active image {} (attached as a second disk for (c))",
         disk_path.display(),
@@ -387,7 +378,7 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
     ];
 
     let logs = spec.work.join("logs");
-    fs::create_dir_all(&logs).map_err(io(&logs))?;
+    fs::create_dir_all(&logs).at(&logs, "creating")?;
     let boot_start = Instant::now();
     for run in 1..=spec.runs {
         for v in variants.iter_mut() {
@@ -409,7 +400,7 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
     Ok(BenchReport {
         variants,
         init_binary_bytes: fs::metadata(&spec.init_binary)
-            .map_err(io(&spec.init_binary))?
+            .at(&spec.init_binary, "reading metadata")?
             .len(),
         kernel_version: spec.kernel.version.clone(),
         kvm: spec.kvm,

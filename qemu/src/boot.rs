@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use kairos_util::{IoError, IoResultExt};
+
 use crate::apt::{self, AptError};
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -87,12 +89,8 @@ impl BootResult {
 pub enum BootError {
     #[error(transparent)]
     Apt(#[from] AptError),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("cannot start {QEMU}: {0}")]
     Spawn(#[source] std::io::Error),
     #[error("waiting for {QEMU}: {0}")]
@@ -101,13 +99,6 @@ pub enum BootError {
     QemuFailed { code: Option<i32>, stderr: String },
     #[error("boot needs a disk or a kernel")]
     NothingToBoot,
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BootError + '_ {
-    move |source| BootError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Kills QEMU when the run ends early (error, panic in the caller's thread), so no guest
@@ -204,14 +195,14 @@ pub fn run(spec: &BootSpec) -> Result<BootResult, BootError> {
     }
     apt::ensure_packages(&["qemu-system-x86"])?;
     for path in spec.disks.iter().chain(&spec.kernel).chain(&spec.initrd) {
-        std::fs::metadata(path).map_err(io(path))?;
+        std::fs::metadata(path).at(path, "reading metadata")?;
     }
     if let Some(dir) = spec
         .serial_log
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
     {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        std::fs::create_dir_all(dir).at(dir, "creating")?;
     }
     // Created before QEMU starts so polling can open it at once; truncated so no earlier
     // run's markers match.
@@ -221,9 +212,9 @@ pub fn run(spec: &BootSpec) -> Result<BootResult, BootError> {
         .create(true)
         .truncate(true)
         .open(&spec.serial_log)
-        .map_err(io(&spec.serial_log))?;
+        .at(&spec.serial_log, "creating")?;
     let stderr_path = stderr_path(&spec.serial_log);
-    let stderr_file = File::create(&stderr_path).map_err(io(&stderr_path))?;
+    let stderr_file = File::create(&stderr_path).at(&stderr_path, "creating")?;
 
     let start = Instant::now();
     let mut cmd = match &spec.netns {
@@ -248,10 +239,10 @@ pub fn run(spec: &BootSpec) -> Result<BootResult, BootError> {
     let longest = spec.until.iter().map(String::len).max().unwrap_or(0);
     let mut marker_at: Option<Instant> = None;
     let exit = loop {
-        read_more(&mut log_file, &mut raw).map_err(io(&spec.serial_log))?;
+        read_more(&mut log_file, &mut raw).at(&spec.serial_log, "reading")?;
         if let Some(status) = guard.0.try_wait().map_err(BootError::Wait)? {
             // Whatever QEMU wrote before exiting is in the file now.
-            read_more(&mut log_file, &mut raw).map_err(io(&spec.serial_log))?;
+            read_more(&mut log_file, &mut raw).at(&spec.serial_log, "reading")?;
             break exit_of(status);
         }
         let now = Instant::now();
@@ -269,7 +260,7 @@ pub fn run(spec: &BootSpec) -> Result<BootResult, BootError> {
     };
     drop(guard);
     let elapsed = start.elapsed();
-    read_more(&mut log_file, &mut raw).map_err(io(&spec.serial_log))?;
+    read_more(&mut log_file, &mut raw).at(&spec.serial_log, "reading")?;
 
     let qemu_stderr = std::fs::read(&stderr_path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())

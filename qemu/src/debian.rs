@@ -14,9 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
+use kairos_util::{IoError, IoResultExt, ToolError, run_tool};
+
 use crate::apt::{self, AptError};
 use crate::kernel::{Kernel, KernelError};
-use crate::rootfs::{CommandError, RootfsError, run};
+use crate::rootfs::RootfsError;
 
 pub const PACKAGES: &[&str] = &["debootstrap", "debian-archive-keyring"];
 pub const SUITE: &str = "bookworm";
@@ -60,10 +62,10 @@ const TRIM: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum DebianError {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
-    Command(#[from] CommandError),
+    Io(#[from] IoError),
+    #[error(transparent)]
+    Command(#[from] ToolError),
     #[error("installing debootstrap: {0}")]
     Apt(#[from] AptError),
     #[error("{}: debootstrap finished but the tree has no {what}", tree.display())]
@@ -72,13 +74,6 @@ pub enum DebianError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DebianError + '_ {
-    move |source| DebianError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// `<kairos-qemu cache>/debian-12`.
@@ -112,7 +107,7 @@ fn write_stamp(tree: &Path, mirror: &str) -> Result<(), DebianError> {
         "{SUITE} minbase+systemd-sysv from {mirror}\n{}\n",
         stamp_config()
     );
-    fs::write(&stamp, text).map_err(io_err(&stamp))
+    Ok(fs::write(&stamp, text).at(&stamp, "writing")?)
 }
 
 /// Makes `dir/rootfs` (idempotent: returns at once when the stamp is there and current; a
@@ -123,10 +118,10 @@ pub fn build(dir: &Path) -> Result<PathBuf, DebianError> {
         return Ok(tree);
     }
     let _guard = BUILD.lock().unwrap_or_else(|p| p.into_inner());
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fs::create_dir_all(dir).at(dir, "creating")?;
     let lock_path = dir.join("build.lock");
-    let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
-    lock.lock().map_err(io_err(&lock_path))?;
+    let lock = File::create(&lock_path).at(&lock_path, "creating")?;
+    lock.lock().at(&lock_path, "locking")?;
     let mirror = std::env::var("KAIROS_DEBIAN_MIRROR").unwrap_or_else(|_| DEFAULT_MIRROR.into());
     match stamp_state(&tree) {
         Some(true) => return Ok(tree),
@@ -140,15 +135,17 @@ pub fn build(dir: &Path) -> Result<PathBuf, DebianError> {
     apt::ensure_packages(PACKAGES)?;
     let tmp = dir.join("rootfs.tmp");
     remove_tree(&tmp)?;
-    run(Command::new("debootstrap")
-        .args([
-            "--variant=minbase",
-            "--include=systemd-sysv",
-            "--components=main",
-        ])
-        .arg(SUITE)
-        .arg(&tmp)
-        .arg(&mirror))?;
+    run_tool(
+        Command::new("debootstrap")
+            .args([
+                "--variant=minbase",
+                "--include=systemd-sysv",
+                "--components=main",
+            ])
+            .arg(SUITE)
+            .arg(&tmp)
+            .arg(&mirror),
+    )?;
     configure(&tmp)?;
     for (what, p) in [
         ("/lib/systemd/systemd", "lib/systemd/systemd"),
@@ -160,7 +157,7 @@ pub fn build(dir: &Path) -> Result<PathBuf, DebianError> {
     }
     write_stamp(&tmp, &mirror)?;
     remove_tree(&tree)?;
-    fs::rename(&tmp, &tree).map_err(io_err(&tree))?;
+    fs::rename(&tmp, &tree).at(&tree, "renaming into place")?;
     Ok(tree)
 }
 
@@ -174,31 +171,32 @@ fn remove_tree(p: &Path) -> Result<(), DebianError> {
     match res {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err(p)(e)),
+        Err(e) => Err(IoError::new(p, "removing", e).into()),
     }
 }
 
 fn write(path: &Path, contents: &str, mode: u32) -> Result<(), DebianError> {
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        fs::create_dir_all(parent).at(parent, "creating")?;
     }
     // Replaced, not rewritten: a read-only file (machine-id) would refuse a non-root rerun.
     if path.symlink_metadata().is_ok() {
-        fs::remove_file(path).map_err(io_err(path))?;
+        fs::remove_file(path).at(path, "removing")?;
     }
-    fs::write(path, contents).map_err(io_err(path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))
+    fs::write(path, contents).at(path, "writing")?;
+    Ok(fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .at(path, "setting permissions")?)
 }
 
 /// `link -> target`, replacing what is there.
 pub fn symlink_force(target: &str, link: &Path) -> Result<(), DebianError> {
     if let Some(parent) = link.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        fs::create_dir_all(parent).at(parent, "creating")?;
     }
     if link.symlink_metadata().is_ok() {
-        fs::remove_file(link).map_err(io_err(link))?;
+        fs::remove_file(link).at(link, "removing")?;
     }
-    symlink(target, link).map_err(io_err(link))
+    Ok(symlink(target, link).at(link, "creating the symlink")?)
 }
 
 /// Makes the fresh tree a quiet headless node whose journal shows on the serial console.
@@ -207,7 +205,7 @@ fn configure(t: &Path) -> Result<(), DebianError> {
         let path = t.join(p);
         remove_tree(&path)?;
         if !path.exists() && !p.contains('.') {
-            fs::create_dir_all(&path).map_err(io_err(&path))?;
+            fs::create_dir_all(&path).at(&path, "creating")?;
         }
     }
     // A fixed id: with an empty one systemd treats every boot as the first (firstboot, presets).
@@ -219,7 +217,7 @@ fn configure(t: &Path) -> Result<(), DebianError> {
     write(&t.join("etc/hostname"), "kairos-debian\n", 0o644)?;
     for dir in ["oem", "usr/local", "etc/cos", "var/lib/kairos"] {
         let p = t.join(dir);
-        fs::create_dir_all(&p).map_err(io_err(&p))?;
+        fs::create_dir_all(&p).at(&p, "creating")?;
     }
     // The image's Kairos layout is the built-in default; an empty /etc/cos keeps it that way.
     remove_tree(&t.join("etc/cos"))?;
@@ -259,12 +257,14 @@ fn configure(t: &Path) -> Result<(), DebianError> {
 pub fn copy_tree(from: &Path, to: &Path) -> Result<(), DebianError> {
     remove_tree(to)?;
     if let Some(parent) = to.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        fs::create_dir_all(parent).at(parent, "creating")?;
     }
-    run(Command::new("cp")
-        .args(["-a", "--reflink=auto"])
-        .arg(from)
-        .arg(to))?;
+    run_tool(
+        Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(from)
+            .arg(to),
+    )?;
     Ok(())
 }
 
@@ -435,10 +435,10 @@ pub fn build_with_kernel(
         return Ok(done(bytes));
     }
     let _guard = KERNEL_BUILD.lock().unwrap_or_else(|p| p.into_inner());
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fs::create_dir_all(dir).at(dir, "creating")?;
     let lock_path = dir.join("kernel-build.lock");
-    let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
-    lock.lock().map_err(io_err(&lock_path))?;
+    let lock = File::create(&lock_path).at(&lock_path, "creating")?;
+    lock.lock().at(&lock_path, "locking")?;
     if let Some(bytes) = kernel_stamp_bytes(&tree, &kver) {
         return Ok(done(bytes));
     }
@@ -448,7 +448,7 @@ pub fn build_with_kernel(
 
     // The package's files as dpkg would put them (the cache holds the unpacked .deb).
     let boot = tmp.join("boot");
-    fs::create_dir_all(&boot).map_err(io_err(&boot))?;
+    fs::create_dir_all(&boot).at(&boot, "creating")?;
     // `cached_or_fetch` keeps the package tree in `root/` beside its `vmlinuz`.
     let pkg_boot = kernel
         .vmlinuz
@@ -459,27 +459,32 @@ pub fn build_with_kernel(
         let from = pkg_boot.join(format!("{name}-{kver}"));
         if from.is_file() {
             let to = boot.join(format!("{name}-{kver}"));
-            fs::copy(&from, &to).map_err(io_err(&from))?;
+            fs::copy(&from, &to).at(&from, format!("copying to {}", to.display()))?;
         }
     }
     let vmlinuz = boot.join(format!("vmlinuz-{kver}"));
     if !vmlinuz.is_file() {
-        fs::copy(&kernel.vmlinuz, &vmlinuz).map_err(io_err(&kernel.vmlinuz))?;
+        fs::copy(&kernel.vmlinuz, &vmlinuz)
+            .at(&kernel.vmlinuz, format!("copying to {}", vmlinuz.display()))?;
     }
     let modules = tmp.join("lib/modules");
-    fs::create_dir_all(&modules).map_err(io_err(&modules))?;
-    run(Command::new("cp")
-        .args(["-a", "--reflink=auto"])
-        .arg(&kernel.modules_dir)
-        .arg(modules.join(&kver)))?;
+    fs::create_dir_all(&modules).at(&modules, "creating")?;
+    run_tool(
+        Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(&kernel.modules_dir)
+            .arg(modules.join(&kver)),
+    )?;
     for p in PRUNED_MODULES {
         remove_tree(&modules.join(&kver).join("kernel").join(p))?;
     }
     // The image's own depmod (kmod), as the package's postinst runs it.
-    run(Command::new("chroot")
-        .arg(&tmp)
-        .args(["depmod", "-a", &kver])
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))?;
+    run_tool(
+        Command::new("chroot")
+            .arg(&tmp)
+            .args(["depmod", "-a", &kver])
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+    )?;
     for (what, p) in [
         ("modules.dep", format!("lib/modules/{kver}/modules.dep")),
         ("udevadm (udev)", "bin/udevadm".to_string()),
@@ -496,9 +501,9 @@ pub fn build_with_kernel(
         KERNEL_TREE_PACKAGES.join("+"),
         kernel_stamp_config(&kver)
     );
-    fs::write(&stamp, text).map_err(io_err(&stamp))?;
+    fs::write(&stamp, text).at(&stamp, "writing")?;
     remove_tree(&tree)?;
-    fs::rename(&tmp, &tree).map_err(io_err(&tree))?;
+    fs::rename(&tmp, &tree).at(&tree, "renaming into place")?;
     Ok(done(bytes))
 }
 
@@ -508,25 +513,27 @@ pub fn build_with_kernel(
 fn install_debs(tree: &Path, debs: &Path, packages: &[&str]) -> Result<(), DebianError> {
     remove_tree(debs)?;
     let partial = debs.join("partial");
-    fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+    fs::create_dir_all(&partial).at(&partial, "creating")?;
     let status = tree.join("var/lib/dpkg/status");
     let download = || {
-        run(Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .arg("-o")
-            .arg(format!("Dir::State::status={}", status.display()))
-            .arg("-o")
-            .arg(format!("Dir::Cache::archives={}", debs.display()))
-            .args([
-                "-o",
-                "Debug::NoLocking=1",
-                "-q",
-                "-y",
-                "--no-install-recommends",
-                "--download-only",
-                "install",
-            ])
-            .args(packages))
+        run_tool(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .arg("-o")
+                .arg(format!("Dir::State::status={}", status.display()))
+                .arg("-o")
+                .arg(format!("Dir::Cache::archives={}", debs.display()))
+                .args([
+                    "-o",
+                    "Debug::NoLocking=1",
+                    "-q",
+                    "-y",
+                    "--no-install-recommends",
+                    "--download-only",
+                    "install",
+                ])
+                .args(packages),
+        )
     };
     if download().is_err() {
         // Empty or stale package lists on a fresh machine.
@@ -534,18 +541,20 @@ fn install_debs(tree: &Path, debs: &Path, packages: &[&str]) -> Result<(), Debia
         download()?;
     }
     let mut files: Vec<PathBuf> = fs::read_dir(debs)
-        .map_err(io_err(debs))?
+        .at(debs, "reading the directory")?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "deb"))
         .collect();
     files.sort();
     if !files.is_empty() {
-        run(Command::new("dpkg")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .arg(format!("--root={}", tree.display()))
-            .args(["--force-unsafe-io", "-i"])
-            .args(&files))?;
+        run_tool(
+            Command::new("dpkg")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .arg(format!("--root={}", tree.display()))
+                .args(["--force-unsafe-io", "-i"])
+                .args(&files),
+        )?;
     }
     remove_tree(debs)
 }

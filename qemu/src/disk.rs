@@ -9,10 +9,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
+use kairos_init::grubcfg::{GRUB_DIR, grub_prefix};
+use kairos_util::{IoError, IoResultExt, ToolError, run_tool};
+
 use crate::apt::{self, AptError};
 use crate::grub::{self, GrubCfgOptions, GrubError};
 use crate::kernel::Kernel;
-use crate::rootfs::{self, CommandError, ExtFs, RootfsError, RootfsOptions, run};
+use crate::rootfs::{self, ExtFs, RootfsError, RootfsOptions};
 
 const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
@@ -22,7 +25,6 @@ const OEM: u32 = 2;
 const RECOVERY: u32 = 3;
 const STATE: u32 = 4;
 const PERSISTENT: u32 = 5;
-pub const GRUB_PREFIX: &str = "(hd0,gpt4)/grub2";
 const OEM_MB: u64 = 64;
 const PERSISTENT_MB: u64 = 64;
 
@@ -102,10 +104,10 @@ pub struct DiskReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
-    Command(#[from] CommandError),
+    Io(#[from] IoError),
+    #[error(transparent)]
+    Command(#[from] ToolError),
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
     #[error(transparent)]
@@ -125,13 +127,6 @@ pub enum DiskError {
         what: &'static str,
         output: String,
     },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DiskError + '_ {
-    move |source| DiskError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Defaults: all five partitions, all images good, 1 s GRUB timeout.
@@ -193,13 +188,13 @@ impl WorkDir {
                 )
             }
         };
-        fs::create_dir_all(&path).map_err(io_err(&path))?;
+        fs::create_dir_all(&path).at(&path, "creating")?;
         let wd = WorkDir { path, remove };
         // A kept work dir may hold an earlier build; our subdirs start empty.
         for sub in ["rootfs", "state", "recovery", "oem", "persistent", "parts"] {
             let p = wd.path.join(sub);
             if p.exists() {
-                fs::remove_dir_all(&p).map_err(io_err(&p))?;
+                fs::remove_dir_all(&p).at(&p, "removing")?;
             }
         }
         Ok(wd)
@@ -207,7 +202,7 @@ impl WorkDir {
 
     fn dir(&self, sub: &str) -> Result<PathBuf, DiskError> {
         let p = self.path.join(sub);
-        fs::create_dir_all(&p).map_err(io_err(&p))?;
+        fs::create_dir_all(&p).at(&p, "creating")?;
         Ok(p)
     }
 }
@@ -222,17 +217,21 @@ impl Drop for WorkDir {
 
 /// Applies an [`ImageState`] to a freshly built image file.
 fn degrade(path: &Path, state: ImageState) -> Result<(), DiskError> {
-    let len = || fs::metadata(path).map(|m| m.len()).map_err(io_err(path));
+    let len = || {
+        fs::metadata(path)
+            .map(|m| m.len())
+            .at(path, "reading metadata")
+    };
     let set_len = |n: u64| -> Result<(), DiskError> {
         let f = OpenOptions::new()
             .write(true)
             .open(path)
-            .map_err(io_err(path))?;
-        f.set_len(n).map_err(io_err(path))
+            .at(path, "opening")?;
+        Ok(f.set_len(n).at(path, "resizing")?)
     };
     match state {
         ImageState::Ok => Ok(()),
-        ImageState::Missing => fs::remove_file(path).map_err(io_err(path)),
+        ImageState::Missing => Ok(fs::remove_file(path).at(path, "removing")?),
         ImageState::Zeros => {
             // Truncating to 0 and back leaves a hole: all zeros, no disk blocks.
             let n = len()?;
@@ -248,9 +247,9 @@ fn degrade(path: &Path, state: ImageState) -> Result<(), DiskError> {
                 .read(true)
                 .write(true)
                 .open(path)
-                .map_err(io_err(path))?;
+                .at(path, "opening")?;
             let mut head = [0u8; 4];
-            f.read_exact(&mut head).map_err(io_err(path))?;
+            f.read_exact(&mut head).at(path, "reading")?;
             // squashfs: root inode, size and table offsets (magic and version stay, so only the
             // kernel's mount can tell); ext*: the superblock at 1024 up to its magic at 0x38.
             let (at, n) = if &head == b"hsqs" {
@@ -258,9 +257,9 @@ fn degrade(path: &Path, state: ImageState) -> Result<(), DiskError> {
             } else {
                 (1024, 0x38)
             };
-            f.seek(SeekFrom::Start(at)).map_err(io_err(path))?;
-            f.write_all(&vec![0xA5; n]).map_err(io_err(path))?;
-            f.sync_all().map_err(io_err(path))
+            f.seek(SeekFrom::Start(at)).at(path, "seeking")?;
+            f.write_all(&vec![0xA5; n]).at(path, "writing")?;
+            Ok(f.sync_all().at(path, "syncing")?)
         }
     }
 }
@@ -269,16 +268,16 @@ fn degrade(path: &Path, state: ImageState) -> Result<(), DiskError> {
 fn put_symlink(tree: &Path, rel: &str, target: &str) -> Result<(), DiskError> {
     let path = oem_path(tree, rel)?;
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        fs::create_dir_all(parent).at(parent, "creating")?;
     }
     if let Ok(m) = path.symlink_metadata() {
         if m.is_dir() {
-            fs::remove_dir_all(&path).map_err(io_err(&path))?;
+            fs::remove_dir_all(&path).at(&path, "removing")?;
         } else {
-            fs::remove_file(&path).map_err(io_err(&path))?;
+            fs::remove_file(&path).at(&path, "removing")?;
         }
     }
-    std::os::unix::fs::symlink(target, &path).map_err(io_err(&path))
+    Ok(std::os::unix::fs::symlink(target, &path).at(&path, "creating the symlink")?)
 }
 
 /// Rejects absolute paths and `..`, so OEM files land inside the OEM tree.
@@ -304,15 +303,15 @@ pub fn write_grubenv(path: &Path, vars: &[(String, String)]) -> Result<(), DiskE
         }
     }
     if path.symlink_metadata().is_ok() {
-        fs::remove_file(path).map_err(io_err(path))?;
+        fs::remove_file(path).at(path, "removing")?;
     }
-    run(Command::new("grub-editenv").arg(path).arg("create"))?;
+    run_tool(Command::new("grub-editenv").arg(path).arg("create"))?;
     let mut set = Command::new("grub-editenv");
     set.arg(path)
         .arg("set")
         .arg(format!("kairos_max_tries={}", grub::DEFAULT_MAX_TRIES));
     set.args(vars.iter().map(|(k, v)| format!("{k}={v}")));
-    run(&mut set)?;
+    run_tool(&mut set)?;
     Ok(())
 }
 
@@ -334,7 +333,7 @@ pub mod part {
 
 /// First sector and sector count of partition `n`, read back from `sgdisk -i`.
 fn partition_extent(disk: &Path, n: u32) -> Result<(u64, u64), DiskError> {
-    let out = run(Command::new("sgdisk").arg(format!("-i{n}")).arg(disk))?;
+    let out = run_tool(Command::new("sgdisk").arg(format!("-i{n}")).arg(disk))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let field = |key: &'static str| -> Result<u64, DiskError> {
         text.lines()
@@ -371,7 +370,7 @@ fn write_sparse_at(
 ) -> Result<(), DiskError> {
     const CHUNK: usize = 1 << 16;
     static ZEROS: [u8; CHUNK] = [0; CHUNK];
-    let mut input = File::open(src).map_err(io_err(src))?;
+    let mut input = File::open(src).at(src, "opening")?;
     let mut buf = vec![0u8; CHUNK];
     let mut pos = offset;
     loop {
@@ -382,7 +381,7 @@ fn write_sparse_at(
                 Ok(0) => break,
                 Ok(k) => n += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err(src)(e)),
+                Err(e) => return Err(IoError::new(src, "reading", e).into()),
             }
         }
         if n == 0 {
@@ -390,8 +389,8 @@ fn write_sparse_at(
         }
         // Slice equality is a memcmp, fast even in debug builds.
         if buf[..n] != ZEROS[..n] {
-            dst.seek(SeekFrom::Start(pos)).map_err(io_err(dst_path))?;
-            dst.write_all(&buf[..n]).map_err(io_err(dst_path))?;
+            dst.seek(SeekFrom::Start(pos)).at(dst_path, "seeking")?;
+            dst.write_all(&buf[..n]).at(dst_path, "writing")?;
         }
         pos += n as u64;
     }
@@ -440,14 +439,15 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
     }
     if let Some(agent) = &spec.agent {
         let to = tree.join("usr/bin/kairos-agent");
-        fs::copy(agent, &to).map_err(io_err(agent))?;
-        fs::set_permissions(&to, fs::Permissions::from_mode(0o755)).map_err(io_err(&to))?;
+        fs::copy(agent, &to).at(agent, format!("copying to {}", to.display()))?;
+        fs::set_permissions(&to, fs::Permissions::from_mode(0o755))
+            .at(&to, "setting permissions")?;
     }
     let img_mb = rootfs::image_size_mb(&tree)?;
 
     let state_tree = work.dir("state")?;
     let cos_dir = state_tree.join("cOS");
-    fs::create_dir_all(&cos_dir).map_err(io_err(&cos_dir))?;
+    fs::create_dir_all(&cos_dir).at(&cos_dir, "creating")?;
     for (name, label, state) in [
         ("active", "COS_ACTIVE", spec.active),
         ("passive", "COS_PASSIVE", spec.passive),
@@ -460,19 +460,19 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
         rootfs::mkfs_ext(Some(&tree), &img, label, img_mb * 1024, ExtFs::Ext4)?;
         degrade(&img, state)?;
     }
-    let grub_dir = state_tree.join("grub2");
-    fs::create_dir_all(&grub_dir).map_err(io_err(&grub_dir))?;
+    let grub_dir = state_tree.join(GRUB_DIR);
+    fs::create_dir_all(&grub_dir).at(&grub_dir, "creating")?;
     let cfg = grub::grub_cfg(&GrubCfgOptions {
         timeout: spec.grub_timeout,
         extra_cmdline: spec.extra_cmdline.clone(),
     });
     let cfg_path = grub_dir.join("grub.cfg");
-    fs::write(&cfg_path, cfg).map_err(io_err(&cfg_path))?;
+    fs::write(&cfg_path, cfg).at(&cfg_path, "writing")?;
     grub::install_modules(&grub_dir)?;
 
     let rec_tree = work.dir("recovery")?;
     let rec_cos = rec_tree.join("cOS");
-    fs::create_dir_all(&rec_cos).map_err(io_err(&rec_cos))?;
+    fs::create_dir_all(&rec_cos).at(&rec_cos, "creating")?;
     if spec.recovery != ImageState::Missing {
         rootfs::set_image_name(&tree, "recovery")?;
         let sq = rec_cos.join("recovery.squashfs");
@@ -485,19 +485,20 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
     for (rel, data) in &spec.oem_files {
         let path = oem_path(&oem_tree, rel)?;
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(io_err(parent))?;
+            fs::create_dir_all(parent).at(parent, "creating")?;
         }
-        fs::write(&path, data).map_err(io_err(&path))?;
+        fs::write(&path, data).at(&path, "writing")?;
         // Cloud-configs carry tokens and passwords: root only, as the installer writes them.
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(io_err(&path))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+            .at(&path, "setting permissions")?;
     }
     let persistent_tree = work.dir("persistent")?;
     for (rel, data) in &spec.persistent_files {
         let path = oem_path(&persistent_tree, rel)?;
         if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(io_err(parent))?;
+            fs::create_dir_all(parent).at(parent, "creating")?;
         }
-        fs::write(&path, data).map_err(io_err(&path))?;
+        fs::write(&path, data).at(&path, "writing")?;
     }
     for (rel, target) in &spec.persistent_symlinks {
         put_symlink(&persistent_tree, rel, target)?;
@@ -536,15 +537,15 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
 
     let out = &spec.out;
     if out.symlink_metadata().is_ok() {
-        fs::remove_file(out).map_err(io_err(out))?;
+        fs::remove_file(out).at(out, "removing")?;
     }
     let mut disk = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .open(out)
-        .map_err(io_err(out))?;
-    disk.set_len(size_bytes).map_err(io_err(out))?;
+        .at(out, "creating")?;
+    disk.set_len(size_bytes).at(out, "resizing")?;
 
     let mut sgdisk = Command::new("sgdisk");
     sgdisk.args(["-a", "2048"]);
@@ -561,7 +562,7 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
         sgdisk.arg(format!("-t{n}:{}", if n == BIOS { "ef02" } else { "8300" }));
     }
     sgdisk.arg(out);
-    run(&mut sgdisk)?;
+    run_tool(&mut sgdisk)?;
 
     let parts_dir = work.dir("parts")?;
     let mut report = DiskReport {
@@ -584,12 +585,12 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
         )?;
         write_sparse_at(&img, &mut disk, out, first * SECTOR)?;
         // Done with it: keeps the scratch space (and a kept work dir) small.
-        fs::remove_file(&img).map_err(io_err(&img))?;
+        fs::remove_file(&img).at(&img, "removing")?;
     }
-    disk.sync_all().map_err(io_err(out))?;
+    disk.sync_all().at(out, "syncing")?;
     drop(disk);
 
-    grub::install_bios_unchecked(out, report.partitions[0].3, GRUB_PREFIX)?;
+    grub::install_bios_unchecked(out, report.partitions[0].3, &grub_prefix(STATE))?;
     Ok(report)
 }
 
@@ -650,7 +651,7 @@ mod tests {
     }
 
     fn debugfs(img: &Path, req: &str) -> String {
-        let out = run(Command::new("debugfs").args(["-R", req]).arg(img)).unwrap();
+        let out = run_tool(Command::new("debugfs").args(["-R", req]).arg(img)).unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -682,7 +683,7 @@ mod tests {
         write_grubenv(&path, &vars).unwrap();
         let block = fs::read(&path).unwrap();
         assert_eq!(block.len(), 1024);
-        let list = run(Command::new("grub-editenv").arg(&path).arg("list")).unwrap();
+        let list = run_tool(Command::new("grub-editenv").arg(&path).arg("list")).unwrap();
         let list = String::from_utf8_lossy(&list.stdout);
         assert_eq!(
             list,
@@ -718,16 +719,18 @@ mod tests {
         assert_eq!(report.partitions[0].3, 2048);
         assert_eq!(report.partitions[0].4, 2048);
 
-        let p = run(Command::new("sgdisk").arg("-p").arg(&spec.out)).unwrap();
+        let p = run_tool(Command::new("sgdisk").arg("-p").arg(&spec.out)).unwrap();
         let p = String::from_utf8_lossy(&p.stdout);
         for name in names {
             assert!(p.contains(name), "{p}");
         }
         for &(_, _, ref label, first, _) in &report.partitions[1..] {
-            let probe = run(Command::new("blkid")
-                .args(["-p", "-o", "value", "-s", "LABEL", "-O"])
-                .arg((first * SECTOR).to_string())
-                .arg(&spec.out))
+            let probe = run_tool(
+                Command::new("blkid")
+                    .args(["-p", "-o", "value", "-s", "LABEL", "-O"])
+                    .arg((first * SECTOR).to_string())
+                    .arg(&spec.out),
+            )
             .unwrap();
             assert_eq!(String::from_utf8_lossy(&probe.stdout).trim(), label);
         }
@@ -745,28 +748,34 @@ mod tests {
         assert!(debugfs(&state_img, "ls /grub2/i386-pc").contains("normal.mod"));
         // The active image inside the state filesystem, read back.
         let active = tmp.path().join("active.img");
-        run(Command::new("debugfs")
-            .args(["-R", &format!("dump /cOS/active.img {}", active.display())])
-            .arg(&state_img))
+        run_tool(
+            Command::new("debugfs")
+                .args(["-R", &format!("dump /cOS/active.img {}", active.display())])
+                .arg(&state_img),
+        )
         .unwrap();
         assert_eq!(debugfs(&active, "cat /etc/kairos-image"), "active\n");
         assert_eq!(debugfs(&active, "cat /usr/bin/kairos-agent"), "#!/bin/sh\n");
         assert!(debugfs(&active, "stat /usr/bin/kairos-agent").contains("Mode:  0755"));
         assert_eq!(fs::read(tmp.path().join("initrd")).unwrap(), {
             let out = tmp.path().join("initrd.back");
-            run(Command::new("debugfs")
-                .args(["-R", &format!("dump /boot/initrd {}", out.display())])
-                .arg(&active))
+            run_tool(
+                Command::new("debugfs")
+                    .args(["-R", &format!("dump /boot/initrd {}", out.display())])
+                    .arg(&active),
+            )
             .unwrap();
             fs::read(out).unwrap()
         });
         let passive = tmp.path().join("passive.img");
-        run(Command::new("debugfs")
-            .args([
-                "-R",
-                &format!("dump /cOS/passive.img {}", passive.display()),
-            ])
-            .arg(&state_img))
+        run_tool(
+            Command::new("debugfs")
+                .args([
+                    "-R",
+                    &format!("dump /cOS/passive.img {}", passive.display()),
+                ])
+                .arg(&state_img),
+        )
         .unwrap();
         assert_eq!(fs::metadata(&passive).unwrap().len(), MIB);
 

@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kairos_util::{IoError, IoResultExt, ToolError, run_tool};
+
 use crate::apt::{self, AptError};
 use crate::kernel::{self, Kernel};
 
@@ -76,66 +78,31 @@ pub struct DracutReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DracutError {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("installing dracut: {0}")]
     Apt(#[from] AptError),
-    #[error("cannot run `{command}`: {source}")]
-    Spawn {
-        command: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("`{command}` failed (exit {code:?}): {output_tail}")]
-    Failed {
-        command: String,
-        code: Option<i32>,
-        output_tail: String,
-    },
+    #[error(transparent)]
+    Command(#[from] ToolError),
     #[error("a kairos-init dracut image needs the static kairos-init binary; {} is not a file", path.display())]
     NoInitBinary { path: PathBuf },
     #[error("`{command}` succeeded but left no image at {}", path.display())]
     NoImage { command: String, path: PathBuf },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DracutError + '_ {
-    move |source| DracutError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Runs a command to completion, its stdin closed; a failure carries the tail of its output.
+/// Runs a command to completion, its stdin closed; its stdout then stderr, or a
+/// [`ToolError`] carrying the tail of its output.
 fn run(cmd: &mut Command) -> Result<String, DracutError> {
-    let command = apt::describe(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| DracutError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+    let out = run_tool(cmd.stdin(Stdio::null()))?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(DracutError::Failed {
-            command,
-            code: out.status.code(),
-            output_tail: apt::tail(text.as_bytes()),
-        })
-    }
+    Ok(text)
 }
 
 fn remove_any(path: &Path) -> Result<(), DracutError> {
     match path.symlink_metadata() {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path).map_err(io(path)),
-        Ok(_) => fs::remove_file(path).map_err(io(path)),
+        Ok(m) if m.is_dir() => Ok(fs::remove_dir_all(path).at(path, "removing")?),
+        Ok(_) => Ok(fs::remove_file(path).at(path, "removing")?),
         Err(_) => Ok(()),
     }
 }
@@ -158,11 +125,11 @@ pub fn kmoddir(kernel: &Kernel) -> Result<PathBuf, DracutError> {
     }
     apt::ensure_tool("depmod", "kmod")?;
     let parent = root.parent().unwrap_or(&root).to_path_buf();
-    fs::create_dir_all(&parent).map_err(io(&parent))?;
+    fs::create_dir_all(&parent).at(&parent, "creating")?;
     // Two processes (a test and the bench) must not build it at once.
     let lock_path = parent.join(format!(".{}.lock", kernel.version));
-    let lock = File::create(&lock_path).map_err(io(&lock_path))?;
-    lock.lock().map_err(io(&lock_path))?;
+    let lock = File::create(&lock_path).at(&lock_path, "creating")?;
+    lock.lock().at(&lock_path, "locking")?;
     if dir.join("modules.dep").is_file() {
         return Ok(dir);
     }
@@ -170,7 +137,7 @@ pub fn kmoddir(kernel: &Kernel) -> Result<PathBuf, DracutError> {
     let tmp = parent.join(format!("{}.tmp", kernel.version));
     remove_any(&tmp)?;
     let tmp_modules = tmp.join("lib/modules");
-    fs::create_dir_all(&tmp_modules).map_err(io(&tmp_modules))?;
+    fs::create_dir_all(&tmp_modules).at(&tmp_modules, "creating")?;
     run(Command::new("cp")
         .arg("-al")
         .arg(&kernel.modules_dir)
@@ -180,7 +147,7 @@ pub fn kmoddir(kernel: &Kernel) -> Result<PathBuf, DracutError> {
         .arg(&tmp)
         .arg(&kernel.version))?;
     remove_any(&root)?;
-    fs::rename(&tmp, &root).map_err(io(&root))?;
+    fs::rename(&tmp, &root).at(&root, "renaming into place")?;
     Ok(dir)
 }
 
@@ -190,14 +157,14 @@ pub fn kmoddir(kernel: &Kernel) -> Result<PathBuf, DracutError> {
 pub fn prepare_basedir(system: &Path, dest: &Path, with_module: bool) -> Result<(), DracutError> {
     remove_any(dest)?;
     if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent).map_err(io(parent))?;
+        fs::create_dir_all(parent).at(parent, "creating")?;
     }
     // cp -a: dracut-install and the module scripts keep their modes; no symlinks back into
     // /usr/lib/dracut, which dracut-install could follow into the image.
     run(Command::new("cp").arg("-a").arg(system).arg(dest))?;
     let modules_d = dest.join("modules.d");
-    for entry in fs::read_dir(&modules_d).map_err(io(&modules_d))? {
-        let entry = entry.map_err(io(&modules_d))?;
+    for entry in fs::read_dir(&modules_d).at(&modules_d, "reading the directory")? {
+        let entry = entry.at(&modules_d, "reading the directory")?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
         // A host-installed copy (any number prefix) must neither shadow ours nor leak into
@@ -208,10 +175,11 @@ pub fn prepare_basedir(system: &Path, dest: &Path, with_module: bool) -> Result<
     }
     if with_module {
         let dir = modules_d.join(MODULE_DIR);
-        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        fs::create_dir_all(&dir).at(&dir, "creating")?;
         let script = dir.join("module-setup.sh");
-        fs::write(&script, MODULE_SETUP).map_err(io(&script))?;
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).map_err(io(&script))?;
+        fs::write(&script, MODULE_SETUP).at(&script, "writing")?;
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755))
+            .at(&script, "setting permissions")?;
     }
     Ok(())
 }
@@ -285,7 +253,7 @@ pub fn build(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(io(parent))?;
+    fs::create_dir_all(parent).at(parent, "creating")?;
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -307,11 +275,11 @@ fn build_in(
     let basedir = scratch.join("dracut");
     prepare_basedir(Path::new(SYSTEM_BASEDIR), &basedir, kind.has_module())?;
     let conf = scratch.join("dracut.conf");
-    fs::write(&conf, b"").map_err(io(&conf))?;
+    fs::write(&conf, b"").at(&conf, "writing")?;
     let confdir = scratch.join("dracut.conf.d");
-    fs::create_dir_all(&confdir).map_err(io(&confdir))?;
+    fs::create_dir_all(&confdir).at(&confdir, "creating")?;
     let tmpdir = scratch.join("tmp");
-    fs::create_dir_all(&tmpdir).map_err(io(&tmpdir))?;
+    fs::create_dir_all(&tmpdir).at(&tmpdir, "creating")?;
     remove_any(out)?;
 
     let mut cmd = Command::new("dracut");

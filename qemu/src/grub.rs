@@ -4,12 +4,10 @@
 //! [`kairos_init::grubcfg`], shared with the agent; its tests in real GRUB live here.
 
 use std::fs::{self, OpenOptions};
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use crate::apt::{self, AptError};
-use crate::rootfs::{CommandError, run};
 
 pub use kairos_init::grubcfg::{
     BASE_CMDLINE, ENTRY_IDS, GrubCfgOptions, MAX_TRIES, decision_script, grub_cfg,
@@ -23,24 +21,18 @@ pub const GRUB_I386_PC_DIR: &str = "/usr/lib/grub/i386-pc";
 pub const PACKAGES: &[&str] = &["grub-pc-bin", "grub-common"];
 
 use kairos_init::grubbios::{self, GrubBiosError};
+use kairos_util::{IoError, IoResultExt, ToolError, run_tool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrubError {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
-    Command(#[from] CommandError),
+    Io(#[from] IoError),
+    #[error(transparent)]
+    Command(#[from] ToolError),
     #[error("installing GRUB: {0}")]
     Apt(#[from] AptError),
     #[error(transparent)]
     Bios(#[from] GrubBiosError),
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> GrubError + '_ {
-    move |source| GrubError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Copies GRUB's i386-pc modules and lists to `prefix_dir/i386-pc`, as
@@ -48,16 +40,17 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> GrubError + '_ {
 pub fn install_modules(prefix_dir: &Path) -> Result<(), GrubError> {
     let src = Path::new(GRUB_I386_PC_DIR);
     let dst = prefix_dir.join("i386-pc");
-    fs::create_dir_all(&dst).map_err(io_err(&dst))?;
-    for entry in fs::read_dir(src).map_err(io_err(src))? {
-        let entry = entry.map_err(io_err(src))?;
+    fs::create_dir_all(&dst).at(&dst, "creating")?;
+    for entry in fs::read_dir(src).at(src, "reading the directory")? {
+        let entry = entry.at(src, "reading the directory")?;
         let name = entry.file_name();
         let keep = Path::new(&name)
             .extension()
             .is_some_and(|e| e == "mod" || e == "lst");
         if keep {
             let to = dst.join(&name);
-            fs::copy(entry.path(), &to).map_err(io_err(&to))?;
+            let from = entry.path();
+            fs::copy(&from, &to).at(&to, format!("copying {} here", from.display()))?;
         }
     }
     Ok(())
@@ -72,13 +65,19 @@ fn make_core(disk: &Path, prefix: &str) -> Result<Vec<u8>, GrubError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "disk".into());
     let core_path = disk.with_file_name(format!(".{name}.core.img.{}", std::process::id()));
-    let result = run(Command::new("grub-mkimage")
-        .args(["-O", "i386-pc", "-d", GRUB_I386_PC_DIR, "-o"])
-        .arg(&core_path)
-        .args(["-p", prefix])
-        .args(&modules))
+    let result = run_tool(
+        Command::new("grub-mkimage")
+            .args(["-O", "i386-pc", "-d", GRUB_I386_PC_DIR, "-o"])
+            .arg(&core_path)
+            .args(["-p", prefix])
+            .args(&modules),
+    )
     .map_err(GrubError::from)
-    .and_then(|_| fs::read(&core_path).map_err(io_err(&core_path)));
+    .and_then(|_| {
+        fs::read(&core_path)
+            .at(&core_path, "reading")
+            .map_err(GrubError::from)
+    });
     let _ = fs::remove_file(&core_path);
     result
 }
@@ -101,13 +100,13 @@ pub(crate) fn install_bios_unchecked(
     prefix: &str,
 ) -> Result<(), GrubError> {
     let boot_path = Path::new(GRUB_I386_PC_DIR).join("boot.img");
-    let boot = fs::read(&boot_path).map_err(io_err(&boot_path))?;
+    let boot = fs::read(&boot_path).at(&boot_path, "reading")?;
     let core = make_core(disk, prefix)?;
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
         .open(disk)
-        .map_err(io_err(disk))?;
+        .at(disk, "opening")?;
     grubbios::install(&mut f, disk, first, &boot, core)?;
     Ok(())
 }
@@ -116,7 +115,9 @@ pub(crate) fn install_bios_unchecked(
 mod tests {
     use super::*;
     use kairos_init::grubbios::{BLOCKLIST, MBR_DRIVE_CHECK, MBR_KERNEL_SECTOR};
-    use std::io::{Seek, SeekFrom, Write};
+    use kairos_init::grubcfg::{GRUB_DIR, grub_prefix};
+    use std::io::{self, Seek, SeekFrom, Write};
+    use std::path::PathBuf;
 
     fn le_u64(b: &[u8], at: usize) -> u64 {
         u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
@@ -168,20 +169,22 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let disk = tmp.path().join("d.img");
         fs::File::create(&disk).unwrap().set_len(8 << 20).unwrap();
-        run(Command::new("sgdisk")
-            .args([
-                "-a",
-                "2048",
-                "-n1:0:+1M",
-                "-t1:ef02",
-                "-c1:bios",
-                "-n2:0:0",
-                "-c2:state",
-            ])
-            .arg(&disk))
+        run_tool(
+            Command::new("sgdisk")
+                .args([
+                    "-a",
+                    "2048",
+                    "-n1:0:+1M",
+                    "-t1:ef02",
+                    "-c1:bios",
+                    "-n2:0:0",
+                    "-c2:state",
+                ])
+                .arg(&disk),
+        )
         .unwrap();
         let before = fs::read(&disk).unwrap();
-        install_bios_unchecked(&disk, 2048, "(hd0,gpt2)/grub2").unwrap();
+        install_bios_unchecked(&disk, 2048, &grub_prefix(2)).unwrap();
         let after = fs::read(&disk).unwrap();
         let boot = fs::read(Path::new(GRUB_I386_PC_DIR).join("boot.img")).unwrap();
         assert_eq!(after[..MBR_KERNEL_SECTOR], boot[..MBR_KERNEL_SECTOR]);
@@ -194,7 +197,7 @@ mod tests {
         let count = u16::from_le_bytes([core[BLOCKLIST + 8], core[BLOCKLIST + 9]]);
         assert!(count > 10 && count < 2047, "{count}");
         // Not a BIOS boot partition: refused.
-        let err = install_bios_unchecked(&disk, 4096, "(hd0,gpt2)/grub2").unwrap_err();
+        let err = install_bios_unchecked(&disk, 4096, &grub_prefix(2)).unwrap_err();
         assert!(err.to_string().contains("BIOS boot"), "{err}");
     }
 
@@ -230,7 +233,7 @@ mod tests {
         for i in 0..parts.len() {
             sgdisk.arg(format!("-n{}:0:+8M", i + 2));
         }
-        run(sgdisk.arg(disk)).unwrap();
+        run_tool(sgdisk.arg(disk)).unwrap();
         let mut f = OpenOptions::new().write(true).open(disk).unwrap();
         let mut ranges = Vec::new();
         for (i, (label, tree)) in parts.iter().enumerate() {
@@ -274,9 +277,11 @@ mod tests {
     }
 
     fn debugfs_cat(img: &Path, path: &str) -> Vec<u8> {
-        run(Command::new("debugfs")
-            .args(["-R", &format!("cat {path}")])
-            .arg(img))
+        run_tool(
+            Command::new("debugfs")
+                .args(["-R", &format!("cat {path}")])
+                .arg(img),
+        )
         .unwrap()
         .stdout
     }
@@ -285,12 +290,14 @@ mod tests {
     fn editenv_block(dir: &Path, vars: &[(&str, &str)]) -> Vec<u8> {
         let path = dir.join("editenv.tmp");
         let _ = fs::remove_file(&path);
-        run(Command::new("grub-editenv").arg(&path).arg("create")).unwrap();
+        run_tool(Command::new("grub-editenv").arg(&path).arg("create")).unwrap();
         if !vars.is_empty() {
-            run(Command::new("grub-editenv")
-                .arg(&path)
-                .arg("set")
-                .args(vars.iter().map(|(k, v)| format!("{k}={v}"))))
+            run_tool(
+                Command::new("grub-editenv")
+                    .arg(&path)
+                    .arg("set")
+                    .args(vars.iter().map(|(k, v)| format!("{k}={v}"))),
+            )
             .unwrap();
         }
         fs::read(&path).unwrap()
@@ -497,8 +504,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let cases = decision_cases(dir);
+        let prefix = grub_prefix(2);
         let tree = dir.join("tree");
-        fs::create_dir_all(tree.join("grub2")).unwrap();
+        fs::create_dir_all(tree.join(GRUB_DIR)).unwrap();
         fs::create_dir_all(tree.join("cases")).unwrap();
         let mut cfg = String::from(
             "serial --unit=0 --speed=115200\nterminal_input serial\nterminal_output serial\nset root=(hd0,gpt2)\n",
@@ -509,15 +517,15 @@ mod tests {
                 cfg.push_str(&format!("unset {v}\n"));
             }
             cfg.push_str(&format!(
-                "set env_file=(hd0,gpt2)/cases/{i}\nif load_env -f \"${{env_file}}\"; then\n  set env_ok=yes\nfi\nsource (hd0,gpt2)/grub2/decide.cfg\necho \"KAIROS-CASE: {i} entry=${{kairos_boot_entry}} reason=${{kairos_boot_reason}}\"\n"
+                "set env_file=(hd0,gpt2)/cases/{i}\nif load_env -f \"${{env_file}}\"; then\n  set env_ok=yes\nfi\nsource {prefix}/decide.cfg\necho \"KAIROS-CASE: {i} entry=${{kairos_boot_entry}} reason=${{kairos_boot_reason}}\"\n"
             ));
         }
         cfg.push_str("echo \"KAIROS-CASE: end\"\nhalt\n");
-        fs::write(tree.join("grub2/grub.cfg"), &cfg).unwrap();
-        fs::write(tree.join("grub2/decide.cfg"), decision_script()).unwrap();
+        fs::write(tree.join(GRUB_DIR).join("grub.cfg"), &cfg).unwrap();
+        fs::write(tree.join(GRUB_DIR).join("decide.cfg"), decision_script()).unwrap();
 
         let disk = dir.join("disk.img");
-        let parts = grub_only_disk(&disk, &[("COS_STATE", &tree)], "(hd0,gpt2)/grub2");
+        let parts = grub_only_disk(&disk, &[("COS_STATE", &tree)], &prefix);
         let r = boot_until(&disk, dir, "KAIROS-CASE: end");
         eprintln!("{} cases in {:.1} s", cases.len(), r.elapsed.as_secs_f64());
         // The partition after GRUB wrote to it, for debugfs.
@@ -555,7 +563,7 @@ mod tests {
                 // What GRUB wrote, grub-editenv reads.
                 let f = dir.join(format!("case{i}.env"));
                 fs::write(&f, &block).unwrap();
-                if let Err(e) = run(Command::new("grub-editenv").arg(&f).arg("list")) {
+                if let Err(e) = run_tool(Command::new("grub-editenv").arg(&f).arg("list")) {
                     failures.push(format!("case {i}: {e}"));
                 }
             }
@@ -593,9 +601,9 @@ mod tests {
         );
         fs::write(oem.join("grubenv"), &block).unwrap();
         let state = dir.join("state");
-        fs::create_dir_all(state.join("grub2")).unwrap();
+        fs::create_dir_all(state.join(GRUB_DIR)).unwrap();
         fs::write(
-            state.join("grub2/grub.cfg"),
+            state.join(GRUB_DIR).join("grub.cfg"),
             grub_cfg(&GrubCfgOptions {
                 timeout: 0,
                 extra_cmdline: String::new(),
@@ -606,7 +614,7 @@ mod tests {
         let parts = grub_only_disk(
             &disk,
             &[("COS_OEM", &oem), ("COS_STATE", &state)],
-            "(hd0,gpt3)/grub2",
+            &grub_prefix(3),
         );
         // GRUB waits 10 s ("Press any key") after each entry that fails: stop at the second.
         let r = boot_until(&disk, dir, "KAIROS-GRUB: entry=fallback");

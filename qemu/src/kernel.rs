@@ -5,6 +5,8 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use kairos_util::{IoError, IoResultExt, ToolError, run_tool};
+
 use crate::apt::{self, AptError};
 
 /// The meta package whose dependency names the current versioned kernel package.
@@ -15,24 +17,10 @@ pub use kairos_initramfs::Kernel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot run `{command}`: {source}")]
-    Spawn {
-        command: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("`{command}` failed (exit {code:?}): {stderr_tail}")]
-    Command {
-        command: String,
-        code: Option<i32>,
-        stderr_tail: String,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error(transparent)]
+    Command(#[from] ToolError),
     #[error("`apt-cache depends {META_PACKAGE}` names no linux-image-*-amd64 package")]
     NoKernelPackage,
     #[error("package {package}: {what} not found under {dir}")]
@@ -43,13 +31,6 @@ pub enum KernelError {
     },
     #[error(transparent)]
     Apt(#[from] AptError),
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KernelError + '_ {
-    move |source| KernelError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// Where fetched artifacts live between runs: `$KAIROS_CACHE`, else
@@ -96,11 +77,11 @@ pub fn fetch(out: &Path) -> Result<Kernel, KernelError> {
     if let Some(k) = cached(out) {
         return Ok(k);
     }
-    fs::create_dir_all(out).map_err(io(out))?;
+    fs::create_dir_all(out).at(out, "creating")?;
     // Two test processes starting on a fresh machine would otherwise both unpack into `out`.
     let lock_path = out.join(".lock");
-    let lock = File::create(&lock_path).map_err(io(&lock_path))?;
-    lock.lock().map_err(io(&lock_path))?;
+    let lock = File::create(&lock_path).at(&lock_path, "creating")?;
+    lock.lock().at(&lock_path, "locking")?;
     // The other process may have finished while we waited.
     if let Some(k) = cached(out) {
         return Ok(k);
@@ -118,17 +99,19 @@ pub fn fetch(out: &Path) -> Result<Kernel, KernelError> {
     }
     let root = out.join("root");
     if root.exists() {
-        fs::remove_dir_all(&root).map_err(io(&root))?;
+        fs::remove_dir_all(&root).at(&root, "removing")?;
     }
     remove_debs(out, &package)?;
 
-    run(Command::new("apt-get")
-        .args(["download", "-q", &package])
-        .current_dir(out))?;
+    run_tool(
+        Command::new("apt-get")
+            .args(["download", "-q", &package])
+            .current_dir(out),
+    )?;
     let deb = find_deb(out, &package)?;
-    run(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
+    run_tool(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))?;
     // The unpacked tree is what we cache; the .deb would only double the disk use.
-    fs::remove_file(&deb).map_err(io(&deb))?;
+    fs::remove_file(&deb).at(&deb, "removing")?;
 
     let boot_image = root.join("boot").join(format!("vmlinuz-{version}"));
     if !boot_image.is_file() {
@@ -144,12 +127,13 @@ pub fn fetch(out: &Path) -> Result<Kernel, KernelError> {
         dir: root.clone(),
     })?;
     let vmlinuz = out.join("vmlinuz");
-    fs::copy(&boot_image, &vmlinuz).map_err(io(&vmlinuz))?;
+    fs::copy(&boot_image, &vmlinuz)
+        .at(&vmlinuz, format!("copying {} here", boot_image.display()))?;
     // Written last, through a rename: its presence marks the fetch complete.
     let tmp = out.join("version.tmp");
-    fs::write(&tmp, format!("{version}\n")).map_err(io(&tmp))?;
+    fs::write(&tmp, format!("{version}\n")).at(&tmp, "writing")?;
     let version_path = out.join("version");
-    fs::rename(&tmp, &version_path).map_err(io(&version_path))?;
+    fs::rename(&tmp, &version_path).at(&version_path, "renaming into place")?;
     Ok(Kernel {
         version,
         vmlinuz,
@@ -199,9 +183,9 @@ fn find_modules_dir(root: &Path, version: &str) -> Option<PathBuf> {
 /// escaped; we only know the package name.
 fn find_deb(dir: &Path, package: &str) -> Result<PathBuf, KernelError> {
     let prefix = format!("{package}_");
-    let entries = fs::read_dir(dir).map_err(io(dir))?;
+    let entries = fs::read_dir(dir).at(dir, "reading the directory")?;
     for entry in entries {
-        let entry = entry.map_err(io(dir))?;
+        let entry = entry.at(dir, "reading the directory")?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with(&prefix) && name.ends_with(".deb") {
@@ -217,32 +201,17 @@ fn find_deb(dir: &Path, package: &str) -> Result<PathBuf, KernelError> {
 
 fn remove_debs(dir: &Path, package: &str) -> Result<(), KernelError> {
     while let Ok(deb) = find_deb(dir, package) {
-        fs::remove_file(&deb).map_err(io(&deb))?;
+        fs::remove_file(&deb).at(&deb, "removing")?;
     }
     Ok(())
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), KernelError> {
     match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(path)(e)),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(IoError::new(path, "removing", e).into())
+        }
         _ => Ok(()),
-    }
-}
-
-fn run(cmd: &mut Command) -> Result<(), KernelError> {
-    let command = apt::describe(cmd);
-    let out = cmd.output().map_err(|source| KernelError::Spawn {
-        command: command.clone(),
-        source,
-    })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(KernelError::Command {
-            command,
-            code: out.status.code(),
-            stderr_tail: apt::tail(&out.stderr),
-        })
     }
 }
 

@@ -3,11 +3,13 @@
 //! or squashfs image files (`mkfs.ext4 -d`, `mksquashfs`; no mount, no loop).
 
 use std::fs;
-use std::io;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
+
+use kairos_init::grubcfg::EXT4_FEATURES_GRUB_CANNOT_READ;
+use kairos_util::{IoError, IoResultExt, ToolError, run_tool};
 
 use crate::apt::{self, AptError};
 
@@ -134,9 +136,6 @@ pub const HOST_BUSYBOX: &str = "/bin/busybox";
 /// Packages the functions of this module run tools from.
 pub const PACKAGES: &[&str] = &["busybox-static", "e2fsprogs", "squashfs-tools"];
 
-/// ext4 features GRUB 2.06 cannot read; disabled when this e2fsprogs knows them.
-const GRUB_UNREADABLE_EXT4_FEATURES: &[&str] = &["metadata_csum_seed", "orphan_file"];
-
 /// What goes into the tree besides busybox and the init script.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RootfsOptions {
@@ -165,25 +164,12 @@ impl ExtFs {
     }
 }
 
-/// An external tool that could not run or failed; carries its stderr.
-#[derive(Debug, thiserror::Error)]
-pub enum CommandError {
-    #[error("cannot run `{command}`: {source}")]
-    Spawn { command: String, source: io::Error },
-    #[error("`{command}` failed ({status}): {stderr}")]
-    Failed {
-        command: String,
-        status: ExitStatus,
-        stderr: String,
-    },
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
     #[error(transparent)]
-    Command(#[from] CommandError),
+    Io(#[from] IoError),
+    #[error(transparent)]
+    Command(#[from] ToolError),
     #[error("installing tools: {0}")]
     Apt(#[from] AptError),
     #[error("`{HOST_BUSYBOX} --list` named no applets")]
@@ -192,74 +178,35 @@ pub enum RootfsError {
     BadImageName(String),
 }
 
-/// Attaches the path to an io::Error.
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> RootfsError + '_ {
-    move |source| RootfsError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for a in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&a.to_string_lossy());
-    }
-    s
-}
-
-/// Runs a tool to completion; a non-zero exit becomes an error with its stderr
-/// (stdout when stderr is empty, since some tools report there).
-pub(crate) fn run(cmd: &mut Command) -> Result<Output, CommandError> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| CommandError::Spawn {
-            command: describe(cmd),
-            source,
-        })?;
-    if out.status.success() {
-        return Ok(out);
-    }
-    let mut text = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    if text.is_empty() {
-        text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    }
-    Err(CommandError::Failed {
-        command: describe(cmd),
-        status: out.status,
-        stderr: text,
-    })
-}
-
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), RootfsError> {
-    fs::write(path, contents).map_err(io_err(path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))
+    fs::write(path, contents).at(path, "writing")?;
+    Ok(fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .at(path, "setting permissions")?)
 }
 
 fn mkdir(path: &Path, mode: u32) -> Result<(), RootfsError> {
-    fs::create_dir_all(path).map_err(io_err(path))?;
+    fs::create_dir_all(path).at(path, "creating")?;
     // Explicit chmod: create_dir_all is subject to the umask and cannot set the sticky bit.
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err(path))
+    Ok(fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .at(path, "setting permissions")?)
 }
 
 /// Creates `link -> target`, replacing whatever is at `link` so rebuilding a tree works.
 fn symlink_force(target: &str, link: &Path) -> Result<(), RootfsError> {
     if link.symlink_metadata().is_ok() {
-        fs::remove_file(link).map_err(io_err(link))?;
+        fs::remove_file(link).at(link, "removing")?;
     }
-    symlink(target, link).map_err(io_err(link))
+    Ok(symlink(target, link).at(link, "creating the symlink")?)
 }
 
 fn copy_file(from: &Path, to: &Path, mode: u32) -> Result<(), RootfsError> {
-    fs::copy(from, to).map_err(io_err(from))?;
-    fs::set_permissions(to, fs::Permissions::from_mode(mode)).map_err(io_err(to))
+    fs::copy(from, to).at(from, format!("copying to {}", to.display()))?;
+    Ok(fs::set_permissions(to, fs::Permissions::from_mode(mode)).at(to, "setting permissions")?)
 }
 
 /// Applet names from `busybox --list`, minus the ones that would shadow our init.
 fn busybox_applets(busybox: &Path) -> Result<Vec<String>, RootfsError> {
-    let out = run(Command::new(busybox).arg("--list"))?;
+    let out = run_tool(Command::new(busybox).arg("--list"))?;
     let applets: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)
@@ -356,7 +303,7 @@ pub(crate) fn install_boot_files(dir: &Path, opts: &RootfsOptions) -> Result<(),
             write_file(&cos.join("cos-layout.env"), text.as_bytes(), 0o644)?;
         }
         // No /etc/cos at all: the init must fall back to its built-in defaults.
-        None if cos.exists() => fs::remove_dir_all(&cos).map_err(io_err(&cos))?,
+        None if cos.exists() => fs::remove_dir_all(&cos).at(&cos, "removing")?,
         None => {}
     }
     if let Some(kernel) = &opts.kernel {
@@ -380,7 +327,7 @@ pub fn install_init_binary(dir: &Path, init: &Path) -> Result<(), RootfsError> {
     )?;
     let target = dir.join("sbin/init");
     if target.symlink_metadata().is_ok() {
-        fs::remove_file(&target).map_err(io_err(&target))?;
+        fs::remove_file(&target).at(&target, "removing")?;
     }
     copy_file(init, &target, 0o755)?;
     write_file(
@@ -398,10 +345,10 @@ pub fn install_init_binary(dir: &Path, init: &Path) -> Result<(), RootfsError> {
 pub fn add_file(dir: &Path, rel: &str, contents: &[u8], mode: u32) -> Result<(), RootfsError> {
     let path = dir.join(rel.trim_start_matches('/'));
     if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        fs::create_dir_all(parent).at(parent, "creating")?;
     }
     if path.symlink_metadata().is_ok() {
-        fs::remove_file(&path).map_err(io_err(&path))?;
+        fs::remove_file(&path).at(&path, "removing")?;
     }
     write_file(&path, contents, mode)
 }
@@ -427,10 +374,10 @@ pub fn ldd_paths(ldd_output: &str) -> Vec<PathBuf> {
 /// shared libraries and the dynamic loader along (found by `ldd`), so host tools such as
 /// `mke2fs` run in the busybox image. Symlinks on the way are followed: the tree gets files.
 pub fn add_host_path(dir: &Path, host: &Path) -> Result<(), RootfsError> {
-    let meta = fs::metadata(host).map_err(io_err(host))?;
+    let meta = fs::metadata(host).at(host, "reading metadata")?;
     if meta.is_dir() {
-        for entry in fs::read_dir(host).map_err(io_err(host))? {
-            let entry = entry.map_err(io_err(host))?;
+        for entry in fs::read_dir(host).at(host, "reading the directory")? {
+            let entry = entry.at(host, "reading the directory")?;
             add_host_path(dir, &entry.path())?;
         }
         return Ok(());
@@ -448,7 +395,7 @@ pub fn add_host_path(dir: &Path, host: &Path) -> Result<(), RootfsError> {
         return Ok(());
     }
     // ldd exits non-zero for static binaries ("not a dynamic executable"): nothing to add.
-    let Ok(out) = run(Command::new("ldd").arg(host)) else {
+    let Ok(out) = run_tool(Command::new("ldd").arg(host)) else {
         return Ok(());
     };
     for lib in ldd_paths(&String::from_utf8_lossy(&out.stdout)) {
@@ -464,10 +411,10 @@ pub fn add_host_path(dir: &Path, host: &Path) -> Result<(), RootfsError> {
 /// written through (it would overwrite busybox itself).
 fn place_host_file(from: &Path, to: &Path, mode: u32) -> Result<(), RootfsError> {
     if let Some(parent) = to.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        fs::create_dir_all(parent).at(parent, "creating")?;
     }
     if to.symlink_metadata().is_ok() {
-        fs::remove_file(to).map_err(io_err(to))?;
+        fs::remove_file(to).at(to, "removing")?;
     }
     copy_file(from, to, mode)
 }
@@ -489,13 +436,13 @@ pub fn set_image_name(dir: &Path, image_name: &str) -> Result<(), RootfsError> {
 /// 4 KiB per directory and symlink.
 pub fn tree_bytes(tree: &Path) -> Result<u64, RootfsError> {
     const BLOCK: u64 = 4096;
-    let meta = tree.symlink_metadata().map_err(io_err(tree))?;
+    let meta = tree.symlink_metadata().at(tree, "reading metadata")?;
     if !meta.is_dir() {
         return Ok(meta.len().div_ceil(BLOCK).max(1) * BLOCK);
     }
     let mut total = BLOCK;
-    for entry in fs::read_dir(tree).map_err(io_err(tree))? {
-        let entry = entry.map_err(io_err(tree))?;
+    for entry in fs::read_dir(tree).at(tree, "reading the directory")? {
+        let entry = entry.at(tree, "reading the directory")?;
         total += tree_bytes(&entry.path())?;
     }
     Ok(total)
@@ -513,7 +460,7 @@ pub fn image_size_mb(tree: &Path) -> Result<u64, RootfsError> {
 fn grub_safe_features() -> Option<&'static str> {
     static FEATURES: OnceLock<String> = OnceLock::new();
     let s = FEATURES.get_or_init(|| {
-        let known: Vec<&str> = GRUB_UNREADABLE_EXT4_FEATURES
+        let known: Vec<&str> = EXT4_FEATURES_GRUB_CANNOT_READ
             .iter()
             .copied()
             .filter(|f| mkfs_knows_feature(f))
@@ -532,11 +479,13 @@ fn mkfs_knows_feature(feature: &str) -> bool {
         "kairos-qemu-mkfs-probe-{}-{feature}.img",
         std::process::id()
     ));
-    let ok = run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-O"])
-        .arg(format!("^{feature}"))
-        .arg(&probe)
-        .arg("8M"))
+    let ok = run_tool(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-O"])
+            .arg(format!("^{feature}"))
+            .arg(&probe)
+            .arg("8M"),
+    )
     .is_ok();
     let _ = fs::remove_file(&probe);
     ok
@@ -552,7 +501,7 @@ pub(crate) fn mkfs_ext(
 ) -> Result<(), RootfsError> {
     // mke2fs refuses to shrink nothing but would reuse a larger file's tail; start clean.
     if out.symlink_metadata().is_ok() {
-        fs::remove_file(out).map_err(io_err(out))?;
+        fs::remove_file(out).at(out, "removing")?;
     }
     let mut cmd = Command::new(fs_kind.mkfs());
     cmd.args(["-q", "-F", "-L", label]);
@@ -563,7 +512,7 @@ pub(crate) fn mkfs_ext(
         cmd.arg("-O").arg(features);
     }
     cmd.arg(out).arg(format!("{size_kib}k"));
-    run(&mut cmd)?;
+    run_tool(&mut cmd)?;
     Ok(())
 }
 
@@ -596,7 +545,7 @@ pub fn make_squashfs(tree: &Path, out: &Path) -> Result<(), RootfsError> {
 }
 
 pub(crate) fn make_squashfs_unchecked(tree: &Path, out: &Path) -> Result<(), RootfsError> {
-    run(Command::new("mksquashfs").arg(tree).arg(out).args([
+    run_tool(Command::new("mksquashfs").arg(tree).arg(out).args([
         "-comp",
         "xz",
         "-noappend",
@@ -777,7 +726,7 @@ mod tests {
             let img = tmp.path().join(name);
             mkfs_ext(Some(&t), &img, "COS_ACTIVE", mb * 1024, kind).unwrap();
             assert_eq!(fs::metadata(&img).unwrap().len(), mb << 20);
-            let head = run(Command::new("dumpe2fs").arg("-h").arg(&img)).unwrap();
+            let head = run_tool(Command::new("dumpe2fs").arg("-h").arg(&img)).unwrap();
             let head = String::from_utf8_lossy(&head.stdout);
             assert!(
                 head.contains("Filesystem volume name:   COS_ACTIVE"),
@@ -787,18 +736,22 @@ mod tests {
                 .lines()
                 .find(|l| l.starts_with("Filesystem features:"))
                 .unwrap();
-            for f in GRUB_UNREADABLE_EXT4_FEATURES {
+            for f in EXT4_FEATURES_GRUB_CANNOT_READ {
                 assert!(!features.contains(f), "{features}");
             }
             assert_eq!(features.contains("has_journal"), kind == ExtFs::Ext4);
-            let cat = run(Command::new("debugfs")
-                .args(["-R", "cat /etc/kairos-image"])
-                .arg(&img))
+            let cat = run_tool(
+                Command::new("debugfs")
+                    .args(["-R", "cat /etc/kairos-image"])
+                    .arg(&img),
+            )
             .unwrap();
             assert_eq!(String::from_utf8_lossy(&cat.stdout), "active\n");
-            let ls = run(Command::new("debugfs")
-                .args(["-R", "stat /sbin/init"])
-                .arg(&img))
+            let ls = run_tool(
+                Command::new("debugfs")
+                    .args(["-R", "stat /sbin/init"])
+                    .arg(&img),
+            )
             .unwrap();
             assert!(String::from_utf8_lossy(&ls.stdout).contains("Mode:  0755"));
         }
@@ -811,9 +764,9 @@ mod tests {
         sample_tree(tmp.path(), None);
         let out = tmp.path().join("r.squashfs");
         make_squashfs_unchecked(&tmp.path().join("tree"), &out).unwrap();
-        let stat = run(Command::new("unsquashfs").arg("-s").arg(&out)).unwrap();
+        let stat = run_tool(Command::new("unsquashfs").arg("-s").arg(&out)).unwrap();
         assert!(String::from_utf8_lossy(&stat.stdout).contains("Compression xz"));
-        let ls = run(Command::new("unsquashfs").arg("-lls").arg(&out)).unwrap();
+        let ls = run_tool(Command::new("unsquashfs").arg("-lls").arg(&out)).unwrap();
         let ls = String::from_utf8_lossy(&ls.stdout);
         assert!(ls.contains("squashfs-root/sbin/init"), "{ls}");
         assert!(ls.contains("root/root"), "{ls}");
