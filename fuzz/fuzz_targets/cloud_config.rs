@@ -1,6 +1,6 @@
 //! Cloud-config loading and merging (agent/src/config.rs): parse (with and without the
 //! header requirement), merge / merge_maps of two parsed documents, and the kernel command
-//! line forms (has_header, cmdline_words, from_cmdline).
+//! line forms (has_header, kairos-init's cmdline::words, from_cmdline).
 #![no_main]
 
 use kairos_agent::config;
@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
         config::merge(&mut v, Value::Null);
         let _ = serde_json::to_string(&m);
     }
-    let words = config::cmdline_words(&text);
+    let words: Vec<_> = kairos_init::cmdline::words(&text).collect();
     assert!(words.len() <= text.len());
     let mut errors = Vec::new();
     let (src, urls) = config::from_cmdline(&text, &mut errors);
