@@ -25,7 +25,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rustix::mount::MountFlags;
-use rustix::process::{Pid, Signal, WaitOptions, kill_process_group, waitpid};
+use rustix::process::{Pid, Signal, WaitOptions, kill_process_group, wait};
 
 use crate::sys::{fsutil, log, mount, signal};
 use crate::{error, info, warn};
@@ -198,8 +198,10 @@ const HANDLED: &[i32] = &[
 /// Reaps every exited child; returns (pid, wait status) of each.
 fn reap() -> Vec<(i32, i32)> {
     let mut out = Vec::new();
-    // Until none is left (ECHILD) or none has exited yet (None).
-    while let Ok(Some((pid, status))) = waitpid(None, WaitOptions::NOHANG) {
+    // Until none is left (ECHILD) or none has exited yet (None). `wait` is waitpid(-1): any
+    // child; rustix's waitpid(None) is waitpid(0), only children in our process group, which
+    // misses a daemon that called setsid().
+    while let Ok(Some((pid, status))) = wait(WaitOptions::NOHANG) {
         out.push((pid.as_raw_nonzero().get(), status.as_raw()));
     }
     out
@@ -409,7 +411,7 @@ fn stop_all(sig: Signal, grace: Duration) -> bool {
     loop {
         let _ = reap();
         // ECHILD: no children left (orphans are reparented to us, so this covers all).
-        if waitpid(None, WaitOptions::NOHANG).is_err() {
+        if wait(WaitOptions::NOHANG).is_err() {
             return true;
         }
         if Instant::now() >= deadline {
