@@ -221,18 +221,18 @@ fn tools() -> Result<Tools, IsoError> {
         "grub-common",
         "GRUB's boot images",
     )?;
-    // The installer's ESP tools (`efi::tools`), looked up by name here so a missing one is
-    // reported with its package.
-    let esp = "the EFI boot image";
-    let mkfs_vfat = need(&["mkfs.vfat", "mkfs.fat"], "mkfs.vfat", "dosfstools", esp)?;
-    let mmd = need(&["mmd"], "mtools", "mtools", esp)?;
-    let mcopy = need(&["mcopy"], "mtools", "mtools", esp)?;
+    // The installer's ESP tools: one list, in `efi::tools`.
+    let esp = efi::tools().map_err(|m| IsoError::Tool {
+        tool: m.tool,
+        package: m.package,
+        why: "the EFI boot image",
+    })?;
     Ok(Tools {
         xorriso,
         mkimage,
-        mkfs_vfat,
-        mmd,
-        mcopy,
+        mkfs_vfat: esp.mkfs,
+        mmd: esp.mmd,
+        mcopy: esp.mcopy,
     })
 }
 

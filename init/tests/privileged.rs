@@ -1,6 +1,6 @@
 //! The executor's system calls against the real kernel: loop devices, ext4, squashfs and
 //! overlayfs, each test in its own private mount namespace so nothing leaks onto the host.
-//! Needs root; skips with a message otherwise.
+//! Needs root; without it each test fails and says so.
 
 use std::fs;
 use std::path::Path;
@@ -10,7 +10,7 @@ use kairos_init::probe::{self, FsType};
 use kairos_init::sys::{fsutil, loopdev, mount};
 
 /// unshare(CLONE_NEWNS) affects only the calling thread, which is the test's own thread.
-fn private_namespace() -> bool {
+fn private_namespace() {
     // A test that cannot run fails with the reason; it never passes silently.
     assert!(
         rustix::process::geteuid().is_root(),
@@ -22,7 +22,6 @@ fn private_namespace() -> bool {
         panic!("unshare(CLONE_NEWNS): {e}: the privileged tests need their own mount namespace");
     }
     mount::make_private(Path::new("/")).expect("make / rprivate");
-    true
 }
 
 fn tool(cmd: &mut Command) -> bool {
@@ -35,9 +34,7 @@ fn tool(cmd: &mut Command) -> bool {
 
 #[test]
 fn loop_mounted_image_is_read_only_and_overlay_makes_it_writable() {
-    if !private_namespace() {
-        return;
-    }
+    private_namespace();
     let t = tempfile::tempdir().unwrap();
     let tree = t.path().join("tree");
     fs::create_dir_all(tree.join("etc")).unwrap();
@@ -103,9 +100,7 @@ fn loop_mounted_image_is_read_only_and_overlay_makes_it_writable() {
 
 #[test]
 fn squashfs_recovery_image_mounts_through_a_loop_device() {
-    if !private_namespace() {
-        return;
-    }
+    private_namespace();
     let t = tempfile::tempdir().unwrap();
     let tree = t.path().join("tree");
     fs::create_dir_all(tree.join("sbin")).unwrap();
@@ -134,9 +129,7 @@ fn squashfs_recovery_image_mounts_through_a_loop_device() {
 
 #[test]
 fn loop_device_is_released_after_unmount() {
-    if !private_namespace() {
-        return;
-    }
+    private_namespace();
     let t = tempfile::tempdir().unwrap();
     let img = t.path().join("x.img");
     if !tool(
@@ -199,9 +192,7 @@ impl Drop for PartLoop {
 fn first_boot_grows_cos_persistent_to_the_end_of_a_bigger_disk() {
     use kairos_init::blockdev::BlockDev;
     use kairos_init::{gpt, grow, sys::disk::Disk};
-    if !private_namespace() {
-        return;
-    }
+    private_namespace();
     let t = tempfile::tempdir().unwrap();
     let made_for = 32 * 2048u64;
     let parts = [

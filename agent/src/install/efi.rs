@@ -100,18 +100,39 @@ pub fn find_tool(names: &[&str]) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The tools the ESP needs, checked before anything is written: (mkfs, mmd, mcopy).
-pub fn tools() -> Result<(PathBuf, PathBuf, PathBuf), String> {
-    let mkfs = find_tool(&["mkfs.vfat", "mkfs.fat"]).ok_or("mkfs.vfat (dosfstools)")?;
-    let mmd = find_tool(&["mmd"]).ok_or("mmd (mtools)")?;
-    let mcopy = find_tool(&["mcopy"]).ok_or("mcopy (mtools)")?;
-    Ok((mkfs, mmd, mcopy))
+/// A program the ESP needs that is not on this system, and the Debian package with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{tool} ({package})")]
+pub struct MissingTool {
+    pub tool: &'static str,
+    pub package: &'static str,
+}
+
+/// The programs that make an ESP without mounting it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EspTools {
+    pub mkfs: PathBuf,
+    pub mmd: PathBuf,
+    pub mcopy: PathBuf,
+}
+
+/// The tools the ESP needs, checked before anything is written (the installer and
+/// kairos-build's ISO both ask here).
+pub fn tools() -> Result<EspTools, MissingTool> {
+    let need =
+        |names: &[&str], tool, package| find_tool(names).ok_or(MissingTool { tool, package });
+    Ok(EspTools {
+        mkfs: need(&["mkfs.vfat", "mkfs.fat"], "mkfs.vfat", "dosfstools")?,
+        mmd: need(&["mmd"], "mmd", "mtools")?,
+        mcopy: need(&["mcopy"], "mcopy", "mtools")?,
+    })
 }
 
 /// Formats the ESP `dev` (FAT32, COS_GRUB) and writes EFI/BOOT/{BOOTX64.EFI,grub.cfg},
 /// built in `scratch`.
 pub fn write_esp(dev: &Path, grub_dir: &Path, scratch: &Path) -> Result<(), InstallError> {
-    let (mkfs, mmd, mcopy) = tools().map_err(|t| InstallError::Other(format!("{t} not found")))?;
+    let EspTools { mkfs, mmd, mcopy } =
+        tools().map_err(|t| InstallError::Other(format!("{t} not found")))?;
     run_tool(
         Command::new(&mkfs)
             .args(["-F", "32", "-n", labels::GRUB])
