@@ -11,6 +11,7 @@
 //! the HTTP client).
 
 pub(crate) mod de;
+pub mod keys;
 pub mod schema;
 
 use std::collections::BTreeMap;
