@@ -47,7 +47,10 @@ const fn unsupported(path: &'static str, why: &'static str) -> Key {
 /// reset; k3s, kubevip, p2p; bundles.
 pub const KEYS: &[Key] = &[
     // --- top level, cloud-init, config surface ---
-    shown("config_url", "config_url_fetches_and_merges"),
+    shown(
+        "config_url",
+        "config_url_is_fetched_and_an_unreachable_one_is_a_warning",
+    ),
     // --- stages and steps ---
     // --- install, upgrade, reset ---
     // --- k3s, kubevip, p2p ---
