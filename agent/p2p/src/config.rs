@@ -103,17 +103,26 @@ impl Default for Auto {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct HaConfig {
-    pub enable: bool,
-    pub master_nodes: usize,
+    /// Unset: on when `master_nodes` is given (upstream's rule).
+    pub enable: Option<bool>,
+    /// Servers besides the cluster-init one.
+    pub master_nodes: Option<usize>,
+    /// A K3s datastore (`--datastore-endpoint`) instead of embedded etcd: no `--cluster-init`.
     pub external_db: String,
 }
 
 impl P2pConfig {
     pub fn ha(&self) -> Ha {
+        let h = &self.auto.ha;
         Ha {
-            enable: self.auto.ha.enable,
-            master_nodes: self.auto.ha.master_nodes,
+            enable: h.enable.unwrap_or(h.master_nodes.is_some()),
+            master_nodes: h.master_nodes.unwrap_or(0),
         }
+    }
+
+    /// `auto.ha.external_db`, when set.
+    pub fn external_db(&self) -> Option<&str> {
+        Some(self.auto.ha.external_db.trim()).filter(|d| !d.is_empty())
     }
 }
 
@@ -205,6 +214,18 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+        // master_nodes alone turns HA on; enable: false keeps it off.
+        let ha = |t: &str| parse(t, Path::new("t")).unwrap().unwrap().ha();
+        assert_eq!(
+            ha("p2p:\n  auto:\n    ha:\n      master_nodes: 2\n"),
+            Ha {
+                enable: true,
+                master_nodes: 2
+            }
+        );
+        assert!(!ha("p2p:\n  auto:\n    ha:\n      enable: false\n      master_nodes: 2\n").enable);
+        assert!(!ha("p2p: {}\n").enable);
+        assert_eq!(c.external_db(), None);
         let e = parse("p2p:\n  minimum_nodes: lots\n", Path::new("bad.yaml")).unwrap_err();
         assert!(e.to_string().contains("bad.yaml"), "{e}");
     }

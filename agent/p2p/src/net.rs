@@ -175,3 +175,22 @@ pub fn listen(swarm: &mut Swarm<Behaviour>, port: u16) -> Result<(), NetError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_id_separates_the_ledger_topic() {
+        let t = Token::generate();
+        let a = Names::new(&t, "kairos").unwrap();
+        let b = Names::new(&t, "hacluster").unwrap();
+        assert_ne!(a.topic.hash(), b.topic.hash());
+        assert!(b.topic.to_string().starts_with("kairos/hacluster/"));
+        // The same id and token: the same names on every node.
+        assert_eq!(
+            Names::new(&t, "kairos").unwrap().topic.hash(),
+            a.topic.hash()
+        );
+    }
+}

@@ -76,8 +76,16 @@ pub trait K3sStarter: Send {
 }
 
 /// K3s for a role: every node runs flannel over the VPN interface with its VPN address.
-/// `join` is the primary server's URL and token (workers, HA servers).
-pub fn k3s_spec(role: Role, iface: &str, ip: Ipv4Addr, join: Option<(&str, &str)>) -> K3sSpec {
+/// `join` is the primary server's URL and token (workers, HA servers). With an external
+/// datastore (`p2p.auto.ha.external_db`) servers use it and the first one does not
+/// `--cluster-init` (upstream's rule).
+pub fn k3s_spec(
+    role: Role,
+    iface: &str,
+    ip: Ipv4Addr,
+    join: Option<(&str, &str)>,
+    external_db: Option<&str>,
+) -> K3sSpec {
     let mut args = vec![
         format!("--flannel-iface={iface}"),
         format!("--node-ip={ip}"),
@@ -85,8 +93,11 @@ pub fn k3s_spec(role: Role, iface: &str, ip: Ipv4Addr, join: Option<(&str, &str)
     if role.is_server() {
         args.push(format!("--tls-san={ip}"));
         args.push(format!("--advertise-address={ip}"));
+        if let Some(db) = external_db {
+            args.push(format!("--datastore-endpoint={db}"));
+        }
     }
-    if role == Role::MasterClusterInit {
+    if role == Role::MasterClusterInit && external_db.is_none() {
         args.push("--cluster-init".into());
     }
     let mut env = Vec::new();
@@ -202,6 +213,8 @@ struct Node {
     shown: Option<(Option<String>, Option<Role>)>,
     k3s: Box<dyn K3sStarter>,
     k3s_started: bool,
+    /// The published kubeconfig this worker last wrote.
+    kubeconfig_written: Option<String>,
     dht_window: Option<u64>,
     pairing_ack: Option<(PairingData, u32)>,
     /// When a dropped message from each peer was last logged.
@@ -271,6 +284,7 @@ async fn run_async(opts: Options) -> Result<Outcome, NodeError> {
         shown: None,
         k3s,
         k3s_started: false,
+        kubeconfig_written: None,
         dht_window: None,
         pairing_ack: None,
         drop_logged: HashMap::new(),
@@ -279,6 +293,9 @@ async fn run_async(opts: Options) -> Result<Outcome, NodeError> {
         token,
     };
     say(&format!("node uuid={} peer={}", node.uuid, node.peer));
+    if node.cfg.disable_dht {
+        say("dht: off (p2p.disable_dht): peers are found by mDNS only");
+    }
     if let Mode::Register(data) = &mode {
         let json = serde_json::to_string(data).unwrap_or_default();
         node.set_own("pairing/data", json);
@@ -429,8 +446,7 @@ impl Node {
         }
         self.leader = roles::leader(&live).map(str::to_owned);
         let settled = self.settle.observe(&live);
-        let fixed = Role::parse(self.cfg.role.trim());
-        let auto = fixed.is_none() && self.cfg.auto.enable && self.cfg.role != "none";
+        let (fixed, auto) = role_source(&self.cfg);
         if auto && self.leader.as_deref() == Some(self.uuid.as_str()) {
             // Until the view has settled the leader keeps what it announced and assigns nothing.
             if settled {
@@ -593,9 +609,12 @@ impl Node {
                 self.ledger.value("k3s/url", now).map(str::to_owned),
                 self.ledger.value("k3s/token", now).map(str::to_owned),
             );
+            let db = self.cfg.external_db();
             let spec = match (role.is_primary(), &join) {
-                (true, _) => k3s_spec(role, &iface, ip, None),
-                (false, (Some(url), Some(token))) => k3s_spec(role, &iface, ip, Some((url, token))),
+                (true, _) => k3s_spec(role, &iface, ip, None, db),
+                (false, (Some(url), Some(token))) => {
+                    k3s_spec(role, &iface, ip, Some((url, token)), db)
+                }
                 // Workers and HA servers wait for the primary's token and URL.
                 _ => return,
             };
@@ -610,6 +629,9 @@ impl Node {
                     "k3s {what} did not start: {e}; retrying next tick"
                 )),
             }
+        }
+        if role == Role::Worker {
+            self.write_kubeconfig(now);
         }
         if self.k3s_started && role.is_primary() {
             // Publish what joiners need once K3s has written it.
@@ -633,6 +655,35 @@ impl Node {
                 self.set_own("k3s/kubeconfig", kc);
             }
             self.merge_own(now);
+        }
+    }
+
+    /// A worker keeps the kubeconfig the primary server published (its server URL already
+    /// the primary's VPN address) where K3s' own is, /etc/rancher/k3s/k3s.yaml (0600), so
+    /// `k3s kubectl` works on every node; rewritten when the published one changes.
+    fn write_kubeconfig(&mut self, now: u64) {
+        let Some(kc) = self.ledger.value("k3s/kubeconfig", now) else {
+            return;
+        };
+        if self.kubeconfig_written.as_deref() == Some(kc) {
+            return;
+        }
+        let kc = kc.to_owned();
+        let path = self.root.join(KUBECONFIG);
+        match write_private(&path, kc.as_bytes()) {
+            Ok(()) => {
+                let server = kc
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("server:"))
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned();
+                say(&format!(
+                    "wrote the published kubeconfig to /{KUBECONFIG} (server {server})"
+                ));
+                self.kubeconfig_written = Some(kc);
+            }
+            Err(e) => say(&format!("kubeconfig: {e}; retrying next tick")),
         }
     }
 
@@ -683,6 +734,7 @@ impl Node {
 
     fn on_event(&mut self, swarm: &mut Swarm<Behaviour>, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
+            SwarmEvent::NewListenAddr { address, .. } => say(&format!("listening on {address}")),
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (p, a) in list {
@@ -787,6 +839,35 @@ impl Node {
     }
 }
 
+/// Where this node's role comes from: `p2p.role` fixed (`master`, `worker`, …; the first
+/// member of the tuple), else the leader's assignment when `p2p.auto.enable` (the second:
+/// whether this node takes part in assigning). `none`, or auto off without a fixed role:
+/// no role, no K3s.
+pub fn role_source(cfg: &P2pConfig) -> (Option<Role>, bool) {
+    let fixed = Role::parse(cfg.role.trim());
+    let auto = fixed.is_none() && cfg.auto.enable && cfg.role.trim() != "none";
+    (fixed, auto)
+}
+
+/// Write `bytes` to `path` for root only (0600, by a rename: never half a file).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).at(dir, "creating")?;
+    }
+    let tmp = path.with_extension("kairos-tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .at(&tmp, "creating")?;
+    f.write_all(bytes).at(&tmp, "writing")?;
+    std::fs::rename(&tmp, path).at(path, "renaming into place")
+}
+
 /// Ticks the live set must stay unchanged before a leader assigns roles. Nodes that start
 /// together can each see only part of the mesh for a tick or two; a node that then counts
 /// itself leader on that partial view would make itself master next to another such node,
@@ -832,27 +913,56 @@ mod tests {
     #[test]
     fn k3s_specs_per_role() {
         let ip = Ipv4Addr::new(10, 1, 0, 3);
-        let m = k3s_spec(Role::Master, "edgevpn0", ip, None);
+        let m = k3s_spec(Role::Master, "edgevpn0", ip, None, None);
         assert!(m.server);
         assert!(m.args.contains(&"--flannel-iface=edgevpn0".to_string()));
         assert!(m.args.contains(&"--node-ip=10.1.0.3".to_string()));
         assert!(m.env.is_empty());
         let url = server_url("10.1.0.9");
-        let w = k3s_spec(Role::Worker, "edgevpn0", ip, Some((&url, "TOK")));
+        let w = k3s_spec(Role::Worker, "edgevpn0", ip, Some((&url, "TOK")), None);
         assert!(!w.server);
         assert!(
             w.env
                 .contains(&("K3S_URL".into(), "https://10.1.0.9:6443".into()))
         );
         assert!(w.env.contains(&("K3S_TOKEN".into(), "TOK".into())));
-        let c = k3s_spec(Role::MasterClusterInit, "edgevpn0", ip, None);
+        let c = k3s_spec(Role::MasterClusterInit, "edgevpn0", ip, None, None);
         assert!(c.args.contains(&"--cluster-init".to_string()));
-        let h = k3s_spec(Role::MasterHa, "edgevpn0", ip, Some((&url, "TOK")));
+        let h = k3s_spec(Role::MasterHa, "edgevpn0", ip, Some((&url, "TOK")), None);
         assert!(
             h.server
                 && h.args
                     .contains(&"--server=https://10.1.0.9:6443".to_string())
         );
+        assert!(h.env.contains(&("K3S_TOKEN".into(), "TOK".into())));
+        // An external datastore: every server uses it, nobody runs --cluster-init.
+        let db = Some("postgres://k3s:pw@db:5432/k3s");
+        let c = k3s_spec(Role::MasterClusterInit, "edgevpn0", ip, None, db);
+        assert!(!c.args.contains(&"--cluster-init".to_string()));
+        assert!(
+            c.args
+                .contains(&"--datastore-endpoint=postgres://k3s:pw@db:5432/k3s".to_string())
+        );
+        let w = k3s_spec(Role::Worker, "edgevpn0", ip, Some((&url, "TOK")), db);
+        assert!(!w.args.iter().any(|a| a.starts_with("--datastore")));
+    }
+
+    #[test]
+    fn p2p_role_and_auto_enable_decide_the_role_source() {
+        let cfg = |role: &str, auto: bool| {
+            let mut c = P2pConfig {
+                role: role.into(),
+                ..P2pConfig::default()
+            };
+            c.auto.enable = auto;
+            role_source(&c)
+        };
+        assert_eq!(cfg("", true), (None, true));
+        assert_eq!(cfg("auto", true), (None, true));
+        assert_eq!(cfg("master", true), (Some(Role::Master), false));
+        assert_eq!(cfg(" worker ", true), (Some(Role::Worker), false));
+        assert_eq!(cfg("none", true), (None, false));
+        assert_eq!(cfg("", false), (None, false));
     }
 
     #[test]
