@@ -1,0 +1,511 @@
+//! `kairos-agent logs`: this boot's logs of kairos-init and of the agent in one place, one
+//! section per source in boot order, each under a `==> … <==` header; a source that is not
+//! there says why in its section and in the summary on stderr.
+//!
+//! The sources:
+//! 1. kairos-init's kernel-log records (it logs to /dev/kmsg with the `kairos-init:` prefix,
+//!    in the initramfs and as PID 1 of a minimal system; its stage hooks' output too), read
+//!    from /dev/kmsg, which holds this boot's records only;
+//! 2. kairos-init's step timeline, /run/kairos/boot-timeline.json, and what it booted,
+//!    /run/kairos/boot-image (both on the /run tmpfs: this boot's);
+//! 3. on a systemd image, the agent's units in the journal (`journalctl -b`);
+//! 4. the agent's log files when an image keeps them: /run/kairos/kairos-agent.log (this
+//!    boot), /var/log/kairos-agent.log and upstream's /var/log/kairos/*.log (these may hold
+//!    earlier boots too: the last [`MAX_FILE_BYTES`] are shown).
+//!
+//! Under kairos-init as PID 1 without such a file the agent's own output went to the
+//! console only; the section says so.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clap::Args;
+use serde_json::Value;
+
+use crate::{AgentError, Ctx, Outcome};
+
+pub const KMSG: &str = "/dev/kmsg";
+pub const TIMELINE: &str = crate::state::TIMELINE;
+pub const BOOT_IMAGE: &str = crate::state::BOOT_IMAGE;
+/// A file the agent's output may be captured in for this boot.
+pub const RUN_LOG: &str = "/run/kairos/kairos-agent.log";
+/// Log files an image may keep across boots (ours, and upstream's directory).
+pub const VAR_LOG: &str = "/var/log/kairos-agent.log";
+pub const VAR_LOG_DIR: &str = "/var/log/kairos";
+/// What is shown of a log file: its end.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+/// Kernel-log prefixes of ours.
+const PREFIXES: &[&str] = &["kairos-init:", "kairos-agent:"];
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The journalctl to ask on a systemd image [default: journalctl in PATH]
+    #[arg(long, value_name = "PATH", default_value = "journalctl")]
+    pub journalctl: PathBuf,
+}
+
+/// One section: its header, and its lines or why it is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    pub title: String,
+    pub body: Result<String, String>,
+}
+
+/// kmsg records (`PRI,SEQ,USEC,FLAGS[,…];MESSAGE`, continuation lines start with a space)
+/// whose message is ours, as dmesg prints them: `[seconds.micros] message`. Also the first
+/// record's sequence number (non-zero: older records were overwritten).
+pub fn kmsg_lines(raw: &str) -> (Vec<String>, Option<u64>) {
+    let mut out = Vec::new();
+    let mut first_seq = None;
+    for line in raw.lines() {
+        if line.starts_with(' ') {
+            continue;
+        }
+        let Some((head, msg)) = line.split_once(';') else {
+            continue;
+        };
+        let mut f = head.split(',');
+        let (_pri, seq, usec) = (f.next(), f.next(), f.next());
+        let Some(seq) = seq.and_then(|s| s.parse::<u64>().ok()) else {
+            continue;
+        };
+        first_seq.get_or_insert(seq);
+        if !PREFIXES.iter().any(|p| msg.starts_with(p)) {
+            continue;
+        }
+        let usec = usec.and_then(|u| u.parse::<u64>().ok()).unwrap_or(0);
+        out.push(format!(
+            "[{:5}.{:06}] {msg}",
+            usec / 1_000_000,
+            usec % 1_000_000
+        ));
+    }
+    (out, first_seq)
+}
+
+/// /dev/kmsg read to its end without blocking: each read(2) of the device returns one
+/// record; EAGAIN means the end (a regular file, as in tests, ends at EOF).
+fn read_kmsg(path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                all.extend_from_slice(&buf[..n]);
+                // One record a read: make sure each ends a line.
+                if all.last() != Some(&b'\n') {
+                    all.push(b'\n');
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            // A record overwritten while reading: go on with the next one.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(String::from_utf8_lossy(&all).into_owned())
+}
+
+fn kmsg_section(ctx: &Ctx) -> Section {
+    let title = format!("kairos-init: kernel log of this boot ({KMSG})");
+    let body = match read_kmsg(&ctx.path(KMSG)) {
+        Err(e) => Err(format!("{KMSG} not readable: {e}")),
+        Ok(raw) => {
+            let (lines, first) = kmsg_lines(&raw);
+            if lines.is_empty() {
+                Err(format!(
+                    "no kairos-init records in {KMSG} (not booted by kairos-init)"
+                ))
+            } else {
+                let mut s = String::new();
+                if let Some(n) = first.filter(|n| *n > 0) {
+                    s.push_str(&format!(
+                        "(the kernel log has wrapped: its first {n} records of this boot are gone)\n"
+                    ));
+                }
+                for l in lines {
+                    s.push_str(&l);
+                    s.push('\n');
+                }
+                Ok(s)
+            }
+        }
+    };
+    Section { title, body }
+}
+
+/// The timeline as a table: start, duration, step (indented under its parent).
+pub fn timeline_text(v: &Value) -> Result<String, String> {
+    let steps = v["steps"]
+        .as_array()
+        .ok_or_else(|| "no \"steps\" list".to_string())?;
+    let mut s = format!("{:>10} {:>10}  step\n", "start ms", "ms");
+    for st in steps {
+        let name = st["name"].as_str().unwrap_or("?");
+        let indent = if st["parent"].is_string() { "  " } else { "" };
+        let start = st["start_ms"].as_f64().unwrap_or(0.0);
+        let dur = st["duration_ms"].as_f64().unwrap_or(0.0);
+        s.push_str(&format!("{start:>10.1} {dur:>10.1}  {indent}{name}\n"));
+    }
+    Ok(s)
+}
+
+fn timeline_section(ctx: &Ctx) -> Section {
+    let title = format!("kairos-init: boot timeline ({TIMELINE}, {BOOT_IMAGE})");
+    let path = ctx.path(TIMELINE);
+    let body = match std::fs::read_to_string(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
+            "{TIMELINE} does not exist (not booted by kairos-init)"
+        )),
+        Err(e) => Err(format!("{TIMELINE}: {e}")),
+        Ok(text) => serde_json::from_str::<Value>(&text)
+            .map_err(|e| format!("{TIMELINE}: {e}"))
+            .and_then(|v| timeline_text(&v).map_err(|e| format!("{TIMELINE}: {e}")))
+            .map(|mut s| {
+                if let Some(img) = ctx.read_line(BOOT_IMAGE) {
+                    s.push_str(&format!("booted: {img}\n"));
+                }
+                s
+            }),
+    };
+    Section { title, body }
+}
+
+/// The agent's systemd units, from the ones the image installs.
+fn agent_units() -> Vec<&'static str> {
+    crate::UNITS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|n| n.ends_with(".service"))
+        .collect()
+}
+
+fn journal_section(ctx: &Ctx, journalctl: &Path) -> Section {
+    let units = agent_units();
+    let title = format!("kairos-agent: journal of this boot ({})", units.join(", "));
+    let body = if !ctx.path("/run/systemd/system").is_dir() {
+        Err("not a systemd boot (no /run/systemd/system): no journal".into())
+    } else {
+        let mut cmd = Command::new(journalctl);
+        cmd.args(["-b", "--no-pager", "-o", "short-monotonic"]);
+        if ctx.root != Path::new("/") {
+            cmd.arg("--root").arg(&ctx.root);
+        }
+        for u in &units {
+            cmd.arg("-u").arg(u);
+        }
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        match crate::spawn_retrying(&mut cmd).and_then(|c| c.wait_with_output()) {
+            Err(e) => Err(format!("{}: {e}", journalctl.display())),
+            Ok(o) if !o.status.success() => Err(format!(
+                "{} {}: {}",
+                journalctl.display(),
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Ok(o) => {
+                let text = String::from_utf8_lossy(&o.stdout).into_owned();
+                if text.trim().is_empty() || text.trim() == "-- No entries --" {
+                    Err("the journal has no entries of the agent's units this boot".into())
+                } else {
+                    Ok(text)
+                }
+            }
+        }
+    };
+    Section { title, body }
+}
+
+/// The end of a file (at most [`MAX_FILE_BYTES`]), from a line start.
+fn tail(path: &Path) -> std::io::Result<String> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let skipped = len > MAX_FILE_BYTES;
+    if skipped {
+        f.seek(SeekFrom::Start(len - MAX_FILE_BYTES))?;
+    }
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    let mut text = String::from_utf8_lossy(&buf).into_owned();
+    if skipped {
+        let cut = text.find('\n').map_or(0, |i| i + 1);
+        text = format!(
+            "(… the first {} bytes are not shown)\n{}",
+            len - MAX_FILE_BYTES + cut as u64,
+            &text[cut..]
+        );
+    }
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// The agent's log files that exist, in order: this boot's, then the ones kept across boots.
+fn file_sections(ctx: &Ctx) -> Vec<Section> {
+    let mut paths = vec![RUN_LOG.to_string(), VAR_LOG.to_string()];
+    if let Ok(rd) = std::fs::read_dir(ctx.path(VAR_LOG_DIR)) {
+        let mut names: Vec<String> = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".log"))
+            .collect();
+        names.sort();
+        paths.extend(names.into_iter().map(|n| format!("{VAR_LOG_DIR}/{n}")));
+    }
+    paths
+        .into_iter()
+        .filter_map(|p| {
+            let full = ctx.path(&p);
+            if !full.is_file() {
+                return None;
+            }
+            let what = if p.starts_with("/run/") {
+                "this boot"
+            } else {
+                "may hold earlier boots too"
+            };
+            Some(Section {
+                title: format!("kairos-agent: {p} ({what})"),
+                body: tail(&full).map_err(|e| format!("{p}: {e}")),
+            })
+        })
+        .collect()
+}
+
+/// Every section, in boot order.
+pub fn collect(ctx: &Ctx, args: &LogsArgs) -> Vec<Section> {
+    let mut v = vec![kmsg_section(ctx), timeline_section(ctx)];
+    let journal = journal_section(ctx, &args.journalctl);
+    let files = file_sections(ctx);
+    let journal_found = journal.body.is_ok();
+    v.push(journal);
+    if files.is_empty() && !journal_found {
+        v.push(Section {
+            title: "kairos-agent: log files".into(),
+            body: Err(format!(
+                "none of {RUN_LOG}, {VAR_LOG}, {VAR_LOG_DIR}/*.log (under kairos-init as PID 1 \
+                 the agent's output goes to the console)"
+            )),
+        });
+    }
+    v.extend(files);
+    v
+}
+
+/// The sections as printed.
+pub fn render(sections: &[Section]) -> String {
+    let mut s = String::new();
+    for (i, sec) in sections.iter().enumerate() {
+        if i > 0 {
+            s.push('\n');
+        }
+        s.push_str(&format!("==> {} <==\n", sec.title));
+        match &sec.body {
+            Ok(b) => s.push_str(b),
+            Err(why) => s.push_str(&format!("(not found: {why})\n")),
+        }
+    }
+    s
+}
+
+pub fn logs(
+    ctx: &Ctx,
+    args: &LogsArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<Outcome, AgentError> {
+    let sections = collect(ctx, args);
+    write!(out, "{}", render(&sections)).map_err(AgentError::Output)?;
+    let missing: Vec<&str> = sections
+        .iter()
+        .filter(|s| s.body.is_err())
+        .map(|s| s.title.as_str())
+        .collect();
+    if !missing.is_empty() {
+        writeln!(err, "kairos-agent: logs not found: {}", missing.join("; "))
+            .map_err(AgentError::Output)?;
+    }
+    Ok(if missing.len() == sections.len() {
+        Outcome::Refused
+    } else {
+        Outcome::Done
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    const KMSG_TEXT: &str = "6,0,0,-;Linux version 6.1.0\n\
+        6,412,1531418,-;kairos-init: kairos-init 0.1.0 starting: mode=active\n \
+        SUBSYSTEM=x\n\
+        4,413,2034938,-;kairos-init: step modules: 500.4 ms\n\
+        6,414,2100000,-;EXT4-fs (vda4): mounted\n\
+        6,415,2212576,c;kairos-init: switch_root to /sysroot\n\
+        3,416,12000001,-;kairos-agent: error: stage boot: 1 step failed\n\
+        garbage without a separator\n";
+
+    #[test]
+    fn kmsg_records_of_ours_print_like_dmesg() {
+        let (lines, first) = kmsg_lines(KMSG_TEXT);
+        assert_eq!(first, Some(0));
+        assert_eq!(
+            lines,
+            [
+                "[    1.531418] kairos-init: kairos-init 0.1.0 starting: mode=active",
+                "[    2.034938] kairos-init: step modules: 500.4 ms",
+                "[    2.212576] kairos-init: switch_root to /sysroot",
+                "[   12.000001] kairos-agent: error: stage boot: 1 step failed",
+            ]
+        );
+        let (_, first) = kmsg_lines("6,900,1,-;kairos-init: late\n");
+        assert_eq!(first, Some(900));
+    }
+
+    fn args() -> LogsArgs {
+        LogsArgs {
+            journalctl: "/nonexistent/journalctl".into(),
+        }
+    }
+
+    #[test]
+    fn nothing_found_says_so_for_every_source() {
+        let t = Tree::new();
+        let (r, out, err) = run(|o, e| logs(&t.ctx, &args(), o, e));
+        assert_eq!(r.unwrap(), Outcome::Refused);
+        assert!(out.contains("==> kairos-init: kernel log of this boot (/dev/kmsg) <==\n(not found: /dev/kmsg not readable: "), "{out}");
+        assert!(out.contains("(not found: /run/kairos/boot-timeline.json does not exist (not booted by kairos-init))"), "{out}");
+        assert!(
+            out.contains("(not found: not a systemd boot (no /run/systemd/system): no journal)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("the agent's output goes to the console"),
+            "{out}"
+        );
+        assert!(
+            err.starts_with("kairos-agent: logs not found: kairos-init: kernel log"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_kairos_init_boot_with_an_agent_log_file() {
+        let t = Tree::new();
+        t.file(KMSG, KMSG_TEXT);
+        t.file(
+            TIMELINE,
+            r#"{"steps":[{"name":"modules","parent":null,"start_ms":1.0,"duration_ms":500.4},{"name":"insmod ext4","parent":"modules","start_ms":2.0,"duration_ms":140.0}]}"#,
+        );
+        t.file(
+            BOOT_IMAGE,
+            "active image /cOS/active.img on LABEL=COS_STATE\n",
+        );
+        t.file(RUN_LOG, "kairos-agent: stage boot: 3 steps ran\n");
+        t.file("/var/log/kairos/agent-provider.log", "older\n");
+        t.file("/var/log/kairos/notes.txt", "not a log\n");
+        let (r, out, err) = run(|o, e| logs(&t.ctx, &args(), o, e));
+        assert_eq!(r.unwrap(), Outcome::Done);
+        let expected = "\
+==> kairos-init: kernel log of this boot (/dev/kmsg) <==
+[    1.531418] kairos-init: kairos-init 0.1.0 starting: mode=active
+[    2.034938] kairos-init: step modules: 500.4 ms
+[    2.212576] kairos-init: switch_root to /sysroot
+[   12.000001] kairos-agent: error: stage boot: 1 step failed
+
+==> kairos-init: boot timeline (/run/kairos/boot-timeline.json, /run/kairos/boot-image) <==
+  start ms         ms  step
+       1.0      500.4  modules
+       2.0      140.0    insmod ext4
+booted: active image /cOS/active.img on LABEL=COS_STATE
+";
+        assert!(out.starts_with(expected), "{out}");
+        assert!(out.contains("==> kairos-agent: /run/kairos/kairos-agent.log (this boot) <==\nkairos-agent: stage boot: 3 steps ran\n"), "{out}");
+        assert!(out.contains("==> kairos-agent: /var/log/kairos/agent-provider.log (may hold earlier boots too) <==\nolder\n"), "{out}");
+        assert!(!out.contains("notes.txt"), "{out}");
+        assert!(!out.contains("goes to the console"), "{out}");
+        // Only the journal is missing (not a systemd boot).
+        assert_eq!(
+            err,
+            "kairos-agent: logs not found: kairos-agent: journal of this boot (kairos-agent-fs.service, kairos-agent-boot.service, kairos-agent-network.service, kairos-agent-reconcile.service, kairos-agent.service)\n"
+        );
+    }
+
+    #[test]
+    fn a_systemd_boot_asks_the_journal_for_the_agent_units() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = Tree::new();
+        std::fs::create_dir_all(t.ctx.path("/run/systemd/system")).unwrap();
+        // A stand-in journalctl that echoes its arguments.
+        let bin = t.ctx.path("/bin/journalctl");
+        t.file(
+            "/bin/journalctl",
+            "#!/bin/sh\necho \"[    5.000000] host kairos-agent[42]: args: $*\"\n",
+        );
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let a = LogsArgs { journalctl: bin };
+        let sections = collect(&t.ctx, &a);
+        let j = sections
+            .iter()
+            .find(|s| s.title.starts_with("kairos-agent: journal"))
+            .unwrap();
+        let body = j.body.as_ref().unwrap();
+        assert!(
+            body.contains(&format!(
+                "args: -b --no-pager -o short-monotonic --root {} -u kairos-agent-fs.service",
+                t.ctx.root.display()
+            )),
+            "{body}"
+        );
+        assert!(
+            body.trim_end().ends_with("-u kairos-agent.service"),
+            "{body}"
+        );
+        // The journal found: no "console only" section.
+        assert!(!render(&sections).contains("goes to the console"));
+        // A failing journalctl is reported, not fatal.
+        t.file(
+            "/bin/journalctl",
+            "#!/bin/sh\necho 'No journal files were found.' >&2\nexit 1\n",
+        );
+        let sections = collect(&t.ctx, &a);
+        let j = &sections[2];
+        assert!(
+            j.body
+                .as_ref()
+                .unwrap_err()
+                .contains("No journal files were found."),
+            "{j:?}"
+        );
+    }
+
+    #[test]
+    fn long_files_show_their_end_from_a_line_start() {
+        let t = Tree::new();
+        let line = "x".repeat(99) + "\n";
+        let text = line.repeat((MAX_FILE_BYTES / 100 + 50) as usize) + "last line\n";
+        t.file(VAR_LOG, &text);
+        let s = tail(&t.ctx.path(VAR_LOG)).unwrap();
+        assert!(s.starts_with("(… the first "), "{}", &s[..80]);
+        assert!(s.ends_with("last line\n"));
+        let body_lines: Vec<&str> = s.lines().skip(1).collect();
+        assert!(
+            body_lines[..body_lines.len() - 1]
+                .iter()
+                .all(|l| l.len() == 99)
+        );
+    }
+}
