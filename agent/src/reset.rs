@@ -103,6 +103,11 @@ pub enum ResetError {
     BadSource { given: String },
     #[error("{}: {what}", path.display())]
     BadImage { path: PathBuf, what: String },
+    #[error("{key}: {error}")]
+    Configured {
+        key: &'static str,
+        error: Box<ResetError>,
+    },
     #[error(transparent)]
     Io(#[from] kairos_util::IoError),
     #[error(transparent)]
@@ -826,7 +831,7 @@ pub fn reset(
     check_recovery(ctx, opts)?;
     let loaded = crate::sources::load(ctx, &LoadOptions::default());
     stages::report_load(&loaded, log).map_err(AgentError::Output)?;
-    let source = resolve_source(ctx, opts, log)?;
+    let source = resolve_source(ctx, opts, &loaded.raw, log)?;
     let origin = source.origin.as_str();
     // One install, upgrade or reset at a time (lock.rs); taken after the checks above, so a
     // refused reset leaves no trace, not even the lock file.
@@ -839,7 +844,7 @@ pub fn reset(
 
     // 3. and 4. active.img from the source, passive.img a copy, grub.cfg if missing.
     run_hook(ctx, &loaded, "before-reset", log);
-    let size = rebuild_images(ctx, opts, &source.image, origin, state, log)?;
+    let size = rebuild_images(ctx, opts, &loaded, &source.image, origin, state, log)?;
 
     // 5. COS_OEM.
     if policy.wipe_oem {
@@ -883,19 +888,41 @@ struct ResetSource {
     _recovery: Option<locate::Target>,
 }
 
-/// Step 1: `--source`, else COS_RECOVERY's recovery image.
+/// `reset.system.source` of the cloud-config (upstream's key for what a reset installs).
+pub fn configured_source(raw: &Map<String, Value>) -> Option<String> {
+    raw.get("reset")?
+        .get("system")?
+        .get("source")?
+        .as_str()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+/// Step 1: `--source`, else the cloud-config's `reset.system.source`, else COS_RECOVERY's
+/// recovery image.
 fn resolve_source(
     ctx: &Ctx,
     opts: &Options,
+    raw: &Map<String, Value>,
     log: &mut dyn Write,
 ) -> Result<ResetSource, ResetError> {
-    Ok(match &opts.source {
-        Some(given) => ResetSource {
+    let configured = configured_source(raw);
+    Ok(match (&opts.source, configured) {
+        (Some(given), _) => ResetSource {
             image: explicit_source(given)?,
             origin: given.trim().to_string(),
             _recovery: None,
         },
-        None => {
+        (None, Some(given)) => ResetSource {
+            image: explicit_source(&given).map_err(|e| ResetError::Configured {
+                key: "reset.system.source",
+                error: Box::new(e),
+            })?,
+            origin: given,
+            _recovery: None,
+        },
+        (None, None) => {
             let recovery = open_recovery(ctx, opts.recovery_dir.as_deref(), log)?;
             let image = recovery_image(&recovery.dir)?;
             ResetSource {
@@ -989,6 +1016,7 @@ fn mark_reset_pending(
 fn rebuild_images(
     ctx: &Ctx,
     opts: &Options,
+    loaded: &config::Loaded,
     src: &ImageSource,
     origin: &str,
     state: LockedState,
@@ -996,6 +1024,21 @@ fn rebuild_images(
 ) -> Result<u64, ResetError> {
     let cos = &state.cos;
     build_transition(ctx, src, cos, log)?;
+    // after-reset-chroot, in the new image before it becomes active.
+    if let Some(r) = crate::install::chroot::run_in_image(
+        &cos.join(TRANSITION),
+        &ctx.path("/run/kairos/reset-chroot"),
+        "after-reset-chroot",
+        &loaded.sources,
+        log,
+    )? && !r.ok()
+    {
+        let _ = writeln!(
+            log,
+            "kairos-agent: warning: stage after-reset-chroot: {} step(s) failed; the reset goes on",
+            r.failures.len()
+        );
+    }
     crash(opts, "transition-built", log);
     rotate::execute(cos, &[rotate::Step::ReplaceActive])?;
     writeln!(log, "kairos-agent: {ACTIVE} rebuilt from {origin}").map_err(AgentError::Output)?;
@@ -1340,5 +1383,48 @@ mod tests {
         let t = Tree::new();
         let (r, _, _) = crate::testutil::run(|o, e| reset(&t.ctx, &opts, o, e));
         assert!(matches!(r, Err(ResetError::NotRecovery { .. })));
+    }
+
+    #[test]
+    fn reset_system_source_is_the_source_when_no_flag_names_one() {
+        let t = Tree::new();
+        let tree = t.ctx.path("/srv/image");
+        std::fs::create_dir_all(&tree).unwrap();
+        let raw = |text: &str| {
+            crate::config::parse("t.yaml", text, false)
+                .unwrap()
+                .unwrap()
+                .raw
+        };
+        let cfg = raw(&format!(
+            "reset:\n  system:\n    source: dir:{}\n",
+            tree.display()
+        ));
+        assert_eq!(
+            configured_source(&cfg),
+            Some(format!("dir:{}", tree.display()))
+        );
+        let opts = Options::default();
+        let got = resolve_source(&t.ctx, &opts, &cfg, &mut Vec::new()).unwrap();
+        assert_eq!(got.origin, format!("dir:{}", tree.display()));
+        assert!(matches!(got.image, ImageSource::Tree(ref p) if *p == tree));
+        // --source wins.
+        let flag = Options {
+            source: Some("dir:/".into()),
+            ..Options::default()
+        };
+        let got = resolve_source(&t.ctx, &flag, &cfg, &mut Vec::new()).unwrap();
+        assert_eq!(got.origin, "dir:/");
+        // A bad configured source names the key.
+        let bad = raw("reset:\n  system:\n    source: dir:/nonexistent-reset-source\n");
+        let e = resolve_source(&t.ctx, &opts, &bad, &mut Vec::new())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.starts_with("reset.system.source: /nonexistent-reset-source: not a directory"),
+            "{e}"
+        );
+        assert_eq!(configured_source(&raw("reset:\n  reboot: true\n")), None);
     }
 }

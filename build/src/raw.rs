@@ -79,7 +79,7 @@ pub struct RawReport {
     /// The file's size on the host filesystem (allocated blocks).
     pub file_bytes: u64,
     /// (GPT name, MiB) of each partition.
-    pub partitions: Vec<(&'static str, u64)>,
+    pub partitions: Vec<(String, u64)>,
     pub seconds: f64,
 }
 
@@ -275,7 +275,7 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
         file_bytes,
         partitions: parts
             .iter()
-            .map(|p| (p.0, (p.3 - p.2 + 1) * 512 / MIB))
+            .map(|p| (p.name.clone(), (p.last - p.first + 1) * 512 / MIB))
             .collect(),
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -40,10 +40,55 @@ pub struct Config {
     pub p2p: Option<P2p>,
     #[serde(deserialize_with = "de::opt")]
     pub upgrade: Option<Upgrade>,
+    /// `bundles:` applied on the installed system's boot, before K3s (crate::bundles).
+    #[serde(deserialize_with = "de::list")]
+    pub bundles: Vec<Bundle>,
+    /// A bundle that fails fails its install, boot or command (else a warning).
+    #[serde(deserialize_with = "de::boolean")]
+    pub fail_on_bundles_errors: bool,
     #[serde(deserialize_with = "de::opt_string")]
     pub config_url: Option<String>,
     #[serde(deserialize_with = "de::opt_string")]
     pub name: Option<String>,
+    /// A failing step, or a source skipped as malformed, fails the stage: run-stage exits 1
+    /// for it and the install, upgrade and reset hooks stop their command.
+    #[serde(deserialize_with = "de::boolean")]
+    pub strict: bool,
+    /// The agent logs debug lines (the sources read, each step's filters and modules).
+    #[serde(deserialize_with = "de::boolean")]
+    pub debug: bool,
+    /// Extra directories whose `.yaml`/`.yml` files run as stage files (yip files, no header
+    /// needed, not merged into the node's config), after the node's own.
+    #[serde(rename = "cloud-init-paths", deserialize_with = "de::strings")]
+    pub cloud_init_paths: Vec<String>,
+    /// provider-kairos' `kubevip:` (see [`Kubevip`]).
+    #[serde(deserialize_with = "de::opt")]
+    pub kubevip: Option<Kubevip>,
+}
+
+/// `kubevip:` as provider-kairos reads it: a control-plane node deploys kube-vip for the
+/// virtual address `eip` on `interface`, and K3s serves its certificate for it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Kubevip {
+    /// Unset: on when `eip` is set (upstream's rule). `enabled` is read too.
+    #[serde(alias = "enabled", deserialize_with = "de::opt_bool")]
+    pub enable: Option<bool>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub eip: Option<String>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub interface: Option<String>,
+    /// A static Pod instead of a DaemonSet.
+    #[serde(deserialize_with = "de::boolean")]
+    pub static_pod: bool,
+    /// kube-vip's image tag.
+    #[serde(deserialize_with = "de::opt_string")]
+    pub version: Option<String>,
+    /// Replaces the RBAC manifest shipped with the agent (fetched over HTTP(S)).
+    #[serde(deserialize_with = "de::opt_string")]
+    pub manifest_url: Option<String>,
+    #[serde(deserialize_with = "de::strings")]
+    pub args: Vec<String>,
 }
 
 /// `k3s:` and `k3s-agent:` (provider-kairos' fields, plus `config`: keys for
@@ -78,7 +123,9 @@ pub struct Install {
     pub reboot: bool,
     #[serde(deserialize_with = "de::boolean")]
     pub poweroff: bool,
-    pub partitions: Option<Value>,
+    /// Sizes (MiB) and filesystems of oem, recovery, state and persistent.
+    #[serde(deserialize_with = "de::opt")]
+    pub partitions: Option<Partitions>,
     #[serde(deserialize_with = "de::string_map")]
     pub grub_options: BTreeMap<String, String>,
     #[serde(deserialize_with = "de::strings")]
@@ -92,8 +139,15 @@ pub struct Install {
     pub passive: Option<Value>,
     #[serde(rename = "grub-entry-name", deserialize_with = "de::opt_string")]
     pub grub_entry_name: Option<String>,
-    #[serde(rename = "extra-partitions")]
-    pub extra_partitions: Option<Value>,
+    /// Bundles installed right after the install, into the new system's persistent paths.
+    #[serde(deserialize_with = "de::list")]
+    pub bundles: Vec<Bundle>,
+    /// Partitions created (and formatted when `fs` is set) after the Kairos ones.
+    #[serde(rename = "extra-partitions", deserialize_with = "de::list")]
+    pub extra_partitions: Vec<ExtraPartition>,
+    /// Use the disk's existing labelled partitions: no partitioning, no formatting.
+    #[serde(rename = "no-format", deserialize_with = "de::boolean")]
+    pub no_format: bool,
     /// Install over a disk that already holds a Kairos installation (a COS_STATE or
     /// COS_PERSISTENT on it); without it `install.auto` refuses such a disk.
     #[serde(deserialize_with = "de::boolean")]
@@ -102,6 +156,64 @@ pub struct Install {
     /// no such key). An explicit `install.device` path is always allowed.
     #[serde(rename = "allow-removable", deserialize_with = "de::boolean")]
     pub allow_removable: bool,
+}
+
+/// `install.partitions`: upstream's four partitions; each is optional.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Partitions {
+    #[serde(deserialize_with = "de::opt")]
+    pub oem: Option<PartitionSpec>,
+    #[serde(deserialize_with = "de::opt")]
+    pub recovery: Option<PartitionSpec>,
+    #[serde(deserialize_with = "de::opt")]
+    pub state: Option<PartitionSpec>,
+    #[serde(deserialize_with = "de::opt")]
+    pub persistent: Option<PartitionSpec>,
+}
+
+/// A partition's size in MiB (0: the rest of the disk) and filesystem.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct PartitionSpec {
+    #[serde(deserialize_with = "de::opt_u32")]
+    pub size: Option<u32>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub fs: Option<String>,
+}
+
+/// An entry of `install.extra-partitions` (upstream's examples also spell `Name`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct ExtraPartition {
+    #[serde(alias = "Name", deserialize_with = "de::opt_string")]
+    pub name: Option<String>,
+    #[serde(deserialize_with = "de::opt_u32")]
+    pub size: Option<u32>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub fs: Option<String>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub label: Option<String>,
+}
+
+/// One entry of `bundles:` / `install.bundles:` (upstream's fields). `repository` and
+/// `db_path` are luet's; here a `package://` target is an OCI image, so they are not used.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct Bundle {
+    /// `run://REF`, `container://REF` (`docker://`), `package://REF` (`luet://`).
+    #[serde(deserialize_with = "de::strings")]
+    pub targets: Vec<String>,
+    /// Where a container or package bundle's files are put (default `/`).
+    #[serde(deserialize_with = "de::opt_string")]
+    pub rootfs_path: Option<String>,
+    /// The target after the scheme is an image archive or OCI layout on this machine.
+    #[serde(deserialize_with = "de::boolean")]
+    pub local_file: bool,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub repository: Option<String>,
+    #[serde(deserialize_with = "de::opt_string")]
+    pub db_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -163,6 +275,12 @@ pub struct Upgrade {
     pub system: Option<UpgradeSource>,
     #[serde(rename = "recovery-system", deserialize_with = "de::opt")]
     pub recovery_system: Option<UpgradeSource>,
+    /// Reboot after a successful upgrade.
+    #[serde(deserialize_with = "de::boolean")]
+    pub reboot: bool,
+    /// Power off after a successful upgrade (wins over `reboot`).
+    #[serde(deserialize_with = "de::boolean")]
+    pub poweroff: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -188,6 +306,18 @@ pub struct Step {
     /// Shell condition (`/bin/sh -c`); the step runs only when it exits 0.
     #[serde(rename = "if", deserialize_with = "de::opt_string")]
     pub if_: Option<String>,
+    /// Regex over /etc/os-release's PRETTY_NAME (yip's `only_os`); the step runs on a match.
+    #[serde(deserialize_with = "de::opt_string")]
+    pub only_os: Option<String>,
+    /// Regex over /etc/os-release's VERSION_ID.
+    #[serde(deserialize_with = "de::opt_string")]
+    pub only_os_version: Option<String>,
+    /// Regex over the architecture in Go's names (amd64, arm64).
+    #[serde(deserialize_with = "de::opt_string")]
+    pub only_arch: Option<String>,
+    /// `systemd` or `openrc`, told by which one's binary the root has.
+    #[serde(deserialize_with = "de::opt_string")]
+    pub only_service_manager: Option<String>,
     #[serde(deserialize_with = "de::list")]
     pub files: Vec<File>,
     #[serde(deserialize_with = "de::list")]
