@@ -97,6 +97,8 @@ pub struct Ctx {
     pub root: PathBuf,
     /// The grubenv path as seen inside `root`.
     pub grubenv: PathBuf,
+    /// Stage commands run chrooted into `root` (the `*-chroot` stages, in a new image).
+    pub chroot: bool,
 }
 
 impl Ctx {
@@ -104,6 +106,7 @@ impl Ctx {
         Ctx {
             root: root.into(),
             grubenv: grubenv.into(),
+            chroot: false,
         }
     }
 

@@ -18,9 +18,11 @@
 //!    (`kairos_init::grubbios`); UEFI: the ESP (efi.rs, x86_64-efi modules on COS_STATE
 //!    instead of i386-pc); `after-install` runs.
 
+pub mod chroot;
 pub mod device;
 pub mod efi;
 pub mod gpt;
+pub mod plan;
 
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Seek, SeekFrom, Write};
@@ -61,18 +63,21 @@ pub enum InstallError {
     #[error("{}: in use ({uses}); refusing to install, nothing was written", device.display())]
     InUse { device: PathBuf, uses: String },
     #[error(
-        "{}: {size_mib} MiB is too small: this source needs at least {needed_mib} MiB (oem {oem} + recovery {recovery} + state {state} + persistent {persistent} MiB and the partition tables); nothing was written",
-        device.display()
+        "{}: {size_mib} MiB is too small: this source needs at least {needed_mib} MiB ({parts} and the partition tables){}; nothing was written",
+        device.display(),
+        if *configured { ", with the sizes of install.partitions / install.extra-partitions" } else { "" }
     )]
     TooSmall {
         device: PathBuf,
         size_mib: u64,
         needed_mib: u64,
-        oem: u64,
-        recovery: u64,
-        state: u64,
-        persistent: u64,
+        /// `oem 64 + recovery 300 + …` MiB.
+        parts: String,
+        /// The cloud-config changed the layout.
+        configured: bool,
     },
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
     #[error(
         "no GRUB for UEFI: {}/kernel.img is neither on this system nor in the source (grub-efi-amd64-bin); nothing was written to {}",
         efi::GRUB_X86_64_EFI,
@@ -138,16 +143,73 @@ pub struct Options {
     pub allow_removable: bool,
 }
 
-/// Partition sizes in MiB (0 for persistent: the rest of the disk).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Partition sizes in MiB and filesystems: SPEC §1's, or the cloud-config's
+/// ([`Sizes::configured`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sizes {
     /// The partitions in front of COS_OEM: bios (1 MiB), efi (64 MiB) or both.
     pub boot: u64,
     pub oem: u64,
     pub recovery: u64,
     pub state: u64,
-    /// The least the rest of the disk must leave for COS_PERSISTENT.
+    /// COS_PERSISTENT's size; 0: the rest of the disk.
+    pub persistent: u64,
+    /// The least the rest of the disk must leave for COS_PERSISTENT when it takes the rest.
     pub persistent_min: u64,
+    pub fs: plan::KairosFs,
+    /// `install.extra-partitions`, after persistent.
+    pub extras: Vec<plan::Extra>,
+    /// The cloud-config changed the layout.
+    pub configured: bool,
+}
+
+impl Sizes {
+    /// These sizes with `install.partitions` and `install.extra-partitions` of `install`
+    /// applied, checked against what an image of `image` bytes needs.
+    pub fn configured(
+        mut self,
+        install: &config::Install,
+        image: u64,
+    ) -> Result<Sizes, InstallError> {
+        let img = image.div_ceil(MIB);
+        // recovery.squashfs is at most as large as the image; state holds active, passive
+        // and an upgrade's transition image, and GRUB's files.
+        let c = plan::configure(install, img + 16, 3 * img + 64)?;
+        if c.is_default() {
+            return Ok(self);
+        }
+        self.oem = c.oem.unwrap_or(self.oem);
+        self.recovery = c.recovery.unwrap_or(self.recovery);
+        self.state = c.state.unwrap_or(self.state);
+        self.persistent = c.persistent.unwrap_or(0);
+        self.fs = c.fs;
+        self.extras = c.extras;
+        self.configured = true;
+        Ok(self)
+    }
+
+    /// `oem 64 + recovery 300 + … MiB`, for errors.
+    pub fn describe(&self) -> String {
+        let mut v = vec![
+            format!("oem {}", self.oem),
+            format!("recovery {}", self.recovery),
+            format!("state {}", self.state),
+        ];
+        v.push(match self.persistent {
+            0 => format!("persistent at least {}", self.persistent_min),
+            n => format!("persistent {n}"),
+        });
+        for e in &self.extras {
+            v.push(match e.size {
+                0 => format!("{} at least 1", e.name),
+                n => format!("{} {n}", e.name),
+            });
+        }
+        if self.boot > 0 {
+            v.insert(0, format!("boot {}", self.boot));
+        }
+        format!("{} MiB", v.join(" + "))
+    }
 }
 
 /// SPEC §1's sizes for a system image of `image` bytes (the recovery squashfs is at most as
@@ -160,50 +222,109 @@ pub fn sizes(image: u64, firmware: efi::Firmware) -> Sizes {
         oem: 64,
         recovery: 2 * img + 200,
         state: 3 * img + 1000,
+        persistent: 0,
         persistent_min: 64,
+        fs: plan::KairosFs::default(),
+        extras: Vec::new(),
+        configured: false,
     }
 }
 
 /// MiB a disk needs for `s`: the partitions, 1 MiB in front (MBR, GPT, alignment) and 1 behind
 /// (backup GPT).
 pub fn needed_mib(s: &Sizes) -> u64 {
-    s.boot + s.oem + s.recovery + s.state + s.persistent_min + 2
+    let persistent = match s.persistent {
+        0 => s.persistent_min,
+        n => n,
+    };
+    let extras: u64 = s.extras.iter().map(|e| e.size.max(1)).sum();
+    s.boot + s.oem + s.recovery + s.state + persistent + extras + 2
 }
 
-/// One partition of the layout: (GPT name, filesystem label, first sector, last sector).
-pub type Part = (&'static str, &'static str, u64, u64);
+/// One partition of the layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// The GPT partition name.
+    pub name: String,
+    /// The filesystem label ("" for none).
+    pub label: String,
+    /// The filesystem [`make_filesystems`] makes; None for the boot partitions (the ESP is
+    /// efi.rs's) and an extra partition without `fs`.
+    pub fs: Option<plan::Fs>,
+    pub first: u64,
+    pub last: u64,
+}
 
 /// The partitions for a disk of `size` bytes: the boot partitions `firmware` (resolved)
-/// needs, then oem, recovery, state and persistent (the rest). None when it is too small.
+/// needs, then oem, recovery, state, persistent and the extra partitions; the one of size 0
+/// (persistent unless configured otherwise) takes the rest. None when it is too small.
 pub fn layout(size: u64, s: &Sizes, firmware: efi::Firmware) -> Option<Vec<Part>> {
     if size / MIB < needed_mib(s) {
         return None;
     }
-    let sectors = size / gpt::SECTOR;
+    let per_mib = MIB / gpt::SECTOR;
+    let last_usable = gpt::last_usable(size / gpt::SECTOR);
+    // (name, label, fs, MiB; 0: the rest)
+    let mut want: Vec<(String, String, Option<plan::Fs>, u64)> = firmware
+        .boot_partitions()
+        .iter()
+        .map(|&(n, l, mib)| (n.to_string(), l.to_string(), None, mib))
+        .collect();
+    for (n, l, fs, mib) in [
+        ("oem", labels::OEM, s.fs.oem, s.oem),
+        ("recovery", labels::RECOVERY, s.fs.recovery, s.recovery),
+        ("state", labels::STATE, s.fs.state, s.state),
+        (
+            "persistent",
+            labels::PERSISTENT,
+            s.fs.persistent,
+            s.persistent,
+        ),
+    ] {
+        want.push((n.into(), l.into(), Some(fs), mib));
+    }
+    for e in &s.extras {
+        want.push((
+            e.name.clone(),
+            e.label.clone().unwrap_or_default(),
+            e.fs,
+            e.size,
+        ));
+    }
+    let fixed: u64 = want.iter().map(|w| w.3 * per_mib).sum();
+    let rest = (last_usable + 1).checked_sub(gpt::ALIGN + fixed)?;
+    let count = want.len();
     let mut at = gpt::ALIGN;
-    let mut out = Vec::new();
-    let fixed = firmware.boot_partitions().iter().copied().chain([
-        ("oem", labels::OEM, s.oem),
-        ("recovery", labels::RECOVERY, s.recovery),
-        ("state", labels::STATE, s.state),
-    ]);
-    for (name, label, mib) in fixed {
-        let n = mib * MIB / gpt::SECTOR;
-        out.push((name, label, at, at + n - 1));
+    let mut out = Vec::with_capacity(count);
+    for (i, (name, label, fs, mib)) in want.into_iter().enumerate() {
+        let n = match mib {
+            // The last partition ends at the backup GPT; one in the middle keeps the next
+            // aligned.
+            0 if i + 1 == count => last_usable + 1 - at,
+            0 => rest / per_mib * per_mib,
+            m => m * per_mib,
+        };
+        if n == 0 || at + n - 1 > last_usable {
+            return None;
+        }
+        out.push(Part {
+            name,
+            label,
+            fs,
+            first: at,
+            last: at + n - 1,
+        });
         at += n;
     }
-    out.push((
-        "persistent",
-        labels::PERSISTENT,
-        at,
-        gpt::last_usable(sectors),
-    ));
     Some(out)
 }
 
 /// The 1-based number of the partition named `name` in `parts`.
 pub fn part_number(parts: &[Part], name: &str) -> Option<u32> {
-    (1..).zip(parts).find(|(_, p)| p.0 == name).map(|(n, _)| n)
+    (1..)
+        .zip(parts)
+        .find(|(_, p)| p.name == name)
+        .map(|(n, _)| n)
 }
 
 /// The GRUB prefix baked into core.img: COS_STATE's grub2 directory on the disk the BIOS
@@ -275,11 +396,21 @@ impl Progress {
     }
 }
 
-/// ext4 on a partition, labelled, without the features GRUB 2.06 cannot read (an older
-/// mke2fs that does not know their names is retried without them). `-T default`: 4 KiB
-/// blocks even on a small partition (mke2fs would pick 1 KiB below 512 MiB), because a
-/// built disk's 64 MiB COS_PERSISTENT is grown to the device's size on first boot.
-fn mkfs_partition(dev: &Path, label: &str) -> Result<(), InstallError> {
+/// `fs` on a partition, labelled unless `label` is empty. ext2/3/4 without the features
+/// GRUB 2.06 cannot read (an older mke2fs that does not know their names is retried without
+/// them); `-T default`: 4 KiB blocks even on a small partition (mke2fs would pick 1 KiB below
+/// 512 MiB), because a built disk's 64 MiB COS_PERSISTENT is grown to the device's size on
+/// first boot.
+fn mkfs_partition(dev: &Path, label: &str, fs: plan::Fs) -> Result<(), InstallError> {
+    if fs == plan::Fs::Xfs {
+        let mut c = Command::new("mkfs.xfs");
+        c.args(["-q", "-f"]);
+        if !label.is_empty() {
+            c.args(["-L", label]);
+        }
+        run_tool(c.arg(dev))?;
+        return Ok(());
+    }
     let off = |features: &[&str]| {
         features
             .iter()
@@ -289,7 +420,10 @@ fn mkfs_partition(dev: &Path, label: &str) -> Result<(), InstallError> {
     };
     let attempt = |off: Option<String>| {
         let mut c = Command::new("mkfs.ext4");
-        c.args(["-q", "-F", "-T", "default", "-L", label]);
+        c.args(["-q", "-F", "-t", fs.name(), "-T", "default"]);
+        if !label.is_empty() {
+            c.args(["-L", label]);
+        }
         if let Some(o) = off {
             c.arg("-O").arg(o);
         }
@@ -477,8 +611,8 @@ fn unpack_oci(
     Ok(staging)
 }
 
-fn run_hook(ctx: &Ctx, loaded: &config::Loaded, stage: &str, log: &mut dyn Write) {
-    let report = stages::run(ctx, stage, &loaded.sources, log);
+fn run_hook(ctx: &Ctx, sources: &[config::Source], stage: &str, log: &mut dyn Write) {
+    let report = stages::run(ctx, stage, sources, log);
     if !report.ok() {
         let _ = writeln!(
             log,
@@ -557,17 +691,17 @@ fn write_gpt(
     let sectors = disk.size / gpt::SECTOR;
     let gparts: Vec<gpt::Partition> = parts
         .iter()
-        .map(|&(name, _, first, last)| gpt::Partition {
-            name: name.into(),
-            type_guid: match name {
+        .map(|p| gpt::Partition {
+            name: p.name.clone(),
+            type_guid: match p.name.as_str() {
                 "bios" => gpt::BIOS_BOOT,
                 "efi" => gpt::EFI_SYSTEM,
                 _ => gpt::LINUX_FS,
             }
             .into(),
             guid: gpt::guid_from_random(random16(ctx)),
-            first_lba: first,
-            last_lba: last,
+            first_lba: p.first,
+            last_lba: p.last,
         })
         .collect();
     let g = gpt::build(sectors, gpt::guid_from_random(random16(ctx)), &gparts).map_err(|e| {
@@ -759,7 +893,13 @@ pub fn write_partitions(
     write_gpt(ctx, &mut f, disk, parts)?;
     let add: Vec<(u32, u64, u64)> = (1..)
         .zip(parts)
-        .map(|(n, &(_, _, first, last))| (n, first * gpt::SECTOR, (last - first + 1) * gpt::SECTOR))
+        .map(|(n, p)| {
+            (
+                n,
+                p.first * gpt::SECTOR,
+                (p.last - p.first + 1) * gpt::SECTOR,
+            )
+        })
         .collect();
     if device::publish(ctx, &f, disk, &add)? {
         writeln!(
@@ -785,27 +925,42 @@ pub struct Targets {
     pub persistent: PathBuf,
 }
 
-/// Phase: ext4 on oem, recovery, state and persistent (the partitions after the boot ones),
-/// each mounted at `base/<GPT name>`.
+/// Phase: the filesystems: oem, recovery, state and persistent (ext4 unless
+/// `install.partitions` says otherwise), each mounted at `base/<GPT name>`, and the extra
+/// partitions that have an `fs` (not mounted).
 pub fn make_filesystems(
     parts: &[Part],
     nodes: &[PathBuf],
     base: &Path,
 ) -> Result<Targets, InstallError> {
+    for (i, p) in parts.iter().enumerate() {
+        let Some(fs) = p.fs else { continue };
+        let node = nodes
+            .get(i)
+            .ok_or_else(|| InstallError::Other(format!("no device node for {}", p.name)))?;
+        mkfs_partition(node, &p.label, fs)?;
+    }
+    mount_targets(parts, nodes, base)
+}
+
+/// Mounts oem, recovery, state and persistent of `parts` (made already) read-write at
+/// `base/<GPT name>`.
+fn mount_targets(parts: &[Part], nodes: &[PathBuf], base: &Path) -> Result<Targets, InstallError> {
     let mut mounts = Mounts(Vec::new());
     let mut dir_of = |want: &str| -> Result<PathBuf, InstallError> {
         let i = parts
             .iter()
-            .position(|p| p.0 == want)
+            .position(|p| p.name == want)
             .ok_or_else(|| InstallError::Other(format!("the layout has no {want} partition")))?;
-        let (name, label, _, _) = parts[i];
+        let p = &parts[i];
         let node = nodes
             .get(i)
-            .ok_or_else(|| InstallError::Other(format!("no device node for {name}")))?;
-        mkfs_partition(node, label)?;
-        let point = base.join(name);
+            .ok_or_else(|| InstallError::Other(format!("no device node for {want}")))?;
+        let point = base.join(want);
         std::fs::create_dir_all(&point).at(&point, "creating")?;
-        kairos_init::sys::mount::device(node, &point, "ext4", false)
+        let fstype =
+            p.fs.map_or("ext4", |f| if f == plan::Fs::Xfs { "xfs" } else { "ext4" });
+        kairos_init::sys::mount::device(node, &point, fstype, false)
             .map_err(|e| InstallError::Other(format!("{}: {e}", node.display())))?;
         mounts.0.push(point.clone());
         Ok(point)
@@ -831,6 +986,18 @@ pub fn deploy_images(
     t: &Targets,
     p: &mut Progress,
     log: &mut dyn Write,
+) -> Result<u64, InstallError> {
+    deploy_images_with(src, t, p, log, &mut |_, _| Ok(()))
+}
+
+/// [`deploy_images`], calling `active_built` with active.img (built, before passive.img is
+/// copied from it): the `after-install-chroot` stage.
+pub fn deploy_images_with(
+    src: &mut SourceImage,
+    t: &Targets,
+    p: &mut Progress,
+    log: &mut dyn Write,
+    active_built: &mut dyn FnMut(&Path, &mut dyn Write) -> Result<(), InstallError>,
 ) -> Result<u64, InstallError> {
     let state_cos = t.state.join("cOS");
     let rec_cos = t.recovery.join("cOS");
@@ -868,6 +1035,7 @@ pub fn deploy_images(
             )?;
         }
     }
+    active_built(&active, log)?;
     p.step("copying passive.img", log);
     let passive = state_cos.join("passive.img");
     std::fs::copy(&active, &passive).at(&passive, "copying active.img to")?;
@@ -997,7 +1165,7 @@ pub fn write_boot_code(
         let boot_img = d.join("boot.img");
         let code = std::fs::read(&boot_img).at(&boot_img, "reading")?;
         let core = make_core(d, &grub_prefix(parts), &t.state)?;
-        grubbios::install(&mut f, &disk.path, parts[n as usize - 1].2, &code, core)?;
+        grubbios::install(&mut f, &disk.path, parts[n as usize - 1].first, &code, core)?;
     }
     f.sync_all().at(&disk.path, "fsync")?;
     Ok(())
@@ -1013,6 +1181,25 @@ pub fn finish(t: Targets, disk: &device::Disk) -> Result<(), InstallError> {
     Ok(())
 }
 
+/// `oem 64 MiB (ext4), …, persistent 2000 MiB (ext4), data 100 MiB (xfs, DATA)`: the
+/// layout for the log.
+pub fn describe_layout(parts: &[Part]) -> String {
+    parts
+        .iter()
+        .filter(|p| !matches!(p.name.as_str(), "bios" | "efi"))
+        .map(|p| {
+            let mib = (p.last - p.first + 1) * gpt::SECTOR / MIB;
+            let fs = p.fs.map_or("not formatted", |f| f.name());
+            if p.label.is_empty() || p.label.starts_with("COS_") {
+                format!("{} {mib} MiB ({fs})", p.name)
+            } else {
+                format!("{} {mib} MiB ({fs}, {})", p.name, p.label)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// What the checks found: the disk, the resolved source, the boot code and the layout.
 struct Checked {
     disk: device::Disk,
@@ -1021,7 +1208,78 @@ struct Checked {
     sizes: Sizes,
     parts: Vec<Part>,
     boot: BootCode,
+    /// COS_OEM:/grubenv with `install.grub_options`.
+    grubenv: GrubEnv,
+    /// COS_OEM:/100_user_custom_mounts.yaml, for `install.bind_mounts` / `ephemeral_mounts`.
+    custom_mounts: Option<String>,
 }
+
+/// COS_OEM:/grubenv of a new install: boot assessment's tries, and `install.grub_options`
+/// as upstream writes them (`extra_cmdline`, `extra_active_cmdline`, `extra_passive_cmdline`,
+/// `extra_recovery_cmdline`, `default_menu_entry`, … which grub.cfg reads). Boot assessment's
+/// own variables are refused, as are values a grubenv cannot hold.
+pub fn install_grubenv(
+    options: &std::collections::BTreeMap<String, String>,
+) -> Result<GrubEnv, InstallError> {
+    let mut env = GrubEnv::default();
+    env.set(var::MAX_TRIES, &DEFAULT_MAX_TRIES.to_string())
+        .map_err(UpgradeError::from)?;
+    for (k, v) in options {
+        let key = format!("install.grub_options.{k}");
+        let bad = |what: String| plan::PlanError {
+            key: key.clone(),
+            what,
+        };
+        if k.starts_with("kairos_") || k == var::TENTATIVE {
+            return Err(bad("boot assessment's own variable; not settable".into()).into());
+        }
+        if v.contains('\n') {
+            return Err(bad("a grubenv value cannot hold a line break".into()).into());
+        }
+        env.set(k, v).map_err(|e| bad(e.to_string()))?;
+    }
+    // The grubenv is one 1024-byte block.
+    env.to_block(Path::new("COS_OEM:/grubenv"))
+        .map_err(|e| plan::PlanError {
+            key: "install.grub_options".into(),
+            what: e.to_string(),
+        })?;
+    Ok(env)
+}
+
+/// The file upstream writes for `install.bind_mounts` and `install.ephemeral_mounts`
+/// (COS_OEM:/100_user_custom_mounts.yaml): a `rootfs` step writing them to
+/// /run/cos/custom-layout.env as CUSTOM_BIND_MOUNTS / CUSTOM_EPHEMERAL_MOUNTS, which
+/// kairos-init reads. None when both are empty. Paths must be absolute, without spaces (the
+/// lists are space-separated).
+pub fn custom_mounts_config(install: &config::Install) -> Result<Option<String>, InstallError> {
+    if install.bind_mounts.is_empty() && install.ephemeral_mounts.is_empty() {
+        return Ok(None);
+    }
+    let list = |key: &str, paths: &[String]| -> Result<String, InstallError> {
+        for (i, p) in paths.iter().enumerate() {
+            if !p.starts_with('/')
+                || p.chars()
+                    .any(|c| c.is_whitespace() || c == '"' || c == '\\')
+            {
+                return Err(plan::PlanError {
+                    key: format!("install.{key}[{i}]"),
+                    what: format!("{p:?}: an absolute path without spaces or quotes"),
+                }
+                .into());
+            }
+        }
+        Ok(paths.join(" "))
+    };
+    let bind = list("bind_mounts", &install.bind_mounts)?;
+    let ephemeral = list("ephemeral_mounts", &install.ephemeral_mounts)?;
+    Ok(Some(format!(
+        "#cloud-config\n# Written by kairos-agent install from install.bind_mounts and install.ephemeral_mounts.\nstages:\n  rootfs:\n    - name: user_custom_mounts\n      environment_file: /run/cos/custom-layout.env\n      environment:\n        CUSTOM_BIND_MOUNTS: \"{bind}\"\n        CUSTOM_EPHEMERAL_MOUNTS: \"{ephemeral}\"\n"
+    )))
+}
+
+/// Its name on COS_OEM (upstream's).
+pub const CUSTOM_MOUNTS_NAME: &str = "100_user_custom_mounts.yaml";
 
 /// Phase 1, which writes nothing: `dev` is a whole disk nothing uses, the `--config` file
 /// exists, the source resolves, the disk holds the layout it needs and GRUB is there for the
@@ -1058,15 +1316,13 @@ fn check(
     }
     let booted_efi = ctx.path("/sys/firmware/efi").exists();
     let firmware = opts.firmware.resolve(booted_efi);
-    let s = sizes(src.image_size, firmware);
+    let s = sizes(src.image_size, firmware).configured(configured, src.image_size)?;
     let parts = layout(disk.size, &s, firmware).ok_or_else(|| InstallError::TooSmall {
         device: disk.path.clone(),
         size_mib: disk.size / MIB,
         needed_mib: needed_mib(&s),
-        oem: s.oem,
-        recovery: s.recovery,
-        state: s.state,
-        persistent: s.persistent_min,
+        parts: s.describe(),
+        configured: s.configured,
     })?;
     match firmware {
         efi::Firmware::Efi => writeln!(
@@ -1087,15 +1343,15 @@ fn check(
         _ => writeln!(log, "install: firmware: BIOS").map_err(InstallError::Output)?,
     }
     let boot = find_boot_code(ctx, firmware, opts.grub_dir.as_deref(), &src, &disk.path)?;
+    let grubenv = install_grubenv(&configured.grub_options)?;
+    let custom_mounts = custom_mounts_config(configured)?;
     p.note(
         &format!(
-            "{}: {} MiB; image {} MiB; oem {} MiB, recovery {} MiB, state {} MiB, persistent the rest",
+            "{}: {} MiB; image {} MiB; {}",
             disk.path.display(),
             disk.size / MIB,
             src.image_size.div_ceil(MIB),
-            s.oem,
-            s.recovery,
-            s.state
+            describe_layout(&parts)
         ),
         log,
     );
@@ -1106,6 +1362,8 @@ fn check(
         sizes: s,
         parts,
         boot,
+        grubenv,
+        custom_mounts,
     })
 }
 
@@ -1121,7 +1379,7 @@ pub fn install(
     let _system = crate::lock::system(ctx, "install").map_err(UpgradeError::from)?;
     let loaded = crate::sources::load(ctx, &LoadOptions::default());
     stages::report_load(&loaded, log).map_err(InstallError::Output)?;
-    let configured = loaded.merged.install.clone().unwrap_or_default();
+    let (configured, sources) = install_config(ctx, opts, &loaded)?;
     let dev = match &opts.device {
         Some(d) => d.clone(),
         None => configured
@@ -1149,10 +1407,12 @@ pub fn install(
         sizes: s,
         parts,
         boot,
+        grubenv,
+        custom_mounts,
     } = check(ctx, opts, &configured, &dev, &mut p, log)?;
 
     // 2.
-    run_hook(ctx, &loaded, "before-install", log);
+    run_hook(ctx, &sources, "before-install", log);
 
     // 3. The partition table.
     p.step("writing the partition table", log);
@@ -1162,8 +1422,21 @@ pub fn install(
     p.step("making the filesystems", log);
     let targets = make_filesystems(&parts, &nodes, &ctx.path(MOUNT_BASE))?;
 
-    // 5. The images.
-    let size = deploy_images(&mut src, &targets, &mut p, log)?;
+    // 5. The images; after-install-chroot in active.img before passive.img is its copy.
+    let chroot_point = ctx.path("/run/kairos/install-chroot");
+    let size = deploy_images_with(&mut src, &targets, &mut p, log, &mut |img, log| {
+        if let Some(r) =
+            chroot::run_in_image(img, &chroot_point, "after-install-chroot", &sources, log)?
+            && !r.ok()
+        {
+            let _ = writeln!(
+                log,
+                "kairos-agent: warning: stage after-install-chroot: {} step(s) failed; the install goes on",
+                r.failures.len()
+            );
+        }
+        Ok(())
+    })?;
 
     // 6. GRUB's files, the environment, the config, the history.
     p.step("installing GRUB", log);
@@ -1178,6 +1451,7 @@ pub fn install(
         size,
     );
     write_boot_files(&targets, &boot, opts.config.as_deref(), &line)?;
+    write_oem_extras(&targets, &grubenv, custom_mounts.as_deref())?;
 
     // 7. Boot code (BIOS: boot.img and core.img; UEFI: the ESP), then everything to disk.
     write_boot_code(&disk, &parts, &nodes, &boot, &targets)?;
@@ -1185,7 +1459,7 @@ pub fn install(
     drop(src);
     finish(targets, &disk)?;
     drop(p);
-    run_hook(ctx, &loaded, "after-install", log);
+    run_hook(ctx, &sources, "after-install", log);
     writeln!(
         out,
         "kairos-agent: installed {} to {} ({} MiB: {}, oem, recovery, state {} MiB, persistent)",
@@ -1195,13 +1469,66 @@ pub fn install(
         parts
             .iter()
             .take(firmware.boot_partitions().len())
-            .map(|p| p.0)
+            .map(|p| p.name.as_str())
             .collect::<Vec<_>>()
             .join(", "),
         s.state
     )
     .map_err(InstallError::Output)?;
     Ok(Outcome::Done)
+}
+
+/// The install block and the stages of an install: the `--config` file's (its install keys,
+/// with this node's `install.device` and `install.source` when it names none) when given,
+/// else this node's. The stages: this node's sources, then the `--config` file (unless it is
+/// install.auto's copy of this node's merged config).
+fn install_config(
+    ctx: &Ctx,
+    opts: &Options,
+    loaded: &config::Loaded,
+) -> Result<(config::Install, Vec<config::Source>), InstallError> {
+    let node = loaded.merged.install.clone().unwrap_or_default();
+    let mut sources = loaded.sources.clone();
+    let Some(c) = opts.config.as_deref().filter(|c| c.is_file()) else {
+        return Ok((node, sources));
+    };
+    let text = std::fs::read_to_string(c).at(c, "reading the --config file")?;
+    let origin = c.display().to_string();
+    let Some(given) =
+        config::parse(&origin, &text, false).map_err(|e| InstallError::Other(e.to_string()))?
+    else {
+        return Ok((node, sources));
+    };
+    let mut install = given.config.install.clone().unwrap_or_else(|| node.clone());
+    if install.device.is_none() {
+        install.device = node.device.clone();
+    }
+    if install.source.is_none() {
+        install.source = node.source.clone();
+    }
+    if c != ctx.path(AUTO_CONFIG) {
+        sources.push(given);
+    }
+    Ok((install, sources))
+}
+
+/// install.auto's copy of the merged cloud-config, installed as COS_OEM:/90_custom.yaml.
+const AUTO_CONFIG: &str = "/run/kairos/auto-install.yaml";
+
+/// Phase: COS_OEM:/grubenv with `install.grub_options`, and the custom mounts file.
+pub fn write_oem_extras(
+    t: &Targets,
+    grubenv: &GrubEnv,
+    custom_mounts: Option<&str>,
+) -> Result<(), InstallError> {
+    grubenv::write(&t.oem.join("grubenv"), grubenv).map_err(UpgradeError::from)?;
+    if let Some(text) = custom_mounts {
+        let to = t.oem.join(CUSTOM_MOUNTS_NAME);
+        write_private(&to, text.as_bytes()).at(&to, "writing")?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o400))
+            .at(&to, "setting the mode of")?;
+    }
+    Ok(())
 }
 
 /// `install.auto: true` on a live boot (upstream installs from live media only, so an
@@ -1232,7 +1559,7 @@ pub fn auto_install(
     };
     let r = (|| {
         let target = auto_target(ctx, wanted, log)?;
-        let conf = ctx.path("/run/kairos/auto-install.yaml");
+        let conf = ctx.path(AUTO_CONFIG);
         let text = cloud_config_text(&loaded.raw)
             .map_err(|e| InstallError::Other(format!("serializing the cloud-config: {e}")))?;
         write_private(&conf, text.as_bytes()).at(&conf, "writing")?;
@@ -1568,7 +1895,11 @@ mod tests {
                 oem: 64,
                 recovery: 2 * 101 + 200,
                 state: 3 * 101 + 1000,
-                persistent_min: 64
+                persistent: 0,
+                persistent_min: 64,
+                fs: plan::KairosFs::default(),
+                extras: Vec::new(),
+                configured: false,
             }
         );
         assert_eq!(needed_mib(&s), 1 + 64 + 402 + 1303 + 64 + 2);
@@ -1582,26 +1913,26 @@ mod tests {
         assert!(layout((need - 1) * MIB, &s, bios).is_none());
         let size = 4096 * MIB;
         let l = layout(size, &s, bios).unwrap();
-        let names: Vec<&str> = l.iter().map(|p| p.0).collect();
+        let names: Vec<&str> = l.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["bios", "oem", "recovery", "state", "persistent"]);
-        assert_eq!((l[0].2, l[0].3), (2048, 4095));
+        assert_eq!((l[0].first, l[0].last), (2048, 4095));
         for w in l.windows(2) {
-            assert_eq!(w[0].3 + 1, w[1].2);
-            assert_eq!(w[1].2 % 2048, 0);
+            assert_eq!(w[0].last + 1, w[1].first);
+            assert_eq!(w[1].first % 2048, 0);
         }
-        assert_eq!(l[3].3 - l[3].2 + 1, s.state * 2048);
-        assert_eq!(l[4].3, size / 512 - 34);
+        assert_eq!(l[3].last - l[3].first + 1, s.state * 2048);
+        assert_eq!(l[4].last, size / 512 - 34);
         // Exactly the minimum fits, and the GPT accepts it.
         let l = layout(need * MIB, &s, bios).unwrap();
-        assert!(l[4].3 - l[4].2 + 1 >= s.persistent_min * 2048);
+        assert!(l[4].last - l[4].first + 1 >= s.persistent_min * 2048);
         let parts: Vec<gpt::Partition> = l
             .iter()
             .map(|p| gpt::Partition {
-                name: p.0.into(),
+                name: p.name.clone(),
                 type_guid: gpt::LINUX_FS.into(),
                 guid: [1; 16],
-                first_lba: p.2,
-                last_lba: p.3,
+                first_lba: p.first,
+                last_lba: p.last,
             })
             .collect();
         gpt::build(need * MIB / 512, [2; 16], &parts).unwrap();
@@ -1616,13 +1947,13 @@ mod tests {
         );
         let size = 4096 * MIB;
         let l = layout(size, &s, efi::Firmware::Efi).unwrap();
-        let names: Vec<&str> = l.iter().map(|p| p.0).collect();
+        let names: Vec<&str> = l.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["efi", "oem", "recovery", "state", "persistent"]);
-        assert_eq!(l[0].1, "COS_GRUB");
-        assert_eq!((l[0].2, l[0].3), (2048, 2048 + 64 * 2048 - 1));
-        assert_eq!(l[3].1, labels::STATE);
+        assert_eq!(l[0].label, "COS_GRUB");
+        assert_eq!((l[0].first, l[0].last), (2048, 2048 + 64 * 2048 - 1));
+        assert_eq!(l[3].label, labels::STATE);
         for w in l.windows(2) {
-            assert_eq!(w[0].3 + 1, w[1].2);
+            assert_eq!(w[0].last + 1, w[1].first);
         }
         assert!(layout((needed_mib(&s) - 1) * MIB, &s, efi::Firmware::Efi).is_none());
     }
@@ -1633,13 +1964,13 @@ mod tests {
         let s = sizes(50 * MIB, fw);
         assert_eq!(s.boot, 65);
         let l = layout(4096 * MIB, &s, fw).unwrap();
-        let names: Vec<&str> = l.iter().map(|p| p.0).collect();
+        let names: Vec<&str> = l.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(
             names,
             ["bios", "efi", "oem", "recovery", "state", "persistent"]
         );
-        assert_eq!((l[0].2, l[0].3), (2048, 4095));
-        assert_eq!((l[1].2, l[1].3), (4096, 4096 + 64 * 2048 - 1));
+        assert_eq!((l[0].first, l[0].last), (2048, 4095));
+        assert_eq!((l[1].first, l[1].last), (4096, 4096 + 64 * 2048 - 1));
         assert_eq!(part_number(&l, "state"), Some(5));
         assert_eq!(grub_prefix(&l), "(hd0,gpt5)/grub2");
         let bios = layout(
@@ -1650,6 +1981,196 @@ mod tests {
         .unwrap();
         assert_eq!(grub_prefix(&bios), "(hd0,gpt4)/grub2");
         assert!(layout((needed_mib(&s) - 1) * MIB, &s, fw).is_none());
+    }
+
+    fn install_block(yaml: &str) -> config::Install {
+        let text: String = yaml.lines().map(|l| format!("  {l}\n")).collect();
+        config::parse("t.yaml", &format!("install:\n{text}"), false)
+            .expect("parses")
+            .expect("config")
+            .config
+            .install
+            .expect("install")
+    }
+
+    #[test]
+    fn install_grub_options_go_to_the_oem_grubenv_that_grub_cfg_reads() {
+        let i = install_block(
+            "grub_options:\n  extra_cmdline: console=ttyS1 kt.a=1\n  extra_active_cmdline: kt.active=1\n  extra_passive_cmdline: kt.passive=1\n  extra_recovery_cmdline: kt.rec=1\n  default_menu_entry: My OS\n",
+        );
+        let env = install_grubenv(&i.grub_options).expect("env");
+        assert_eq!(env.get(var::MAX_TRIES), Some("3"));
+        assert_eq!(env.get("extra_cmdline"), Some("console=ttyS1 kt.a=1"));
+        assert_eq!(env.get("default_menu_entry"), Some("My OS"));
+        // Every variable upstream documents is one grub.cfg uses.
+        let cfg = grub_cfg(&GrubCfgOptions::default());
+        for (k, _) in env.iter().filter(|(k, _)| *k != var::MAX_TRIES) {
+            assert!(
+                cfg.contains(&format!("${{{k}}}")),
+                "grub.cfg does not read {k}"
+            );
+        }
+        // Written where grub.cfg loads it from: COS_OEM:/grubenv.
+        let t = tempfile::tempdir().expect("tempdir");
+        let targets = Targets {
+            _mounts: Mounts(Vec::new()),
+            oem: t.path().to_path_buf(),
+            recovery: t.path().join("r"),
+            state: t.path().join("s"),
+            persistent: t.path().join("p"),
+        };
+        write_oem_extras(&targets, &env, None).expect("write");
+        let back = grubenv::read(&t.path().join("grubenv")).expect("read");
+        assert_eq!(back.get("extra_active_cmdline"), Some("kt.active=1"));
+        assert!(cfg.contains("(${oem})/grubenv"));
+        // Boot assessment's own variables and values a grubenv cannot hold are refused.
+        for (yaml, key) in [
+            (
+                "grub_options:\n  kairos_tries_cos: 0\n",
+                "install.grub_options.kairos_tries_cos",
+            ),
+            (
+                "grub_options:\n  bad name: x\n",
+                "install.grub_options.bad name",
+            ),
+            (
+                "grub_options:\n  extra_cmdline: \"a\\nb\"\n",
+                "install.grub_options.extra_cmdline",
+            ),
+        ] {
+            let e = install_grubenv(&install_block(yaml).grub_options)
+                .expect_err(yaml)
+                .to_string();
+            assert!(e.starts_with(&format!("{key}: ")), "{e}");
+        }
+        let big = format!("grub_options:\n  extra_cmdline: {}\n", "x".repeat(1100));
+        let e = install_grubenv(&install_block(&big).grub_options)
+            .expect_err("too big")
+            .to_string();
+        assert!(e.starts_with("install.grub_options: "), "{e}");
+    }
+
+    #[test]
+    fn install_bind_and_ephemeral_mounts_reach_the_layout_kairos_init_reads() {
+        let i = install_block(
+            "bind_mounts:\n  - /var/lib/data\n  - /opt/app\nephemeral_mounts: [/var/cache/tmp]\n",
+        );
+        let text = custom_mounts_config(&i).expect("ok").expect("a file");
+        // The file on COS_OEM is a cloud-config whose rootfs step writes the layout file.
+        let t = crate::testutil::Tree::new();
+        let src = config::parse(CUSTOM_MOUNTS_NAME, &text, true)
+            .expect("parses")
+            .expect("has the header");
+        let report = stages::run(&t.ctx, "rootfs", &[src], &mut Vec::new());
+        assert!(report.ok() && report.ran == 1, "{report:?}");
+        let env_path = t.ctx.path("/run/cos/custom-layout.env");
+        let vars = kairos_init::layout::read_env(&env_path).expect("layout file");
+        let (layout, warnings) = kairos_init::layout::Layout::apply(
+            kairos_init::layout::Layout::kairos_default(),
+            &[(env_path, vars)],
+        );
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(layout.custom_bind_mounts, ["/var/lib/data", "/opt/app"]);
+        assert_eq!(layout.custom_ephemeral_mounts, ["/var/cache/tmp"]);
+        assert_eq!(
+            custom_mounts_config(&config::Install::default()).expect("ok"),
+            None
+        );
+        let e = custom_mounts_config(&install_block("bind_mounts: [relative/path]\n"))
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.starts_with("install.bind_mounts[0]: \"relative/path\""),
+            "{e}"
+        );
+        let e = custom_mounts_config(&install_block("ephemeral_mounts: [/ok, \"/a b\"]\n"))
+            .expect_err("refused")
+            .to_string();
+        assert!(e.starts_with("install.ephemeral_mounts[1]"), "{e}");
+    }
+
+    #[test]
+    fn configured_partitions_make_the_layout() {
+        let fw = efi::Firmware::Bios;
+        let i = install_block(
+            "partitions:\n  oem: {size: 96}\n  state: {size: 1500}\n  persistent: {size: 0, fs: xfs}\nextra-partitions:\n  - {name: kt_extra, size: 128, fs: ext4, label: KT_EXTRA}\n  - {name: raw, size: 8}\n",
+        );
+        let s = sizes(100 * MIB, fw).configured(&i, 100 * MIB).expect("ok");
+        assert!(s.configured);
+        let size = 4096 * MIB;
+        let l = layout(size, &s, fw).expect("fits");
+        let names: Vec<&str> = l.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "bios",
+                "oem",
+                "recovery",
+                "state",
+                "persistent",
+                "kt_extra",
+                "raw"
+            ]
+        );
+        let mib = |p: &Part| (p.last - p.first + 1) / 2048;
+        assert_eq!(mib(&l[1]), 96);
+        assert_eq!(mib(&l[3]), 1500);
+        assert_eq!(mib(&l[5]), 128);
+        assert_eq!(mib(&l[6]), 8);
+        assert_eq!(l[4].fs, Some(plan::Fs::Xfs));
+        assert_eq!(
+            (l[5].label.as_str(), l[5].fs),
+            ("KT_EXTRA", Some(plan::Fs::Ext4))
+        );
+        assert_eq!((l[6].label.as_str(), l[6].fs), ("", None));
+        // Persistent takes the rest; the extras keep their alignment and the last one ends at
+        // the backup GPT's edge at most.
+        for w in l.windows(2) {
+            assert_eq!(w[0].last + 1, w[1].first);
+            assert_eq!(w[1].first % 2048, 0);
+        }
+        assert!(l[6].last <= size / 512 - 34);
+        assert_eq!(
+            mib(&l[4]),
+            4096 - 1 - 1 - 96 - s.recovery - 1500 - 128 - 8 - 1
+        );
+        // An extra partition takes the rest when persistent has a size: it is last.
+        let i = install_block(
+            "partitions:\n  persistent: {size: 500}\nextra-partitions:\n  - {name: big, size: 0, fs: ext4}\n",
+        );
+        let s = sizes(100 * MIB, fw).configured(&i, 100 * MIB).expect("ok");
+        let l = layout(size, &s, fw).expect("fits");
+        assert_eq!(mib(&l[4]), 500);
+        assert_eq!(l[5].last, size / 512 - 34);
+        // More than the disk: refused before anything is written, naming the keys.
+        let i = install_block("partitions:\n  state: {size: 4000}\n");
+        let s = sizes(100 * MIB, fw).configured(&i, 100 * MIB).expect("ok");
+        assert!(layout(size, &s, fw).is_none());
+        let e = InstallError::TooSmall {
+            device: "/dev/vdb".into(),
+            size_mib: 4096,
+            needed_mib: needed_mib(&s),
+            parts: s.describe(),
+            configured: s.configured,
+        }
+        .to_string();
+        assert!(
+            e.contains("state 4000 + persistent at least 64 MiB")
+                && e.contains("with the sizes of install.partitions / install.extra-partitions"),
+            "{e}"
+        );
+        // The state partition must hold active, passive and an upgrade's transition image.
+        let e = sizes(100 * MIB, fw)
+            .configured(
+                &install_block("partitions:\n  state: {size: 300}\n"),
+                100 * MIB,
+            )
+            .expect_err("too small")
+            .to_string();
+        assert!(
+            e.starts_with("install.partitions.state.size: 300 MiB is less than the 364 MiB"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1711,10 +2232,8 @@ mod tests {
             device: "/dev/vdb".into(),
             size_mib: 100,
             needed_mib: 1500,
-            oem: 64,
-            recovery: 300,
-            state: 1100,
-            persistent: 64,
+            parts: "oem 64 + recovery 300 + state 1100 + persistent at least 64 MiB".into(),
+            configured: false,
         }
         .to_string();
         assert!(

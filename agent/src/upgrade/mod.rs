@@ -481,6 +481,31 @@ pub fn upgrade(
     )?;
     clear_leftover(plan.as_ref(), &cos, &new_path, log)?;
     build_new(&prepared.content, &new_path, &cos, label, log)?;
+    // after-upgrade-chroot in the new image before it is rotated in (an ext image; a
+    // recovery squashfs cannot be written to).
+    if label.is_some() {
+        if let Some(r) = crate::install::chroot::run_in_image(
+            &new_path,
+            &ctx.path("/run/kairos/upgrade-chroot"),
+            "after-upgrade-chroot",
+            &loaded.sources,
+            log,
+        )? && !r.ok()
+        {
+            writeln!(
+                log,
+                "kairos-agent: warning: stage after-upgrade-chroot: {} step(s) failed; the upgrade goes on",
+                r.failures.len()
+            )
+            .map_err(AgentError::Output)?;
+        }
+    } else if crate::install::chroot::has_stage(&loaded.sources, "after-upgrade-chroot") {
+        writeln!(
+            log,
+            "kairos-agent: warning: stage after-upgrade-chroot not run: the new recovery.squashfs is read-only"
+        )
+        .map_err(AgentError::Output)?;
+    }
     let digest = prepared.digest.clone();
     drop(prepared);
     drop(work_guard);
@@ -515,17 +540,64 @@ pub fn upgrade(
 
     run_hook(ctx, &loaded, "after-upgrade", log);
     drop(target);
+    let after = after_upgrade(loaded.merged.upgrade.as_ref());
     writeln!(
         out,
-        "kairos-agent: upgraded {} from {origin}; reboot to use it",
+        "kairos-agent: upgraded {} from {origin}; {}",
         if opts.recovery {
             "recovery"
         } else {
             "the active image"
+        },
+        match after {
+            AfterUpgrade::Nothing => "reboot to use it",
+            AfterUpgrade::Reboot => "rebooting (upgrade.reboot)",
+            AfterUpgrade::PowerOff => "powering off (upgrade.poweroff)",
         }
     )
     .map_err(AgentError::Output)?;
+    let cmd = match after {
+        AfterUpgrade::Nothing => return Ok(Outcome::Done),
+        AfterUpgrade::Reboot => rustix::system::RebootCommand::Restart,
+        AfterUpgrade::PowerOff => rustix::system::RebootCommand::PowerOff,
+    };
+    let _ = out.flush();
+    let _ = log.flush();
+    rustix::fs::sync();
+    // Only the real system reboots: a run under another root (tests, --root) says so.
+    if ctx.root != Path::new("/") {
+        writeln!(
+            log,
+            "kairos-agent: not rebooting: the root is {}, not /",
+            ctx.root.display()
+        )
+        .map_err(AgentError::Output)?;
+        return Ok(Outcome::Done);
+    }
+    rustix::system::reboot(cmd).map_err(|e| {
+        UpgradeError::Locate(format!(
+            "upgraded, but reboot(2) failed: {}",
+            std::io::Error::from(e)
+        ))
+    })?;
     Ok(Outcome::Done)
+}
+
+/// What follows a successful upgrade, as upstream: `upgrade.poweroff` wins over
+/// `upgrade.reboot`; neither: nothing (the next reboot uses the new image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterUpgrade {
+    Nothing,
+    Reboot,
+    PowerOff,
+}
+
+pub fn after_upgrade(u: Option<&config::Upgrade>) -> AfterUpgrade {
+    match u {
+        Some(u) if u.poweroff => AfterUpgrade::PowerOff,
+        Some(u) if u.reboot => AfterUpgrade::Reboot,
+        _ => AfterUpgrade::Nothing,
+    }
 }
 
 /// `--source`, else the cloud-config's `upgrade.system.source` (or
