@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use crate::Ctx;
-use crate::config::{Config, K3sBlock};
+use crate::config::{Config, K3sBlock, Kubevip};
+use crate::kubevip::{self, KubevipError};
 use crate::safe_fs::{FsError, write_atomic};
 use crate::stages::env_value;
 
@@ -48,6 +49,8 @@ pub enum K3sError {
     NoToken,
     #[error("rendering {K3S_CONFIG}: {0}")]
     Render(String),
+    #[error(transparent)]
+    Kubevip(#[from] KubevipError),
 }
 
 /// The role type belongs to the config model (`k3s` or `k3s-agent`); its K3s details here.
@@ -79,6 +82,8 @@ pub struct Spec {
     pub env: BTreeMap<String, String>,
     /// Keys of /etc/rancher/k3s/config.yaml (K3s' flag names without dashes).
     pub config: Map<String, Value>,
+    /// A server's kube-vip (`kubevip:` enabled): its manifests are written with the files.
+    pub kubevip: Option<Kubevip>,
 }
 
 impl Spec {
@@ -114,13 +119,25 @@ impl Spec {
             args,
             env,
             config: block.config.clone().unwrap_or_default(),
+            kubevip: None,
         }
     }
 
-    /// The enabled block of a configuration, if any.
+    /// The enabled block of a configuration, if any. A server with `kubevip:` enabled also
+    /// gets `--tls-san=<eip>` before the block's args and kube-vip's manifests (a bad
+    /// `kubevip.eip` is refused by [`Spec::validate`]).
     pub fn from_config(cfg: &Config) -> Option<Spec> {
         let (role, block) = cfg.k3s_enabled()?;
-        Some(Spec::from_block(role, block, &[], &BTreeMap::new()))
+        let kv = cfg.kubevip.as_ref();
+        let server = role == Role::Server && kubevip::enabled(kv);
+        let defaults = if server {
+            kubevip::server_args(kv).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut spec = Spec::from_block(role, block, &defaults, &BTreeMap::new());
+        spec.kubevip = kv.filter(|_| server).cloned();
+        Some(spec)
     }
 
     /// Arguments after the binary: `server ARGS` or `agent ARGS`.
@@ -171,6 +188,9 @@ impl Spec {
     /// An agent cannot start without a server and a token; K3s would exit and be restarted
     /// for ever.
     pub fn validate(&self) -> Result<(), K3sError> {
+        if let Some(k) = &self.kubevip {
+            kubevip::eip(k)?;
+        }
         if self.role == Role::Agent {
             if self.server_url().is_none() {
                 return Err(K3sError::NoServer);
@@ -324,6 +344,9 @@ pub fn write_files(ctx: &Ctx, spec: &Spec) -> Result<ConfigFile, K3sError> {
         0o600,
         None,
     )?;
+    if let Some(k) = &spec.kubevip {
+        kubevip::deploy(ctx, k, &kubevip::http_fetch)?;
+    }
     Ok(if kept {
         ConfigFile::KeptExisting
     } else {
@@ -764,6 +787,42 @@ mod tests {
         let s = Spec::from_block(Role::Agent, &repl, &defaults, &denv);
         assert_eq!(s.args, ["--x"]);
         assert_eq!(s.env, BTreeMap::from([("A".to_owned(), "b".to_owned())]));
+    }
+
+    #[test]
+    fn k3s_server_with_kubevip_gets_tls_san_and_manifests() {
+        let t = Tree::new();
+        let c = cfg(
+            "k3s: {enabled: true, args: [--disable=traefik]}\nkubevip: {eip: 192.168.1.50, interface: ens3}\n",
+        );
+        let s = Spec::from_config(&c).unwrap();
+        assert_eq!(
+            s.argv(),
+            ["server", "--tls-san=192.168.1.50", "--disable=traefik"]
+        );
+        assert!(s.validate().is_ok());
+        write_files(&t.ctx, &s).unwrap();
+        let m = std::fs::read_to_string(t.ctx.path(kubevip::MANIFEST)).unwrap();
+        assert!(
+            m.contains("value: \"192.168.1.50\"") && m.contains("value: ens3"),
+            "{m}"
+        );
+        assert!(t.ctx.path(kubevip::RBAC).is_file());
+        // An agent (a worker) gets neither; a bad eip is refused before K3s starts.
+        let t = Tree::new();
+        let c = cfg(
+            "k3s-agent: {enabled: true, env: {K3S_URL: 'https://s:6443', K3S_TOKEN: t}}\nkubevip: {eip: 192.168.1.50, interface: ens3}\n",
+        );
+        let s = Spec::from_config(&c).unwrap();
+        assert_eq!(s.argv(), ["agent"]);
+        write_files(&t.ctx, &s).unwrap();
+        assert!(!t.ctx.path(kubevip::MANIFESTS_DIR).exists());
+        let c = cfg("k3s: {enabled: true}\nkubevip: {enable: true, eip: not-an-ip}\n");
+        let e = Spec::from_config(&c).unwrap().validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kubevip.eip: \"not-an-ip\" is not an IP address"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod http;
 pub mod install;
 pub mod k3s;
+pub mod kubevip;
 pub mod lock;
 pub mod markgood;
 pub mod p2p;

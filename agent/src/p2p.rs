@@ -47,10 +47,16 @@ pub enum P2pError {
     /// message, so not also the source (no repeat in chains).
     #[error("the paired config: {error}")]
     PairedConfig { error: crate::config::ConfigError },
+    /// The node's cloud-config for the mesh's K3s (the error names the file and line).
+    #[error(transparent)]
+    CloudConfig(crate::config::ConfigError),
     #[error("merging the paired config into {path}: {message}")]
     Merge { path: PathBuf, message: String },
     #[error("installing to {device} as the pairing asked: {error}")]
-    Install { device: String, error: InstallError },
+    Install {
+        device: String,
+        error: Box<InstallError>,
+    },
     #[error("writing the output: {0}")]
     Output(std::io::Error),
 }
@@ -118,32 +124,70 @@ pub struct RegisterArgs {
 
 /// K3s for the mesh, through the agent's K3s supervisor (restarts, config.yaml and env file
 /// under /etc/rancher/k3s). The supervisors live as long as the mesh node: dropping one stops
-/// its K3s.
+/// its K3s. `cloud` is the node's cloud-config: its `k3s`/`k3s-agent` blocks and `kubevip`.
 struct AgentK3s {
     ctx: Ctx,
+    cloud: cloud_config::Config,
     running: Vec<Supervisor>,
+}
+
+impl AgentK3s {
+    fn new(ctx: &Ctx, cloud: cloud_config::Config) -> Box<AgentK3s> {
+        Box::new(AgentK3s {
+            ctx: ctx.clone(),
+            cloud,
+            running: Vec::new(),
+        })
+    }
 }
 
 impl K3sStarter for AgentK3s {
     fn start(&mut self, spec: &K3sSpec) -> Result<(), String> {
-        self.running.push(start_k3s(&self.ctx, spec)?);
+        self.running
+            .push(start_k3s(&self.ctx, &mesh_k3s_spec(spec, &self.cloud))?);
         Ok(())
     }
 }
 
-/// Start `k3s server|agent` for a mesh role under the supervisor.
-pub fn start_k3s(ctx: &Ctx, spec: &K3sSpec) -> Result<Supervisor, String> {
-    let spec = k3s::Spec {
-        role: if spec.server {
-            k3s::Role::Server
-        } else {
-            k3s::Role::Agent
-        },
-        args: spec.args.clone(),
-        env: spec.env.iter().cloned().collect(),
-        config: serde_json::Map::new(),
+/// What K3s runs with for a mesh role, as provider-kairos builds it: the role's arguments
+/// and environment (VPN interface and address, join URL and token, `--cluster-init` /
+/// `--server`), a server's `--tls-san=<eip>` when `kubevip` is enabled, then the user's
+/// block — `k3s` for servers, `k3s-agent` for workers, whether or not `enabled` is set —
+/// appended (`args`), merged over (`env`) or replacing them (`replace_args`/`replace_env`),
+/// with its `config` for config.yaml. A server with kubevip also writes its manifests.
+pub fn mesh_k3s_spec(spec: &K3sSpec, cloud: &cloud_config::Config) -> k3s::Spec {
+    let (role, block) = if spec.server {
+        (k3s::Role::Server, cloud.k3s.clone())
+    } else {
+        (k3s::Role::Agent, cloud.k3s_agent.clone())
     };
-    Supervisor::start(ctx, spec).map_err(|e| e.to_string())
+    let kv = cloud.kubevip.as_ref();
+    let vip = spec.server && crate::kubevip::enabled(kv);
+    let mut defaults = spec.args.clone();
+    if vip {
+        defaults.extend(crate::kubevip::server_args(kv).unwrap_or_default());
+    }
+    let env = spec.env.iter().cloned().collect();
+    let mut out = k3s::Spec::from_block(role, &block.unwrap_or_default(), &defaults, &env);
+    out.kubevip = kv.filter(|_| vip).cloned();
+    out
+}
+
+/// Start K3s under the supervisor.
+pub fn start_k3s(ctx: &Ctx, spec: &k3s::Spec) -> Result<Supervisor, String> {
+    Supervisor::start(ctx, spec.clone()).map_err(|e| e.to_string())
+}
+
+/// The node's cloud-config for the mesh's K3s: the `--config` file alone, else every
+/// source merged (as the daemon reads it).
+fn load_cloud(ctx: &Ctx, path: Option<&Path>) -> Result<cloud_config::Config, P2pError> {
+    let Some(p) = path else {
+        return Ok(crate::sources::load(ctx, &LoadOptions::default()).merged);
+    };
+    let text = std::fs::read_to_string(p).at(p, "reading")?;
+    let parsed = cloud_config::parse(&p.display().to_string(), &text, false)
+        .map_err(P2pError::CloudConfig)?;
+    Ok(parsed.map(|s| s.config).unwrap_or_default())
 }
 
 fn load_config(ctx: &Ctx, path: Option<&Path>) -> Result<P2pConfig, P2pError> {
@@ -166,15 +210,13 @@ pub fn p2p(
         P2pCmd::Run { config } => {
             let cfg = load_config(ctx, config.as_deref())?;
             let token = Token::decode(&cfg.network_token)?;
+            let cloud = load_cloud(ctx, config.as_deref())?;
             node::run(node::Options {
                 root: ctx.root.clone(),
                 config: cfg,
                 token,
                 mode: Mode::Node,
-                k3s: Box::new(AgentK3s {
-                    ctx: ctx.clone(),
-                    running: Vec::new(),
-                }),
+                k3s: AgentK3s::new(ctx, cloud),
                 timeout: None,
             })?;
         }
@@ -201,10 +243,7 @@ pub fn p2p(
                 config: cfg,
                 token,
                 mode: Mode::AwaitPairing,
-                k3s: Box::new(AgentK3s {
-                    ctx: ctx.clone(),
-                    running: Vec::new(),
-                }),
+                k3s: AgentK3s::new(ctx, cloud_config::Config::default()),
                 timeout: (timeout > 0).then(|| Duration::from_secs(timeout)),
             })?;
             if let NodeOutcome::Paired(data) = outcome {
@@ -314,10 +353,7 @@ fn live_pairing(ctx: &Ctx) {
             config: P2pConfig::default(),
             token,
             mode: Mode::AwaitPairing,
-            k3s: Box::new(AgentK3s {
-                ctx: ctx.clone(),
-                running: Vec::new(),
-            }),
+            k3s: AgentK3s::new(ctx, cloud_config::Config::default()),
             timeout: None,
         });
         let failed = match outcome {
@@ -498,7 +534,12 @@ fn install_paired(
         let picked = match resolved {
             Ok(p) => p,
             Err(InstallError::Output(e)) => return Err(P2pError::Output(e)),
-            Err(error) => return Err(P2pError::Install { device: dev, error }),
+            Err(error) => {
+                return Err(P2pError::Install {
+                    device: dev,
+                    error: Box::new(error),
+                });
+            }
         };
         plan.device = Some(picked.display().to_string());
     }
@@ -523,8 +564,12 @@ fn install_paired(
         poweroff: plan.poweroff,
         hold: no_reboot,
     };
-    install::install_then(ctx, &opts, "pairing", finish, out, log)
-        .map_err(|error| P2pError::Install { device, error })
+    install::install_then(ctx, &opts, "pairing", finish, out, log).map_err(|error| {
+        P2pError::Install {
+            device,
+            error: Box::new(error),
+        }
+    })
 }
 
 /// Writes `dir/name` for root only (see [`install::write_private`]).
@@ -614,10 +659,7 @@ pub fn register(
         config: P2pConfig::default(),
         token,
         mode: Mode::Register(data),
-        k3s: Box::new(AgentK3s {
-            ctx: ctx.clone(),
-            running: Vec::new(),
-        }),
+        k3s: AgentK3s::new(ctx, cloud_config::Config::default()),
         timeout: Some(Duration::from_secs(args.timeout)),
     })?;
     if let NodeOutcome::Registered { node } = outcome {
@@ -809,6 +851,60 @@ mod tests {
     }
 
     #[test]
+    fn mesh_k3s_merges_the_users_blocks_and_kubevip() {
+        let cloud = typed(
+            "#cloud-config\nk3s:\n  args: ['--disable traefik']\n  env: {HTTP_PROXY: 'http://p:3128'}\n  config: {write-kubeconfig-mode: '0644'}\nk3s-agent:\n  args: [--node-label=tier=edge]\n  env: {K3S_TOKEN: mine}\nkubevip: {eip: 10.5.0.100, interface: eth0}\n",
+        );
+        let server = K3sSpec {
+            server: true,
+            args: vec!["--flannel-iface=edgevpn0".into(), "--cluster-init".into()],
+            env: Vec::new(),
+        };
+        let s = mesh_k3s_spec(&server, &cloud);
+        assert_eq!(
+            s.argv(),
+            [
+                "server",
+                "--flannel-iface=edgevpn0",
+                "--cluster-init",
+                "--tls-san=10.5.0.100",
+                "--disable",
+                "traefik"
+            ]
+        );
+        assert_eq!(s.env["HTTP_PROXY"], "http://p:3128");
+        assert_eq!(s.config["write-kubeconfig-mode"], "0644");
+        assert_eq!(
+            s.kubevip.as_ref().and_then(|k| k.eip.as_deref()),
+            Some("10.5.0.100")
+        );
+        // A worker: k3s-agent's args; its env wins over the mesh's; no kube-vip.
+        let worker = K3sSpec {
+            server: false,
+            args: vec!["--flannel-iface=edgevpn0".into()],
+            env: vec![
+                ("K3S_URL".into(), "https://10.1.0.2:6443".into()),
+                ("K3S_TOKEN".into(), "K10mesh".into()),
+            ],
+        };
+        let w = mesh_k3s_spec(&worker, &cloud);
+        assert_eq!(
+            w.argv(),
+            [
+                "agent",
+                "--flannel-iface=edgevpn0",
+                "--node-label=tier=edge"
+            ]
+        );
+        assert_eq!(w.env["K3S_TOKEN"], "mine");
+        assert_eq!(w.env["K3S_URL"], "https://10.1.0.2:6443");
+        assert!(w.kubevip.is_none());
+        // replace_args: the user's alone (upstream's rule).
+        let repl = typed("#cloud-config\nk3s-agent: {args: [--x], replace_args: true}\n");
+        assert_eq!(mesh_k3s_spec(&worker, &repl).argv(), ["agent", "--x"]);
+    }
+
+    #[test]
     fn k3s_stand_in_gets_role_args_and_env() {
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("usr/bin/k3s");
@@ -833,7 +929,11 @@ mod tests {
             ],
         };
         let ctx = Ctx::new(dir.path(), crate::DEFAULT_GRUBENV);
-        let sup = start_k3s(&ctx, &spec).unwrap();
+        let sup = start_k3s(
+            &ctx,
+            &mesh_k3s_spec(&spec, &cloud_config::Config::default()),
+        )
+        .unwrap();
         for _ in 0..250 {
             if rec.exists() {
                 break;

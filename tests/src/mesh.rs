@@ -66,13 +66,18 @@ pub fn build_forger() -> Result<PathBuf> {
 }
 
 /// A node's stand-in for k3s: records its arguments and environment; as a server it writes a
-/// node token where real K3s does; then stays up like K3s (the namespace teardown kills it).
+/// node token and a kubeconfig (for https://127.0.0.1:6443) where real K3s does; then stays
+/// up like K3s (the namespace teardown kills it).
 pub fn stand_in_k3s(root: &Path, token: &str) -> String {
     format!(
-        "#!/bin/sh\nR='{r}'\n{{ echo \"args: $*\"; echo \"K3S_URL=$K3S_URL\"; echo \"K3S_TOKEN=$K3S_TOKEN\"; }} > \"$R/k3s-$1.rec.tmp\"\nmv \"$R/k3s-$1.rec.tmp\" \"$R/k3s-$1.rec\"\nif [ \"$1\" = server ]; then mkdir -p \"$R/var/lib/rancher/k3s/server\"; echo '{token}' > \"$R/var/lib/rancher/k3s/server/node-token\"; fi\nexec sleep 3600\n",
-        r = root.display()
+        "#!/bin/sh\nR='{r}'\n{{ echo \"args: $*\"; echo \"K3S_URL=$K3S_URL\"; echo \"K3S_TOKEN=$K3S_TOKEN\"; }} > \"$R/k3s-$1.rec.tmp\"\nmv \"$R/k3s-$1.rec.tmp\" \"$R/k3s-$1.rec\"\nif [ \"$1\" = server ]; then mkdir -p \"$R/var/lib/rancher/k3s/server\" \"$R/etc/rancher/k3s\"; echo '{token}' > \"$R/var/lib/rancher/k3s/server/node-token\"; printf '{kubeconfig}' > \"$R/etc/rancher/k3s/k3s.yaml\"; fi\nexec sleep 3600\n",
+        r = root.display(),
+        kubeconfig = STAND_IN_KUBECONFIG.replace('\n', "\\n"),
     )
 }
+
+/// What the stand-in writes as a server's /etc/rancher/k3s/k3s.yaml (K3s' form, fake data).
+pub const STAND_IN_KUBECONFIG: &str = "apiVersion: v1\nclusters:\n- cluster:\n    certificate-authority-data: c3RhbmQtaW4=\n    server: https://127.0.0.1:6443\n  name: default\ncontexts:\n- context:\n    cluster: default\n    user: default\n  name: default\ncurrent-context: default\nkind: Config\nusers:\n- name: default\n  user:\n    token: stand-in\n";
 
 pub struct Node {
     pub ns: String,

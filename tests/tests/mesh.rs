@@ -550,3 +550,167 @@ fn qr_pairing_delivers_the_config() {
     assert_eq!(mode, 0o600, "{}: mode {mode:o}", custom.display());
     assert!(oem.path("grubenv").is_file());
 }
+
+/// `p2p.auto.ha` with kube-vip and the user's K3s blocks (issue 19): five nodes, HA with two
+/// extra masters. The leader makes one master/clusterinit, two master/ha and two workers; the
+/// clusterinit stand-in runs `server --cluster-init`, the HA ones `server
+/// --server=https://<clusterinit VPN IP>:6443` with its token, the workers `agent` with
+/// K3S_URL/K3S_TOKEN; every server has `--tls-san=<kubevip.eip>` and kube-vip's manifest,
+/// each node its own `k3s.args` / `k3s-agent.args` after the mesh's; workers hold the
+/// kubeconfig the clusterinit master published (server URL its VPN address, mode 0600).
+#[test]
+fn ha_masters_and_workers_get_roles_user_args_kubevip_and_kubeconfig() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root();
+    let agent = build_agent().expect("building kairos-agent");
+    let mut mesh = Mesh::new(&agent, "h", 5).expect("setting up namespaces");
+    let eip = "10.231.0.100";
+    for (i, n) in mesh.nodes.iter().enumerate() {
+        std::fs::write(
+            n.root.join("config.yaml"),
+            format!(
+                "#cloud-config\np2p:\n  network_token: {}\n  network_id: hacluster\n  disable_dht: true\n  listen_port: 4001\n  vpn: {{interface: kvpn0, range: 10.77.0.0/24}}\n  announce_interval: 1\n  minimum_nodes: 5\n  auto:\n    ha:\n      enable: true\n      master_nodes: 2\nk3s:\n  args: ['--disable=traefik --node-label=server-of=node{i}']\n  env: {{HTTP_PROXY: 'http://proxy:3128'}}\nk3s-agent:\n  args: [--node-label=agent-of=node{i}]\nkubevip:\n  eip: {eip}\n  interface: eth0\n",
+                mesh.token
+            ),
+        )
+        .unwrap();
+    }
+    mesh.start_all().unwrap();
+    let roles = mesh
+        .wait("all five roles", Duration::from_secs(90), |m| {
+            let s: Vec<(String, String)> =
+                m.nodes.iter().map(|n| n.state()).collect::<Option<_>>()?;
+            (s.iter().all(|(l, r)| *l == s[0].0 && r != "none")).then_some(s)
+        })
+        .unwrap();
+    println!(
+        "FIGURE mesh: HA roles for five nodes in {:.1} s",
+        mesh.started.elapsed().as_secs_f64()
+    );
+    let with = |r: &str| -> Vec<usize> { (0..5).filter(|i| roles[*i].1 == r).collect() };
+    let (ci, ha, workers) = (
+        with("master/clusterinit"),
+        with("master/ha"),
+        with("worker"),
+    );
+    assert!(
+        ci.len() == 1 && ha.len() == 2 && workers.len() == 2,
+        "{roles:?}\n{}",
+        mesh.logs()
+    );
+    let ci = ci[0];
+    let ips: Vec<String> = mesh
+        .wait("VPN addresses", Duration::from_secs(30), |m| {
+            m.nodes.iter().map(|n| n.vpn_ip()).collect()
+        })
+        .unwrap();
+    // The mesh's own keys: the VPN range and interface, the network id (the ledger topic),
+    // the listen port, no DHT.
+    for (i, ip) in ips.iter().enumerate() {
+        let log = mesh.nodes[i].log();
+        assert!(ip.starts_with("10.77.0."), "{ip}");
+        for want in [
+            format!("vpn interface=kvpn0 address={ip}/24"),
+            format!("listening on /ip4/{}/tcp/4001", mesh.nodes[i].lan_ip),
+            "dht: off (p2p.disable_dht)".into(),
+        ] {
+            assert!(log.contains(&want), "node{i}: no {want:?}:\n{log}");
+        }
+        assert!(
+            log.contains("ledger: roles/") || log.contains("ledger: k3s/url"),
+            "node{i} heard nothing on the hacluster topic:\n{log}"
+        );
+    }
+    let url = format!("https://{}:6443", ips[ci]);
+    let token = format!("K10token-of-node{ci}::server:s3cret");
+    let tls_san = format!("--tls-san={eip}");
+    let manifest = |i: usize| {
+        std::fs::read_to_string(
+            mesh.nodes[i]
+                .root
+                .join("var/lib/rancher/k3s/server/manifests/kubevip.yaml"),
+        )
+        .ok()
+    };
+
+    // The clusterinit master: a new cluster, kube-vip's SAN, its own args after the mesh's.
+    let rec = mesh
+        .wait("the clusterinit server", Duration::from_secs(30), |m| {
+            m.nodes[ci].record("server")
+        })
+        .unwrap();
+    let args = rec.lines().next().unwrap_or_default();
+    let tail =
+        format!("--cluster-init {tls_san} --disable=traefik --node-label=server-of=node{ci}");
+    assert!(
+        args.starts_with("args: server --flannel-iface=kvpn0") && args.ends_with(&tail),
+        "{rec}"
+    );
+    assert!(!args.contains("--server"), "{rec}");
+    // The HA masters join it with its token.
+    for &h in &ha {
+        let rec = mesh
+            .wait("an HA server", Duration::from_secs(30), |m| {
+                m.nodes[h].record("server")
+            })
+            .unwrap();
+        let args = rec.lines().next().unwrap_or_default();
+        let tail =
+            format!("--server={url} {tls_san} --disable=traefik --node-label=server-of=node{h}");
+        assert!(args.ends_with(&tail), "{rec}");
+        assert!(!args.contains("--cluster-init"), "{rec}");
+        assert!(rec.contains(&format!("K3S_TOKEN={token}\n")), "{rec}");
+        assert!(mesh.nodes[h].record("agent").is_none());
+    }
+    // Every master has kube-vip's manifest for the EIP on eth0, and its RBAC.
+    for &m in ha.iter().chain([&ci]) {
+        let y = manifest(m).unwrap_or_else(|| panic!("no kube-vip manifest on node{m}"));
+        assert!(
+            y.contains(&format!("value: \"{eip}\"")) && y.contains("value: eth0"),
+            "{y}"
+        );
+        assert!(
+            mesh.nodes[m]
+                .root
+                .join("var/lib/rancher/k3s/server/manifests/kubevipmanifest.yaml")
+                .is_file()
+        );
+    }
+    // The workers: agents against the clusterinit master, their k3s-agent args, no
+    // kube-vip; they hold the kubeconfig it published.
+    for &w in &workers {
+        let rec = mesh
+            .wait("a worker's agent", Duration::from_secs(30), |m| {
+                m.nodes[w].record("agent")
+            })
+            .unwrap();
+        let args = rec.lines().next().unwrap_or_default();
+        assert!(
+            args.starts_with("args: agent --flannel-iface=kvpn0")
+                && args.ends_with(&format!(" --node-label=agent-of=node{w}")),
+            "{rec}"
+        );
+        assert!(!args.contains(eip), "{rec}");
+        assert!(rec.contains(&format!("K3S_URL={url}\n")), "{rec}");
+        assert!(rec.contains(&format!("K3S_TOKEN={token}\n")), "{rec}");
+        assert!(mesh.nodes[w].record("server").is_none());
+        assert!(manifest(w).is_none(), "kube-vip on worker node{w}");
+        let kc_path = mesh.nodes[w].root.join("etc/rancher/k3s/k3s.yaml");
+        let kc = mesh
+            .wait("the published kubeconfig", Duration::from_secs(30), |_| {
+                std::fs::read_to_string(&kc_path).ok()
+            })
+            .unwrap();
+        assert_eq!(
+            kc,
+            kairos_tests::mesh::STAND_IN_KUBECONFIG.replace("https://127.0.0.1:6443", &url),
+            "node{w}"
+        );
+        let mode = std::fs::metadata(&kc_path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    println!(
+        "FIGURE mesh: HA cluster of five formed, whole test {:.1} s",
+        mesh.started.elapsed().as_secs_f64()
+    );
+}

@@ -54,6 +54,133 @@ pub const KEYS: &[Key] = &[
     // --- stages and steps ---
     // --- install, upgrade, reset ---
     // --- k3s, kubevip, p2p ---
+    shown(
+        "k3s.args",
+        "k3s_server_is_supervised_with_the_configured_args",
+    ),
+    shown("k3s.config.**", "server_rendering"),
+    shown("k3s.embedded_registry", "server_rendering"),
+    shown(
+        "k3s.enabled",
+        "k3s_server_is_supervised_with_the_configured_args",
+    ),
+    shown("k3s.env.**", "server_rendering"),
+    shown("k3s.replace_args", "replace_args_and_env"),
+    shown("k3s.replace_env", "replace_args_and_env"),
+    shown(
+        "k3s-agent.args",
+        "ha_masters_and_workers_get_roles_user_args_kubevip_and_kubeconfig",
+    ),
+    shown("k3s-agent.config.**", "server_rendering"),
+    unsupported(
+        "k3s-agent.embedded_registry",
+        "the embedded registry is a K3s server flag (as upstream, only k3s.embedded_registry is read); set it on the servers",
+    ),
+    shown(
+        "k3s-agent.enabled",
+        "k3s_agent_joins_with_server_url_and_token",
+    ),
+    shown("k3s-agent.env.**", "agent_joins_with_url_and_token"),
+    shown("k3s-agent.replace_args", "replace_args_and_env"),
+    shown("k3s-agent.replace_env", "replace_args_and_env"),
+    unsupported(
+        "kubevip.args",
+        "provider-kairos reads kubevip.args but passes it nowhere; the manifest's settings are kube-vip's control-plane defaults (ARP, leader election, port 6443)",
+    ),
+    shown(
+        "kubevip.eip",
+        "ha_masters_and_workers_get_roles_user_args_kubevip_and_kubeconfig",
+    ),
+    shown("kubevip.enable", "kubevip_enabled_by_enable_or_by_an_eip"),
+    shown("kubevip.enabled", "kubevip_enabled_by_enable_or_by_an_eip"),
+    shown("kubevip.interface", "kubevip_deploy_writes_both_manifests"),
+    shown(
+        "kubevip.manifest_url",
+        "kubevip_deploy_writes_both_manifests",
+    ),
+    shown(
+        "kubevip.static_pod",
+        "kubevip_manifest_renders_daemonset_or_pod",
+    ),
+    shown(
+        "kubevip.version",
+        "kubevip_manifest_renders_daemonset_or_pod",
+    ),
+    shown(
+        "p2p.announce_interval",
+        "ha_masters_and_workers_get_roles_user_args_kubevip_and_kubeconfig",
+    ),
+    shown(
+        "p2p.auto.enable",
+        "p2p_role_and_auto_enable_decide_the_role_source",
+    ),
+    shown(
+        "p2p.auto.ha.enable",
+        "ha_masters_and_workers_get_roles_user_args_kubevip_and_kubeconfig",
+    ),
+    shown("p2p.auto.ha.external_db", "k3s_specs_per_role"),
+    shown(
+        "p2p.auto.ha.master_nodes",
+        "ha_masters_and_workers_get_roles_user_args_kubevip_and_kubeconfig",
+    ),
+    shown(
+        "p2p.disable_dht",
+        "ha_masters_and_workers_get_roles_user_args_kubevip_and_kubeconfig",
+    ),
+    unsupported(
+        "p2p.distribution",
+        "the mesh runs K3s only (k0s is not supported)",
+    ),
+    unsupported(
+        "p2p.dns",
+        "the embedded DNS over the mesh ledger is not implemented; give nodes names through your own DNS or /etc/hosts (stages)",
+    ),
+    unsupported(
+        "p2p.dynamic_roles",
+        "roles are kept once given (a K3s node does not change role); dynamic role changes are not implemented",
+    ),
+    shown(
+        "p2p.listen_port",
+        "ha_masters_and_workers_get_roles_user_args_kubevip_and_kubeconfig",
+    ),
+    unsupported(
+        "p2p.loglevel",
+        "the mesh logs at one level, to the agent's log",
+    ),
+    shown(
+        "p2p.minimum_nodes",
+        "assignment_waits_for_minimum_then_one_master",
+    ),
+    shown("p2p.network_id", "network_id_separates_the_ledger_topic"),
+    shown(
+        "p2p.network_token",
+        "three_nodes_roles_k3s_vpn_restart_and_failover",
+    ),
+    shown(
+        "p2p.role",
+        "p2p_role_and_auto_enable_decide_the_role_source",
+    ),
+    unsupported(
+        "p2p.vpn.create",
+        "only the default (true) works: without the VPN the mesh assigns roles but starts no K3s",
+    ),
+    unsupported(
+        "p2p.vpn.env.*",
+        "edgevpn's environment settings are not read, except IFACE (the VPN interface)",
+    ),
+    shown("p2p.vpn.env.IFACE", "reads_upstream_keys_and_defaults"),
+    shown(
+        "p2p.vpn.interface",
+        "ha_masters_and_workers_get_roles_user_args_kubevip_and_kubeconfig",
+    ),
+    shown(
+        "p2p.vpn.range",
+        "ha_masters_and_workers_get_roles_user_args_kubevip_and_kubeconfig",
+    ),
+    unsupported(
+        "p2p.vpn.use",
+        "K3s always runs over the mesh VPN (flannel on its interface); use: false is not implemented",
+    ),
     // --- bundles ---
     unsupported("k0s.**", "k0s is not supported by this agent; use k3s"),
     unsupported(
