@@ -126,6 +126,9 @@ pub fn run(
     // installed system (upstream starts neither off live media), and it has no boot entry
     // of its own to mark good.
     let live = ctx.mode() == Some("live");
+    // Bundles not applied yet (upstream: on first boot, before Kubernetes); a failure stops
+    // the daemon only with fail_on_bundles_errors.
+    crate::bundles::at_boot(ctx, &loaded, log)?;
     let mut work = Workloads::start(ctx, opts, &loaded, live, log)?;
     // 5. Ready for whoever waits on the agent.
     write_ready(ctx, log)?;

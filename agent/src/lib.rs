@@ -2,8 +2,10 @@
 //! tests drive them on temp trees. main.rs only parses the command line.
 
 pub mod bootentry;
+pub mod bundles;
 pub mod cli;
 pub mod config;
+pub mod configcmd;
 pub mod console;
 pub mod daemon;
 pub mod http;
@@ -11,8 +13,10 @@ pub mod install;
 pub mod k3s;
 pub mod kubevip;
 pub mod lock;
+pub mod logs;
 pub mod markgood;
 pub mod p2p;
+pub mod query;
 pub mod reset;
 pub mod safe_fs;
 pub mod sources;
@@ -20,6 +24,7 @@ pub mod stages;
 pub mod state;
 pub mod upgrade;
 pub mod users;
+pub mod version;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -82,6 +87,9 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    /// A bundle failed with `fail_on_bundles_errors` set.
+    #[error(transparent)]
+    Bundles(#[from] bundles::BundleError),
 }
 
 /// How a command ended when it did not fail.

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kairos_agent::{Outcome, bootentry, cli, daemon, install, markgood, p2p, stages, state};
-use kairos_agent::{reset, upgrade};
+use kairos_agent::{configcmd, logs, reset, upgrade, version};
 
 #[derive(Parser)]
 #[command(
@@ -25,11 +25,23 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Print the boot state as one line of JSON: mode, image, boot reason, counters,
-    /// partitions, kairos-init's timeline
-    State {
-        /// Indented, several lines
-        #[arg(long)]
-        pretty: bool,
+    /// partitions, kairos-init's timeline; `state get KEY` prints one value
+    State(state::StateArgs),
+    /// Print the merged cloud-config as YAML (`config show`, the default) or one value of it
+    /// (`config get KEY`, exit 1 when absent)
+    Config(configcmd::ConfigArgs),
+    /// Print the version; --long adds the git commit, build date and Rust compiler
+    Version(version::VersionArgs),
+    /// Print this boot's logs of kairos-init and the agent in one place, one section per
+    /// source, and say which sources were not found
+    Logs(logs::LogsArgs),
+    /// Check a cloud-config file as the agent would read it: errors (no header, a template
+    /// that does not render, YAML or type errors with line and column) exit 1; unknown and
+    /// not-supported keys are warnings (exit 0)
+    Validate {
+        /// The file
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
     },
     /// List the GRUB boot entries and counters (default), or change them
     Bootentry(bootentry::Args),
@@ -62,8 +74,12 @@ enum Cmd {
     #[command(visible_alias = "m")]
     ManualInstall(install::ManualOptions),
     /// Upgrade the system (or recovery) image: pull and verify the source, build
-    /// COS_STATE:/cOS/transition.img, rotate active -> passive, arm the boot counters
-    Upgrade(upgrade::Options),
+    /// COS_STATE:/cOS/transition.img, rotate active -> passive, arm the boot counters;
+    /// `upgrade list-releases` lists the image repository's tags, newest first
+    Upgrade(upgrade::releases::UpgradeArgs),
+    /// Install a bundle now (upstream's install-bundle): run://REF runs the image's run.sh,
+    /// container://REF and package://REF put its files in the persistent paths
+    InstallBundle(kairos_agent::bundles::InstallOptions),
     /// Reset the node (recovery mode only): rebuild active and passive from the recovery
     /// image, wipe COS_PERSISTENT (unless kept), keep COS_OEM (unless reset), boot active next
     Reset(cli::ResetArgs),
@@ -74,7 +90,12 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
     // Unlocked streams: stages, K3s' supervisor and the mesh log from their own threads.
     let (out, err) = (&mut std::io::stdout(), &mut std::io::stderr());
     Ok(match cli.command {
-        Cmd::State { pretty } => state::state(&ctx, pretty, out, err).context("state")?,
+        Cmd::State(a) => state::state_cmd(&ctx, &a, out, err).context("state")?,
+        Cmd::Config(a) => configcmd::config(&ctx, &a, out, err).context("config")?,
+        Cmd::Version(a) => version::version(&a, out).context("version")?,
+        Cmd::Logs(a) => logs::logs(&ctx, &a, out, err).context("logs")?,
+        Cmd::Validate { file } => kairos_agent::config::validate::validate(&ctx, &file, out)
+            .with_context(|| format!("validate {}", file.display()))?,
         Cmd::Bootentry(a) => {
             bootentry::bootentry(&ctx, &a.action(), out, err).context("bootentry")?
         }
@@ -91,7 +112,10 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Cmd::ManualInstall(o) => {
             install::manual_install(&ctx, &o, out, err).context("manual-install")?
         }
-        Cmd::Upgrade(o) => upgrade::upgrade(&ctx, &o, out, err).context("upgrade")?,
+        Cmd::Upgrade(a) => upgrade::releases::upgrade_cmd(&ctx, &a, out, err).context("upgrade")?,
+        Cmd::InstallBundle(o) => {
+            kairos_agent::bundles::install_bundle(&ctx, &o, out, err).context("install-bundle")?
+        }
         Cmd::Reset(a) => reset::reset(&ctx, &a.options(), out, err).context("reset")?,
     })
 }
