@@ -1452,6 +1452,15 @@ pub fn install(
     );
     write_boot_files(&targets, &boot, opts.config.as_deref(), &line)?;
     write_oem_extras(&targets, &grubenv, custom_mounts.as_deref())?;
+    // install.bundles into the new persistent paths (crate::bundles).
+    crate::bundles::after_install(
+        &loaded,
+        opts.config.as_deref(),
+        &targets.persistent,
+        &targets.oem,
+        log,
+    )
+    .map_err(|e| InstallError::Other(e.to_string()))?;
 
     // 7. Boot code (BIOS: boot.img and core.img; UEFI: the ESP), then everything to disk.
     write_boot_code(&disk, &parts, &nodes, &boot, &targets)?;
