@@ -44,13 +44,57 @@ impl StageReport {
     }
 }
 
-/// Run `stage` (with `.before` and `.after`) over `sources`.
-pub fn run(ctx: &Ctx, stage: &str, sources: &[Source], log: &mut dyn Write) -> StageReport {
-    let mut report = StageReport::default();
-    let per_source: Vec<(&str, BTreeMap<String, Vec<Step>>)> = sources
+/// How a stage runs, from the config (see [`RunOptions::from_sources`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RunOptions {
+    /// `debug: true`: say which sources run, what each step's filters decided and which
+    /// modules each step has.
+    pub debug: bool,
+}
+
+impl RunOptions {
+    pub fn from_sources(sources: &[Source]) -> Self {
+        RunOptions {
+            debug: flag(sources, "debug", |c| c.debug),
+        }
+    }
+}
+
+/// A top-level boolean as the merge decides it: the last source that sets it wins.
+pub fn flag(sources: &[Source], key: &str, get: fn(&config::Config) -> bool) -> bool {
+    sources
         .iter()
-        .map(|s| (s.origin.as_str(), s.config.effective_stages()))
+        .rev()
+        .find(|s| s.raw.contains_key(key))
+        .is_some_and(|s| get(&s.config))
+}
+
+/// Run `stage` (with `.before` and `.after`) over `sources`, with the config's options.
+pub fn run(ctx: &Ctx, stage: &str, sources: &[Source], log: &mut dyn Write) -> StageReport {
+    run_with(ctx, stage, sources, RunOptions::from_sources(sources), log)
+}
+
+/// Run `stage` (with `.before` and `.after`) over `sources`.
+pub fn run_with(
+    ctx: &Ctx,
+    stage: &str,
+    sources: &[Source],
+    opts: RunOptions,
+    log: &mut dyn Write,
+) -> StageReport {
+    let mut report = StageReport::default();
+    let per_source: Vec<(String, BTreeMap<String, Vec<Step>>)> = sources
+        .iter()
+        .map(|s| {
+            // yip's `name:` of a file shows next to its path.
+            let shown = match s.config.name.as_deref().filter(|n| !n.is_empty()) {
+                Some(n) => format!("{} ({n:?})", s.origin),
+                None => s.origin.clone(),
+            };
+            (shown, s.config.effective_stages())
+        })
         .collect();
+    let facts = Facts::read(ctx);
     for sub in [
         format!("{stage}.before"),
         stage.to_owned(),
@@ -58,15 +102,34 @@ pub fn run(ctx: &Ctx, stage: &str, sources: &[Source], log: &mut dyn Write) -> S
     ] {
         for (origin, stages) in &per_source {
             let Some(steps) = stages.get(&sub) else {
+                if opts.debug {
+                    let _ = writeln!(log, "kairos-agent: debug: stage {sub}: {origin}: no steps");
+                }
                 continue;
             };
             for (i, step) in steps.iter().enumerate() {
                 let name = step.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
                 let at = format!("stage {sub}: {origin}: step {name:?}");
-                match run_step(ctx, step, log) {
+                if opts.debug {
+                    let _ = writeln!(
+                        log,
+                        "kairos-agent: debug: {at}: modules: {}",
+                        modules(step).join(", ")
+                    );
+                }
+                let result = match filters(&facts, step) {
+                    Ok(None) => run_step(ctx, step, log),
+                    Ok(Some(why)) => StepResult::Filtered(why),
+                    Err(e) => StepResult::Done(vec![e]),
+                };
+                match result {
                     StepResult::Skipped => {
                         report.skipped += 1;
                         let _ = writeln!(log, "kairos-agent: {at}: skipped (if: condition false)");
+                    }
+                    StepResult::Filtered(why) => {
+                        report.skipped += 1;
+                        let _ = writeln!(log, "kairos-agent: {at}: skipped ({why})");
                     }
                     StepResult::Done(errors) if errors.is_empty() => {
                         report.ran += 1;
@@ -85,6 +148,149 @@ pub fn run(ctx: &Ctx, stage: &str, sources: &[Source], log: &mut dyn Write) -> S
     report
 }
 
+/// What the step filters look at, read once per stage run.
+#[derive(Debug, Default, Clone)]
+pub struct Facts {
+    /// /etc/os-release's PRETTY_NAME and VERSION_ID (what yip's sysinfo calls the OS name
+    /// and version).
+    pub os_name: String,
+    pub os_version: String,
+    /// Go's name for the architecture, as yip compares it.
+    pub arch: &'static str,
+    pub systemd: bool,
+    pub openrc: bool,
+}
+
+impl Facts {
+    pub fn read(ctx: &Ctx) -> Self {
+        let text = ["/etc/os-release", "/usr/lib/os-release"]
+            .iter()
+            .find_map(|p| std::fs::read_to_string(ctx.path(p)).ok())
+            .unwrap_or_default();
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(k)?.strip_prefix('='))
+                .map(|v| v.trim().trim_matches('"').trim_matches('\'').to_owned())
+                .unwrap_or_default()
+        };
+        let any = |names: &[&str]| names.iter().any(|n| ctx.path(n).exists());
+        Facts {
+            os_name: field("PRETTY_NAME"),
+            os_version: field("VERSION_ID"),
+            arch: go_arch(std::env::consts::ARCH),
+            systemd: any(&[
+                "/sbin/systemctl",
+                "/bin/systemctl",
+                "/usr/sbin/systemctl",
+                "/usr/bin/systemctl",
+            ]),
+            openrc: any(&[
+                "/sbin/openrc",
+                "/bin/openrc",
+                "/usr/sbin/openrc",
+                "/usr/bin/openrc",
+            ]),
+        }
+    }
+}
+
+fn go_arch(rust: &'static str) -> &'static str {
+    match rust {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        "riscv64" => "riscv64",
+        other => other,
+    }
+}
+
+/// yip's step conditionals: `Ok(Some(why))` skips the step, `Err` is a bad filter (a
+/// failure of the step, named).
+pub fn filters(f: &Facts, step: &Step) -> Result<Option<String>, String> {
+    let regex = |key: &str, re: &str, value: &str, what: &str| -> Result<Option<String>, String> {
+        let r = regex::Regex::new(re).map_err(|e| format!("{key}: {re:?} is not a regex: {e}"))?;
+        if value.is_empty() {
+            return Ok(Some(format!("{key} {re:?}: the {what} is unknown")));
+        }
+        Ok((!r.is_match(value)).then(|| format!("{key} {re:?} does not match {what} {value:?}")))
+    };
+    let checks = [
+        ("only_os", &step.only_os, f.os_name.as_str(), "OS name"),
+        (
+            "only_os_version",
+            &step.only_os_version,
+            f.os_version.as_str(),
+            "OS version",
+        ),
+        ("only_arch", &step.only_arch, f.arch, "architecture"),
+    ];
+    for (key, re, value, what) in checks {
+        if let Some(re) = re.as_deref().filter(|r| !r.is_empty())
+            && let Some(why) = regex(key, re, value, what)?
+        {
+            return Ok(Some(why));
+        }
+    }
+    if let Some(m) = step
+        .only_service_manager
+        .as_deref()
+        .filter(|m| !m.is_empty())
+    {
+        let want = m.to_ascii_lowercase();
+        let have = match want.as_str() {
+            "systemd" => f.systemd,
+            "openrc" => f.openrc,
+            _ => {
+                return Err(format!(
+                    "only_service_manager {m:?}: not a service manager (systemd or openrc)"
+                ));
+            }
+        };
+        if f.systemd && f.openrc {
+            return Ok(Some(format!(
+                "only_service_manager {m:?}: the root has both systemd and openrc"
+            )));
+        }
+        if !have {
+            return Ok(Some(format!(
+                "only_service_manager {m:?}: the service manager is not {want}"
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// The modules a step uses, in the order they run (for `debug: true`).
+fn modules(step: &Step) -> Vec<&'static str> {
+    let mut m = Vec::new();
+    let mut add = |on: bool, name: &'static str| {
+        if on {
+            m.push(name);
+        }
+    };
+    add(step.if_.is_some(), "if");
+    add(step.dns.is_some(), "dns");
+    add(!step.downloads.is_empty(), "downloads");
+    add(!step.ensure_entities.is_empty(), "ensure_entities");
+    add(!step.directories.is_empty(), "directories");
+    add(!step.files.is_empty(), "files");
+    add(!step.commands.is_empty(), "commands");
+    add(!step.delete_entities.is_empty(), "delete_entities");
+    add(step.hostname.is_some(), "hostname");
+    add(!step.sysctl.is_empty(), "sysctl");
+    add(!step.users.is_empty(), "users");
+    add(!step.authorized_keys.is_empty(), "authorized_keys");
+    add(!step.modules.is_empty(), "modules");
+    add(!step.timesyncd.is_empty(), "timesyncd");
+    add(step.systemctl.is_some(), "systemctl");
+    add(!step.environment.is_empty(), "environment");
+    if m.is_empty() {
+        m.push("none");
+    }
+    m
+}
+
 /// `kairos-agent run-stage NAME`: load the config, run the stage, say how it went.
 /// `Refused` (exit 1) when a step failed; every step still ran.
 pub fn run_stage(
@@ -99,7 +305,25 @@ pub fn run_stage(
     };
     let loaded = crate::sources::load(ctx, &opts);
     report_load(&loaded, log).map_err(AgentError::Output)?;
-    let report = run(ctx, stage, &loaded.sources, log);
+    let run_opts = RunOptions {
+        debug: loaded.merged.debug,
+    };
+    if run_opts.debug {
+        for s in &loaded.sources {
+            writeln!(log, "kairos-agent: debug: source {}", s.origin)
+                .map_err(AgentError::Output)?;
+        }
+    }
+    let mut report = run_with(ctx, stage, &loaded.sources, run_opts, log);
+    // strict: a source skipped as malformed fails the stage as a failed step does (upstream
+    // counts both as the stage's errors).
+    if loaded.merged.strict {
+        for e in &loaded.errors {
+            report.failures.push(format!(
+                "stage {stage}: strict: {e}; this source was skipped"
+            ));
+        }
+    }
     writeln!(
         log,
         "kairos-agent: stage {stage}: {} steps ran, {} skipped, {} failed",
@@ -127,6 +351,50 @@ pub fn run_stage(
     Ok((outcome, report))
 }
 
+/// A hook stage of install, upgrade or reset did not go well and `strict: true` is set.
+#[derive(Debug, thiserror::Error)]
+#[error("stage {stage}: {} failed and strict is set, so {command} stops: {}", failures.len(), failures.join("; "))]
+pub struct HookFailed {
+    pub stage: String,
+    pub command: &'static str,
+    pub failures: Vec<String>,
+}
+
+/// Run a hook stage of `command` (install, upgrade, reset): failed steps are a warning and
+/// the command goes on, unless the config says `strict: true` (upstream's rule), when they
+/// (and sources skipped as malformed) stop it.
+pub fn hook(
+    ctx: &Ctx,
+    loaded: &config::Loaded,
+    stage: &str,
+    command: &'static str,
+    log: &mut dyn Write,
+) -> Result<StageReport, HookFailed> {
+    let opts = RunOptions {
+        debug: loaded.merged.debug,
+    };
+    let mut report = run_with(ctx, stage, &loaded.sources, opts, log);
+    if loaded.merged.strict {
+        report
+            .failures
+            .extend(loaded.errors.iter().map(|e| format!("strict: {e}")));
+        if !report.ok() {
+            return Err(HookFailed {
+                stage: stage.to_owned(),
+                command,
+                failures: report.failures,
+            });
+        }
+    } else if !report.ok() {
+        let _ = writeln!(
+            log,
+            "kairos-agent: warning: stage {stage}: {} step(s) failed; the {command} goes on (strict: true would stop it)",
+            report.failures.len()
+        );
+    }
+    Ok(report)
+}
+
 /// Say which files were skipped and why, and the unknown keys.
 pub fn report_load(loaded: &config::Loaded, log: &mut dyn Write) -> std::io::Result<()> {
     for e in &loaded.errors {
@@ -143,6 +411,8 @@ pub fn report_load(loaded: &config::Loaded, log: &mut dyn Write) -> std::io::Res
 
 enum StepResult {
     Skipped,
+    /// A step filter (only_os, ...) said no: why.
+    Filtered(String),
     Done(Vec<String>),
 }
 
@@ -212,21 +482,6 @@ fn run_step(ctx: &Ctx, step: &Step, log: &mut dyn Write) -> StepResult {
             "environment",
             write_environment(ctx, file, &step.environment),
         );
-    }
-    for (what, v) in [
-        ("layout", &step.layout),
-        ("git", &step.git),
-        ("datasource", &step.datasource),
-        ("packages", &step.packages),
-        ("systemd_firstboot", &step.systemd_firstboot),
-        ("unpack_images", &step.unpack_images),
-    ] {
-        if v.as_ref().is_some_and(|v| !v.is_null()) {
-            let _ = writeln!(
-                log,
-                "kairos-agent: warning: step module {what} is not supported by this agent; ignored"
-            );
-        }
     }
     StepResult::Done(errs)
 }
@@ -876,7 +1131,7 @@ mod tests {
         .unwrap();
         let s = source(
             "/oem/h.yaml",
-            "stages:\n  boot:\n  - hostname: node-1\n    environment: {FOO: new, BAR: 'two words'}\n    systctl: {vm.swappiness: '10'}\n  - sysctl:\n      net.ipv4.ip_forward: 1\n      kernel.nope: 1\n    dns:\n      nameservers: [10.0.2.3, 1.1.1.1]\n      search: [lan]\n    timesyncd: {NTP: pool.ntp.org}\n    environment_file: /etc/k3s.env\n    environment: {K: v}\n",
+            "stages:\n  boot:\n  - hostname: node-1\n    environment: {FOO: new, BAR: 'two words'}\n    systctl: {vm.swappiness: '10'}\n  - sysctl:\n      net.ipv4.ip_forward: 1\n      kernel.nope: 1\n    dns:\n      nameservers: [10.0.2.3, 1.1.1.1]\n      search: [lan]\n      options: [ndots:2]\n    timesyncd: {NTP: pool.ntp.org}\n    environment_file: /etc/k3s.env\n    environment: {K: v}\n",
         );
         let (r, log) = go(&t, "boot", &[s]);
         assert_eq!(read(&t, "/etc/hostname"), "node-1\n");
@@ -906,7 +1161,7 @@ mod tests {
         );
         assert_eq!(
             read(&t, "/etc/resolv.conf"),
-            "# written by kairos-agent (dns step)\nnameserver 10.0.2.3\nnameserver 1.1.1.1\nsearch lan\n"
+            "# written by kairos-agent (dns step)\nnameserver 10.0.2.3\nnameserver 1.1.1.1\nsearch lan\noptions ndots:2\n"
         );
         assert!(read(&t, "/etc/systemd/timesyncd.conf").contains("[Time]\nNTP=pool.ntp.org\n"));
     }
@@ -1128,6 +1383,7 @@ mod tests {
     #[test]
     fn a_download_with_the_wrong_sha256_is_not_written() {
         let t = Tree::new();
+        base_users(&t);
         let url = serve(b"payload\n");
         use sha2::Digest;
         let right: String = sha2::Sha256::digest(b"payload\n")
@@ -1138,12 +1394,14 @@ mod tests {
         let s = source(
             "/oem/d.yaml",
             &format!(
-                "stages:\n  boot:\n  - name: good\n    downloads:\n    - {{path: /etc/good.bin, url: '{url}/p', sha256: 'sha256:{}'}}\n  - name: bad\n    downloads:\n    - {{path: /etc/bad.bin, url: '{url}/p', sha256: '{wrong}'}}\n  - name: malformed\n    downloads:\n    - {{path: /etc/odd.bin, url: '{url}/p', sha256: xyz}}\n",
+                "stages:\n  boot:\n  - name: good\n    downloads:\n    - {{path: /etc/good.bin, url: '{url}/p', sha256: 'sha256:{}', permissions: 0600, owner_string: kairos, group: 27, timeout: 5}}\n  - name: bad\n    downloads:\n    - {{path: /etc/bad.bin, url: '{url}/p', sha256: '{wrong}'}}\n  - name: malformed\n    downloads:\n    - {{path: /etc/odd.bin, url: '{url}/p', sha256: xyz}}\n",
                 right.to_uppercase()
             ),
         );
         let (r, log) = go(&t, "boot", &[s]);
         assert_eq!(read(&t, "/etc/good.bin"), "payload\n", "{log}");
+        let m = std::fs::metadata(t.ctx.path("/etc/good.bin")).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o600, 1000, 27));
         assert!(!t.ctx.path("/etc/bad.bin").exists(), "{log}");
         assert!(!t.ctx.path("/etc/odd.bin").exists(), "{log}");
         assert_eq!(r.failures.len(), 2, "{log}");
@@ -1158,6 +1416,246 @@ mod tests {
             r.failures[1].contains("sha256 \"xyz\": not 64 hex digits"),
             "{}",
             r.failures[1]
+        );
+    }
+
+    fn run_logged(t: &Tree, stage: &str) -> (Outcome, StageReport, String) {
+        let mut log = Vec::new();
+        let (o, r) = run_stage(&t.ctx, stage, &mut log).unwrap();
+        (o, r, String::from_utf8(log).unwrap())
+    }
+
+    #[test]
+    fn a_files_name_shows_in_the_stage_log() {
+        let t = Tree::new();
+        t.file(
+            "/oem/10.yaml",
+            "#cloud-config\nname: Tune the box\nstages:\n  boot:\n  - name: one\n    commands: ['true']\n",
+        );
+        let (_, _, log) = run_logged(&t, "boot");
+        assert!(
+            log.contains("stage boot: /oem/10.yaml (\"Tune the box\"): step \"one\": done"),
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn strict_fails_hooks_and_counts_skipped_sources() {
+        let t = Tree::new();
+        t.file(
+            "/oem/10.yaml",
+            "#cloud-config\nstages:\n  before-install:\n  - name: breaks\n    commands: ['exit 4', 'echo still >> ran']\n  boot:\n  - commands: ['true']\n",
+        );
+        t.file("/oem/20_bad.yaml", "#cloud-config\nstages: [\n");
+        let load = |t: &Tree| {
+            crate::sources::load(
+                &t.ctx,
+                &config::LoadOptions {
+                    fetch: false,
+                    ..config::LoadOptions::default()
+                },
+            )
+        };
+        // Not strict: the hook's failure is a warning and the command goes on; run-stage
+        // fails only for the failed step, not for the skipped file.
+        let mut log = Vec::new();
+        let r = hook(&t.ctx, &load(&t), "before-install", "install", &mut log).unwrap();
+        let text = String::from_utf8(log).unwrap();
+        assert_eq!(r.failures.len(), 1);
+        assert!(
+            text.contains("warning: stage before-install: 1 step(s) failed; the install goes on"),
+            "{text}"
+        );
+        assert_eq!(read(&t, "/ran"), "still\n", "the step's other commands ran");
+        let (o, r, _) = run_logged(&t, "boot");
+        assert_eq!((o, r.failures.len()), (Outcome::Done, 0));
+        // strict: the hook stops the command (every step still ran, as upstream), and the
+        // skipped file fails the stage.
+        t.file("/oem/30.yaml", "#cloud-config\nstrict: true\n");
+        let mut log = Vec::new();
+        let e = hook(&t.ctx, &load(&t), "before-install", "install", &mut log).unwrap_err();
+        assert_eq!(read(&t, "/ran"), "still\nstill\n");
+        assert_eq!(e.failures.len(), 2, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("stage before-install: 2 failed and strict is set, so install stops: stage before-install: /oem/10.yaml: step \"breaks\": commands: `exit 4`: exit status: 4; strict: /oem/20_bad.yaml:"),
+            "{msg}"
+        );
+        let (o, r, log) = run_logged(&t, "boot");
+        assert_eq!(o, Outcome::Refused, "{log}");
+        assert_eq!(r.failures.len(), 1);
+        assert!(
+            r.failures[0].starts_with("stage boot: strict: /oem/20_bad.yaml:"),
+            "{:?}",
+            r.failures
+        );
+        assert!(!t.ctx.path(BOOT_STAGE_OK).exists());
+    }
+
+    #[test]
+    fn debug_logs_sources_filters_and_modules() {
+        let t = Tree::new();
+        t.file(
+            "/oem/10.yaml",
+            "#cloud-config\nstages:\n  boot:\n  - name: files\n    files: [{path: /etc/a, content: x}]\n    commands: ['true']\n  - name: never\n    only_service_manager: openrc\n",
+        );
+        let (_, _, quiet) = run_logged(&t, "boot");
+        assert!(!quiet.contains("debug:"), "{quiet}");
+        t.file("/oem/20.yaml", "#cloud-config\ndebug: true\n");
+        let (_, r, log) = run_logged(&t, "boot");
+        assert_eq!((r.ran, r.skipped), (1, 1), "{log}");
+        for line in [
+            "kairos-agent: debug: source /oem/10.yaml\n",
+            "kairos-agent: debug: source /oem/20.yaml\n",
+            "kairos-agent: debug: stage boot.before: /oem/10.yaml: no steps\n",
+            "kairos-agent: debug: stage boot: /oem/10.yaml: step \"files\": modules: files, commands\n",
+            "kairos-agent: debug: stage boot: /oem/10.yaml: step \"never\": modules: none\n",
+            "kairos-agent: stage boot: /oem/10.yaml: step \"never\": skipped (only_service_manager \"openrc\": the service manager is not openrc)\n",
+        ] {
+            assert!(log.contains(line), "{line}\n{log}");
+        }
+        // A later file turns it off again (the merge's rule).
+        t.file("/oem/30.yaml", "#cloud-config\ndebug: false\n");
+        let (_, _, log) = run_logged(&t, "boot");
+        assert!(!log.contains("debug:"), "{log}");
+    }
+
+    #[test]
+    fn only_os_version_arch_and_service_manager_filter_steps() {
+        let t = Tree::new();
+        t.file(
+            "/etc/os-release",
+            "NAME=\"Alpine Linux\"\nID=alpine\nVERSION_ID=3.19.1\nPRETTY_NAME=\"Alpine Linux v3.19\"\n",
+        );
+        t.file("/usr/bin/openrc", "");
+        let arch = go_arch(std::env::consts::ARCH);
+        let s = source(
+            "/oem/f.yaml",
+            &format!(
+                "stages:\n  boot:\n  - {{name: alpine, only_os: Alpine, commands: [echo alpine >> ran]}}\n  - {{name: ubuntu, only_os: '^Ubuntu', commands: [echo ubuntu >> ran]}}\n  - {{name: v319, only_os_version: '^3\\.19', commands: [echo v319 >> ran]}}\n  - {{name: v4, only_os_version: '^4', commands: [echo v4 >> ran]}}\n  - {{name: arch, only_arch: '^{arch}$', commands: [echo arch >> ran]}}\n  - {{name: s390, only_arch: s390x, commands: [echo s390 >> ran]}}\n  - {{name: openrc, only_service_manager: OpenRC, commands: [echo openrc >> ran]}}\n  - {{name: systemd, only_service_manager: systemd, commands: [echo systemd >> ran]}}\n  - {{name: badre, only_os: '(', commands: [echo badre >> ran]}}\n  - {{name: runit, only_service_manager: runit, commands: [echo runit >> ran]}}\n"
+            ),
+        );
+        let (r, log) = go(&t, "boot", std::slice::from_ref(&s));
+        assert_eq!(read(&t, "/ran"), "alpine\nv319\narch\nopenrc\n", "{log}");
+        assert_eq!((r.ran, r.skipped, r.failures.len()), (6, 4, 2), "{log}");
+        for line in [
+            "step \"ubuntu\": skipped (only_os \"^Ubuntu\" does not match OS name \"Alpine Linux v3.19\")",
+            "step \"v4\": skipped (only_os_version \"^4\" does not match OS version \"3.19.1\")",
+            "step \"s390\": skipped (only_arch \"s390x\" does not match architecture",
+            "step \"systemd\": skipped (only_service_manager \"systemd\": the service manager is not systemd)",
+        ] {
+            assert!(log.contains(line), "{line}\n{log}");
+        }
+        assert!(
+            r.failures[0].contains("step \"badre\": only_os: \"(\" is not a regex"),
+            "{:?}",
+            r.failures
+        );
+        assert!(
+            r.failures[1].contains(
+                "only_service_manager \"runit\": not a service manager (systemd or openrc)"
+            ),
+            "{:?}",
+            r.failures
+        );
+        // Both managers present: yip cannot tell, so the step is skipped.
+        t.file("/bin/systemctl", "");
+        let (_, log) = go(&t, "boot", &[s]);
+        assert!(log.contains("step \"openrc\": skipped (only_service_manager \"OpenRC\": the root has both systemd and openrc)"), "{log}");
+    }
+
+    #[test]
+    fn user_fields_uid_home_gecos_and_primary_group() {
+        let t = Tree::new();
+        base_users(&t);
+        let s = source(
+            "/oem/u.yaml",
+            "#cloud-config\nusers:\n- name: ops\n  uid: 2001\n  gecos: Operations\n  homedir: /srv/ops\n  primary_group: admin\n- name: lone\n  uid: 2002\n  no_user_group: true\n  no-create-home: true\nstages:\n  boot:\n  - users:\n      svc:\n        uid: 2003\n        primary-group: kairos\n        homedir: /var/lib/svc\n",
+        );
+        let (r, log) = go(&t, "boot", &[s]);
+        assert!(r.ok(), "{log}");
+        let passwd = read(&t, "/etc/passwd");
+        assert!(
+            passwd.contains("ops:x:2001:27:Operations:/srv/ops:/bin/sh\n"),
+            "{passwd}"
+        );
+        assert!(
+            passwd.contains("lone:x:2002:100::/home/lone:/bin/sh\n"),
+            "{passwd}"
+        );
+        assert!(
+            passwd.contains("svc:x:2003:1000::/var/lib/svc:/bin/sh\n"),
+            "{passwd}"
+        );
+        assert!(
+            !read(&t, "/etc/group").contains("ops:"),
+            "primary_group: no group of its own"
+        );
+        let m = std::fs::metadata(t.ctx.path("/srv/ops")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (2001, 27));
+        assert!(!t.ctx.path("/home/lone").exists());
+    }
+
+    #[test]
+    fn cloud_init_write_files_runcmd_and_keys_take_effect() {
+        let t = Tree::new();
+        base_users(&t);
+        t.file("/etc/motd", "hello\n");
+        t.file(
+            "/oem/c.yaml",
+            "#cloud-config\nssh_authorized_keys: [ssh-ed25519 AAAA root@x]\nwrite_files:\n- path: /etc/app.conf\n  content: 'a=1'\n  permissions: '0640'\n  owner: kairos:kairos\n- path: /etc/blob\n  content: aGk=\n  encoding: b64\n  owner_string: kairos\n  group: admin\n- path: /etc/motd\n  content: \"more\\n\"\n  append: true\nruncmd:\n- echo first >> ran\n- [sh, -c, 'echo second >> ran']\n",
+        );
+        let (o, r, log) = run_logged(&t, "boot");
+        assert_eq!((o, r.failures.len()), (Outcome::Done, 0), "{log}");
+        assert_eq!(read(&t, "/etc/app.conf"), "a=1");
+        let m = std::fs::metadata(t.ctx.path("/etc/app.conf")).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o640, 1000, 1000));
+        assert_eq!(read(&t, "/etc/blob"), "hi");
+        let m = std::fs::metadata(t.ctx.path("/etc/blob")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (1000, 27));
+        assert_eq!(read(&t, "/etc/motd"), "hello\nmore\n");
+        assert_eq!(read(&t, "/ran"), "first\nsecond\n");
+        assert_eq!(
+            read(&t, "/root/.ssh/authorized_keys"),
+            "ssh-ed25519 AAAA root@x\n"
+        );
+    }
+
+    #[test]
+    fn systemctl_overrides_are_drop_ins_and_verbs_call_systemctl() {
+        let t = Tree::new();
+        let s = source(
+            "/oem/s.yaml",
+            "stages:\n  boot:\n  - systemctl:\n      overrides:\n      - service: k3s\n        name: limits\n        content: \"[Service]\\nLimitNOFILE=4096\\n\"\n      - service: sshd.socket\n        content: \"[Socket]\\n\"\n      enable: [foo.service]\n      disable: [bar.service]\n      mask: [baz.service]\n      start: [qux.service]\n",
+        );
+        let (r, log) = go(&t, "boot", &[s]);
+        assert_eq!(
+            read(&t, "/etc/systemd/system/k3s.service.d/limits.conf"),
+            "[Service]\nLimitNOFILE=4096\n"
+        );
+        assert_eq!(
+            read(&t, "/etc/systemd/system/sshd.socket.d/override-kairos.conf"),
+            "[Socket]\n"
+        );
+        // The verbs run `systemctl --root=ROOT VERB UNIT` off the running system (start
+        // only on it). Enabling a unit the root does not have fails, naming the command, with
+        // or without systemctl on this host; masking works when systemctl is there.
+        let root = config::de::shell_quote(&t.ctx.root.to_string_lossy());
+        let failed = r.failures.join("\n");
+        assert!(
+            failed.contains(&format!("`systemctl --root={root} enable foo.service`")),
+            "{failed}\n{log}"
+        );
+        let masked = std::fs::symlink_metadata(t.ctx.path("/etc/systemd/system/baz.service"))
+            .is_ok_and(|m| m.file_type().is_symlink());
+        assert!(
+            masked || failed.contains(&format!("`systemctl --root={root} mask baz.service`")),
+            "{failed}\n{log}"
+        );
+        assert!(
+            !r.failures.iter().any(|f| f.contains("qux.service")),
+            "{:?}",
+            r.failures
         );
     }
 }

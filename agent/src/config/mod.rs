@@ -13,6 +13,8 @@
 pub(crate) mod de;
 pub mod keys;
 pub mod schema;
+pub mod template;
+pub mod validate;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -63,6 +65,12 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
     #[error("config_url {url}: {message}")]
     Fetch { url: String, message: String },
+    /// A Go-template expression that could not be rendered.
+    #[error("{path}:{}: {{{{{}}}}}: {}", .error.line, .error.expr, .error.message)]
+    Template {
+        path: String,
+        error: template::TemplateError,
+    },
 }
 
 impl ConfigError {
@@ -72,7 +80,8 @@ impl ConfigError {
             ConfigError::Read(e) => e.path.to_str().unwrap_or_default(),
             ConfigError::TooLarge { path }
             | ConfigError::Yaml { path, .. }
-            | ConfigError::Invalid { path, .. } => path,
+            | ConfigError::Invalid { path, .. }
+            | ConfigError::Template { path, .. } => path,
             ConfigError::Fetch { url, .. } => url,
         }
     }
@@ -117,40 +126,6 @@ impl Default for LoadOptions {
         }
     }
 }
-
-/// Top-level keys of [`Config`].
-const TYPED_KEYS: &[&str] = &[
-    "stages",
-    "users",
-    "write_files",
-    "runcmd",
-    "ssh_authorized_keys",
-    "hostname",
-    "k3s",
-    "k3s-agent",
-    "install",
-    "p2p",
-    "upgrade",
-    "config_url",
-    "name",
-];
-/// Kairos keys kept untyped (other parts of Kairos read them); no warning for these.
-const KNOWN_UNTYPED_KEYS: &[&str] = &[
-    "debug",
-    "strict",
-    "logs",
-    "cloud-init-paths",
-    "kairos",
-    "vpn",
-    "kubevip",
-    "reset",
-    "bundles",
-    "options",
-    "fail_on_bundles_errors",
-    "growpart",
-    "k0s",
-    "k0s-worker",
-];
 
 impl Config {
     /// The stages of this source as yip runs them: the cloud-init keys become steps first
@@ -315,6 +290,143 @@ pub fn parse(
     }))
 }
 
+/// The template context, read from the root the first time a source needs it.
+pub struct Renderer<'a> {
+    ctx: &'a Ctx,
+    data: Option<template::Val>,
+}
+
+impl<'a> Renderer<'a> {
+    pub fn new(ctx: &'a Ctx) -> Self {
+        Renderer { ctx, data: None }
+    }
+
+    /// `text` with its `{{ }}` expressions rendered (as it is when it has none).
+    pub fn render(&mut self, origin: &str, text: &str) -> Result<String, ConfigError> {
+        self.render_escaped(origin, text, None)
+    }
+
+    /// A URL from the command line: each rendered value is URL-encoded (as upstream).
+    pub fn render_url(&mut self, origin: &str, url: &str) -> Result<String, ConfigError> {
+        self.render_escaped(origin, url, Some(template::query_escape))
+    }
+
+    fn render_escaped(
+        &mut self,
+        origin: &str,
+        text: &str,
+        escape: Option<fn(&str) -> String>,
+    ) -> Result<String, ConfigError> {
+        if !template::has_template(text) {
+            return Ok(text.to_owned());
+        }
+        let ctx = self.ctx;
+        let data = self.data.get_or_insert_with(|| node_facts(ctx).context());
+        template::render_with(text, data, escape).map_err(|error| ConfigError::Template {
+            path: origin.to_owned(),
+            error,
+        })
+    }
+}
+
+/// [`parse`] after rendering the text's templates (only a text that counts: one with its
+/// header where a header is required).
+pub fn parse_rendered(
+    origin: &str,
+    text: &str,
+    require_header: bool,
+    r: &mut Renderer,
+) -> Result<Option<Source>, ConfigError> {
+    if require_header && !has_header(text) {
+        return Ok(None);
+    }
+    parse(origin, &r.render(origin, text)?, require_header)
+}
+
+/// What the templates can name, from the root (machine id, os-release, SMBIOS, network
+/// interfaces) and the kernel's random source.
+pub fn node_facts(ctx: &Ctx) -> template::NodeFacts {
+    let line = |p: &str| ctx.read_line(p).unwrap_or_default();
+    let machine_id = ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+        .iter()
+        .find_map(|p| ctx.read_line(p))
+        .ok_or_else(|| {
+            "no machine id: /etc/machine-id (and /var/lib/dbus/machine-id) missing or empty"
+                .to_owned()
+        });
+    let os = ["/etc/os-release", "/usr/lib/os-release"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(ctx.path(p)).ok())
+        .unwrap_or_default();
+    let field = |k: &str| {
+        os.lines()
+            .find_map(|l| l.trim().strip_prefix(k)?.strip_prefix('='))
+            .map(|v| v.trim().trim_matches('"').trim_matches('\'').to_owned())
+            .unwrap_or_default()
+    };
+    let mut hostname = line("/etc/hostname");
+    if hostname.is_empty() && ctx.root == Path::new("/") {
+        hostname = rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned();
+    }
+    // Physical interfaces only (a `device` link), as sysinfo lists them.
+    let mut network = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(ctx.path("/sys/class/net")) {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !e.path().join("device").exists() {
+                continue;
+            }
+            let mac = std::fs::read_to_string(e.path().join("address")).unwrap_or_default();
+            network.push((name, mac.trim().to_owned()));
+        }
+    }
+    network.sort();
+    let mut rnd = [0u8; 48];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut rnd));
+    const LETTERS: &[u8] = b"1234567890abcdefghijklmnopqrstuvwxyz";
+    let random: String = rnd[..32]
+        .iter()
+        .map(|b| LETTERS[*b as usize % LETTERS.len()] as char)
+        .collect();
+    let mut u = [0u8; 16];
+    u.copy_from_slice(&rnd[32..]);
+    u[6] = (u[6] & 0x0f) | 0x40;
+    u[8] = (u[8] & 0x3f) | 0x80;
+    let hex: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    );
+    template::NodeFacts {
+        machine_id,
+        hostname,
+        os_name: field("PRETTY_NAME"),
+        os_vendor: field("ID"),
+        os_version: field("VERSION_ID"),
+        os_release: field("VERSION"),
+        architecture: match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            other => other,
+        }
+        .to_owned(),
+        product_uuid: line("/sys/class/dmi/id/product_uuid"),
+        product_serial: line("/sys/class/dmi/id/product_serial"),
+        product_name: line("/sys/class/dmi/id/product_name"),
+        product_vendor: line("/sys/class/dmi/id/sys_vendor"),
+        network,
+        random,
+        uuid,
+    }
+}
+
 /// Merge `b` into `a` (b wins): maps merge per key, lists of maps concatenate, other lists
 /// union (a's order, then b's new items), scalars are replaced; a null in `b` changes
 /// nothing.
@@ -354,9 +466,10 @@ pub type Fetch<'a> = &'a dyn Fn(&str, Duration, u64) -> Result<Vec<u8>, String>;
 /// are fetched with `fetch` (when `opts.fetch` allows).
 pub fn load_with(ctx: &Ctx, opts: &LoadOptions, fetch: Fetch) -> Loaded {
     let mut l = Loaded::default();
+    let mut r = Renderer::new(ctx);
     let mut system = Vec::new();
     for (path, text) in read_dir_files(ctx, SYSTEM_DIR, &mut l.errors) {
-        match parse(&path, &text, false) {
+        match parse_rendered(&path, &text, false, &mut r) {
             Ok(Some(s)) => system.push(s),
             Ok(None) => {}
             Err(e) => l.errors.push(e),
@@ -365,7 +478,7 @@ pub fn load_with(ctx: &Ctx, opts: &LoadOptions, fetch: Fetch) -> Loaded {
     let mut node = Vec::new();
     for dir in DIRS {
         for (path, text) in read_dir_files(ctx, dir, &mut l.errors) {
-            match parse(&path, &text, true) {
+            match parse_rendered(&path, &text, true, &mut r) {
                 Ok(Some(s)) => node.push(s),
                 Ok(None) => l.warnings.push(format!(
                     "{path}: no #cloud-config header in its first {HEADER_LINES} lines; ignored"
@@ -374,11 +487,52 @@ pub fn load_with(ctx: &Ctx, opts: &LoadOptions, fetch: Fetch) -> Loaded {
             }
         }
     }
+    // cloud-init-paths: more directories of stage files (yip files: no header needed), run
+    // after the node's own and not merged into its config (upstream's run-stage paths).
+    let mut extra = Vec::new();
+    let mut dirs_done: Vec<String> = DIRS
+        .iter()
+        .chain([&SYSTEM_DIR])
+        .map(|d| d.to_string())
+        .collect();
+    let wanted: Vec<String> = node
+        .iter()
+        .flat_map(|s| s.config.cloud_init_paths.iter().cloned())
+        .collect();
+    for dir in wanted {
+        let dir = dir.trim_end_matches('/').to_owned();
+        if dirs_done.contains(&dir) || dir.is_empty() {
+            continue;
+        }
+        if !dir.starts_with('/') {
+            l.warnings.push(format!(
+                "cloud-init-paths: {dir:?} is not an absolute path; not read"
+            ));
+            continue;
+        }
+        for (path, text) in read_dir_files(ctx, &dir, &mut l.errors) {
+            match parse_rendered(&path, &text, false, &mut r) {
+                Ok(Some(s)) => extra.push(s),
+                Ok(None) => {}
+                Err(e) => l.errors.push(e),
+            }
+        }
+        dirs_done.push(dir);
+    }
     let cmdline = std::fs::read_to_string(ctx.path("/proc/cmdline")).unwrap_or_default();
     let (cmd_source, urls) = from_cmdline(&cmdline, &mut l.errors);
     if let Some(s) = cmd_source {
         node.push(s);
     }
+    // Templated URLs (upstream renders config_url before fetching it), values URL-encoded.
+    let mut rendered_urls = Vec::new();
+    for u in urls {
+        match r.render_url(CMDLINE_ORIGIN, &u) {
+            Ok(u) => rendered_urls.push(u),
+            Err(e) => l.errors.push(e),
+        }
+    }
+    let urls = rendered_urls;
     // config_url: the command line's, then any named by a config (recursively).
     let mut pending: Vec<(String, usize)> = urls.into_iter().map(|u| (u, 0)).collect();
     for s in &node {
@@ -398,7 +552,7 @@ pub fn load_with(ctx: &Ctx, opts: &LoadOptions, fetch: Fetch) -> Loaded {
                 .push(format!("config_url {url}: not fetched in this stage"));
             continue;
         }
-        match fetch_config(&url, opts.fetch_timeout, fetch) {
+        match fetch_config(&url, opts.fetch_timeout, fetch, &mut r) {
             Ok(Some(s)) => {
                 if let Some(next) = &s.config.config_url {
                     if depth + 1 < MAX_URL_DEPTH {
@@ -425,19 +579,13 @@ pub fn load_with(ctx: &Ctx, opts: &LoadOptions, fetch: Fetch) -> Loaded {
         Value::Object(m) => m,
         _ => Map::new(),
     };
-    for k in raw.keys() {
-        if !TYPED_KEYS.contains(&k.as_str()) && !KNOWN_UNTYPED_KEYS.contains(&k.as_str()) {
-            let from: Vec<&str> = node
-                .iter()
-                .filter(|s| s.raw.contains_key(k))
-                .map(|s| s.origin.as_str())
-                .collect();
-            l.warnings.push(format!(
-                "unknown key {k:?} (in {}): kept, not used",
-                from.join(", ")
-            ));
-        }
+    // Every key of every source against the registry: unknown ones and the ones that are
+    // not supported are said on each load.
+    let mut findings = keys::Findings::default();
+    for s in system.iter().chain(node.iter()).chain(extra.iter()) {
+        findings.check(&s.origin, &s.raw);
     }
+    l.warnings.extend(findings.warnings());
     l.merged = match serde_json::from_value::<Config>(Value::Object(raw.clone())) {
         Ok(c) => c,
         Err(e) => {
@@ -452,6 +600,7 @@ pub fn load_with(ctx: &Ctx, opts: &LoadOptions, fetch: Fetch) -> Loaded {
     l.raw = raw;
     l.sources = system;
     l.sources.extend(node);
+    l.sources.extend(extra);
     l
 }
 
@@ -565,7 +714,12 @@ fn set_path(m: &mut Map<String, Value>, path: &[&str], v: Value) {
     }
 }
 
-fn fetch_config(url: &str, timeout: Duration, fetch: Fetch) -> Result<Option<Source>, ConfigError> {
+fn fetch_config(
+    url: &str,
+    timeout: Duration,
+    fetch: Fetch,
+    r: &mut Renderer,
+) -> Result<Option<Source>, ConfigError> {
     let body = fetch(url, timeout, MAX_FILE_BYTES).map_err(|message| ConfigError::Fetch {
         url: url.to_owned(),
         message,
@@ -574,7 +728,7 @@ fn fetch_config(url: &str, timeout: Duration, fetch: Fetch) -> Result<Option<Sou
         url: url.to_owned(),
         message: "not UTF-8 text".into(),
     })?;
-    parse(url, &text, true)
+    parse_rendered(url, &text, true, r)
 }
 
 #[cfg(test)]
@@ -869,6 +1023,167 @@ mod tests {
                 .starts_with("config_url http://127.0.0.1:9/next: "),
             "{}",
             l.errors[0]
+        );
+    }
+
+    #[test]
+    fn unknown_nested_and_unsupported_keys_are_warned_on_every_load() {
+        let t = Tree::new();
+        src(
+            &t,
+            "/oem/10.yaml",
+            "#cloud-config\nusers:\n- name: a\n  colour: red\nwrite_files:\n- path: /x\n  mode: '0600'\nstages:\n  boot:\n  - name: s\n    frobnicate: 1\n    files:\n    - path: /y\n      colour: blue\nk0s:\n  enabled: true\ngrowpart:\n  devices: ['/']\n",
+        );
+        src(
+            &t,
+            "/oem/20.yaml",
+            "#cloud-config\nk0s: {enabled: false}\nfancy: 1\n",
+        );
+        let expected = [
+            "unknown key \"users.colour\" (in /oem/10.yaml): kept, not used",
+            "unknown key \"write_files.mode\" (in /oem/10.yaml): kept, not used",
+            "unknown key \"stages.boot.frobnicate\" (in /oem/10.yaml): kept, not used",
+            "unknown key \"stages.boot.files.colour\" (in /oem/10.yaml): kept, not used",
+            "unknown key \"fancy\" (in /oem/20.yaml): kept, not used",
+            "not supported: key \"growpart\" (in /oem/10.yaml): partitions are not grown at boot; install sizes COS_PERSISTENT to fill the disk (install.partitions sets the sizes)",
+            "not supported: key \"k0s\" (in /oem/10.yaml, /oem/20.yaml): k0s is not supported by this agent; use k3s",
+        ];
+        for _ in 0..2 {
+            let l = load(&t.ctx, &no_fetch());
+            assert!(l.errors.is_empty(), "{:?}", l.errors);
+            let mut got = l.warnings.clone();
+            got.sort();
+            let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+            want.sort();
+            assert_eq!(got, want);
+            // Kept in the raw tree.
+            assert_eq!(l.raw["users"][0]["colour"], "red");
+        }
+        // run-stage says them too.
+        let mut log = Vec::new();
+        crate::stages::run_stage(&t.ctx, "fs", &mut log).unwrap();
+        let log = String::from_utf8(log).unwrap();
+        assert!(
+            log.contains("kairos-agent: warning: not supported: key \"k0s\" (in /oem/10.yaml, /oem/20.yaml): "),
+            "{log}"
+        );
+        assert!(
+            log.contains("kairos-agent: warning: unknown key \"stages.boot.frobnicate\""),
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn registry_lookup_rules() {
+        use keys::{Lookup, Support, lookup};
+        let key = |p: &[&str]| match lookup(p) {
+            Lookup::Key(k) => Some(k.path),
+            _ => None,
+        };
+        assert_eq!(
+            key(&["stages", "boot", "files", "path"]),
+            Some("stages.*.files.path")
+        );
+        assert_eq!(key(&["k0s"]), Some("k0s.**"));
+        assert_eq!(key(&["k0s", "args", "x"]), Some("k0s.**"));
+        assert_eq!(lookup(&["stages", "boot"]), Lookup::Parent);
+        assert_eq!(lookup(&["stages", "boot", "nope"]), Lookup::Unknown);
+        assert_eq!(lookup(&["users", "uid"]).clone(), lookup(&["users", "uid"]));
+        assert!(matches!(
+            lookup(&["stages", "x", "environment", "ANY_NAME"]),
+            Lookup::Key(k) if k.support == Support::Shown("hostname_environment_sysctl_dns_timesyncd")
+        ));
+        // No path is listed twice.
+        let mut paths: Vec<&str> = keys::KEYS.iter().map(|k| k.path).collect();
+        paths.sort();
+        let n = paths.len();
+        paths.dedup();
+        assert_eq!(paths.len(), n, "a key is listed twice");
+    }
+
+    #[test]
+    fn templates_render_per_source_before_parsing() {
+        let t = Tree::new();
+        t.file("/etc/machine-id", "5f3a9c0e1b2d4f6a8c0e2b4d6f8a0c1e\n");
+        t.file("/etc/hostname", "oldname\n");
+        src(
+            &t,
+            "/oem/10.yaml",
+            "#cloud-config\n# {{ a comment is not rendered }}\nhostname: node-{{ trunc 4 .MachineID }}\nwrite_files:\n- path: /etc/who\n  content: \"{{ .Values.node.hostname | upper }}\"\n  permissions: {{ \"0600\" }}\n",
+        );
+        src(
+            &t,
+            "/oem/20_bad.yaml",
+            "#cloud-config\nusers:\n- name: {{ shout .MachineID }}\n",
+        );
+        let l = load(&t.ctx, &no_fetch());
+        assert_eq!(l.merged.hostname.as_deref(), Some("node-5f3a"));
+        assert_eq!(l.merged.write_files[0].content, "OLDNAME");
+        // Rendered before parsing: the value is still an octal mode.
+        assert_eq!(l.merged.write_files[0].permissions, Some(0o600));
+        assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
+        assert_eq!(
+            l.errors[0].to_string(),
+            "/oem/20_bad.yaml:3: {{shout .MachineID}}: unknown function \"shout\""
+        );
+        assert!(l.merged.users.is_empty(), "the bad file is skipped");
+        // The initramfs stage sets it.
+        let mut log = Vec::new();
+        crate::stages::run_stage(&t.ctx, "initramfs", &mut log).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(t.ctx.path("/etc/hostname")).unwrap(),
+            "node-5f3a\n"
+        );
+        // Without a machine id the file that needs one is skipped, saying why.
+        std::fs::remove_file(t.ctx.path("/etc/machine-id")).unwrap();
+        let l = load(&t.ctx, &no_fetch());
+        let e = l.errors[0].to_string();
+        assert!(
+            e.starts_with("/oem/10.yaml:3: {{trunc 4 .MachineID}}: no machine id: /etc/machine-id"),
+            "{e}"
+        );
+        // A templated command-line config_url: values are URL-encoded.
+        let mut r = Renderer::new(&t.ctx);
+        assert_eq!(
+            r.render_url(
+                CMDLINE_ORIGIN,
+                "http://d/r?h={{ .Values.node.hostname }} x&os={{ \"a b&c\" }}"
+            )
+            .unwrap(),
+            "http://d/r?h=node-5f3a x&os=a+b%26c"
+        );
+    }
+
+    #[test]
+    fn cloud_init_paths_add_stage_files() {
+        let t = Tree::new();
+        src(
+            &t,
+            "/oem/10.yaml",
+            "#cloud-config\ncloud-init-paths: [/custom/, relative, /oem]\nhostname: mine\n",
+        );
+        // No header needed there; their stages run, their other keys do not merge.
+        t.file(
+            "/custom/a.yaml",
+            "hostname: theirs\nstages:\n  boot:\n  - commands: [echo custom >> ran]\n",
+        );
+        t.file(
+            "/custom/notes.txt",
+            "stages: {boot: [{commands: [echo no >> ran]}]}\n",
+        );
+        let l = load(&t.ctx, &no_fetch());
+        let origins: Vec<&str> = l.sources.iter().map(|s| s.origin.as_str()).collect();
+        assert_eq!(origins, ["/oem/10.yaml", "/custom/a.yaml"]);
+        assert_eq!(l.merged.hostname.as_deref(), Some("mine"));
+        assert_eq!(
+            l.warnings,
+            ["cloud-init-paths: \"relative\" is not an absolute path; not read"]
+        );
+        let mut log = Vec::new();
+        crate::stages::run_stage(&t.ctx, "boot", &mut log).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(t.ctx.path("/ran")).unwrap(),
+            "custom\n"
         );
     }
 }
