@@ -1,4 +1,10 @@
-//! `kairos-agent state`: what booted, why, the counters and the partitions, as one JSON object.
+//! `kairos-agent state`: what booted, why, the counters and the partitions, as one JSON object;
+//! `state get KEY` prints one value of it (a dotted path, as `config get`). Besides our own
+//! keys the object carries upstream's (kairos-sdk's runtime state) so scripts written for
+//! Kairos work: `boot` (active_boot, passive_boot, recovery_boot, autoreset_boot,
+//! livecd_boot, unknown), `uuid`, `oem`/`state`/`recovery`/`persistent` (found, mounted,
+//! mount_point, name, label, filesystemlabel, type, read_only, size_bytes, uuid) and
+//! `kairos` (version, flavor, flavor_release, init).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -25,6 +31,43 @@ const KAIROS_LABELS: &[&str] = &[
     labels::PASSIVE,
     labels::SYSTEM,
 ];
+
+/// `kairos-agent state`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct StateArgs {
+    /// Indented, several lines
+    #[arg(long)]
+    pub pretty: bool,
+    #[command(subcommand)]
+    pub action: Option<StateAction>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum StateAction {
+    /// Print one value of the state: a scalar bare, a map or list as YAML; exit 1 when the
+    /// key is absent. KEY is a dotted path: boot, oem.mounted, grubenv.tries_cos,
+    /// partitions.0.label
+    #[command(visible_alias = "g")]
+    Get {
+        #[arg(value_name = "KEY")]
+        key: String,
+    },
+}
+
+pub fn state_cmd(
+    ctx: &Ctx,
+    args: &StateArgs,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<Outcome, AgentError> {
+    match &args.action {
+        None => state(ctx, args.pretty, out, err),
+        Some(StateAction::Get { key }) => {
+            let v = collect(ctx, err)?;
+            crate::configcmd::get(&v, key, "the boot state", out, err)
+        }
+    }
+}
 
 pub fn state(
     ctx: &Ctx,
@@ -70,7 +113,15 @@ pub fn collect(ctx: &Ctx, err: &mut dyn Write) -> Result<Value, AgentError> {
             s.insert("boot_good".into(), Value::Null);
         }
     }
-    s.insert("partitions".into(), partitions(ctx));
+    let (parts, mut upstream) = partitions(ctx);
+    for (key, label) in UPSTREAM_PARTITIONS {
+        let p = upstream.remove(*label).unwrap_or_else(missing_partition);
+        s.insert((*key).into(), p);
+    }
+    s.insert("partitions".into(), parts);
+    s.insert("boot".into(), json!(upstream_boot(ctx.mode())));
+    s.insert("uuid".into(), json!(node_uuid(ctx)));
+    s.insert("kairos".into(), kairos_info(ctx));
     match timeline(ctx) {
         Ok(t) => {
             s.insert("timeline".into(), t);
@@ -123,12 +174,15 @@ fn kairos_label(d: &BlockDev) -> Option<&'static str> {
         .find(|l| labels::gpt_name_for(l) == Some(part))
 }
 
-fn partitions(ctx: &Ctx) -> Value {
+/// The boot disk's Kairos partitions: our list, and upstream's per-label objects (keyed by
+/// filesystem/Kairos label).
+fn partitions(ctx: &Ctx) -> (Value, Map<String, Value>) {
     // The boot disk's, as kairos-init and upgrade/reset choose them; not another disk's.
     let devs = blockdev::scan_boot_disk(&ctx.root).devices;
-    let mounts = std::fs::read_to_string(ctx.path("/proc/self/mounts"))
-        .map(|t| parse_mounts(&t))
-        .unwrap_or_default();
+    let table = std::fs::read_to_string(ctx.path("/proc/self/mounts")).unwrap_or_default();
+    let mounts = parse_mounts(&table);
+    let options = crate::upgrade::locate::mount_options(&table);
+    let mut upstream = Map::new();
     let list = devs
         .iter()
         .filter_map(|d| {
@@ -139,6 +193,24 @@ fn partitions(ctx: &Ctx) -> Value {
                 .filter(|(src, _)| same_device(ctx, src, &device, &d.devnode))
                 .map(|(_, target)| target.as_str())
                 .collect();
+            let first = mountpoints.first().copied().unwrap_or("");
+            let read_only = options
+                .iter()
+                .find(|(p, _)| p == first)
+                .is_some_and(|(_, o)| crate::upgrade::locate::is_read_only(o));
+            upstream.entry(label.to_string()).or_insert_with(|| {
+                json!({
+                    "found": true,
+                    "mounted": !first.is_empty(),
+                    "mount_point": first,
+                    "name": device,
+                    "label": d.partname.clone().unwrap_or_default(),
+                    "filesystemlabel": d.fs.as_ref().and_then(|f| f.label.clone()).unwrap_or_default(),
+                    "type": d.fs.as_ref().map(|f| f.fstype.name()).unwrap_or_default(),
+                    "read_only": read_only,
+                    "size_bytes": d.size_bytes,
+                })
+            });
             Some(json!({
                 "label": label,
                 "device": device,
@@ -148,7 +220,90 @@ fn partitions(ctx: &Ctx) -> Value {
             }))
         })
         .collect();
-    Value::Array(list)
+    (Value::Array(list), upstream)
+}
+
+/// Upstream's partition keys and the label each stands for.
+const UPSTREAM_PARTITIONS: &[(&str, &str)] = &[
+    ("oem", labels::OEM),
+    ("state", labels::STATE),
+    ("recovery", labels::RECOVERY),
+    ("persistent", labels::PERSISTENT),
+];
+
+/// Upstream's object for a partition that is not there: every field zero, `found: false`.
+fn missing_partition() -> Value {
+    json!({
+        "found": false,
+        "mounted": false,
+        "mount_point": "",
+        "name": "",
+        "label": "",
+        "filesystemlabel": "",
+        "type": "",
+        "read_only": false,
+        "size_bytes": 0,
+    })
+}
+
+/// Upstream's `boot`: the mode kairos-init booted, in kairos-sdk's words.
+pub fn upstream_boot(mode: Option<&str>) -> &'static str {
+    match mode {
+        Some("active") => "active_boot",
+        Some("passive") => "passive_boot",
+        Some("recovery") => "recovery_boot",
+        Some("autoreset") => "autoreset_boot",
+        Some("live") => "livecd_boot",
+        _ => "unknown",
+    }
+}
+
+/// Upstream's node `uuid`: `$UUID` when set, else `<machine-id>-<hostname>`; null without a
+/// machine id.
+fn node_uuid(ctx: &Ctx) -> Option<String> {
+    if let Ok(u) = std::env::var("UUID")
+        && !u.is_empty()
+    {
+        return Some(u);
+    }
+    let id = ctx
+        .read_line("/etc/machine-id")
+        .or_else(|| ctx.read_line("/var/lib/dbus/machine-id"))?;
+    let host = ctx
+        .read_line("/proc/sys/kernel/hostname")
+        .or_else(|| ctx.read_line("/etc/hostname"))
+        .unwrap_or_default();
+    Some(format!("{id}-{host}"))
+}
+
+/// `KEY=value` of an os-release style text, quotes removed.
+fn release_value(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let v = l.trim().strip_prefix(key)?.strip_prefix('=')?;
+        Some(v.trim().trim_matches('"').trim_matches('\'').to_string())
+    })
+}
+
+/// Upstream's `kairos`: the image's /etc/kairos-release and the init system.
+fn kairos_info(ctx: &Ctx) -> Value {
+    let release = std::fs::read_to_string(ctx.path("/etc/kairos-release")).unwrap_or_default();
+    let get = |k: &str| release_value(&release, k);
+    let init = if ctx.path("/run/systemd/system").is_dir() {
+        "systemd"
+    } else if ctx.path("/run/openrc").is_dir() {
+        "openrc"
+    } else if ctx.read_line("/proc/1/comm").as_deref() == Some("kairos-init") {
+        "kairos-init"
+    } else {
+        "unknown"
+    };
+    json!({
+        "version": get("KAIROS_VERSION"),
+        "flavor": get("KAIROS_FLAVOR"),
+        "flavor_release": get("KAIROS_FLAVOR_RELEASE"),
+        "image": get("KAIROS_IMAGE_REPO"),
+        "init": init,
+    })
 }
 
 /// `p` as the running system names it (without the --root prefix).
@@ -377,6 +532,86 @@ mod tests {
                  "gpt_name": "state", "mountpoints": ["/run/initramfs/cos-state"]},
             ])
         );
+    }
+
+    #[test]
+    fn upstream_keys_for_scripts() {
+        let t = Tree::new();
+        t.file("/run/cos/active_mode", "");
+        disk(&t, "vda2", Some("oem"), Some("COS_OEM"));
+        disk(&t, "vda4", Some("state"), Some("COS_STATE"));
+        t.file(
+            "/proc/self/mounts",
+            "/dev/vda2 /oem ext4 rw,relatime 0 0\n/dev/vda4 /run/initramfs/cos-state ext4 ro 0 0\n",
+        );
+        t.file("/etc/machine-id", "0123456789abcdef0123456789abcdef\n");
+        t.file("/proc/sys/kernel/hostname", "node-3\n");
+        t.file(
+            "/etc/kairos-release",
+            "KAIROS_VERSION=\"v0.1.0\"\nKAIROS_FLAVOR=\"debian\"\nKAIROS_FLAVOR_RELEASE=\"12\"\n",
+        );
+        t.file("/proc/1/comm", "kairos-init\n");
+        let (s, _) = state_of(&t);
+        assert_eq!(s["boot"], "active_boot");
+        assert_eq!(s["uuid"], "0123456789abcdef0123456789abcdef-node-3");
+        assert_eq!(
+            s["oem"],
+            json!({"found": true, "mounted": true, "mount_point": "/oem", "name": "/dev/vda2",
+                   "label": "oem", "filesystemlabel": "COS_OEM", "type": "ext4",
+                   "read_only": false, "size_bytes": 1048576})
+        );
+        assert_eq!(s["state"]["read_only"], true);
+        assert_eq!(s["state"]["mount_point"], "/run/initramfs/cos-state");
+        assert_eq!(s["persistent"]["found"], false);
+        assert_eq!(s["persistent"]["mounted"], false);
+        assert_eq!(s["recovery"]["name"], "");
+        assert_eq!(
+            s["kairos"],
+            json!({"version": "v0.1.0", "flavor": "debian", "flavor_release": "12",
+                   "image": null, "init": "kairos-init"})
+        );
+        assert_eq!(upstream_boot(Some("autoreset")), "autoreset_boot");
+        assert_eq!(upstream_boot(Some("live")), "livecd_boot");
+        assert_eq!(upstream_boot(None), "unknown");
+    }
+
+    #[test]
+    fn state_get_prints_one_value_or_refuses() {
+        let t = Tree::new();
+        t.file("/run/cos/passive_mode", "");
+        t.env(&[("kairos_tries_cos", "2")]);
+        let get = |k: &str| {
+            let a = StateArgs {
+                pretty: false,
+                action: Some(StateAction::Get { key: k.into() }),
+            };
+            run(|o, e| state_cmd(&t.ctx, &a, o, e))
+        };
+        let (r, out, _) = get("boot");
+        assert_eq!(
+            (r.unwrap(), out.as_str()),
+            (Outcome::Done, "passive_boot\n")
+        );
+        let (_, out, _) = get("oem.mounted");
+        assert_eq!(out, "false\n");
+        let (_, out, _) = get("grubenv.variables.kairos_tries_cos");
+        assert_eq!(out, "2\n");
+        let (_, out, _) = get("grubenv.variables");
+        assert_eq!(out, "kairos_tries_cos: \"2\"\n", "a map prints as YAML");
+        let (r, out, err) = get("oem.size");
+        assert_eq!(r.unwrap(), Outcome::Refused);
+        assert_eq!(out, "");
+        assert_eq!(
+            err,
+            "kairos-agent: key \"oem.size\" not found: oem has no \"size\" (in the boot state)\n"
+        );
+        // No subcommand: the whole object, as before.
+        let a = StateArgs {
+            pretty: false,
+            action: None,
+        };
+        let (_, out, _) = run(|o, e| state_cmd(&t.ctx, &a, o, e));
+        assert_eq!(out.lines().count(), 1);
     }
 
     #[test]

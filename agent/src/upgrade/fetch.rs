@@ -287,6 +287,43 @@ impl Registry {
         })
     }
 
+    /// The repository's tags (the distribution API's tags list, page after page, for
+    /// `upgrade list-releases`), in the registry's order.
+    pub fn tags(&self) -> Result<Vec<String>, UpgradeError> {
+        // Asked per page; registries may send fewer (a cap of their own) or ignore it.
+        const PAGE: usize = 1000;
+        // Enough for any repository of OS images; stops a registry that never ends.
+        const MAX_TAGS: usize = 100_000;
+        let mut all: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut last: Option<String> = None;
+        loop {
+            let page = self
+                .rt
+                .block_on(self.client.list_tags(
+                    &self.reference,
+                    &self.auth,
+                    Some(PAGE),
+                    last.as_deref(),
+                ))
+                .map_err(|e| self.error("listing the tags", e))?;
+            let next = page.tags.last().cloned();
+            let before = all.len();
+            for t in page.tags {
+                if seen.insert(t.clone()) {
+                    all.push(t);
+                }
+            }
+            // Done on an empty page, or when a page brought nothing new (a registry that
+            // ignores `last` sends the same page again).
+            if all.len() == before || next.is_none() || all.len() >= MAX_TAGS {
+                break;
+            }
+            last = next;
+        }
+        Ok(all)
+    }
+
     fn manifest(&self, reference: &Reference, what: &str) -> Result<Vec<u8>, UpgradeError> {
         let (bytes, _) = self
             .rt

@@ -38,6 +38,7 @@ pub mod image;
 pub mod layer;
 pub mod locate;
 pub mod oci;
+pub mod releases;
 pub mod rotate;
 pub mod slots;
 pub mod source;
