@@ -653,6 +653,67 @@ mod tests {
     }
 
     #[test]
+    fn the_daemon_applies_bundles_before_k3s_and_fails_on_them_only_when_told() {
+        let t = Tree::new();
+        t.file("/run/cos/active_mode", "");
+        let root = t.ctx.root.display().to_string();
+        let bundle = tempfile::tempdir().unwrap();
+        let script = bundle.path().join("run.sh");
+        std::fs::write(&script, format!("#!/bin/sh\ntouch {root}/bundle-ran\n")).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let target = format!("run://dir:{}", bundle.path().display());
+        t.file(
+            "/oem/90_node.yaml",
+            format!("#cloud-config\nk3s:\n  enabled: true\nbundles:\n- targets: [\"{target}\"]\n"),
+        );
+        // K3s says whether the bundle had run when it was started.
+        fake_k3s(
+            &t,
+            &format!(
+                "#!/bin/sh\n[ \"$1\" = kubectl ] && exit 1\n[ -e {root}/bundle-ran ] && echo after-bundle > {root}/started\nexec sleep 30\n"
+            ),
+        );
+        let opts = DaemonOptions {
+            run_stages: false,
+            health_timeout: Duration::from_millis(100),
+            ..DaemonOptions::default()
+        };
+        let (tx, rx) = mpsc::channel();
+        let h = spawn_daemon(&t.ctx, opts.clone(), rx);
+        let end = Instant::now() + Duration::from_secs(10);
+        while !t.ctx.path("/started").exists() {
+            assert!(Instant::now() < end, "K3s not started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tx.send(Event::Stop(0)).unwrap();
+        let (_, log) = h.join().unwrap();
+        assert!(
+            log.contains(&format!("bundle {target}: applied sha256:")),
+            "{log}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(t.ctx.path("/started")).unwrap(),
+            "after-bundle\n"
+        );
+        // A failing bundle with fail_on_bundles_errors: the daemon stops before K3s.
+        std::fs::remove_file(t.ctx.path("/started")).unwrap();
+        std::fs::write(&script, "#!/bin/sh\nexit 4\n").unwrap();
+        t.file(
+            "/oem/95_fail.yaml",
+            "#cloud-config\nfail_on_bundles_errors: true\n",
+        );
+        let (_tx, rx) = mpsc::channel();
+        let mut log = Vec::new();
+        let e = super::run(&t.ctx, &opts, &rx, &mut log).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("bundle {target}: run.sh failed (exit status 4)")),
+            "{e}"
+        );
+        assert!(!t.ctx.path("/started").exists());
+    }
+
+    #[test]
     fn stages_k3s_mark_good_and_stop() {
         let t = Tree::new();
         t.cmdline("root=LABEL=COS_ACTIVE rd.kairos.boot_reason=cos:counted-try");
