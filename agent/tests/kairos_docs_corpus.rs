@@ -158,3 +158,60 @@ fn the_kairos_docs_corpus_validates_and_every_key_is_shown_or_refused() {
     assert!(seen > 100, "only {seen} key paths in the corpus");
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// `kairos-agent validate FILE` through the binary: every fixture is valid (exit 0, the
+/// refused keys still printed); a broken file exits 1 naming its line and column.
+#[test]
+fn validate_through_the_binary_exits_0_for_the_corpus_and_1_for_errors() {
+    let (dir, _ctx) = root();
+    let run = |file: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_kairos-agent"))
+            .arg("--root")
+            .arg(dir.path())
+            .arg("validate")
+            .arg(file)
+            .output()
+            .expect("running kairos-agent")
+    };
+    let k0s = repo().join("tests/fixtures/kairos-docs/19-k0s.yaml");
+    let o = run(&k0s);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains(
+            ":5: warning: not supported: key \"k0s\": k0s is not supported by this agent; use k3s\n"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("19-k0s.yaml: valid (1 warning(s))\n"),
+        "{out}"
+    );
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "#cloud-config\nk3s:\n  enabled: [yes\n").expect("writing");
+    let o = run(&bad);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let first = out.lines().next().unwrap_or_default();
+    let prefix = format!("{}:", bad.display());
+    let loc: Vec<&str> = first
+        .strip_prefix(&prefix)
+        .unwrap_or_default()
+        .splitn(3, ':')
+        .collect();
+    assert!(
+        loc.len() == 3 && loc[0].parse::<u32>().is_ok() && loc[1].parse::<u32>().is_ok(),
+        "FILE:LINE:COL expected: {out}"
+    );
+    assert!(out.ends_with("bad.yaml: invalid (1 error(s))\n"), "{out}");
+    for f in fixtures() {
+        let o = run(&f);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+}
