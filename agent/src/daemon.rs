@@ -172,6 +172,10 @@ fn load_config(
         for e in loaded.errors.iter().filter(|e| e.origin().contains("://")) {
             writeln!(log, "kairos-agent: warning: {e}").map_err(AgentError::Output)?;
         }
+        // Keys that are refused are said on every start, whoever ran the stages.
+        for w in loaded.warnings.iter().filter(|w| w.starts_with("not supported:")) {
+            writeln!(log, "kairos-agent: warning: {w}").map_err(AgentError::Output)?;
+        }
     }
     Ok(loaded)
 }
@@ -544,6 +548,22 @@ fn try_mark_good(ctx: &Ctx, k3s: bool, timeout: Duration) -> Result<(Outcome, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_daemon_start_says_the_refused_keys_without_running_stages() {
+        let t = crate::testutil::Tree::new();
+        t.file("/oem/10.yaml", "#cloud-config\nk0s:\n  enabled: true\n");
+        let opts = DaemonOptions {
+            run_stages: false,
+            ..DaemonOptions::default()
+        };
+        let mut log = Vec::new();
+        load_config(&t.ctx, &opts, &mut log).unwrap();
+        assert_eq!(
+            String::from_utf8(log).unwrap(),
+            "kairos-agent: warning: not supported: key \"k0s\" (in /oem/10.yaml): k0s is not supported by this agent; use k3s\n"
+        );
+    }
 
     #[test]
     fn units_run_the_agents_commands() {
