@@ -24,15 +24,16 @@
 //! anything is written. Files are written with `safe_fs` (no symlink on the way followed
 //! unless root's, each file replaced by a rename).
 //!
-//! When: `install.bundles` right after an install, into the new disk's COS_PERSISTENT (a
-//! `/var/lib/x` file lands in its `.state/var-lib-x.bind`, where the installed system's bind
-//! mount finds it) and COS_OEM; a `run://` one there is kept for the first boot (its
-//! script has to run on the installed system, as upstream's runs with the disk's
-//! persistent partition mounted). `bundles` on every boot of an installed system before K3s
-//! starts (the daemon). Each applied bundle's manifest digest is recorded in
-//! /usr/local/.kairos/bundles: a bundle whose digest is recorded is not applied again (a
-//! reboot does not re-run a `run.sh`); a changed digest (a moved tag) applies it again.
-//! `fail_on_bundles_errors: true` makes a failed bundle fail the install or the daemon's
+//! When: `install.bundles` right after an install, into the new disk (as upstream, which
+//! runs them with the disk's COS_PERSISTENT on /usr/local): container and package files go
+//! straight to its COS_PERSISTENT (a `/var/lib/x` file into `.state/var-lib-x.bind`, where the
+//! installed system's bind mount finds it) and COS_OEM; a run.sh runs in a mount namespace of
+//! its own where those are mounted over this system's persistent paths, so what it writes to
+//! /usr/local, /oem or /var/lib/extensions lands on the new disk. `bundles` on every boot of
+//! an installed system, before K3s starts (the daemon). Each applied bundle's manifest digest
+//! is recorded in /usr/local/.kairos/bundles: a bundle whose digest is recorded is not applied
+//! again (a reboot does not re-run a `run.sh`); a changed digest (a moved tag) applies it
+//! again. `fail_on_bundles_errors: true` makes a failed bundle fail the install or the daemon's
 //! start; without it the failure is a warning.
 
 use std::collections::BTreeMap;
@@ -582,7 +583,15 @@ fn fresh(work: &Path) -> Result<PathBuf, IoError> {
 // ---- run.sh ----
 
 /// Runs `tree/run.sh` in `tree` with upstream's environment; its output goes to `log`.
-pub fn run_script(t: &Target, tree: &Path, log: &mut dyn Write) -> Result<(), BundleError> {
+/// With `binds` (source, mount point), run.sh runs in a mount namespace of its own where each
+/// source is bind-mounted on its mount point (the install's: the new disk's COS_PERSISTENT on
+/// /usr/local and its bind directories on the persistent paths); nothing leaks out of it.
+pub fn run_script(
+    t: &Target,
+    tree: &Path,
+    binds: &[(PathBuf, PathBuf)],
+    log: &mut dyn Write,
+) -> Result<(), BundleError> {
     let script = tree.join("run.sh");
     match fs::symlink_metadata(&script) {
         Ok(m) if m.is_file() => {}
@@ -605,6 +614,12 @@ pub fn run_script(t: &Target, tree: &Path, log: &mut dyn Write) -> Result<(), Bu
         .stdin(Stdio::null());
     if std::env::var_os("PATH").is_none() {
         cmd.env("PATH", crate::DEFAULT_PATH);
+    }
+    if !binds.is_empty() {
+        namespaced(&mut cmd, binds).map_err(|err| BundleError::Io {
+            target: t.given.clone(),
+            err,
+        })?;
     }
     let _ = writeln!(log, "kairos-agent: bundle {}: running run.sh", t.given);
     let out = crate::spawn_retrying(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()))
@@ -642,6 +657,79 @@ pub fn run_script(t: &Target, tree: &Path, log: &mut dyn Write) -> Result<(), Bu
             format!(": {tail}")
         },
     })
+}
+
+/// Makes `cmd` start in a private mount namespace with `binds` mounted.
+fn namespaced(cmd: &mut Command, binds: &[(PathBuf, PathBuf)]) -> Result<(), IoError> {
+    use rustix::mount::{MountPropagationFlags, mount_bind_recursive, mount_change};
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+            IoError::new(
+                p,
+                "bind-mounting for run.sh",
+                std::io::Error::from(std::io::ErrorKind::InvalidInput),
+            )
+        })
+    };
+    let binds: Vec<(CString, CString)> = binds
+        .iter()
+        .map(|(s, d)| Ok((c(s)?, c(d)?)))
+        .collect::<Result<_, IoError>>()?;
+    // SAFETY: the closure runs in the forked child before exec and only makes system calls on
+    // C strings made before the fork: no allocation, no lock. unshare(CLONE_NEWNS) gives the
+    // child its own mount namespace; made private, nothing mounted in it propagates back.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS)?;
+            mount_change(
+                c"/",
+                MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+            )?;
+            for (src, dst) in &binds {
+                mount_bind_recursive(src.as_c_str(), dst.as_c_str())?;
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// run.sh's mounts at install (upstream runs install bundles with the new disk's
+/// COS_PERSISTENT on /usr/local and COS_OEM on /oem): those two, and each persistent path
+/// that exists on this system onto its bind directory on the new disk (created), shallow
+/// first. The bind directories are where the installed system's kairos-init finds them.
+/// `on_system`: where each of `paths` is on this system.
+pub fn install_binds(
+    persistent: &Path,
+    oem: &Path,
+    paths: &[String],
+    on_system: &[String],
+) -> Result<Vec<(PathBuf, PathBuf)>, IoError> {
+    let mut v: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut by_depth: Vec<(&String, &String)> = paths.iter().zip(on_system).collect();
+    by_depth.sort_by_key(|(p, _)| (p.matches('/').count(), p.as_str()));
+    for (p, here) in by_depth {
+        let dst = PathBuf::from(here);
+        if !dst.is_dir() {
+            continue;
+        }
+        let src = match p.as_str() {
+            "/usr/local" => persistent.to_path_buf(),
+            "/oem" => oem.to_path_buf(),
+            _ => {
+                let d = persistent
+                    .join(".state")
+                    .join(format!("{}.bind", kairos_init::layout::flatten(p)));
+                fs::create_dir_all(&d).at(&d, "creating")?;
+                d
+            }
+        };
+        v.push((src, dst));
+    }
+    Ok(v)
 }
 
 // ---- the record ----
@@ -697,6 +785,8 @@ pub struct Applier {
     pub work: PathBuf,
     /// Apply even when the recorded digest is the image's (install-bundle).
     pub force: bool,
+    /// run.sh's mounts (see [`run_script`]); empty: it runs in this system as it is.
+    pub binds: Vec<(PathBuf, PathBuf)>,
 }
 
 /// How one bundle went.
@@ -731,7 +821,7 @@ impl Applier {
                     let planned = plan(&t.given, &tree, &rootfs, &self.dest, &self.paths)?;
                     install_files(&t.given, &planned)?
                 } else {
-                    run_script(t, &tree, log)?;
+                    run_script(t, &tree, &self.binds, log)?;
                     0
                 };
                 Ok(Done::Applied { digest, files })
@@ -819,10 +909,10 @@ pub fn at_boot(ctx: &Ctx, loaded: &config::Loaded, log: &mut dyn Write) -> Resul
         return Ok(());
     }
     let c = &loaded.merged;
-    let install = c.install.clone().unwrap_or_default();
-    if c.bundles.is_empty() && install.bundles.is_empty() {
+    if c.bundles.is_empty() {
         return Ok(());
     }
+    let install = c.install.clone().unwrap_or_default();
     let a = Applier {
         dest: Dest::Running {
             root: ctx.root.clone(),
@@ -831,21 +921,33 @@ pub fn at_boot(ctx: &Ctx, loaded: &config::Loaded, log: &mut dyn Write) -> Resul
         record: (ctx.root.clone(), PathBuf::from(RECORD)),
         work: ctx.path(WORK),
         force: false,
+        binds: Vec::new(),
     };
-    let mut errors = a.apply_all(&c.bundles, &|_| true, log);
-    errors.extend(a.apply_all(&install.bundles, &|k| k == Kind::Run, log));
+    let errors = a.apply_all(&c.bundles, &|_| true, log);
     finish(errors, c.fail_on_bundles_errors, log)
 }
 
 /// Right after an install: `install.bundles` of this node's config and of the install's
-/// `--config` file; container and package bundles into the new disk's COS_PERSISTENT and
-/// COS_OEM (mounted at `persistent` and `oem`), recorded there; run:// ones are left for the
-/// installed system's first boot.
+/// `--config` file, into the new disk's COS_PERSISTENT and COS_OEM (mounted at `persistent`
+/// and `oem`), recorded there: container and package files placed directly, run.sh run with
+/// those mounted over this system's persistent paths ([`install_binds`]).
 pub fn after_install(
     loaded: &config::Loaded,
     config_file: Option<&Path>,
     persistent: &Path,
     oem: &Path,
+    log: &mut dyn Write,
+) -> Result<(), BundleError> {
+    after_install_on(loaded, config_file, persistent, oem, Path::new("/"), log)
+}
+
+/// [`after_install`] with this system's persistent paths under `system` (tests).
+pub fn after_install_on(
+    loaded: &config::Loaded,
+    config_file: Option<&Path>,
+    persistent: &Path,
+    oem: &Path,
+    system: &Path,
     log: &mut dyn Write,
 ) -> Result<(), BundleError> {
     let mut install = loaded.merged.install.clone().unwrap_or_default();
@@ -863,30 +965,30 @@ pub fn after_install(
     if install.bundles.is_empty() {
         return Ok(());
     }
-    for b in &install.bundles {
-        for t in &b.targets {
-            if parse_target(t, b.local_file).is_ok_and(|t| t.kind == Kind::Run) {
-                let _ = writeln!(
-                    log,
-                    "kairos-agent: bundle {t}: run.sh runs on the installed system's first boot"
-                );
-            }
-        }
-    }
+    let paths = persistent_paths(&install.bind_mounts);
+    let under: Vec<String> = paths
+        .iter()
+        .map(|p| system.join(p.trim_start_matches('/')).display().to_string())
+        .collect();
+    let binds = install_binds(persistent, oem, &paths, &under).map_err(|err| BundleError::Io {
+        target: "install.bundles".into(),
+        err,
+    })?;
     let a = Applier {
         dest: Dest::Installed {
             persistent: persistent.to_path_buf(),
             oem: oem.to_path_buf(),
         },
-        paths: persistent_paths(&install.bind_mounts),
+        paths,
         record: (
             persistent.to_path_buf(),
             Path::new("/").join(RECORD.strip_prefix("/usr/local/").unwrap_or(RECORD)),
         ),
         work: persistent.join(WORK.strip_prefix("/usr/local/").unwrap_or(WORK)),
         force: false,
+        binds,
     };
-    let errors = a.apply_all(&install.bundles, &|k| k != Kind::Run, log);
+    let errors = a.apply_all(&install.bundles, &|_| true, log);
     finish(errors, fail, log)
 }
 
@@ -921,6 +1023,7 @@ pub fn install_bundle(
         record: (ctx.root.clone(), PathBuf::from(RECORD)),
         work: ctx.path(WORK),
         force: true,
+        binds: Vec::new(),
     };
     let done = a.apply(&t, opts.rootfs_path.as_deref(), log)?;
     say(out, &t.given, &done);

@@ -270,13 +270,26 @@ fn install_bundles_land_in_the_new_disks_persistent_partition() {
             E::File("oem/95_bundle.yaml", "#cloud-config\n", 0o600),
         ],
     );
+    // This system's persistent paths (a stand-in for /): run.sh writes through them into the
+    // new disk, in its own mount namespace.
+    let sys = tempfile::tempdir().unwrap();
+    for d in ["usr/local", "oem", "var/lib/extensions"] {
+        fs::create_dir_all(sys.path().join(d)).unwrap();
+    }
+    let s = sys.path().display();
     let run_img = tempfile::tempdir().unwrap();
     image(
         run_img.path(),
-        &[E::File("run.sh", "#!/bin/sh\nexit 9\n", 0o755)],
+        &[E::File(
+            "run.sh",
+            &format!(
+                "#!/bin/sh\nset -e\necho sysext > {s}/var/lib/extensions/x.sysext.raw\necho l > {s}/usr/local/from-run\n"
+            ),
+            0o755,
+        )],
     );
     let target = format!("package://ocifile:{}", img.path().display());
-    let deferred = format!("run://ocifile:{}", run_img.path().display());
+    let run_target = format!("run://ocifile:{}", run_img.path().display());
     // A second entry: an archive on this machine (local_file), its files under rootfs_path,
     // given by the install's --config file.
     let archive_img = tempfile::tempdir().unwrap();
@@ -303,10 +316,23 @@ fn install_bundles_land_in_the_new_disks_persistent_partition() {
     )
     .unwrap();
     let l = loaded(&format!(
-        "install:\n  bundles:\n  - targets:\n    - {target}\n    - {deferred}\n    repository: docker://quay.io/kairos/packages\n"
+        "install:\n  bundles:\n  - targets:\n    - {target}\n    - {run_target}\n    repository: docker://quay.io/kairos/packages\n"
     ));
-    let (r, _, log) = run(|_, e| after_install(&l, Some(&cfg), &p, &o, e));
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (a mount namespace for run.sh)"
+    );
+    let (r, _, log) = run(|_, e| after_install_on(&l, Some(&cfg), &p, &o, sys.path(), e));
     r.unwrap();
+    assert!(!log.contains("error"), "{log}");
+    assert_eq!(
+        fs::read_to_string(p.join(".state/var-lib-extensions.bind/x.sysext.raw")).unwrap(),
+        "sysext\n"
+    );
+    assert_eq!(fs::read_to_string(p.join("from-run")).unwrap(), "l\n");
+    // The mounts were run.sh's own: this system's directories are untouched.
+    assert!(!sys.path().join("var/lib/extensions/x.sysext.raw").exists());
+    assert!(!sys.path().join("usr/local/from-run").exists());
     assert_eq!(
         fs::read_to_string(p.join(".state/var-lib-rancher.bind/k3s/server/static/hello.txt"))
             .unwrap(),
@@ -325,13 +351,8 @@ fn install_bundles_land_in_the_new_disks_persistent_partition() {
     let rec = Record::read(&p, Path::new("/.kairos/bundles")).unwrap();
     assert_eq!(rec.applied[&target], digest);
     assert!(rec.applied.contains_key(&local));
-    assert_eq!(rec.applied.len(), 2, "run:// is left for the first boot");
-    assert!(
-        log.contains(&format!(
-            "bundle {deferred}: run.sh runs on the installed system's first boot"
-        )),
-        "{log}"
-    );
+    assert!(rec.applied.contains_key(&run_target));
+    assert_eq!(rec.applied.len(), 3);
     assert!(!p.join(".kairos/bundle-work").exists());
 }
 
