@@ -86,6 +86,10 @@ pub const KEYS: &[Key] = &[
         "kairos.**",
         "entangle (kairos.entangle) is not supported by this agent",
     ),
+    unsupported(
+        "logs.**",
+        "kairos-agent logs shows the agent's and kairos-init's logs of this boot; extra journal units and files (logs.journal, logs.files) are not collected",
+    ),
     shown("name", "a_files_name_shows_in_the_stage_log"),
     shown(
         "runcmd",
@@ -455,6 +459,184 @@ pub const KEYS: &[Key] = &[
         "user_fields_uid_home_gecos_and_primary_group",
     ),
     // --- install, upgrade, reset ---
+    shown(
+        "install.allow-removable",
+        "auto_skips_removable_disks_unless_allowed",
+    ),
+    shown("install.auto", "auto_install_runs_on_live_boots_only"),
+    shown(
+        "install.bind_mounts",
+        "install_bind_and_ephemeral_mounts_reach_the_layout_kairos_init_reads",
+    ),
+    shown(
+        "install.device",
+        "manual_install_takes_its_defaults_from_the_config",
+    ),
+    unsupported(
+        "install.encrypted_partitions",
+        "partition encryption (kcrypt) is not supported; the partitions are not encrypted",
+    ),
+    unsupported(
+        "install.env",
+        "installer environment variables are not supported; the installer takes no environment",
+    ),
+    shown(
+        "install.ephemeral_mounts",
+        "install_bind_and_ephemeral_mounts_reach_the_layout_kairos_init_reads",
+    ),
+    unsupported(
+        "install.extra-dirs-rootfs",
+        "the image is immutable: directories are not added to it at install; build them into the image or use install.bind_mounts",
+    ),
+    shown(
+        "install.extra-partitions.fs",
+        "cd_under_seabios_installs_the_disk_boots_bios_and_the_iso_again_changes_nothing",
+    ),
+    shown(
+        "install.extra-partitions.label",
+        "cd_under_seabios_installs_the_disk_boots_bios_and_the_iso_again_changes_nothing",
+    ),
+    shown(
+        "install.extra-partitions.name",
+        "cd_under_seabios_installs_the_disk_boots_bios_and_the_iso_again_changes_nothing",
+    ),
+    shown(
+        "install.extra-partitions.size",
+        "cd_under_seabios_installs_the_disk_boots_bios_and_the_iso_again_changes_nothing",
+    ),
+    unsupported(
+        "install.firmware",
+        "not read from the config; pass kairos-agent install --firmware bios|efi|hybrid (default: how this system booted)",
+    ),
+    shown(
+        "install.force",
+        "install_force_takes_the_disk_holding_kairos",
+    ),
+    shown(
+        "install.grub-entry-name",
+        "install_grub_options_go_to_the_oem_grubenv_that_grub_cfg_reads",
+    ),
+    shown(
+        "install.grub_options.*",
+        "install_grub_options_go_to_the_oem_grubenv_that_grub_cfg_reads",
+    ),
+    unsupported(
+        "install.image",
+        "use install.source (oci:REF, dir:PATH, file:PATH, ocifile:PATH)",
+    ),
+    shown(
+        "install.no-format",
+        "no_format_uses_the_labelled_partitions_and_needs_force_over_an_installation",
+    ),
+    unsupported(
+        "install.part-table",
+        "the installer writes GPT only (msdos is not supported)",
+    ),
+    shown(
+        "install.partitions.oem.fs",
+        "configured_partitions_make_the_layout",
+    ),
+    shown(
+        "install.partitions.oem.size",
+        "cd_under_seabios_installs_the_disk_boots_bios_and_the_iso_again_changes_nothing",
+    ),
+    shown(
+        "install.partitions.persistent.fs",
+        "configured_partitions_make_the_layout",
+    ),
+    shown(
+        "install.partitions.persistent.size",
+        "configured_partitions_make_the_layout",
+    ),
+    shown(
+        "install.partitions.recovery.fs",
+        "install_partitions_sizes_and_filesystems_are_read",
+    ),
+    shown(
+        "install.partitions.recovery.size",
+        "install_partitions_sizes_and_filesystems_are_read",
+    ),
+    shown(
+        "install.partitions.state.fs",
+        "bad_partition_values_are_refused_naming_the_key",
+    ),
+    shown(
+        "install.partitions.state.size",
+        "cd_under_seabios_installs_the_disk_boots_bios_and_the_iso_again_changes_nothing",
+    ),
+    unsupported(
+        "install.passive.**",
+        "passive.img is always a copy of the installed active.img, sized like it",
+    ),
+    shown(
+        "install.poweroff",
+        "install_reboot_and_poweroff_decide_what_follows_the_install",
+    ),
+    shown(
+        "install.reboot",
+        "install_reboot_and_poweroff_decide_what_follows_the_install",
+    ),
+    unsupported(
+        "install.recovery-system.**",
+        "the recovery image is the installed image as a squashfs, sized like it",
+    ),
+    shown("install.source", "qr_pairing_delivers_the_config"),
+    unsupported(
+        "install.system.**",
+        "active.img is sized from the image's contents; install.partitions.state sizes the partition",
+    ),
+    unsupported(
+        "reset.extra-dirs-rootfs",
+        "the image is immutable: directories are not added to it at reset; build them into the image",
+    ),
+    unsupported(
+        "reset.grub-entry-name",
+        "the entries' title is set at install (install.grub-entry-name); reset keeps it",
+    ),
+    shown("reset.poweroff", "flags_win_over_the_reset_block"),
+    shown("reset.reboot", "flags_win_over_the_reset_block"),
+    shown("reset.reset-oem", "flags_win_over_the_reset_block"),
+    shown("reset.reset-persistent", "flags_win_over_the_reset_block"),
+    shown(
+        "reset.system.source",
+        "reset_system_source_is_the_source_when_no_flag_names_one",
+    ),
+    unsupported(
+        "upgrade.extra-dirs-rootfs",
+        "the image is immutable: directories are not added to it at upgrade; build them into the image",
+    ),
+    unsupported(
+        "upgrade.grub-entry-name",
+        "the entries' title is set at install (install.grub-entry-name); upgrade keeps it",
+    ),
+    shown(
+        "upgrade.poweroff",
+        "upgrade_sources_and_what_follows_come_from_the_upgrade_block",
+    ),
+    shown(
+        "upgrade.reboot",
+        "upgrade_sources_and_what_follows_come_from_the_upgrade_block",
+    ),
+    unsupported(
+        "upgrade.recovery",
+        "not read from the config; pass kairos-agent upgrade --recovery",
+    ),
+    unsupported(
+        "upgrade.recovery-system.size",
+        "the recovery image is sized from the new image's contents",
+    ),
+    shown(
+        "upgrade.recovery-system.source",
+        "upgrade_sources_and_what_follows_come_from_the_upgrade_block",
+    ),
+    unsupported(
+        "upgrade.system.size",
+        "the new active.img is sized from the image's contents",
+    ),
+    shown(
+        "upgrade.system.source",
+        "booted_from_passive_the_passive_is_left_alone",
+    ),
     // --- k3s, kubevip, p2p ---
     shown(
         "k3s.args",
