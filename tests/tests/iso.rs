@@ -62,6 +62,8 @@ say "firmware $([ -d /sys/firmware/efi ] && echo efi || echo bios)"
 f=/etc/kairos-test/hello.txt
 [ -f $f ] && say "config-file $(stat -c '%a' $f) $(cat $f)"
 say "persistent $(ls -A /usr/local | tr '\n' ' ')"
+say "hostname $(hostname) $(cut -c1-4 /etc/machine-id 2>&1)"
+say "cmdline $(cat /proc/cmdline)"
 step=$(cat /oem/kt-step 2>/dev/null || echo 0)
 if [ -e /oem/kt-statereset ] && [ "$step" = 0 ]; then
   echo "written before the reset" > /usr/local/kt-before-reset
@@ -85,13 +87,81 @@ const LAN_NODE: &str = "10.77.0.15";
 /// report, and the installed driver's start on active boots.
 fn image_config() -> String {
     format!(
-        "#cloud-config\nstages:\n  network:\n    - name: test LAN address (live media with a NIC)\n      if: '[ -e /run/cos/live_mode ] && [ -e /sys/class/net/eth0 ]'\n      commands:\n        - ip link set eth0 up && ip addr add {LAN_NODE}/24 dev eth0 && ip route add 224.0.0.0/4 dev eth0\n    - name: live report\n      if: '[ -e /run/cos/live_mode ]'\n      commands:\n        - sh /usr/libexec/kt-live-report >/dev/console 2>&1\n    - name: start the installed driver\n      if: '[ -e /run/cos/active_mode ]'\n      commands:\n        - setsid /usr/libexec/kt-iso-driver </dev/null >/dev/console 2>&1 &\n"
+        "#cloud-config\nstages:\n  initramfs:\n    - name: a machine id when the image has none (as systemd makes one on boot)\n      commands:\n        - '[ -s /etc/machine-id ] || (cat /proc/sys/kernel/random/uuid | tr -d - > /etc/machine-id)'\n  network:\n    - name: test LAN address (live media with a NIC)\n      if: '[ -e /run/cos/live_mode ] && [ -e /sys/class/net/eth0 ]'\n      commands:\n        - ip link set eth0 up && ip addr add {LAN_NODE}/24 dev eth0 && ip route add 224.0.0.0/4 dev eth0\n    - name: live report\n      if: '[ -e /run/cos/live_mode ]'\n      commands:\n        - sh /usr/libexec/kt-live-report >/dev/console 2>&1\n    - name: start the installed driver\n      if: '[ -e /run/cos/active_mode ]'\n      commands:\n        - setsid /usr/libexec/kt-iso-driver </dev/null >/dev/console 2>&1 &\n"
     )
 }
 
 /// `--config` of the install.auto ISO: it goes to the installed COS_OEM with everything else
-/// the live system merged.
-const AUTO_CONFIG: &str = "#cloud-config\ninstall:\n  auto: true\n  device: auto\n  poweroff: true\nstages:\n  boot:\n    - name: iso test marker\n      if: '[ ! -e /run/cos/live_mode ]'\n      files:\n        - path: /etc/kairos-test/hello.txt\n          permissions: 0644\n          content: applied from kairos-build iso --config\n";
+/// the live system merged. Issue 19: the partitions' sizes and an extra partition, a grubenv
+/// option, an after-install-chroot stage (a marker and the installed system's machine id,
+/// written inside the new active.img) and a hostname rendered from the machine id.
+const AUTO_CONFIG: &str = "#cloud-config\nhostname: \"kairos-{{ trunc 4 .MachineID }}\"\ninstall:\n  auto: true\n  device: auto\n  poweroff: true\n  partitions:\n    oem:\n      size: 96\n      fs: ext4\n    state:\n      size: 1400\n  extra-partitions:\n    - name: kt_extra\n      size: 64\n      fs: ext4\n      label: KT_EXTRA\n  grub_options:\n    extra_active_cmdline: kt.grub_option=active\nstages:\n  after-install-chroot:\n    - name: marker and machine id in the new image\n      commands:\n        - echo written in the new image > /etc/kt-chroot-marker\n        - cat /proc/sys/kernel/random/uuid | tr -d - > /etc/machine-id\n  boot:\n    - name: iso test marker\n      if: '[ ! -e /run/cos/live_mode ]'\n      files:\n        - path: /etc/kairos-test/hello.txt\n          permissions: 0644\n          content: applied from kairos-build iso --config\n";
+
+/// `sgdisk -p` of `disk`: (number, GPT name, MiB) of every partition.
+fn gpt_table(disk: &Path) -> Vec<(u32, String, u64)> {
+    let out = Command::new("sgdisk")
+        .arg("-p")
+        .arg(disk)
+        .output()
+        .expect("sgdisk");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let n: u32 = w.first()?.parse().ok()?;
+            let first: u64 = w.get(1)?.parse().ok()?;
+            let last: u64 = w.get(2)?.parse().ok()?;
+            Some((n, w.last()?.to_string(), ((last - first + 1) * 512) >> 20))
+        })
+        .collect()
+}
+
+/// install.partitions and install.extra-partitions of AUTO_CONFIG made that GPT (read back
+/// with sgdisk), the extra partition is ext4 labelled KT_EXTRA (blkid -p), and the
+/// after-install-chroot stage's file is inside the installed active.img.
+fn assert_configured_install(target: &Path, boot: &[&str]) {
+    let table = gpt_table(target);
+    println!("GPT of {}: {table:?}", target.display());
+    let names: Vec<&str> = table.iter().map(|p| p.1.as_str()).collect();
+    let mut want = boot.to_vec();
+    want.extend(["oem", "recovery", "state", "persistent", "kt_extra"]);
+    assert_eq!(names, want, "install.extra-partitions: the GPT");
+    let mib = |name: &str| table.iter().find(|p| p.1 == name).map(|p| p.2);
+    assert_eq!(mib("oem"), Some(96), "install.partitions.oem.size");
+    assert_eq!(mib("state"), Some(1400), "install.partitions.state.size");
+    assert_eq!(
+        mib("kt_extra"),
+        Some(64),
+        "install.extra-partitions[0].size"
+    );
+    let (offset, size) =
+        kairos_qemu::disk::partition_bytes(target, part_by_name(target, "kt_extra"))
+            .expect("the extra partition's bytes");
+    let probe = Command::new("blkid")
+        .args(["-p", "-o", "export", "-O"])
+        .arg(offset.to_string())
+        .arg("-S")
+        .arg(size.to_string())
+        .arg(target)
+        .output()
+        .expect("blkid");
+    let probe = String::from_utf8_lossy(&probe.stdout);
+    assert!(
+        probe.lines().any(|l| l == "LABEL=KT_EXTRA") && probe.lines().any(|l| l == "TYPE=ext4"),
+        "install.extra-partitions[0]: not an ext4 labelled KT_EXTRA:\n{probe}"
+    );
+    let state = Mounted::part(target, part_by_name(target, "state"));
+    let active = Mounted::new(&state.path("cOS/active.img"), None, false);
+    assert_eq!(
+        std::fs::read_to_string(active.path("etc/kt-chroot-marker")).unwrap_or_default(),
+        "written in the new image\n",
+        "the after-install-chroot stage's file is not in the installed active.img"
+    );
+    let mid = std::fs::read_to_string(active.path("etc/machine-id")).unwrap_or_default();
+    assert_eq!(mid.trim().len(), 32, "machine id in active.img: {mid:?}");
+    drop(active);
+    drop(state);
+}
 
 /// What `register` sends to the paired node.
 const PAIRED_CONFIG: &str = "#cloud-config\ninstall:\n  poweroff: true\nstages:\n  boot:\n    - name: sent by register\n      files:\n        - path: /etc/kairos-test/hello.txt\n          permissions: 0644\n          content: sent by kairos-agent register\n";
@@ -293,8 +363,21 @@ fn cd_under_seabios_installs_the_disk_boots_bios_and_the_iso_again_changes_nothi
         &target,
     );
 
+    assert_configured_install(&target, &["bios"]);
+
     let r = installed_boot("iso-bios-installed", &target, Firmware::SeaBios, 400);
     assert_installed_active(&r, Firmware::SeaBios, "the BIOS-installed disk");
+    // The templated hostname, rendered from the installed system's machine id; the grubenv
+    // option on the kernel command line of the active entry.
+    let host = value(&r, "hostname");
+    let (name, mid4) = host.split_once(' ').unwrap_or_default();
+    assert_eq!(mid4.len(), 4, "machine id: {host}");
+    assert_eq!(name, format!("kairos-{mid4}"), "hostname: {host}");
+    assert!(
+        value(&r, "cmdline").contains("kt.grub_option=active"),
+        "install.grub_options.extra_active_cmdline: {}",
+        value(&r, "cmdline")
+    );
     assert_eq!(
         value(&r, "config-file"),
         "644 applied from kairos-build iso --config",

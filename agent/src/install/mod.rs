@@ -1181,12 +1181,133 @@ pub fn finish(t: Targets, disk: &device::Disk) -> Result<(), InstallError> {
     Ok(())
 }
 
+/// `install.no-format`: the disk's partitions as they are, by their filesystem labels
+/// (COS_OEM, COS_RECOVERY, COS_STATE, COS_PERSISTENT, the ESP's COS_GRUB) and the bios_grub
+/// partition's GPT name; one [`Part`] per partition number (a gap is a nameless entry) with
+/// its node. Refused, naming the key, when one the install needs is missing. Reads only.
+pub fn existing_layout(
+    ctx: &Ctx,
+    disk: &device::Disk,
+    firmware: efi::Firmware,
+) -> Result<(Vec<Part>, Vec<PathBuf>), InstallError> {
+    use std::os::unix::fs::FileExt;
+    let refuse = |what: String| plan::PlanError {
+        key: "install.no-format".into(),
+        what: format!("{}: {what}", disk.path.display()),
+    };
+    let f = File::open(&disk.path).at(&disk.path, "opening")?;
+    let mut read = |off: u64, len: usize| -> std::io::Result<Vec<u8>> {
+        let mut b = vec![0u8; len];
+        f.read_exact_at(&mut b, off)?;
+        Ok(b)
+    };
+    let table = gpt::read_primary(disk.size / gpt::SECTOR, &mut read)
+        .map_err(|e| refuse(format!("no partition table to use ({e})")))?;
+    let slots = table.partitions();
+    let mut parts = Vec::new();
+    let mut nodes = Vec::new();
+    let max = slots.iter().map(|s| s.number).max().unwrap_or(0);
+    for n in 1..=max {
+        let Some(slot) = slots.iter().find(|s| s.number == n) else {
+            parts.push(Part {
+                name: String::new(),
+                label: String::new(),
+                fs: None,
+                first: 0,
+                last: 0,
+            });
+            nodes.push(PathBuf::new());
+            continue;
+        };
+        let node = device::wait_partition(ctx, disk, n, Duration::from_secs(5))?;
+        let probe = kairos_init::probe::probe_path(&node).ok().flatten();
+        let label = probe
+            .as_ref()
+            .and_then(|p| p.label.clone())
+            .unwrap_or_default();
+        let fs = probe.and_then(|p| plan::Fs::parse(p.fstype.name()));
+        let name = match label.as_str() {
+            l if l == labels::OEM => "oem".to_string(),
+            l if l == labels::RECOVERY => "recovery".to_string(),
+            l if l == labels::STATE => "state".to_string(),
+            l if l == labels::PERSISTENT => "persistent".to_string(),
+            l if l == labels::GRUB => "efi".to_string(),
+            _ if matches!(
+                slot.name.to_ascii_lowercase().as_str(),
+                "bios" | "bios_grub"
+            ) =>
+            {
+                "bios".to_string()
+            }
+            _ => slot.name.clone(),
+        };
+        parts.push(Part {
+            name,
+            label,
+            fs,
+            first: slot.first_lba,
+            last: slot.last_lba,
+        });
+        nodes.push(node);
+    }
+    let mut need = vec![
+        ("oem", labels::OEM),
+        ("recovery", labels::RECOVERY),
+        ("state", labels::STATE),
+        ("persistent", labels::PERSISTENT),
+    ];
+    if firmware.has_bios() {
+        need.push(("bios", "a GPT name bios"));
+    }
+    if firmware.has_efi() {
+        need.push(("efi", labels::GRUB));
+    }
+    let missing: Vec<&str> = need
+        .iter()
+        .filter(|(n, _)| part_number(&parts, n).is_none())
+        .map(|(_, l)| *l)
+        .collect();
+    if !missing.is_empty() {
+        return Err(refuse(format!(
+            "no partition with {}: it uses the disk's partitions as they are and makes none; nothing was written",
+            missing.join(", ")
+        ))
+        .into());
+    }
+    for p in parts
+        .iter()
+        .filter(|p| p.label.starts_with("COS_") && p.name != "efi")
+    {
+        if p.fs.is_none() {
+            return Err(refuse(format!(
+                "{} is not ext2/3/4 or xfs; nothing was written",
+                p.label
+            ))
+            .into());
+        }
+    }
+    Ok((parts, nodes))
+}
+
+/// `install.no-format` over a deployment (COS_STATE:/cOS/active.img there) needs
+/// `install.force`, as upstream.
+pub fn refuse_deployment(t: &Targets, force: bool, disk: &Path) -> Result<(), InstallError> {
+    let active = t.state.join("cOS/active.img");
+    if active.exists() && !force {
+        return Err(InstallError::HoldsKairos {
+            device: disk.to_path_buf(),
+            found: format!("install.no-format: COS_STATE:/cOS/active.img exists"),
+        });
+    }
+    Ok(())
+}
+
 /// `oem 64 MiB (ext4), …, persistent 2000 MiB (ext4), data 100 MiB (xfs, DATA)`: the
 /// layout for the log.
 pub fn describe_layout(parts: &[Part]) -> String {
     parts
         .iter()
-        .filter(|p| !matches!(p.name.as_str(), "bios" | "efi"))
+        .filter(|p| !matches!(p.name.as_str(), "bios" | "efi" | ""))
         .map(|p| {
             let mib = (p.last - p.first + 1) * gpt::SECTOR / MIB;
             let fs = p.fs.map_or("not formatted", |f| f.name());
@@ -1210,6 +1331,8 @@ struct Checked {
     boot: BootCode,
     /// COS_OEM:/grubenv with `install.grub_options`.
     grubenv: GrubEnv,
+    /// `install.no-format`: the existing partitions' nodes (nothing is partitioned).
+    existing: Option<Vec<PathBuf>>,
     /// COS_OEM:/100_user_custom_mounts.yaml, for `install.bind_mounts` / `ephemeral_mounts`.
     custom_mounts: Option<String>,
 }
@@ -1220,10 +1343,24 @@ struct Checked {
 /// own variables are refused, as are values a grubenv cannot hold.
 pub fn install_grubenv(
     options: &std::collections::BTreeMap<String, String>,
+    entry_name: Option<&str>,
 ) -> Result<GrubEnv, InstallError> {
     let mut env = GrubEnv::default();
     env.set(var::MAX_TRIES, &DEFAULT_MAX_TRIES.to_string())
         .map_err(UpgradeError::from)?;
+    // `install.grub-entry-name`: the entries' title (grub.cfg's default_menu_entry), unless
+    // grub_options names one.
+    if let Some(name) = entry_name.map(str::trim).filter(|n| !n.is_empty()) {
+        if name.contains('\n') {
+            return Err(plan::PlanError {
+                key: "install.grub-entry-name".into(),
+                what: "a grubenv value cannot hold a line break".into(),
+            }
+            .into());
+        }
+        env.set("default_menu_entry", name)
+            .map_err(UpgradeError::from)?;
+    }
     for (k, v) in options {
         let key = format!("install.grub_options.{k}");
         let bad = |what: String| plan::PlanError {
@@ -1317,13 +1454,19 @@ fn check(
     let booted_efi = ctx.path("/sys/firmware/efi").exists();
     let firmware = opts.firmware.resolve(booted_efi);
     let s = sizes(src.image_size, firmware).configured(configured, src.image_size)?;
-    let parts = layout(disk.size, &s, firmware).ok_or_else(|| InstallError::TooSmall {
-        device: disk.path.clone(),
-        size_mib: disk.size / MIB,
-        needed_mib: needed_mib(&s),
-        parts: s.describe(),
-        configured: s.configured,
-    })?;
+    let (parts, existing) = if configured.no_format {
+        let (parts, nodes) = existing_layout(ctx, &disk, firmware)?;
+        (parts, Some(nodes))
+    } else {
+        let parts = layout(disk.size, &s, firmware).ok_or_else(|| InstallError::TooSmall {
+            device: disk.path.clone(),
+            size_mib: disk.size / MIB,
+            needed_mib: needed_mib(&s),
+            parts: s.describe(),
+            configured: s.configured,
+        })?;
+        (parts, None)
+    };
     match firmware {
         efi::Firmware::Efi => writeln!(
             log,
@@ -1343,7 +1486,10 @@ fn check(
         _ => writeln!(log, "install: firmware: BIOS").map_err(InstallError::Output)?,
     }
     let boot = find_boot_code(ctx, firmware, opts.grub_dir.as_deref(), &src, &disk.path)?;
-    let grubenv = install_grubenv(&configured.grub_options)?;
+    let grubenv = install_grubenv(
+        &configured.grub_options,
+        configured.grub_entry_name.as_deref(),
+    )?;
     let custom_mounts = custom_mounts_config(configured)?;
     p.note(
         &format!(
@@ -1363,6 +1509,7 @@ fn check(
         parts,
         boot,
         grubenv,
+        existing,
         custom_mounts,
     })
 }
@@ -1408,19 +1555,31 @@ pub fn install(
         parts,
         boot,
         grubenv,
+        existing,
         custom_mounts,
     } = check(ctx, opts, &configured, &dev, &mut p, log)?;
 
     // 2.
     run_hook(ctx, &sources, "before-install", log);
 
-    // 3. The partition table.
-    p.step("writing the partition table", log);
-    let nodes = write_partitions(ctx, &disk, &parts, log)?;
-
-    // 4. Filesystems, mounted under /run/kairos/install.
-    p.step("making the filesystems", log);
-    let targets = make_filesystems(&parts, &nodes, &ctx.path(MOUNT_BASE))?;
+    // 3. and 4. The partition table and the filesystems, mounted under /run/kairos/install;
+    // with install.no-format the disk's own, mounted as they are.
+    let (nodes, targets) = match existing {
+        Some(nodes) => {
+            p.step("using the disk's partitions (install.no-format)", log);
+            p.step("mounting the filesystems", log);
+            let targets = mount_targets(&parts, &nodes, &ctx.path(MOUNT_BASE))?;
+            refuse_deployment(&targets, configured.force, &disk.path)?;
+            (nodes, targets)
+        }
+        None => {
+            p.step("writing the partition table", log);
+            let nodes = write_partitions(ctx, &disk, &parts, log)?;
+            p.step("making the filesystems", log);
+            let targets = make_filesystems(&parts, &nodes, &ctx.path(MOUNT_BASE))?;
+            (nodes, targets)
+        }
+    };
 
     // 5. The images; after-install-chroot in active.img before passive.img is its copy.
     let chroot_point = ctx.path("/run/kairos/install-chroot");
@@ -1561,11 +1720,7 @@ pub fn auto_install(
         );
         return None;
     }
-    let finish = Finish {
-        reboot: wanted.reboot,
-        poweroff: wanted.poweroff,
-        hold: false,
-    };
+    let finish = Finish::from_config(wanted);
     let r = (|| {
         let target = auto_target(ctx, wanted, log)?;
         let conf = ctx.path(AUTO_CONFIG);
@@ -1659,7 +1814,9 @@ pub fn auto_target(
         let found = device::installed_labels(ctx, &disk);
         (path, found)
     };
-    if found.is_empty() {
+    // install.no-format needs the COS_ partitions; install() refuses a deployment on them
+    // without install.force.
+    if found.is_empty() || wanted.no_format {
         return Ok(path);
     }
     if !wanted.force {
@@ -1799,6 +1956,30 @@ pub struct Finish {
     pub poweroff: bool,
     /// Neither, whatever was asked (`--no-reboot`).
     pub hold: bool,
+}
+
+impl Finish {
+    /// `install.reboot` / `install.poweroff`.
+    pub fn from_config(i: &config::Install) -> Finish {
+        Finish {
+            reboot: i.reboot,
+            poweroff: i.poweroff,
+            hold: false,
+        }
+    }
+
+    /// What reboot(2) is asked for: power off wins over reboot; none when held.
+    pub fn command(self) -> Option<rustix::system::RebootCommand> {
+        if self.hold {
+            None
+        } else if self.poweroff {
+            Some(rustix::system::RebootCommand::PowerOff)
+        } else if self.reboot {
+            Some(rustix::system::RebootCommand::Restart)
+        } else {
+            None
+        }
+    }
 }
 
 /// [`install`], then power off or reboot as `finish` says; `who` names the caller in the log.
@@ -2007,7 +2188,7 @@ mod tests {
         let i = install_block(
             "grub_options:\n  extra_cmdline: console=ttyS1 kt.a=1\n  extra_active_cmdline: kt.active=1\n  extra_passive_cmdline: kt.passive=1\n  extra_recovery_cmdline: kt.rec=1\n  default_menu_entry: My OS\n",
         );
-        let env = install_grubenv(&i.grub_options).expect("env");
+        let env = install_grubenv(&i.grub_options, None).expect("env");
         assert_eq!(env.get(var::MAX_TRIES), Some("3"));
         assert_eq!(env.get("extra_cmdline"), Some("console=ttyS1 kt.a=1"));
         assert_eq!(env.get("default_menu_entry"), Some("My OS"));
@@ -2047,16 +2228,40 @@ mod tests {
                 "install.grub_options.extra_cmdline",
             ),
         ] {
-            let e = install_grubenv(&install_block(yaml).grub_options)
+            let e = install_grubenv(&install_block(yaml).grub_options, None)
                 .expect_err(yaml)
                 .to_string();
             assert!(e.starts_with(&format!("{key}: ")), "{e}");
         }
         let big = format!("grub_options:\n  extra_cmdline: {}\n", "x".repeat(1100));
-        let e = install_grubenv(&install_block(&big).grub_options)
+        let e = install_grubenv(&install_block(&big).grub_options, None)
             .expect_err("too big")
             .to_string();
         assert!(e.starts_with("install.grub_options: "), "{e}");
+        // install.grub-entry-name titles the entries, unless grub_options names a title.
+        let i = install_block("grub-entry-name: Edge OS\n");
+        let env = install_grubenv(&i.grub_options, i.grub_entry_name.as_deref()).expect("env");
+        assert_eq!(env.get("default_menu_entry"), Some("Edge OS"));
+        assert!(cfg.contains("set menu_title=\"${default_menu_entry}\""));
+        let i =
+            install_block("grub-entry-name: Edge OS\ngrub_options:\n  default_menu_entry: Mine\n");
+        let env = install_grubenv(&i.grub_options, i.grub_entry_name.as_deref()).expect("env");
+        assert_eq!(env.get("default_menu_entry"), Some("Mine"));
+    }
+
+    #[test]
+    fn install_reboot_and_poweroff_decide_what_follows_the_install() {
+        use rustix::system::RebootCommand as C;
+        let f = |yaml: &str| Finish::from_config(&install_block(yaml)).command();
+        assert_eq!(f("reboot: true\n"), Some(C::Restart));
+        assert_eq!(f("poweroff: true\n"), Some(C::PowerOff));
+        assert_eq!(f("reboot: true\npoweroff: true\n"), Some(C::PowerOff));
+        assert_eq!(f("auto: true\n"), None);
+        let held = Finish {
+            hold: true,
+            ..Finish::from_config(&install_block("reboot: true\n"))
+        };
+        assert_eq!(held.command(), None);
     }
 
     #[test]
@@ -2180,6 +2385,71 @@ mod tests {
             e.starts_with("install.partitions.state.size: 300 MiB is less than the 364 MiB"),
             "{e}"
         );
+    }
+
+    /// Needs root and loop devices, like kairos-build raw (which runs the same phases).
+    #[test]
+    fn no_format_uses_the_labelled_partitions_and_needs_force_over_an_installation() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let file = t.path().join("disk.img");
+        File::create(&file)
+            .and_then(|f| f.set_len(200 * MIB))
+            .expect("disk file");
+        let lo = kairos_init::sys::loopdev::attach(Path::new("/dev"), &file, false)
+            .expect("a loop device (root)");
+        let ctx = Ctx::new("/", "/oem/grubenv");
+        let disk = device::inspect(&ctx, &lo.path, false).expect("inspect");
+        let fw = efi::Firmware::Bios;
+        let mut s = sizes(MIB, fw);
+        (s.oem, s.recovery, s.state, s.persistent_min) = (16, 16, 32, 16);
+        let parts = layout(disk.size, &s, fw).expect("fits");
+        let result = (|| {
+            let nodes = write_partitions(&ctx, &disk, &parts, &mut Vec::new())?;
+            drop(make_filesystems(&parts, &nodes, &t.path().join("made"))?);
+            // What install.no-format finds: the same partitions, by their labels.
+            let (found, nodes) = existing_layout(&ctx, &disk, fw)?;
+            let names: Vec<&str> = found.iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(names, ["bios", "oem", "recovery", "state", "persistent"]);
+            assert_eq!(found[3].label, labels::STATE);
+            assert_eq!(found[3].fs, Some(plan::Fs::Ext4));
+            assert_eq!(
+                (found[3].first, found[3].last),
+                (parts[3].first, parts[3].last)
+            );
+            // UEFI boot code needs an ESP the disk does not have: refused, naming the key.
+            let e = existing_layout(&ctx, &disk, efi::Firmware::Efi)
+                .expect_err("no ESP")
+                .to_string();
+            assert!(
+                e.starts_with(&format!(
+                    "install.no-format: {}: no partition with COS_GRUB",
+                    disk.path.display()
+                )),
+                "{e}"
+            );
+            // Mounted as they are; a deployment on them needs install.force.
+            let targets = mount_targets(&found, &nodes, &t.path().join("used"))?;
+            assert!(refuse_deployment(&targets, false, &disk.path).is_ok());
+            std::fs::create_dir_all(targets.state.join("cOS")).expect("mkdir");
+            std::fs::write(targets.state.join("cOS/active.img"), "old").expect("write");
+            let e = refuse_deployment(&targets, false, &disk.path)
+                .expect_err("a deployment")
+                .to_string();
+            assert!(
+                e.contains("install.no-format: COS_STATE:/cOS/active.img exists")
+                    && e.contains("without install.force: true"),
+                "{e}"
+            );
+            assert!(refuse_deployment(&targets, true, &disk.path).is_ok());
+            drop(targets);
+            Ok::<(), InstallError>(())
+        })();
+        let numbers: Vec<u32> = (1..=parts.len() as u32).collect();
+        if let Ok(f) = File::open(&lo.path) {
+            let _ = device::remove_partitions(&f, &lo.path, &numbers);
+        }
+        drop(lo);
+        result.expect("the phases");
     }
 
     #[test]

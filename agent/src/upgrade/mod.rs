@@ -1226,6 +1226,48 @@ mod tests {
     }
 
     #[test]
+    fn upgrade_sources_and_what_follows_come_from_the_upgrade_block() {
+        let loaded = |yaml: &str| {
+            let src = config::parse("t.yaml", yaml, false).unwrap().unwrap();
+            config::Loaded {
+                merged: src.config.clone(),
+                ..config::Loaded::default()
+            }
+        };
+        let l = loaded(
+            "upgrade:\n  system:\n    source: oci:reg/os:v2\n  recovery-system:\n    source: oci:reg/recovery:v2\n  reboot: true\n",
+        );
+        let opts = Options::default();
+        assert_eq!(source_given(&opts, &l).unwrap(), "oci:reg/os:v2");
+        let rec = Options {
+            recovery: true,
+            ..Options::default()
+        };
+        assert_eq!(source_given(&rec, &l).unwrap(), "oci:reg/recovery:v2");
+        let flag = Options {
+            source: Some("dir:/new".into()),
+            ..Options::default()
+        };
+        assert_eq!(source_given(&flag, &l).unwrap(), "dir:/new");
+        assert_eq!(
+            after_upgrade(l.merged.upgrade.as_ref()),
+            AfterUpgrade::Reboot
+        );
+        let l = loaded("upgrade:\n  reboot: true\n  poweroff: true\n");
+        assert_eq!(
+            after_upgrade(l.merged.upgrade.as_ref()),
+            AfterUpgrade::PowerOff
+        );
+        assert!(
+            source_given(&rec, &l)
+                .unwrap_err()
+                .to_string()
+                .contains("upgrade.recovery-system.source")
+        );
+        assert_eq!(after_upgrade(None), AfterUpgrade::Nothing);
+    }
+
+    #[test]
     fn booted_from_the_command_line() {
         let b = |c| booted_from_cmdline(c);
         assert_eq!(
