@@ -1088,7 +1088,6 @@ mod tests {
         assert_eq!(key(&["k0s", "args", "x"]), Some("k0s.**"));
         assert_eq!(lookup(&["stages", "boot"]), Lookup::Parent);
         assert_eq!(lookup(&["stages", "boot", "nope"]), Lookup::Unknown);
-        assert_eq!(lookup(&["users", "uid"]).clone(), lookup(&["users", "uid"]));
         assert!(matches!(
             lookup(&["stages", "x", "environment", "ANY_NAME"]),
             Lookup::Key(k) if k.support == Support::Shown("hostname_environment_sysctl_dns_timesyncd")
