@@ -57,6 +57,11 @@ use crate::{Ctx, Outcome};
 pub const RECORD: &str = "/usr/local/.kairos/bundles";
 /// Where images are unpacked (persistent: room for an image, unlike /tmp on a tmpfs).
 pub const WORK: &str = "/usr/local/.kairos/bundle-work";
+/// One bundle run at a time (the daemon's and `install-bundle`): the work directory and the
+/// record are shared.
+pub const LOCK: &str = "/run/kairos/bundles.lock";
+/// How long a run waits for another one (pulling an image and a run.sh take a while).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 /// The lines of a failed run.sh's output kept in the error.
 const OUTPUT_LINES: usize = 20;
 
@@ -136,6 +141,8 @@ pub enum BundleError {
     Failed(Vec<BundleError>),
     #[error("writing the output: {0}")]
     Output(std::io::Error),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
 }
 
 /// `kairos-agent install-bundle`'s options.
@@ -812,7 +819,18 @@ impl Applier {
         let recorded = (!self.force)
             .then(|| record.applied.get(&t.given).map(String::as_str))
             .flatten();
-        let fetched = fetch_tree(t, &self.work, recorded, log);
+        let fetched = match (fetch_tree(t, &self.work, recorded, log), recorded) {
+            // Applied before and the source unreachable now (a registry down at boot): what
+            // was applied stays, the check is for the next run.
+            (Err(e @ BundleError::Pull { .. }), Some(d)) => {
+                let _ = writeln!(
+                    log,
+                    "kairos-agent: warning: {e}; {d} was applied before, kept (checked again on the next boot)"
+                );
+                Ok(Fetched::Unchanged(d.to_owned()))
+            }
+            (r, _) => r,
+        };
         let result = match fetched {
             Ok(Fetched::Unchanged(d)) => Ok(Done::Unchanged(d)),
             Ok(Fetched::Tree { tree, digest }) => {
@@ -913,6 +931,12 @@ pub fn at_boot(ctx: &Ctx, loaded: &config::Loaded, log: &mut dyn Write) -> Resul
         return Ok(());
     }
     let install = c.install.clone().unwrap_or_default();
+    let _held = crate::lock::acquire(
+        &ctx.path(LOCK),
+        "kairos-agent daemon (bundles)",
+        "one bundle run at a time",
+        LOCK_WAIT,
+    )?;
     let a = Applier {
         dest: Dest::Running {
             root: ctx.root.clone(),
@@ -1009,6 +1033,12 @@ pub fn install_bundle(
         .map_err(BundleError::Output)?;
     }
     let t = parse_target(&opts.target, opts.local_file)?;
+    let _held = crate::lock::acquire(
+        &ctx.path(LOCK),
+        &crate::lock::this_command(),
+        "one bundle run at a time",
+        LOCK_WAIT,
+    )?;
     let loaded = crate::sources::load(ctx, &config::LoadOptions::default());
     let binds = loaded
         .merged

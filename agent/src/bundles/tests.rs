@@ -475,6 +475,22 @@ fn a_run_bundle_runs_its_script_once_per_digest() {
     // A reboot does not run it again.
     run(|_, e| at_boot(&t.ctx, &l, e)).0.unwrap();
     assert_eq!(fs::read_to_string(&out).unwrap().lines().count(), 1);
+    // The source unreachable on a later boot: what was applied stays, said, even with
+    // fail_on_bundles_errors.
+    let moved = img.path().with_extension("away");
+    fs::rename(img.path(), &moved).unwrap();
+    let strict = loaded(&format!(
+        "fail_on_bundles_errors: true\nbundles:\n- targets:\n  - {target}\n"
+    ));
+    let (r, _, log) = run(|_, e| at_boot(&t.ctx, &strict, e));
+    r.unwrap();
+    assert!(
+        log.contains(&format!(
+            "{d1} was applied before, kept (checked again on the next boot)"
+        )) && log.contains("does not exist"),
+        "{log}"
+    );
+    fs::rename(&moved, img.path()).unwrap();
     // A new image under the same name (a moved tag): applied again.
     fs::remove_dir_all(img.path()).unwrap();
     let d2 = image(
