@@ -145,7 +145,7 @@ fn the_kairos_docs_corpus_validates_and_every_key_is_shown_or_refused() {
                 Support::Shown(_) => {}
                 Support::Unsupported(why) => {
                     let said = format!("not supported: key {path:?} (in /oem/{name}): {why}");
-                    if !loaded.warnings.iter().any(|w| *w == said) {
+                    if !loaded.warnings.contains(&said) {
                         problems.push(format!(
                             "{name}: loading it does not say {said:?}; it said {:?}",
                             loaded.warnings
