@@ -1296,7 +1296,7 @@ pub fn refuse_deployment(t: &Targets, force: bool, disk: &Path) -> Result<(), In
     if active.exists() && !force {
         return Err(InstallError::HoldsKairos {
             device: disk.to_path_buf(),
-            found: format!("install.no-format: COS_STATE:/cOS/active.img exists"),
+            found: "install.no-format: COS_STATE:/cOS/active.img exists".to_string(),
         });
     }
     Ok(())
