@@ -1161,6 +1161,58 @@ fn mark_good_waiting_for_k3s_keeps_a_boot_entry_selected_meanwhile() {
     assert_eq!(names, ["grubenv"]);
 }
 
+/// `upgrade list-releases` against the real registry: every tag of the repository that
+/// `upgrade.system.source` names, newest first (semver), the other tags last.
+#[test]
+fn list_releases_lists_the_registry_tags_newest_first() {
+    need_root();
+    let reg = Registry::start().unwrap();
+    let fx = Fixture::new();
+    let img = registry::image_from_rootfs(&fx.new_rootfs).unwrap();
+    for tag in [
+        "v1.0.0",
+        "latest",
+        "v1.10.0",
+        "v1.2.0-rc1",
+        "v1.2.0",
+        "v0.9.0",
+    ] {
+        reg.push("kairos/releases", tag, &img).unwrap();
+    }
+    std::fs::write(
+        fx.root.join("oem/95_upgrade.yaml"),
+        format!(
+            "#cloud-config\nupgrade:\n  system:\n    source: oci:{}/kairos/releases:v1.0.0\n",
+            reg.addr
+        ),
+    )
+    .unwrap();
+    let out = Command::new(agent())
+        .arg("--root")
+        .arg(&fx.root)
+        .args(["upgrade", "list-releases"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let expected: Vec<String> = [
+        "v1.10.0",
+        "v1.2.0",
+        "v1.2.0-rc1",
+        "v1.0.0",
+        "v0.9.0",
+        "latest",
+    ]
+    .iter()
+    .map(|t| format!("{}/kairos/releases:{t}", reg.addr))
+    .collect();
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), expected, "{stderr}");
+    assert!(stderr.contains("(from upgrade.system.source)"), "{stderr}");
+}
+
 // The QEMU parts of issue 6, one module per command.
 #[path = "lifecycle/install.rs"]
 mod install;
