@@ -305,6 +305,16 @@ pub fn plan(
         target: target.into(),
         err,
     };
+    if rootfs
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(BundleError::Unsupported {
+            target: target.into(),
+            path: rootfs.display().to_string(),
+            what: "rootfs_path must not contain `..`".into(),
+        });
+    }
     let mut out = Vec::new();
     // Files first in the refusal: a directory outside is named only when it holds none.
     let mut outside: Vec<String> = Vec::new();

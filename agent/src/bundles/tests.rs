@@ -391,6 +391,17 @@ fn a_bundle_with_a_file_outside_the_persistent_paths_is_refused() {
     assert!(!t.ctx.path("/usr/local/bin/ok").exists(), "nothing written");
     assert!(!t.ctx.path("/usr/bin/evil").exists());
     assert!(record(&t).applied.is_empty());
+    let l = loaded(&format!(
+        "fail_on_bundles_errors: true\nbundles:\n- targets: [\"{target}\"]\n  rootfs_path: /usr/local/../\n"
+    ));
+    let e = run(|_, e| at_boot(&t.ctx, &l, e))
+        .0
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("/usr/local/../: rootfs_path must not contain `..`"),
+        "{e}"
+    );
     // rootfs_path moves everything: a bundle for / is fine under /usr/local.
     let l = loaded(&format!(
         "bundles:\n- targets: [\"{target}\"]\n  rootfs_path: /usr/local/sysroot\n"
