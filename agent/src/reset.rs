@@ -90,6 +90,9 @@ pub const CRASH_POINTS: &[(&str, &str)] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResetError {
+    /// A hook stage failed and the config says `strict: true`.
+    #[error(transparent)]
+    Hook(#[from] stages::HookFailed),
     #[error(
         "reset runs only from recovery mode; booted: {booted} (boot the \"recovery\" entry: `kairos-agent bootentry --select recovery` and reboot, or pass --booted recovery)"
     )]
@@ -688,15 +691,15 @@ fn wipe_reporting_except(
     Ok(())
 }
 
-fn run_hook(ctx: &Ctx, loaded: &config::Loaded, stage: &str, log: &mut dyn Write) {
-    let report = stages::run(ctx, stage, &loaded.sources, log);
-    if !report.ok() {
-        let _ = writeln!(
-            log,
-            "kairos-agent: warning: stage {stage}: {} step(s) failed; the reset goes on",
-            report.failures.len()
-        );
-    }
+/// A hook stage: failed steps are a warning, or with `strict: true` stop the reset.
+fn run_hook(
+    ctx: &Ctx,
+    loaded: &config::Loaded,
+    stage: &str,
+    log: &mut dyn Write,
+) -> Result<(), ResetError> {
+    stages::hook(ctx, loaded, stage, "reset", log)?;
+    Ok(())
 }
 
 fn append_history(path: &Path, line: &str, log: &mut dyn Write) {
@@ -843,7 +846,7 @@ pub fn reset(
     crash(opts, "pending", log);
 
     // 3. and 4. active.img from the source, passive.img a copy, grub.cfg if missing.
-    run_hook(ctx, &loaded, "before-reset", log);
+    run_hook(ctx, &loaded, "before-reset", log)?;
     let size = rebuild_images(ctx, opts, &loaded, &source.image, origin, state, log)?;
 
     // 5. COS_OEM.
@@ -1126,7 +1129,7 @@ fn finish(
     ).map_err(AgentError::Output)?;
     crash(opts, "done", log);
 
-    run_hook(ctx, loaded, "after-reset", log);
+    run_hook(ctx, loaded, "after-reset", log)?;
     rustix::fs::sync();
     let what = match policy.after {
         After::Reboot => "rebooting into active",

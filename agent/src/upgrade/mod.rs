@@ -104,6 +104,9 @@ const SLACK: u64 = 4 << 20;
 pub enum UpgradeError {
     #[error(transparent)]
     Source(#[from] source::SourceError),
+    /// A hook stage failed and the config says `strict: true`.
+    #[error(transparent)]
+    Hook(#[from] stages::HookFailed),
     #[error("no upgrade source: pass --source or set {key} in the cloud-config")]
     NoSource { key: &'static str },
     #[error("{origin}: {} does not exist", path.display())]
@@ -402,15 +405,15 @@ fn check_space(dir: &Path, needed: u64, reclaimable: u64) -> Result<(), UpgradeE
     rotate::check_space(dir, needed.saturating_sub(reclaimable)).map_err(UpgradeError::from)
 }
 
-fn run_hook(ctx: &Ctx, loaded: &config::Loaded, stage: &str, log: &mut dyn Write) {
-    let report = stages::run(ctx, stage, &loaded.sources, log);
-    if !report.ok() {
-        let _ = writeln!(
-            log,
-            "kairos-agent: warning: stage {stage}: {} step(s) failed; the upgrade goes on",
-            report.failures.len()
-        );
-    }
+/// A hook stage: failed steps are a warning, or with `strict: true` stop the upgrade.
+fn run_hook(
+    ctx: &Ctx,
+    loaded: &config::Loaded,
+    stage: &str,
+    log: &mut dyn Write,
+) -> Result<(), UpgradeError> {
+    stages::hook(ctx, loaded, stage, "upgrade", log)?;
+    Ok(())
 }
 
 pub fn upgrade(
@@ -444,7 +447,7 @@ pub fn upgrade(
     let cos = target.cos.clone();
     // 0. What booted, decided before anything is written.
     let (plan, booted) = decide_slots(ctx, opts, &cos, mode, &origin, log)?;
-    run_hook(ctx, &loaded, "before-upgrade", log);
+    run_hook(ctx, &loaded, "before-upgrade", log)?;
 
     // 2.-4. The source resolved, the space checked, the layers downloaded and applied; the
     // new image built completely next to the ones it replaces.
@@ -539,7 +542,7 @@ pub fn upgrade(
     );
     append_history(ctx, &opts.kairos_state, &line, log);
 
-    run_hook(ctx, &loaded, "after-upgrade", log);
+    run_hook(ctx, &loaded, "after-upgrade", log)?;
     drop(target);
     let after = after_upgrade(loaded.merged.upgrade.as_ref());
     writeln!(
