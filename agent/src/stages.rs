@@ -370,27 +370,54 @@ pub fn hook(
     command: &'static str,
     log: &mut dyn Write,
 ) -> Result<StageReport, HookFailed> {
+    let skipped: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
     let opts = RunOptions {
         debug: loaded.merged.debug,
     };
-    let mut report = run_with(ctx, stage, &loaded.sources, opts, log);
-    if loaded.merged.strict {
-        report
-            .failures
-            .extend(loaded.errors.iter().map(|e| format!("strict: {e}")));
-        if !report.ok() {
-            return Err(HookFailed {
-                stage: stage.to_owned(),
-                command,
-                failures: report.failures,
-            });
+    hook_with(
+        ctx,
+        &loaded.sources,
+        opts,
+        loaded.merged.strict.then_some(&skipped[..]),
+        stage,
+        command,
+        log,
+    )
+}
+
+/// [`hook`] over a given list of sources (install adds its `--config` file): `strict` is
+/// `Some(the skipped sources' errors)` when the config says `strict: true`.
+pub fn hook_with(
+    ctx: &Ctx,
+    sources: &[Source],
+    opts: RunOptions,
+    strict: Option<&[String]>,
+    stage: &str,
+    command: &'static str,
+    log: &mut dyn Write,
+) -> Result<StageReport, HookFailed> {
+    let mut report = run_with(ctx, stage, sources, opts, log);
+    match strict {
+        Some(skipped) => {
+            report
+                .failures
+                .extend(skipped.iter().map(|e| format!("strict: {e}")));
+            if !report.ok() {
+                return Err(HookFailed {
+                    stage: stage.to_owned(),
+                    command,
+                    failures: report.failures,
+                });
+            }
         }
-    } else if !report.ok() {
-        let _ = writeln!(
-            log,
-            "kairos-agent: warning: stage {stage}: {} step(s) failed; the {command} goes on (strict: true would stop it)",
-            report.failures.len()
-        );
+        None if !report.ok() => {
+            let _ = writeln!(
+                log,
+                "kairos-agent: warning: stage {stage}: {} step(s) failed; the {command} goes on (strict: true would stop it)",
+                report.failures.len()
+            );
+        }
+        None => {}
     }
     Ok(report)
 }
