@@ -11,8 +11,9 @@
 //!   container bundle (there is no luet: `repository` and `db_path` are not used).
 //!
 //! A target without a type is refused (upstream fails it too). REF is a registry reference, or
-//! with `local_file: true` (or an absolute path, or `ocifile:PATH`) an image archive or OCI
-//! layout on this machine; `dir:PATH` takes a directory as the image's content. Images come
+//! with `local_file: true` (or an absolute path, or `ocifile:PATH`) an image archive on this
+//! machine (`docker save`, `skopeo copy … docker-archive:` or `oci-archive:`) or an OCI layout
+//! directory; `dir:PATH` takes a directory as the image's content. Images come
 //! through the upgrade's verified client (`upgrade::fetch`): every document and layer is
 //! checked against its digest, registries follow `--allow-insecure-registries`, layers are
 //! unpacked with `upgrade::layer`'s rules (no absolute names, no `..`, no symlinked parents).
@@ -35,6 +36,8 @@
 //! again (a reboot does not re-run a `run.sh`); a changed digest (a moved tag) applies it
 //! again. `fail_on_bundles_errors: true` makes a failed bundle fail the install or the daemon's
 //! start; without it the failure is a warning.
+
+pub mod dockerarchive;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -508,7 +511,8 @@ pub fn fetch_tree(
         target: t.given.clone(),
         err,
     };
-    let origin = t.given.as_str();
+    // The reference names the source in its errors, after the bundle's own name.
+    let origin = t.reference.as_str();
     let mut puller = match &t.source {
         Source::Oci(r) => {
             Puller::Registry(Box::new(fetch::Registry::new(r, origin).map_err(pull)?))
@@ -520,6 +524,9 @@ pub fn fetch_tree(
                     origin: origin.into(),
                     path: p.clone(),
                 }));
+            }
+            if dockerarchive::is_docker_archive(p).map_err(io)? {
+                return fetch_docker_archive(t, p, work, recorded, log);
             }
             Puller::Archive(fetch::Archive::new(p, origin))
         }
@@ -585,6 +592,46 @@ pub fn fetch_tree(
     Ok(Fetched::Tree {
         tree,
         digest: resolved.manifest_digest,
+    })
+}
+
+/// [`fetch_tree`] for a `docker save` archive (see dockerarchive.rs).
+fn fetch_docker_archive(
+    t: &Target,
+    p: &Path,
+    work: &Path,
+    recorded: Option<&str>,
+    log: &mut dyn Write,
+) -> Result<Fetched, BundleError> {
+    let pull = |err: UpgradeError| BundleError::Pull {
+        target: t.given.clone(),
+        err: Box::new(err),
+    };
+    let io = |err| BundleError::Io {
+        target: t.given.clone(),
+        err,
+    };
+    let r = dockerarchive::resolve(p, &t.reference).map_err(pull)?;
+    if recorded == Some(r.digest.as_str()) {
+        return Ok(Fetched::Unchanged(r.digest));
+    }
+    let work = fresh(work).map_err(io)?;
+    let blobs = work.join("blobs");
+    fs::create_dir_all(&blobs)
+        .at(&blobs, "creating")
+        .map_err(io)?;
+    let layers = dockerarchive::extract_layers(p, &t.reference, &r, &blobs, log).map_err(pull)?;
+    let tree = work.join("rootfs");
+    fs::create_dir_all(&tree)
+        .at(&tree, "creating")
+        .map_err(io)?;
+    for (path, id) in layers.iter().zip(&r.diff_ids) {
+        let f = fs::File::open(path).at(path, "opening").map_err(io)?;
+        layer::apply(&tree, id, f).map_err(|e| pull(e.into()))?;
+    }
+    Ok(Fetched::Tree {
+        tree,
+        digest: r.digest,
     })
 }
 

@@ -622,3 +622,97 @@ fn install_bundle_applies_a_directory_bundle_now_under_the_root() {
     let e = install_bundle(&t.ctx, &bad, &mut Vec::new(), &mut Vec::new()).unwrap_err();
     assert!(e.to_string().contains("no type"), "{e}");
 }
+
+/// A `docker save` archive at `out`: manifest.json, `<hex>.json` config, `<hex>/layer.tar`
+/// (listed twice when `twice`, as Docker does for identical layers). `tamper` changes the
+/// layer after its diff_id was taken. Returns the config's digest.
+fn docker_save(out: &Path, entries: &[E], twice: bool, tamper: bool) -> String {
+    let mut l = layer(entries);
+    let diff_id = oci::sha256_digest(&l);
+    if tamper {
+        let last = l.len() - 1;
+        l[last] ^= 1;
+    }
+    let ids = if twice {
+        vec![diff_id.clone(), diff_id.clone()]
+    } else {
+        vec![diff_id.clone()]
+    };
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": ids},
+    }))
+    .unwrap();
+    let cd = oci::sha256_digest(&config);
+    let chex = cd.trim_start_matches("sha256:");
+    let lname = format!("{}/layer.tar", diff_id.trim_start_matches("sha256:"));
+    let layers = if twice {
+        vec![lname.clone(), lname.clone()]
+    } else {
+        vec![lname.clone()]
+    };
+    let manifest = serde_json::to_vec(&serde_json::json!([
+        {"Config": format!("{chex}.json"), "RepoTags": ["bundle:1"], "Layers": layers}
+    ]))
+    .unwrap();
+    let mut b = tar::Builder::new(fs::File::create(out).unwrap());
+    for (name, data) in [
+        (lname.as_str(), l.as_slice()),
+        (&format!("{chex}.json"), config.as_slice()),
+        ("manifest.json", manifest.as_slice()),
+    ] {
+        let mut h = header(tar::EntryType::Regular, data.len() as u64, 0o644);
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    b.into_inner().unwrap();
+    cd
+}
+
+#[test]
+fn a_docker_save_archive_is_a_local_bundle_checked_against_its_diff_ids() {
+    let t = Tree::new();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("bundle.tar");
+    let digest = docker_save(
+        &archive,
+        &[E::File("usr/local/share/from-docker.txt", "d", 0o644)],
+        true,
+        false,
+    );
+    let target = format!("container://{}", archive.display());
+    let l = loaded(&format!(
+        "fail_on_bundles_errors: true\nbundles:\n- targets: [\"{target}\"]\n  local_file: true\n"
+    ));
+    let (r, _, log) = run(|_, e| at_boot(&t.ctx, &l, e));
+    r.unwrap();
+    assert!(log.contains(&format!("applied {digest}")), "{log}");
+    assert_eq!(
+        fs::read_to_string(t.ctx.path("/usr/local/share/from-docker.txt")).unwrap(),
+        "d"
+    );
+    assert_eq!(record(&t).applied[&target], digest);
+    // A layer that is not what the config's diff_ids say: refused, named, nothing applied.
+    let bad = dir.path().join("bad.tar");
+    docker_save(
+        &bad,
+        &[E::File("usr/local/share/bad.txt", "b", 0o644)],
+        false,
+        true,
+    );
+    let target = format!("container://{}", bad.display());
+    let l = loaded(&format!(
+        "fail_on_bundles_errors: true\nbundles:\n- targets: [\"{target}\"]\n  local_file: true\n"
+    ));
+    let e = run(|_, e| at_boot(&t.ctx, &l, e))
+        .0
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "bundle {target}: {}: layer 1/1 sha256:",
+            bad.display()
+        )) && e.contains("refusing the image"),
+        "{e}"
+    );
+    assert!(!t.ctx.path("/usr/local/share/bad.txt").exists());
+}
