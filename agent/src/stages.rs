@@ -177,7 +177,7 @@ impl Facts {
         Facts {
             os_name: field("PRETTY_NAME"),
             os_version: field("VERSION_ID"),
-            arch: go_arch(std::env::consts::ARCH),
+            arch: config::template::go_arch(std::env::consts::ARCH),
             systemd: any(&[
                 "/sbin/systemctl",
                 "/bin/systemctl",
@@ -191,17 +191,6 @@ impl Facts {
                 "/usr/bin/openrc",
             ]),
         }
-    }
-}
-
-fn go_arch(rust: &'static str) -> &'static str {
-    match rust {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        "riscv64" => "riscv64",
-        other => other,
     }
 }
 
@@ -1555,7 +1544,7 @@ mod tests {
             "NAME=\"Alpine Linux\"\nID=alpine\nVERSION_ID=3.19.1\nPRETTY_NAME=\"Alpine Linux v3.19\"\n",
         );
         t.file("/usr/bin/openrc", "");
-        let arch = go_arch(std::env::consts::ARCH);
+        let arch = config::template::go_arch(std::env::consts::ARCH);
         let s = source(
             "/oem/f.yaml",
             &format!(

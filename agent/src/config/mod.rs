@@ -411,12 +411,7 @@ pub fn node_facts(ctx: &Ctx) -> template::NodeFacts {
         os_vendor: field("ID"),
         os_version: field("VERSION_ID"),
         os_release: field("VERSION"),
-        architecture: match std::env::consts::ARCH {
-            "x86_64" => "amd64",
-            "aarch64" => "arm64",
-            other => other,
-        }
-        .to_owned(),
+        architecture: template::go_arch(std::env::consts::ARCH).to_owned(),
         product_uuid: line("/sys/class/dmi/id/product_uuid"),
         product_serial: line("/sys/class/dmi/id/product_serial"),
         product_name: line("/sys/class/dmi/id/product_name"),

@@ -618,6 +618,17 @@ fn call(name: &str, args: Vec<Val>) -> Result<Val, String> {
     })
 }
 
+/// Go's name for a Rust architecture (what yip's templates and `only_arch` compare).
+pub fn go_arch(rust: &'static str) -> &'static str {
+    match rust {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
 /// The node facts the context is made of (read from a root by the loader).
 #[derive(Debug, Clone)]
 pub struct NodeFacts {
