@@ -13,8 +13,9 @@
 //!    boot), /var/log/kairos-agent.log and upstream's /var/log/kairos/*.log (these may hold
 //!    earlier boots too: the last [`MAX_FILE_BYTES`] are shown).
 //!
-//! Under kairos-init as PID 1 without such a file the agent's own output went to the
-//! console only; the section says so.
+//! Under kairos-init as PID 1 (no journal) `kairos-agent daemon` keeps its own output in
+//! /run/kairos/kairos-agent.log as well as on the console ([`capture_daemon_output`]); on a
+//! systemd image the journal has it.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -30,6 +31,10 @@ pub const TIMELINE: &str = crate::state::TIMELINE;
 pub const BOOT_IMAGE: &str = crate::state::BOOT_IMAGE;
 /// A file the agent's output may be captured in for this boot.
 pub const RUN_LOG: &str = "/run/kairos/kairos-agent.log";
+/// Where the daemon's output is rotated to past [`RUN_LOG_MAX`] bytes.
+pub const RUN_LOG_OLD: &str = "/run/kairos/kairos-agent.log.1";
+/// The captured log's size before it is rotated (it lives in RAM, on /run).
+pub const RUN_LOG_MAX: u64 = 4 << 20;
 /// Log files an image may keep across boots (ours, and upstream's directory).
 pub const VAR_LOG: &str = "/var/log/kairos-agent.log";
 pub const VAR_LOG_DIR: &str = "/var/log/kairos";
@@ -254,7 +259,11 @@ fn tail(path: &Path) -> std::io::Result<String> {
 
 /// The agent's log files that exist, in order: this boot's, then the ones kept across boots.
 fn file_sections(ctx: &Ctx) -> Vec<Section> {
-    let mut paths = vec![RUN_LOG.to_string(), VAR_LOG.to_string()];
+    let mut paths = vec![
+        RUN_LOG_OLD.to_string(),
+        RUN_LOG.to_string(),
+        VAR_LOG.to_string(),
+    ];
     if let Ok(rd) = std::fs::read_dir(ctx.path(VAR_LOG_DIR)) {
         let mut names: Vec<String> = rd
             .flatten()
@@ -296,7 +305,7 @@ pub fn collect(ctx: &Ctx, args: &LogsArgs) -> Vec<Section> {
             title: "kairos-agent: log files".into(),
             body: Err(format!(
                 "none of {RUN_LOG}, {VAR_LOG}, {VAR_LOG_DIR}/*.log (under kairos-init as PID 1 \
-                 the agent's output goes to the console)"
+                 `kairos-agent daemon` writes {RUN_LOG}: it has not run this boot)"
             )),
         });
     }
@@ -342,6 +351,146 @@ pub fn logs(
     } else {
         Outcome::Done
     })
+}
+
+/// Appends to a log file, moving it to `<path>.1` (replacing that) once it would pass `max`
+/// bytes. Write errors are dropped: logging never stops the agent.
+pub struct RotatingFile {
+    path: PathBuf,
+    max: u64,
+    file: Option<std::fs::File>,
+    written: u64,
+}
+
+impl RotatingFile {
+    pub fn new(path: PathBuf, max: u64) -> RotatingFile {
+        RotatingFile {
+            path,
+            max,
+            file: None,
+            written: 0,
+        }
+    }
+
+    fn open(&mut self) -> Option<&mut std::fs::File> {
+        if self.file.is_none() {
+            use std::os::unix::fs::OpenOptionsExt;
+            // The log may carry what a stage printed: root's only.
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&self.path)
+                .ok()?;
+            self.written = f.metadata().map(|m| m.len()).unwrap_or(0);
+            self.file = Some(f);
+        }
+        self.file.as_mut()
+    }
+
+    pub fn write(&mut self, data: &[u8]) {
+        if self.file.is_none() {
+            self.open();
+        }
+        if self.written > 0 && self.written + data.len() as u64 > self.max {
+            self.file = None;
+            let mut old = self.path.clone().into_os_string();
+            old.push(".1");
+            let _ = std::fs::rename(&self.path, old);
+        }
+        if let Some(f) = self.open()
+            && f.write_all(data).is_ok()
+        {
+            self.written += data.len() as u64;
+        }
+    }
+}
+
+/// Copies `from` to `console` and `file` as it arrives, until end of file.
+pub fn copy_tee(from: &mut dyn Read, console: &mut dyn Write, file: &mut RotatingFile) {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                let _ = console.write_all(&buf[..n]);
+                let _ = console.flush();
+                file.write(&buf[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The daemon's stdout and stderr going through a pipe (see [`capture_daemon_output`]);
+/// dropping it puts them back and lets the copy finish.
+pub struct Capture {
+    saved_out: std::os::fd::OwnedFd,
+    saved_err: std::os::fd::OwnedFd,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = std::io::stdout().flush();
+        let _ = rustix::stdio::dup2_stdout(&self.saved_out);
+        let _ = rustix::stdio::dup2_stderr(&self.saved_err);
+        // The copy ends when the last writer is gone; a child still holding the pipe (a
+        // process a stage left running) must not hold up the exit.
+        let _ = self
+            .done
+            .recv_timeout(std::time::Duration::from_millis(500));
+    }
+}
+
+/// When `kairos-agent daemon` is started by an init that keeps no journal (kairos-init as
+/// PID 1: parent 1, no JOURNAL_STREAM), everything the process and its children write to
+/// stdout and stderr is copied to where it went (the console) and to [`RUN_LOG`], so
+/// `kairos-agent logs` finds it. None (nothing changed) otherwise, or when the pipe cannot
+/// be set up.
+pub fn capture_daemon_output(ctx: &Ctx) -> Option<Capture> {
+    let by_init = rustix::process::getppid().is_some_and(|p| p.as_raw_nonzero().get() == 1);
+    if ctx.root != Path::new("/")
+        || std::env::var_os("JOURNAL_STREAM").is_some()
+        || !by_init
+        || !ctx.path("/run/kairos").is_dir()
+    {
+        return None;
+    }
+    capture_output_to(ctx.path(RUN_LOG), RUN_LOG_MAX)
+}
+
+/// The mechanism of [`capture_daemon_output`]: this process's stdout and stderr (and so its
+/// children's) copied to where they went and to `path`, until the [`Capture`] is dropped.
+pub fn capture_output_to(path: PathBuf, max: u64) -> Option<Capture> {
+    use std::os::fd::AsFd;
+    let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).ok()?;
+    let saved_out = rustix::io::fcntl_dupfd_cloexec(std::io::stdout().as_fd(), 0).ok()?;
+    let saved_err = rustix::io::fcntl_dupfd_cloexec(std::io::stderr().as_fd(), 0).ok()?;
+    let console = rustix::io::fcntl_dupfd_cloexec(&saved_err, 0).ok()?;
+    let (tx, done) = std::sync::mpsc::channel();
+    let mut file = RotatingFile::new(path, max);
+    std::thread::Builder::new()
+        .name("log-copy".into())
+        .spawn(move || {
+            let mut from = std::fs::File::from(read);
+            let mut console = std::fs::File::from(console);
+            copy_tee(&mut from, &mut console, &mut file);
+            let _ = tx.send(());
+        })
+        .ok()?;
+    let _ = std::io::stdout().flush();
+    let capture = Capture {
+        saved_out,
+        saved_err,
+        done,
+    };
+    if rustix::stdio::dup2_stdout(&write).is_err() || rustix::stdio::dup2_stderr(&write).is_err() {
+        // Dropping `capture` puts back whichever was changed.
+        return None;
+    }
+    Some(capture)
 }
 
 #[cfg(test)]
@@ -392,10 +541,7 @@ mod tests {
             out.contains("(not found: not a systemd boot (no /run/systemd/system): no journal)"),
             "{out}"
         );
-        assert!(
-            out.contains("the agent's output goes to the console"),
-            "{out}"
-        );
+        assert!(out.contains("it has not run this boot"), "{out}");
         assert!(
             err.starts_with("kairos-agent: logs not found: kairos-init: kernel log"),
             "{err}"
@@ -436,7 +582,7 @@ booted: active image /cOS/active.img on LABEL=COS_STATE
         assert!(out.contains("==> kairos-agent: /run/kairos/kairos-agent.log (this boot) <==\nkairos-agent: stage boot: 3 steps ran\n"), "{out}");
         assert!(out.contains("==> kairos-agent: /var/log/kairos/agent-provider.log (may hold earlier boots too) <==\nolder\n"), "{out}");
         assert!(!out.contains("notes.txt"), "{out}");
-        assert!(!out.contains("goes to the console"), "{out}");
+        assert!(!out.contains("has not run this boot"), "{out}");
         // Only the journal is missing (not a systemd boot).
         assert_eq!(
             err,
@@ -475,7 +621,7 @@ booted: active image /cOS/active.img on LABEL=COS_STATE
             "{body}"
         );
         // The journal found: no "console only" section.
-        assert!(!render(&sections).contains("goes to the console"));
+        assert!(!render(&sections).contains("has not run this boot"));
         // A failing journalctl is reported, not fatal.
         t.file(
             "/bin/journalctl",
@@ -507,5 +653,48 @@ booted: active image /cOS/active.img on LABEL=COS_STATE
                 .iter()
                 .all(|l| l.len() == 99)
         );
+    }
+
+    #[test]
+    fn the_copy_reaches_the_console_and_a_rotating_file() {
+        let t = Tree::new();
+        let path = t.ctx.path(RUN_LOG);
+        // A previous run's lines stay: the file is appended to.
+        t.file(RUN_LOG, "kairos-agent: first run\n");
+        let mut file = RotatingFile::new(path.clone(), 64);
+        let mut console = Vec::new();
+        let input = "kairos-agent: stage fs: 1 steps ran\nkairos-agent: K3s started\n";
+        copy_tee(&mut input.as_bytes(), &mut console, &mut file);
+        assert_eq!(String::from_utf8(console).unwrap(), input);
+        // 24 + 62 bytes would pass 64: the old content moved to .1 first.
+        assert_eq!(
+            std::fs::read_to_string(t.ctx.path(RUN_LOG_OLD)).unwrap(),
+            "kairos-agent: first run\n"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), input);
+        // `logs` shows both, the older first.
+        let sections = collect(&t.ctx, &args());
+        let titles: Vec<&str> = sections.iter().map(|s| s.title.as_str()).collect();
+        assert_eq!(
+            &titles[3..],
+            [
+                "kairos-agent: /run/kairos/kairos-agent.log.1 (this boot)",
+                "kairos-agent: /run/kairos/kairos-agent.log (this boot)"
+            ]
+        );
+        // A new file is root's only: the log may carry what a stage printed.
+        std::fs::remove_file(&path).unwrap();
+        let mut file = RotatingFile::new(path.clone(), 64);
+        file.write(b"x\n");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn no_capture_outside_an_init_without_a_journal() {
+        // A test runs under cargo, not as init's child, and on a temp root.
+        let t = Tree::new();
+        assert!(capture_daemon_output(&t.ctx).is_none());
     }
 }

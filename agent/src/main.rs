@@ -105,7 +105,12 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 .with_context(|| format!("run-stage {stage}"))?
                 .0
         }
-        Cmd::Daemon(o) => daemon::daemon(&ctx, &o, err).context("daemon")?,
+        Cmd::Daemon(o) => {
+            // Under an init without a journal, also into /run/kairos for `logs`; put back
+            // (and the copy finished) when the daemon returns.
+            let _capture = logs::capture_daemon_output(&ctx);
+            daemon::daemon(&ctx, &o, err).context("daemon")?
+        }
         Cmd::P2p(a) => p2p::p2p(&ctx, a, out, err).context("p2p")?,
         Cmd::Register(a) => p2p::register(&ctx, a, out, err).context("register")?,
         Cmd::Install(o) => install::install(&ctx, &o, out, err).context("install")?,

@@ -416,3 +416,49 @@ fn list_releases_without_a_repository_says_where_it_looked() {
     ));
     assert_eq!(code, 2, "{err}");
 }
+
+/// The daemon's output capture (used under kairos-init as PID 1), in a child process of
+/// this test binary: what the process and a child it starts print reaches both the
+/// original streams and the file, and the streams are back once the capture is dropped.
+#[test]
+fn captured_output_reaches_the_console_and_the_file() {
+    if let Some(path) = std::env::var_os("KAIROS_TEST_CAPTURE_TO") {
+        let c = kairos_agent::logs::capture_output_to(path.into(), 1 << 20);
+        assert!(c.is_some(), "the capture could not be set up");
+        println!("stdout line");
+        eprintln!("stderr line");
+        Command::new("sh")
+            .args(["-c", "echo child line; echo child error >&2"])
+            .status()
+            .unwrap();
+        drop(c);
+        eprintln!("after the capture");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("agent.log");
+    let o = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "captured_output_reaches_the_console_and_the_file",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("KAIROS_TEST_CAPTURE_TO", &file)
+        .output()
+        .unwrap();
+    let (code, out, err) = text(&o);
+    assert_eq!(code, 0, "{out}{err}");
+    // Both streams go through the one pipe to the original stderr while captured.
+    for l in ["stdout line", "stderr line", "child line", "child error"] {
+        assert!(err.contains(l), "{l} not on the console: {out}{err}");
+    }
+    assert!(err.contains("after the capture"), "{err}");
+    let logged = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = logged.lines().collect();
+    assert_eq!(
+        lines,
+        ["stdout line", "stderr line", "child line", "child error"],
+        "{logged}"
+    );
+}
