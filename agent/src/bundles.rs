@@ -246,6 +246,19 @@ pub fn persistent_paths(extra: &[String]) -> Vec<String> {
     v
 }
 
+/// [`persistent_paths`] of the running system under `ctx`: when its mount table is readable,
+/// only those mounted (a path its layout does not bind-mount is a tmpfs or the read-only
+/// image, and what a bundle put there would be gone at the next boot while recorded as
+/// applied).
+pub fn running_paths(ctx: &Ctx, extra: &[String]) -> Vec<String> {
+    let mut paths = persistent_paths(extra);
+    if let Ok(text) = fs::read_to_string(ctx.path("/proc/self/mountinfo")) {
+        let mounts = kairos_init::mountinfo::parse(&text);
+        paths.retain(|p| kairos_init::mountinfo::mounted_at(&mounts, p).is_some());
+    }
+    paths
+}
+
 /// Where the system path `abs` is written: (a directory, the path inside it). None when it is
 /// in no persistent path.
 pub fn place(dest: &Dest, paths: &[String], abs: &Path) -> Option<(PathBuf, PathBuf)> {
@@ -998,7 +1011,7 @@ pub fn at_boot(ctx: &Ctx, loaded: &config::Loaded, log: &mut dyn Write) -> Resul
         dest: Dest::Running {
             root: ctx.root.clone(),
         },
-        paths: persistent_paths(&install.bind_mounts),
+        paths: running_paths(ctx, &install.bind_mounts),
         record: (ctx.root.clone(), PathBuf::from(RECORD)),
         work: ctx.path(WORK),
         force: false,
@@ -1106,7 +1119,7 @@ pub fn install_bundle(
         dest: Dest::Running {
             root: ctx.root.clone(),
         },
-        paths: persistent_paths(&binds),
+        paths: running_paths(ctx, &binds),
         record: (ctx.root.clone(), PathBuf::from(RECORD)),
         work: ctx.path(WORK),
         force: true,

@@ -716,3 +716,44 @@ fn a_docker_save_archive_is_a_local_bundle_checked_against_its_diff_ids() {
     );
     assert!(!t.ctx.path("/usr/local/share/bad.txt").exists());
 }
+
+#[test]
+fn on_a_booted_system_only_the_mounted_persistent_paths_take_files() {
+    let t = Tree::new();
+    // /usr/local (COS_PERSISTENT) and the /etc/ssh bind are mounted; /var/lib/rancher is not.
+    t.file(
+        "/proc/self/mountinfo",
+        "22 1 8:4 / / ro,relatime - ext4 /dev/loop0 ro\n\
+         30 22 8:5 / /usr/local rw,relatime - ext4 /dev/sda5 rw\n\
+         31 22 8:5 /.state/etc-ssh.bind /etc/ssh rw,relatime - ext4 /dev/sda5 rw\n",
+    );
+    let paths = running_paths(&t.ctx, &[]);
+    assert_eq!(paths, ["/usr/local", "/etc/ssh"]);
+    let img = tempfile::tempdir().unwrap();
+    image(
+        img.path(),
+        &[
+            E::File(
+                "etc/ssh/sshd_config.d/10-bundle.conf",
+                "X11Forwarding no\n",
+                0o644,
+            ),
+            E::File("var/lib/rancher/k3s/x.yaml", "x", 0o644),
+        ],
+    );
+    let target = format!("container://ocifile:{}", img.path().display());
+    let opts = InstallOptions {
+        target: target.clone(),
+        local_file: false,
+        rootfs_path: None,
+        repository: None,
+    };
+    let e = install_bundle(&t.ctx, &opts, &mut Vec::new(), &mut Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("/var/lib/rancher/k3s/x.yaml would land outside the persistent paths"),
+        "{e}"
+    );
+    assert!(!t.ctx.path("/etc/ssh/sshd_config.d/10-bundle.conf").exists());
+}
