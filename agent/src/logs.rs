@@ -45,7 +45,7 @@ const PREFIXES: &[&str] = &["kairos-init:", "kairos-agent:"];
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {
-    /// The journalctl to ask on a systemd image [default: journalctl in PATH]
+    /// The journalctl to ask on a systemd image (looked up in PATH)
     #[arg(long, value_name = "PATH", default_value = "journalctl")]
     pub journalctl: PathBuf,
 }
