@@ -56,6 +56,9 @@ pub const CONFIG_NAME: &str = "90_custom.yaml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
+    /// A hook stage failed and the config says `strict: true`.
+    #[error(transparent)]
+    Hook(#[from] stages::HookFailed),
     #[error("{}: {what}; nothing was written", device.display())]
     Device { device: PathBuf, what: String },
     #[error("{}: {what}", device.display())]
@@ -611,15 +614,28 @@ fn unpack_oci(
     Ok(staging)
 }
 
-fn run_hook(ctx: &Ctx, sources: &[config::Source], stage: &str, log: &mut dyn Write) {
-    let report = stages::run(ctx, stage, sources, log);
-    if !report.ok() {
-        let _ = writeln!(
-            log,
-            "kairos-agent: warning: stage {stage}: {} step(s) failed; the install goes on",
-            report.failures.len()
-        );
-    }
+/// A hook stage: failed steps are a warning, or with `strict: true` (in any of `sources`,
+/// the last one saying wins) stop the install, as do sources skipped as malformed.
+fn run_hook(
+    ctx: &Ctx,
+    loaded: &config::Loaded,
+    sources: &[config::Source],
+    stage: &str,
+    log: &mut dyn Write,
+) -> Result<(), InstallError> {
+    let skipped: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
+    let strict = stages::flag(sources, "strict", |c| c.strict);
+    let opts = stages::RunOptions::from_sources(sources);
+    stages::hook_with(
+        ctx,
+        sources,
+        opts,
+        strict.then_some(&skipped[..]),
+        stage,
+        "install",
+        log,
+    )?;
+    Ok(())
 }
 
 /// Copies GRUB's modules and lists for `platform` (i386-pc, x86_64-efi) to
@@ -1560,7 +1576,7 @@ pub fn install(
     } = check(ctx, opts, &configured, &dev, &mut p, log)?;
 
     // 2.
-    run_hook(ctx, &sources, "before-install", log);
+    run_hook(ctx, &loaded, &sources, "before-install", log)?;
 
     // 3. and 4. The partition table and the filesystems, mounted under /run/kairos/install;
     // with install.no-format the disk's own, mounted as they are.
@@ -1627,7 +1643,7 @@ pub fn install(
     drop(src);
     finish(targets, &disk)?;
     drop(p);
-    run_hook(ctx, &sources, "after-install", log);
+    run_hook(ctx, &loaded, &sources, "after-install", log)?;
     writeln!(
         out,
         "kairos-agent: installed {} to {} ({} MiB: {}, oem, recovery, state {} MiB, persistent)",
