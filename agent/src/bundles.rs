@@ -399,13 +399,28 @@ pub fn plan(
                 1 => String::new(),
                 n => format!(" (and {} more entries outside)", n - 1),
             },
-            allowed: "/usr/local, /oem and the persistent bind mounts: /etc/ssh, /home, \
-                      /var/lib/rancher, /var/lib/extensions, ..., install.bind_mounts"
-                .into(),
+            allowed: allowed_text(paths),
         });
     }
     // A directory is listed before anything in it (the walk pushes it, then lists it).
     Ok(out)
+}
+
+/// The persistent paths for a refusal: the first few in name order and how many there are.
+fn allowed_text(paths: &[String]) -> String {
+    let mut v: Vec<&str> = paths.iter().map(String::as_str).collect();
+    v.sort_unstable();
+    // The two a bundle most often means first.
+    v.sort_by_key(|p| match *p {
+        "/usr/local" => 0,
+        "/oem" => 1,
+        _ => 2,
+    });
+    match v.len() {
+        0 => "none are mounted".into(),
+        n if n <= 6 => v.join(", "),
+        n => format!("{}, ... {n} in all", v[..6].join(", ")),
+    }
 }
 
 /// Writes the planned entries. Existing directories keep their mode and owner.

@@ -378,7 +378,7 @@ fn a_bundle_with_a_file_outside_the_persistent_paths_is_refused() {
         e.contains(&format!("bundle {target}: "))
             && e.contains("would land outside the persistent paths")
             && e.contains(
-                "/etc/passwd would land outside the persistent paths (/usr/local, /oem and"
+                "/etc/passwd would land outside the persistent paths (/usr/local, /oem, /etc/cni, "
             )
             && e.contains("(and 2 more entries outside)")
             && e.contains("nothing was installed"),
@@ -752,7 +752,7 @@ fn on_a_booted_system_only_the_mounted_persistent_paths_take_files() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("/var/lib/rancher/k3s/x.yaml would land outside the persistent paths"),
+        e.contains("/var/lib/rancher/k3s/x.yaml would land outside the persistent paths (/usr/local, /etc/ssh)"),
         "{e}"
     );
     assert!(!t.ctx.path("/etc/ssh/sshd_config.d/10-bundle.conf").exists());
