@@ -1679,7 +1679,9 @@ fn install_config(
     let text = std::fs::read_to_string(c).at(c, "reading the --config file")?;
     let origin = c.display().to_string();
     let Some(given) =
-        config::parse(&origin, &text, false).map_err(|e| InstallError::Other(e.to_string()))?
+        // Templates ({{ .MachineID }}, ...) rendered as the loader renders the node's files.
+        config::parse_rendered(&origin, &text, false, &mut config::Renderer::new(ctx))
+            .map_err(|e| InstallError::Other(e.to_string()))?
     else {
         return Ok((node, sources));
     };
@@ -1888,7 +1890,7 @@ pub fn manual_install(
     let c = &opts.config;
     let text = std::fs::read_to_string(c).at(c, "reading the config")?;
     let origin = c.display().to_string();
-    let parsed = config::parse(&origin, &text, true)
+    let parsed = config::parse_rendered(&origin, &text, true, &mut config::Renderer::new(ctx))
         .map_err(|e| InstallError::Other(e.to_string()))?
         .ok_or_else(|| {
             InstallError::Other(format!(
@@ -2699,6 +2701,31 @@ mod tests {
         );
         let (e, _) = run("hostname: x\n", None);
         assert!(e.contains("no #cloud-config header"), "{e}");
+    }
+
+    #[test]
+    fn manual_install_renders_the_configs_templates() {
+        let f = installed_machine(false);
+        let ctx = &f.t.ctx;
+        f.t.file("/etc/machine-id", "beef0123456789abcdef0123456789ab\n");
+        let cfg = ctx.path("/tmp/config.yaml");
+        let run = |text: &str| {
+            std::fs::create_dir_all(cfg.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&cfg, text).expect("write");
+            let opts = ManualOptions {
+                config: cfg.clone(),
+                ..ManualOptions::default()
+            };
+            let (r, _, _) = crate::testutil::run(|o, e| manual_install(ctx, &opts, o, e));
+            r.expect_err("no real disk").to_string()
+        };
+        let e = run("#cloud-config\ninstall:\n  device: /nonexistent-{{ trunc 4 .MachineID }}\n");
+        assert!(e.starts_with("/nonexistent-beef: cannot stat it"), "{e}");
+        let e = run("#cloud-config\n\ninstall:\n  device: /x-{{ .Nope }}\n");
+        assert_eq!(
+            e,
+            format!("{}:4: {{{{.Nope}}}}: unknown field .Nope", cfg.display())
+        );
     }
 
     #[test]
