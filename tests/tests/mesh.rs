@@ -617,7 +617,7 @@ fn ha_masters_and_workers_get_roles_user_args_kubevip_and_kubeconfig() {
             assert!(log.contains(&want), "node{i}: no {want:?}:\n{log}");
         }
         assert!(
-            log.contains("ledger: roles/") || log.contains("ledger: k3s/url"),
+            log.contains("ledger: vpn/lease/"),
             "node{i} heard nothing on the hacluster topic:\n{log}"
         );
     }
