@@ -9,15 +9,15 @@ fn main() {
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
     let commit = git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
     // A new commit changes HEAD (detached) or the branch's ref file: rebuild the facts then.
-    for what in ["HEAD", "logs/HEAD"] {
-        if let Some(p) = git(&["rev-parse", "--git-path", what]) {
+    // Only files that exist: cargo reruns on every build for a missing one (a packed ref).
+    let mut watch = vec!["HEAD".to_string()];
+    watch.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for what in watch {
+        if let Some(p) = git(&["rev-parse", "--git-path", &what])
+            && std::path::Path::new(&p).is_file()
+        {
             println!("cargo:rerun-if-changed={p}");
         }
-    }
-    if let Some(r) = git(&["symbolic-ref", "-q", "HEAD"])
-        && let Some(p) = git(&["rev-parse", "--git-path", &r])
-    {
-        println!("cargo:rerun-if-changed={p}");
     }
     let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
         Ok(v) if !v.trim().is_empty() => match v.trim().parse::<i64>() {
