@@ -159,6 +159,17 @@ pub struct Facts {
     pub arch: &'static str,
     pub systemd: bool,
     pub openrc: bool,
+    /// The root the paths of `if_files` are under.
+    pub root: Option<Ctx>,
+}
+
+impl Facts {
+    fn exists(&self, p: &str) -> bool {
+        match &self.root {
+            Some(ctx) => ctx.path(p).exists(),
+            None => Path::new(p).exists(),
+        }
+    }
 }
 
 impl Facts {
@@ -190,6 +201,7 @@ impl Facts {
                 "/usr/sbin/openrc",
                 "/usr/bin/openrc",
             ]),
+            root: Some(ctx.clone()),
         }
     }
 }
@@ -219,6 +231,32 @@ pub fn filters(f: &Facts, step: &Step) -> Result<Option<String>, String> {
             && let Some(why) = regex(key, re, value, what)?
         {
             return Ok(Some(why));
+        }
+    }
+    for (check, paths) in &step.if_files {
+        let exists: Vec<bool> = paths.iter().map(|p| f.exists(p)).collect();
+        let why = match check.as_str() {
+            _ if paths.is_empty() => None,
+            "all" => paths
+                .iter()
+                .zip(&exists)
+                .find(|(_, e)| !**e)
+                .map(|(p, _)| format!("if_files all: {p} does not exist")),
+            "any" => (!exists.contains(&true))
+                .then(|| format!("if_files any: none of {} exists", paths.join(", "))),
+            "none" => paths
+                .iter()
+                .zip(&exists)
+                .find(|(_, e)| **e)
+                .map(|(p, _)| format!("if_files none: {p} exists")),
+            other => {
+                return Err(format!(
+                    "if_files: {other:?} is not a check (any, all or none)"
+                ));
+            }
+        };
+        if why.is_some() {
+            return Ok(why);
         }
     }
     if let Some(m) = step
@@ -1548,12 +1586,31 @@ mod tests {
         let s = source(
             "/oem/f.yaml",
             &format!(
-                "stages:\n  boot:\n  - {{name: alpine, only_os: Alpine, commands: [echo alpine >> ran]}}\n  - {{name: ubuntu, only_os: '^Ubuntu', commands: [echo ubuntu >> ran]}}\n  - {{name: v319, only_os_version: '^3\\.19', commands: [echo v319 >> ran]}}\n  - {{name: v4, only_os_version: '^4', commands: [echo v4 >> ran]}}\n  - {{name: arch, only_arch: '^{arch}$', commands: [echo arch >> ran]}}\n  - {{name: s390, only_arch: s390x, commands: [echo s390 >> ran]}}\n  - {{name: openrc, only_service_manager: OpenRC, commands: [echo openrc >> ran]}}\n  - {{name: systemd, only_service_manager: systemd, commands: [echo systemd >> ran]}}\n  - {{name: badre, only_os: '(', commands: [echo badre >> ran]}}\n  - {{name: runit, only_service_manager: runit, commands: [echo runit >> ran]}}\n"
+                "stages:\n  boot:\n  - {{name: alpine, only_os: Alpine, commands: [echo alpine >> ran]}}\n  - {{name: ubuntu, only_os: '^Ubuntu', commands: [echo ubuntu >> ran]}}\n  - {{name: v319, only_os_version: '^3\\.19', commands: [echo v319 >> ran]}}\n  - {{name: v4, only_os_version: '^4', commands: [echo v4 >> ran]}}\n  - {{name: arch, only_arch: '^{arch}$', commands: [echo arch >> ran]}}\n  - {{name: s390, only_arch: s390x, commands: [echo s390 >> ran]}}\n  - {{name: openrc, only_service_manager: OpenRC, commands: [echo openrc >> ran]}}\n  - {{name: systemd, only_service_manager: systemd, commands: [echo systemd >> ran]}}\n  - {{name: badre, only_os: '(', commands: [echo badre >> ran]}}\n  - {{name: runit, only_service_manager: runit, commands: [echo runit >> ran]}}\n  - {{name: files-all, if_files: {{all: [/etc/os-release, /usr/bin/openrc]}}, commands: [echo files-all >> ran]}}\n  - {{name: files-any, if_files: {{any: [/nope, /etc/os-release]}}, commands: [echo files-any >> ran]}}\n  - {{name: files-none, if_files: {{none: [/etc/os-release]}}, commands: [echo files-none >> ran]}}\n  - {{name: files-all2, if_files: {{all: [/etc/os-release, /nope]}}, commands: [echo files-all2 >> ran]}}\n  - {{name: files-odd, if_files: {{some: [/etc]}}, commands: [echo files-odd >> ran]}}\n"
             ),
         );
         let (r, log) = go(&t, "boot", std::slice::from_ref(&s));
-        assert_eq!(read(&t, "/ran"), "alpine\nv319\narch\nopenrc\n", "{log}");
-        assert_eq!((r.ran, r.skipped, r.failures.len()), (6, 4, 2), "{log}");
+        assert_eq!(
+            read(&t, "/ran"),
+            "alpine\nv319\narch\nopenrc\nfiles-all\nfiles-any\n",
+            "{log}"
+        );
+        assert_eq!((r.ran, r.skipped, r.failures.len()), (9, 6, 3), "{log}");
+        assert!(
+            log.contains("step \"files-none\": skipped (if_files none: /etc/os-release exists)"),
+            "{log}"
+        );
+        assert!(
+            log.contains("step \"files-all2\": skipped (if_files all: /nope does not exist)"),
+            "{log}"
+        );
+        assert!(
+            r.failures[2].contains(
+                "step \"files-odd\": if_files: \"some\" is not a check (any, all or none)"
+            ),
+            "{:?}",
+            r.failures
+        );
         for line in [
             "step \"ubuntu\": skipped (only_os \"^Ubuntu\" does not match OS name \"Alpine Linux v3.19\")",
             "step \"v4\": skipped (only_os_version \"^4\" does not match OS version \"3.19.1\")",

@@ -319,9 +319,9 @@ pub const KEYS: &[Key] = &[
         "hostname_environment_sysctl_dns_timesyncd",
     ),
     shown("stages.*.if", "before_stage_after_and_file_order_and_if"),
-    unsupported(
+    shown(
         "stages.*.if_files.**",
-        "if_files is not supported; use `if:` with a shell test",
+        "only_os_version_arch_and_service_manager_filter_steps",
     ),
     unsupported(
         "stages.*.layout.**",

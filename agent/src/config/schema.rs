@@ -318,6 +318,9 @@ pub struct Step {
     /// `systemd` or `openrc`, told by which one's binary the root has.
     #[serde(deserialize_with = "de::opt_string")]
     pub only_service_manager: Option<String>,
+    /// yip's `if_files`: `any`, `all` or `none` of these paths exist (under the root).
+    #[serde(deserialize_with = "de::keys_map")]
+    pub if_files: BTreeMap<String, Vec<String>>,
     #[serde(deserialize_with = "de::list")]
     pub files: Vec<File>,
     #[serde(deserialize_with = "de::list")]
