@@ -916,9 +916,9 @@ impl Applier {
             }
             (r, _) => r,
         };
-        let result = match fetched {
-            Ok(Fetched::Unchanged(d)) => Ok(Done::Unchanged(d)),
-            Ok(Fetched::Tree { tree, digest }) => {
+        let result = fetched.and_then(|f| match f {
+            Fetched::Unchanged(d) => Ok(Done::Unchanged(d)),
+            Fetched::Tree { tree, digest } => {
                 let files = if t.kind.files() {
                     let rootfs = Path::new("/").join(rootfs_path.unwrap_or("/"));
                     let planned = plan(&t.given, &tree, &rootfs, &self.dest, &self.paths)?;
@@ -929,8 +929,8 @@ impl Applier {
                 };
                 Ok(Done::Applied { digest, files })
             }
-            Err(e) => Err(e),
-        };
+        });
+        // Whatever happened, the unpacked image goes.
         let _ = fs::remove_dir_all(&self.work);
         let done = result?;
         if let Done::Applied { digest, .. } = &done {
@@ -942,26 +942,15 @@ impl Applier {
         Ok(done)
     }
 
-    /// Applies every target of `bundles` (`only` picks the kinds); each failure is said on
-    /// `log` and returned.
-    pub fn apply_all(
-        &self,
-        bundles: &[Bundle],
-        only: &dyn Fn(Kind) -> bool,
-        log: &mut dyn Write,
-    ) -> Vec<BundleError> {
+    /// Applies every target of `bundles`; each failure is said on `log` and returned.
+    pub fn apply_all(&self, bundles: &[Bundle], log: &mut dyn Write) -> Vec<BundleError> {
         let mut errors = Vec::new();
         for b in bundles {
             for given in &b.targets {
-                let r = parse_target(given, b.local_file).and_then(|t| {
-                    if !only(t.kind) {
-                        return Ok(None);
-                    }
-                    self.apply(&t, b.rootfs_path.as_deref(), log).map(Some)
-                });
+                let r = parse_target(given, b.local_file)
+                    .and_then(|t| self.apply(&t, b.rootfs_path.as_deref(), log));
                 match r {
-                    Ok(None) => {}
-                    Ok(Some(done)) => say(log, given, &done),
+                    Ok(done) => say(log, given, &done),
                     Err(e) => {
                         let _ = writeln!(log, "kairos-agent: error: {e}");
                         errors.push(e);
@@ -1032,7 +1021,7 @@ pub fn at_boot(ctx: &Ctx, loaded: &config::Loaded, log: &mut dyn Write) -> Resul
         force: false,
         binds: Vec::new(),
     };
-    let errors = a.apply_all(&c.bundles, &|_| true, log);
+    let errors = a.apply_all(&c.bundles, log);
     finish(errors, c.fail_on_bundles_errors, log)
 }
 
@@ -1097,7 +1086,7 @@ pub fn after_install_on(
         force: false,
         binds,
     };
-    let errors = a.apply_all(&install.bundles, &|_| true, log);
+    let errors = a.apply_all(&install.bundles, log);
     finish(errors, fail, log)
 }
 

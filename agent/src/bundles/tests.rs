@@ -555,6 +555,7 @@ fn a_failing_run_sh_names_the_bundle_and_its_exit_status() {
         record(&t).applied.is_empty(),
         "a failed bundle is not recorded"
     );
+    assert!(!t.ctx.path(WORK).exists(), "the unpacked image is removed");
     // With it: the error.
     let l = loaded(&format!(
         "fail_on_bundles_errors: true\nbundles:\n- targets: [\"{target}\"]\n"
