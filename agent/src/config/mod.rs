@@ -1180,4 +1180,46 @@ mod tests {
             "custom\n"
         );
     }
+
+    #[test]
+    fn node_facts_come_from_the_root() {
+        let t = Tree::new();
+        t.file("/etc/machine-id", "0123abcd\n");
+        t.file("/etc/hostname", "shelf-1\n");
+        t.file(
+            "/etc/os-release",
+            "ID=\"debian\"\nVERSION_ID=\"12\"\nVERSION=\"12 (bookworm)\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n",
+        );
+        t.file("/sys/class/dmi/id/product_uuid", "4c4c4544-0031\n");
+        t.file("/sys/class/dmi/id/product_serial", "SN-77\n");
+        t.file("/sys/class/net/eth0/address", "52:54:00:aa:bb:cc\n");
+        // A physical interface has a device; a virtual one (veth9) has none.
+        t.file("/sys/class/net/eth0/device/.keep", "");
+        t.file("/sys/class/net/veth9/address", "02:00:00:00:00:09\n");
+        let f = node_facts(&t.ctx);
+        assert_eq!(f.machine_id.as_deref(), Ok("0123abcd"));
+        assert_eq!(f.hostname, "shelf-1");
+        assert_eq!(
+            (
+                f.os_name.as_str(),
+                f.os_vendor.as_str(),
+                f.os_version.as_str()
+            ),
+            ("Debian GNU/Linux 12 (bookworm)", "debian", "12")
+        );
+        assert_eq!(f.product_uuid, "4c4c4544-0031");
+        assert_eq!(f.product_serial, "SN-77");
+        assert_eq!(
+            f.network,
+            [("eth0".to_owned(), "52:54:00:aa:bb:cc".to_owned())]
+        );
+        assert_eq!(f.random.len(), 32);
+        assert!(
+            f.random
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+        );
+        assert_eq!(f.uuid.len(), 36);
+        assert_eq!(&f.uuid[14..15], "4", "a version 4 UUID");
+    }
 }
