@@ -3,8 +3,11 @@
 //! own cos-layout.env naming COS_PERSISTENT) made into two ISOs by `kairos-build iso`: one
 //! with an `install.auto` config, one without (pairing).
 //! - CD under SeaBIOS: live (squashfs read-only, tmpfs overlays, `/run/cos/live_mode`, the
-//!   medium's config read), install.auto installs onto the blank disk and powers off; the disk
-//!   alone boots BIOS into active with the config applied; then the same ISO file as a USB
+//!   medium's config read), install.auto installs onto the blank disk and powers off; the GPT
+//!   is the one install.partitions and install.extra-partitions ask for (sgdisk, blkid) and
+//!   the after-install-chroot stage's file is in the installed active.img; the disk alone
+//!   boots BIOS into active with the config applied (the hostname rendered from the machine
+//!   id, install.grub_options on the kernel command line); then the same ISO file as a USB
 //!   stick next to that disk: live again, nothing installed and the console says why,
 //!   COS_PERSISTENT byte for byte the same.
 //! - CD under OVMF: the same install; the same ISO file as a USB stick next to the disk changes
@@ -93,9 +96,11 @@ fn image_config() -> String {
 
 /// `--config` of the install.auto ISO: it goes to the installed COS_OEM with everything else
 /// the live system merged. Issue 19: the partitions' sizes and an extra partition, a grubenv
-/// option, an after-install-chroot stage (a marker and the installed system's machine id,
-/// written inside the new active.img) and a hostname rendered from the machine id.
-const AUTO_CONFIG: &str = "#cloud-config\nhostname: \"kairos-{{ trunc 4 .MachineID }}\"\ninstall:\n  auto: true\n  device: auto\n  poweroff: true\n  partitions:\n    oem:\n      size: 96\n      fs: ext4\n    state:\n      size: 1400\n  extra-partitions:\n    - name: kt_extra\n      size: 64\n      fs: ext4\n      label: KT_EXTRA\n  grub_options:\n    extra_active_cmdline: kt.grub_option=active\nstages:\n  after-install-chroot:\n    - name: marker and machine id in the new image\n      commands:\n        - echo written in the new image > /etc/kt-chroot-marker\n        - cat /proc/sys/kernel/random/uuid | tr -d - > /etc/machine-id\n  boot:\n    - name: iso test marker\n      if: '[ ! -e /run/cos/live_mode ]'\n      files:\n        - path: /etc/kairos-test/hello.txt\n          permissions: 0644\n          content: applied from kairos-build iso --config\n";
+/// option, an after-install-chroot stage (a marker, and this machine's id kept by the
+/// installed system, both written inside the new active.img) and a hostname rendered from
+/// the machine id. The live system renders the templates of the config it installs (the
+/// loader renders every source), so the installed system keeps the live boot's machine id.
+const AUTO_CONFIG: &str = "#cloud-config\nhostname: \"kairos-{{ trunc 4 .MachineID }}\"\ninstall:\n  auto: true\n  device: auto\n  poweroff: true\n  partitions:\n    oem:\n      size: 96\n      fs: ext4\n    state:\n      size: 1400\n  extra-partitions:\n    - name: kt_extra\n      size: 64\n      fs: ext4\n      label: KT_EXTRA\n  grub_options:\n    extra_active_cmdline: kt.grub_option=active\nstages:\n  after-install-chroot:\n    - name: marker and machine id in the new image\n      commands:\n        - echo written in the new image > /etc/kt-chroot-marker\n      files:\n        - path: /etc/machine-id\n          permissions: 0444\n          content: \"{{ .MachineID }}\\n\"\n  boot:\n    - name: iso test marker\n      if: '[ ! -e /run/cos/live_mode ]'\n      files:\n        - path: /etc/kairos-test/hello.txt\n          permissions: 0644\n          content: applied from kairos-build iso --config\n";
 
 /// `sgdisk -p` of `disk`: (number, GPT name, MiB) of every partition.
 fn gpt_table(disk: &Path) -> Vec<(u32, String, u64)> {
