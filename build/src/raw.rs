@@ -148,7 +148,34 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
             })
         })
         .transpose()?;
-    checks::read_config(args.config.as_deref())?;
+    let config_text = checks::read_config(args.config.as_deref())?;
+    // The config's install block: grub_options and the custom mounts go to COS_OEM as an
+    // install writes them; the layout keys are an install's (a raw image has the built-in
+    // layout, COS_PERSISTENT grown to the disk at first boot).
+    let install_block = config_text
+        .as_deref()
+        .and_then(|b| {
+            kairos_agent::config::parse("--config", &String::from_utf8_lossy(b), false)
+                .ok()
+                .flatten()
+        })
+        .and_then(|s| s.config.install)
+        .unwrap_or_default();
+    let grubenv = install::install_grubenv(
+        &install_block.grub_options,
+        install_block.grub_entry_name.as_deref(),
+    )?;
+    let custom_mounts = install::custom_mounts_config(&install_block)?;
+    if install_block.partitions.is_some()
+        || !install_block.extra_partitions.is_empty()
+        || install_block.no_format
+    {
+        writeln!(
+            log,
+            "kairos-build: warning: install.partitions, install.extra-partitions and install.no-format are applied by kairos-agent install, not here: a raw image has the built-in layout (COS_PERSISTENT grows to the disk at first boot)"
+        )
+        .ok();
+    }
     if !rustix::process::geteuid().is_root() {
         return Err(RawError::NotRoot);
     }
@@ -229,6 +256,7 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
             size,
         );
         install::write_boot_files(&targets, &boot, args.config.as_deref(), &line)?;
+        install::write_oem_extras(&targets, &grubenv, custom_mounts.as_deref())?;
         install::write_boot_code(&disk, &parts, &nodes, &boot, &targets)?;
         install::finish(targets, &disk)?;
         Ok(())
