@@ -502,6 +502,52 @@ fn upgrade_from_a_directory_and_from_an_image_file() {
     assert_refused(&fx, &out, &before, &["no known filesystem", "ext2/3/4"]);
 }
 
+/// Issue 19: the after-upgrade-chroot stage runs in the new image before it is rotated in
+/// (a `files:` step: the test images have no shell), and `upgrade.reboot` is honoured (under
+/// --root the agent says it would reboot and does not).
+#[test]
+fn after_upgrade_chroot_writes_into_the_new_image_and_upgrade_reboot_is_honoured() {
+    need_root();
+    let fx = Fixture::new();
+    std::fs::write(
+        fx.root.join("oem/91_chroot.yaml"),
+        "#cloud-config\nupgrade:\n  reboot: true\nstages:\n  after-upgrade-chroot:\n    - name: into the new image\n      files:\n        - path: /etc/kt-upgrade-chroot\n          content: written before the rotation\n",
+    )
+    .unwrap();
+    let source = format!("dir:{}", fx.new_rootfs.display());
+    let out = fx.upgrade(&source, &["--booted", "active"], None);
+    fx.assert_upgraded_from_active(&out, &source);
+    let active = fx.cos("active.img");
+    let got = run_ok(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg("cat /etc/kt-upgrade-chroot")
+            .arg(&active),
+    );
+    assert_eq!(
+        got.trim(),
+        "written before the rotation",
+        "in the new active.img"
+    );
+    // Not in the old image (now passive), nor on the host.
+    let old = run_ok(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg("stat /etc/kt-upgrade-chroot")
+            .arg(fx.cos("passive.img")),
+    );
+    assert!(!old.contains("Inode:"), "{old}");
+    assert!(!Path::new("/etc/kt-upgrade-chroot").exists());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("rebooting (upgrade.reboot)"), "{stdout}");
+    assert!(stderr.contains("not rebooting: the root is"), "{stderr}");
+    assert!(
+        stderr.contains("stage after-upgrade-chroot: chrooted into"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn recovery_upgrade_rebuilds_the_squashfs() {
     need_root();
