@@ -467,3 +467,49 @@ fn vm_power_cut_at_each_reset_step_then_the_reset_completes() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Issue 19: `reset.system.source` is what a reset installs when no flag names a source, and
+/// the after-reset-chroot stage writes into the new image before it becomes active (passive
+/// is its copy).
+#[test]
+fn reset_system_source_and_after_reset_chroot() {
+    need_root();
+    let r = ResetFixture::new(true);
+    std::fs::write(
+        r.fx.root.join("oem/92_reset.yaml"),
+        format!(
+            "#cloud-config\nreset:\n  system:\n    source: dir:{}\nstages:\n  after-reset-chroot:\n    - name: into the new image\n      files:\n        - path: /etc/kt-reset-chroot\n          content: written before the image became active\n",
+            r.fx.new_rootfs.display()
+        ),
+    )
+    .unwrap();
+    let out = r.reset(&["--booted", "recovery"]);
+    assert!(out.status.success(), "reset failed: {}", out.status);
+    for img in ["active.img", "passive.img"] {
+        assert_eq!(
+            marker(&r.fx.cos(img)),
+            NEW,
+            "{img}: not from reset.system.source"
+        );
+        let got = run_ok(
+            Command::new("debugfs")
+                .arg("-R")
+                .arg("cat /etc/kt-reset-chroot")
+                .arg(r.fx.cos(img)),
+        );
+        assert_eq!(
+            got.trim(),
+            "written before the image became active",
+            "{img}"
+        );
+        assert!(fsck_clean(&r.fx.cos(img)), "{img} not clean");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "reset done from dir:{}",
+            r.fx.new_rootfs.display()
+        )),
+        "{stdout}"
+    );
+}
