@@ -599,7 +599,7 @@ pub const KEYS: &[Key] = &[
     shown("reset.reset-persistent", "flags_win_over_the_reset_block"),
     shown(
         "reset.system.source",
-        "reset_system_source_is_the_source_when_no_flag_names_one",
+        "reset_system_source_and_after_reset_chroot",
     ),
     unsupported(
         "upgrade.extra-dirs-rootfs",
@@ -615,7 +615,7 @@ pub const KEYS: &[Key] = &[
     ),
     shown(
         "upgrade.reboot",
-        "upgrade_sources_and_what_follows_come_from_the_upgrade_block",
+        "after_upgrade_chroot_writes_into_the_new_image_and_upgrade_reboot_is_honoured",
     ),
     unsupported(
         "upgrade.recovery",
