@@ -173,7 +173,11 @@ fn load_config(
             writeln!(log, "kairos-agent: warning: {e}").map_err(AgentError::Output)?;
         }
         // Keys that are refused are said on every start, whoever ran the stages.
-        for w in loaded.warnings.iter().filter(|w| w.starts_with("not supported:")) {
+        for w in loaded
+            .warnings
+            .iter()
+            .filter(|w| w.starts_with("not supported:"))
+        {
             writeln!(log, "kairos-agent: warning: {w}").map_err(AgentError::Output)?;
         }
     }
