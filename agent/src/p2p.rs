@@ -482,8 +482,11 @@ fn merge_paired(
         .map(|s| s.origin.as_str())
         .collect();
     let mut raw = own.raw;
+    // What is installed keeps the node's templates unrendered (it renders them each boot).
+    let mut as_written = own.raw_as_written;
     if let Some(p) = paired {
-        cloud_config::merge_maps(&mut raw, p.raw);
+        cloud_config::merge_maps(&mut raw, p.raw.clone());
+        cloud_config::merge_maps(&mut as_written, p.raw);
     }
     let merged: cloud_config::Config =
         serde_json::from_value(serde_json::Value::Object(raw.clone())).map_err(|e| {
@@ -492,7 +495,7 @@ fn merge_paired(
                 message: format!("the result is not a valid cloud-config: {e}"),
             }
         })?;
-    let text = install::cloud_config_text(&raw).map_err(|e| P2pError::Merge {
+    let text = install::cloud_config_text(&as_written).map_err(|e| P2pError::Merge {
         path: saved.to_path_buf(),
         message: e.to_string(),
     })?;

@@ -98,8 +98,9 @@ fn image_config() -> String {
 /// the live system merged. Issue 19: the partitions' sizes and an extra partition, a grubenv
 /// option, an after-install-chroot stage (a marker, and this machine's id kept by the
 /// installed system, both written inside the new active.img) and a hostname rendered from
-/// the machine id. The live system renders the templates of the config it installs (the
-/// loader renders every source), so the installed system keeps the live boot's machine id.
+/// the machine id. The installed COS_OEM keeps the templates as written and the installed
+/// node renders them on each boot; the busybox image has no systemd to make a machine id
+/// before its first stage, hence the one kept from the live boot.
 const AUTO_CONFIG: &str = "#cloud-config\nhostname: \"kairos-{{ trunc 4 .MachineID }}\"\ninstall:\n  auto: true\n  device: auto\n  poweroff: true\n  partitions:\n    oem:\n      size: 96\n      fs: ext4\n    state:\n      size: 1400\n  extra-partitions:\n    - name: kt_extra\n      size: 64\n      fs: ext4\n      label: KT_EXTRA\n  grub_options:\n    extra_active_cmdline: kt.grub_option=active\nstages:\n  after-install-chroot:\n    - name: marker and machine id in the new image\n      commands:\n        - echo written in the new image > /etc/kt-chroot-marker\n      files:\n        - path: /etc/machine-id\n          permissions: 0444\n          content: \"{{ .MachineID }}\\n\"\n  boot:\n    - name: iso test marker\n      if: '[ ! -e /run/cos/live_mode ]'\n      files:\n        - path: /etc/kairos-test/hello.txt\n          permissions: 0644\n          content: applied from kairos-build iso --config\n";
 
 /// `sgdisk -p` of `disk`: (number, GPT name, MiB) of every partition.

@@ -95,6 +95,10 @@ pub struct Source {
     pub config: Config,
     /// The generic tree, unknown keys included.
     pub raw: Map<String, Value>,
+    /// The tree as written, before its templates were rendered (only when the text had
+    /// templates and parses without rendering): what an install copies, so the installed
+    /// node renders them with its own facts on each boot.
+    pub as_written: Option<Map<String, Value>>,
 }
 
 /// Everything found, in merge order, and the merged result.
@@ -105,6 +109,9 @@ pub struct Loaded {
     pub merged: Config,
     /// The merged tree, unknown keys included.
     pub raw: Map<String, Value>,
+    /// The merged tree with each source as written (templates not rendered); see
+    /// [`Source::as_written`].
+    pub raw_as_written: Map<String, Value>,
     /// Sources that were skipped (each names its file and, for YAML, its line).
     pub errors: Vec<ConfigError>,
     /// Unknown keys and other things worth saying that changed nothing.
@@ -287,6 +294,7 @@ pub fn parse(
         origin: origin.to_owned(),
         config,
         raw,
+        as_written: None,
     }))
 }
 
@@ -340,7 +348,17 @@ pub fn parse_rendered(
     if require_header && !has_header(text) {
         return Ok(None);
     }
-    parse(origin, &r.render(origin, text)?, require_header)
+    let rendered = r.render(origin, text)?;
+    let mut source = parse(origin, &rendered, require_header)?;
+    if let Some(s) = source.as_mut().filter(|_| rendered != text) {
+        // An unrendered text that is not YAML (a `{{` opening a plain value) is kept rendered.
+        if let Ok(Some(Value::Object(m))) =
+            serde_saphyr::from_str_with_options::<Option<Value>>(text, yaml_options())
+        {
+            s.as_written = Some(m);
+        }
+    }
+    Ok(source)
 }
 
 /// What the templates can name, from the root (machine id, os-release, SMBIOS, network
@@ -574,6 +592,14 @@ pub fn load_with(ctx: &Ctx, opts: &LoadOptions, fetch: Fetch) -> Loaded {
         Value::Object(m) => m,
         _ => Map::new(),
     };
+    let mut as_written = Value::Object(Map::new());
+    for s in &node {
+        let tree = s.as_written.as_ref().unwrap_or(&s.raw);
+        merge(&mut as_written, Value::Object(tree.clone()));
+    }
+    if let Value::Object(m) = as_written {
+        l.raw_as_written = m;
+    }
     // Every key of every source against the registry: unknown ones and the ones that are
     // not supported are said on each load.
     let mut findings = keys::Findings::default();
@@ -677,6 +703,7 @@ pub fn from_cmdline(cmdline: &str, errors: &mut Vec<ConfigError>) -> (Option<Sou
                 origin: CMDLINE_ORIGIN.into(),
                 config,
                 raw: tree,
+                as_written: None,
             }),
             urls,
         ),
@@ -1093,6 +1120,33 @@ mod tests {
         let n = paths.len();
         paths.dedup();
         assert_eq!(paths.len(), n, "a key is listed twice");
+    }
+
+    #[test]
+    fn an_install_copies_the_templates_as_written() {
+        let t = Tree::new();
+        t.file("/etc/machine-id", "5f3a9c0e1b2d4f6a8c0e2b4d6f8a0c1e\n");
+        src(
+            &t,
+            "/oem/10.yaml",
+            "#cloud-config\nhostname: \"node-{{ trunc 4 .MachineID }}\"\n",
+        );
+        // A template opening a plain value is no YAML before rendering: kept rendered.
+        src(
+            &t,
+            "/oem/20.yaml",
+            "#cloud-config\nwrite_files:\n- path: /etc/a\n  permissions: {{ \"0600\" }}\n",
+        );
+        let l = load(&t.ctx, &no_fetch());
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        assert_eq!(l.merged.hostname.as_deref(), Some("node-5f3a"));
+        assert_eq!(l.raw["hostname"], "node-5f3a");
+        assert_eq!(
+            l.raw_as_written["hostname"],
+            "node-{{ trunc 4 .MachineID }}"
+        );
+        assert_eq!(l.raw_as_written["write_files"], l.raw["write_files"]);
+        assert_eq!(l.raw["write_files"][0]["permissions"], "0600");
     }
 
     #[test]

@@ -1742,7 +1742,7 @@ pub fn auto_install(
     let r = (|| {
         let target = auto_target(ctx, wanted, log)?;
         let conf = ctx.path(AUTO_CONFIG);
-        let text = cloud_config_text(&loaded.raw)
+        let text = cloud_config_text(&loaded.raw_as_written)
             .map_err(|e| InstallError::Other(format!("serializing the cloud-config: {e}")))?;
         write_private(&conf, text.as_bytes()).at(&conf, "writing")?;
         crate::console::say(
