@@ -20,13 +20,13 @@ fn main() {
         }
     }
     let epoch = match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<i64>() {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<u64>() {
             Ok(n) => n,
             Err(_) => panic!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds"),
         },
         _ => SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
+            .map(|d| d.as_secs())
             .unwrap_or(0),
     };
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
@@ -39,7 +39,10 @@ fn main() {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=KAIROS_GIT_COMMIT={commit}");
-    println!("cargo:rustc-env=KAIROS_BUILD_DATE={}", rfc3339(epoch));
+    println!(
+        "cargo:rustc-env=KAIROS_BUILD_DATE={}",
+        kairos_util::time::rfc3339_secs(epoch)
+    );
     println!("cargo:rustc-env=KAIROS_RUSTC_VERSION={rustc_version}");
 }
 
@@ -53,5 +56,3 @@ fn git(args: &[&str]) -> Option<String> {
     let s = String::from_utf8(o.stdout).ok()?.trim().to_string();
     (!s.is_empty()).then_some(s)
 }
-
-include!("build_date.rs");

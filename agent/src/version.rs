@@ -41,18 +41,15 @@ pub fn version(args: &VersionArgs, out: &mut dyn Write) -> Result<Outcome, Agent
 mod tests {
     use super::*;
 
-    include!("../build_date.rs");
-
     #[test]
     fn build_dates_are_rfc3339_utc() {
+        // build.rs formats the date with this function.
+        use kairos_util::time::rfc3339_secs as rfc3339;
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         // SOURCE_DATE_EPOCH of a reproducible build, and a leap day.
         assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        for s in [0u64, 86_399, 951_782_400, 1_700_000_000, 4_102_444_800] {
-            let ms = kairos_util::time::rfc3339(s * 1000);
-            assert_eq!(rfc3339(s as i64), format!("{}Z", &ms[..19]));
-        }
+        assert_eq!(rfc3339(4_102_444_800), "2100-01-01T00:00:00Z");
     }
 
     #[test]

@@ -13,6 +13,13 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// `YYYY-MM-DDTHH:MM:SSZ` for a Unix time in seconds (a build date).
+pub fn rfc3339_secs(secs: u64) -> String {
+    let ms = rfc3339(secs.saturating_mul(1000));
+    // Drop the `.mmm` before the `Z`.
+    format!("{}Z", &ms[..ms.len() - 5])
+}
+
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` for a Unix time in milliseconds.
 pub fn rfc3339(ms: u64) -> String {
     let secs = ms / 1000;
