@@ -2,26 +2,12 @@
 //! stable output lines.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use kairos_init::grubenv::{self, GrubEnv};
 
-fn agent(root: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kairos-agent"))
-        .arg("--root")
-        .arg(root)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> (i32, String, String) {
-    (
-        o.status.code().unwrap(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
+mod common;
+use common::*;
 
 fn tree() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
