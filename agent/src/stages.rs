@@ -178,12 +178,7 @@ impl Facts {
             .iter()
             .find_map(|p| std::fs::read_to_string(ctx.path(p)).ok())
             .unwrap_or_default();
-        let field = |k: &str| {
-            text.lines()
-                .find_map(|l| l.trim().strip_prefix(k)?.strip_prefix('='))
-                .map(|v| v.trim().trim_matches('"').trim_matches('\'').to_owned())
-                .unwrap_or_default()
-        };
+        let field = |k: &str| kairos_util::envfile::value(&text, k).unwrap_or_default();
         let any = |names: &[&str]| names.iter().any(|n| ctx.path(n).exists());
         Facts {
             os_name: field("PRETTY_NAME"),

@@ -273,21 +273,13 @@ fn node_uuid(ctx: &Ctx) -> Option<String> {
         .read_line("/proc/sys/kernel/hostname")
         .or_else(|| ctx.read_line("/etc/hostname"))
         .unwrap_or_default();
-    Some(format!("{id}-{host}"))
-}
-
-/// `KEY=value` of an os-release style text, quotes removed.
-fn release_value(text: &str, key: &str) -> Option<String> {
-    text.lines().find_map(|l| {
-        let v = l.trim().strip_prefix(key)?.strip_prefix('=')?;
-        Some(v.trim().trim_matches('"').trim_matches('\'').to_string())
-    })
+    Some(kairos_p2p::roles::node_uuid(&id, &host))
 }
 
 /// Upstream's `kairos`: the image's /etc/kairos-release and the init system.
 fn kairos_info(ctx: &Ctx) -> Value {
     let release = std::fs::read_to_string(ctx.path("/etc/kairos-release")).unwrap_or_default();
-    let get = |k: &str| release_value(&release, k);
+    let get = |k: &str| kairos_util::envfile::value(&release, k);
     let init = if ctx.path("/run/systemd/system").is_dir() {
         "systemd"
     } else if ctx.path("/run/openrc").is_dir() {

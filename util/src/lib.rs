@@ -2,6 +2,7 @@
 //! ([`io`]), a failed external tool ([`tool`]) and UTC timestamps ([`time`]). No
 //! dependencies beyond `thiserror`, so kairos-init links it at no cost.
 
+pub mod envfile;
 pub mod io;
 pub mod time;
 pub mod tool;

@@ -376,12 +376,7 @@ pub fn node_facts(ctx: &Ctx) -> template::NodeFacts {
         .iter()
         .find_map(|p| std::fs::read_to_string(ctx.path(p)).ok())
         .unwrap_or_default();
-    let field = |k: &str| {
-        os.lines()
-            .find_map(|l| l.trim().strip_prefix(k)?.strip_prefix('='))
-            .map(|v| v.trim().trim_matches('"').trim_matches('\'').to_owned())
-            .unwrap_or_default()
-    };
+    let field = |k: &str| kairos_util::envfile::value(&os, k).unwrap_or_default();
     let mut hostname = line("/etc/hostname");
     if hostname.is_empty() && ctx.root == Path::new("/") {
         hostname = rustix::system::uname()

@@ -207,15 +207,6 @@ pub fn sort_tags(tags: &[String]) -> Vec<String> {
     out
 }
 
-/// `KEY=value` of an os-release style text, quotes removed.
-fn release_value(text: &str, key: &str) -> Option<String> {
-    text.lines().find_map(|l| {
-        let v = l.trim().strip_prefix(key)?.strip_prefix('=')?;
-        let v = v.trim().trim_matches('"').trim_matches('\'');
-        (!v.is_empty()).then(|| v.to_string())
-    })
-}
-
 /// The registry source of the newest history entry that wrote active.img.
 pub fn history_source(text: &str) -> Option<String> {
     text.lines()
@@ -240,7 +231,8 @@ pub fn choose(
     configured: Option<&str>,
 ) -> Result<Chosen, ReleasesError> {
     let release = std::fs::read_to_string(ctx.path("/etc/kairos-release")).unwrap_or_default();
-    let running = release_value(&release, "KAIROS_IMAGE_REPO");
+    let running =
+        kairos_util::envfile::value(&release, "KAIROS_IMAGE_REPO").filter(|v| !v.is_empty());
     let history_path = ctx.path(&args.kairos_state);
     let history = std::fs::read_to_string(&history_path)
         .ok()
