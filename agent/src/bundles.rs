@@ -92,6 +92,24 @@ pub struct Target {
     pub source: Source,
 }
 
+impl Target {
+    /// A failed pull or unpack of this bundle's image.
+    fn pull_error(&self, err: UpgradeError) -> BundleError {
+        BundleError::Pull {
+            target: self.given.clone(),
+            err: Box::new(err),
+        }
+    }
+
+    /// A file of this bundle that could not be read or written.
+    fn io_error(&self, err: IoError) -> BundleError {
+        BundleError::Io {
+            target: self.given.clone(),
+            err,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     #[error(
@@ -531,14 +549,7 @@ pub fn fetch_tree(
     recorded: Option<&str>,
     log: &mut dyn Write,
 ) -> Result<Fetched, BundleError> {
-    let pull = |err: UpgradeError| BundleError::Pull {
-        target: t.given.clone(),
-        err: Box::new(err),
-    };
-    let io = |err| BundleError::Io {
-        target: t.given.clone(),
-        err,
-    };
+    let (pull, io) = (|e| t.pull_error(e), |e| t.io_error(e));
     // The reference names the source in its errors, after the bundle's own name.
     let origin = t.reference.as_str();
     let mut puller = match &t.source {
@@ -631,14 +642,7 @@ fn fetch_docker_archive(
     recorded: Option<&str>,
     log: &mut dyn Write,
 ) -> Result<Fetched, BundleError> {
-    let pull = |err: UpgradeError| BundleError::Pull {
-        target: t.given.clone(),
-        err: Box::new(err),
-    };
-    let io = |err| BundleError::Io {
-        target: t.given.clone(),
-        err,
-    };
+    let (pull, io) = (|e| t.pull_error(e), |e| t.io_error(e));
     let r = dockerarchive::resolve(p, &t.reference).map_err(pull)?;
     if recorded == Some(r.digest.as_str()) {
         return Ok(Fetched::Unchanged(r.digest));
