@@ -345,7 +345,7 @@ pub fn write_files(ctx: &Ctx, spec: &Spec) -> Result<ConfigFile, K3sError> {
         None,
     )?;
     if let Some(k) = &spec.kubevip {
-        kubevip::deploy(ctx, k, &kubevip::http_fetch)?;
+        kubevip::deploy(ctx, k, &crate::sources::fetch)?;
     }
     Ok(if kept {
         ConfigFile::KeptExisting

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::Ctx;
-use crate::config::Kubevip;
+use crate::config::{Fetch, Kubevip};
 use crate::safe_fs::{FsError, write};
 
 /// K3s applies every manifest in this directory (a server's).
@@ -183,14 +183,6 @@ subjects:
   name: kube-vip
   namespace: kube-system
 ";
-
-/// Fetches `manifest_url`: (URL, deadline, size cap) → body or why not.
-pub type Fetch<'a> = &'a dyn Fn(&str, Duration, u64) -> Result<Vec<u8>, String>;
-
-/// The agent's HTTP(S) client, for [`deploy`].
-pub fn http_fetch(url: &str, timeout: Duration, max: u64) -> Result<Vec<u8>, String> {
-    crate::http::get(url, timeout, max).map_err(|e| e.to_string())
-}
 
 /// Write both manifests under the root (0600: K3s runs as root); returns their paths.
 /// The interface is `kubevip.interface`, else the default route's.

@@ -12,6 +12,7 @@ pub fn load(ctx: &Ctx, opts: &LoadOptions) -> Loaded {
     config::load_with(ctx, opts, &fetch)
 }
 
-fn fetch(url: &str, timeout: Duration, max: u64) -> Result<Vec<u8>, String> {
+/// The agent's HTTP(S) client as a [`config::Fetch`] (config_url, kube-vip's manifest_url).
+pub fn fetch(url: &str, timeout: Duration, max: u64) -> Result<Vec<u8>, String> {
     crate::http::get(url, timeout, max).map_err(|e| e.to_string())
 }
