@@ -1,6 +1,7 @@
-//! Cloud-config loading and merging (agent/src/config.rs): parse (with and without the
-//! header requirement), merge / merge_maps of two parsed documents, and the kernel command
-//! line forms (has_header, kairos-init's cmdline::words, from_cmdline).
+//! Cloud-config loading and merging (agent/src/config.rs): the Go-template renderer over
+//! the text (config/template.rs, plain and URL-escaped), parse (with and without the header
+//! requirement), merge / merge_maps of two parsed documents, and the kernel command line
+//! forms (has_header, kairos-init's cmdline::words, from_cmdline).
 #![no_main]
 
 use kairos_agent::config;
@@ -9,6 +10,19 @@ use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
+    let facts = config::template::NodeFacts {
+        machine_id: Ok("0123456789abcdef0123456789abcdef".into()),
+        network: vec![("eth0".into(), "52:54:00:12:34:56".into())],
+        ..Default::default()
+    };
+    let data = facts.context();
+    if let Ok(r) = config::template::render(&text, &data) {
+        // Text without an action comes back as it was.
+        if !config::template::has_template(&text) {
+            assert_eq!(r, text);
+        }
+    }
+    let _ = config::template::render_with(&text, &data, Some(config::template::query_escape));
     // Two documents: the input split at the first NUL (or the input and itself).
     let (a, b) = text.split_once('\0').unwrap_or((&text, &text));
     let _ = config::has_header(a);
