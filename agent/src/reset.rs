@@ -1028,7 +1028,7 @@ fn rebuild_images(
     let cos = &state.cos;
     build_transition(ctx, src, cos, log)?;
     // after-reset-chroot, in the new image before it becomes active.
-    if let Some(r) = crate::install::chroot::run_in_image(
+    if let Some(r) = crate::upgrade::chroot::run_in_image(
         &cos.join(TRANSITION),
         &ctx.path("/run/kairos/reset-chroot"),
         "after-reset-chroot",

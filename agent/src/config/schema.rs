@@ -40,7 +40,7 @@ pub struct Config {
     pub p2p: Option<P2p>,
     #[serde(deserialize_with = "de::opt")]
     pub upgrade: Option<Upgrade>,
-    /// `bundles:` applied on the installed system's boot, before K3s (crate::bundles).
+    /// `bundles:` applied on the installed system's boot, before K3s (the bundles module).
     #[serde(deserialize_with = "de::list")]
     pub bundles: Vec<Bundle>,
     /// A bundle that fails fails its install, boot or command (else a warning).

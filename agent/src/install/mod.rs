@@ -18,7 +18,6 @@
 //!    (`kairos_init::grubbios`); UEFI: the ESP (efi.rs, x86_64-efi modules on COS_STATE
 //!    instead of i386-pc); `after-install` runs.
 
-pub mod chroot;
 pub mod device;
 pub mod efi;
 pub mod gpt;
@@ -1600,9 +1599,13 @@ pub fn install(
     // 5. The images; after-install-chroot in active.img before passive.img is its copy.
     let chroot_point = ctx.path("/run/kairos/install-chroot");
     let size = deploy_images_with(&mut src, &targets, &mut p, log, &mut |img, log| {
-        if let Some(r) =
-            chroot::run_in_image(img, &chroot_point, "after-install-chroot", &sources, log)?
-            && !r.ok()
+        if let Some(r) = crate::upgrade::chroot::run_in_image(
+            img,
+            &chroot_point,
+            "after-install-chroot",
+            &sources,
+            log,
+        )? && !r.ok()
         {
             let _ = writeln!(
                 log,

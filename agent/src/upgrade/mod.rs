@@ -33,6 +33,7 @@
 //! `KAIROS_AGENT_CRASH_AT=<point>` aborts the process at one of [`CRASH_POINTS`], for the
 //! power-cut tests.
 
+pub mod chroot;
 pub mod fetch;
 pub mod image;
 pub mod layer;
@@ -488,7 +489,7 @@ pub fn upgrade(
     // after-upgrade-chroot in the new image before it is rotated in (an ext image; a
     // recovery squashfs cannot be written to).
     if label.is_some() {
-        if let Some(r) = crate::install::chroot::run_in_image(
+        if let Some(r) = chroot::run_in_image(
             &new_path,
             &ctx.path("/run/kairos/upgrade-chroot"),
             "after-upgrade-chroot",
@@ -503,7 +504,7 @@ pub fn upgrade(
             )
             .map_err(AgentError::Output)?;
         }
-    } else if crate::install::chroot::has_stage(&loaded.sources, "after-upgrade-chroot") {
+    } else if chroot::has_stage(&loaded.sources, "after-upgrade-chroot") {
         writeln!(
             log,
             "kairos-agent: warning: stage after-upgrade-chroot not run: the new recovery.squashfs is read-only"

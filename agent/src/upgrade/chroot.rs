@@ -7,10 +7,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::{UpgradeError, image};
+use crate::Ctx;
 use crate::config::Source;
 use crate::stages::{self, StageReport};
-use crate::upgrade::image;
-use crate::{Ctx, upgrade::UpgradeError};
 
 /// Whether any source has a step for `stage` (or its `.before`/`.after`).
 pub fn has_stage(sources: &[Source], stage: &str) -> bool {
