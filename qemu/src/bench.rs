@@ -127,6 +127,8 @@ pub struct BenchSpec {
     /// Boots per variant (interleaved a, b, c, a, b, c, …).
     pub runs: usize,
     pub kvm: bool,
+    /// Virtual CPUs of every boot (QEMU's `-smp`; TCG runs them on as many host threads).
+    pub smp: u32,
     /// Images, disk and serial logs go here (kept for inspection).
     pub work: PathBuf,
     /// The static kairos-init.
@@ -380,6 +382,7 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
     let logs = spec.work.join("logs");
     fs::create_dir_all(&logs).at(&logs, "creating")?;
     let boot_start = Instant::now();
+    progress(&format!("{} vCPU(s) per boot (-smp)", spec.smp));
     for run in 1..=spec.runs {
         for v in variants.iter_mut() {
             let sample = boot_once(spec, v, &disk_path, &active, &logs, run)?;
@@ -430,6 +433,11 @@ fn boot_once(
     bs.initrd = Some(v.initramfs.clone());
     bs.append = Some(v.variant.cmdline());
     bs.kvm = spec.kvm;
+    if spec.smp > 1 {
+        // A later -smp overrides the harness's `-smp 1`.
+        bs.extra_args
+            .extend(["-smp".to_string(), spec.smp.to_string()]);
+    }
     bs.until = vec![HELLO.to_string()];
     bs.timeout = spec.boot_timeout;
     let r = boot::run(&bs).map_err(|source| BenchError::Boot {

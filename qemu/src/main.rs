@@ -66,6 +66,9 @@ struct BenchArgs {
     /// Use KVM instead of TCG.
     #[arg(long)]
     kvm: bool,
+    /// Virtual CPUs per boot (QEMU's -smp; TCG runs each on its own host thread).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    smp: u32,
     /// Where the images, the disk and every serial log go (kept).
     #[arg(long, value_name = "DIR", default_value = "out/bench")]
     work: PathBuf,
@@ -409,6 +412,7 @@ fn bench_cmd(args: BenchArgs) -> Result<ExitCode> {
     let spec = bench::BenchSpec {
         runs: args.runs,
         kvm: args.kvm,
+        smp: args.smp.max(1),
         work: args.work,
         init_binary: init,
         kernel: kernel::cached_or_fetch().context("fetching the kernel")?,
