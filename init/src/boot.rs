@@ -21,6 +21,7 @@ use crate::sys::fsutil;
 use crate::sys::log;
 use crate::sys::loopdev::{self, LoopError};
 use crate::sys::mount::{self, MountError};
+use crate::sys::tsc;
 use crate::{debug, error, info, warn};
 
 /// Modules every Kairos boot needs whatever the hardware: images are loop-mounted ext4 or
@@ -39,6 +40,8 @@ pub const HANDOFF: &[&str] = &[
 /// (name, parent step, start in ms since boot, duration in ms)
 type Step = (String, Option<&'static str>, f64, f64);
 static TIMELINE: std::sync::Mutex<Vec<Step>> = std::sync::Mutex::new(Vec::new());
+/// kairos-init's start (ms since boot: the kernel's share of the boot) and the TSC then.
+static START: std::sync::OnceLock<(f64, Option<tsc::Sample>)> = std::sync::OnceLock::new();
 
 fn uptime_ms() -> f64 {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
@@ -85,7 +88,8 @@ fn json_str(s: &str) -> String {
     o
 }
 
-fn timeline_json() -> String {
+/// The steps, kairos-init's start, and the TSC at its start and at switch_root (`end`), raw.
+fn timeline_json(end: Option<tsc::Sample>) -> String {
     let t = TIMELINE.lock().map(|t| t.clone()).unwrap_or_default();
     let mut s = String::from("{\"steps\":[");
     for (i, (name, parent, start, dur)) in t.iter().enumerate() {
@@ -97,7 +101,18 @@ fn timeline_json() -> String {
             json_str(name)
         );
     }
-    s.push_str("]}\n");
+    s.push(']');
+    if let Some((start_ms, start_tsc)) = START.get() {
+        let _ = write!(s, ",\"start_ms\":{start_ms:.1}");
+        if let (Some(a), Some(b)) = (start_tsc, end) {
+            let _ = write!(
+                s,
+                ",\"tsc_start\":{},\"tsc_start_ms\":{:.3},\"tsc_switch_root\":{},\"tsc_switch_root_ms\":{:.3}",
+                a.tsc, a.boottime_ms, b.tsc, b.boottime_ms
+            );
+        }
+    }
+    s.push_str("}\n");
     s
 }
 
@@ -180,6 +195,7 @@ pub fn debug_shell() -> Result<(), BootError> {
 
 /// The whole boot. Returns only on failure to hand off; the caller then goes to emergency.
 pub fn run() -> Failure {
+    let _ = START.set((uptime_ms(), tsc::sample()));
     early_mounts();
     log::init_kmsg();
     let raw = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
@@ -1031,7 +1047,10 @@ fn switch_root(prog: &str) -> Result<std::convert::Infallible, BootError> {
     chdir("/")?;
     record("switch_root".into(), None, start, uptime_ms() - start);
     // /run is the image's /run now; userland and `kairos-agent state` read the timeline there.
-    let _ = std::fs::write("/run/kairos/boot-timeline.json", timeline_json());
+    let _ = std::fs::write(
+        "/run/kairos/boot-timeline.json",
+        timeline_json(tsc::sample()),
+    );
     info!(
         "freed {} KiB of initramfs; peak RSS {} KiB; exec {prog}",
         freed / 1024,

@@ -9,3 +9,4 @@ pub mod log;
 pub mod loopdev;
 pub mod mount;
 pub mod signal;
+pub mod tsc;
