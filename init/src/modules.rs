@@ -429,6 +429,132 @@ impl ModuleIndex {
     }
 }
 
+impl ModuleIndex {
+    /// What must be loaded before each module of `order` (a load order from
+    /// [`ModuleIndex::resolve`], names unique): the positions in `order` of its `depends` and
+    /// `softdep pre` modules and of the modules that name it as `softdep post`. Only earlier
+    /// positions are kept, so the graph has no cycle (resolve dropped the soft edges that
+    /// would close one the same way); modules outside `order` are loaded already.
+    pub fn load_graph(&self, order: &[String]) -> Vec<Vec<usize>> {
+        let pos: BTreeMap<&str, usize> = order
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.as_str(), i))
+            .collect();
+        let mut deps: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); order.len()];
+        for (i, m) in order.iter().enumerate() {
+            let Some((_, info)) = self.mods.get(m) else {
+                continue;
+            };
+            let pre = info
+                .softdep_pre
+                .iter()
+                .flat_map(|p| self.lookup(p))
+                .chain(info.depends.iter().cloned());
+            for d in pre {
+                if let Some(&j) = pos.get(d.as_str())
+                    && j < i
+                {
+                    deps[i].insert(j);
+                }
+            }
+            for p in info.softdep_post.iter().flat_map(|p| self.lookup(p)) {
+                if let Some(&j) = pos.get(p.as_str())
+                    && j > i
+                {
+                    deps[j].insert(i);
+                }
+            }
+        }
+        deps.into_iter().map(|d| d.into_iter().collect()).collect()
+    }
+}
+
+/// Runs `work(node, worker)` once for every node of a dependency graph (`deps[i]`: the nodes
+/// that must finish before node `i` starts, all lower than `i`), on up to `threads` threads
+/// (worker 0 is the calling thread). A node starts as soon as its dependencies have finished,
+/// lowest ready node first; with one thread that is plain index order. Returns how many
+/// threads ran.
+pub fn run_graph<F>(deps: &[Vec<usize>], threads: usize, work: F) -> usize
+where
+    F: Fn(usize, usize) + Sync,
+{
+    let n = deps.len();
+    let threads = threads.clamp(1, n.max(1));
+    if threads == 1 {
+        (0..n).for_each(|i| work(i, 0));
+        return 1;
+    }
+    let mut dependents = vec![Vec::new(); n];
+    let mut waiting = vec![0usize; n];
+    for (i, ds) in deps.iter().enumerate() {
+        for &d in ds.iter().filter(|&&d| d < i) {
+            dependents[d].push(i);
+            waiting[i] += 1;
+        }
+    }
+    let ready: BTreeSet<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
+    let state = std::sync::Mutex::new(Sched {
+        ready,
+        waiting,
+        running: 0,
+        finished: 0,
+    });
+    let wake = std::sync::Condvar::new();
+    let worker = |w: usize| {
+        // A panicking `work` poisons nothing we rely on: the counts are updated under the
+        // lock only after it returns.
+        let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock();
+        loop {
+            if let Some(i) = s.ready.pop_first() {
+                s.running += 1;
+                drop(s);
+                work(i, w);
+                s = lock();
+                s.running -= 1;
+                s.finished += 1;
+                for &j in &dependents[i] {
+                    s.waiting[j] -= 1;
+                    if s.waiting[j] == 0 {
+                        s.ready.insert(j);
+                    }
+                }
+                wake.notify_all();
+            } else if s.finished == n || s.running == 0 {
+                // All done (or, with a malformed graph, nothing can ever become ready).
+                wake.notify_all();
+                return;
+            } else {
+                s = wake.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+    };
+    std::thread::scope(|scope| {
+        let mut started = 1;
+        for w in 1..threads {
+            let worker = &worker;
+            // A thread that cannot be made leaves its share to the others.
+            if std::thread::Builder::new()
+                .spawn_scoped(scope, move || worker(w))
+                .is_ok()
+            {
+                started += 1;
+            }
+        }
+        worker(0);
+        started
+    })
+}
+
+struct Sched {
+    ready: BTreeSet<usize>,
+    /// Unfinished dependencies of each node.
+    waiting: Vec<usize>,
+    running: usize,
+    finished: usize,
+}
+
 fn collect_ko(
     dir: &Path,
     entries: std::fs::ReadDir,
@@ -1081,6 +1207,124 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
             order
         );
         assert!(idx.resolve(&[]).expect("test setup").is_empty());
+    }
+
+    #[test]
+    fn load_graph_has_hard_soft_and_post_edges_backwards_only() {
+        let idx = index(
+            vec![
+                info("ext4", &["jbd2", "mbcache"], &["crypto-crc32c"], &[], &[]),
+                info("jbd2", &[], &[], &[], &[]),
+                info("mbcache", &[], &[], &[], &[]),
+                info("crc32c_intel", &[], &[], &[], &["crypto-crc32c"]),
+                info("crc32c_generic", &[], &[], &[], &["crypto-crc32c"]),
+                info("virtio_blk", &["virtio"], &[], &["blkpost"], &[]),
+                info("virtio", &[], &[], &[], &[]),
+                info("blkpost", &[], &[], &[], &[]),
+                info("loop", &[], &[], &[], &[]),
+                // A soft cycle resolve broke: x before y, y's soft edge to x is dropped.
+                info("x", &[], &["y"], &[], &[]),
+                info("y", &["x"], &[], &[], &[]),
+            ],
+            &[],
+        );
+        let order = idx
+            .resolve(&["ext4", "virtio_blk", "loop", "y"])
+            .expect("test setup");
+        assert_eq!(
+            order,
+            [
+                "jbd2",
+                "mbcache",
+                "crc32c_generic",
+                "crc32c_intel",
+                "ext4",
+                "virtio",
+                "virtio_blk",
+                "blkpost",
+                "loop",
+                "x",
+                "y"
+            ]
+        );
+        let g = idx.load_graph(&order);
+        let want: Vec<Vec<usize>> = vec![
+            vec![],
+            vec![],
+            vec![],
+            vec![],
+            vec![0, 1, 2, 3],
+            vec![],
+            vec![5],
+            vec![6],
+            vec![],
+            vec![],
+            vec![9],
+        ];
+        assert_eq!(g, want);
+        // Modules loaded before (outside the order) are no edges.
+        assert_eq!(
+            idx.load_graph(&["ext4".to_string()]),
+            vec![Vec::<usize>::new()]
+        );
+    }
+
+    #[test]
+    fn run_graph_respects_dependencies_and_runs_each_once() {
+        use std::sync::Mutex;
+        // 0,1 -> 2; 3 alone; 2,3 -> 4; 5 alone.
+        let deps: Vec<Vec<usize>> = vec![vec![], vec![], vec![0, 1], vec![], vec![2, 3], vec![]];
+        for threads in [1, 2, 3, 8] {
+            let log: Mutex<Vec<(usize, bool)>> = Mutex::new(Vec::new());
+            let used = run_graph(&deps, threads, |i, w| {
+                assert!(w < threads.min(deps.len()));
+                log.lock().expect("test").push((i, true));
+                std::thread::sleep(Duration::from_millis(5));
+                log.lock().expect("test").push((i, false));
+            });
+            assert_eq!(used, threads.min(deps.len()));
+            let log = log.into_inner().expect("test");
+            assert_eq!(log.len(), 2 * deps.len());
+            let at = |i: usize, start: bool| {
+                log.iter()
+                    .position(|&e| e == (i, start))
+                    .unwrap_or_else(|| panic!("{i} {start} missing: {log:?}"))
+            };
+            for (i, ds) in deps.iter().enumerate() {
+                for &d in ds {
+                    assert!(at(d, false) < at(i, true), "{threads} threads: {log:?}");
+                }
+            }
+            if threads == 1 {
+                let starts: Vec<usize> = log.iter().filter(|e| e.1).map(|e| e.0).collect();
+                assert_eq!(starts, [0, 1, 2, 3, 4, 5]);
+            }
+        }
+        assert_eq!(run_graph(&[], 4, |_, _| panic!("no work")), 1);
+    }
+
+    #[test]
+    fn run_graph_runs_independent_nodes_at_the_same_time() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // Node 0 finishes only once node 1 has started: with two threads it does; run in
+        // order it would wait out its deadline and the test fails.
+        let started = AtomicBool::new(false);
+        let overlapped = AtomicBool::new(false);
+        run_graph(&[vec![], vec![]], 2, |i, _| {
+            if i == 1 {
+                started.store(true, Ordering::SeqCst);
+                return;
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if started.load(Ordering::SeqCst) {
+                    overlapped.store(true, Ordering::SeqCst);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        assert!(overlapped.load(Ordering::SeqCst));
     }
 
     #[test]
