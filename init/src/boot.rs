@@ -36,9 +36,12 @@ pub fn base_modules(mode: BootMode) -> &'static [&'static str] {
         BootMode::Live => &["loop", "overlay", "squashfs"],
     }
 }
-/// Threads that load modules at most: finit_module's work (signature check, relocation,
-/// init) is per module, but the kernel serialises parts of it.
+/// Modules loaded at once at most: finit_module's work (signature check, relocation, init)
+/// is per module, but the kernel serialises parts of it.
 const MAX_LOAD_THREADS: usize = 4;
+/// async_probe (a parameter every module takes) lets slow device probes, such as an empty IDE
+/// bus, run in the background while we load the rest and look for disks.
+const LOAD_PARAMS: &str = "async_probe";
 /// The programs kairos-init hands off to, in order, when rd.kairos.init names none (the
 /// agent refuses an upgrade image without one of them).
 pub const HANDOFF: &[&str] = &[
@@ -394,7 +397,7 @@ struct ModLoader {
     index: ModuleIndex,
     tried: BTreeSet<String>,
     rounds: u32,
-    /// How many threads load a round's modules (1: in order, on this thread).
+    /// How many modules of a round load at once (1: in order, in this process).
     threads: usize,
 }
 
@@ -410,10 +413,11 @@ impl ModLoader {
                 index,
                 tried: modules::loaded(Path::new("/sys")),
                 rounds: 0,
-                // sched_getaffinity: the CPUs this process may run on.
-                threads: std::thread::available_parallelism()
-                    .map_or(1, |n| n.get())
-                    .min(MAX_LOAD_THREADS),
+                // The CPUs this process may run on (std's available_parallelism would also
+                // read cgroup quotas: more code in a size-checked binary, and no cgroups here).
+                threads: rustix::thread::sched_getaffinity(None)
+                    .map_or(1, |set| set.count() as usize)
+                    .clamp(1, MAX_LOAD_THREADS),
             }),
             Err(e) => {
                 warn!("no modules for kernel {kver}: {e}; relying on built-in drivers");
@@ -479,37 +483,113 @@ impl ModLoader {
         if n == 0 {
             return 0;
         }
-        let graph = self.index.load_graph(&order);
         let parent = current_step();
         let start = uptime_ms();
-        let index = &self.index;
-        let used = modules::run_graph(&graph, self.threads, |i, worker| {
-            let name = &order[i];
-            let Some((path, _)) = index.get(name) else {
-                return;
-            };
-            let t0 = uptime_ms();
-            // async_probe (a parameter every module takes) lets slow device probes, such as an
-            // empty IDE bus, run in the background while we load the rest and look for disks.
-            let res = modules::load(name, path, "async_probe");
-            let ms = uptime_ms() - t0;
-            record_quiet(format!("insmod {name}"), parent, t0, ms);
-            match res {
-                Ok(modules::LoadOutcome::Loaded) => {
-                    info!("loaded module {name} (round {round}, {ms:.1} ms, thread {worker})")
-                }
-                Ok(modules::LoadOutcome::AlreadyLoaded) => {}
-                // Optional drivers fail routinely (crc32c_intel on a CPU without SSE4.2).
-                Err(e) => warn!("{e}"),
+        let slots = self.threads.min(n);
+        let most = if slots > 1 {
+            self.load_concurrently(&order, slots, round, parent)
+        } else {
+            for name in &order {
+                let t0 = uptime_ms();
+                let res = self
+                    .index
+                    .get(name)
+                    .map(|(path, _)| modules::load(name, path, LOAD_PARAMS));
+                self.loaded(name, res, round, parent, t0);
             }
-        });
+            1
+        };
         record(
-            format!("load round {round}: {n} modules on {used} threads"),
+            format!("load round {round}: {n} modules, at most {most} at once"),
             parent,
             start,
             uptime_ms() - start,
         );
         n
+    }
+
+    /// `order`'s modules, each in a child process as soon as its dependencies are loaded, at
+    /// most `slots` at a time. Returns how many ran at once at most.
+    fn load_concurrently(
+        &self,
+        order: &[String],
+        slots: usize,
+        round: u32,
+        parent: Option<&'static str>,
+    ) -> usize {
+        let mut sched = modules::Schedule::new(&self.index.load_graph(order));
+        // (child, module's index in order, start)
+        let mut running: Vec<(rustix::process::Pid, usize, f64)> = Vec::new();
+        let mut most = 0;
+        loop {
+            while running.len() < slots
+                && let Some(i) = sched.start()
+            {
+                let name = &order[i];
+                let Some((path, _)) = self.index.get(name) else {
+                    sched.done(i);
+                    continue;
+                };
+                let t0 = uptime_ms();
+                match modules::spawn_load(name, path, LOAD_PARAMS) {
+                    Ok(pid) => running.push((pid, i, t0)),
+                    // No child (out of memory?): load it here and now.
+                    Err(_) => {
+                        let res = modules::load(name, path, LOAD_PARAMS);
+                        self.loaded(name, Some(res), round, parent, t0);
+                        sched.done(i);
+                    }
+                }
+            }
+            most = most.max(running.len());
+            if running.is_empty() {
+                return most.max(1);
+            }
+            // Any child: kairos-init has no other one while modules load.
+            let Ok(Some((pid, status))) =
+                rustix::process::wait(rustix::process::WaitOptions::empty())
+            else {
+                // ECHILD: the children are gone without a status; count them as done.
+                for (_, i, t0) in running.drain(..) {
+                    let name = &order[i];
+                    warn!("module {name}: its loader vanished");
+                    self.loaded(name, None, round, parent, t0);
+                    sched.done(i);
+                }
+                continue;
+            };
+            if let Some(at) = running.iter().position(|(p, _, _)| *p == pid) {
+                let (_, i, t0) = running.swap_remove(at);
+                let name = &order[i];
+                let res = self
+                    .index
+                    .get(name)
+                    .map(|(path, _)| modules::spawn_outcome(name, path, status));
+                self.loaded(name, res, round, parent, t0);
+                sched.done(i);
+            }
+        }
+    }
+
+    /// Logs and records one module load that started at `t0`.
+    fn loaded(
+        &self,
+        name: &str,
+        res: Option<Result<modules::LoadOutcome, modules::ModError>>,
+        round: u32,
+        parent: Option<&'static str>,
+        t0: f64,
+    ) {
+        let ms = uptime_ms() - t0;
+        record_quiet(format!("insmod {name}"), parent, t0, ms);
+        match res {
+            Some(Ok(modules::LoadOutcome::Loaded)) => {
+                info!("loaded module {name} (round {round}, {ms:.1} ms)")
+            }
+            Some(Ok(modules::LoadOutcome::AlreadyLoaded)) | None => {}
+            // Optional drivers fail routinely (crc32c_intel on a CPU without SSE4.2).
+            Some(Err(e)) => warn!("{e}"),
+        }
     }
 }
 

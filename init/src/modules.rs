@@ -470,89 +470,60 @@ impl ModuleIndex {
     }
 }
 
-/// Runs `work(node, worker)` once for every node of a dependency graph (`deps[i]`: the nodes
-/// that must finish before node `i` starts, all lower than `i`), on up to `threads` threads
-/// (worker 0 is the calling thread). A node starts as soon as its dependencies have finished,
-/// lowest ready node first; with one thread that is plain index order. Returns how many
-/// threads ran.
-pub fn run_graph<F>(deps: &[Vec<usize>], threads: usize, work: F) -> usize
-where
-    F: Fn(usize, usize) + Sync,
-{
-    let n = deps.len();
-    let threads = threads.clamp(1, n.max(1));
-    if threads == 1 {
-        (0..n).for_each(|i| work(i, 0));
-        return 1;
-    }
-    let mut dependents = vec![Vec::new(); n];
-    let mut waiting = vec![0usize; n];
-    for (i, ds) in deps.iter().enumerate() {
-        for &d in ds.iter().filter(|&&d| d < i) {
-            dependents[d].push(i);
-            waiting[i] += 1;
-        }
-    }
-    let ready: BTreeSet<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
-    let state = std::sync::Mutex::new(Sched {
-        ready,
-        waiting,
-        running: 0,
-        finished: 0,
-    });
-    let wake = std::sync::Condvar::new();
-    let worker = |w: usize| {
-        // A panicking `work` poisons nothing we rely on: the counts are updated under the
-        // lock only after it returns.
-        let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut s = lock();
-        loop {
-            if let Some(i) = s.ready.pop_first() {
-                s.running += 1;
-                drop(s);
-                work(i, w);
-                s = lock();
-                s.running -= 1;
-                s.finished += 1;
-                for &j in &dependents[i] {
-                    s.waiting[j] -= 1;
-                    if s.waiting[j] == 0 {
-                        s.ready.insert(j);
-                    }
-                }
-                wake.notify_all();
-            } else if s.finished == n || s.running == 0 {
-                // All done (or, with a malformed graph, nothing can ever become ready).
-                wake.notify_all();
-                return;
-            } else {
-                s = wake.wait(s).unwrap_or_else(|e| e.into_inner());
-            }
-        }
-    };
-    std::thread::scope(|scope| {
-        let mut started = 1;
-        for w in 1..threads {
-            let worker = &worker;
-            // A thread that cannot be made leaves its share to the others.
-            if std::thread::Builder::new()
-                .spawn_scoped(scope, move || worker(w))
-                .is_ok()
-            {
-                started += 1;
-            }
-        }
-        worker(0);
-        started
-    })
-}
-
-struct Sched {
+/// The order in which the nodes of a dependency graph (`deps[i]`: the nodes that must finish
+/// before node `i` starts, all lower than `i`; others are ignored) may start: any node whose
+/// dependencies have finished, lowest first, while others run. Pure: the caller starts and
+/// finishes the work.
+#[derive(Debug)]
+pub struct Schedule {
     ready: BTreeSet<usize>,
     /// Unfinished dependencies of each node.
     waiting: Vec<usize>,
+    dependents: Vec<Vec<usize>>,
     running: usize,
-    finished: usize,
+}
+
+impl Schedule {
+    pub fn new(deps: &[Vec<usize>]) -> Schedule {
+        let n = deps.len();
+        let mut dependents = vec![Vec::new(); n];
+        let mut waiting = vec![0usize; n];
+        for (i, ds) in deps.iter().enumerate() {
+            let ds: BTreeSet<usize> = ds.iter().copied().filter(|&d| d < i).collect();
+            for d in ds {
+                dependents[d].push(i);
+                waiting[i] += 1;
+            }
+        }
+        Schedule {
+            ready: (0..n).filter(|&i| waiting[i] == 0).collect(),
+            waiting,
+            dependents,
+            running: 0,
+        }
+    }
+
+    /// A node that may start now (it counts as running until [`Schedule::done`]).
+    pub fn start(&mut self) -> Option<usize> {
+        let i = self.ready.pop_first()?;
+        self.running += 1;
+        Some(i)
+    }
+
+    /// Node `i` (returned by `start`) finished: the nodes waiting only for it may start.
+    pub fn done(&mut self, i: usize) {
+        self.running = self.running.saturating_sub(1);
+        for &j in self.dependents.get(i).map_or(&[][..], Vec::as_slice) {
+            self.waiting[j] -= 1;
+            if self.waiting[j] == 0 {
+                self.ready.insert(j);
+            }
+        }
+    }
+
+    pub fn running(&self) -> usize {
+        self.running
+    }
 }
 
 fn collect_ko(
@@ -856,6 +827,53 @@ pub fn load(name: &str, path: &Path, params: &str) -> Result<LoadOutcome, ModErr
         Ok(()) => return Ok(LoadOutcome::Loaded),
         Err(rustix::io::Errno::EXIST) => return Ok(LoadOutcome::AlreadyLoaded),
         Err(e) => io::Error::from(e),
+    };
+    Err(ModError::Load {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        errno,
+    })
+}
+
+/// Starts loading a module in a child process, so that several load at once on several CPUs
+/// (threads would cost a static binary some 70 KB; fork is linked already). The child makes
+/// one finit_module call and exits with 0 (loaded) or the errno; see [`spawn_outcome`].
+pub fn spawn_load(name: &str, path: &Path, params: &str) -> Result<rustix::process::Pid, ModError> {
+    let file = File::open(path).at(path, "opening")?;
+    let params = std::ffi::CString::new(params).map_err(|_| ModError::BadParams {
+        name: name.to_string(),
+    })?;
+    // SAFETY: the caller is single-threaded (kairos-init); the child only makes system calls
+    // (finit_module, exit_group) on a file and a string made before the fork, allocating and
+    // locking nothing, and leaves with _exit, running no destructor of the parent's state.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let code = match rustix::system::finit_module(&file, &params, 0) {
+            Ok(()) => 0,
+            Err(e) => e.raw_os_error().clamp(1, 255),
+        };
+        // SAFETY: _exit ends the child at once, as above.
+        unsafe { libc::_exit(code) }
+    }
+    rustix::process::Pid::from_raw(pid).ok_or_else(|| ModError::Load {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        errno: io::Error::last_os_error(),
+    })
+}
+
+/// What a [`spawn_load`] child's wait status says about its module.
+pub fn spawn_outcome(
+    name: &str,
+    path: &Path,
+    status: rustix::process::WaitStatus,
+) -> Result<LoadOutcome, ModError> {
+    let errno = match (status.exit_status(), status.terminating_signal()) {
+        (Some(0), _) => return Ok(LoadOutcome::Loaded),
+        (Some(c), _) if c == libc::EEXIST => return Ok(LoadOutcome::AlreadyLoaded),
+        (Some(c), _) => io::Error::from_raw_os_error(c),
+        (None, Some(sig)) => io::Error::other(format!("loader killed by signal {sig}")),
+        _ => io::Error::other(format!("loader ended with wait status {status:?}")),
     };
     Err(ModError::Load {
         name: name.to_string(),
@@ -1270,61 +1288,59 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
     }
 
     #[test]
-    fn run_graph_respects_dependencies_and_runs_each_once() {
-        use std::sync::Mutex;
-        // 0,1 -> 2; 3 alone; 2,3 -> 4; 5 alone.
-        let deps: Vec<Vec<usize>> = vec![vec![], vec![], vec![0, 1], vec![], vec![2, 3], vec![]];
-        for threads in [1, 2, 3, 8] {
-            let log: Mutex<Vec<(usize, bool)>> = Mutex::new(Vec::new());
-            let used = run_graph(&deps, threads, |i, w| {
-                assert!(w < threads.min(deps.len()));
-                log.lock().expect("test").push((i, true));
-                std::thread::sleep(Duration::from_millis(5));
-                log.lock().expect("test").push((i, false));
-            });
-            assert_eq!(used, threads.min(deps.len()));
-            let log = log.into_inner().expect("test");
-            assert_eq!(log.len(), 2 * deps.len());
-            let at = |i: usize, start: bool| {
-                log.iter()
-                    .position(|&e| e == (i, start))
-                    .unwrap_or_else(|| panic!("{i} {start} missing: {log:?}"))
-            };
-            for (i, ds) in deps.iter().enumerate() {
-                for &d in ds {
-                    assert!(at(d, false) < at(i, true), "{threads} threads: {log:?}");
-                }
-            }
-            if threads == 1 {
-                let starts: Vec<usize> = log.iter().filter(|e| e.1).map(|e| e.0).collect();
-                assert_eq!(starts, [0, 1, 2, 3, 4, 5]);
-            }
+    fn schedule_starts_nodes_after_their_dependencies_lowest_first() {
+        // 0,1 -> 2; 3 alone; 2,3 -> 4; 5 alone; a forward edge (1 -> 0) is ignored.
+        let deps: Vec<Vec<usize>> =
+            vec![vec![1], vec![], vec![0, 1, 1], vec![], vec![2, 3], vec![]];
+        let mut s = Schedule::new(&deps);
+        // Everything without a pending dependency may start at once.
+        assert_eq!(
+            [s.start(), s.start(), s.start(), s.start(), s.start()],
+            [Some(0), Some(1), Some(3), Some(5), None]
+        );
+        assert_eq!(s.running(), 4);
+        s.done(0);
+        assert_eq!(s.start(), None, "2 still waits for 1");
+        s.done(1);
+        assert_eq!(s.start(), Some(2));
+        s.done(3);
+        assert_eq!(s.start(), None, "4 still waits for 2");
+        s.done(2);
+        assert_eq!(s.start(), Some(4));
+        s.done(4);
+        s.done(5);
+        assert_eq!((s.start(), s.running()), (None, 0));
+        // One at a time, it is index order.
+        let mut s = Schedule::new(&deps);
+        let mut order = Vec::new();
+        while let Some(i) = s.start() {
+            order.push(i);
+            s.done(i);
         }
-        assert_eq!(run_graph(&[], 4, |_, _| panic!("no work")), 1);
+        assert_eq!(order, [0, 1, 2, 3, 4, 5]);
+        assert_eq!(Schedule::new(&[]).start(), None);
     }
 
     #[test]
-    fn run_graph_runs_independent_nodes_at_the_same_time() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        // Node 0 finishes only once node 1 has started: with two threads it does; run in
-        // order it would wait out its deadline and the test fails.
-        let started = AtomicBool::new(false);
-        let overlapped = AtomicBool::new(false);
-        run_graph(&[vec![], vec![]], 2, |i, _| {
-            if i == 1 {
-                started.store(true, Ordering::SeqCst);
-                return;
+    fn spawned_load_reports_module_and_path() {
+        // As root the child reaches finit_module, which refuses garbage (ENOEXEC, or EPERM /
+        // ENOSYS in a sandbox): the error comes back through the exit status.
+        let dir = tempfile::tempdir().expect("test setup");
+        let p = dir.path().join("x.ko");
+        std::fs::write(&p, b"x").expect("test setup");
+        let pid = spawn_load("x", &p, "").expect("fork");
+        let (_, status) =
+            rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())
+                .expect("waitpid")
+                .expect("a status");
+        match spawn_outcome("x", &p, status) {
+            Err(ModError::Load { name, path, errno }) => {
+                assert_eq!((name.as_str(), path.as_path()), ("x", p.as_path()));
+                assert!(errno.raw_os_error().is_some(), "{errno}");
             }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if started.load(Ordering::SeqCst) {
-                    overlapped.store(true, Ordering::SeqCst);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        });
-        assert!(overlapped.load(Ordering::SeqCst));
+            other => panic!("{other:?}"),
+        }
+        assert!(spawn_load("gone", &dir.path().join("gone.ko"), "").is_err());
     }
 
     #[test]
