@@ -1,6 +1,7 @@
 //! kairos-agent's commands, as functions over a root directory and two output streams so the
 //! tests drive them on temp trees. main.rs only parses the command line.
 
+pub mod analyze;
 pub mod bootentry;
 pub mod bundles;
 pub mod cli;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kairos_agent::{Outcome, bootentry, cli, daemon, install, markgood, p2p, stages, state};
-use kairos_agent::{configcmd, logs, reset, upgrade, version};
+use kairos_agent::{analyze, configcmd, logs, reset, upgrade, version};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +35,9 @@ enum Cmd {
     /// Print this boot's logs of kairos-init and the agent in one place, one section per
     /// source, and say which sources were not found
     Logs(logs::LogsArgs),
+    /// Where this boot's time went, as systemd-analyze: `time` (firmware+loader, kernel,
+    /// initramfs, userland to ready), `blame` (steps by duration), `plot` (an SVG timeline)
+    Analyze(analyze::AnalyzeArgs),
     /// Check a cloud-config file as the agent would read it: errors (no header, a template
     /// that does not render, YAML or type errors with line and column) exit 1; unknown and
     /// not-supported keys are warnings (exit 0)
@@ -94,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Cmd::Config(a) => configcmd::config(&ctx, &a, out, err).context("config")?,
         Cmd::Version(a) => version::version(&a, out).context("version")?,
         Cmd::Logs(a) => logs::logs(&ctx, &a, out, err).context("logs")?,
+        Cmd::Analyze(a) => analyze::analyze(&ctx, &a, out).context("analyze")?,
         Cmd::Validate { file } => kairos_agent::config::validate::validate(&ctx, &file, out)
             .with_context(|| format!("validate {}", file.display()))?,
         Cmd::Bootentry(a) => {

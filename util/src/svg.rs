@@ -313,7 +313,12 @@ pub fn render(chart: &Chart) -> String {
                 colour(&r.class),
                 rx + rw + 4.0,
                 y + BAR_HEIGHT - 1.0,
-                duration(end - start)
+                if end > start {
+                    duration(end - start)
+                } else {
+                    // A moment (ready, marked good): when, not how long.
+                    format!("at {}", duration(start))
+                }
             );
             y += ROW_HEIGHT;
         }
