@@ -546,17 +546,20 @@ impl ModLoader {
                 return most.max(1);
             }
             // Any child: kairos-init has no other one while modules load.
-            let Ok(Some((pid, status))) =
-                rustix::process::wait(rustix::process::WaitOptions::empty())
-            else {
+            let (pid, status) = match rustix::process::wait(rustix::process::WaitOptions::empty()) {
+                Ok(Some(child)) => child,
+                // A signal came first: the children still run.
+                Err(rustix::io::Errno::INTR) => continue,
                 // ECHILD: the children are gone without a status; count them as done.
-                for (_, i, t0) in running.drain(..) {
-                    let name = &order[i];
-                    warn!("module {name}: its loader vanished");
-                    self.loaded(name, None, round, parent, t0);
-                    sched.done(i);
+                Ok(None) | Err(_) => {
+                    for (_, i, t0) in running.drain(..) {
+                        let name = &order[i];
+                        warn!("module {name}: its loader vanished");
+                        self.loaded(name, None, round, parent, t0);
+                        sched.done(i);
+                    }
+                    continue;
                 }
-                continue;
             };
             if let Some(at) = running.iter().position(|(p, _, _)| *p == pid) {
                 let (_, i, t0) = running.swap_remove(at);
