@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::builder::TypedValueParser as _;
 
 use crate::k3s::{Spec, Supervisor, SupervisorOptions};
-use crate::{AgentError, Ctx, Outcome, config, markgood, stages};
+use crate::{AgentError, Ctx, Outcome, analyze, config, markgood, stages};
 
 /// Written once the daemon is past start-up (see [`run`]).
 pub const READY: &str = "/run/kairos/agent-ready";
@@ -111,16 +111,19 @@ pub fn run(
         env!("CARGO_PKG_VERSION")
     )
     .map_err(AgentError::Output)?;
+    kmsg_milestone(ctx, "start");
     // A restarted daemon is not ready until it is past start-up again.
     let _ = std::fs::remove_file(ctx.path(READY));
+    // Its steps on the boot clock, for `kairos-agent analyze`.
+    let mut timeline = analyze::Recorder::start(ctx.path(analyze::AGENT_TIMELINE));
     // 1. The userland stages, unless systemd units run them; a stop request ends it here.
-    if opts.run_stages && !run_userland_stages(ctx, events, log)? {
+    if opts.run_stages && !timeline.step("stages", || run_userland_stages(ctx, events, log))? {
         return Ok(Outcome::Done);
     }
     // 2. The merged configuration.
-    let loaded = load_config(ctx, opts, log)?;
+    let loaded = timeline.step("config", || load_config(ctx, opts, log))?;
     // 3. Live and reset boots: install.auto, the install screen or pairing, kairos.reset.
-    let _pairing = install_or_reset(ctx, &loaded, log)?;
+    let _pairing = timeline.step("install/reset", || install_or_reset(ctx, &loaded, log))?;
     // 4. K3s, or the mesh that starts it.
     // A live boot is the installer, not the node: its config's K3s and mesh are for the
     // installed system (upstream starts neither off live media), and it has no boot entry
@@ -128,12 +131,16 @@ pub fn run(
     let live = ctx.mode() == Some("live");
     // Bundles not applied yet (upstream: on first boot, before Kubernetes); a failure stops
     // the daemon only with fail_on_bundles_errors.
-    crate::bundles::at_boot(ctx, &loaded, log)?;
-    let mut work = Workloads::start(ctx, opts, &loaded, live, log)?;
+    timeline.step("bundles", || crate::bundles::at_boot(ctx, &loaded, log))?;
+    let mut work = timeline.step("k3s/mesh start", || {
+        Workloads::start(ctx, opts, &loaded, live, log)
+    })?;
     // 5. Ready for whoever waits on the agent.
     write_ready(ctx, log)?;
+    timeline.moment(analyze::AGENT_READY);
+    kmsg_milestone(ctx, "ready");
     // 6. Mark the boot good, reconcile periodically, until a stop request.
-    serve(ctx, opts, events, &mut work, live, log)
+    serve(ctx, opts, events, &mut work, live, timeline, log)
 }
 
 /// Runs fs, boot and network in order; false when a stop request came in between.
@@ -301,6 +308,20 @@ fn write_ready(ctx: &Ctx, log: &mut dyn Write) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// `kairos-agent: milestone WHAT` in the kernel log: the daemon's start, readiness and the
+/// boot marked good on the kernel's clock, next to kairos-init's lines (`dmesg`, the serial
+/// console; `kairos-qemu bench --ready` times the boot by them). Best effort: without a
+/// writable /dev/kmsg under the root (unit tests, containers) nothing is written.
+fn kmsg_milestone(ctx: &Ctx, what: &str) {
+    if let Ok(mut kmsg) = std::fs::OpenOptions::new()
+        .write(true)
+        .open(ctx.path("/dev/kmsg"))
+    {
+        // <5>: notice, above the default console level, so the console shows it.
+        let _ = kmsg.write_all(format!("<5>kairos-agent: milestone {what}\n").as_bytes());
+    }
+}
+
 /// Marking the boot good: retried every `health_every` until it is, or `health_timeout`.
 struct Marking {
     /// None once done or given up.
@@ -308,6 +329,8 @@ struct Marking {
     next: Instant,
     /// The last refusal said, so a repeated one is not said again.
     last_refusal: String,
+    /// Where the boot marked good is recorded.
+    timeline: analyze::Recorder,
 }
 
 impl Marking {
@@ -329,6 +352,8 @@ impl Marking {
         match try_mark_good(ctx, k3s_wanted, opts.k3s_check_timeout) {
             Ok((Outcome::Done, said)) => {
                 write!(log, "{said}").map_err(AgentError::Output)?;
+                self.timeline.moment(analyze::AGENT_MARKED_GOOD);
+                kmsg_milestone(ctx, "marked good");
                 self.deadline = None;
             }
             Ok((Outcome::Refused, said)) => {
@@ -388,12 +413,14 @@ fn serve(
     events: &Receiver<Event>,
     work: &mut Workloads,
     live: bool,
+    timeline: analyze::Recorder,
     log: &mut dyn Write,
 ) -> Result<Outcome, AgentError> {
     let mut marking = Marking {
         deadline: (!live).then(|| Instant::now() + opts.health_timeout),
         next: Instant::now(),
         last_refusal: String::new(),
+        timeline,
     };
     let mut next_reconcile = Instant::now() + opts.reconcile_every;
     let reconciling = Arc::new(AtomicBool::new(false));

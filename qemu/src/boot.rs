@@ -186,6 +186,15 @@ pub fn qemu_args(spec: &BootSpec) -> Vec<String> {
 
 /// Runs QEMU until it exits, a marker appears, or the timeout passes.
 pub fn run(spec: &BootSpec) -> Result<BootResult, BootError> {
+    run_timed(spec).map(|(r, _)| r)
+}
+
+/// [`run`], and when each line of the serial log reached the host: element `i` is the time
+/// since QEMU started at which the `i`-th `\n` of the log was first read. The log is polled
+/// every 50 ms, so a line's time is at most one poll after the guest wrote it; the boot
+/// benchmark places the kernel's start on the host clock with it
+/// ([`crate::ready::kernel_start`]).
+pub fn run_timed(spec: &BootSpec) -> Result<(BootResult, Vec<Duration>), BootError> {
     // A disk may also come as `-drive` in extra_args (USB, SD, SATA controllers).
     if spec.disks.is_empty()
         && spec.kernel.is_none()
@@ -238,11 +247,21 @@ pub fn run(spec: &BootSpec) -> Result<BootResult, BootError> {
     let mut scanned = 0usize;
     let longest = spec.until.iter().map(String::len).max().unwrap_or(0);
     let mut marker_at: Option<Instant> = None;
+    let mut line_times: Vec<Duration> = Vec::new();
+    let mut timed = 0usize;
+    let mut stamp_new_lines = |raw: &[u8]| {
+        let at = start.elapsed();
+        let n = raw[timed..].iter().filter(|&&b| b == b'\n').count();
+        line_times.extend(std::iter::repeat_n(at, n));
+        timed = raw.len();
+    };
     let exit = loop {
         read_more(&mut log_file, &mut raw).at(&spec.serial_log, "reading")?;
+        stamp_new_lines(&raw);
         if let Some(status) = guard.0.try_wait().map_err(BootError::Wait)? {
             // Whatever QEMU wrote before exiting is in the file now.
             read_more(&mut log_file, &mut raw).at(&spec.serial_log, "reading")?;
+            stamp_new_lines(&raw);
             break exit_of(status);
         }
         let now = Instant::now();
@@ -261,6 +280,7 @@ pub fn run(spec: &BootSpec) -> Result<BootResult, BootError> {
     drop(guard);
     let elapsed = start.elapsed();
     read_more(&mut log_file, &mut raw).at(&spec.serial_log, "reading")?;
+    stamp_new_lines(&raw);
 
     let qemu_stderr = std::fs::read(&stderr_path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -276,13 +296,16 @@ pub fn run(spec: &BootSpec) -> Result<BootResult, BootError> {
     }
     let log = String::from_utf8_lossy(&raw).replace('\r', "");
     let matched = find_marker(log.as_bytes(), &spec.until).map(str::to_string);
-    Ok(BootResult {
-        log,
-        matched,
-        exit,
-        elapsed,
-        qemu_stderr,
-    })
+    Ok((
+        BootResult {
+            log,
+            matched,
+            exit,
+            elapsed,
+            qemu_stderr,
+        },
+        line_times,
+    ))
 }
 
 fn stderr_path(serial_log: &Path) -> PathBuf {

@@ -84,6 +84,9 @@ pub struct DiskSpec {
     pub state_extra_mb: u64,
     /// Symlinks in the image: (absolute path, target), replacing whatever is there.
     pub image_symlinks: Vec<(String, String)>,
+    /// Files put on COS_STATE next to `cOS/` and `grub2/`: (path inside it, contents), e.g.
+    /// a `grubcustom` that grub.cfg sources after its entries.
+    pub state_files: Vec<(String, Vec<u8>)>,
     /// Files put on COS_PERSISTENT before the first boot: (path inside it, contents).
     pub persistent_files: Vec<(String, Vec<u8>)>,
     /// Symlinks put on COS_PERSISTENT: (path inside it, target).
@@ -156,6 +159,7 @@ pub fn demo_spec(
         host_tools: Vec::new(),
         state_extra_mb: 0,
         image_symlinks: Vec::new(),
+        state_files: Vec::new(),
         persistent_files: Vec::new(),
         persistent_symlinks: Vec::new(),
         grub_timeout: 1,
@@ -469,6 +473,13 @@ pub fn build(spec: &DiskSpec) -> Result<DiskReport, DiskError> {
     let cfg_path = grub_dir.join("grub.cfg");
     fs::write(&cfg_path, cfg).at(&cfg_path, "writing")?;
     grub::install_modules(&grub_dir)?;
+    for (rel, data) in &spec.state_files {
+        let path = oem_path(&state_tree, rel)?;
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).at(parent, "creating")?;
+        }
+        fs::write(&path, data).at(&path, "writing")?;
+    }
 
     let rec_tree = work.dir("recovery")?;
     let rec_cos = rec_tree.join("cOS");

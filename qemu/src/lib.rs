@@ -9,6 +9,7 @@ pub mod dracut;
 pub mod grub;
 pub mod initramfs;
 pub mod kernel;
+pub mod ready;
 pub mod rootfs;
 
 /// Every Debian package the project's builds and tests need: QEMU, GRUB, the tools that make

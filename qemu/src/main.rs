@@ -14,6 +14,7 @@ use kairos_qemu::boot::{self, BootExit, BootSpec};
 use kairos_qemu::disk;
 use kairos_qemu::initramfs;
 use kairos_qemu::kernel::{self, Kernel};
+use kairos_qemu::ready;
 
 const DEFAULT_INIT: &str = "target/x86_64-unknown-linux-gnu/release/kairos-init";
 const DEMO_MARKER: &str = "KAIROS-TEST: done";
@@ -48,7 +49,8 @@ enum Cmd {
         #[arg(long, default_value_t = 300, value_name = "SECS")]
         timeout: u64,
     },
-    /// Boot benchmark: our initramfs vs dracut + kairos-init vs stock dracut, same disk and kernel.
+    /// Boot benchmark: our initramfs vs dracut + kairos-init vs stock dracut, same disk and
+    /// kernel; with --ready, power-on to a ready node through GRUB.
     Bench(BenchArgs),
     /// Build (once, cached) the Debian 12 systemd test root tree with debootstrap; prints its path.
     Debian {
@@ -78,6 +80,18 @@ struct BenchArgs {
     /// Per-boot timeout.
     #[arg(long, default_value_t = 180, value_name = "SECS")]
     boot_timeout: u64,
+    /// Power-on to a ready node instead (issue 17): the Debian image with kairos-agent and
+    /// the K3s stand-in through GRUB, our initramfs vs stock dracut, to the agent's ready
+    /// file and the boot marked good.
+    #[arg(long)]
+    ready: bool,
+    /// Also draw the comparison as an SVG timeline here (with --ready).
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+    /// The kairos-agent put in the image (with --ready; default: built with cargo in this
+    /// workspace, in the profile this tool was built with).
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -405,10 +419,16 @@ fn demo(kvm: bool, timeout: Duration) -> Result<ExitCode> {
 
 fn bench_cmd(args: BenchArgs) -> Result<ExitCode> {
     let start = std::time::Instant::now();
-    let init = match args.init {
-        Some(p) => p,
+    let init = match &args.init {
+        Some(p) => p.clone(),
         None => ensure_init_built(&workspace_root())?,
     };
+    if args.ready {
+        return ready_cmd(args, init, start);
+    }
+    if args.svg.is_some() || args.agent.is_some() {
+        bail!("--svg and --agent go with --ready");
+    }
     let spec = bench::BenchSpec {
         runs: args.runs,
         kvm: args.kvm,
@@ -427,6 +447,74 @@ fn bench_cmd(args: BenchArgs) -> Result<ExitCode> {
     );
     println!("{}", report.render());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `bench --ready`: power-on to a ready node, our initramfs vs stock dracut.
+fn ready_cmd(args: BenchArgs, init: PathBuf, start: std::time::Instant) -> Result<ExitCode> {
+    let workspace = workspace_root();
+    let agent = match args.agent {
+        Some(p) => p,
+        None => build_agent(&workspace)?,
+    };
+    let spec = ready::ReadySpec {
+        runs: args.runs,
+        kvm: args.kvm,
+        smp: args.smp,
+        work: args.work,
+        init_binary: init,
+        agent_binary: agent,
+        units_dir: workspace.join("agent/systemd"),
+        kernel: kernel::cached_or_fetch().context("fetching the kernel")?,
+        boot_timeout: Duration::from_secs(args.boot_timeout),
+    };
+    let report =
+        ready::run(&spec, &mut |line| println!("{line}")).context("running the ready benchmark")?;
+    if let Some(svg) = &args.svg {
+        std::fs::write(svg, report.svg()).with_context(|| format!("writing {}", svg.display()))?;
+        println!("SVG: {}", svg.display());
+    }
+    println!("bench wall time {:.0} s", start.elapsed().as_secs_f64());
+    println!("{}", report.render());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// kairos-agent built with cargo in the profile this tool was built with (the directory it
+/// runs from, e.g. `release` or `ci`; `release` when that is not a cargo profile directory).
+fn build_agent(workspace: &Path) -> Result<PathBuf> {
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let profile = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.file_name()?.to_string_lossy().into_owned()))
+        .map(|p| if p == "debug" { "dev".to_string() } else { p })
+        .filter(|p| p != "deps")
+        .unwrap_or_else(|| "release".into());
+    println!("building kairos-agent (cargo build --profile {profile} -p kairos-agent)");
+    let status = Command::new("cargo")
+        .args([
+            "build",
+            "--profile",
+            &profile,
+            "-p",
+            "kairos-agent",
+            "--bin",
+            "kairos-agent",
+        ])
+        .current_dir(workspace)
+        .status()
+        .context("running cargo build for kairos-agent")?;
+    if !status.success() {
+        bail!("cargo build --profile {profile} -p kairos-agent failed ({status})");
+    }
+    let binary = target_dir
+        .join("x86_64-unknown-linux-gnu")
+        .join(&profile)
+        .join("kairos-agent");
+    if !binary.is_file() {
+        bail!("{} missing after the build", binary.display());
+    }
+    Ok(binary)
 }
 
 /// The workspace this tool was built from: the demo builds kairos-init there.
