@@ -424,7 +424,7 @@ impl ReadyReport {
             .unwrap_or_default();
         svg::render(&Chart {
             title: format!(
-                "Power-on to ready node ({} boots each, {}, -smp {}): ready ratio vs stock dracut {:.2}x",
+                "Power-on to ready node ({} boot(s) each, {}, -smp {}): ready ratio vs stock dracut {:.2}x",
                 self.runs,
                 if self.kvm { "KVM" } else { "TCG" },
                 self.smp,
