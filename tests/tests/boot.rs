@@ -90,11 +90,40 @@ fn nothing_bootable_says_why_on_the_console_and_reboots() {
     assert_lacks(&r, "KAIROS-TEST: hello");
 }
 
+/// Also, on two CPUs with the agent in the image and one config with an `initramfs` stage
+/// only, the timeline (/run/kairos/boot-timeline.json) shows the `rootfs` stage skipped without
+/// running the agent, the `initramfs` stage run, and modules loaded two at once (child processes);
+/// squashfs, which an active boot does not mount, is not loaded.
 #[test]
 fn missing_persistent_partition_boots_on_tmpfs_with_a_warning() {
     require_root();
-    let d = disk("no-persistent", |s| s.persistent = false);
-    let r = boot_direct("no-persistent", &d, ACTIVE, &[DONE]);
+    let agent = agent_userland();
+    let d = disk("no-persistent", |s| {
+        s.persistent = false;
+        s.agent = Some(agent);
+        s.oem_files.push((
+            "90_initramfs.yaml".into(),
+            b"#cloud-config\nstages:\n  initramfs:\n    - commands:\n        - echo ran > /run/kairos-test-initramfs-stage\n"
+                .to_vec(),
+        ));
+        s.oem_files.push((
+            "kairos-test-hook.sh".into(),
+            b"echo \"KAIROS-TEST: initramfs stage $(cat /run/kairos-test-initramfs-stage)\"\necho \"KAIROS-TEST: timeline $(cat /run/kairos/boot-timeline.json)\"\n"
+                .to_vec(),
+        ));
+    });
+    let a = artifacts();
+    let mut s = kairos_qemu::boot::BootSpec::new(a.work.join("no-persistent.log"));
+    s.disks = vec![d.clone()];
+    s.kernel = Some(a.kernel.vmlinuz.clone());
+    s.initrd = Some(a.initramfs.clone());
+    s.append = Some(format!("{BASE_CMDLINE} {ACTIVE}"));
+    s.kvm = std::env::var_os("KAIROS_KVM").is_some();
+    s.until = vec![DONE.to_string()];
+    s.timeout = std::time::Duration::from_secs(180);
+    s.extra_args = vec!["-smp".into(), "2".into()];
+    let r = kairos_qemu::boot::run(&s).unwrap_or_else(|e| panic!("booting no-persistent: {e}"));
+    println!("---- serial log of no-persistent ----\n{}", r.log);
     assert_has(
         &r,
         "COS_PERSISTENT not found: /usr/local and the persistent state paths are tmpfs",
@@ -102,6 +131,68 @@ fn missing_persistent_partition_boots_on_tmpfs_with_a_warning() {
     assert_has(&r, "KAIROS-TEST: hello from image=active");
     assert_has(&r, "KAIROS-TEST: mount /usr/local tmpfs rw");
     assert_has(&r, "KAIROS-TEST: wrote test files");
+
+    assert_has(
+        &r,
+        "kairos-init: stage rootfs: skipped (no config names it: scanned 1 files)",
+    );
+    assert_has(
+        &r,
+        "kairos-init: stage initramfs: running it: /oem/90_initramfs.yaml names the stage",
+    );
+    assert_has(&r, "KAIROS-TEST: initramfs stage ran");
+    assert_lacks(&r, "kairos-init: loaded module squashfs");
+    let line = r
+        .log
+        .lines()
+        .find_map(|l| l.split("KAIROS-TEST: timeline ").nth(1))
+        .expect("the hook printed the timeline");
+    let t: serde_json::Value = serde_json::from_str(line.trim())
+        .unwrap_or_else(|e| panic!("timeline is not JSON ({e}): {line}"));
+    let steps = t["steps"].as_array().expect("timeline steps");
+    let child = |parent: &str, prefix: &str| {
+        steps.iter().any(|x| {
+            x["parent"] == parent && x["name"].as_str().is_some_and(|n| n.starts_with(prefix))
+        })
+    };
+    assert!(
+        child(
+            "stage rootfs",
+            "skipped: no config names it (1 files scanned)"
+        ),
+        "{t:#}"
+    );
+    assert!(
+        child(
+            "stage initramfs",
+            "config scan: /oem/90_initramfs.yaml names the stage"
+        ),
+        "{t:#}"
+    );
+    // The modules step's rounds ran on both CPUs, and two loads overlapped in time.
+    let rounds: Vec<&str> = steps
+        .iter()
+        .filter(|x| x["parent"] == "modules")
+        .filter_map(|x| x["name"].as_str())
+        .filter(|n| n.starts_with("load round "))
+        .collect();
+    assert!(
+        rounds.iter().any(|n| n.ends_with(", at most 2 at once")),
+        "{rounds:?}"
+    );
+    let loads: Vec<(f64, f64)> = steps
+        .iter()
+        .filter(|x| x["name"].as_str().is_some_and(|n| n.starts_with("insmod ")))
+        .filter_map(|x| {
+            let start = x["start_ms"].as_f64()?;
+            Some((start, start + x["duration_ms"].as_f64()?))
+        })
+        .collect();
+    let overlap = loads
+        .iter()
+        .enumerate()
+        .any(|(i, a)| loads[i + 1..].iter().any(|b| a.0 < b.1 && b.0 < a.1));
+    assert!(overlap, "no two module loads overlapped: {loads:?}");
 }
 
 #[test]
