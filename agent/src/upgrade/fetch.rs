@@ -24,7 +24,9 @@ use oci_client::{Client, Reference};
 use kairos_util::{IoError, IoResultExt};
 
 use super::UpgradeError;
+use super::layer::Applied;
 use super::oci::{self, Blob, MAX_DOCUMENT_BYTES, Resolved, Verifier};
+use super::pipeline;
 use super::source::ImageRef;
 use crate::http::chain;
 
@@ -121,6 +123,25 @@ impl Puller {
     /// Whether fetching writes the layers into the store (a layout directory is read in place).
     pub fn copies_layers(&self) -> bool {
         !matches!(self, Puller::Layout(_))
+    }
+
+    /// Whether [`Puller::unpack_streamed`] applies the layers as they download (a registry).
+    pub fn streams_layers(&self) -> bool {
+        matches!(self, Puller::Registry(_))
+    }
+
+    /// A registry's layers downloaded, verified and applied onto `staging` in one pass (no
+    /// blob written to disk); None for the other sources, which go through the store.
+    pub fn unpack_streamed(
+        &mut self,
+        r: &Resolved,
+        staging: &Path,
+        log: &mut dyn Write,
+    ) -> Option<Result<Vec<Applied>, UpgradeError>> {
+        match self {
+            Puller::Registry(reg) => Some(reg.unpack_streamed(r, staging, log)),
+            Puller::Archive(_) | Puller::Layout(_) => None,
+        }
     }
 }
 
@@ -431,6 +452,24 @@ impl Registry {
                 }
             },
         )
+    }
+
+    fn unpack_streamed(
+        &mut self,
+        r: &Resolved,
+        staging: &Path,
+        log: &mut dyn Write,
+    ) -> Result<Vec<Applied>, UpgradeError> {
+        let n = r.layers.len();
+        pipeline::unpack_streamed(&r.layers, staging, &mut |i, b, sink| {
+            let what = format!("layer {}/{n}", i + 1);
+            let _ = writeln!(
+                log,
+                "kairos-agent: pulling {what} {} ({} bytes), unpacking as it streams",
+                b.digest, b.size
+            );
+            self.stream(&what, b, sink)
+        })
     }
 
     fn fetch_layers(

@@ -10,9 +10,12 @@
 //! 1. the target partition is mounted read-write, `before-upgrade` runs;
 //! 2. the source is resolved (index → manifest → config, verified, in memory) and the space
 //!    checked: a refusal here has written nothing;
-//! 3. the layers are downloaded into a work directory, every byte hashed as it streams; a
-//!    digest or size mismatch names the blob and the source and stops before unpacking;
-//! 4. the layers are applied in order into a staging directory; an image without
+//! 3. the layers are downloaded, every byte hashed as it streams: a registry's are applied in
+//!    order into a staging directory while they download (pipeline.rs; a layer counts, and
+//!    the next one is finished, only once its digest matched), an archive's are written to a
+//!    work directory first; a digest or size mismatch names the blob and the source, and
+//!    what was unpacked from it is removed;
+//! 4. the layers are applied in order into the staging directory (an archive's); an image without
 //!    /boot/vmlinuz, /boot/initrd or an init is refused; a leftover `transition.img` is removed,
 //!    or, when it is the booted image (a rotation cut between its renames), moved to
 //!    passive.img; `mkfs.ext4 -d` builds `transition.img` (sized from the content, no journal,
@@ -39,6 +42,7 @@ pub mod image;
 pub mod layer;
 pub mod locate;
 pub mod oci;
+pub mod pipeline;
 pub mod releases;
 pub mod rotate;
 pub mod slots;
@@ -66,7 +70,7 @@ pub const CRASH_ENV: &str = "KAIROS_AGENT_CRASH_AT";
 pub const CRASH_POINTS: &[(&str, &str)] = &[
     (
         "pull",
-        "every blob downloaded and verified into the work directory; nothing unpacked, no image built",
+        "every blob downloaded and verified (a registry's already applied into the staging directory as it streamed, an archive's in the work directory); no image built",
     ),
     (
         "unpack",
@@ -790,8 +794,11 @@ fn build_new(
     let built = build(content, new_path, cos, label, log);
     if built.is_err() {
         let _ = std::fs::remove_file(new_path);
+        return built;
     }
-    built
+    writeln!(log, "kairos-agent: built {}, fsynced", new_path.display())
+        .map_err(AgentError::Output)?;
+    Ok(())
 }
 
 /// Step 6 of `--recovery`: the new recovery image renamed over the old one.
@@ -979,7 +986,8 @@ fn prepare(
     )
     .map_err(AgentError::Output)?;
     let estimate = oci::estimate_unpacked(compressed);
-    let blobs = if puller.copies_layers() {
+    // A registry's layers are unpacked as they stream: no blob lands on disk.
+    let blobs = if puller.copies_layers() && !puller.streams_layers() {
         compressed
     } else {
         0
@@ -994,19 +1002,35 @@ fn prepare(
     if work.exists() {
         std::fs::remove_dir_all(work).at(work, "removing the stale work directory")?;
     }
-    let store = Store::new(&work.join("blobs"))?;
-    let layers = puller.fetch_layers(&resolved, &store, log)?;
-    crash(opts, "pull", log);
     let staging = work.join("rootfs");
-    std::fs::create_dir_all(&staging).at(&staging, "creating")?;
-    for (i, (blob, path)) in resolved.layers.iter().zip(&layers).enumerate() {
-        let f = File::open(path).at(path, "opening")?;
-        let done = layer::apply(&staging, &blob.digest, f)?;
+    let applied = match puller.unpack_streamed(&resolved, &staging, log) {
+        Some(done) => {
+            let done = done?;
+            crash(opts, "pull", log);
+            done
+        }
+        None => {
+            let store = Store::new(&work.join("blobs"))?;
+            let layers = puller.fetch_layers(&resolved, &store, log)?;
+            crash(opts, "pull", log);
+            std::fs::create_dir_all(&staging).at(&staging, "creating")?;
+            let mut applied = Vec::new();
+            for (blob, path) in resolved.layers.iter().zip(&layers) {
+                let f = File::open(path).at(path, "opening")?;
+                applied.push(layer::apply(&staging, &blob.digest, f)?);
+                if puller.copies_layers() {
+                    std::fs::remove_file(path).at(path, "removing")?;
+                }
+            }
+            applied
+        }
+    };
+    for (i, (blob, done)) in resolved.layers.iter().zip(&applied).enumerate() {
         writeln!(
             log,
             "kairos-agent: applied layer {}/{} {}: {} entries, {} whiteouts, {} xattrs{}",
             i + 1,
-            layers.len(),
+            applied.len(),
             blob.digest,
             done.entries,
             done.whiteouts,
@@ -1021,9 +1045,6 @@ fn prepare(
             }
         )
         .map_err(AgentError::Output)?;
-        if puller.copies_layers() {
-            std::fs::remove_file(path).at(path, "removing")?;
-        }
     }
     crash(opts, "unpack", log);
     Ok(Prepared {
