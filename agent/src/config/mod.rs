@@ -33,16 +33,12 @@ pub use schema::*;
 pub const HEADERS: &[&str] = &["#cloud-config", "#kairos-config", "#node-config"];
 pub const HEADER_LINES: usize = 10;
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
-/// Read in this order; later wins in the merged config (SPEC §6).
-pub const DIRS: &[&str] = &[
-    "/run/initramfs/live",
-    "/etc/kairos",
-    "/usr/local/cloud-config",
-    "/oem",
-];
+/// Read in this order; later wins in the merged config (SPEC §6). kairos-init scans the same
+/// list to skip a stage no file names, hence one definition.
+pub const DIRS: &[&str] = kairos_init::stages::NODE_CONFIG_DIRS;
 /// The image's own yip files (upstream's /system/oem): run before the user's, no header
 /// needed, stages only (they are the image's, not the node's configuration).
-pub const SYSTEM_DIR: &str = "/system/oem";
+pub const SYSTEM_DIR: &str = kairos_init::stages::SYSTEM_CONFIG_DIR;
 /// How many `config_url` hops are followed (a URL's config may name another).
 pub const MAX_URL_DEPTH: usize = 4;
 pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
