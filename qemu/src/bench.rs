@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kairos_initramfs::{InitramfsError, InitramfsSpec};
-use kairos_util::{IoError, IoResultExt};
+use kairos_util::{IoError, IoResultExt, svg};
 
 use crate::boot::{self, BootError, BootSpec};
 use crate::disk::{self, DiskError};
@@ -486,6 +486,61 @@ impl BenchReport {
         Some((size, sr))
     }
 
+    /// The breakdown as an SVG (`bench --svg FILE`): one group of bars per variant, a bar per
+    /// milestone from the one before it (0 for the first) to its median kernel timestamp, and
+    /// the switch_root median and spread in the group's heading.
+    pub fn svg(&self) -> String {
+        let groups = self
+            .variants
+            .iter()
+            .map(|r| {
+                let class = match r.variant {
+                    Variant::Ours => "ours",
+                    Variant::DracutKairos => "init",
+                    Variant::DracutStock => "stock",
+                };
+                let mut prev = 0.0_f64;
+                let rows = r
+                    .variant
+                    .milestones()
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, (what, _))| {
+                        let v: Vec<f64> = r
+                            .samples
+                            .iter()
+                            .filter_map(|x| x.milestones.get(i).copied().flatten())
+                            .collect();
+                        let at = median(&v)?;
+                        let row = svg::Row::new(*what, prev.min(at), at, class);
+                        prev = at;
+                        Some(row)
+                    })
+                    .collect();
+                let sr = r.switch_root();
+                let heading = format!(
+                    "({}) {}: switch_root {}{}",
+                    r.variant.tag(),
+                    r.variant.label(),
+                    median(&sr).map_or("-".into(), |m| format!("{m:.3} s")),
+                    min_max(&sr).map_or(String::new(), |(a, b)| format!(" ({a:.3}-{b:.3})")),
+                );
+                svg::Group::titled(heading, rows)
+            })
+            .collect();
+        let (_, sr) = self.ratios(Variant::Ours).unwrap_or((f64::NAN, f64::NAN));
+        svg::render(&svg::Chart {
+            title: format!(
+                "initramfs to switch_root, median kernel timestamps of {} boot(s) per variant ({}, kernel {}): switch_root {sr:.1}x sooner than stock dracut",
+                self.runs,
+                if self.kvm { "KVM" } else { "TCG" },
+                self.kernel_version
+            ),
+            bands: Vec::new(),
+            groups,
+        })
+    }
+
     /// The table, the breakdown and, last, `ratios vs stock dracut: size Xx, switch_root Yx`.
     pub fn render(&self) -> String {
         let mut s = String::new();
@@ -625,15 +680,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn renders_table_and_last_line() {
+    fn report() -> BenchReport {
         let vr = |variant, size, srs: &[f64], rss| VariantResult {
             variant,
             initramfs: PathBuf::from("i.img"),
             size_bytes: size,
             samples: srs.iter().map(|&x| sample(x, rss)).collect(),
         };
-        let report = BenchReport {
+        BenchReport {
             variants: vec![
                 vr(Variant::Ours, 1_700_000, &[2.0, 2.2, 2.1], Some(3000)),
                 vr(
@@ -651,7 +705,49 @@ mod tests {
             stock_modules: vec!["systemd".into(), "base".into()],
             build_time: Duration::from_secs(60),
             boot_time: Duration::from_secs(100),
-        };
+        }
+    }
+
+    #[test]
+    fn svg_has_a_group_per_variant_and_a_bar_per_milestone() {
+        let mut report = report();
+        for r in &mut report.variants {
+            let n = r.variant.milestones().len();
+            for s in &mut r.samples {
+                s.milestones = (0..n).map(|i| Some(0.5 + i as f64 * 0.25)).collect();
+            }
+        }
+        // A milestone no boot logged is left out, not drawn at 0.
+        report.variants[0]
+            .samples
+            .iter_mut()
+            .for_each(|s| s.milestones[2] = None);
+        let out = report.svg();
+        for r in &report.variants {
+            let heading = format!("({}) {}: switch_root ", r.variant.tag(), r.variant.label());
+            assert!(
+                out.contains(&format!(">{}", svg::escape(&heading))),
+                "{heading}: {out}"
+            );
+            for (what, _) in r.variant.milestones() {
+                assert!(out.contains(&format!(">{what}</text>")), "{what}: {out}");
+            }
+        }
+        let bars: usize = report
+            .variants
+            .iter()
+            .map(|r| r.variant.milestones().len())
+            .sum();
+        assert_eq!(out.matches("class=\"bar ").count(), bars - 1, "{out}");
+        assert!(
+            out.contains("switch_root 4.5x sooner than stock dracut"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn renders_table_and_last_line() {
+        let report = report();
         let text = report.render();
         let last = text.lines().last().expect("lines");
         assert_eq!(last, "ratios vs stock dracut: size 20.0x, switch_root 4.5x");

@@ -39,4 +39,6 @@ pub const ALL_PACKAGES: &[&str] = &[
     "ovmf",
     "grub-efi-amd64-bin",
     "mtools",
+    // rsvg-convert: the tests render `analyze plot` and the bench's SVG to PNG.
+    "librsvg2-bin",
 ];

@@ -85,7 +85,7 @@ struct BenchArgs {
     /// file and the boot marked good.
     #[arg(long)]
     ready: bool,
-    /// Also draw the comparison as an SVG timeline here (with --ready).
+    /// Also draw the comparison as an SVG timeline here.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
     /// The kairos-agent put in the image (with --ready; default: built with cargo in this
@@ -426,8 +426,8 @@ fn bench_cmd(args: BenchArgs) -> Result<ExitCode> {
     if args.ready {
         return ready_cmd(args, init, start);
     }
-    if args.svg.is_some() || args.agent.is_some() {
-        bail!("--svg and --agent go with --ready");
+    if args.agent.is_some() {
+        bail!("--agent goes with --ready");
     }
     let spec = bench::BenchSpec {
         runs: args.runs,
@@ -440,6 +440,10 @@ fn bench_cmd(args: BenchArgs) -> Result<ExitCode> {
     };
     let report =
         bench::run(&spec, &mut |line| println!("{line}")).context("running the benchmark")?;
+    if let Some(svg) = &args.svg {
+        std::fs::write(svg, report.svg()).with_context(|| format!("writing {}", svg.display()))?;
+        println!("SVG: {}", svg.display());
+    }
     println!(
         "bench wall time {:.0} s; serial logs in {}",
         start.elapsed().as_secs_f64(),
