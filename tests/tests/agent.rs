@@ -35,7 +35,7 @@ fn base_config() -> Vec<(&'static str, String)> {
         ),
         (
             "kairos-test-extra.sh",
-            format!("{EXTRA}{AGENT_RESTART}"),
+            format!("{EXTRA}{ANALYZE}{AGENT_RESTART}"),
         ),
     ]
 }
@@ -43,6 +43,17 @@ fn base_config() -> Vec<(&'static str, String)> {
 /// The base scenario: what the stages left, and the mount table.
 const EXTRA: &str = r#"say "initramfs-stage $(cat /etc/kairos-test/from-initramfs-stage 2>&1)"
 say "mounts $(awk '{print $2":"$3}' /proc/mounts | tr '\n' ' ')"
+"#;
+
+/// `kairos-agent analyze` once the agent is ready: time and blame line by line, the plot's
+/// size and text elements, and the plot itself (one `svg` line per line; the test puts it
+/// together and renders it).
+const ANALYZE: &str = r#"n=0; while [ ! -e /run/kairos/agent-ready ] && [ $n -lt 240 ]; do sleep 0.25; n=$((n+1)); done
+kairos-agent analyze time 2>&1 | while IFS= read -r l; do say "analyze-time $l"; done
+kairos-agent analyze blame 2>&1 | while IFS= read -r l; do say "analyze-blame $l"; done
+kairos-agent analyze plot > /run/boot.svg 2>/run/boot.svg.err
+say "analyze-plot exit $? bytes $(wc -c < /run/boot.svg) texts $(grep -c '</text>' /run/boot.svg) $(head -c 200 /run/boot.svg.err)"
+while IFS= read -r l; do say "svg $l"; done < /run/boot.svg
 "#;
 
 /// Under kairos-init as PID 1 only: kill the agent daemon and wait for PID 1 to start a new one.
@@ -191,6 +202,104 @@ fn state_json_matches_the_boot() {
         let dur = st["duration_ms"].as_f64().expect("duration");
         assert_has(r, &format!("kairos-init: step {name}: {dur:.1} ms"));
     }
+}
+
+/// The driver's lines starting with `key ` (their rest), in order.
+fn values(r: &BootResult, key: &str) -> Vec<String> {
+    let k = format!("{key} ");
+    driver_lines(&r.log)
+        .into_iter()
+        .filter_map(|l| l.strip_prefix(&k).map(str::to_string))
+        .collect()
+}
+
+/// Parses `analyze blame`'s `DURATION WHO: STEP` duration back to seconds.
+fn blame_secs(line: &str) -> f64 {
+    let d = line.split_whitespace().next().unwrap_or_default();
+    match d.strip_suffix("ms") {
+        Some(ms) => ms.parse::<f64>().map(|v| v / 1000.0),
+        None => d.trim_end_matches('s').parse::<f64>(),
+    }
+    .unwrap_or_else(|e| panic!("blame line {line:?}: {e}"))
+}
+
+#[test]
+fn analyze_time_blame_and_plot_on_the_booted_node() {
+    require_root();
+    let r = pid1_base_boot();
+    let time = values(r, "analyze-time");
+    println!("analyze time:\n{}", time.join("\n"));
+    let first = time.first().map(String::as_str).unwrap_or_default();
+    assert!(first.starts_with("Startup finished in "), "{time:#?}");
+    for phase in ["(kernel) + ", "(initramfs) + ", "(userland) = "] {
+        assert!(first.contains(phase), "{phase} in {first}");
+    }
+    assert!(
+        time.iter().any(|l| l.starts_with("firmware+loader: ")),
+        "{time:#?}"
+    );
+    assert!(
+        time.iter().any(|l| l.contains("to the agent's start")),
+        "{time:#?}"
+    );
+    let blame = values(r, "analyze-blame");
+    println!("analyze blame:\n{}", blame.join("\n"));
+    for step in [
+        "kairos-init: modules",
+        "kairos-init: switch_root",
+        "kairos-agent: stages",
+        "kairos-agent: config",
+        "kernel: to kairos-init's start",
+    ] {
+        assert!(
+            blame.iter().any(|l| l.ends_with(step)),
+            "{step} in {blame:#?}"
+        );
+    }
+    let secs: Vec<f64> = blame.iter().map(|l| blame_secs(l)).collect();
+    assert!(secs.windows(2).all(|w| w[0] >= w[1]), "{blame:#?}");
+    let plot = value(r, "analyze-plot");
+    assert!(plot.starts_with("exit 0 bytes "), "{plot}");
+    // The plot as printed, put together and rendered.
+    let svg = values(r, "svg").join("\n") + "\n";
+    for label in [
+        "modules",
+        "root",
+        "switch_root",
+        "stages",
+        "config",
+        "ready",
+        "kernel",
+        "initramfs (kairos-init)",
+    ] {
+        assert!(
+            svg.contains(&format!(">{label}</text>")),
+            "{label} in {svg}"
+        );
+    }
+    let dir = work_dir();
+    let (svg_path, png_path) = (dir.join("analyze-boot.svg"), dir.join("analyze-boot.png"));
+    std::fs::write(&svg_path, &svg).unwrap();
+    let out = std::process::Command::new("rsvg-convert")
+        .arg("-o")
+        .arg(&png_path)
+        .arg(&svg_path)
+        .output()
+        .unwrap_or_else(|e| panic!("rsvg-convert ({e}): install librsvg2-bin"));
+    assert!(
+        out.status.success(),
+        "rsvg-convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(&png_path).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let width = u32::from_be_bytes([png[16], png[17], png[18], png[19]]);
+    assert!(width >= 1000, "{width}");
+    println!(
+        "FIGURE analyze plot: {} ({} bytes)",
+        png_path.display(),
+        png.len()
+    );
 }
 
 #[test]
