@@ -52,18 +52,118 @@ pub fn ensure_packages(pkgs: &[&str]) -> Result<(), AptError> {
         apt_update()?;
         *updated = true;
     }
-    let out = run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(&missing))?;
+    let out = install(&missing, &[])?;
+    if out.status.success() {
+        return Ok(());
+    }
+    // A newer sibling from another suite (this machine kind ships qemu-utils from
+    // bookworm-backports with no backports source configured) makes apt refuse the missing
+    // package ("held broken packages"): put the sibling at the version the package comes with.
+    let pins = sibling_pins(&missing, &|p| installed_version(p), &|p| {
+        candidate_version(p)
+    });
+    if pins.is_empty() {
+        return Err(install_error(missing, &out));
+    }
+    eprintln!(
+        "kairos-qemu: apt refused {missing:?} beside the installed {}; installing {} with it",
+        pins.iter()
+            .map(|(p, _)| p.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        pins.iter()
+            .map(|(p, v)| format!("{p}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let out = install(&missing, &pins)?;
     if !out.status.success() {
-        return Err(AptError::Install {
-            packages: missing,
-            code: out.status.code(),
-            stderr_tail: tail(&out.stderr),
-        });
+        return Err(install_error(missing, &out));
     }
     Ok(())
+}
+
+/// Packages that must have the same version as the one named first: built from one source
+/// package, they depend on each other at `=` versions.
+const SIBLINGS: &[(&str, &[&str])] = &[
+    ("qemu-system-x86", &["qemu-utils", "qemu-block-extra"]),
+    ("qemu-utils", &["qemu-system-x86", "qemu-system-common"]),
+];
+
+/// For each missing package with siblings, the installed siblings whose version differs from
+/// the missing package's candidate, paired with that version (pure: the lookups are passed in).
+fn sibling_pins(
+    missing: &[String],
+    installed: &dyn Fn(&str) -> Option<String>,
+    candidate: &dyn Fn(&str) -> Option<String>,
+) -> Vec<(String, String)> {
+    let mut pins: Vec<(String, String)> = Vec::new();
+    for pkg in missing {
+        let Some((_, siblings)) = SIBLINGS.iter().find(|(p, _)| p == pkg) else {
+            continue;
+        };
+        let Some(want) = candidate(pkg) else {
+            continue;
+        };
+        for sib in *siblings {
+            if let Some(have) = installed(sib)
+                && have != want
+                && !pins.iter().any(|(p, _)| p == sib)
+            {
+                pins.push(((*sib).to_string(), want.clone()));
+            }
+        }
+    }
+    pins
+}
+
+fn install(packages: &[String], pins: &[(String, String)]) -> Result<Output, AptError> {
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(packages);
+    if !pins.is_empty() {
+        cmd.arg("--allow-downgrades")
+            .args(pins.iter().map(|(p, v)| format!("{p}={v}")));
+    }
+    run(&mut cmd)
+}
+
+fn install_error(packages: Vec<String>, out: &Output) -> AptError {
+    AptError::Install {
+        packages,
+        code: out.status.code(),
+        stderr_tail: tail(&out.stderr),
+    }
+}
+
+fn installed_version(package: &str) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status} ${Version}", package])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.strip_prefix("install ok installed ")
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn candidate_version(package: &str) -> Option<String> {
+    let out = Command::new("apt-cache")
+        .args(["policy", package])
+        .output()
+        .ok()?;
+    parse_candidate(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The `Candidate:` line of `apt-cache policy PKG` (none when apt has no candidate).
+fn parse_candidate(policy: &str) -> Option<String> {
+    policy
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate:"))
+        .map(str::trim)
+        .filter(|v| !v.is_empty() && *v != "(none)")
+        .map(str::to_string)
 }
 
 /// Makes sure `binary` is on PATH, installing `package` when it is not.
@@ -173,6 +273,31 @@ mod tests {
         );
         ensure_packages(&["dpkg"]).expect("dpkg is installed");
         ensure_tool("sh", "dash").expect("sh exists");
+    }
+
+    #[test]
+    fn a_newer_sibling_is_pinned_to_the_missing_packages_version() {
+        let installed = |p: &str| (p == "qemu-utils").then(|| "1:10.0.2+ds-2~bpo12+1".to_string());
+        let candidate = |p: &str| (p == "qemu-system-x86").then(|| "1:7.2+dfsg-7".to_string());
+        let missing = vec!["qemu-system-x86".to_string(), "gdisk".to_string()];
+        assert_eq!(
+            sibling_pins(&missing, &installed, &candidate),
+            vec![("qemu-utils".to_string(), "1:7.2+dfsg-7".to_string())]
+        );
+        // Same version, or no sibling installed: nothing to pin.
+        let same = |p: &str| (p == "qemu-utils").then(|| "1:7.2+dfsg-7".to_string());
+        assert!(sibling_pins(&missing, &same, &candidate).is_empty());
+        assert!(sibling_pins(&missing, &|_| None, &candidate).is_empty());
+        assert!(sibling_pins(&["gdisk".to_string()], &installed, &candidate).is_empty());
+    }
+
+    #[test]
+    fn candidate_line_of_apt_cache_policy() {
+        let policy =
+            "qemu-utils:\n  Installed: 1:10.0.2\n  Candidate: 1:7.2+dfsg-7\n  Version table:\n";
+        assert_eq!(parse_candidate(policy).as_deref(), Some("1:7.2+dfsg-7"));
+        assert_eq!(parse_candidate("x:\n  Candidate: (none)\n"), None);
+        assert_eq!(parse_candidate(""), None);
     }
 
     #[test]
