@@ -1,17 +1,20 @@
-//! Benchmark (not a test): `kairos-agent upgrade` pulling an image of at least 512 MiB from a
-//! local registry and writing it as COS_STATE:/cOS/active.img, next to the baseline of
-//! `skopeo copy` of the same image to a directory plus `dd` (conv=fsync) of as many bytes as
-//! the agent's active.img, in the same run.
+//! Benchmark (not a test): `kairos-agent upgrade` pulling an image from a local registry and
+//! writing it as COS_STATE:/cOS/active.img, next to the baseline of `skopeo copy` of the same
+//! image to a directory plus `dd` (conv=fsync) of as many bytes as the agent's active.img, in
+//! the same run, for each rootfs size asked.
 //!
-//! `cargo run --release -p kairos-tests --bin pull-bench [-- MIB]` as root (it installs
-//! docker-registry and skopeo with apt when they are missing, and drops the page cache
-//! before each timed step). MIB is the rootfs size, 512 by default; the files are random
-//! bytes, so the gzip layer is about as large as the rootfs.
+//! `cargo run --release -p kairos-tests --bin pull-bench [-- MIB[,MIB...]]` as root (it
+//! installs docker-registry and skopeo with apt when they are missing, and drops the page
+//! cache before each timed step). MIB: rootfs sizes, 256,1024,2048 by default; the files are
+//! random bytes, so the gzip layer is about as large as the rootfs. Everything of one size is
+//! removed before the next. Where the agent's time goes is taken from the time its log lines
+//! arrive. The last line is the ratio at 1024 MiB (or at the largest size when 1024 is not
+//! among them).
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::Command;
-use std::time::Instant;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use kairos_tests::registry::Registry;
@@ -84,19 +87,71 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn main() -> Result<()> {
-    let mib: u64 = match std::env::args().nth(1) {
-        Some(a) => a.parse().context("MIB: a number of MiB")?,
-        None => 512,
-    };
-    if mib < 512 {
-        eprintln!("pull-bench: note: {mib} MiB is below the 512 MiB the issue asks for");
+/// The agent's log lines, each with when it arrived after the start.
+fn run_logged(cmd: &mut Command) -> Result<Vec<(Duration, String)>> {
+    let t = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{cmd:?}"))?;
+    let mut lines = Vec::new();
+    if let Some(err) = child.stderr.take() {
+        for l in BufReader::new(err).lines() {
+            lines.push((t.elapsed(), l?));
+        }
     }
-    if !rustix::process::geteuid().is_root() {
-        bail!("pull-bench needs root (apt, mkfs, drop_caches)");
+    let status = child.wait()?;
+    lines.push((t.elapsed(), String::new()));
+    if !status.success() {
+        let text: Vec<&str> = lines.iter().map(|(_, l)| l.as_str()).collect();
+        bail!("{cmd:?}: {status}\n{}", text.join("\n"));
     }
-    kairos_qemu::apt::ensure_packages(&["skopeo"]).context("installing skopeo")?;
-    let agent = kairos_tests::build_agent()?;
+    Ok(lines)
+}
+
+/// The agent's phases, from its log: (name, seconds). Each phase ends at the first line
+/// starting with its marker (the last one at the exit).
+fn phases(lines: &[(Duration, String)]) -> Vec<(&'static str, f64)> {
+    const MARKS: &[(&str, &str)] = &[
+        ("start, resolve", "kairos-agent: pulling layer"),
+        ("pull + verify + unpack", "kairos-agent: applied layer"),
+        ("check, measure", "kairos-agent: building"),
+        ("mkfs.ext4 -d + fsync", "kairos-agent: built"),
+        ("arm, rotate", "kairos-agent: rotated"),
+    ];
+    let mut out = Vec::new();
+    let mut last = Duration::ZERO;
+    for (name, mark) in MARKS {
+        if let Some((t, _)) = lines.iter().find(|(_, l)| l.starts_with(mark)) {
+            out.push((*name, t.saturating_sub(last).as_secs_f64()));
+            last = *t;
+        }
+    }
+    if let Some((end, _)) = lines.last() {
+        out.push(("history, exit", end.saturating_sub(last).as_secs_f64()));
+    }
+    out
+}
+
+/// One size's figures.
+struct Row {
+    mib: u64,
+    layer_mib: u64,
+    image_mib: u64,
+    agent_s: f64,
+    skopeo_s: f64,
+    dd_s: f64,
+    phases: Vec<(&'static str, f64)>,
+}
+
+impl Row {
+    fn ratio(&self) -> f64 {
+        self.agent_s / (self.skopeo_s + self.dd_s)
+    }
+}
+
+fn bench_size(agent: &Path, mib: u64) -> Result<Row> {
     let tmp = tempfile::Builder::new()
         .prefix("kairos-pull-bench-")
         .tempdir_in("/var/tmp")?;
@@ -107,8 +162,10 @@ fn main() -> Result<()> {
     random_rootfs(&rootfs, mib)?;
     let reg = Registry::start()?;
     eprintln!("pull-bench: pushing it to {}", reg.addr);
-    let img = reg.push_rootfs("bench/os", "v1", &rootfs)?;
-    let layer_bytes: usize = img.layers.iter().map(Vec::len).sum();
+    let layer_bytes: usize = {
+        let img = reg.push_rootfs("bench/os", "v1", &rootfs)?;
+        img.layers.iter().map(Vec::len).sum()
+    };
     std::fs::remove_dir_all(&rootfs)?;
     let reference = format!("{}/bench/os:v1", reg.addr);
 
@@ -119,14 +176,18 @@ fn main() -> Result<()> {
     }
     let state = t.join("state");
     std::fs::create_dir_all(state.join("cOS"))?;
+    let mut log = Vec::new();
     let agent_s = timed("kairos-agent upgrade", || {
-        run(Command::new(&agent)
-            .arg("--root")
-            .arg(&root)
-            .args(["upgrade", "--booted", "active", "--state-dir"])
-            .arg(&state)
-            .arg("--source")
-            .arg(format!("oci:{reference}")))
+        log = run_logged(
+            Command::new(agent)
+                .arg("--root")
+                .arg(&root)
+                .args(["upgrade", "--booted", "active", "--state-dir"])
+                .arg(&state)
+                .arg("--source")
+                .arg(format!("oci:{reference}")),
+        )?;
+        Ok(())
     })?;
     let active = state.join("cOS/active.img");
     let image_bytes = std::fs::metadata(&active)
@@ -141,7 +202,9 @@ fn main() -> Result<()> {
             .arg(format!("docker://{reference}"))
             .arg(format!("dir:{}", copy.display())))
     })?;
-    let copied = dir_bytes(&copy);
+    if dir_bytes(&copy) < layer_bytes as u64 {
+        bail!("skopeo copied less than the layer");
+    }
     let dd_out = t.join("dd.img");
     let dd_s = timed("dd", || {
         run(Command::new("dd")
@@ -149,38 +212,94 @@ fn main() -> Result<()> {
             .arg(format!("of={}", dd_out.display()))
             .args(["bs=4M", "conv=fsync", "status=none"]))
     })?;
-    let dd_bytes = std::fs::metadata(&dd_out)?.len();
+    if std::fs::metadata(&dd_out)?.len() != image_bytes {
+        bail!("dd copied a different number of bytes than active.img has");
+    }
     drop(reg);
+    drop(tmp);
+    Ok(Row {
+        mib,
+        layer_mib: (layer_bytes >> 20) as u64,
+        image_mib: image_bytes >> 20,
+        agent_s,
+        skopeo_s,
+        dd_s,
+        phases: phases(&log),
+    })
+}
 
-    let mb = |b: u64, s: f64| b as f64 / (1 << 20) as f64 / s;
-    let baseline = skopeo_s + dd_s;
+fn main() -> Result<()> {
+    let sizes: Vec<u64> = match std::env::args().nth(1) {
+        Some(a) => a
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .context("MIB: numbers of MiB, comma-separated")
+            })
+            .collect::<Result<_>>()?,
+        None => vec![256, 1024, 2048],
+    };
+    if sizes.is_empty() {
+        bail!("no size given");
+    }
+    if !rustix::process::geteuid().is_root() {
+        bail!("pull-bench needs root (apt, mkfs, drop_caches)");
+    }
+    kairos_qemu::apt::ensure_packages(&["skopeo"]).context("installing skopeo")?;
+    let agent = kairos_tests::build_agent()?;
+    let mut rows = Vec::new();
+    for &mib in &sizes {
+        rows.push(bench_size(&agent, mib)?);
+    }
+
+    let mb = |mib: u64, s: f64| mib as f64 / s;
     println!();
     println!(
-        "pull-bench: rootfs {mib} MiB of random files, one gzip layer of {} MiB, active.img {} MiB",
-        layer_bytes >> 20,
-        image_bytes >> 20
-    );
-    println!("| step | time | throughput |");
-    println!("| --- | ---: | ---: |");
-    println!(
-        "| kairos-agent upgrade (pull + verify + unpack + mkfs.ext4 -d + fsync) | {agent_s:.2} s | {:.0} MiB/s of image |",
-        mb(image_bytes, agent_s)
+        "pull-bench: random files, one gzip layer each; agent = kairos-agent upgrade --source oci:… \
+         (pull, verify, unpack, mkfs.ext4 -d, fsync, rotate); baseline = skopeo copy docker:// → dir: \
+         + dd of active.img's bytes (conv=fsync); page cache dropped before each step"
     );
     println!(
-        "| skopeo copy docker:// → dir: | {skopeo_s:.2} s | {:.0} MiB/s of blobs |",
-        mb(copied, skopeo_s)
+        "| rootfs | layer | active.img | agent | skopeo | dd | skopeo + dd | agent / baseline |"
     );
-    println!(
-        "| dd of active.img's bytes, conv=fsync | {dd_s:.2} s | {:.0} MiB/s |",
-        mb(dd_bytes, dd_s)
-    );
-    println!(
-        "| skopeo + dd (baseline) | {baseline:.2} s | {:.0} MiB/s of image |",
-        mb(image_bytes, baseline)
-    );
-    println!(
-        "pull-bench: agent / baseline = {:.2}× the time",
-        agent_s / baseline
-    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        println!(
+            "| {} MiB | {} MiB | {} MiB | {:.2} s ({:.0} MiB/s) | {:.2} s | {:.2} s | {:.2} s | {:.2}× |",
+            r.mib,
+            r.layer_mib,
+            r.image_mib,
+            r.agent_s,
+            mb(r.image_mib, r.agent_s),
+            r.skopeo_s,
+            r.dd_s,
+            r.skopeo_s + r.dd_s,
+            r.ratio()
+        );
+    }
+    println!();
+    println!("where the agent's time goes (from its log lines):");
+    let names: Vec<&str> = rows
+        .first()
+        .map(|r| r.phases.iter().map(|(n, _)| *n).collect())
+        .unwrap_or_default();
+    println!("| rootfs | {} |", names.join(" | "));
+    println!("| ---: |{}", " ---: |".repeat(names.len()));
+    for r in &rows {
+        let cells: Vec<String> = r.phases.iter().map(|(_, s)| format!("{s:.2} s")).collect();
+        println!("| {} MiB | {} |", r.mib, cells.join(" | "));
+    }
+    let at = rows
+        .iter()
+        .find(|r| r.mib == 1024)
+        .or_else(|| rows.iter().max_by_key(|r| r.mib));
+    if let Some(r) = at {
+        println!(
+            "upgrade ratio vs skopeo+dd at {} MiB: {:.2}x",
+            r.mib,
+            r.ratio()
+        );
+    }
     Ok(())
 }
