@@ -502,10 +502,15 @@ pub fn plot_svg(inputs: &Inputs) -> String {
         ));
         phase_rows.push(Row::new(label, p.switch_root_end, userland_end, "userland"));
     }
-    let init_rows = inputs
-        .init
-        .steps
-        .iter()
+    // In start order: kairos-init records a step when it ends, so after its parts.
+    let mut init_steps: Vec<&Step> = inputs.init.steps.iter().collect();
+    init_steps.sort_by(|a, b| {
+        a.start
+            .total_cmp(&b.start)
+            .then(a.parent.is_some().cmp(&b.parent.is_some()))
+    });
+    let init_rows = init_steps
+        .into_iter()
         .map(|s| {
             let (label, class) = match &s.parent {
                 Some(parent) => (format!("{parent}: {}", s.name), "initramfs"),
@@ -649,8 +654,8 @@ mod tests {
 
     const INIT: &str = r#"{"steps":[
         {"name":"modules","parent":null,"start_ms":1210.0,"duration_ms":500.0},
-        {"name":"devices","parent":null,"start_ms":1710.0,"duration_ms":94.0},
         {"name":"wait /dev/vda","parent":"devices","start_ms":1712.0,"duration_ms":80.0},
+        {"name":"devices","parent":null,"start_ms":1710.0,"duration_ms":94.0},
         {"name":"root & <friends>","parent":null,"start_ms":1804.0,"duration_ms":33.0},
         {"name":"switch_root","parent":null,"start_ms":1840.0,"duration_ms":10.0}],
         "start_ms":1200.0,
@@ -805,6 +810,9 @@ mod tests {
             s.contains(">Startup finished in 600ms (firmware+loader)"),
             "{s}"
         );
+        // A parent step comes before its parts.
+        let at = |l: &str| s.find(&format!(">{l}</text>")).unwrap();
+        assert!(at("devices") < at("devices: wait /dev/vda"), "{s}");
     }
 
     #[test]
