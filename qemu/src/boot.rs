@@ -192,8 +192,7 @@ pub fn run(spec: &BootSpec) -> Result<BootResult, BootError> {
 /// [`run`], and when each line of the serial log reached the host: element `i` is the time
 /// since QEMU started at which the `i`-th `\n` of the log was first read. The log is polled
 /// every 50 ms, so a line's time is at most one poll after the guest wrote it; the boot
-/// benchmark places the kernel's start on the host clock with it
-/// ([`crate::ready::kernel_start`]).
+/// benchmark (`bench --ready`) places the kernel's start on the host clock with it.
 pub fn run_timed(spec: &BootSpec) -> Result<(BootResult, Vec<Duration>), BootError> {
     // A disk may also come as `-drive` in extra_args (USB, SD, SATA controllers).
     if spec.disks.is_empty()
