@@ -33,7 +33,9 @@ pub fn base_modules(mode: BootMode) -> &'static [&'static str] {
     match mode {
         BootMode::Active | BootMode::Passive => &["loop", "ext4", "overlay"],
         BootMode::Recovery => &["loop", "ext4", "overlay", "squashfs"],
-        BootMode::Live => &["loop", "overlay", "squashfs"],
+        // ext4 too: the live system's installer mounts the filesystems it makes, and no
+        // modprobe is there to load it on demand.
+        BootMode::Live => &["loop", "ext4", "overlay", "squashfs"],
     }
 }
 /// Modules loaded at once at most: finit_module's work (signature check, relocation, init)
