@@ -198,6 +198,8 @@ pub enum BenchError {
         #[source]
         source: Box<DracutError>,
     },
+    #[error("the Debian image: {0}")]
+    Debian(#[from] crate::debian::DebianError),
     #[error("building the disk {}: {source}", path.display())]
     Disk {
         path: PathBuf,

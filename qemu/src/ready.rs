@@ -32,15 +32,15 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kairos_initramfs::{InitramfsError, InitramfsSpec};
+use kairos_initramfs::InitramfsSpec;
+use kairos_util::IoResultExt;
 use kairos_util::svg::{self, Band, Chart, Group, Row};
-use kairos_util::{IoError, IoResultExt};
 
-use crate::bench::{median, thousands};
-use crate::boot::{self, BootError, BootSpec};
-use crate::debian::{self, DebianError};
-use crate::disk::{self, DiskError, ImageState};
-use crate::dracut::{self, DracutError, DracutKind};
+use crate::bench::{BenchError, median, thousands};
+use crate::boot::{self, BootSpec};
+use crate::debian;
+use crate::disk::{self, ImageState};
+use crate::dracut::{self, DracutKind};
 use crate::grub::BASE_CMDLINE;
 use crate::initramfs;
 use crate::kernel::Kernel;
@@ -203,54 +203,6 @@ pub struct ReadyReport {
     pub build_time: Duration,
     pub boot_time: Duration,
     pub logs: PathBuf,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReadyError {
-    #[error(transparent)]
-    Io(#[from] IoError),
-    #[error("building our initramfs {}: {source}", path.display())]
-    Initramfs {
-        path: PathBuf,
-        #[source]
-        source: Box<InitramfsError>,
-    },
-    #[error("building {} with dracut: {source}", path.display())]
-    Dracut {
-        path: PathBuf,
-        #[source]
-        source: Box<DracutError>,
-    },
-    #[error("the Debian image: {0}")]
-    Debian(#[from] DebianError),
-    #[error("building the disk {}: {source}", path.display())]
-    Disk {
-        path: PathBuf,
-        #[source]
-        source: Box<DiskError>,
-    },
-    #[error(
-        "the disk builder left no active image at {} (its work dir layout changed?)",
-        path.display()
-    )]
-    NoActiveImage { path: PathBuf },
-    #[error("booting ({tag}) run {run}: {source}")]
-    Boot {
-        tag: &'static str,
-        run: usize,
-        #[source]
-        source: Box<BootError>,
-    },
-    #[error("({tag}) run {run}: the serial log {} lacks {what:?}; its tail:\n{tail}", log.display())]
-    Missing {
-        tag: &'static str,
-        run: usize,
-        what: &'static str,
-        log: PathBuf,
-        tail: String,
-    },
-    #[error("--runs must be at least 1")]
-    NoRuns,
 }
 
 /// The printk timestamp a line starts with (`[    1.234567] …`).
@@ -437,7 +389,7 @@ impl ReadyReport {
 }
 
 /// The agent's units: every `*.service` / `*.timer` in `dir`.
-fn read_units(dir: &Path) -> Result<Vec<(String, String)>, ReadyError> {
+fn read_units(dir: &Path) -> Result<Vec<(String, String)>, BenchError> {
     let mut out = Vec::new();
     for e in fs::read_dir(dir).at(dir, "listing")? {
         let e = e.at(dir, "listing")?;
@@ -453,9 +405,9 @@ fn read_units(dir: &Path) -> Result<Vec<(String, String)>, ReadyError> {
 
 /// Builds both initramfs images, the image and the disk, then boots each variant `runs` times,
 /// interleaved. `progress` gets one line per step.
-pub fn run(spec: &ReadySpec, progress: &mut dyn FnMut(&str)) -> Result<ReadyReport, ReadyError> {
+pub fn run(spec: &ReadySpec, progress: &mut dyn FnMut(&str)) -> Result<ReadyReport, BenchError> {
     if spec.runs == 0 {
-        return Err(ReadyError::NoRuns);
+        return Err(BenchError::NoRuns);
     }
     let build_start = Instant::now();
     fs::create_dir_all(&spec.work).at(&spec.work, "creating")?;
@@ -470,7 +422,7 @@ pub fn run(spec: &ReadySpec, progress: &mut dyn FnMut(&str)) -> Result<ReadyRepo
         },
         &ours,
     )
-    .map_err(|source| ReadyError::Initramfs {
+    .map_err(|source| BenchError::Initramfs {
         path: ours.clone(),
         source: Box::new(source),
     })?;
@@ -482,7 +434,7 @@ pub fn run(spec: &ReadySpec, progress: &mut dyn FnMut(&str)) -> Result<ReadyRepo
     let stock = spec.work.join("initramfs-dracut-stock.img");
     let stock_report =
         dracut::build(DracutKind::Stock, &spec.kernel, None, &stock).map_err(|source| {
-            ReadyError::Dracut {
+            BenchError::Dracut {
                 path: stock.clone(),
                 source: Box::new(source),
             }
@@ -523,13 +475,13 @@ pub fn run(spec: &ReadySpec, progress: &mut dyn FnMut(&str)) -> Result<ReadyRepo
         .push(("grubcustom".into(), grubcustom().into_bytes()));
     dspec.grub_timeout = 0;
     dspec.extra_cmdline = BENCH_CMDLINE.into();
-    disk::build(&dspec).map_err(|source| ReadyError::Disk {
+    disk::build(&dspec).map_err(|source| BenchError::Disk {
         path: disk_path.clone(),
         source: Box::new(source),
     })?;
     let built_active = disk_work.join("state/cOS/active.img");
     if !built_active.is_file() {
-        return Err(ReadyError::NoActiveImage { path: built_active });
+        return Err(BenchError::NoActiveImage { path: built_active });
     }
     let active = spec.work.join("active.img");
     fs::copy(&built_active, &active)
@@ -572,13 +524,13 @@ pub fn run(spec: &ReadySpec, progress: &mut dyn FnMut(&str)) -> Result<ReadyRepo
             bs.timeout = spec.boot_timeout;
             // -smp after the harness's own `-smp 1`: QEMU takes the last one.
             bs.extra_args = vec!["-snapshot".into(), "-smp".into(), spec.smp.to_string()];
-            let (r, times) = boot::run_timed(&bs).map_err(|source| ReadyError::Boot {
+            let (r, times) = boot::run_timed(&bs).map_err(|source| BenchError::Boot {
                 tag,
                 run,
                 source: Box::new(source),
             })?;
             let sample =
-                parse_sample(v.variant, &r.log, &times).map_err(|what| ReadyError::Missing {
+                parse_sample(v.variant, &r.log, &times).map_err(|what| BenchError::Missing {
                     tag,
                     run,
                     what,
