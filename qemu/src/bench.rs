@@ -279,20 +279,18 @@ pub fn thousands(n: u64) -> String {
     out
 }
 
-/// Builds everything (our initramfs, the two dracut images, the disk, the standalone active
-/// image) and boots each variant `runs` times, interleaved. `progress` gets one line per step.
-pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, BenchError> {
-    if spec.runs == 0 {
-        return Err(BenchError::NoRuns);
-    }
-    let build_start = Instant::now();
-    fs::create_dir_all(&spec.work).at(&spec.work, "creating")?;
-
-    let ours = spec.work.join("initramfs-kairos.img");
+/// Our initramfs (kairos-init and the default modules) at WORK/initramfs-kairos.img, as both
+/// benches boot it.
+pub(crate) fn build_ours(
+    work: &Path,
+    init_binary: &Path,
+    kernel: &Kernel,
+) -> Result<(PathBuf, kairos_initramfs::BuildReport), BenchError> {
+    let ours = work.join("initramfs-kairos.img");
     let report = kairos_initramfs::build(
         &InitramfsSpec {
-            init_binary: spec.init_binary.clone(),
-            kernel: spec.kernel.clone(),
+            init_binary: init_binary.to_path_buf(),
+            kernel: kernel.clone(),
             modules: initramfs::default_modules(),
             extra_files: Vec::new(),
         },
@@ -302,6 +300,19 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
         path: ours.clone(),
         source: Box::new(source),
     })?;
+    Ok((ours, report))
+}
+
+/// Builds everything (our initramfs, the two dracut images, the disk, the standalone active
+/// image) and boots each variant `runs` times, interleaved. `progress` gets one line per step.
+pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchReport, BenchError> {
+    if spec.runs == 0 {
+        return Err(BenchError::NoRuns);
+    }
+    let build_start = Instant::now();
+    fs::create_dir_all(&spec.work).at(&spec.work, "creating")?;
+
+    let (ours, report) = build_ours(&spec.work, &spec.init_binary, &spec.kernel)?;
     progress(&format!(
         "(a) {}: {} bytes",
         ours.display(),

@@ -32,17 +32,15 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kairos_initramfs::InitramfsSpec;
 use kairos_util::IoResultExt;
 use kairos_util::svg::{self, Band, Chart, Group, Row};
 
-use crate::bench::{BenchError, median, thousands};
+use crate::bench::{self, BenchError, median, thousands};
 use crate::boot::{self, BootSpec};
 use crate::debian;
 use crate::disk::{self, ImageState};
 use crate::dracut::{self, DracutKind};
 use crate::grub::BASE_CMDLINE;
-use crate::initramfs;
 use crate::kernel::Kernel;
 
 /// The kernel line when it hands over to the initramfs (both variants have one).
@@ -412,20 +410,7 @@ pub fn run(spec: &ReadySpec, progress: &mut dyn FnMut(&str)) -> Result<ReadyRepo
     let build_start = Instant::now();
     fs::create_dir_all(&spec.work).at(&spec.work, "creating")?;
 
-    let ours = spec.work.join("initramfs-kairos.img");
-    let ours_report = kairos_initramfs::build(
-        &InitramfsSpec {
-            init_binary: spec.init_binary.clone(),
-            kernel: spec.kernel.clone(),
-            modules: initramfs::default_modules(),
-            extra_files: Vec::new(),
-        },
-        &ours,
-    )
-    .map_err(|source| BenchError::Initramfs {
-        path: ours.clone(),
-        source: Box::new(source),
-    })?;
+    let (ours, ours_report) = bench::build_ours(&spec.work, &spec.init_binary, &spec.kernel)?;
     progress(&format!(
         "(1) {}: {} bytes",
         ours.display(),
