@@ -48,7 +48,7 @@ async fn run(token: Token, network_id: &str) -> Result<()> {
     let keypair = Keypair::generate_ed25519();
     let me = keypair.public().to_peer_id().to_string();
     let names = Names::new(&token, network_id)?;
-    let mut swarm = net::build_swarm(&keypair, &token, &names, Duration::from_secs(1))?;
+    let mut swarm = net::build_swarm(&keypair, &token, &names, Duration::from_secs(1), false)?;
     net::listen(&mut swarm, 0)?;
     if let Err(e) = swarm.behaviour_mut().gossipsub.subscribe(&names.topic) {
         bail!("subscribing: {e}");

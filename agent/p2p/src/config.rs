@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kairos_util::{IoError, IoResultExt};
+use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
 use serde::Deserialize;
 
 use crate::roles::Ha;
@@ -25,6 +27,11 @@ pub struct P2pConfig {
     pub announce_interval: u64,
     /// Ours: TCP/UDP port to listen on, 0 for any.
     pub listen_port: u16,
+    /// Ours: libp2p multiaddrs of peers to dial at start (and again whenever the connection
+    /// drops) and to seed Kademlia with; a trailing `/p2p/<peer id>` is optional. Upstream
+    /// takes these from `EDGEVPNBOOTSTRAPPEERS`, honoured here in `vpn.env` too.
+    pub bootstrap: Vec<String>,
+    pub relay: Relay,
 }
 
 impl Default for P2pConfig {
@@ -40,8 +47,29 @@ impl Default for P2pConfig {
             auto: Auto::default(),
             announce_interval: 20,
             listen_port: 0,
+            bootstrap: Vec::new(),
+            relay: Relay::default(),
         }
     }
+}
+
+/// Ours: `p2p.relay`. Upstream's nearest is `EDGEVPNAUTORELAY` (relay when reachable, decided
+/// by libp2p's AutoNAT); here a node serves only when told to.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Relay {
+    /// Serve libp2p circuit relay v2: peers behind NAT reserve a slot here and are reached
+    /// through it. For a node others can dial (a public address).
+    pub server: bool,
+}
+
+/// A `p2p.bootstrap` entry that is no dialable libp2p address.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: `{value}` is not a dialable libp2p multiaddr: {msg}")]
+pub struct BadAddress {
+    pub key: &'static str,
+    pub value: String,
+    pub msg: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -120,6 +148,62 @@ impl P2pConfig {
         }
     }
 
+    /// `p2p.bootstrap` and upstream's `EDGEVPNBOOTSTRAPPEERS` (comma-separated, in
+    /// `vpn.env`), parsed. Only IP addresses: this build has no DNS transport.
+    pub fn bootstrap_addrs(&self) -> Result<Vec<Multiaddr>, BadAddress> {
+        let env = self
+            .vpn
+            .env
+            .get("EDGEVPNBOOTSTRAPPEERS")
+            .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()));
+        let listed = self.bootstrap.iter().map(|s| ("p2p.bootstrap", s.trim()));
+        let from_env = env
+            .into_iter()
+            .flatten()
+            .map(|s| ("p2p.vpn.env.EDGEVPNBOOTSTRAPPEERS", s));
+        let mut out: Vec<Multiaddr> = Vec::new();
+        for (key, value) in listed.chain(from_env) {
+            let bad = |msg: String| BadAddress {
+                key,
+                value: value.to_owned(),
+                msg,
+            };
+            let addr: Multiaddr = value
+                .parse()
+                .map_err(|e: libp2p::multiaddr::Error| bad(e.to_string()))?;
+            let mut it = addr.iter();
+            match it.next() {
+                Some(Protocol::Ip4(_) | Protocol::Ip6(_)) => {}
+                Some(
+                    Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) | Protocol::Dnsaddr(_),
+                ) => {
+                    return Err(bad(
+                        "needs an IP address (no DNS resolution in the mesh)".into()
+                    ));
+                }
+                _ => return Err(bad("must start with /ip4/ or /ip6/".into())),
+            }
+            let transport_ok = match it.next() {
+                Some(Protocol::Tcp(_)) => true,
+                Some(Protocol::Udp(_)) => matches!(it.next(), Some(Protocol::QuicV1)),
+                _ => false,
+            };
+            if !transport_ok {
+                return Err(bad(
+                    "needs /tcp/<port> or /udp/<port>/quic-v1 after the address".into(),
+                ));
+            }
+            match it.next() {
+                None | Some(Protocol::P2p(_)) if it.next().is_none() => {}
+                _ => return Err(bad("only /p2p/<peer id> may follow the port".into())),
+            }
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+        Ok(out)
+    }
+
     /// `auto.ha.external_db`, when set.
     pub fn external_db(&self) -> Option<&str> {
         Some(self.auto.ha.external_db.trim()).filter(|d| !d.is_empty())
@@ -132,6 +216,12 @@ pub enum ConfigError {
     Io(#[from] IoError),
     #[error("{path}: the `p2p:` block is not valid: {msg}")]
     Parse { path: PathBuf, msg: String },
+    #[error("{path}: {source}")]
+    Address {
+        path: PathBuf,
+        #[source]
+        source: BadAddress,
+    },
     #[error("no `p2p:` block with a network_token in {0}")]
     Missing(String),
 }
@@ -148,6 +238,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Option<P2pConfig>, ConfigError> 
         path: path.to_owned(),
         msg: e.to_string(),
     })?;
+    if let Some(c) = &doc.p2p {
+        c.bootstrap_addrs().map_err(|source| ConfigError::Address {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
     Ok(doc.p2p)
 }
 
@@ -228,6 +324,81 @@ mod tests {
         assert_eq!(c.external_db(), None);
         let e = parse("p2p:\n  minimum_nodes: lots\n", Path::new("bad.yaml")).unwrap_err();
         assert!(e.to_string().contains("bad.yaml"), "{e}");
+    }
+
+    #[test]
+    fn bootstrap_and_relay_keys() {
+        let text = "p2p:\n  network_token: abc\n  bootstrap:\n    - /ip4/10.240.0.1/tcp/4001\n    - /ip4/10.240.0.1/udp/4001/quic-v1/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA\n  relay:\n    server: true\n  vpn:\n    env:\n      EDGEVPNBOOTSTRAPPEERS: \"/ip6/::1/tcp/5, /ip4/10.240.0.1/tcp/4001\"\n";
+        let c = parse(text, Path::new("t.yaml")).unwrap().unwrap();
+        assert!(c.relay.server);
+        let addrs: Vec<String> = c
+            .bootstrap_addrs()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        // The env list adds to the key; a repeated address counts once.
+        assert_eq!(
+            addrs,
+            [
+                "/ip4/10.240.0.1/tcp/4001",
+                "/ip4/10.240.0.1/udp/4001/quic-v1/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA",
+                "/ip6/::1/tcp/5"
+            ]
+        );
+        let d = parse("p2p:\n  network_token: abc\n", Path::new("t"))
+            .unwrap()
+            .unwrap();
+        assert!(!d.relay.server && d.bootstrap_addrs().unwrap().is_empty());
+        // Each bad entry: the file, the key and the value in the error.
+        for (yaml, key, value) in [
+            (
+                "  bootstrap: [\"10.0.0.1:4001\"]\n",
+                "p2p.bootstrap",
+                "10.0.0.1:4001",
+            ),
+            (
+                "  bootstrap: [/dns4/relay.example/tcp/4001]\n",
+                "p2p.bootstrap",
+                "/dns4/relay.example/tcp/4001",
+            ),
+            (
+                "  bootstrap: [/ip4/10.0.0.1]\n",
+                "p2p.bootstrap",
+                "/ip4/10.0.0.1",
+            ),
+            (
+                "  bootstrap: [/ip4/10.0.0.1/udp/4001]\n",
+                "p2p.bootstrap",
+                "/ip4/10.0.0.1/udp/4001",
+            ),
+            (
+                "  bootstrap: [/ip4/10.0.0.1/tcp/4001/ws]\n",
+                "p2p.bootstrap",
+                "/ip4/10.0.0.1/tcp/4001/ws",
+            ),
+            (
+                "  bootstrap: [/ip4/10.0.0.1/tcp/1/p2p/notapeer]\n",
+                "p2p.bootstrap",
+                "/ip4/10.0.0.1/tcp/1/p2p/notapeer",
+            ),
+            (
+                "  vpn:\n    env:\n      EDGEVPNBOOTSTRAPPEERS: /ip4/1.2.3.4/tcp/x\n",
+                "p2p.vpn.env.EDGEVPNBOOTSTRAPPEERS",
+                "/ip4/1.2.3.4/tcp/x",
+            ),
+        ] {
+            let e = parse(&format!("p2p:\n{yaml}"), Path::new("bad.yaml")).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains("bad.yaml")
+                    && msg.contains(key)
+                    && msg.contains(&format!("`{value}`")),
+                "{msg}"
+            );
+        }
+        let e = parse("p2p:\n  relay:\n    server: maybe\n", Path::new("r.yaml")).unwrap_err();
+        assert!(e.to_string().contains("r.yaml"), "{e}");
     }
 
     #[test]

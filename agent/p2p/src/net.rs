@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
     Multiaddr, StreamProtocol, Swarm, connection_limits, dcutr, gossipsub, identify, identity, kad,
     mdns, noise, relay, tcp, yamux,
@@ -41,6 +42,8 @@ pub struct Behaviour {
     pub identify: identify::Behaviour,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     pub relay: relay::client::Behaviour,
+    /// Circuit relay v2 server, on when `p2p.relay.server`.
+    pub relay_server: Toggle<relay::Behaviour>,
     pub dcutr: dcutr::Behaviour,
     pub stream: libp2p_stream::Behaviour,
 }
@@ -80,12 +83,31 @@ impl Names {
     }
 }
 
+/// What a relay server allows. libp2p's defaults (2 minutes and 128 KiB per circuit, 16
+/// circuits) suit a relay that only bridges the way to a hole punch; here the relay may carry a
+/// site's gossip and VPN packets for good when the NATs defeat hole punching, so circuits get
+/// no byte limit and last hours (peers dial again when one ends). Reservations stay rate
+/// limited per peer and per IP (libp2p's defaults).
+pub fn relay_server_config() -> relay::Config {
+    relay::Config {
+        max_reservations: 1024,
+        max_circuits: 1024,
+        max_circuits_per_peer: 64,
+        max_circuit_duration: Duration::from_secs(12 * 3600),
+        // 0: no limit (libp2p's copy loop checks `> 0`).
+        max_circuit_bytes: 0,
+        ..relay::Config::default()
+    }
+}
+
 /// The swarm with `keypair` as the node's identity: the same key signs its ledger entries.
+/// `relay_server`: serve circuit relay v2 (`p2p.relay.server`).
 pub fn build_swarm(
     keypair: &identity::Keypair,
     token: &Token,
     names: &Names,
     heartbeat: Duration,
+    relay_server: bool,
 ) -> Result<Swarm<Behaviour>, NetError> {
     let max = usize::try_from(token.max_message_size).unwrap_or(usize::MAX);
     let names = names.clone();
@@ -146,6 +168,9 @@ pub fn build_swarm(
                 identify,
                 kad,
                 relay,
+                relay_server: Toggle::from(
+                    relay_server.then(|| relay::Behaviour::new(peer, relay_server_config())),
+                ),
                 dcutr: dcutr::Behaviour::new(peer),
                 stream: libp2p_stream::Behaviour::new(),
             })

@@ -10,14 +10,17 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
-use libp2p::swarm::SwarmEvent;
+use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, kad, mdns};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, dcutr, gossipsub, identify, kad, mdns, relay};
 use serde::{Deserialize, Serialize};
 use tun_rs::AsyncDevice;
 
-use crate::config::P2pConfig;
+use crate::config::{BadAddress, P2pConfig};
 use crate::keys;
 use crate::lease::{self, LeaseError, Range};
 use crate::ledger::{self, Admission, Entry, Ledger, Refusal, Update};
@@ -136,6 +139,8 @@ pub enum NodeError {
     Runtime(std::io::Error),
     #[error("{0}")]
     Timeout(String),
+    #[error(transparent)]
+    Config(#[from] BadAddress),
 }
 
 pub struct Options {
@@ -221,6 +226,76 @@ struct Node {
     drop_logged: HashMap<PeerId, u64>,
     /// When each refused (writer, key) was last logged.
     refusal_logged: HashMap<(String, String), u64>,
+    /// `p2p.bootstrap`: dialled at start and again whenever not connected.
+    boot: Vec<BootPeer>,
+    /// Bootstrap peers that serve circuit relay v2, and this node's reservation on each.
+    relays: HashMap<PeerId, RelaySlot>,
+    /// When each mesh member was last dialled through the relays.
+    relay_dialed: HashMap<PeerId, u64>,
+}
+
+struct BootPeer {
+    /// Without the `/p2p/…` suffix: the relay address is built from it.
+    addr: Multiaddr,
+    /// From the configured address, else learned when the first connection comes up.
+    peer: Option<PeerId>,
+    /// The dial under way, if any.
+    pending: Option<ConnectionId>,
+    /// When a failed dial was last logged (once a minute while it stays down).
+    fail_logged: u64,
+}
+
+struct RelaySlot {
+    /// The relay's address (the bootstrap address it was reached on).
+    addr: Multiaddr,
+    /// The `…/p2p-circuit` listener that holds the reservation.
+    listener: Option<ListenerId>,
+    reserved: bool,
+}
+
+/// The relay a relayed address goes through: the peer ID before `/p2p-circuit`.
+fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
+    let mut last = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2p(id) => last = Some(id),
+            Protocol::P2pCircuit => return last,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// How a connection runs, for the log: `direct` or `relayed via <relay>`, and its address.
+pub fn path_of(endpoint: &ConnectedPoint) -> (String, Multiaddr) {
+    let (addr, circuit) = match endpoint {
+        ConnectedPoint::Dialer { address, .. } => (address.clone(), address.clone()),
+        ConnectedPoint::Listener {
+            local_addr,
+            send_back_addr,
+        } => (send_back_addr.clone(), local_addr.clone()),
+    };
+    if endpoint.is_relayed() {
+        let via = relay_of(&circuit)
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "a relay".into());
+        (format!("relayed via {via}"), circuit)
+    } else {
+        ("direct".into(), addr)
+    }
+}
+
+/// A bootstrap address split into the address to dial and its peer ID, when given.
+fn split_peer(addr: &Multiaddr) -> (Multiaddr, Option<PeerId>) {
+    let mut a = addr.clone();
+    match a.pop() {
+        Some(Protocol::P2p(id)) => (a, Some(id)),
+        Some(p) => {
+            a.push(p);
+            (a, None)
+        }
+        None => (a, None),
+    }
 }
 
 async fn run_async(opts: Options) -> Result<Outcome, NodeError> {
@@ -241,7 +316,20 @@ async fn run_async(opts: Options) -> Result<Outcome, NodeError> {
     // Heartbeat no slower than the announcements, so fast test meshes form fast.
     let heartbeat = announce.min(Duration::from_secs(1));
     let keypair = Keypair::generate_ed25519();
-    let mut swarm = net::build_swarm(&keypair, &token, &names, heartbeat)?;
+    let boot: Vec<BootPeer> = config
+        .bootstrap_addrs()?
+        .iter()
+        .map(|a| {
+            let (addr, peer) = split_peer(a);
+            BootPeer {
+                addr,
+                peer,
+                pending: None,
+                fail_logged: 0,
+            }
+        })
+        .collect();
+    let mut swarm = net::build_swarm(&keypair, &token, &names, heartbeat, config.relay.server)?;
     net::listen(&mut swarm, config.listen_port)?;
     if let Err(e) = swarm.behaviour_mut().gossipsub.subscribe(&names.topic) {
         return Err(NetError::Build {
@@ -289,13 +377,20 @@ async fn run_async(opts: Options) -> Result<Outcome, NodeError> {
         pairing_ack: None,
         drop_logged: HashMap::new(),
         refusal_logged: HashMap::new(),
+        boot,
+        relays: HashMap::new(),
+        relay_dialed: HashMap::new(),
         cfg: config,
         token,
     };
     say(&format!("node uuid={} peer={}", node.uuid, node.peer));
     if node.cfg.disable_dht {
-        say("dht: off (p2p.disable_dht): peers are found by mDNS only");
+        say("dht: off (p2p.disable_dht): peers are found by mDNS and p2p.bootstrap only");
     }
+    if node.cfg.relay.server {
+        say("relay: serving circuit relay v2 (p2p.relay.server)");
+    }
+    node.dial_bootstrap(&mut swarm, now_ms());
     if let Mode::Register(data) = &mode {
         let json = serde_json::to_string(data).unwrap_or_default();
         node.set_own("pairing/data", json);
@@ -386,6 +481,9 @@ impl Node {
         self.ticks += 1;
         let now = now_ms();
         self.ledger.expire(now);
+        self.dial_bootstrap(swarm, now);
+        self.reserve(swarm);
+        self.dial_through_relays(swarm, now);
         self.discover(swarm);
         let mut outcome = None;
         match mode {
@@ -687,6 +785,141 @@ impl Node {
         }
     }
 
+    /// Dial every bootstrap peer this node is not connected to (nor dialling).
+    fn dial_bootstrap(&mut self, swarm: &mut Swarm<Behaviour>, now: u64) {
+        for b in &mut self.boot {
+            if b.pending.is_some() || b.peer.is_some_and(|p| swarm.is_connected(&p)) {
+                continue;
+            }
+            let opts = match b.peer {
+                Some(p) => DialOpts::peer_id(p)
+                    .addresses(vec![b.addr.clone()])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build(),
+                None => DialOpts::unknown_peer_id().address(b.addr.clone()).build(),
+            };
+            let id = opts.connection_id();
+            match swarm.dial(opts) {
+                Ok(()) => b.pending = Some(id),
+                Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
+                Err(e) => {
+                    if now.saturating_sub(b.fail_logged) >= 60_000 {
+                        b.fail_logged = now;
+                        say(&format!("bootstrap: cannot dial {}: {e}", b.addr));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new connection: a bootstrap peer's goes into Kademlia, which then bootstraps.
+    fn on_connected(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        id: ConnectionId,
+        endpoint: &ConnectedPoint,
+    ) {
+        let Some(b) = self
+            .boot
+            .iter_mut()
+            .find(|b| b.pending == Some(id) || (b.peer == Some(peer) && endpoint.is_dialer()))
+        else {
+            return;
+        };
+        b.pending = None;
+        if b.peer.is_none() {
+            b.peer = Some(peer);
+        }
+        if b.peer != Some(peer) {
+            say(&format!(
+                "bootstrap: {} answered as {peer}, not the configured peer ID",
+                b.addr
+            ));
+            return;
+        }
+        say(&format!("bootstrap: connected to {peer} at {}", b.addr));
+        if !self.cfg.disable_dht {
+            let addr = b.addr.clone();
+            let kad = &mut swarm.behaviour_mut().kad;
+            kad.add_address(&peer, addr);
+            // Fails only with no known peers; there is one now.
+            let _ = kad.bootstrap();
+        }
+    }
+
+    /// Ask every connected relay without a reservation of ours for one: listening on
+    /// `<relay>/p2p-circuit` makes the relay client request it.
+    fn reserve(&mut self, swarm: &mut Swarm<Behaviour>) {
+        for (r, slot) in &mut self.relays {
+            if slot.listener.is_some() || !swarm.is_connected(r) {
+                continue;
+            }
+            let addr = slot
+                .addr
+                .clone()
+                .with(Protocol::P2p(*r))
+                .with(Protocol::P2pCircuit);
+            match swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    slot.listener = Some(id);
+                    say(&format!("relay: asking {r} for a reservation ({addr})"));
+                }
+                Err(e) => say(&format!("relay: cannot listen on {addr}: {e}")),
+            }
+        }
+    }
+
+    /// Mesh members (from the ledger) this node has no connection to are dialled through the
+    /// relays, besides any direct address Kademlia or identify know: across NATs the relayed
+    /// address is the one that works, and DCUtR then tries to make it direct.
+    fn dial_through_relays(&mut self, swarm: &mut Swarm<Behaviour>, now: u64) {
+        let relays: Vec<(PeerId, Multiaddr)> = self
+            .relays
+            .iter()
+            .filter(|(r, _)| swarm.is_connected(r))
+            .map(|(r, s)| (*r, s.addr.clone()))
+            .collect();
+        if relays.is_empty() {
+            return;
+        }
+        let me = *swarm.local_peer_id();
+        let peers: Vec<PeerId> = self
+            .ledger
+            .prefix("nodes/", now)
+            .filter_map(|(_, e)| e.value.parse::<PeerId>().ok())
+            .filter(|p| *p != me && !swarm.is_connected(p) && !self.relays.contains_key(p))
+            .collect();
+        for p in peers {
+            let last = self.relay_dialed.entry(p).or_insert(0);
+            // A circuit needs the other side's reservation: try again, but not every instant.
+            if now.saturating_sub(*last) < 3_000 {
+                continue;
+            }
+            *last = now;
+            let addrs = relays
+                .iter()
+                .map(|(r, a)| {
+                    a.clone()
+                        .with(Protocol::P2p(*r))
+                        .with(Protocol::P2pCircuit)
+                        .with(Protocol::P2p(p))
+                })
+                .collect();
+            let opts = DialOpts::peer_id(p)
+                .addresses(addrs)
+                .extend_addresses_through_behaviour()
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            // Failures (the peer has no reservation yet) show up as a connection error and
+            // are tried again in a few seconds.
+            let _ = swarm.dial(opts);
+        }
+        if self.relay_dialed.len() > 4096 {
+            self.relay_dialed.clear();
+        }
+    }
+
     /// The DHT rendezvous: provide the token's current key, look for other providers.
     fn discover(&mut self, swarm: &mut Swarm<Behaviour>) {
         if self.cfg.disable_dht {
@@ -734,7 +967,141 @@ impl Node {
 
     fn on_event(&mut self, swarm: &mut Swarm<Behaviour>, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
-            SwarmEvent::NewListenAddr { address, .. } => say(&format!("listening on {address}")),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                say(&format!("listening on {address}"));
+                // A relay must tell the peers that reserve a slot where it is (libp2p refuses
+                // reservations without addresses, and advertises the relay protocol only with
+                // one): a relay is run where its own addresses are the reachable ones.
+                let loopback = address.iter().any(|p| match p {
+                    Protocol::Ip4(ip) => ip.is_loopback(),
+                    Protocol::Ip6(ip) => ip.is_loopback(),
+                    _ => false,
+                });
+                if self.cfg.relay.server && !loopback && relay_of(&address).is_none() {
+                    swarm.add_external_address(address);
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let (path, addr) = path_of(&endpoint);
+                let side = if endpoint.is_dialer() { "out" } else { "in" };
+                say(&format!(
+                    "peer {peer_id}: {path} connection ({side} {addr}), {num_established} open"
+                ));
+                self.on_connected(swarm, peer_id, connection_id, &endpoint);
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                endpoint,
+                num_established,
+                cause,
+                ..
+            } => {
+                let (path, _) = path_of(&endpoint);
+                let why = cause.map(|c| format!(": {c}")).unwrap_or_default();
+                say(&format!(
+                    "peer {peer_id}: {path} connection closed{why}, {num_established} left"
+                ));
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                error,
+                ..
+            } => {
+                let now = now_ms();
+                if let Some(b) = self
+                    .boot
+                    .iter_mut()
+                    .find(|b| b.pending == Some(connection_id))
+                {
+                    b.pending = None;
+                    if now.saturating_sub(b.fail_logged) >= 60_000 {
+                        b.fail_logged = now;
+                        say(&format!(
+                            "bootstrap: dialling {} failed: {error}; trying again every tick",
+                            b.addr
+                        ));
+                    }
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                for (r, slot) in &mut self.relays {
+                    if slot.listener == Some(listener_id) {
+                        slot.listener = None;
+                        slot.reserved = false;
+                        let why = match reason {
+                            Ok(()) => "closed".to_owned(),
+                            Err(ref e) => e.to_string(),
+                        };
+                        say(&format!(
+                            "relay: reservation on {r} ended ({why}); asking again next tick"
+                        ));
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal,
+                    ..
+                },
+            )) => {
+                if let Some(slot) = self.relays.get_mut(&relay_peer_id) {
+                    slot.reserved = true;
+                    if !renewal {
+                        say(&format!(
+                            "relay: reservation accepted by {relay_peer_id}: reachable at {}/p2p/{relay_peer_id}/p2p-circuit/p2p/{}",
+                            slot.addr, self.peer
+                        ));
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayServer(ev)) => match ev {
+                relay::Event::ReservationReqAccepted {
+                    src_peer_id,
+                    renewed: false,
+                } => say(&format!("relay server: reservation for {src_peer_id}")),
+                relay::Event::ReservationReqDenied {
+                    src_peer_id,
+                    status,
+                } => say(&format!(
+                    "relay server: reservation for {src_peer_id} denied: {status:?}"
+                )),
+                relay::Event::CircuitReqAccepted {
+                    src_peer_id,
+                    dst_peer_id,
+                } => say(&format!(
+                    "relay server: circuit {src_peer_id} -> {dst_peer_id}"
+                )),
+                relay::Event::CircuitReqDenied {
+                    src_peer_id,
+                    dst_peer_id,
+                    status,
+                } => say(&format!(
+                    "relay server: circuit {src_peer_id} -> {dst_peer_id} denied: {status:?}"
+                )),
+                _ => {}
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(_) => say(&format!(
+                    "peer {remote_peer_id}: hole punch succeeded (dcutr): the relayed connection is upgraded to a direct one"
+                )),
+                Err(e) => say(&format!(
+                    "peer {remote_peer_id}: hole punch failed (dcutr): {e}; the path stays relayed"
+                )),
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (p, a) in list {
@@ -764,6 +1131,24 @@ impl Node {
                 } else {
                     for a in info.listen_addrs {
                         swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                    }
+                    // A bootstrap peer that serves circuit relay v2: reserve a slot on it.
+                    if info.protocols.contains(&relay::HOP_PROTOCOL_NAME)
+                        && !self.relays.contains_key(&peer_id)
+                        && let Some(b) = self.boot.iter().find(|b| b.peer == Some(peer_id))
+                    {
+                        say(&format!(
+                            "relay: bootstrap peer {peer_id} serves circuit relay v2"
+                        ));
+                        self.relays.insert(
+                            peer_id,
+                            RelaySlot {
+                                addr: b.addr.clone(),
+                                listener: None,
+                                reserved: false,
+                            },
+                        );
+                        self.reserve(swarm);
                     }
                 }
             }
@@ -963,6 +1348,39 @@ mod tests {
         assert_eq!(cfg(" worker ", true), (Some(Role::Worker), false));
         assert_eq!(cfg("none", true), (None, false));
         assert_eq!(cfg("", false), (None, false));
+    }
+
+    #[test]
+    fn connection_paths_and_bootstrap_addresses() {
+        let r: PeerId = "12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
+            .parse()
+            .unwrap();
+        let b = PeerId::random();
+        let relayed: Multiaddr = format!("/ip4/10.240.0.1/tcp/4001/p2p/{r}/p2p-circuit/p2p/{b}")
+            .parse()
+            .unwrap();
+        let dialer = ConnectedPoint::Dialer {
+            address: relayed.clone(),
+            role_override: libp2p::core::Endpoint::Dialer,
+            port_use: libp2p::core::transport::PortUse::New,
+        };
+        assert_eq!(path_of(&dialer), (format!("relayed via {r}"), relayed));
+        let listener = ConnectedPoint::Listener {
+            local_addr: format!("/ip4/10.240.0.1/tcp/4001/p2p/{r}/p2p-circuit")
+                .parse()
+                .unwrap(),
+            send_back_addr: format!("/p2p/{b}").parse().unwrap(),
+        };
+        assert_eq!(path_of(&listener).0, format!("relayed via {r}"));
+        let direct: Multiaddr = "/ip4/10.240.0.2/udp/4001/quic-v1".parse().unwrap();
+        let d = ConnectedPoint::Listener {
+            local_addr: "/ip4/10.240.0.1/udp/4001/quic-v1".parse().unwrap(),
+            send_back_addr: direct.clone(),
+        };
+        assert_eq!(path_of(&d), ("direct".to_owned(), direct.clone()));
+        assert_eq!(split_peer(&direct), (direct.clone(), None));
+        let with_id = direct.clone().with(Protocol::P2p(r));
+        assert_eq!(split_peer(&with_id), (direct, Some(r)));
     }
 
     #[test]
