@@ -757,40 +757,13 @@ pub fn run_script(
 
 /// Makes `cmd` start in a private mount namespace with `binds` mounted.
 fn namespaced(cmd: &mut Command, binds: &[(PathBuf, PathBuf)]) -> Result<(), IoError> {
-    use rustix::mount::{MountPropagationFlags, mount_bind_recursive, mount_change};
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::process::CommandExt;
-    let c = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes()).map_err(|_| {
-            IoError::new(
-                p,
-                "bind-mounting for run.sh",
-                std::io::Error::from(std::io::ErrorKind::InvalidInput),
-            )
-        })
-    };
-    let binds: Vec<(CString, CString)> = binds
-        .iter()
-        .map(|(s, d)| Ok((c(s)?, c(d)?)))
-        .collect::<Result<_, IoError>>()?;
-    // SAFETY: the closure runs in the forked child before exec and only makes system calls on
-    // C strings made before the fork: no allocation, no lock. unshare(CLONE_NEWNS) gives the
-    // child its own mount namespace; made private, nothing mounted in it propagates back.
-    unsafe {
-        cmd.pre_exec(move || {
-            rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS)?;
-            mount_change(
-                c"/",
-                MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
-            )?;
-            for (src, dst) in &binds {
-                mount_bind_recursive(src.as_c_str(), dst.as_c_str())?;
-            }
-            Ok(())
-        });
-    }
-    Ok(())
+    kairos_init::sys::confine::confine(cmd, binds, None).map_err(|e| {
+        IoError::new(
+            &e.0,
+            "bind-mounting for run.sh",
+            std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        )
+    })
 }
 
 /// run.sh's mounts at install (upstream runs install bundles with the new disk's

@@ -550,18 +550,8 @@ pub(crate) fn shell(ctx: &Ctx, cmd: &str) -> Result<ShellOutput, String> {
         .stdin(Stdio::null());
     if ctx.chroot {
         // The image's /bin/sh, in the image (install/chroot.rs).
-        use std::os::unix::ffi::OsStrExt;
-        let root = std::ffi::CString::new(ctx.root.as_os_str().as_bytes())
-            .map_err(|_| format!("{}: a NUL in the path", ctx.root.display()))?;
-        // SAFETY: chroot(2) and chdir(2) on C strings made before the fork: no allocation,
-        // no lock between fork and exec.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
-                rustix::process::chroot(root.as_c_str())?;
-                rustix::process::chdir(c"/")?;
-                Ok(())
-            });
-        }
+        kairos_init::sys::confine::confine(&mut c, &[], Some(&ctx.root))
+            .map_err(|e| e.to_string())?;
     }
     if std::env::var_os("PATH").is_none() {
         c.env("PATH", crate::DEFAULT_PATH);

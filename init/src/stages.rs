@@ -9,17 +9,15 @@
 //! Its output goes to the kernel log line by line; a stage that runs longer than its timeout
 //! is killed with its whole process group.
 
-use std::ffi::CString;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rustix::mount::{MountPropagationFlags, mount_bind_recursive, mount_change};
-use rustix::process::{Pid, Signal, chdir, chroot, kill_process_group};
-use rustix::thread::UnshareFlags;
+use rustix::process::{Pid, Signal, kill_process_group};
 
+use crate::sys::confine::confine;
 use crate::sys::fsutil;
 use crate::{info, warn};
 
@@ -130,10 +128,6 @@ impl StageOutput {
     }
 }
 
-fn cstr(s: &str) -> Result<CString, String> {
-    CString::new(s).map_err(|_| format!("path {s:?} contains a NUL byte"))
-}
-
 /// Runs `kairos-agent run-stage NAME` chrooted into `root` (normally /sysroot), logging its
 /// output to kmsg as `stage NAME: …`, for at most `timeout`.
 pub fn run_stage(root: &Path, name: &str, timeout: Duration) -> StageOutcome {
@@ -148,15 +142,12 @@ pub fn run_stage(root: &Path, name: &str, timeout: Duration) -> StageOutcome {
 }
 
 fn spawn_and_wait(root: &Path, name: &str, timeout: Duration) -> Result<StageOutcome, String> {
-    let root_s = root.to_str().ok_or("root path is not UTF-8")?;
-    // Everything the child needs is allocated before fork: after it, only syscalls.
-    let root_c = cstr(root_s)?;
-    let slash = cstr("/")?;
-    let binds: Vec<(CString, CString)> = BINDS
+    let root_s = root.display();
+    let binds: Vec<(PathBuf, PathBuf)> = BINDS
         .iter()
         .filter(|m| fsutil::path_kind(&root.join(&m[1..])) == crate::plan::PathKind::Dir)
-        .map(|m| Ok((cstr(m)?, cstr(&format!("{root_s}{m}"))?)))
-        .collect::<Result<_, String>>()?;
+        .map(|m| (PathBuf::from(m), root.join(&m[1..])))
+        .collect();
     let (rd, wr) = pipe()?;
     let wr2: OwnedFd = wr.try_clone().map_err(|e| format!("dup: {e}"))?;
     let mut cmd = Command::new(AGENT);
@@ -173,26 +164,8 @@ fn spawn_and_wait(root: &Path, name: &str, timeout: Duration) -> Result<StageOut
         .stdout(Stdio::from(wr))
         .stderr(Stdio::from(wr2))
         .process_group(0);
-    // SAFETY: the closure runs in the forked child before exec. It only makes system calls
-    // (rustix's raw syscalls, no libc state) on memory allocated before the fork: nothing
-    // that allocates or takes a lock, so it is async-signal-safe. unshare(CLONE_NEWNS) in that
-    // single-threaded child only gives it its own mount namespace.
-    unsafe {
-        cmd.pre_exec(move || {
-            rustix::thread::unshare_unsafe(UnshareFlags::NEWNS)?;
-            // Private, so the binds do not propagate back to the initramfs's namespace.
-            mount_change(
-                slash.as_c_str(),
-                MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
-            )?;
-            for (src, dst) in &binds {
-                mount_bind_recursive(src.as_c_str(), dst.as_c_str())?;
-            }
-            chroot(root_c.as_c_str())?;
-            chdir(slash.as_c_str())?;
-            Ok(())
-        });
-    }
+    // The binds are private to the child: nothing propagates back to the initramfs.
+    confine(&mut cmd, &binds, Some(root)).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut child = cmd
         .spawn()

@@ -2,6 +2,7 @@
 //! testable anywhere; these helpers take paths so privileged tests can point them at temp dirs.
 
 pub mod blk;
+pub mod confine;
 pub mod disk;
 pub mod fsutil;
 pub mod journal;
