@@ -272,7 +272,14 @@ fn find_root(
             // Device drivers first: their (asynchronous) probes find the disks while the
             // filesystem modules load.
             l.round(&[]);
-            l.round(base_modules(req.mode));
+            // No second walk: the bus drivers just loaded probe asynchronously, so the disks
+            // they find show up during the device wait, which walks again.
+            l.load(
+                base_modules(req.mode)
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            );
         }
         l
     });
@@ -411,16 +418,22 @@ impl ModLoader {
             .into_owned();
         let dir = PathBuf::from(format!("/lib/modules/{kver}"));
         match ModuleIndex::scan(&dir) {
-            Ok(index) => Some(ModLoader {
-                index,
-                tried: modules::loaded(Path::new("/sys")),
-                rounds: 0,
-                // The CPUs this process may run on (std's available_parallelism would also
-                // read cgroup quotas: more code in a size-checked binary, and no cgroups here).
-                threads: rustix::thread::sched_getaffinity(None)
-                    .map_or(1, |set| set.count() as usize)
-                    .clamp(1, MAX_LOAD_THREADS),
-            }),
+            Ok(mut index) => {
+                // CPU-specific modules (crc32c_intel for ext4's crc32c) only where they run.
+                if let Ok(cpu) = std::fs::read_to_string("/sys/devices/system/cpu/modalias") {
+                    index.set_cpu(&cpu);
+                }
+                Some(ModLoader {
+                    index,
+                    tried: modules::loaded(Path::new("/sys")),
+                    rounds: 0,
+                    // The CPUs this process may run on (std's available_parallelism would also
+                    // read cgroup quotas: more code in a size-checked binary, and no cgroups here).
+                    threads: rustix::thread::sched_getaffinity(None)
+                        .map_or(1, |set| set.count() as usize)
+                        .clamp(1, MAX_LOAD_THREADS),
+                })
+            }
             Err(e) => {
                 warn!("no modules for kernel {kver}: {e}; relying on built-in drivers");
                 None
