@@ -133,10 +133,43 @@ impl Node {
     pub fn record(&self, which: &str) -> Option<String> {
         std::fs::read_to_string(self.root.join(format!("k3s-{which}.rec"))).ok()
     }
+
+    /// The agent's process ID (`ip netns exec` execs the agent, so it is the child's).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The agent's (user + system CPU seconds, resident set in bytes) from /proc.
+    pub fn usage(&self) -> Option<(f64, u64)> {
+        proc_usage(self.pid()?)
+    }
+}
+
+/// (user + system CPU seconds, RSS bytes) of `pid` from /proc/PID/stat and status.
+pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat: 12 and 13 after the ")" here.
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ: 100 on every Linux architecture this runs on (the ABI fixes it for x86).
+    let hz = 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((ticks as f64 / hz, rss_kb * 1024))
 }
 
 pub struct Mesh {
     pub agent: PathBuf,
+    /// Namespace names are `<ns_prefix>-<tag>-<i>`.
+    pub ns_prefix: String,
     pub tag: String,
     pub bridge: String,
     pub dir: PathBuf,
@@ -148,6 +181,11 @@ pub struct Mesh {
 impl Mesh {
     /// `n` namespaces on a fresh bridge, each with a root dir and config; nothing started.
     pub fn new(agent: &Path, label: &str, n: usize) -> Result<Mesh> {
+        Mesh::with_prefix(agent, "kairos-mesh", label, n)
+    }
+
+    /// As `new`, the namespaces named `<ns_prefix>-<tag>-<i>` (a bench's own prefix).
+    pub fn with_prefix(agent: &Path, ns_prefix: &str, label: &str, n: usize) -> Result<Mesh> {
         kairos_qemu::apt::ensure_tool("ping", "iputils-ping").context("installing ping")?;
         // Interface names are limited to 15 characters: keep the tag short.
         let tag = format!("{}{}", label, std::process::id() % 100_000);
@@ -163,6 +201,7 @@ impl Mesh {
         .to_owned();
         let mut mesh = Mesh {
             agent: agent.to_owned(),
+            ns_prefix: ns_prefix.to_owned(),
             bridge: format!("kb{tag}"),
             tag,
             dir,
@@ -179,7 +218,7 @@ impl Mesh {
     }
 
     fn add_node(&mut self, i: usize) -> Result<()> {
-        let ns = format!("kairos-mesh-{}-{i}", self.tag);
+        let ns = format!("{}-{}-{i}", self.ns_prefix, self.tag);
         let host_if = format!("kv{}{i}", self.tag);
         let lan_ip = format!("10.231.0.{}", i + 1);
         sh(&["ip", "netns", "add", &ns])?;

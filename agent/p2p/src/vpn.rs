@@ -1,23 +1,37 @@
 //! The VPN datapath: IPv4 packets read from the TUN interface go to the peer that leased the
-//! destination address, over one long-lived libp2p stream per peer, as `[len: u16 BE][packet]`
-//! frames; packets arriving on streams are written to the TUN interface.
+//! destination address, over one long-lived libp2p stream per peer, as
+//! `[len: u16 BE][virtio-net header][packet]` frames (`len` counts the packet); packets
+//! arriving on streams are written to the TUN interface.
+//!
+//! The interface runs with offloads (IFF_VNET_HDR, TSO and checksum offload), as a VM's
+//! virtio-net does: the kernel hands over a TCP send of up to 64 KiB as one packet with a
+//! header saying how to cut it, and takes such packets back on the other node without
+//! cutting them. Per MTU-sized packet the two agents spent 12 µs of CPU (TUN read, channel
+//! hop, stream write, noise and yamux, stream read, TUN write; mesh-bench): with offloads that
+//! cost is paid once per 64 KiB instead of once per 1.4 KiB. The header is the kernel's struct virtio_net_hdr,
+//! in the host's byte order (little-endian on every target Kairos builds for).
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
-use futures::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use libp2p::{PeerId, StreamProtocol};
 use tokio::sync::mpsc;
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tun_rs::{AsyncDevice, DeviceBuilder, VIRTIO_NET_HDR_LEN};
 
 use crate::lease::Range;
 
 /// MTU of the interface: below the 1500 of an Ethernet path; what flannel sees.
 pub const MTU: u16 = 1420;
-/// Packets queued per peer before new ones are dropped (as a full NIC queue would).
-const QUEUE: usize = 1024;
+/// Packets queued per peer before new ones are dropped (as a full NIC queue would); with
+/// offloads a packet is up to 64 KiB, so this bounds a peer's queue at 16 MiB.
+const QUEUE: usize = 256;
+/// The virtio-net header in front of every packet on the interface and on the wire.
+const HDR: usize = VIRTIO_NET_HDR_LEN;
+/// The largest IPv4 packet (what a TSO packet is bounded by, its total length being a u16).
+const MAX_PACKET: usize = u16::MAX as usize;
 
 /// VPN address → peer that owns it; the node rewrites it as leases and peers change.
 pub type Routes = Arc<RwLock<HashMap<Ipv4Addr, PeerId>>>;
@@ -39,6 +53,7 @@ pub fn create(name: &str, addr: Ipv4Addr, prefix: u8) -> Result<Arc<AsyncDevice>
         .name(name)
         .ipv4(addr, prefix, None)
         .mtu(MTU)
+        .offload(true)
         .build_async()
         .map(Arc::new)
         .map_err(|err| VpnError::Create {
@@ -70,6 +85,25 @@ pub enum Dropped {
     Spoofed { src: Ipv4Addr },
     /// No peer leased the destination.
     NoRoute(Ipv4Addr),
+}
+
+/// virtio_net_hdr flags a peer may send: NEEDS_CSUM (the checksum is to be finished, as the
+/// sending kernel left it) and DATA_VALID.
+const VNET_FLAGS: u8 = 0x01 | 0x02;
+/// gso_type values of an IPv4 VPN: none, TCPv4, UDP (USO); the ECN bit (0x80) may be set.
+const VNET_GSO_TYPES: [u8; 3] = [0, 1, 5];
+
+/// A virtio-net header from a peer is one the kernel would have produced for an IPv4 packet;
+/// anything else (IPv6 segmentation, unknown flags, segmenting into 0-byte pieces) is
+/// dropped before the kernel sees it.
+pub fn vnet_ok(hdr: &[u8]) -> bool {
+    let [flags, gso, _, _, size_lo, size_hi, ..] = *hdr else {
+        return false;
+    };
+    let gso_size = u16::from_le_bytes([size_lo, size_hi]);
+    flags & !VNET_FLAGS == 0
+        && VNET_GSO_TYPES.contains(&(gso & 0x7f))
+        && (gso & 0x7f == 0 || gso_size > 0)
 }
 
 /// A packet read from the TUN interface: the peer to send it to.
@@ -129,16 +163,21 @@ async fn outbound(
     protocol: StreamProtocol,
 ) {
     let mut queues: HashMap<PeerId, mpsc::Sender<Vec<u8>>> = HashMap::new();
-    let mut buf = vec![0u8; 65536];
+    // Read after two bytes of room, so a frame is one contiguous slice: length, header, packet.
+    let mut buf = vec![0u8; 2 + HDR + MAX_PACKET];
     loop {
-        let n = match dev.recv(&mut buf).await {
+        let n = match dev.recv(&mut buf[2..]).await {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("kairos-p2p: vpn: reading the TUN interface: {e}; datapath stopped");
                 return;
             }
         };
-        let pkt = &buf[..n];
+        let Some(len) = n.checked_sub(HDR).and_then(|l| u16::try_from(l).ok()) else {
+            continue;
+        };
+        buf[..2].copy_from_slice(&len.to_be_bytes());
+        let pkt = &buf[2 + HDR..2 + n];
         let peer = match routes.read() {
             Ok(r) => outbound_peer(pkt, range, &r).ok(),
             Err(_) => None,
@@ -151,7 +190,7 @@ async fn outbound(
             *q = start_sender(peer, control.clone(), protocol.clone());
         }
         // A full queue drops the packet; TCP above retransmits.
-        let _ = q.try_send(pkt.to_vec());
+        let _ = q.try_send(buf[..2 + n].to_vec());
     }
 }
 
@@ -169,13 +208,13 @@ fn start_sender(
                 return;
             }
         };
+        // Small frames (ACKs, pings) are gathered; a 64 KiB one goes straight through.
         let mut w = BufWriter::with_capacity(64 * 1024, stream);
-        while let Some(pkt) = rx.recv().await {
-            let mut batch = Some(pkt);
+        while let Some(frame) = rx.recv().await {
+            let mut batch = Some(frame);
             // Write everything queued, then flush once: fewer, larger yamux frames.
-            while let Some(p) = batch.take() {
-                let len = (p.len() as u16).to_be_bytes();
-                if w.write_all(&len).await.is_err() || w.write_all(&p).await.is_err() {
+            while let Some(f) = batch.take() {
+                if w.write_all(&f).await.is_err() {
                     return;
                 }
                 batch = rx.try_recv().ok();
@@ -194,31 +233,35 @@ async fn inbound(
     routes: Routes,
     mut incoming: libp2p_stream::IncomingStreams,
 ) {
-    while let Some((peer, mut stream)) = incoming.next().await {
+    while let Some((peer, stream)) = incoming.next().await {
         let dev = dev.clone();
         let routes = routes.clone();
         tokio::spawn(async move {
+            // Many small frames come in one read, not one stream poll each.
+            let mut stream = BufReader::with_capacity(64 * 1024, stream);
             let mut len = [0u8; 2];
-            let mut buf = vec![0u8; 65536];
+            let mut buf = vec![0u8; HDR + MAX_PACKET];
             loop {
                 if stream.read_exact(&mut len).await.is_err() {
                     return;
                 }
-                let n = u16::from_be_bytes(len) as usize;
+                let n = HDR + u16::from_be_bytes(len) as usize;
                 if stream.read_exact(&mut buf[..n]).await.is_err() {
                     return;
                 }
-                let pkt = &buf[..n];
+                let (hdr, pkt) = buf[..n].split_at(HDR);
                 // A peer can neither inject traffic in another node's name nor use this node
-                // as a router to other networks.
-                let ok = match routes.read() {
-                    Ok(r) => inbound_ok(pkt, peer, range, &r).is_ok(),
-                    Err(_) => false,
-                };
+                // as a router to other networks, nor hand the kernel a header it would not
+                // make itself.
+                let ok = vnet_ok(hdr)
+                    && match routes.read() {
+                        Ok(r) => inbound_ok(pkt, peer, range, &r).is_ok(),
+                        Err(_) => false,
+                    };
                 if !ok {
                     continue;
                 }
-                if let Err(e) = dev.send(pkt).await {
+                if let Err(e) = dev.send(&buf[..n]).await {
                     eprintln!("kairos-p2p: vpn: writing to the TUN interface: {e}");
                 }
             }
@@ -229,6 +272,27 @@ async fn inbound(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_headers_the_kernel_makes_for_ipv4_pass() {
+        assert_eq!(HDR, 10, "struct virtio_net_hdr without num_buffers");
+        let hdr = |flags: u8, gso: u8, size: u16| {
+            let s = size.to_le_bytes();
+            [flags, gso, 0, 0, s[0], s[1], 0, 0, 0, 0]
+        };
+        assert!(vnet_ok(&hdr(0, 0, 0)), "a plain packet");
+        assert!(
+            vnet_ok(&hdr(1, 1, 1368)),
+            "TCPv4 segmentation, checksum to finish"
+        );
+        assert!(vnet_ok(&hdr(1, 0x81, 1368)), "with ECN");
+        assert!(vnet_ok(&hdr(1, 5, 1392)), "UDP segmentation");
+        assert!(!vnet_ok(&hdr(0, 4, 1368)), "TCPv6 on an IPv4 VPN");
+        assert!(!vnet_ok(&hdr(0, 3, 1368)), "UFO");
+        assert!(!vnet_ok(&hdr(1, 1, 0)), "segments of 0 bytes");
+        assert!(!vnet_ok(&hdr(4, 0, 0)), "unknown flag");
+        assert!(!vnet_ok(&[0u8; 4]), "short");
+    }
 
     #[test]
     fn parses_ipv4_headers() {

@@ -44,8 +44,40 @@ fn send(addr: &str, secs: u64) -> Result<()> {
     Ok(())
 }
 
-/// Run a receiver in node 1's namespace and a sender in node 0's, towards `addr`; MB/s.
-fn measure(mesh: &Mesh, addr: &str, secs: u64) -> Result<f64> {
+/// One direction's figures.
+struct Run {
+    mb_s: f64,
+    /// Packets the sender's interface handed on (for the TUN: reads by the agent), per s.
+    pkts_s: f64,
+    bytes_per_pkt: f64,
+    /// CPU seconds both agents spent, per packet (µs); 0 for the veth.
+    agent_us_per_pkt: f64,
+}
+
+/// `tx_packets` and `tx_bytes` of `iface` in node `i`'s namespace (with GSO, a packet is
+/// what the stack handed the device in one go, up to 64 KiB).
+fn tx_counters(mesh: &Mesh, i: usize, iface: &str) -> Result<(u64, u64)> {
+    let read = |what: &str| -> Result<u64> {
+        let path = format!("/sys/class/net/{iface}/statistics/{what}");
+        Ok(mesh.exec(i, &["cat", &path])?.trim().parse()?)
+    };
+    Ok((read("tx_packets")?, read("tx_bytes")?))
+}
+
+fn agents_cpu(mesh: &Mesh) -> f64 {
+    mesh.nodes
+        .iter()
+        .filter_map(|n| n.usage())
+        .map(|(cpu, _)| cpu)
+        .sum()
+}
+
+/// Run a receiver in node 1's namespace and a sender in node 0's, towards `addr` over
+/// `iface`.
+fn measure(mesh: &Mesh, addr: &str, iface: &str, secs: u64) -> Result<Run> {
+    let (p0, b0) = tx_counters(mesh, 0, iface)?;
+    let cpu0 = agents_cpu(mesh);
+    let t0 = Instant::now();
     let me = std::env::current_exe()?;
     let me = me.to_str().context("non-UTF-8 executable path")?;
     let mut rx = std::process::Command::new("ip")
@@ -76,7 +108,20 @@ fn measure(mesh: &Mesh, addr: &str, secs: u64) -> Result<f64> {
     let f: Vec<&str> = line.split_whitespace().collect();
     let bytes: f64 = f.get(1).context("bytes")?.parse()?;
     let t: f64 = f.get(2).context("secs")?.parse()?;
-    Ok(bytes / t / 1e6)
+    let wall = t0.elapsed().as_secs_f64();
+    let (p1, b1) = tx_counters(mesh, 0, iface)?;
+    let cpu = agents_cpu(mesh) - cpu0;
+    let pkts = (p1 - p0).max(1) as f64;
+    Ok(Run {
+        mb_s: bytes / t / 1e6,
+        pkts_s: pkts / wall,
+        bytes_per_pkt: (b1 - b0) as f64 / pkts,
+        agent_us_per_pkt: if iface == "eth0" {
+            0.0
+        } else {
+            cpu / pkts * 1e6
+        },
+    })
 }
 
 fn main() -> Result<()> {
@@ -94,7 +139,7 @@ fn main() -> Result<()> {
     let secs: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
     require_root();
     let agent = build_agent()?;
-    let mut mesh = Mesh::new(&agent, "b", 2)?;
+    let mut mesh = Mesh::with_prefix(&agent, "kx", "b", 2)?;
     mesh.start_all()?;
     let ips: Vec<String> = mesh.wait("VPN addresses", Duration::from_secs(60), |m| {
         m.nodes
@@ -105,14 +150,37 @@ fn main() -> Result<()> {
     mesh.wait("ping over the VPN", Duration::from_secs(30), |m| {
         m.exec(0, &["ping", "-c", "1", "-W", "1", &ips[1]]).ok()
     })?;
-    let veth = measure(&mesh, &mesh.nodes[1].lan_ip.clone(), secs)?;
-    let vpn = measure(&mesh, &ips[1], secs)?;
-    if vpn <= 0.0 {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let veth = measure(&mesh, &mesh.nodes[1].lan_ip.clone(), "eth0", secs)?;
+    let vpn = measure(&mesh, &ips[1], "edgevpn0", secs)?;
+    if vpn.mb_s <= 0.0 {
         bail!("no throughput over the VPN");
     }
     println!(
-        "BENCH mesh throughput ({secs} s TCP each, same run): veth {veth:.1} MB/s, VPN over libp2p {vpn:.1} MB/s ({:.1}% of veth)",
-        vpn / veth * 100.0
+        "BENCH mesh throughput ({secs} s TCP each, same run, load {}): veth {:.1} MB/s, VPN over libp2p {:.1} MB/s ({:.1}% of veth)",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        veth.mb_s,
+        vpn.mb_s,
+        vpn.mb_s / veth.mb_s * 100.0
     );
+    for (name, r) in [("veth", &veth), ("VPN", &vpn)] {
+        println!(
+            "BENCH mesh {name} per packet: {:.0} packets/s, {:.0} bytes/packet, {:.2} µs/packet{}",
+            r.pkts_s,
+            r.bytes_per_pkt,
+            1e6 / r.pkts_s,
+            if r.agent_us_per_pkt > 0.0 {
+                format!(
+                    ", agents' CPU {:.2} µs/packet (sender and receiver together)",
+                    r.agent_us_per_pkt
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
     Ok(())
 }
