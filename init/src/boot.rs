@@ -417,7 +417,17 @@ impl ModLoader {
             .to_string_lossy()
             .into_owned();
         let dir = PathBuf::from(format!("/lib/modules/{kver}"));
-        match ModuleIndex::scan(&dir) {
+        let start = uptime_ms();
+        let scanned = ModuleIndex::scan(&dir);
+        if let Ok(index) = &scanned {
+            record_quiet(
+                format!("module index: {} modules", index.names().count()),
+                current_step(),
+                start,
+                uptime_ms() - start,
+            );
+        }
+        match scanned {
             Ok(mut index) => {
                 // CPU-specific modules (crc32c_intel for ext4's crc32c) only where they run.
                 if let Ok(cpu) = std::fs::read_to_string("/sys/devices/system/cpu/modalias") {
@@ -445,9 +455,17 @@ impl ModLoader {
     /// modules were newly tried.
     fn round(&mut self, base: &[&str]) -> usize {
         let mut wanted: Vec<String> = base.iter().map(|s| s.to_string()).collect();
-        for alias in modules::device_modaliases(Path::new("/sys")) {
-            wanted.extend(self.index.lookup(&alias));
+        let start = uptime_ms();
+        let aliases = modules::device_modaliases(Path::new("/sys"));
+        for alias in &aliases {
+            wanted.extend(self.index.lookup(alias));
         }
+        record_quiet(
+            format!("modalias walk: {} devices", aliases.len()),
+            current_step(),
+            start,
+            uptime_ms() - start,
+        );
         self.load(wanted)
     }
 
