@@ -23,6 +23,21 @@ pub fn require_root() {
 /// The agent binary the nodes run (built once per test process).
 pub use crate::build_agent;
 
+/// The agent a bench runs: `KAIROS_BENCH_AGENT` (a binary built before, so a bench on a
+/// shared tree measures one fixed build, e.g. old and new side by side), else `build_agent`.
+pub fn bench_agent() -> Result<PathBuf> {
+    match std::env::var_os("KAIROS_BENCH_AGENT") {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            if !p.is_file() {
+                bail!("KAIROS_BENCH_AGENT={} is not a file", p.display());
+            }
+            Ok(p)
+        }
+        None => build_agent(),
+    }
+}
+
 fn sh(args: &[&str]) -> Result<String> {
     let out = Command::new(args[0])
         .args(&args[1..])

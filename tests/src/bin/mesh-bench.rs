@@ -9,7 +9,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kairos_tests::mesh::{Mesh, build_agent, require_root};
+use kairos_tests::mesh::{Mesh, bench_agent, require_root};
 
 const PORT: u16 = 5201;
 
@@ -138,7 +138,7 @@ fn main() -> Result<()> {
     }
     let secs: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
     require_root();
-    let agent = build_agent()?;
+    let agent = bench_agent()?;
     let mut mesh = Mesh::with_prefix(&agent, "kx", "b", 2)?;
     mesh.start_all()?;
     let ips: Vec<String> = mesh.wait("VPN addresses", Duration::from_secs(60), |m| {
