@@ -41,4 +41,6 @@ pub const ALL_PACKAGES: &[&str] = &[
     "mtools",
     // rsvg-convert: the tests render `analyze plot` and the bench's SVG to PNG.
     "librsvg2-bin",
+    // nft: the NAT routers of the mesh test across sites (tests/src/sites.rs).
+    "nftables",
 ];

@@ -6,6 +6,7 @@ pub mod hardening;
 pub mod iso;
 pub mod mesh;
 pub mod registry;
+pub mod sites;
 pub mod tapnet;
 
 use std::path::{Path, PathBuf};

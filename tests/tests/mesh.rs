@@ -714,3 +714,160 @@ fn ha_masters_and_workers_get_roles_user_args_kubevip_and_kubeconfig() {
         mesh.started.elapsed().as_secs_f64()
     );
 }
+
+/// This node's libp2p peer ID, from its `node uuid=… peer=…` line.
+fn peer_id(log: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains("kairos-p2p: node uuid="))?;
+    Some(line.split("peer=").nth(1)?.trim().to_owned())
+}
+
+/// Across sites (issue 18): two sites, each behind its own NAT router (nftables masquerade),
+/// and a public network between them with the bootstrap/relay node (`p2p.relay.server`). No
+/// mDNS crosses the routers and nothing routes into a site, so the site nodes find each other
+/// only through `p2p.bootstrap`: they reserve a slot on the relay, gossip through it, get roles,
+/// and reach each other's VPN address over a relayed connection (DCUtR may then make it direct;
+/// the log says which).
+#[test]
+fn sites_behind_nat_form_a_cluster_through_the_bootstrap_relay() {
+    use kairos_tests::sites::Sites;
+    require_root();
+    let agent = build_agent().expect("building kairos-agent");
+    let mut sites = Sites::new(&agent).expect("setting up the sites");
+    // The sites really are cut off: no route from site A to site B's LAN.
+    assert!(
+        sites
+            .mesh
+            .exec(1, &["ping", "-c", "1", "-W", "1", "192.168.2.2"])
+            .is_err(),
+        "site A must not reach site B's LAN directly"
+    );
+    sites.mesh.start_all().expect("starting the nodes");
+    let mesh = &sites.mesh;
+
+    // 1. Roles across both sites, one leader all agree on, one master.
+    let roles = mesh
+        .wait("all roles assigned", Duration::from_secs(30), |m| {
+            let states: Vec<(String, String)> =
+                m.nodes.iter().map(|n| n.state()).collect::<Option<_>>()?;
+            let leader = &states[0].0;
+            (states.iter().all(|(l, r)| l == leader && r != "none")).then_some(states)
+        })
+        .unwrap();
+    println!(
+        "FIGURE sites: all roles assigned across two NATed sites in {:.1} s",
+        mesh.started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        roles.iter().filter(|(_, r)| r == "master").count(),
+        1,
+        "{roles:?}"
+    );
+    let peers: Vec<String> = mesh
+        .nodes
+        .iter()
+        .map(|n| peer_id(&n.log()).expect("every node logs its peer ID"))
+        .collect();
+    let relay_log = mesh.nodes[0].log();
+    for n in [1, 2] {
+        let log = mesh.nodes[n].log();
+        assert!(
+            log.contains(&format!("bootstrap: connected to {}", peers[0])),
+            "node{n} dialled the bootstrap peer\n{log}"
+        );
+        assert!(
+            log.contains(&format!("relay: reservation accepted by {}", peers[0])),
+            "node{n} holds a reservation on the relay\n{log}"
+        );
+        assert!(
+            relay_log.contains(&format!("relay server: reservation for {}", peers[n])),
+            "{relay_log}"
+        );
+    }
+
+    // 2. VPN between the sites: each site node pings the other's edgevpn0 address.
+    let ips: Vec<String> = mesh
+        .wait("VPN addresses", Duration::from_secs(15), |m| {
+            m.nodes.iter().map(|n| n.vpn_ip()).collect::<Option<_>>()
+        })
+        .unwrap();
+    let t_ping = Instant::now();
+    for (a, b) in [(1, 2), (2, 1)] {
+        mesh.wait(
+            &format!("ping node{a} -> node{b} ({}) over edgevpn0", ips[b]),
+            Duration::from_secs(20),
+            |m| {
+                m.exec(
+                    a,
+                    &["ping", "-c", "1", "-W", "1", "-I", "edgevpn0", &ips[b]],
+                )
+                .ok()
+            },
+        )
+        .unwrap();
+    }
+    println!(
+        "FIGURE sites: pings across the sites over edgevpn0 in {:.1} s",
+        t_ping.elapsed().as_secs_f64()
+    );
+
+    // 3. The log says how the site nodes reach each other: the first connection between them
+    //    is relayed through the bootstrap node (there is no other way across the NATs); a
+    //    direct one only after a successful hole punch (DCUtR), whose outcome is logged too.
+    let relayed = |a: usize, b: usize| {
+        mesh.nodes[a]
+            .log()
+            .contains(&format!("peer {}: relayed via {}", peers[b], peers[0]))
+    };
+    assert!(
+        relayed(1, 2) && relayed(2, 1),
+        "a relayed connection between the sites, logged as such on both sides\n{}",
+        mesh.logs()
+    );
+    assert!(
+        relay_log.contains(&format!("relay server: circuit {}", peers[1]))
+            || relay_log.contains(&format!("relay server: circuit {}", peers[2])),
+        "the relay carried a circuit\n{relay_log}"
+    );
+    // DCUtR's attempts end in a log line either way (success, or failure after its retries).
+    let outcome = mesh.wait("a hole punch outcome", Duration::from_secs(12), |m| {
+        [1, 2].into_iter().find_map(|n| {
+            let other = &peers[3 - n];
+            m.nodes[n].log().lines().find_map(|l| {
+                (l.contains(&format!("peer {other}: hole punch"))).then(|| l.to_owned())
+            })
+        })
+    });
+    let punched = [1, 2].into_iter().any(|n| {
+        mesh.nodes[n]
+            .log()
+            .contains(&format!("peer {}: hole punch succeeded", peers[3 - n]))
+    });
+    let direct = [1, 2].into_iter().any(|n| {
+        mesh.nodes[n]
+            .log()
+            .contains(&format!("peer {}: direct connection", peers[3 - n]))
+    });
+    assert!(
+        !direct || punched,
+        "a direct connection across the NATs without a hole punch\n{}",
+        mesh.logs()
+    );
+    let log1 = mesh.nodes[1].log();
+    let path_lines: Vec<&str> = log1
+        .lines()
+        .filter(|l| l.contains(&format!("peer {}:", peers[2])))
+        .collect();
+    println!(
+        "FIGURE sites: path between the sites: {}; DCUtR: {}\n{}",
+        if direct {
+            "direct after the hole punch"
+        } else {
+            "relayed"
+        },
+        match &outcome {
+            Ok(l) => l.split("kairos-p2p: ").nth(1).unwrap_or(l).to_owned(),
+            Err(_) => "no outcome logged within 12 s".to_owned(),
+        },
+        path_lines.join("\n")
+    );
+}

@@ -267,7 +267,12 @@ fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
 }
 
 /// How a connection runs, for the log: `direct` or `relayed via <relay>`, and its address.
-pub fn path_of(endpoint: &ConnectedPoint) -> (String, Multiaddr) {
+/// `relay_at` names the relay of a circuit address without the relay's peer ID (the listening
+/// side's local address).
+pub fn path_of(
+    endpoint: &ConnectedPoint,
+    relay_at: impl Fn(&Multiaddr) -> Option<PeerId>,
+) -> (String, Multiaddr) {
     let (addr, circuit) = match endpoint {
         ConnectedPoint::Dialer { address, .. } => (address.clone(), address.clone()),
         ConnectedPoint::Listener {
@@ -277,6 +282,13 @@ pub fn path_of(endpoint: &ConnectedPoint) -> (String, Multiaddr) {
     };
     if endpoint.is_relayed() {
         let via = relay_of(&circuit)
+            .or_else(|| {
+                let base: Multiaddr = circuit
+                    .iter()
+                    .take_while(|p| *p != Protocol::P2pCircuit)
+                    .collect();
+                relay_at(&base)
+            })
             .map(|r| r.to_string())
             .unwrap_or_else(|| "a relay".into());
         (format!("relayed via {via}"), circuit)
@@ -641,8 +653,12 @@ impl Node {
         self.set_own(&format!("vpn/lease/{}", self.uuid), ip.to_string());
         self.merge_own(now);
         self.lease_ticks += 1;
-        // Claimed on the previous tick and nobody objected: bring the interface up.
-        if self.tun.is_none() && self.lease_ticks >= 2 {
+        // Claimed on the previous tick and nobody objected: bring the interface up. Only once
+        // the live set has stayed the same for `SETTLE_TICKS` too: with dozens of nodes
+        // starting together two of them often hash to one address, and a node that has not
+        // yet heard every other node's claim must not commit to its own (mesh-scale saw two
+        // such pairs at 50 nodes under load).
+        if self.tun.is_none() && self.lease_ticks >= 2 && self.settle.same_for >= SETTLE_TICKS {
             lease::store(&self.root, ip)?;
             let iface = self.cfg.vpn.interface();
             let dev = vpn::create(&iface, ip, self.range.prefix)?;
@@ -785,6 +801,14 @@ impl Node {
         }
     }
 
+    /// The relay this node reached at `addr`.
+    fn relay_at(&self, addr: &Multiaddr) -> Option<PeerId> {
+        self.relays
+            .iter()
+            .find(|(_, s)| s.addr == *addr)
+            .map(|(r, _)| *r)
+    }
+
     /// Dial every bootstrap peer this node is not connected to (nor dialling).
     fn dial_bootstrap(&mut self, swarm: &mut Swarm<Behaviour>, now: u64) {
         for b in &mut self.boot {
@@ -820,11 +844,17 @@ impl Node {
         id: ConnectionId,
         endpoint: &ConnectedPoint,
     ) {
-        let Some(b) = self
+        // The dial of a bootstrap entry, else (a connection it did not dial) the entry of that peer.
+        let i = self
             .boot
-            .iter_mut()
-            .find(|b| b.pending == Some(id) || (b.peer == Some(peer) && endpoint.is_dialer()))
-        else {
+            .iter()
+            .position(|b| b.pending == Some(id))
+            .or_else(|| {
+                self.boot
+                    .iter()
+                    .position(|b| b.peer == Some(peer) && endpoint.is_dialer())
+            });
+        let Some(b) = i.and_then(|i| self.boot.get_mut(i)) else {
             return;
         };
         b.pending = None;
@@ -988,7 +1018,7 @@ impl Node {
                 num_established,
                 ..
             } => {
-                let (path, addr) = path_of(&endpoint);
+                let (path, addr) = path_of(&endpoint, |a| self.relay_at(a));
                 let side = if endpoint.is_dialer() { "out" } else { "in" };
                 say(&format!(
                     "peer {peer_id}: {path} connection ({side} {addr}), {num_established} open"
@@ -1002,7 +1032,7 @@ impl Node {
                 cause,
                 ..
             } => {
-                let (path, _) = path_of(&endpoint);
+                let (path, _) = path_of(&endpoint, |a| self.relay_at(a));
                 let why = cause.map(|c| format!(": {c}")).unwrap_or_default();
                 say(&format!(
                     "peer {peer_id}: {path} connection closed{why}, {num_established} left"
@@ -1364,20 +1394,31 @@ mod tests {
             role_override: libp2p::core::Endpoint::Dialer,
             port_use: libp2p::core::transport::PortUse::New,
         };
-        assert_eq!(path_of(&dialer), (format!("relayed via {r}"), relayed));
+        assert_eq!(
+            path_of(&dialer, |_| None),
+            (format!("relayed via {r}"), relayed)
+        );
         let listener = ConnectedPoint::Listener {
             local_addr: format!("/ip4/10.240.0.1/tcp/4001/p2p/{r}/p2p-circuit")
                 .parse()
                 .unwrap(),
             send_back_addr: format!("/p2p/{b}").parse().unwrap(),
         };
-        assert_eq!(path_of(&listener).0, format!("relayed via {r}"));
+        assert_eq!(path_of(&listener, |_| None).0, format!("relayed via {r}"));
+        // The listening side's local address as libp2p reports it: without the relay's ID.
+        let listener = ConnectedPoint::Listener {
+            local_addr: "/ip4/10.240.0.1/tcp/4001/p2p-circuit".parse().unwrap(),
+            send_back_addr: format!("/p2p/{b}").parse().unwrap(),
+        };
+        assert_eq!(path_of(&listener, |_| None).0, "relayed via a relay");
+        let at = |a: &Multiaddr| (a.to_string() == "/ip4/10.240.0.1/tcp/4001").then_some(r);
+        assert_eq!(path_of(&listener, at).0, format!("relayed via {r}"));
         let direct: Multiaddr = "/ip4/10.240.0.2/udp/4001/quic-v1".parse().unwrap();
         let d = ConnectedPoint::Listener {
             local_addr: "/ip4/10.240.0.1/udp/4001/quic-v1".parse().unwrap(),
             send_back_addr: direct.clone(),
         };
-        assert_eq!(path_of(&d), ("direct".to_owned(), direct.clone()));
+        assert_eq!(path_of(&d, |_| None), ("direct".to_owned(), direct.clone()));
         assert_eq!(split_peer(&direct), (direct.clone(), None));
         let with_id = direct.clone().with(Protocol::P2p(r));
         assert_eq!(split_peer(&with_id), (direct, Some(r)));
