@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
-use futures::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use futures::io::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{PeerId, StreamProtocol};
 use tokio::sync::mpsc;
 use tun_rs::{AsyncDevice, DeviceBuilder, VIRTIO_NET_HDR_LEN};
@@ -26,8 +26,8 @@ use crate::lease::Range;
 /// MTU of the interface: below the 1500 of an Ethernet path; what flannel sees.
 pub const MTU: u16 = 1420;
 /// Packets queued per peer before new ones are dropped (as a full NIC queue would); with
-/// offloads a packet is up to 64 KiB, so this bounds a peer's queue at 16 MiB.
-const QUEUE: usize = 256;
+/// offloads a packet is up to 64 KiB, so this bounds a peer's queue at 8 MiB.
+const QUEUE: usize = 128;
 /// The virtio-net header in front of every packet on the interface and on the wire.
 const HDR: usize = VIRTIO_NET_HDR_LEN;
 /// The largest IPv4 packet (what a TSO packet is bounded by, its total length being a u16).
@@ -155,6 +155,19 @@ pub fn spawn(
     Ok(())
 }
 
+/// A frame to send: `buf[..len]`. Large frames travel in the reader's full-size buffer
+/// (handed back through the spare pool after the write), small ones in a copy of their size.
+struct Frame {
+    buf: Vec<u8>,
+    len: usize,
+}
+
+/// Frames at least this long are written to the stream as they are (one yamux frame's worth:
+/// copying them into a batch first would only add a copy); shorter ones are gathered.
+const DIRECT: usize = 16 * 1024;
+/// Full-size buffers kept for the reader, so a 64 KiB packet is not copied or allocated.
+const SPARE: usize = 32;
+
 async fn outbound(
     dev: Arc<AsyncDevice>,
     range: Range,
@@ -162,9 +175,11 @@ async fn outbound(
     control: libp2p_stream::Control,
     protocol: StreamProtocol,
 ) {
-    let mut queues: HashMap<PeerId, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut queues: HashMap<PeerId, mpsc::Sender<Frame>> = HashMap::new();
+    let (spare_tx, mut spare_rx) = mpsc::channel::<Vec<u8>>(SPARE);
+    let full = || vec![0u8; 2 + HDR + MAX_PACKET];
     // Read after two bytes of room, so a frame is one contiguous slice: length, header, packet.
-    let mut buf = vec![0u8; 2 + HDR + MAX_PACKET];
+    let mut buf = full();
     loop {
         let n = match dev.recv(&mut buf[2..]).await {
             Ok(n) => n,
@@ -183,14 +198,31 @@ async fn outbound(
             Err(_) => None,
         };
         let Some(peer) = peer else { continue };
-        let q = queues
-            .entry(peer)
-            .or_insert_with(|| start_sender(peer, control.clone(), protocol.clone()));
+        let q = queues.entry(peer).or_insert_with(|| {
+            start_sender(peer, control.clone(), protocol.clone(), spare_tx.clone())
+        });
         if q.is_closed() {
-            *q = start_sender(peer, control.clone(), protocol.clone());
+            *q = start_sender(peer, control.clone(), protocol.clone(), spare_tx.clone());
         }
+        let frame = if 2 + n >= DIRECT {
+            let next = spare_rx.try_recv().unwrap_or_else(|_| full());
+            Frame {
+                buf: std::mem::replace(&mut buf, next),
+                len: 2 + n,
+            }
+        } else {
+            Frame {
+                buf: buf[..2 + n].to_vec(),
+                len: 2 + n,
+            }
+        };
         // A full queue drops the packet; TCP above retransmits.
-        let _ = q.try_send(buf[..2 + n].to_vec());
+        if let Err(mpsc::error::TrySendError::Full(f) | mpsc::error::TrySendError::Closed(f)) =
+            q.try_send(frame)
+            && f.buf.len() > DIRECT
+        {
+            let _ = spare_tx.try_send(f.buf);
+        }
     }
 }
 
@@ -198,28 +230,50 @@ fn start_sender(
     peer: PeerId,
     mut control: libp2p_stream::Control,
     protocol: StreamProtocol,
-) -> mpsc::Sender<Vec<u8>> {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    spare: mpsc::Sender<Vec<u8>>,
+) -> mpsc::Sender<Frame> {
+    let (tx, mut rx) = mpsc::channel::<Frame>(QUEUE);
     tokio::spawn(async move {
-        let stream = match control.open_stream(peer, protocol).await {
+        let mut stream = match control.open_stream(peer, protocol).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("kairos-p2p: vpn: opening a stream to {peer}: {e}");
                 return;
             }
         };
-        // Small frames (ACKs, pings) are gathered; a 64 KiB one goes straight through.
-        let mut w = BufWriter::with_capacity(64 * 1024, stream);
+        let mut small: Vec<u8> = Vec::with_capacity(2 * DIRECT);
         while let Some(frame) = rx.recv().await {
-            let mut batch = Some(frame);
+            let mut next = Some(frame);
             // Write everything queued, then flush once: fewer, larger yamux frames.
-            while let Some(f) = batch.take() {
-                if w.write_all(&f).await.is_err() {
+            while let Some(f) = next.take() {
+                let bytes = &f.buf[..f.len];
+                if bytes.len() >= DIRECT {
+                    if !small.is_empty() && stream.write_all(&small).await.is_err() {
+                        return;
+                    }
+                    small.clear();
+                    if stream.write_all(bytes).await.is_err() {
+                        return;
+                    }
+                    let _ = spare.try_send(f.buf);
+                } else {
+                    small.extend_from_slice(bytes);
+                    if small.len() >= DIRECT {
+                        if stream.write_all(&small).await.is_err() {
+                            return;
+                        }
+                        small.clear();
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            if !small.is_empty() {
+                if stream.write_all(&small).await.is_err() {
                     return;
                 }
-                batch = rx.try_recv().ok();
+                small.clear();
             }
-            if w.flush().await.is_err() {
+            if stream.flush().await.is_err() {
                 return;
             }
         }
@@ -233,12 +287,12 @@ async fn inbound(
     routes: Routes,
     mut incoming: libp2p_stream::IncomingStreams,
 ) {
-    while let Some((peer, stream)) = incoming.next().await {
+    while let Some((peer, mut stream)) = incoming.next().await {
         let dev = dev.clone();
         let routes = routes.clone();
         tokio::spawn(async move {
-            // Many small frames come in one read, not one stream poll each.
-            let mut stream = BufReader::with_capacity(64 * 1024, stream);
+            // Read straight from the stream: a read buffer in between would copy every 64 KiB
+            // packet once more.
             let mut len = [0u8; 2];
             let mut buf = vec![0u8; HDR + MAX_PACKET];
             loop {
