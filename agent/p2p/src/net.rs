@@ -74,7 +74,9 @@ impl Names {
                 keys::name(&token.room, "room")
             )),
             protocol_version: format!("/kairos/{}", keys::name(&token.mdns, "mdns")),
-            vpn: proto(format!("/kairos/vpn/{}/1", keys::name(&token.room, "vpn")))?,
+            // 2: frames carry a virtio-net header (vpn.rs); a node of the first framing does
+            // not negotiate this protocol, so the two never misread each other's frames.
+            vpn: proto(format!("/kairos/vpn/{}/2", keys::name(&token.room, "vpn")))?,
             kad: proto(format!(
                 "/kairos/kad/{}/1",
                 keys::name(&token.rendezvous, "kad")
