@@ -88,11 +88,46 @@ pub fn test_profile() -> String {
 /// `whole`: as `cargo build --workspace --all-targets`, whose feature unification is the one
 /// `cargo test --workspace` used, so under scripts/test nothing is compiled again (a lone
 /// `-p NAME` unifies features differently and rebuilds ring, libp2p and the agent).
-fn cargo_build_with(name: &str, profile: &str, whole: bool) -> Result<PathBuf> {
-    let root = workspace_root();
+/// Variables `cargo test` gives a test process about its own package. A cargo started from a
+/// test must not inherit them: build scripts such as ring's ask to be rerun when
+/// `CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR` or `OUT_DIR` change, so that cargo would rebuild ring
+/// and everything above it (the agent, libp2p: 3 min of a clean run's boot suite) although
+/// `scripts/test` had just built them.
+pub fn is_test_package_env(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_BIN_EXE_")
+        || matches!(
+            name,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_MANIFEST_LINKS"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "OUT_DIR"
+        )
+}
+
+/// `cargo` (the one running the tests) in the workspace root, without the test process's
+/// package variables ([`is_test_package_env`]).
+pub fn cargo_command() -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root).args(["build", "--profile", profile]);
+    cmd.current_dir(workspace_root());
+    for (k, _) in std::env::vars_os() {
+        if k.to_str().is_some_and(is_test_package_env) {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+fn cargo_build_with(name: &str, profile: &str, whole: bool) -> Result<PathBuf> {
+    let root = workspace_root();
+    let mut cmd = cargo_command();
+    cmd.args(["build", "--profile", profile]);
     if whole {
         cmd.args(["--workspace", "--all-targets"]);
     } else {
@@ -761,4 +796,43 @@ pub fn boot_until_off(name: &str, disk: &Path, timeout_s: u64) -> BootResult {
     let mut s = spec(&[disk], a.work.join(format!("{name}.log")), &[], timeout_s);
     s.memory_mb = 768;
     boot(name, s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cargo_started_from_a_test_loses_the_test_packages_variables() {
+        for k in [
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_BIN_EXE_mesh-bench",
+            "OUT_DIR",
+            "CARGO_TARGET_TMPDIR",
+        ] {
+            assert!(is_test_package_env(k), "{k}");
+        }
+        // What configures cargo itself stays.
+        for k in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_PROFILE_CI_LTO",
+            "RUSTC_WORKSPACE_WRAPPER",
+            "CLIPPY_ARGS",
+        ] {
+            assert!(!is_test_package_env(k), "{k}");
+        }
+        // cargo test runs this very test with CARGO_PKG_NAME set; the command drops it.
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+        let cmd = cargo_command();
+        assert!(
+            cmd.get_envs()
+                .any(|(k, v)| k == "CARGO_PKG_NAME" && v.is_none()),
+            "{:?}",
+            cmd.get_envs().collect::<Vec<_>>()
+        );
+    }
 }

@@ -58,10 +58,8 @@ fn sh(args: &[&str]) -> Result<String> {
 pub fn build_forger() -> Result<PathBuf> {
     let profile = crate::test_profile();
     let root = crate::workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args(["build", "--profile", &profile]);
+    let mut cmd = crate::cargo_command();
+    cmd.args(["build", "--profile", &profile]);
     if profile == "ci" {
         cmd.args(["--workspace", "--all-targets"]);
     } else {
