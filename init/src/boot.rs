@@ -271,7 +271,7 @@ fn find_root(
         if let Some(l) = l.as_mut() {
             // Device drivers first: their (asynchronous) probes find the disks while the
             // filesystem modules load.
-            l.round(&[]);
+            l.round();
             // No second walk: the bus drivers just loaded probe asynchronously, so the disks
             // they find show up during the device wait, which walks again.
             l.load(
@@ -451,10 +451,10 @@ impl ModLoader {
         }
     }
 
-    /// One walk: load what the base set and the present devices need. Returns how many
-    /// modules were newly tried.
-    fn round(&mut self, base: &[&str]) -> usize {
-        let mut wanted: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+    /// One walk: load what the present devices need. Returns how many modules were newly
+    /// tried.
+    fn round(&mut self) -> usize {
+        let mut wanted = Vec::new();
         let start = uptime_ms();
         let aliases = modules::device_modaliases(Path::new("/sys"));
         for alias in &aliases {
@@ -650,7 +650,7 @@ fn wait_for_devices(
     let mut logged = false;
     loop {
         if let Some(l) = loader.as_mut() {
-            l.round(&[]);
+            l.round();
         }
         let devs = blockdev::scan(Path::new("/sys"), Path::new("/dev"));
         let state_found = state
