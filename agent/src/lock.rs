@@ -23,6 +23,9 @@ use crate::Ctx;
 pub const GRUBENV_LOCK: &str = "/run/kairos/grubenv.lock";
 pub const SYSTEM_LOCK: &str = "/run/kairos/system.lock";
 
+/// How long any acquirer waits for a holder that has not named itself (see [`acquire`]).
+pub const UNNAMED_GRACE: Duration = Duration::from_millis(500);
+
 /// How long a grubenv writer waits for another one (whose hold is a read and a write).
 pub const GRUBENV_WAIT: Duration = Duration::from_secs(10);
 
@@ -74,19 +77,30 @@ pub fn acquire(
         .truncate(false)
         .open(path)
         .at(path, "opening the lock file")?;
-    let deadline = Instant::now() + wait;
+    let start = Instant::now();
     loop {
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => break,
-            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
             Err(rustix::io::Errno::WOULDBLOCK) => {
                 let mut holder = String::new();
                 let _ = file
                     .rewind()
                     .and_then(|()| (&mut file).take(256).read_to_string(&mut holder).map(drop));
                 let holder = holder.trim();
+                // An empty description: the holder has released it (Drop empties it first) or
+                // has not written it yet. The lock can outlive its holder's descriptor for a
+                // moment: a child forked by any thread of that process keeps the open file
+                // description until its exec closes it. So a nameless holder gets a short
+                // grace even when `wait` is zero.
+                let grace = if holder.is_empty() {
+                    UNNAMED_GRACE
+                } else {
+                    Duration::ZERO
+                };
+                if start.elapsed() < wait.max(grace) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
                 return Err(LockError::Busy {
                     me: me.to_owned(),
                     holder: if holder.is_empty() {
@@ -185,5 +199,28 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         drop(g);
         waiter.join().expect("thread").expect("lock after waiting");
+    }
+
+    #[test]
+    fn a_released_lock_still_held_by_a_forked_child_is_waited_for_briefly() {
+        let t = crate::testutil::Tree::new();
+        drop(system(&t.ctx, "upgrade").expect("first lock"));
+        // What a child forked mid-hold keeps until its exec: the same lock on another
+        // descriptor, with the (emptied) description of a holder that let go.
+        let path = t.ctx.path(SYSTEM_LOCK);
+        let inherited = File::open(&path).expect("open");
+        rustix::fs::flock(&inherited, rustix::fs::FlockOperation::LockExclusive).expect("flock");
+        let child = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(inherited);
+        });
+        drop(system(&t.ctx, "install").expect("lock once the child lets go"));
+        child.join().expect("thread");
+        // A named holder is still refused at once.
+        let held = system(&t.ctx, "upgrade").expect("lock");
+        let t0 = Instant::now();
+        assert!(system(&t.ctx, "reset").is_err());
+        assert!(t0.elapsed() < UNNAMED_GRACE, "{:?}", t0.elapsed());
+        drop(held);
     }
 }

@@ -2519,7 +2519,7 @@ mod tests {
         );
         assert_eq!(std::fs::read(&img).unwrap(), vec![7u8; 8192]);
         let (r, _, _) = crate::testutil::run(|o, e| install(&t.ctx, &Options::default(), o, e));
-        assert!(matches!(r, Err(InstallError::NoDevice)));
+        assert!(matches!(r, Err(InstallError::NoDevice)), "{r:?}");
         // install.device from the cloud-config when --device is not given.
         t.file(
             "/oem/90_custom.yaml",
