@@ -57,11 +57,20 @@ async fn run(token: Token, network_id: &str) -> Result<()> {
     let mut seen = Ledger::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut announced = false;
+    let mut want: Vec<String> = Vec::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let now = now_ms();
-                let Some(update) = forge(&keypair, &me, &seen, now) else { continue };
+                let Some(update) = forge(&keypair, &me, &seen, now) else {
+                    // Ask for the full state of the peers only heard in heartbeats.
+                    if !want.is_empty() {
+                        let beat = Update::beat(me.clone(), 0, std::mem::take(&mut want));
+                        let msg = ledger::seal(&token, &beat, now / 1000)?;
+                        let _ = swarm.behaviour_mut().gossipsub.publish(names.topic.clone(), msg);
+                    }
+                    continue;
+                };
                 if !announced {
                     let victim = update.entries.iter().find_map(|(k, _)| k.strip_prefix("roles/").filter(|u| !u.starts_with("forger-")));
                     let uuid = update.entries.iter().find_map(|(k, _)| k.strip_prefix("nodes/"));
@@ -93,8 +102,16 @@ async fn run(token: Token, network_id: &str) -> Result<()> {
                 })) => {
                     let now = now_ms();
                     if let Ok(u) = ledger::open(&token, &message.data, now / 1000) {
-                        for (k, e) in u.entries {
-                            seen.merge(&k, e, now);
+                        // Honest nodes send their full state on change and heartbeats between.
+                        if u.beat {
+                            if !seen.refresh(&u.from, u.digest, now) && !want.contains(&u.from) {
+                                want.push(u.from.clone());
+                            }
+                        } else {
+                            seen.record_full(&u.from, &u.entries, now);
+                            for (k, e) in u.entries {
+                                seen.merge(&k, e, now);
+                            }
                         }
                     }
                     let _ = swarm.behaviour_mut().gossipsub.report_message_validation_result(
@@ -148,9 +165,9 @@ fn forge(keypair: &Keypair, me: &str, seen: &Ledger, now: u64) -> Option<Update>
     let year = 365 * 24 * 3_600_000;
     let mut not_mine: Entry = ledger::sign(keypair, "k3s/master-ip", forged_ip.into(), now, ttl);
     not_mine.owner = primary_peer.to_owned();
-    Some(Update {
-        from: me.to_owned(),
-        entries: vec![
+    Some(Update::full(
+        me.to_owned(),
+        vec![
             s(&format!("nodes/{uuid}"), me, now, ttl),
             s(&format!("roles/{uuid}"), "worker", now, u64::MAX),
             s(&format!("pairing/{me}"), "ok", now + year, ttl),
@@ -161,5 +178,6 @@ fn forge(keypair: &Keypair, me: &str, seen: &Ledger, now: u64) -> Option<Update>
             s("k3s/token", "K10forged::server:forged", now, ttl),
             ("k3s/master-ip".to_owned(), not_mine),
         ],
-    })
+        Vec::new(),
+    ))
 }

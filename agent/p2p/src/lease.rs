@@ -93,10 +93,18 @@ pub fn choose(
         })
 }
 
-/// Two nodes claimed one address at the same time: the one with the smaller UUID keeps it,
-/// the other must choose again. True when `me` has to yield.
-pub fn must_yield(me: &str, mine: Ipv4Addr, leases: &BTreeMap<String, Ipv4Addr>) -> bool {
-    leases.iter().any(|(u, a)| *a == mine && u.as_str() < me)
+/// Two nodes claimed one address: the one with the smaller UUID keeps it, the other must
+/// choose again (and re-address its interface if it is up). `claims`: (node, address) as
+/// seen in the ledger, and the claims on `mine` this node refused because its own claim had
+/// settled first (once both have, each refuses the other's, so neither ledger holds both:
+/// the refusals are what shows the clash). Both sides decide alike, so exactly one moves.
+/// True when `me` has to yield.
+pub fn must_yield<'a>(
+    me: &str,
+    mine: Ipv4Addr,
+    claims: impl IntoIterator<Item = (&'a str, Ipv4Addr)>,
+) -> bool {
+    claims.into_iter().any(|(u, a)| a == mine && u < me)
 }
 
 pub fn lease_path(root: &Path) -> PathBuf {
@@ -189,8 +197,39 @@ mod tests {
         let mut leases = BTreeMap::new();
         leases.insert("aaa".to_string(), ip);
         leases.insert("bbb".to_string(), ip);
-        assert!(must_yield("bbb", ip, &leases));
-        assert!(!must_yield("aaa", ip, &leases));
+        fn seen(l: &BTreeMap<String, Ipv4Addr>) -> Vec<(&str, Ipv4Addr)> {
+            l.iter().map(|(u, a)| (u.as_str(), *a)).collect()
+        }
+        assert!(must_yield("bbb", ip, seen(&leases)));
+        assert!(!must_yield("aaa", ip, seen(&leases)));
+        // Each ledger holds only its own claim; the other's was refused (its own had
+        // settled): the refused claims decide the same way on both sides.
+        let only_b = BTreeMap::from([("bbb".to_owned(), ip)]);
+        let only_a = BTreeMap::from([("aaa".to_owned(), ip)]);
+        let refused_by_b = [("aaa", ip)];
+        let refused_by_a = [("bbb", ip)];
+        assert!(must_yield(
+            "bbb",
+            ip,
+            seen(&only_b).into_iter().chain(refused_by_b)
+        ));
+        assert!(!must_yield(
+            "aaa",
+            ip,
+            seen(&only_a).into_iter().chain(refused_by_a)
+        ));
+        // Another address, or only a larger UUID: keep it.
+        assert!(!must_yield(
+            "bbb",
+            ip,
+            [("aaa", Ipv4Addr::new(10, 1, 0, 6))]
+        ));
+        assert!(!must_yield("bbb", ip, [("ccc", ip)]));
+        // The one that yields chooses past both claims.
+        let mut both = leases.clone();
+        both.remove("bbb");
+        let again = choose(r(), "bbb", &both, None).unwrap();
+        assert_ne!(again, ip);
     }
 
     #[test]

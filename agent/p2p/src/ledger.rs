@@ -1,8 +1,10 @@
 //! The shared ledger: a key/value map every node holds a copy of, kept in sync over gossipsub.
 //!
-//! Every node re-announces the entries it owns on each tick with a time to live, so a node
-//! that joins late learns everything within one tick and the entries of a node that left
-//! expire by themselves. Conflicting writes to one key resolve by (stamp, owner): the newest
+//! Every node announces the entries it owns with a time to live: in full when they change
+//! (and every 30 ticks, and when a peer asks), else each tick a heartbeat naming their
+//! digest, which keeps the entries of that full state alive on the nodes that hold it. A node
+//! that hears a digest it does not hold (it joined late, or missed a change) asks for the full
+//! state in its next message; the entries of a node that left expire by themselves. Conflicting writes to one key resolve by (stamp, owner): the newest
 //! wins everywhere, whatever the arrival order.
 //!
 //! Every entry is signed by its writer's libp2p key (the key behind its peer ID), and a node
@@ -166,11 +168,77 @@ pub struct Admission {
     pub settle_ms: u64,
 }
 
-/// What travels in one message: a batch of entries from one peer.
+/// What travels in one message: a batch of entries from one peer (its full state), or a
+/// heartbeat: no entries, only the digest of that state, which refreshes the TTL of the
+/// entries a receiver holds from the sender's last full state when the digests agree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Update {
     pub from: String,
     pub entries: Vec<(String, Entry)>,
+    /// [`digest`] of the sender's entries.
+    #[serde(default)]
+    pub digest: u64,
+    #[serde(default)]
+    pub beat: bool,
+    /// Peers whose full state the sender asks for: their heartbeats named a digest it does
+    /// not hold (it joined late, or missed a change).
+    #[serde(default)]
+    pub want: Vec<String>,
+}
+
+impl Update {
+    /// The full state of `from`: `entries` in key order, as a node holds its own.
+    pub fn full(from: String, entries: Vec<(String, Entry)>, want: Vec<String>) -> Update {
+        let digest = digest(
+            entries
+                .iter()
+                .map(|(k, e)| (k.as_str(), e.value.as_str(), e.stamp)),
+        );
+        Update {
+            from,
+            entries,
+            digest,
+            beat: false,
+            want,
+        }
+    }
+
+    pub fn beat(from: String, digest: u64, want: Vec<String>) -> Update {
+        Update {
+            from,
+            entries: Vec::new(),
+            digest,
+            beat: true,
+            want,
+        }
+    }
+}
+
+/// What names a node's full state: SHA-256 over each key, value and stamp (with lengths),
+/// the first 8 bytes. The TTL and signature are left out: they do not change what is held.
+pub fn digest<'a>(entries: impl IntoIterator<Item = (&'a str, &'a str, u64)>) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (k, value, stamp) in entries {
+        for part in [k, value] {
+            h.update((part.len() as u32).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        h.update(stamp.to_be_bytes());
+    }
+    let out = h.finalize();
+    let mut d = [0u8; 8];
+    d.copy_from_slice(&out[..8]);
+    u64::from_be_bytes(d)
+}
+
+/// A peer's last full state as received: its digest and keys, refreshed by its heartbeats.
+#[derive(Debug, Clone)]
+struct Announced {
+    digest: u64,
+    keys: Vec<String>,
+    /// Local ms of its last full state or heartbeat.
+    heard: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -275,6 +343,8 @@ struct Slot {
 #[derive(Debug, Clone)]
 pub struct Ledger {
     entries: BTreeMap<String, Slot>,
+    /// Per peer ID, what its heartbeats refresh.
+    announced: BTreeMap<String, Announced>,
     /// Caps on new keys from peers: [`MAX_ENTRIES`], [`MAX_PER_OWNER`] (smaller in tests).
     pub max_entries: usize,
     pub max_per_owner: usize,
@@ -284,6 +354,7 @@ impl Default for Ledger {
     fn default() -> Self {
         Ledger {
             entries: BTreeMap::new(),
+            announced: BTreeMap::new(),
             max_entries: MAX_ENTRIES,
             max_per_owner: MAX_PER_OWNER,
         }
@@ -522,18 +593,64 @@ impl Ledger {
     pub fn expire(&mut self, now_ms: u64) -> usize {
         let before = self.entries.len();
         self.entries.retain(|_, s| s.expires > now_ms);
+        // A peer silent for longer than any TTL it may send has nothing left to refresh.
+        self.announced
+            .retain(|_, a| now_ms.saturating_sub(a.heard) <= MAX_TTL_MS);
         before - self.entries.len()
     }
 
-    /// Apply an opened update from peer `from`: node announcements first, then roles, then
-    /// the rest (the later checks read the earlier keys). Returns the keys whose value
-    /// changed and the entries refused, with why.
+    /// Note `from`'s full state (its entries as sent, in order): its heartbeats with this
+    /// digest refresh these keys.
+    pub fn record_full(&mut self, from: &str, entries: &[(String, Entry)], now_ms: u64) {
+        if self.announced.len() >= self.max_entries && !self.announced.contains_key(from) {
+            return;
+        }
+        self.announced.insert(
+            from.to_owned(),
+            Announced {
+                digest: digest(
+                    entries
+                        .iter()
+                        .map(|(k, e)| (k.as_str(), e.value.as_str(), e.stamp)),
+                ),
+                keys: entries.iter().map(|(k, _)| k.clone()).collect(),
+                heard: now_ms,
+            },
+        );
+    }
+
+    /// A heartbeat from `from` naming `digest`: the entries of its last full state that this
+    /// ledger still holds from it live another TTL. False when this ledger does not hold that
+    /// state (none yet, or another digest): then nothing is refreshed and the caller asks for it.
+    pub fn refresh(&mut self, from: &str, digest: u64, now_ms: u64) -> bool {
+        let Some(a) = self.announced.get_mut(from) else {
+            return false;
+        };
+        if a.digest != digest {
+            return false;
+        }
+        a.heard = now_ms;
+        for k in &a.keys {
+            if let Some(s) = self.entries.get_mut(k)
+                && s.entry.owner == from
+                && s.expires > now_ms
+            {
+                s.expires = now_ms.saturating_add(s.entry.ttl);
+            }
+        }
+        true
+    }
+
+    /// Apply an opened full state from peer `from` (a heartbeat goes to [`Ledger::refresh`]):
+    /// node announcements first, then roles, then the rest (the later checks read the
+    /// earlier keys). Returns the keys whose value changed and the entries refused, with why.
     pub fn apply(
         &mut self,
         update: Update,
         from: &str,
         ctx: &Admission,
     ) -> (Vec<String>, Vec<(String, Refusal)>) {
+        self.record_full(from, &update.entries, ctx.now_ms);
         let mut entries = update.entries;
         let rank = |k: &str| {
             if k.starts_with("nodes/") {
@@ -553,6 +670,12 @@ impl Ledger {
                 Ok(false) => {}
                 Err(r) => refused.push((k, r)),
             }
+        }
+        if !refused.is_empty() {
+            // Heartbeats must not stand for a state this ledger did not take whole: the
+            // sender's next heartbeat then asks for its full state again (a refused lease
+            // may be taken once the address is free).
+            self.announced.remove(from);
         }
         (changed, refused)
     }
@@ -575,10 +698,64 @@ mod tests {
     const NOW: u64 = 1_800_000_000;
 
     fn update() -> Update {
-        Update {
-            from: "peerA".into(),
-            entries: vec![("roles/u1".into(), entry("master", "peerA", 5, 1000))],
+        Update::full(
+            "peerA".into(),
+            vec![("roles/u1".into(), entry("master", "peerA", 5, 1000))],
+            vec!["peerB".into()],
+        )
+    }
+
+    #[test]
+    fn heartbeats_refresh_the_last_full_state_only() {
+        let mut l = Ledger::default();
+        let ttl = 3000;
+        let a = vec![
+            ("nodes/u1".to_owned(), entry("peerA", "peerA", 5, ttl)),
+            ("roles/u2".to_owned(), entry("worker", "peerA", 6, ttl)),
+        ];
+        for (k, e) in &a {
+            l.merge(k, e.clone(), NOW);
         }
+        // No full state from peerA recorded yet: a heartbeat refreshes nothing.
+        let d = Update::full("peerA".into(), a.clone(), Vec::new()).digest;
+        assert!(!l.refresh("peerA", d, NOW + 1000));
+        l.record_full("peerA", &a, NOW);
+        // Another digest (peerA changed since): nothing refreshed, the caller asks.
+        assert!(!l.refresh("peerA", d ^ 1, NOW + 2000));
+        assert!(l.refresh("peerA", d, NOW + 2000));
+        assert_eq!(l.value("nodes/u1", NOW + 4500), Some("peerA"));
+        // A key someone newer took over is not kept alive in peerA's name.
+        l.merge("roles/u2", entry("worker", "peerB", 9, ttl), NOW + 2500);
+        assert!(l.refresh("peerA", d, NOW + 4000));
+        assert_eq!(
+            l.get("roles/u2", NOW + 5000).map(|e| e.owner.as_str()),
+            Some("peerB")
+        );
+        assert_eq!(l.get("roles/u2", NOW + 5600), None);
+        // Without heartbeats the entries expire as before; a late one does not revive them.
+        assert_eq!(l.value("nodes/u1", NOW + 7500), None);
+        l.expire(NOW + 7500);
+        assert!(l.refresh("peerA", d, NOW + 7600));
+        assert_eq!(l.value("nodes/u1", NOW + 7600), None);
+        // The digest covers key, value and stamp, in order.
+        let mut b = a.clone();
+        b[1].1.stamp += 1;
+        assert_ne!(
+            digest(
+                b.iter()
+                    .map(|(k, e)| (k.as_str(), e.value.as_str(), e.stamp))
+            ),
+            d
+        );
+        b[1].1.stamp -= 1;
+        b[1].1.ttl += 1;
+        assert_eq!(
+            digest(
+                b.iter()
+                    .map(|(k, e)| (k.as_str(), e.value.as_str(), e.stamp))
+            ),
+            d
+        );
     }
 
     #[test]
@@ -834,15 +1011,16 @@ mod tests {
         // The first update of the leader: its node, its own role and the k3s join data,
         // in one message (k3s/ sorts first on the wire; apply takes nodes and roles first).
         let lk = |k: &str, v: &str| (k.to_owned(), l_node.e(k, v));
-        let first = Update {
-            from: l_node.peer.clone(),
-            entries: vec![
+        let first = Update::full(
+            l_node.peer.clone(),
+            vec![
                 lk("k3s/url", "https://10.1.0.5:6443"),
                 lk(&format!("nodes/{}", l_node.uuid), &l_node.peer),
                 lk(&format!("roles/{}", l_node.uuid), "master"),
                 lk(&format!("vpn/lease/{}", l_node.uuid), "10.1.0.5"),
             ],
-        };
+            Vec::new(),
+        );
         let (changed, refused) = l.apply(first, &l_node.peer, &ctx(T));
         assert!(refused.is_empty(), "{refused:?}");
         assert_eq!(changed.len(), 4);

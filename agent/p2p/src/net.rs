@@ -12,6 +12,8 @@ use libp2p::{
     mdns, noise, relay, tcp, yamux,
 };
 
+use sha2::{Digest, Sha256};
+
 use crate::keys;
 use crate::token::Token;
 
@@ -32,6 +34,13 @@ fn build_err(what: &'static str) -> impl Fn(String) -> NetError {
 pub const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 /// Incoming connections still in their handshake, from everyone together.
 pub const MAX_PENDING_INCOMING: u32 = 64;
+/// Gossipsub mesh degree (libp2p's default is 6). Messages reach every node in a few hops on
+/// a LAN; each node receives each message about this many times.
+pub const MESH_N: usize = 4;
+/// Bytes of SHA-256 that name a gossip message (what IHAVE/IWANT carry): libp2p's default
+/// ID is the sender's peer ID and sequence number, some 70 bytes.
+const MESSAGE_ID_LEN: usize = 16;
+pub const MDNS_QUERY_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
@@ -129,6 +138,24 @@ pub fn build_swarm(
             let gs_config = gossipsub::ConfigBuilder::default()
                 .heartbeat_interval(heartbeat)
                 .max_transmit_size(max)
+                // Fleet-sized meshes (mesh-scale): a node's own message goes to its mesh peers
+                // only, not to every connected peer (flood publish), so each node receives a
+                // message about MESH_N times instead of once per connection; a smaller mesh
+                // and gossip to few non-mesh peers, with short message IDs, keep the
+                // IHAVE/IWANT control traffic flat in N.
+                .flood_publish(false)
+                .mesh_n(MESH_N)
+                .mesh_n_low(MESH_N - 1)
+                .mesh_n_high(2 * MESH_N)
+                .mesh_outbound_min(MESH_N / 2)
+                .gossip_lazy(3)
+                .gossip_factor(0.1)
+                .history_gossip(2)
+                .message_id_fn(|m: &gossipsub::Message| {
+                    // The payload is sealed with a random nonce: its hash names it uniquely.
+                    let h = Sha256::digest(&m.data);
+                    gossipsub::MessageId::new(&h[..MESSAGE_ID_LEN])
+                })
                 // We check every message (size, key, tag) before it is passed on, so junk
                 // from a peer without the token goes no further than its first hop.
                 .validate_messages()
@@ -142,8 +169,11 @@ pub fn build_swarm(
             .map_err(|e| e.to_string())?;
             let mdns = mdns::tokio::Behaviour::new(
                 mdns::Config {
-                    // Short query interval: a node that boots finds its LAN peers in seconds.
-                    query_interval: Duration::from_secs(5),
+                    // A node that boots probes at once (libp2p starts at 0.5 s and doubles
+                    // until the first answer), so it finds its LAN peers in seconds whatever
+                    // this is. Every node answers every query to the multicast group, so the
+                    // answers every node parses grow as N² per interval: keep it long.
+                    query_interval: MDNS_QUERY_INTERVAL,
                     ..Default::default()
                 },
                 peer,
@@ -152,11 +182,12 @@ pub fn build_swarm(
                 identify::Config::new(names.protocol_version.clone(), key.public())
                     .with_agent_version(format!("kairos-p2p/{}", env!("CARGO_PKG_VERSION"))),
             );
-            let mut kad = kad::Behaviour::with_config(
-                peer,
-                kad::store::MemoryStore::new(peer),
-                kad::Config::new(names.kad.clone()),
-            );
+            let mut kad_config = kad::Config::new(names.kad.clone());
+            // The node bootstraps Kademlia itself (`Node::discover`): often until it has
+            // peers, minutes apart after.
+            kad_config.set_periodic_bootstrap_interval(None);
+            let mut kad =
+                kad::Behaviour::with_config(peer, kad::store::MemoryStore::new(peer), kad_config);
             kad.set_mode(Some(kad::Mode::Server));
             let limits = connection_limits::Behaviour::new(
                 connection_limits::ConnectionLimits::default()

@@ -1,9 +1,10 @@
 //! A mesh member at run time: one tokio task owning the swarm, ticking every announce
-//! interval. Each tick re-announces this node's ledger entries, leases a VPN address, follows
-//! the leader, assigns roles when it is the leader, and starts K3s for its role. The
-//! decisions themselves are the pure functions of `roles` and `lease`.
+//! interval. Each tick announces this node's ledger entries (in full on change, else a
+//! heartbeat), leases a VPN address, follows the leader, assigns roles when it is the
+//! leader, and starts K3s for its role. The decisions themselves are the pure functions of
+//! `roles` and `lease`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -232,7 +233,28 @@ struct Node {
     relays: HashMap<PeerId, RelaySlot>,
     /// When each mesh member was last dialled through the relays.
     relay_dialed: HashMap<PeerId, u64>,
+    /// The digest of the full state last published, and on which tick: in between the node
+    /// sends heartbeats (see `publish`).
+    sent: Option<(u64, u64)>,
+    /// A peer asked for this node's full state.
+    full_asked: bool,
+    /// Peers whose full state this node asks for in its next message.
+    want: BTreeSet<String>,
+    /// LAN peers mDNS found, with their addresses: dialled while this node has fewer than
+    /// `LAN_PEERS` connections.
+    lan: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Claims on this node's address it refused because its own had settled: (node,
+    /// address, when), kept one TTL. They decide a clash as the ledger's claims do.
+    rivals: Vec<(String, Ipv4Addr, u64)>,
 }
+
+/// Connections a node makes to LAN peers by itself (others dial it too, so it holds about
+/// twice this many). It used to dial every peer mDNS found: at 50 nodes 49 connections
+/// each, with their buffers, identify exchanges and gossip control traffic. The ledger reaches
+/// everyone through gossipsub's mesh; VPN streams dial the peer they need on demand.
+pub const LAN_PEERS: usize = 6;
+/// A full state goes out at least this often (ticks), besides on change and on request.
+pub const FULL_EVERY: u64 = 30;
 
 struct BootPeer {
     /// Without the `/p2p/…` suffix: the relay address is built from it.
@@ -392,6 +414,11 @@ async fn run_async(opts: Options) -> Result<Outcome, NodeError> {
         boot,
         relays: HashMap::new(),
         relay_dialed: HashMap::new(),
+        sent: None,
+        full_asked: false,
+        want: BTreeSet::new(),
+        lan: HashMap::new(),
+        rivals: Vec::new(),
         cfg: config,
         token,
     };
@@ -538,7 +565,8 @@ impl Node {
                 }
             }
         }
-        self.publish(swarm, now);
+        self.dial_lan(swarm);
+        self.publish(swarm, now, !matches!(mode, Mode::Node));
         Ok(outcome)
     }
 
@@ -571,7 +599,19 @@ impl Node {
                 self.own
                     .retain(|k, _| !k.starts_with("roles/") || keep.contains(k));
                 for (u, r) in assigned {
-                    self.set_own(&format!("roles/{u}"), r.as_str().into());
+                    let key = format!("roles/{u}");
+                    // Once a node announces the role it was given, the leader's copy is not
+                    // needed: dropping it keeps the leader's state from growing with the fleet.
+                    let confirmed = u != self.uuid
+                        && self
+                            .ledger
+                            .get(&key, now)
+                            .is_some_and(|e| e.owner != self.peer && e.value == r.as_str());
+                    if confirmed {
+                        self.own.remove(&key);
+                    } else {
+                        self.set_own(&key, r.as_str().into());
+                    }
                 }
                 self.merge_own(now);
             }
@@ -625,14 +665,50 @@ impl Node {
             .prefix("vpn/lease/", now)
             .filter_map(|(u, e)| Some((u.to_owned(), e.value.parse().ok()?)))
             .collect();
+        let ttl = self.ttl();
+        self.rivals
+            .retain(|(_, _, at)| now.saturating_sub(*at) <= ttl);
+        // Everyone else's claims: the ledger's, and those this node refused.
+        let mut others = leases.clone();
+        others.remove(&self.uuid);
+        for (u, ip, _) in &self.rivals {
+            others.entry(u.clone()).or_insert(*ip);
+        }
         if let Some(mine) = self.lease
             && self.lease_ticks > 0
-            && lease::must_yield(&self.uuid, mine, &leases)
+            && lease::must_yield(
+                &self.uuid,
+                mine,
+                leases
+                    .iter()
+                    .map(|(u, a)| (u.as_str(), *a))
+                    .chain(self.rivals.iter().map(|(u, a, _)| (u.as_str(), *a))),
+            )
         {
-            if self.tun.is_some() {
-                say(&format!(
-                    "vpn: address {mine} is also claimed by another node with a smaller UUID; keeping it until restart"
-                ));
+            if let Some(dev) = &self.tun {
+                // Up already: move the interface to a free address (a node that kept a
+                // clashing address until restart left two nodes on one address at 50 nodes).
+                let ip = lease::choose(self.range, &self.uuid, &others, None)?;
+                let iface = self.cfg.vpn.interface();
+                match dev.set_network_address(ip, self.range.prefix, None) {
+                    Ok(()) => {
+                        lease::store(&self.root, ip)?;
+                        self.lease = Some(ip);
+                        self.lease_ticks = 0;
+                        let k3s = if self.k3s_started {
+                            "; K3s keeps the old --node-ip until restart"
+                        } else {
+                            ""
+                        };
+                        say(&format!(
+                            "vpn interface={iface} address={ip}/{} (re-addressed: {mine} is also claimed by a node with a smaller UUID{k3s})",
+                            self.range.prefix
+                        ));
+                    }
+                    Err(e) => say(&format!(
+                        "vpn: address {mine} is also claimed by a node with a smaller UUID; re-addressing {iface} to {ip} failed: {e}; trying again next tick"
+                    )),
+                }
             } else {
                 say(&format!(
                     "vpn: address {mine} clashes with another node; choosing again"
@@ -643,8 +719,6 @@ impl Node {
         }
         // Without a remembered lease wait one tick, so the ledger has the others' leases.
         if self.lease.is_none() && self.ticks >= 2 {
-            let mut others = leases.clone();
-            others.remove(&self.uuid);
             let ip = lease::choose(self.range, &self.uuid, &others, None)?;
             self.lease = Some(ip);
             self.lease_ticks = 0;
@@ -950,6 +1024,32 @@ impl Node {
         }
     }
 
+    /// Dial LAN peers (mDNS) while this node holds fewer than `LAN_PEERS` connections. The
+    /// map's order differs per process, so nodes pick different peers: a random graph.
+    fn dial_lan(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let mut have = swarm.connected_peers().count();
+        if have >= LAN_PEERS {
+            return;
+        }
+        for (p, addrs) in &self.lan {
+            if have >= LAN_PEERS {
+                break;
+            }
+            if swarm.is_connected(p) {
+                continue;
+            }
+            let opts = DialOpts::peer_id(*p)
+                .addresses(addrs.clone())
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            // A dial under way counts: the next tick looks again.
+            match swarm.dial(opts) {
+                Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => have += 1,
+                Err(_) => {}
+            }
+        }
+    }
+
     /// The DHT rendezvous: provide the token's current key, look for other providers.
     fn discover(&mut self, swarm: &mut Swarm<Behaviour>) {
         if self.cfg.disable_dht {
@@ -964,32 +1064,53 @@ impl Node {
             let _ = kad.start_providing(key.clone());
             self.dht_window = Some(w);
         }
-        if self.ticks % 5 == 1 {
+        let connected = swarm.connected_peers().next().is_some();
+        if dht_due(self.ticks, connected, !self.boot.is_empty()) {
+            let kad = &mut swarm.behaviour_mut().kad;
             let _ = kad.bootstrap();
             kad.get_providers(key);
         }
     }
 
-    fn publish(&mut self, swarm: &mut Swarm<Behaviour>, now: u64) {
+    /// This tick's message: the full state (every entry this node owns, signed) when it
+    /// changed, when a peer asked for it, every `FULL_EVERY` ticks, and always when
+    /// `always_full` (pairing); else a heartbeat naming the state's digest, which keeps the
+    /// entries alive on the peers that hold that state. Sending every entry every second made
+    /// the leader's message grow with the fleet (one role per node) and every node's message
+    /// carry signatures nobody needed again.
+    fn publish(&mut self, swarm: &mut Swarm<Behaviour>, now: u64, always_full: bool) {
         if self.own.is_empty() {
             return;
         }
-        let ttl = self.ttl();
-        let update = Update {
-            from: self.peer.clone(),
-            entries: self
+        let digest = ledger::digest(
+            self.own
+                .iter()
+                .map(|(k, o)| (k.as_str(), o.value.as_str(), o.stamp)),
+        );
+        let want: Vec<String> = std::mem::take(&mut self.want).into_iter().collect();
+        let full = full_due(always_full, self.sent, digest, self.full_asked, self.ticks);
+        let update = if full {
+            let ttl = self.ttl();
+            let entries = self
                 .own
                 .iter()
                 .map(|(k, o)| (k.clone(), self.own_entry(k, o, ttl)))
-                .collect(),
+                .collect();
+            Update::full(self.peer.clone(), entries, want)
+        } else {
+            Update::beat(self.peer.clone(), digest, want)
         };
         match ledger::seal(&self.token, &update, now / 1000) {
             Ok(msg) => {
-                // No peers yet is normal at start; the next tick sends it again.
-                let _ = swarm
+                // No peers yet is normal at start; the next tick sends the full state again.
+                let sent = swarm
                     .behaviour_mut()
                     .gossipsub
                     .publish(self.names.topic.clone(), msg);
+                if full && sent.is_ok() {
+                    self.sent = Some((digest, self.ticks));
+                    self.full_asked = false;
+                }
             }
             Err(e) => say(&format!("ledger: not sending this node's entries: {e}")),
         }
@@ -1133,20 +1254,22 @@ impl Node {
                 )),
             },
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
-                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (p, a) in list {
-                    by_peer.entry(p).or_default().push(a);
-                }
-                for (p, addrs) in by_peer {
-                    for a in &addrs {
-                        swarm.behaviour_mut().kad.add_address(&p, a.clone());
+                    swarm.behaviour_mut().kad.add_address(&p, a.clone());
+                    let addrs = self.lan.entry(p).or_default();
+                    if !addrs.contains(&a) && addrs.len() < 8 {
+                        addrs.push(a);
                     }
-                    if !swarm.is_connected(&p) {
-                        let opts = DialOpts::peer_id(p)
-                            .addresses(addrs)
-                            .condition(PeerCondition::DisconnectedAndNotDialing)
-                            .build();
-                        let _ = swarm.dial(opts);
+                }
+                self.dial_lan(swarm);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Expired(list))) => {
+                for (p, a) in list {
+                    if let Some(addrs) = self.lan.get_mut(&p) {
+                        addrs.retain(|x| *x != a);
+                        if addrs.is_empty() {
+                            self.lan.remove(&p);
+                        }
                     }
                 }
             }
@@ -1191,9 +1314,31 @@ impl Node {
                 let verdict = match ledger::open(&self.token, &message.data, now / 1000) {
                     Ok(u) if message.source.map(|s| s.to_string()) == Some(u.from.clone()) => {
                         let from = u.from.clone();
+                        if u.want.contains(&self.peer) {
+                            self.full_asked = true;
+                        }
                         let ctx = self.admission(now);
-                        let (changed, refused) = self.ledger.apply(u, &from, &ctx);
+                        let (changed, refused) = if u.beat {
+                            // A heartbeat naming a state this node does not hold: ask for it.
+                            if !self.ledger.refresh(&from, u.digest, now)
+                                && self.want.len() < ledger::MAX_PER_OWNER
+                            {
+                                self.want.insert(from.clone());
+                            }
+                            (Vec::new(), Vec::new())
+                        } else {
+                            self.want.remove(&from);
+                            self.ledger.apply(u, &from, &ctx)
+                        };
                         for (k, why) in &refused {
+                            if let Refusal::AddressTaken { ip, holder } = why
+                                && *holder == self.uuid
+                                && let Some(u) = k.strip_prefix("vpn/lease/")
+                                && self.rivals.len() < ledger::MAX_PER_OWNER
+                            {
+                                self.rivals.retain(|(x, _, _)| x != u);
+                                self.rivals.push((u.to_owned(), *ip, now));
+                            }
                             self.log_refusal(&from, k, why, now);
                         }
                         // What decides roles and the K3s join, as it changes.
@@ -1283,6 +1428,37 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
     std::fs::rename(&tmp, path).at(path, "renaming into place")
 }
 
+/// Whether this tick bootstraps Kademlia and looks up the rendezvous providers: every 5 ticks
+/// during the first minute and while the node has no peer, then every 300. Each bootstrap
+/// and lookup asks (and dials) up to 20 peers; every 5 s on every node that was a steady
+/// stream of queries into a fleet whose members mDNS and the mesh had long found.
+/// With `p2p.bootstrap` peers the first minute is frequent too (other sites are found
+/// through the DHT); a node on a LAN finds its peers by mDNS.
+pub fn dht_due(tick: u64, connected: bool, bootstrap: bool) -> bool {
+    let every = if !connected || (bootstrap && tick <= 60) {
+        5
+    } else {
+        300
+    };
+    tick % every == 1
+}
+
+/// Whether this tick sends the full state (see `Node::publish`): `sent` is the digest and
+/// tick of the last full state sent.
+pub fn full_due(
+    always: bool,
+    sent: Option<(u64, u64)>,
+    digest: u64,
+    asked: bool,
+    tick: u64,
+) -> bool {
+    match sent {
+        _ if always || asked => true,
+        None => true,
+        Some((d, at)) => d != digest || tick.saturating_sub(at) >= FULL_EVERY,
+    }
+}
+
 /// Ticks the live set must stay unchanged before a leader assigns roles. Nodes that start
 /// together can each see only part of the mesh for a tick or two; a node that then counts
 /// itself leader on that partial view would make itself master next to another such node,
@@ -1324,6 +1500,36 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn dht_lookups_are_often_at_first_then_minutes_apart() {
+        let due = |c: bool, b: bool| {
+            (1..=1000u64)
+                .filter(|t| dht_due(*t, c, b))
+                .collect::<Vec<_>>()
+        };
+        // With bootstrap peers: every 5 ticks for a minute, then every 300.
+        let boot = due(true, true);
+        assert_eq!(&boot[..4], &[1, 6, 11, 16]);
+        assert!(boot.contains(&56) && !boot.contains(&61));
+        assert_eq!(&boot[12..], &[301, 601, 901]);
+        // On a LAN once connected: minutes apart from the start.
+        assert_eq!(due(true, false), vec![1, 301, 601, 901]);
+        // Alone, it keeps looking every 5 ticks.
+        assert_eq!(due(false, false).len(), 200);
+        assert_eq!(due(false, true).len(), 200);
+    }
+
+    #[test]
+    fn full_state_on_change_request_and_every_30_ticks_else_heartbeats() {
+        assert!(full_due(false, None, 7, false, 1), "nothing sent yet");
+        assert!(!full_due(false, Some((7, 1)), 7, false, 2));
+        assert!(full_due(false, Some((7, 1)), 8, false, 2), "changed");
+        assert!(full_due(false, Some((7, 1)), 7, true, 2), "asked");
+        assert!(!full_due(false, Some((7, 1)), 7, false, 30));
+        assert!(full_due(false, Some((7, 1)), 7, false, 31), "30 ticks on");
+        assert!(full_due(true, Some((7, 1)), 7, false, 2), "pairing: always");
+    }
 
     #[test]
     fn k3s_specs_per_role() {
