@@ -41,6 +41,9 @@ pub fn base_modules(mode: BootMode) -> &'static [&'static str] {
 /// Modules loaded at once at most: finit_module's work (signature check, relocation, init)
 /// is per module, but the kernel serialises parts of it.
 const MAX_LOAD_THREADS: usize = 4;
+/// How long the device wait looks for the root on the other controllers before it loads the
+/// drivers held back for IDE controllers ([`ModLoader::held`]).
+const IDE_GRACE: Duration = Duration::from_millis(500);
 /// async_probe (a parameter every module takes) lets slow device probes, such as an empty IDE
 /// bus, run in the background while we load the rest and look for disks.
 const LOAD_PARAMS: &str = "async_probe";
@@ -94,11 +97,19 @@ fn step<T>(name: &'static str, f: impl FnOnce() -> T) -> T {
     out
 }
 
-/// Time a part of a top-level step (a device wait, a mount).
+/// Time a part of a top-level step (a device wait, a mount). The system step's parts (some
+/// thirty binds and overlays) are logged as details: in dmesg and the timeline, not on the
+/// console.
 fn substep<T>(parent: &'static str, name: String, f: impl FnOnce() -> T) -> T {
     let start = uptime_ms();
     let out = f();
-    record(name, Some(parent), start, uptime_ms() - start);
+    let dur = uptime_ms() - start;
+    if parent == "system" {
+        log::detail(&format!("step {name}: {dur:.1} ms"));
+        record_quiet(name, Some(parent), start, dur);
+    } else {
+        record(name, Some(parent), start, dur);
+    }
     out
 }
 
@@ -271,6 +282,8 @@ fn find_root(
         if let Some(l) = l.as_mut() {
             // Device drivers first: their (asynchronous) probes find the disks while the
             // filesystem modules load.
+            // An IDE controller's drivers wait: the disks are looked for on the others first.
+            l.hold_ide = req.mode != BootMode::Live;
             l.round();
             // No second walk: the bus drivers just loaded probe asynchronously, so the disks
             // they find show up during the device wait, which walks again.
@@ -316,6 +329,9 @@ fn mount_the_rest(
     // OEM may come late (rd.cos.oemtimeout); give it that long, but only when it is missing.
     if chosen.mode != BootMode::Live && blockdev::find_by_label(&devices, &req.oem_label).is_none()
     {
+        if let Some(l) = loader.as_mut() {
+            l.release_ide(&format!("{} is not on the boot disk yet", req.oem_label));
+        }
         devices = step("oem-wait", || {
             wait_for_label(req, &req.oem_label, req.oem_timeout).unwrap_or(devices)
         });
@@ -408,6 +424,17 @@ struct ModLoader {
     rounds: u32,
     /// How many modules of a round load at once (1: in order, in this process).
     threads: usize,
+    /// Hold back the drivers of PCI IDE controllers ([`modules::is_ide_controller`]): QEMU's
+    /// `pc` machine has one for its CD-ROM whatever bus the disks are on, and its drivers
+    /// (scsi_mod, libata, ata_piix) plus the probe of its buses cost ~0.3 s of a one-CPU TCG
+    /// boot. They are loaded when the root is not found on the other controllers within
+    /// [`IDE_GRACE`], or before any later wait for disks; once the root is found they are
+    /// left to the booted system's udev. Never on a live boot (its medium is often a CD).
+    hold_ide: bool,
+    /// The modules held back so far (names from the index).
+    held: BTreeSet<String>,
+    /// The devices whose modalias was read (a walk reads only new ones).
+    seen: BTreeSet<PathBuf>,
 }
 
 impl ModLoader {
@@ -437,6 +464,9 @@ impl ModLoader {
                     index,
                     tried: modules::loaded(Path::new("/sys")),
                     rounds: 0,
+                    hold_ide: false,
+                    held: BTreeSet::new(),
+                    seen: BTreeSet::new(),
                     // The CPUs this process may run on (std's available_parallelism would also
                     // read cgroup quotas: more code in a size-checked binary, and no cgroups here).
                     threads: rustix::thread::sched_getaffinity(None)
@@ -456,17 +486,39 @@ impl ModLoader {
     fn round(&mut self) -> usize {
         let mut wanted = Vec::new();
         let start = uptime_ms();
-        let aliases = modules::device_modaliases(Path::new("/sys"));
+        let aliases = modules::device_modaliases(Path::new("/sys"), &mut self.seen);
         for alias in &aliases {
-            wanted.extend(self.index.lookup(alias));
+            if self.hold_ide && modules::is_ide_controller(alias) {
+                self.held.extend(self.index.lookup(alias));
+            } else {
+                wanted.extend(self.index.lookup(alias));
+            }
         }
         record_quiet(
-            format!("modalias walk: {} devices", aliases.len()),
+            format!("modalias walk: {} new devices", aliases.len()),
             current_step(),
             start,
             uptime_ms() - start,
         );
         self.load(wanted)
+    }
+
+    /// Loads the modules held back for IDE controllers, saying why; from then on they load
+    /// like any other. Returns how many were newly tried.
+    fn release_ide(&mut self, why: &str) -> usize {
+        self.hold_ide = false;
+        let held: Vec<String> = std::mem::take(&mut self.held)
+            .into_iter()
+            .filter(|m| !self.tried.contains(&modules::normalize(m)))
+            .collect();
+        if held.is_empty() {
+            return 0;
+        }
+        info!(
+            "loading the IDE controller drivers held back ({}): {why}",
+            held.join(" ")
+        );
+        self.load(held)
     }
 
     /// The module for a filesystem about to be mounted (`iso9660` from a live medium, `vfat`,
@@ -645,11 +697,18 @@ fn wait_for_devices(
         .as_ref()
         .filter(|_| req.mode != BootMode::Live)
         .map(|u| format!("UUID={u}"));
-    let deadline = Instant::now() + req.timeout;
+    let started = Instant::now();
+    let deadline = started + req.timeout;
     let mut pause = Duration::from_millis(5);
     let mut logged = false;
     loop {
         if let Some(l) = loader.as_mut() {
+            if l.hold_ide && started.elapsed() >= IDE_GRACE {
+                l.release_ide(&format!(
+                    "{first} not found on the other controllers within {} ms",
+                    IDE_GRACE.as_millis()
+                ));
+            }
             l.round();
         }
         let devs = blockdev::scan(Path::new("/sys"), Path::new("/dev"));
@@ -856,6 +915,9 @@ fn mount_root(
                 .any(|(c, _)| inv.get(c).is_some_and(ImageStatus::may_be_late))
         {
             waited = true;
+            if let Some(l) = loader.as_mut() {
+                l.release_ide("falling back: the first image's source may be on one");
+            }
             if let Some(more) = wait_for_more_disks(devices, LATE_DISKS) {
                 // Unmount what the first look mounted: a better device may now own the label.
                 for s in mounted_sources.drain(..) {

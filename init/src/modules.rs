@@ -769,21 +769,52 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
         .is_some_and(|rest| rest.iter().all(|&b| b == b'*'))
 }
 
-/// The modalias of every device, trimmed, deduplicated and sorted. A device without a
-/// `modalias` file (the mmc bus has none: an SD card's `mmc:block` is only in its uevent)
-/// gives the `MODALIAS=` of its `uevent` instead, when it has no driver yet.
+/// Whether `modalias` is a PCI IDE controller (class 01, subclass 01: `…bc01sc01i…`), the
+/// legacy ATA interface of old boards and of QEMU's `pc` machine, which has one for its CD-ROM
+/// whatever the disks are on. kairos-init holds back the drivers of such controllers while it
+/// looks for the boot disk on the others (see its device wait).
+pub fn is_ide_controller(modalias: &str) -> bool {
+    let Some(rest) = modalias.strip_prefix("pci:") else {
+        return false;
+    };
+    // The class fields follow the IDs: v…d…sv…sd…bc..sc..i..
+    rest.rfind("bc")
+        .and_then(|at| rest.get(at..at + 8))
+        .is_some_and(|class| class.eq_ignore_ascii_case("bc01sc01"))
+}
+
+/// The modaliases of the devices not in `seen`, trimmed, deduplicated and sorted; each
+/// device whose modalias was read goes into `seen` (a modalias never changes, so a later walk
+/// reads only the devices that appeared since). A device without a `modalias` file (the mmc
+/// bus has none: an SD card's `mmc:block` is only in its uevent) gives the `MODALIAS=` of its
+/// `uevent` instead, when it has no driver yet.
 ///
 /// Devices with a modalias sit on a bus, so the devices are taken from sys_root/bus/*/devices
 /// (a few dozen links) rather than by walking all of sys_root/devices (thousands of
-/// directories of attributes: 70-100 ms per walk under TCG, and the boot walks up to three
-/// times). Class devices are not on a bus: an input device's `input:…` modalias (evdev,
-/// joydev) is left to userland, and no such module is in an initramfs. A sysfs without `bus`
-/// is walked instead.
-pub fn device_modaliases(sys_root: &Path) -> Vec<String> {
-    match std::fs::read_dir(sys_root.join("bus")) {
-        Ok(buses) => bus_modaliases(buses),
-        Err(_) => walk_modaliases(sys_root),
+/// directories of attributes: 70-100 ms per walk under TCG). Class devices are not on a bus:
+/// an input device's `input:…` modalias (evdev, joydev) is left to userland, and no such
+/// module is in an initramfs.
+pub fn device_modaliases(sys_root: &Path, seen: &mut BTreeSet<PathBuf>) -> Vec<String> {
+    let mut found = BTreeSet::new();
+    let Ok(buses) = std::fs::read_dir(sys_root.join("bus")) else {
+        return Vec::new();
+    };
+    for bus in buses.flatten() {
+        let Ok(devices) = std::fs::read_dir(bus.path().join("devices")) else {
+            continue;
+        };
+        for dev in devices.flatten() {
+            let path = dev.path();
+            if seen.contains(&path) {
+                continue;
+            }
+            if let Some(alias) = modalias_of(&path) {
+                seen.insert(path);
+                found.insert(alias);
+            }
+        }
     }
+    found.into_iter().collect()
 }
 
 /// A device's modalias, or when it has no such file and no driver, its uevent's MODALIAS=.
@@ -802,70 +833,6 @@ fn modalias_of(dev: &Path) -> Option<String> {
     };
     let text = text.trim();
     (!text.is_empty()).then(|| text.to_string())
-}
-
-fn bus_modaliases(buses: std::fs::ReadDir) -> Vec<String> {
-    let mut found = BTreeSet::new();
-    for bus in buses.flatten() {
-        let Ok(devices) = std::fs::read_dir(bus.path().join("devices")) else {
-            continue;
-        };
-        found.extend(devices.flatten().filter_map(|d| modalias_of(&d.path())));
-    }
-    found.into_iter().collect()
-}
-
-/// Every `modalias` file under sys_root/devices (symlinks not followed, depth ≤ 32); the
-/// uevent's MODALIAS= of a device without one when it has no driver and is not a class device
-/// (no `dev`); `devices/virtual` has none worth loading for.
-fn walk_modaliases(sys_root: &Path) -> Vec<String> {
-    let mut found = BTreeSet::new();
-    let virtual_dir = sys_root.join("devices/virtual");
-    // Explicit stack: sysfs trees are wide, and recursion buys nothing here.
-    let mut dirs = vec![(sys_root.join("devices"), 0usize)];
-    while let Some((dir, depth)) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        let (mut modalias, mut uevent, mut bound_or_class) = (false, false, false);
-        for entry in entries.flatten() {
-            let Ok(kind) = entry.file_type() else {
-                continue;
-            };
-            if kind.is_dir() {
-                if depth + 1 < MAX_DEPTH {
-                    dirs.push((entry.path(), depth + 1));
-                }
-                continue;
-            }
-            match entry.file_name().to_str() {
-                Some("modalias") if kind.is_file() => modalias = true,
-                Some("uevent") if kind.is_file() => uevent = true,
-                Some("driver" | "dev") => bound_or_class = true,
-                _ => {}
-            }
-        }
-        let text = if modalias {
-            std::fs::read_to_string(dir.join("modalias")).ok()
-        } else if uevent && !bound_or_class && !dir.starts_with(&virtual_dir) {
-            std::fs::read_to_string(dir.join("uevent"))
-                .ok()
-                .and_then(|t| {
-                    t.lines()
-                        .find_map(|l| l.strip_prefix("MODALIAS="))
-                        .map(str::to_string)
-                })
-        } else {
-            None
-        };
-        if let Some(text) = text {
-            let text = text.trim();
-            if !text.is_empty() {
-                found.insert(text.to_string());
-            }
-        }
-    }
-    found.into_iter().collect()
 }
 
 /// Names of modules currently loaded, or built in with a sysfs presence: entries of
@@ -1548,64 +1515,9 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
     }
 
     #[test]
-    fn sysfs_modaliases_and_loaded() {
+    fn loaded_modules_are_read_from_sys_module() {
         let dir = tempfile::tempdir().expect("test setup");
         let sys = dir.path();
-        let dev = sys.join("devices/pci0000:00/0000:00:04.0");
-        std::fs::create_dir_all(dev.join("virtio1")).expect("test setup");
-        std::fs::write(
-            dev.join("modalias"),
-            "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00\n",
-        )
-        .expect("test setup");
-        std::fs::write(dev.join("virtio1/modalias"), "virtio:d00000002v00001AF4\n")
-            .expect("test setup");
-        let other = sys.join("devices/platform/serial8250");
-        std::fs::create_dir_all(&other).expect("test setup");
-        std::fs::write(other.join("modalias"), "platform:serial8250\n").expect("test setup");
-        std::fs::write(other.join("empty"), "").expect("test setup");
-        let dup = sys.join("devices/platform/serial8250/tty");
-        std::fs::create_dir_all(&dup).expect("test setup");
-        std::fs::write(dup.join("modalias"), "platform:serial8250").expect("test setup");
-        // An SD card: no modalias file, MODALIAS only in its uevent (read while unbound).
-        let card = dev.join("mmc_host/mmc0/mmc0:4567");
-        std::fs::create_dir_all(&card).expect("test setup");
-        std::fs::write(card.join("uevent"), "MMC_TYPE=SD\nMODALIAS=mmc:block\n")
-            .expect("test setup");
-        // Bound devices, class devices and virtual ones are not read.
-        for (d, extra) in [
-            (
-                "devices/pci0000:00/0000:00:04.0/mmc_host/mmc1/mmc1:0001",
-                "driver",
-            ),
-            ("devices/pci0000:00/0000:00:04.0/block/sda", "dev"),
-            ("devices/virtual/misc/x", ""),
-        ] {
-            let d = sys.join(d);
-            std::fs::create_dir_all(&d).expect("test setup");
-            std::fs::write(d.join("uevent"), "MODALIAS=not:wanted\n").expect("test setup");
-            if !extra.is_empty() {
-                std::fs::write(d.join(extra), "").expect("test setup");
-            }
-        }
-        // A symlink loop as sysfs has (subsystem -> ../..) must not be followed.
-        std::os::unix::fs::symlink("../..", dev.join("subsystem")).expect("test setup");
-        // Deeper than the limit is ignored.
-        let mut deep = sys.join("devices/deep");
-        for i in 0..40 {
-            deep.push(format!("d{i}"));
-        }
-        std::fs::create_dir_all(&deep).expect("test setup");
-        std::fs::write(deep.join("modalias"), "too:deep").expect("test setup");
-        assert_eq!(
-            device_modaliases(sys),
-            [
-                "mmc:block",
-                "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00",
-                "platform:serial8250",
-                "virtio:d00000002v00001AF4"
-            ]
-        );
         assert!(loaded(sys).is_empty());
         for m in ["virtio_blk", "ext4", "crc32c-intel"] {
             std::fs::create_dir_all(sys.join("module").join(m)).expect("test setup");
@@ -1614,7 +1526,8 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
             loaded(sys).into_iter().collect::<Vec<_>>(),
             ["crc32c_intel", "ext4", "virtio_blk"]
         );
-        assert!(device_modaliases(&sys.join("nope")).is_empty());
+        // A sysfs without bus/ has no devices to load for.
+        assert!(device_modaliases(&sys.join("nope"), &mut BTreeSet::new()).is_empty());
     }
 
     #[test]
@@ -1679,14 +1592,29 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
         }
         // A bus without devices/ is skipped.
         std::fs::create_dir_all(sys.join("bus/none")).expect("test setup");
+        let mut seen = BTreeSet::new();
         assert_eq!(
-            device_modaliases(sys),
+            device_modaliases(sys, &mut seen),
             [
                 "cpu:type:x86,ven0000fam0006mod0006:feature:,0000",
                 "mmc:block",
                 "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00",
                 "virtio:d00000002v00001AF4"
             ]
+        );
+        // The next walk reads only devices that appeared since.
+        assert!(device_modaliases(sys, &mut seen).is_empty());
+        let disk = pci.join("virtio1/block-dev");
+        std::fs::create_dir_all(&disk).expect("test setup");
+        std::fs::write(disk.join("modalias"), "virtio:d00000001v00001AF4\n").expect("test setup");
+        std::os::unix::fs::symlink(
+            "../../../devices/pci0000:00/0000:00:04.0/virtio1/block-dev",
+            sys.join("bus/virtio/devices/virtio2"),
+        )
+        .expect("test setup");
+        assert_eq!(
+            device_modaliases(sys, &mut seen),
+            ["virtio:d00000001v00001AF4"]
         );
     }
 
@@ -1765,5 +1693,26 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
             start.elapsed()
         );
         assert_eq!(everything.len(), all.len());
+    }
+
+    #[test]
+    fn ide_controllers_are_told_by_their_pci_class() {
+        // QEMU's PIIX3 IDE, an AHCI controller (0106), an NVMe (0108), virtio-blk (0100).
+        assert!(is_ide_controller(
+            "pci:v00008086d00007010sv00001AF4sd00001100bc01sc01i80"
+        ));
+        assert!(!is_ide_controller(
+            "pci:v00008086d00002922sv00001AF4sd00001100bc01sc06i01"
+        ));
+        assert!(!is_ide_controller(
+            "pci:v00001B36d00000010sv00001AF4sd00001100bc01sc08i02"
+        ));
+        assert!(!is_ide_controller(
+            "pci:v00001AF4d00001001sv00001AF4sd00000002bc01sc00i00"
+        ));
+        // Not PCI, or cut short.
+        assert!(!is_ide_controller("virtio:d00000002v00001AF4"));
+        assert!(!is_ide_controller("pci:v00008086d00007010bc01"));
+        assert!(!is_ide_controller(""));
     }
 }

@@ -274,13 +274,16 @@ pub fn assert_lacks(r: &BootResult, needle: &str) {
 }
 
 /// How the test disk is attached: the same initramfs must find it on each.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bus {
     /// An AHCI (SATA) controller with the disk as its first port.
     Sata,
     Nvme,
     /// USB storage (bulk-only) behind an xHCI controller; SeaBIOS boots from it.
     Usb,
+    /// The `pc` machine's own PIIX IDE controller (the legacy interface kairos-init holds
+    /// back while it looks for the disk on the others).
+    Ide,
     /// An SD card behind an SDHCI PCI controller. QEMU wants the image 1, 2 or 4 GiB
     /// ([`grow_for_sd`]); no firmware here boots from it: direct kernel boots only.
     Sd,
@@ -301,6 +304,7 @@ impl Bus {
                 "usb-storage,bus=xhci.0,drive=d0,bootindex=0",
             ],
             Bus::Sd => &["sdhci-pci", "sd-card,drive=d0"],
+            Bus::Ide => &["ide-hd,drive=d0,bus=ide.0"],
         };
         let mut args = vec!["-drive".to_string(), drive];
         for d in devices {
@@ -443,7 +447,9 @@ pub fn assert_active_read_only(r: &BootResult, what: &str) {
     // The timeline: top-level steps, each mount, and switch_root itself.
     assert_has(r, "kairos-init: step modules: ");
     assert_has(r, "kairos-init: step loop-mount /cOS/active.img: ");
-    assert_has(r, "kairos-init: step bind /sysroot/etc/ssh: ");
+    // The system step's binds are details (dmesg, not the console) and in the timeline.
+    assert_has(r, "kairos-init: step system: ");
+    assert_has(r, "KAIROS-TEST: timeline has bind /sysroot/etc/ssh");
     assert_has(r, "kairos-init: step switch_root: ");
     assert_has(r, "; peak RSS ");
     let t = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: switch_root")
