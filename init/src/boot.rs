@@ -41,8 +41,8 @@ pub fn base_modules(mode: BootMode) -> &'static [&'static str] {
 /// Modules loaded at once at most: finit_module's work (signature check, relocation, init)
 /// is per module, but the kernel serialises parts of it.
 const MAX_LOAD_THREADS: usize = 4;
-/// How long the device wait looks for the root on the other controllers before it loads the
-/// drivers held back for IDE controllers ([`ModLoader::held`]).
+/// How long the device wait must have seen no new module and no new block device before it
+/// loads the drivers held back for IDE controllers ([`ModLoader::held`]).
 const IDE_GRACE: Duration = Duration::from_millis(500);
 /// async_probe (a parameter every module takes) lets slow device probes, such as an empty IDE
 /// bus, run in the background while we load the rest and look for disks.
@@ -427,9 +427,10 @@ struct ModLoader {
     /// Hold back the drivers of PCI IDE controllers ([`modules::is_ide_controller`]): QEMU's
     /// `pc` machine has one for its CD-ROM whatever bus the disks are on, and its drivers
     /// (scsi_mod, libata, ata_piix) plus the probe of its buses cost ~0.3 s of a one-CPU TCG
-    /// boot. They are loaded when the root is not found on the other controllers within
-    /// [`IDE_GRACE`], or before any later wait for disks; once the root is found they are
-    /// left to the booted system's udev. Never on a live boot (its medium is often a CD).
+    /// boot. They are loaded when the root is not found once the other controllers have
+    /// settled ([`IDE_GRACE`] without a new module or block device), or before any later wait
+    /// for disks; once the root is found they are left to the booted system's udev. Never on
+    /// a live boot (its medium is often a CD).
     hold_ide: bool,
     /// The modules held back so far (names from the index).
     held: BTreeSet<String>,
@@ -697,19 +698,24 @@ fn wait_for_devices(
         .as_ref()
         .filter(|_| req.mode != BootMode::Live)
         .map(|u| format!("UUID={u}"));
-    let started = Instant::now();
-    let deadline = started + req.timeout;
+    let deadline = Instant::now() + req.timeout;
     let mut pause = Duration::from_millis(5);
     let mut logged = false;
+    // Since when no module was loaded and no block device appeared: the other controllers'
+    // disks have settled (an AHCI link takes ~0.5 s to come up under TCG).
+    let mut quiet_since = Instant::now();
+    let mut known = 0;
     loop {
         if let Some(l) = loader.as_mut() {
-            if l.hold_ide && started.elapsed() >= IDE_GRACE {
+            if l.hold_ide && quiet_since.elapsed() >= IDE_GRACE {
                 l.release_ide(&format!(
-                    "{first} not found on the other controllers within {} ms",
+                    "{first} not found, and no new device for {} ms",
                     IDE_GRACE.as_millis()
                 ));
             }
-            l.round();
+            if l.round() > 0 {
+                quiet_since = Instant::now();
+            }
         }
         let devs = blockdev::scan(Path::new("/sys"), Path::new("/dev"));
         let state_found = state
@@ -717,6 +723,10 @@ fn wait_for_devices(
             .is_none_or(|s| blockdev::find_spec(&devs, s).is_some());
         if state_found && blockdev::find_spec(&devs, &first).is_some() {
             return (devs, true);
+        }
+        if devs.len() > known {
+            known = devs.len();
+            quiet_since = Instant::now();
         }
         if Instant::now() >= deadline {
             warn!(

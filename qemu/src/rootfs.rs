@@ -46,7 +46,7 @@ if [ -e /etc/kairos-test-nowrite ]; then echo "KAIROS-TEST: no test files writte
 echo written > /etc/kairos-test-overlay && echo written > /usr/local/kairos-test-persist && echo written > /etc/ssh/kairos-test-state && echo written > /var/log/kairos-test-state && echo "KAIROS-TEST: wrote test files"
 fi
 while read -r dev mnt fs opts rest; do echo "KAIROS-TEST: mount $mnt $fs $opts"; done < /proc/mounts
-grep -q '"bind /sysroot/etc/ssh"' /run/kairos/boot-timeline.json 2>/dev/null && echo "KAIROS-TEST: timeline has bind /sysroot/etc/ssh"
+grep -q '"bind /sysroot/etc/ssh"' /run/kairos/boot-timeline.json 2>/dev/null && echo "KAIROS-TEST: boot-timeline.json has bind /sysroot/etc/ssh"
 sync
 image=$(cat /etc/kairos-image)
 if [ -e "/oem/kairos-test-fail-$image" ]; then
