@@ -180,6 +180,16 @@ pub struct BenchReport {
     pub stock_modules: Vec<String>,
     pub build_time: Duration,
     pub boot_time: Duration,
+    /// Boots done again because the kernel hung before it ran /init (see [`hung_before_init`]).
+    pub retried: Vec<String>,
+}
+
+/// Whether a failed boot's serial log shows the kernel never ran the initramfs: under
+/// multi-threaded TCG (`--smp 2`) the guest kernel has been seen to hang in its own early
+/// set-up, before any initramfs is involved. Such a boot is done again, once, and said so;
+/// any failure after /init started stays an error.
+pub fn hung_before_init(log: &str) -> bool {
+    !log.contains("Run /init as init process")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -396,9 +406,25 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
     fs::create_dir_all(&logs).at(&logs, "creating")?;
     let boot_start = Instant::now();
     progress(&format!("{} vCPU(s) per boot (-smp)", spec.smp));
+    let mut retried = Vec::new();
     for run in 1..=spec.runs {
         for v in variants.iter_mut() {
-            let sample = boot_once(spec, v, &disk_path, &active, &logs, run)?;
+            let sample = match boot_once(spec, v, &disk_path, &active, &logs, run) {
+                Err(BenchError::Missing { tag, run, log, .. })
+                    if fs::read_to_string(&log).is_ok_and(|l| hung_before_init(&l)) =>
+                {
+                    let kept = log.with_extension("hung.log");
+                    fs::rename(&log, &kept).at(&log, "keeping the hung boot's log")?;
+                    let note = format!(
+                        "({tag}) run {run}: the kernel hung before it ran /init (log {}); booted again",
+                        kept.display()
+                    );
+                    progress(&note);
+                    retried.push(note);
+                    boot_once(spec, v, &disk_path, &active, &logs, run)?
+                }
+                other => other?,
+            };
             progress(&format!(
                 "run {run}/{} ({}) {:<24} switch_root {:.3} s, image init {}, wall {:.1} s",
                 spec.runs,
@@ -424,6 +450,7 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
         stock_modules,
         build_time,
         boot_time: boot_start.elapsed(),
+        retried,
     })
 }
 
@@ -640,6 +667,9 @@ impl BenchReport {
             self.build_time.as_secs_f64(),
             self.boot_time.as_secs_f64()
         );
+        for r in &self.retried {
+            let _ = writeln!(s, "retried: {r}");
+        }
         let (size, sr) = self.ratios(Variant::Ours).unwrap_or((f64::NAN, f64::NAN));
         let _ = write!(
             s,
@@ -718,7 +748,21 @@ mod tests {
             stock_modules: vec!["systemd".into(), "base".into()],
             build_time: Duration::from_secs(60),
             boot_time: Duration::from_secs(100),
+            retried: vec![
+                "(a) run 2: the kernel hung before it ran /init (log a-2.hung.log); booted again"
+                    .into(),
+            ],
         }
+    }
+
+    #[test]
+    fn only_a_boot_that_never_ran_init_counts_as_a_kernel_hang() {
+        assert!(hung_before_init(
+            "[    1.098108] NET: Registered PF_INET protocol family\n"
+        ));
+        assert!(!hung_before_init(
+            "[    1.762665] Run /init as init process\n[    1.813368] kairos-init: starting\n"
+        ));
     }
 
     #[test]
@@ -765,6 +809,10 @@ mod tests {
         let last = text.lines().last().expect("lines");
         assert_eq!(last, "ratios vs stock dracut: size 20.0x, switch_root 4.5x");
         assert!(text.contains("1,390,272"), "{text}");
+        assert!(
+            text.contains("\nretried: (a) run 2: the kernel hung before it ran /init"),
+            "{text}"
+        );
         assert!(
             text.contains("peak RSS 3050 KiB (median of 6 boots"),
             "{text}"
