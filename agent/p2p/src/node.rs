@@ -1013,7 +1013,9 @@ impl Node {
             let opts = DialOpts::peer_id(p)
                 .addresses(addrs)
                 .extend_addresses_through_behaviour()
-                .condition(PeerCondition::DisconnectedAndNotDialing)
+                // Not held back by a dial under way: Kademlia dials the peer's NATed addresses
+                // when it learns them, and such a dial hangs until it times out.
+                .condition(PeerCondition::Disconnected)
                 .build();
             // Failures (the peer has no reservation yet) show up as a connection error and
             // are tried again in a few seconds.
