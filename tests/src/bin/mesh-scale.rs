@@ -448,6 +448,8 @@ fn main() -> Result<()> {
         bail!("--nodes: each N must be 2..=250 (one /24 for the LAN)");
     }
     require_root();
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    let _neigh = NeighLimits::raise(largest)?;
     let agent = bench_agent()?;
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -493,6 +495,52 @@ fn main() -> Result<()> {
         bail!("not every N completed (see above)");
     }
     Ok(())
+}
+
+/// The kernel's IPv4 neighbour (ARP) table is one table for every namespace, its hard limit
+/// `gc_thresh3` (1024 by default) shared by all: N namespaces hold up to N − 1 LAN neighbours
+/// each, and as many `edgevpn0` ones, about 2·N² in all. At 50 nodes it overflowed ("neighbor
+/// table overflow!" in dmesg): new connections failed with "No route to host" and `ping` on
+/// `edgevpn0` with ENOBUFS. Raised for the run, put back after.
+struct NeighLimits {
+    old: Vec<(String, String)>,
+}
+
+const NEIGH: &str = "/proc/sys/net/ipv4/neigh/default";
+
+impl NeighLimits {
+    fn raise(n: usize) -> Result<NeighLimits> {
+        let want = 4 * n * n;
+        let mut old = Vec::new();
+        for (name, v) in [
+            ("gc_thresh1", want / 4),
+            ("gc_thresh2", want / 2),
+            ("gc_thresh3", want),
+        ] {
+            let path = format!("{NEIGH}/{name}");
+            let cur = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {path}"))?
+                .trim()
+                .to_owned();
+            if cur.parse::<usize>().unwrap_or(0) >= v {
+                continue;
+            }
+            std::fs::write(&path, v.to_string()).with_context(|| format!("writing {path}"))?;
+            eprintln!(
+                "mesh-scale: {path} {cur} -> {v} for the run (ARP table shared by all namespaces)"
+            );
+            old.push((path, cur));
+        }
+        Ok(NeighLimits { old })
+    }
+}
+
+impl Drop for NeighLimits {
+    fn drop(&mut self) {
+        for (path, v) in &self.old {
+            let _ = std::fs::write(path, v);
+        }
+    }
 }
 
 fn loadavg() -> String {
