@@ -449,7 +449,10 @@ pub fn assert_active_read_only(r: &BootResult, what: &str) {
     assert_has(r, "kairos-init: step loop-mount /cOS/active.img: ");
     // The system step's binds are details (dmesg, not the console) and in the timeline.
     assert_has(r, "kairos-init: step system: ");
-    assert_has(r, "KAIROS-TEST: boot-timeline.json has bind /sysroot/etc/ssh");
+    assert_has(
+        r,
+        "KAIROS-TEST: boot-timeline.json has bind /sysroot/etc/ssh",
+    );
     assert_has(r, "kairos-init: step switch_root: ");
     assert_has(r, "; peak RSS ");
     let t = kairos_qemu::boot::kmsg_time(&r.log, "kairos-init: switch_root")
