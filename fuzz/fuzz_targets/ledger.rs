@@ -97,7 +97,13 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => {
             let mut u = Unstructured::new(rest);
-            let (Ok(from), Ok(entries)) = (String::arbitrary(&mut u), Vec::<FuzzEntry>::arbitrary(&mut u)) else {
+            let (Ok(from), Ok(entries), Ok(digest), Ok(beat), Ok(want)) = (
+                String::arbitrary(&mut u),
+                Vec::<FuzzEntry>::arbitrary(&mut u),
+                u64::arbitrary(&mut u),
+                bool::arbitrary(&mut u),
+                Vec::<String>::arbitrary(&mut u),
+            ) else {
                 return;
             };
             let update = Update {
@@ -108,6 +114,9 @@ fuzz_target!(|data: &[u8]| {
                         (e.key, Entry { value: e.value, owner: e.owner, stamp: e.stamp, ttl: e.ttl, sig: e.sig })
                     })
                     .collect(),
+                digest,
+                beat,
+                want,
             };
             if let Ok(m) = ledger::seal(&token, &update, NOW) {
                 let back = ledger::open(&token, &m, NOW).expect("a sealed update must open");
