@@ -722,7 +722,7 @@ fn wait_for_devices(
             .as_ref()
             .is_none_or(|s| blockdev::find_spec(&devs, s).is_some());
         if state_found && blockdev::find_spec(&devs, &first).is_some() {
-            return (devs, true);
+            return (settle(devs), true);
         }
         if devs.len() > known {
             known = devs.len();
@@ -744,6 +744,25 @@ fn wait_for_devices(
         pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
+
+/// The block devices once their number holds for [`SETTLE`]: the kernel adds a disk's
+/// partitions one by one, so a scan that found COS_STATE may have run before the disk's last
+/// partition (COS_PERSISTENT) was there; a boot then took /usr/local for missing. At most
+/// ten looks.
+fn settle(mut devs: Vec<BlockDev>) -> Vec<BlockDev> {
+    for _ in 0..10 {
+        std::thread::sleep(SETTLE);
+        let again = blockdev::scan(Path::new("/sys"), Path::new("/dev"));
+        if again.len() == devs.len() {
+            return again;
+        }
+        devs = again;
+    }
+    devs
+}
+
+/// See [`settle`].
+const SETTLE: Duration = Duration::from_millis(20);
 
 fn wait_for_more_disks(known: &[BlockDev], timeout: Duration) -> Option<Vec<BlockDev>> {
     info!(
