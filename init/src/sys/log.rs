@@ -48,9 +48,14 @@ pub fn write(level: Level, msg: &str) {
     if level == Level::Debug && !s.debug {
         return;
     }
-    // kmsg takes one record per write; long messages are split so none is truncated.
+    to_kmsg(&mut s, level as u8, msg);
+}
+
+/// kmsg takes one record per write; long messages are split so none is truncated. Without
+/// kmsg, lines go to stderr.
+fn to_kmsg(s: &mut Sink, prio: u8, msg: &str) {
     for line in msg.lines() {
-        let rec = format!("<{}>kairos-init: {line}\n", level as u8);
+        let rec = format!("<{prio}>kairos-init: {line}\n");
         let ok = match s.kmsg.as_mut() {
             Some(k) => k.write_all(rec.as_bytes()).is_ok(),
             None => false,
@@ -61,22 +66,13 @@ pub fn write(level: Level, msg: &str) {
     }
 }
 
-/// A detail line (each bind of the system step): into the kernel log at debug level, so it
-/// is in dmesg but not printed on the consoles at the default console log level (under TCG
-/// every line on a serial console costs ~0.5 ms of the boot). With `rd.kairos.debug` it is an
-/// info line like the others.
+/// A detail line (each bind of the system step): into the kernel log at debug priority, so
+/// it is in dmesg but not on the consoles at the default console log level; with
+/// `rd.kairos.debug` it is an info line like the others.
 pub fn detail(msg: &str) {
-    let debug = SINK.lock().map(|s| s.debug).unwrap_or(false);
-    if debug {
-        write(Level::Info, msg);
-        return;
-    }
     let Ok(mut s) = SINK.lock() else { return };
-    if let Some(k) = s.kmsg.as_mut() {
-        for line in msg.lines() {
-            let _ = k.write_all(format!("<7>kairos-init: {line}\n").as_bytes());
-        }
-    }
+    let prio = if s.debug { Level::Info } else { Level::Debug };
+    to_kmsg(&mut s, prio as u8, msg);
 }
 
 /// A fatal message goes to the kernel log and to every console the user asked for, so a node
