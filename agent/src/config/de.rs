@@ -8,8 +8,6 @@ use serde::de::Error;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-use super::schema::{Id, Step, User};
-
 pub fn scalar_string(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
@@ -155,9 +153,11 @@ pub fn list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<
     Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
 }
 
-pub fn stages<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Vec<Step>>, D::Error> {
-    // Per stage, a list of steps; a null stage is an empty one.
-    let m = Option::<BTreeMap<String, Option<Vec<Step>>>>::deserialize(d)?.unwrap_or_default();
+/// A mapping whose null values are the default (`stages: {boot: null}`, `users: {bob: null}`).
+pub fn map_defaults<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> Result<BTreeMap<String, T>, D::Error> {
+    let m = Option::<BTreeMap<String, Option<T>>>::deserialize(d)?.unwrap_or_default();
     Ok(m.into_iter()
         .map(|(k, v)| (k, v.unwrap_or_default()))
         .collect())
@@ -209,33 +209,6 @@ pub fn mode<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
             "permissions: expected a mode, found {v}"
         ))),
     }
-}
-
-/// An owner or group: a number, a numeric string or a name.
-pub fn id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Id>, D::Error> {
-    match Value::deserialize(d)? {
-        Value::Null => Ok(None),
-        Value::Number(n) => n
-            .as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .map(|n| Some(Id::Num(n)))
-            .ok_or_else(|| D::Error::custom(format!("{n}: not a user or group id"))),
-        Value::String(s) if s.is_empty() => Ok(None),
-        Value::String(s) => Ok(Some(match s.parse() {
-            Ok(n) => Id::Num(n),
-            Err(_) => Id::Name(s),
-        })),
-        v => Err(D::Error::custom(format!(
-            "expected an id or a name, found {v}"
-        ))),
-    }
-}
-
-pub fn users_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, User>, D::Error> {
-    let m = Option::<BTreeMap<String, Option<User>>>::deserialize(d)?.unwrap_or_default();
-    Ok(m.into_iter()
-        .map(|(k, v)| (k, v.unwrap_or_default()))
-        .collect())
 }
 
 pub fn keys_map<'de, D: Deserializer<'de>>(

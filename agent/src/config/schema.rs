@@ -13,7 +13,7 @@ use super::de;
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct Config {
-    #[serde(deserialize_with = "de::stages")]
+    #[serde(deserialize_with = "de::map_defaults")]
     pub stages: BTreeMap<String, Vec<Step>>,
     /// cloud-init `users:` (a list); mapped to a `boot` step.
     #[serde(deserialize_with = "de::list")]
@@ -327,7 +327,7 @@ pub struct Step {
     pub directories: Vec<Directory>,
     #[serde(deserialize_with = "de::commands")]
     pub commands: Vec<String>,
-    #[serde(deserialize_with = "de::users_map")]
+    #[serde(deserialize_with = "de::map_defaults")]
     pub users: BTreeMap<String, User>,
     #[serde(deserialize_with = "de::keys_map")]
     pub authorized_keys: BTreeMap<String, Vec<String>>,
@@ -404,6 +404,26 @@ pub enum Id {
     Name(String),
 }
 
+/// An owner or group field: a number, a numeric string or a name; empty is none.
+fn opt_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Id>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(|n| Some(Id::Num(n)))
+            .ok_or_else(|| serde::de::Error::custom(format!("{n}: not a user or group id"))),
+        Value::String(s) if s.is_empty() => Ok(None),
+        Value::String(s) => Ok(Some(match s.parse() {
+            Ok(n) => Id::Num(n),
+            Err(_) => Id::Name(s),
+        })),
+        v => Err(serde::de::Error::custom(format!(
+            "expected an id or a name, found {v}"
+        ))),
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct File {
@@ -413,9 +433,9 @@ pub struct File {
     pub content: String,
     #[serde(deserialize_with = "de::mode")]
     pub permissions: Option<u32>,
-    #[serde(deserialize_with = "de::id")]
+    #[serde(deserialize_with = "opt_id")]
     pub owner: Option<Id>,
-    #[serde(deserialize_with = "de::id")]
+    #[serde(deserialize_with = "opt_id")]
     pub group: Option<Id>,
     /// `b64`/`base64`, `gz`/`gzip`, or both (`gz+b64`, …).
     #[serde(deserialize_with = "de::opt_string")]
@@ -435,9 +455,9 @@ pub struct Directory {
     pub path: String,
     #[serde(deserialize_with = "de::mode")]
     pub permissions: Option<u32>,
-    #[serde(deserialize_with = "de::id")]
+    #[serde(deserialize_with = "opt_id")]
     pub owner: Option<Id>,
-    #[serde(deserialize_with = "de::id")]
+    #[serde(deserialize_with = "opt_id")]
     pub group: Option<Id>,
 }
 
@@ -450,9 +470,9 @@ pub struct Download {
     pub url: String,
     #[serde(deserialize_with = "de::mode")]
     pub permissions: Option<u32>,
-    #[serde(deserialize_with = "de::id")]
+    #[serde(deserialize_with = "opt_id")]
     pub owner: Option<Id>,
-    #[serde(deserialize_with = "de::id")]
+    #[serde(deserialize_with = "opt_id")]
     pub group: Option<Id>,
     #[serde(deserialize_with = "de::opt_u32")]
     pub timeout: Option<u32>,
