@@ -1805,8 +1805,9 @@ pub fn resolve_device(
     Ok(picked)
 }
 
-/// The disk `install.auto` installs to: `install.device`, or for `auto` the pick of
-/// [`device::pick_auto`] (never the live medium; removable and USB disks only with
+/// The disk `install.auto` installs to: `install.device`, or for `auto` (also when it is
+/// unset, as upstream: the live ISO's install entry passes only `install.auto=true`) the
+/// pick of [`device::pick_auto`] (never the live medium; removable and USB disks only with
 /// `install.allow-removable`). Without `install.force`, a disk that already holds a Kairos
 /// installation (a COS_STATE or COS_PERSISTENT on it) is refused
 /// ([`InstallError::HoldsKairos`]), before anything is written.
@@ -1815,12 +1816,12 @@ pub fn auto_target(
     wanted: &config::Install,
     log: &mut dyn Write,
 ) -> Result<PathBuf, InstallError> {
-    let dev = wanted
-        .device
-        .as_deref()
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .ok_or(InstallError::NoDevice)?;
+    let dev = match wanted.device.as_deref().map(str::trim) {
+        Some(d) if !d.is_empty() => d,
+        // install.no-format installs onto the partitions of a named disk: no guessing.
+        _ if wanted.no_format => return Err(InstallError::NoDevice),
+        _ => "auto",
+    };
     let (path, found) = if dev == "auto" {
         let policy = device::AutoPolicy {
             removable: wanted.allow_removable,
@@ -2621,6 +2622,41 @@ mod tests {
         );
         assert!(log.ends_with(want), "{log}");
         assert!(!ctx.path("/run/kairos/auto-install.yaml").exists());
+    }
+
+    #[test]
+    fn the_iso_install_entry_alone_picks_the_disk_as_device_auto() {
+        use device::fake::{Fake, PCI};
+        let f = Fake::new();
+        f.disk(PCI, "testdisk", (240, 0), 8, false);
+        f.t.file("/run/cos/live_mode", "");
+        f.t.file("/dev/console", "");
+        // No config anywhere: only what the ISO's "install" menu entry puts on the command line.
+        f.t.file(
+            "/proc/cmdline",
+            format!(
+                "root=live:CDLABEL=COS_LIVE {}\n",
+                kairos_init::grubcfg::LIVE_INSTALL_ARGS
+            ),
+        );
+        let ctx = &f.t.ctx;
+        let loaded = crate::sources::load(ctx, &LoadOptions::default());
+        let wanted = loaded
+            .merged
+            .install
+            .clone()
+            .expect("install block from the command line");
+        assert!(wanted.auto && wanted.device.is_none(), "{wanted:?}");
+        let (r, _, log) = crate::testutil::run(|_, e| auto_target(ctx, &wanted, e));
+        assert_eq!(r.expect("picked"), PathBuf::from("/dev/testdisk"), "{log}");
+        assert!(log.contains("install: device auto: /dev/testdisk"), "{log}");
+        // install.no-format names its disk: nothing is guessed.
+        let named = config::Install {
+            no_format: true,
+            ..wanted
+        };
+        let (r, _, _) = crate::testutil::run(|_, e| auto_target(ctx, &named, e));
+        assert!(matches!(r, Err(InstallError::NoDevice)), "{r:?}");
     }
 
     #[test]
