@@ -408,7 +408,7 @@ fn early_mounts() {
         let _ = fsutil::mkdir_p(Path::new(target));
         // EBUSY: already mounted (a dracut hook or a second run), which is fine.
         if let Err(e) = mount::mount(src, Path::new(target), fstype, flags, data)
-            && e.source.raw_os_error() != Some(libc::EBUSY)
+            && e.err.raw_os_error() != Some(libc::EBUSY)
         {
             eprintln!("kairos-init: {e}");
         }
@@ -1359,4 +1359,28 @@ fn peak_rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_modules_mount_what_each_boot_mode_needs() {
+        for mode in [
+            BootMode::Active,
+            BootMode::Passive,
+            BootMode::Recovery,
+            BootMode::Live,
+        ] {
+            let m = base_modules(mode);
+            // ext4 also on live boots: the live installer mounts the ext4s it makes and the
+            // initramfs has no modprobe to load it later.
+            for want in ["loop", "ext4", "overlay"] {
+                assert!(m.contains(&want), "{mode:?}: {want} missing from {m:?}");
+            }
+            let squash = matches!(mode, BootMode::Recovery | BootMode::Live);
+            assert_eq!(m.contains(&"squashfs"), squash, "{mode:?}: {m:?}");
+        }
+    }
 }
