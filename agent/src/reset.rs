@@ -1027,21 +1027,17 @@ fn rebuild_images(
 ) -> Result<u64, ResetError> {
     let cos = &state.cos;
     build_transition(ctx, src, cos, log)?;
-    // after-reset-chroot, in the new image before it becomes active.
-    if let Some(r) = crate::upgrade::chroot::run_in_image(
+    // after-reset-chroot, in the new image before it becomes active. Failed with strict:
+    // transition.img is removed, active.img untouched, the reset still pending.
+    crate::upgrade::chroot::hook::<ResetError>(
         &cos.join(TRANSITION),
         &ctx.path("/run/kairos/reset-chroot"),
         "after-reset-chroot",
         &loaded.sources,
+        crate::stages::strictness(loaded).as_deref(),
+        "reset",
         log,
-    )? && !r.ok()
-    {
-        let _ = writeln!(
-            log,
-            "kairos-agent: warning: stage after-reset-chroot: {} step(s) failed; the reset goes on",
-            r.failures.len()
-        );
-    }
+    )?;
     crash(opts, "transition-built", log);
     rotate::execute(cos, &[rotate::Step::ReplaceActive])?;
     writeln!(log, "kairos-agent: {ACTIVE} rebuilt from {origin}").map_err(AgentError::Output)?;

@@ -313,8 +313,9 @@ fn modules(step: &Step) -> Vec<&'static str> {
     m
 }
 
-/// `kairos-agent run-stage NAME`: load the config, run the stage, say how it went.
-/// `Refused` (exit 1) when a step failed; every step still ran.
+/// `kairos-agent run-stage NAME`: load the config, run the stage, say how it went. Every
+/// step runs; failed ones are logged, and with `strict: true` make it `Refused` (exit 1).
+/// The boot stage's marker (mark-good's condition) is written only when nothing failed.
 pub fn run_stage(
     ctx: &Ctx,
     stage: &str,
@@ -365,12 +366,25 @@ pub fn run_stage(
             std::fs::remove_file(&marker).at(&marker, "removing")?;
         }
     }
-    let outcome = if report.ok() {
+    let outcome = run_stage_outcome(report.ok(), loaded.merged.strict);
+    if outcome == Outcome::Done && !report.ok() {
+        writeln!(
+            log,
+            "kairos-agent: stage {stage}: the failures are ignored (exit 0, as upstream); strict: true makes them fail run-stage"
+        )
+        .map_err(AgentError::Output)?;
+    }
+    Ok((outcome, report))
+}
+
+/// run-stage's exit as upstream decides it: every step gets its chance and failures are
+/// logged, but only `strict: true` makes them fail the command (exit 1).
+fn run_stage_outcome(all_ok: bool, strict: bool) -> Outcome {
+    if all_ok || !strict {
         Outcome::Done
     } else {
         Outcome::Refused
-    };
-    Ok((outcome, report))
+    }
 }
 
 /// A hook stage of install, upgrade or reset did not go well and `strict: true` is set.
@@ -392,7 +406,6 @@ pub fn hook(
     command: &'static str,
     log: &mut dyn Write,
 ) -> Result<StageReport, HookFailed> {
-    let skipped: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
     let opts = RunOptions {
         debug: loaded.merged.debug,
     };
@@ -400,11 +413,20 @@ pub fn hook(
         ctx,
         &loaded.sources,
         opts,
-        loaded.merged.strict.then_some(&skipped[..]),
+        strictness(loaded).as_deref(),
         stage,
         command,
         log,
     )
+}
+
+/// The `strict` argument of [`hook_with`] and [`judge`] for a loaded config: `Some(the
+/// skipped sources' errors)` when it says `strict: true`.
+pub fn strictness(loaded: &config::Loaded) -> Option<Vec<String>> {
+    loaded
+        .merged
+        .strict
+        .then(|| loaded.errors.iter().map(|e| e.to_string()).collect())
 }
 
 /// [`hook`] over a given list of sources (install adds its `--config` file): `strict` is
@@ -418,7 +440,21 @@ pub fn hook_with(
     command: &'static str,
     log: &mut dyn Write,
 ) -> Result<StageReport, HookFailed> {
-    let mut report = run_with(ctx, stage, sources, opts, log);
+    let report = run_with(ctx, stage, sources, opts, log);
+    judge(report, strict, stage, command, log)
+}
+
+/// How a hook stage's `report` ends `command`, as [`hook_with`] decides: with `strict`
+/// (`Some(the skipped sources' errors)`) any failure, a skipped source included, is a
+/// [`HookFailed`]; without, failed steps are a warning and the command goes on. Also for the
+/// `*-chroot` stages, which run inside the new image ([`crate::upgrade::chroot::hook`]).
+pub fn judge(
+    mut report: StageReport,
+    strict: Option<&[String]>,
+    stage: &str,
+    command: &'static str,
+    log: &mut dyn Write,
+) -> Result<StageReport, HookFailed> {
     match strict {
         Some(skipped) => {
             report
@@ -1270,16 +1306,33 @@ mod tests {
         let mut log = Vec::new();
         let (o, r) = run_stage(&t.ctx, "boot", &mut log).unwrap();
         let log = String::from_utf8(log).unwrap();
-        assert_eq!((o, r.ran, r.failures.len()), (Outcome::Refused, 2, 1));
+        // Without strict a failed step does not fail run-stage (upstream), but the boot
+        // marker, mark-good's condition, is not written.
+        assert_eq!((o, r.ran, r.failures.len()), (Outcome::Done, 2, 1));
         assert!(!t.ctx.path(BOOT_STAGE_OK).exists());
         assert!(
             log.contains("kairos-agent: error: /oem/50_bad.yaml:"),
             "{log}"
         );
         assert!(
-            log.contains("kairos-agent: stage boot: 2 steps ran, 0 skipped, 1 failed"),
+            log.contains("kairos-agent: stage boot: 2 steps ran, 0 skipped, 1 failed\nkairos-agent: stage boot: the failures are ignored (exit 0, as upstream); strict: true makes them fail run-stage\n"),
             "{log}"
         );
+        t.file("/oem/99.yaml", "#cloud-config\nstrict: true\n");
+        let mut log = Vec::new();
+        let (o, r) = run_stage(&t.ctx, "boot", &mut log).unwrap();
+        let log = String::from_utf8(log).unwrap();
+        // strict: the failed step and the skipped file.
+        assert_eq!((o, r.failures.len()), (Outcome::Refused, 2), "{log}");
+        assert!(!log.contains("the failures are ignored"), "{log}");
+    }
+
+    #[test]
+    fn run_stage_fails_only_under_strict() {
+        assert_eq!(run_stage_outcome(true, false), Outcome::Done);
+        assert_eq!(run_stage_outcome(true, true), Outcome::Done);
+        assert_eq!(run_stage_outcome(false, false), Outcome::Done);
+        assert_eq!(run_stage_outcome(false, true), Outcome::Refused);
     }
 
     /// A symlink at `link` (inside the tree) to `target` (a host path), owned by `uid` as if
@@ -1496,7 +1549,7 @@ mod tests {
             )
         };
         // Not strict: the hook's failure is a warning and the command goes on; run-stage
-        // fails only for the failed step, not for the skipped file.
+        // does not count the skipped file as a failure.
         let mut log = Vec::new();
         let r = hook(&t.ctx, &load(&t), "before-install", "install", &mut log).unwrap();
         let text = String::from_utf8(log).unwrap();

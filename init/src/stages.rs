@@ -31,7 +31,8 @@ const BINDS: &[&str] = &["/proc", "/sys", "/dev", "/run"];
 pub enum StageOutcome {
     /// The image has no agent: nothing ran.
     Skipped,
-    /// `run-stage` exited with this code (0 all steps ok, 1 a step failed, 2 an error).
+    /// `run-stage` exited with this code (0 done: failed steps are only logged unless the
+    /// config says `strict: true`, then 1; 2 an error).
     Exited(i32),
     /// Killed by a signal (its number).
     Signalled(i32),

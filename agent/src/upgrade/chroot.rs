@@ -39,10 +39,57 @@ impl Drop for Undo {
     }
 }
 
+/// A `*-chroot` stage of `command` (install, upgrade, reset) in the new image `img`, judged
+/// as the other hooks are ([`stages::judge`]): failed steps are a warning and the command
+/// goes on, unless `strict` (`Some(the skipped sources' errors)`, see
+/// [`stages::strictness`]), when they stop it. When the stage fails or cannot run, `img` is
+/// removed: an image the stage did not finish must not be rotated in or booted.
+pub fn hook<E>(
+    img: &Path,
+    point: &Path,
+    stage: &str,
+    sources: &[Source],
+    strict: Option<&[String]>,
+    command: &'static str,
+    log: &mut dyn Write,
+) -> Result<(), E>
+where
+    E: From<UpgradeError> + From<stages::HookFailed>,
+{
+    let judged = match run_in_image(img, point, stage, sources, log) {
+        // No step for the stage still fails it under strict when sources were skipped, as
+        // the other hooks do.
+        Ok(report) => stages::judge(report.unwrap_or_default(), strict, stage, command, log)
+            .map(drop)
+            .map_err(E::from),
+        Err(e) => Err(E::from(e)),
+    };
+    if judged.is_err() {
+        match std::fs::remove_file(img) {
+            Ok(()) => {
+                let _ = writeln!(
+                    log,
+                    "kairos-agent: stage {stage} failed: {} removed",
+                    img.display()
+                );
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let _ = writeln!(
+                    log,
+                    "kairos-agent: warning: removing {}: {e}",
+                    img.display()
+                );
+            }
+        }
+    }
+    judged
+}
+
 /// Runs `stage` over `sources` chrooted into the ext image file `img`, mounted at `point`.
 /// Nothing is mounted when no source has the stage (None). A failing step is in the report
-/// (the caller warns and goes on, as for the other hooks); an image that cannot be mounted
-/// is an error.
+/// (see [`hook`] for what it does to the command); an image that cannot be mounted is an
+/// error.
 pub fn run_in_image(
     img: &Path,
     point: &Path,
@@ -121,19 +168,132 @@ mod tests {
         assert!(r.is_none());
     }
 
-    /// Needs root (a loop device, mounts, chroot) and a static busybox as the image's shell.
-    #[test]
-    fn a_chroot_stage_writes_inside_the_image_not_the_host() {
-        let t = tempfile::tempdir().expect("tempdir");
-        let tree = t.path().join("tree");
+    fn parse(text: &str) -> Source {
+        crate::config::parse("90_custom.yaml", text, false)
+            .expect("parses")
+            .expect("config")
+    }
+
+    /// An ext image in `dir` whose shell is a static busybox. Needs root (the chroot tests
+    /// attach a loop device, mount and chroot), and says so.
+    fn busybox_image(dir: &Path) -> PathBuf {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test needs root: it attaches a loop device, mounts and chroots"
+        );
+        let tree = dir.join("tree");
         for d in ["bin", "etc", "dev", "proc", "sys"] {
             std::fs::create_dir_all(tree.join(d)).expect("mkdir");
         }
         std::fs::copy("/bin/busybox", tree.join("bin/busybox"))
             .expect("a static /bin/busybox on the test host");
         std::os::unix::fs::symlink("busybox", tree.join("bin/sh")).expect("symlink");
-        let img = t.path().join("active.img");
+        let img = dir.join("active.img");
         image::mkfs_ext4(&tree, &img, 32 << 20, 256, "COS_ACTIVE").expect("mkfs");
+        img
+    }
+
+    #[test]
+    fn strict_with_skipped_sources_fails_a_chroot_stage_that_has_no_step() {
+        // As the other hooks: a source skipped as malformed fails the stage under strict,
+        // steps or not (nothing is mounted for no step, so no root needed).
+        let a = parse("stages:\n  boot:\n    - commands: [true]\n");
+        let skipped = ["/oem/20_bad.yaml:3:1: did not find expected node content".to_string()];
+        let e = hook::<UpgradeError>(
+            Path::new("/nonexistent.img"),
+            Path::new("/nonexistent-point"),
+            "after-upgrade-chroot",
+            std::slice::from_ref(&a),
+            Some(&skipped[..]),
+            "upgrade",
+            &mut Vec::new(),
+        )
+        .expect_err("strict counts the skipped source");
+        assert_eq!(
+            e.to_string(),
+            "stage after-upgrade-chroot: 1 failed and strict is set, so upgrade stops: strict: /oem/20_bad.yaml:3:1: did not find expected node content"
+        );
+        assert!(matches!(e, UpgradeError::Hook(_)), "{e:?}");
+        hook::<UpgradeError>(
+            Path::new("/nonexistent.img"),
+            Path::new("/nonexistent-point"),
+            "after-upgrade-chroot",
+            &[a],
+            None,
+            "upgrade",
+            &mut Vec::new(),
+        )
+        .expect("not strict: nothing to run, nothing failed");
+    }
+
+    /// Needs root: a failing step in the chroot is a warning without strict (the image is
+    /// kept, every step ran) and with strict stops the command, in hook_with's words, and
+    /// removes the image.
+    #[test]
+    fn a_failing_chroot_step_warns_or_under_strict_fails_and_removes_the_image() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let img = busybox_image(t.path());
+        let cfg = parse(
+            "stages:\n  after-upgrade-chroot:\n    - name: breaks\n      commands: ['exit 3']\n    - name: goes-on\n      commands: ['/bin/busybox echo ran > /etc/second']\n",
+        );
+        let point = t.path().join("mnt");
+        let mut log = Vec::new();
+        hook::<UpgradeError>(
+            &img,
+            &point,
+            "after-upgrade-chroot",
+            std::slice::from_ref(&cfg),
+            None,
+            "upgrade",
+            &mut log,
+        )
+        .expect("not strict: the upgrade goes on");
+        let text = String::from_utf8_lossy(&log);
+        assert!(
+            text.contains("kairos-agent: warning: stage after-upgrade-chroot: 1 step(s) failed; the upgrade goes on (strict: true would stop it)"),
+            "{text}"
+        );
+        assert!(img.exists(), "kept without strict");
+        {
+            let m = image::MountedImage::new(&img, &t.path().join("ro")).expect("mount ro");
+            assert_eq!(
+                std::fs::read_to_string(m.target.join("etc/second")).expect("second step"),
+                "ran\n"
+            );
+        }
+        let mut log = Vec::new();
+        let e = hook::<UpgradeError>(
+            &img,
+            &point,
+            "after-upgrade-chroot",
+            &[cfg],
+            Some(&[]),
+            "upgrade",
+            &mut log,
+        )
+        .expect_err("strict: the upgrade stops");
+        let text = String::from_utf8_lossy(&log);
+        assert!(matches!(e, UpgradeError::Hook(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "stage after-upgrade-chroot: 1 failed and strict is set, so upgrade stops: stage after-upgrade-chroot: 90_custom.yaml: step \"breaks\": commands: `exit 3`: exit status: 3"
+        );
+        assert!(!img.exists(), "the failed image is removed\n{text}");
+        assert!(
+            text.contains(&format!(
+                "kairos-agent: stage after-upgrade-chroot failed: {} removed",
+                img.display()
+            )),
+            "{text}"
+        );
+        assert!(!point.exists(), "mount point left");
+    }
+
+    /// Needs root (a loop device, mounts, chroot) and a static busybox as the image's shell.
+    #[test]
+    fn a_chroot_stage_writes_inside_the_image_not_the_host() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let img = busybox_image(t.path());
         let cfg = crate::config::parse(
             "90_custom.yaml",
             "stages:\n  after-install-chroot:\n    - name: marker\n      commands:\n        - /bin/busybox echo \"in $(/bin/busybox ls /proc | /bin/busybox grep -cx self)\" > /etc/chroot-marker\n      files:\n        - path: /etc/from-files\n          content: written by a files step\n",
