@@ -431,14 +431,15 @@ pub type ReadAt<'a> = dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>> + 'a;
 /// Why the last partition is not grown (or the table could not be read).
 #[derive(Debug, thiserror::Error)]
 pub enum GrowError {
-    #[error("reading {len} bytes at byte {offset}: {source}")]
+    #[error("reading {len} bytes at byte {offset}: {err}")]
     Read {
         offset: u64,
         len: usize,
-        source: std::io::Error,
+        err: std::io::Error,
     },
+    /// Printed, not returned by `source()` (the workspace's convention, as `IoError`).
     #[error("the primary GPT is not valid: {0}")]
-    Invalid(#[from] GptInvalid),
+    Invalid(GptInvalid),
     #[error("partition {number} is not in the GPT")]
     NoSuchPartition { number: u32 },
     #[error(
@@ -460,22 +461,25 @@ pub enum GrowError {
     StagingInUse { first: u64, last: u64 },
 }
 
+// By hand, not #[from]: that would also return it as the source, and the message prints it.
+impl From<GptInvalid> for GrowError {
+    fn from(e: GptInvalid) -> GrowError {
+        GrowError::Invalid(e)
+    }
+}
+
 fn read_exact(read: &mut ReadAt<'_>, offset: u64, len: usize) -> Result<Vec<u8>, GrowError> {
     match read(offset, len) {
         Ok(b) if b.len() == len => Ok(b),
         Ok(b) => Err(GrowError::Read {
             offset,
             len,
-            source: std::io::Error::new(
+            err: std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 format!("got {} bytes", b.len()),
             ),
         }),
-        Err(source) => Err(GrowError::Read {
-            offset,
-            len,
-            source,
-        }),
+        Err(err) => Err(GrowError::Read { offset, len, err }),
     }
 }
 

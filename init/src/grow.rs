@@ -208,8 +208,8 @@ pub enum GrowFailure {
     Locate(#[from] LocateError),
     #[error(transparent)]
     Io(#[from] IoError),
-    #[error("{device}: {source}")]
-    Gpt { device: PathBuf, source: GrowError },
+    #[error("{device}: {err}")]
+    Gpt { device: PathBuf, err: GrowError },
     #[error(transparent)]
     Mount(#[from] mount::MountError),
     #[error("{device}: {what}")]
@@ -289,9 +289,9 @@ fn grow_gpt(
         );
         return Ok(());
     }
-    let gpt_err = |source| GrowFailure::Gpt {
+    let gpt_err = |err| GrowFailure::Gpt {
         device: loc.disk_dev.clone(),
-        source,
+        err,
     };
     let ro = Disk::open(&loc.disk_dev, false)?;
     let sectors = ro.size_bytes()? / SECTOR;

@@ -45,7 +45,6 @@ pub enum ModError {
     Load {
         name: String,
         path: PathBuf,
-        #[source]
         errno: io::Error,
     },
 }

@@ -13,11 +13,11 @@ pub enum LoopError {
     #[error(transparent)]
     Io(#[from] IoError),
     /// The backing file and the loop device it was to be attached to.
-    #[error("attaching {file} to {dev}: {source}")]
+    #[error("attaching {file} to {dev}: {err}")]
     Configure {
         file: PathBuf,
         dev: PathBuf,
-        source: std::io::Error,
+        err: std::io::Error,
     },
 }
 
@@ -60,12 +60,12 @@ pub fn attach(dev_root: &Path, file: &Path, readonly: bool) -> Result<LoopDevice
             return Err(LoopError::Configure {
                 file: file.to_path_buf(),
                 dev: path,
-                source: err,
+                err,
             });
         }
         last = Some((path, err));
     }
-    let (dev, source) = last.unwrap_or_else(|| {
+    let (dev, err) = last.unwrap_or_else(|| {
         (
             dev_root.join("loop?"),
             std::io::Error::from_raw_os_error(libc::EBUSY),
@@ -74,6 +74,6 @@ pub fn attach(dev_root: &Path, file: &Path, readonly: bool) -> Result<LoopDevice
     Err(LoopError::Configure {
         file: file.to_path_buf(),
         dev,
-        source,
+        err,
     })
 }

@@ -8,18 +8,19 @@ use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 /// A mount: what (source, filesystem type, options) on which target. Operations on the
 /// target alone (umount, propagation) fail with an [`IoError`].
 #[derive(Debug, thiserror::Error)]
-#[error("mount {what} on {target}: {source}")]
+#[error("mount {what} on {target}: {err}")]
 pub struct MountError {
     pub what: String,
     pub target: String,
-    pub source: std::io::Error,
+    /// Printed, not returned by `source()` (as [`IoError`] does).
+    pub err: std::io::Error,
 }
 
 fn err(what: impl Into<String>, target: &Path, e: rustix::io::Errno) -> MountError {
     MountError {
         what: what.into(),
         target: target.display().to_string(),
-        source: e.into(),
+        err: e.into(),
     }
 }
 
@@ -33,7 +34,7 @@ pub fn mount(
     let data = std::ffi::CString::new(data).map_err(|_| MountError {
         what: format!("{source} ({fstype})"),
         target: target.display().to_string(),
-        source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+        err: std::io::Error::from(std::io::ErrorKind::InvalidInput),
     })?;
     rustix::mount::mount(source, target, fstype, flags, Some(data.as_c_str())).map_err(|e| {
         err(
