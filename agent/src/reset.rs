@@ -651,7 +651,7 @@ fn handle_persistent(
         ResetError::Io(IoError::new(
             dev.clone(),
             format!("mounting on {}", mp.display()),
-            e.source,
+            e.err,
         ))
     })?;
     Ok(Some(Persistent {
