@@ -81,12 +81,11 @@ pub enum BuildError {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Init(#[from] crate::ProgramError),
-    #[error("building the initramfs {out} for kernel {kver}: {source}")]
+    #[error("building the initramfs {out} for kernel {kver}: {err}")]
     Initramfs {
         out: PathBuf,
         kver: String,
-        #[source]
-        source: Box<InitramfsError>,
+        err: Box<InitramfsError>,
     },
 }
 
@@ -272,7 +271,7 @@ pub fn build_for_root(
     let report = kairos_initramfs::build(&spec, out).map_err(|source| BuildError::Initramfs {
         out: out.to_path_buf(),
         kver: kernel.version.clone(),
-        source: Box::new(source),
+        err: Box::new(source),
     })?;
     Ok(RootInitramfs {
         kernel,

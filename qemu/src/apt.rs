@@ -7,11 +7,10 @@ use std::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AptError {
-    #[error("cannot run `{command}`: {source}")]
+    #[error("cannot run `{command}`: {err}")]
     Spawn {
         command: String,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     #[error("`apt-get update` failed (exit {code:?}): {stderr_tail}")]
     Update {
@@ -216,9 +215,9 @@ fn apt_update() -> Result<(), AptError> {
 }
 
 fn run(cmd: &mut Command) -> Result<Output, AptError> {
-    cmd.output().map_err(|source| AptError::Spawn {
+    cmd.output().map_err(|err| AptError::Spawn {
         command: describe(cmd),
-        source,
+        err,
     })
 }
 

@@ -196,37 +196,30 @@ pub fn hung_before_init(log: &str) -> bool {
 pub enum BenchError {
     #[error(transparent)]
     Io(#[from] IoError),
-    #[error("building our initramfs {}: {source}", path.display())]
+    #[error("building our initramfs {}: {err}", path.display())]
     Initramfs {
         path: PathBuf,
-        #[source]
-        source: Box<InitramfsError>,
+        err: Box<InitramfsError>,
     },
-    #[error("building {} with dracut: {source}", path.display())]
+    #[error("building {} with dracut: {err}", path.display())]
     Dracut {
         path: PathBuf,
-        #[source]
-        source: Box<DracutError>,
+        err: Box<DracutError>,
     },
     #[error("the Debian image: {0}")]
-    Debian(#[from] crate::debian::DebianError),
-    #[error("building the disk {}: {source}", path.display())]
-    Disk {
-        path: PathBuf,
-        #[source]
-        source: Box<DiskError>,
-    },
+    Debian(crate::debian::DebianError),
+    #[error("building the disk {}: {err}", path.display())]
+    Disk { path: PathBuf, err: Box<DiskError> },
     #[error(
         "the disk builder left no active image at {} (its work dir layout changed?)",
         path.display()
     )]
     NoActiveImage { path: PathBuf },
-    #[error("booting ({tag}) run {run}: {source}")]
+    #[error("booting ({tag}) run {run}: {err}")]
     Boot {
         tag: &'static str,
         run: usize,
-        #[source]
-        source: Box<BootError>,
+        err: Box<BootError>,
     },
     #[error("({tag}) run {run}: the serial log {} lacks {what:?}; its tail:\n{tail}", log.display())]
     Missing {
@@ -238,6 +231,13 @@ pub enum BenchError {
     },
     #[error("--runs must be at least 1")]
     NoRuns,
+}
+
+// By hand, not #[from]: that would also return it as the source, and the message prints it.
+impl From<crate::debian::DebianError> for BenchError {
+    fn from(e: crate::debian::DebianError) -> BenchError {
+        BenchError::Debian(e)
+    }
 }
 
 /// The value of the image init's `KAIROS-TEST: uptime=<secs>` line.
@@ -308,7 +308,7 @@ pub(crate) fn build_ours(
     )
     .map_err(|source| BenchError::Initramfs {
         path: ours.clone(),
-        source: Box::new(source),
+        err: Box::new(source),
     })?;
     Ok((ours, report))
 }
@@ -340,7 +340,7 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
             dracut::build(kind, &spec.kernel, Some(&spec.init_binary), &out).map_err(|source| {
                 BenchError::Dracut {
                     path: out.clone(),
-                    source: Box::new(source),
+                    err: Box::new(source),
                 }
             })?;
         progress(&format!(
@@ -365,7 +365,7 @@ pub fn run(spec: &BenchSpec, progress: &mut dyn FnMut(&str)) -> Result<BenchRepo
     dspec.work_dir = Some(disk_work.clone());
     disk::build(&dspec).map_err(|source| BenchError::Disk {
         path: disk_path.clone(),
-        source: Box::new(source),
+        err: Box::new(source),
     })?;
     let built_active = disk_work.join("state/cOS/active.img");
     if !built_active.is_file() {
@@ -483,7 +483,7 @@ fn boot_once(
     let r = boot::run(&bs).map_err(|source| BenchError::Boot {
         tag,
         run,
-        source: Box::new(source),
+        err: Box::new(source),
     })?;
     let missing = |what: &'static str| BenchError::Missing {
         tag,

@@ -92,9 +92,9 @@ pub enum BootError {
     #[error(transparent)]
     Io(#[from] IoError),
     #[error("cannot start {QEMU}: {0}")]
-    Spawn(#[source] std::io::Error),
+    Spawn(std::io::Error),
     #[error("waiting for {QEMU}: {0}")]
-    Wait(#[source] std::io::Error),
+    Wait(std::io::Error),
     #[error("{QEMU} failed before the guest printed anything (exit {code:?}): {stderr}")]
     QemuFailed { code: Option<i32>, stderr: String },
     #[error("boot needs a disk or a kernel")]

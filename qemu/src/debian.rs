@@ -67,13 +67,27 @@ pub enum DebianError {
     #[error(transparent)]
     Command(#[from] ToolError),
     #[error("installing debootstrap: {0}")]
-    Apt(#[from] AptError),
+    Apt(AptError),
     #[error("{}: debootstrap finished but the tree has no {what}", tree.display())]
     Incomplete { tree: PathBuf, what: &'static str },
     #[error("the kernel for the Debian image: {0}")]
-    Kernel(#[from] KernelError),
+    Kernel(KernelError),
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
+}
+
+// By hand, not #[from]: that would also return it as the source, and the message prints it.
+impl From<KernelError> for DebianError {
+    fn from(e: KernelError) -> DebianError {
+        DebianError::Kernel(e)
+    }
+}
+
+// By hand, not #[from]: that would also return it as the source, and the message prints it.
+impl From<AptError> for DebianError {
+    fn from(e: AptError) -> DebianError {
+        DebianError::Apt(e)
+    }
 }
 
 /// `<kairos-qemu cache>/debian-12`.

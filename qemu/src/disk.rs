@@ -116,7 +116,7 @@ pub enum DiskError {
     #[error(transparent)]
     Grub(#[from] GrubError),
     #[error("installing disk tools: {0}")]
-    Apt(#[from] AptError),
+    Apt(AptError),
     #[error("OEM file path {0:?} must be relative and stay inside the partition")]
     BadOemPath(String),
     #[error(
@@ -130,6 +130,13 @@ pub enum DiskError {
         what: &'static str,
         output: String,
     },
+}
+
+// By hand, not #[from]: that would also return it as the source, and the message prints it.
+impl From<AptError> for DiskError {
+    fn from(e: AptError) -> DiskError {
+        DiskError::Apt(e)
+    }
 }
 
 /// Defaults: all five partitions, all images good, 1 s GRUB timeout.

@@ -81,13 +81,20 @@ pub enum DracutError {
     #[error(transparent)]
     Io(#[from] IoError),
     #[error("installing dracut: {0}")]
-    Apt(#[from] AptError),
+    Apt(AptError),
     #[error(transparent)]
     Command(#[from] ToolError),
     #[error("a kairos-init dracut image needs the static kairos-init binary; {} is not a file", path.display())]
     NoInitBinary { path: PathBuf },
     #[error("`{command}` succeeded but left no image at {}", path.display())]
     NoImage { command: String, path: PathBuf },
+}
+
+// By hand, not #[from]: that would also return it as the source, and the message prints it.
+impl From<AptError> for DracutError {
+    fn from(e: AptError) -> DracutError {
+        DracutError::Apt(e)
+    }
 }
 
 /// Runs a command to completion, its stdin closed; its stdout then stderr, or a

@@ -30,9 +30,16 @@ pub enum GrubError {
     #[error(transparent)]
     Command(#[from] ToolError),
     #[error("installing GRUB: {0}")]
-    Apt(#[from] AptError),
+    Apt(AptError),
     #[error(transparent)]
     Bios(#[from] GrubBiosError),
+}
+
+// By hand, not #[from]: that would also return it as the source, and the message prints it.
+impl From<AptError> for GrubError {
+    fn from(e: AptError) -> GrubError {
+        GrubError::Apt(e)
+    }
 }
 
 /// Copies GRUB's i386-pc modules and lists to `prefix_dir/i386-pc`, as

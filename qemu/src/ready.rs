@@ -421,7 +421,7 @@ pub fn run(spec: &ReadySpec, progress: &mut dyn FnMut(&str)) -> Result<ReadyRepo
         dracut::build(DracutKind::Stock, &spec.kernel, None, &stock).map_err(|source| {
             BenchError::Dracut {
                 path: stock.clone(),
-                source: Box::new(source),
+                err: Box::new(source),
             }
         })?;
     progress(&format!(
@@ -462,7 +462,7 @@ pub fn run(spec: &ReadySpec, progress: &mut dyn FnMut(&str)) -> Result<ReadyRepo
     dspec.extra_cmdline = BENCH_CMDLINE.into();
     disk::build(&dspec).map_err(|source| BenchError::Disk {
         path: disk_path.clone(),
-        source: Box::new(source),
+        err: Box::new(source),
     })?;
     let built_active = disk_work.join("state/cOS/active.img");
     if !built_active.is_file() {
@@ -512,7 +512,7 @@ pub fn run(spec: &ReadySpec, progress: &mut dyn FnMut(&str)) -> Result<ReadyRepo
             let (r, times) = boot::run_timed(&bs).map_err(|source| BenchError::Boot {
                 tag,
                 run,
-                source: Box::new(source),
+                err: Box::new(source),
             })?;
             let sample =
                 parse_sample(v.variant, &r.log, &times).map_err(|what| BenchError::Missing {

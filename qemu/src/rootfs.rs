@@ -172,11 +172,18 @@ pub enum RootfsError {
     #[error(transparent)]
     Command(#[from] ToolError),
     #[error("installing tools: {0}")]
-    Apt(#[from] AptError),
+    Apt(AptError),
     #[error("`{HOST_BUSYBOX} --list` named no applets")]
     NoApplets,
     #[error("invalid image name {0:?} (expected one word such as active, passive, recovery)")]
     BadImageName(String),
+}
+
+// By hand, not #[from]: that would also return it as the source, and the message prints it.
+impl From<AptError> for RootfsError {
+    fn from(e: AptError) -> RootfsError {
+        RootfsError::Apt(e)
+    }
 }
 
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), RootfsError> {

@@ -216,12 +216,8 @@ pub enum ConfigError {
     Io(#[from] IoError),
     #[error("{path}: the `p2p:` block is not valid: {msg}")]
     Parse { path: PathBuf, msg: String },
-    #[error("{path}: {source}")]
-    Address {
-        path: PathBuf,
-        #[source]
-        source: BadAddress,
-    },
+    #[error("{path}: {err}")]
+    Address { path: PathBuf, err: BadAddress },
     #[error("no `p2p:` block with a network_token in {0}")]
     Missing(String),
 }
@@ -239,9 +235,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Option<P2pConfig>, ConfigError> 
         msg: e.to_string(),
     })?;
     if let Some(c) = &doc.p2p {
-        c.bootstrap_addrs().map_err(|source| ConfigError::Address {
+        c.bootstrap_addrs().map_err(|err| ConfigError::Address {
             path: path.to_owned(),
-            source,
+            err,
         })?;
     }
     Ok(doc.p2p)

@@ -49,18 +49,13 @@ pub struct BuildReport {
 pub enum InitramfsError {
     #[error(transparent)]
     Io(#[from] IoError),
-    #[error("scanning modules in {dir}: {source}")]
-    Scan {
-        dir: PathBuf,
-        #[source]
-        source: ModError,
-    },
-    #[error("resolving modules {wanted:?} in {dir}: {source}")]
+    #[error("scanning modules in {dir}: {err}")]
+    Scan { dir: PathBuf, err: ModError },
+    #[error("resolving modules {wanted:?} in {dir}: {err}")]
     Resolve {
         wanted: Vec<String>,
         dir: PathBuf,
-        #[source]
-        source: ModError,
+        err: ModError,
     },
     #[error("module {name}: {path} is not under {dir}")]
     ModuleOutsideTree {
@@ -72,12 +67,8 @@ pub enum InitramfsError {
         "{path} is dynamically linked (has an ELF interpreter); the initramfs has no libc: build it with the static target"
     )]
     InitNotStatic { path: PathBuf },
-    #[error("{path}: {source}")]
-    Cpio {
-        path: PathBuf,
-        #[source]
-        source: CpioError,
-    },
+    #[error("{path}: {err}")]
+    Cpio { path: PathBuf, err: CpioError },
 }
 
 /// Writes the initramfs for `spec` to `out` (through a temporary file and a rename, so a
@@ -87,7 +78,7 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<BuildReport, InitramfsE
     let dir = &kernel.modules_dir;
     let index = ModuleIndex::scan(dir).map_err(|source| InitramfsError::Scan {
         dir: dir.clone(),
-        source,
+        err: source,
     })?;
     let wanted: Vec<&str> = spec.modules.iter().map(String::as_str).collect();
     let (modules, failed) = index.resolve_each(&wanted);
@@ -111,9 +102,9 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<BuildReport, InitramfsE
         });
     }
 
-    let cpio_err = |source| InitramfsError::Cpio {
+    let cpio_err = |err| InitramfsError::Cpio {
         path: out.to_path_buf(),
-        source,
+        err,
     };
     let mut w = CpioWriter::new(Vec::new());
     let mod_root = format!("lib/modules/{}", kernel.version);
@@ -151,7 +142,7 @@ pub fn build(spec: &InitramfsSpec, out: &Path) -> Result<BuildReport, InitramfsE
             return Err(InitramfsError::Resolve {
                 wanted: spec.modules.clone(),
                 dir: dir.clone(),
-                source: ModError::Unknown { name: name.clone() },
+                err: ModError::Unknown { name: name.clone() },
             });
         };
         let rel = path
