@@ -44,7 +44,14 @@ pub enum KubevipError {
     #[error("kubevip.manifest_url {url}: {msg}")]
     Fetch { url: String, msg: String },
     #[error("kube-vip manifest: {0}")]
-    Fs(#[from] FsError),
+    Fs(FsError),
+}
+
+// By hand, not #[from]: that would also return it as the source, and the message prints it.
+impl From<FsError> for KubevipError {
+    fn from(e: FsError) -> KubevipError {
+        KubevipError::Fs(e)
+    }
 }
 
 /// Upstream's rule: `enable` when given, else on as soon as an `eip` is set.

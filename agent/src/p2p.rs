@@ -28,7 +28,7 @@ pub enum P2pError {
     #[error("{path}: no `p2p:` block")]
     NoBlock { path: PathBuf },
     #[error("p2p.network_token: {0}")]
-    Token(#[from] kairos_p2p::token::TokenError),
+    Token(kairos_p2p::token::TokenError),
     #[error(transparent)]
     Qr(#[from] qr::QrError),
     /// The error is in the message, so not also the source (no repeat in chains).
@@ -59,6 +59,13 @@ pub enum P2pError {
     },
     #[error("writing the output: {0}")]
     Output(std::io::Error),
+}
+
+// By hand, not #[from]: that would also return it as the source, and the message prints it.
+impl From<kairos_p2p::token::TokenError> for P2pError {
+    fn from(e: kairos_p2p::token::TokenError) -> P2pError {
+        P2pError::Token(e)
+    }
 }
 
 #[derive(Args)]
