@@ -17,6 +17,7 @@ pub mod lock;
 pub mod logs;
 pub mod markgood;
 pub mod p2p;
+pub mod progress;
 pub mod query;
 pub mod reset;
 pub mod safe_fs;

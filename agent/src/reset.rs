@@ -40,6 +40,7 @@ use kairos_util::{IoError, IoResultExt, run_tool};
 use serde_json::{Map, Value};
 
 use crate::config::{self, LoadOptions};
+use crate::progress::Progress;
 use crate::upgrade::rotate::{self, ACTIVE, Booted, PASSIVE, TRANSITION};
 use crate::upgrade::source::{self, Source};
 use crate::upgrade::{RemoveTree, UpgradeError, detect_booted, history_line, image, locate};
@@ -841,16 +842,21 @@ pub fn reset(
     let _system = crate::lock::system(ctx, "reset").map_err(AgentError::from)?;
 
     // 2. COS_STATE mounted and locked, the reset pending in the grubenv.
+    let mut p = Progress::new("reset", 4);
+    p.step(&format!("opening {}", kairos_init::labels::STATE), log);
     let state = lock_state(ctx, opts, log)?;
     let (policy, grubenv_path) = mark_reset_pending(ctx, opts, &loaded, origin, out, log)?;
     crash(opts, "pending", log);
 
     // 3. and 4. active.img from the source, passive.img a copy, grub.cfg if missing.
     run_hook(ctx, &loaded, "before-reset", log)?;
+    p.step(&format!("building active.img from {origin}"), log);
     let size = rebuild_images(ctx, opts, &loaded, &source.image, origin, state, log)?;
 
     // 5. COS_OEM.
     if policy.wipe_oem {
+        p.add_step();
+        p.step(&format!("wiping {}", kairos_init::labels::OEM), log);
         let oem = opts.oem_dir.clone().unwrap_or_else(|| ctx.path("/oem"));
         // The grubenv holds the pending mark until the very end.
         let keep = [grubenv_path.clone(), grubenv::tmp_path(&grubenv_path)];
@@ -858,10 +864,24 @@ pub fn reset(
     }
 
     // 6. and 7. COS_PERSISTENT and its history line.
+    p.step(
+        &format!(
+            "{} {}, recording the reset",
+            if policy.wipe_persistent {
+                "wiping"
+            } else {
+                "keeping"
+            },
+            kairos_init::labels::PERSISTENT
+        ),
+        log,
+    );
     reset_persistent(ctx, opts, policy.wipe_persistent, origin, size, log)?;
     crash(opts, "persistent-wiped", log);
 
     // 8. The grubenv says "boot active"; after-reset, then reboot as asked.
+    p.step("setting the next boot to active.img", log);
+    drop(p);
     finish(ctx, opts, &loaded, &policy, origin, out, log)
 }
 

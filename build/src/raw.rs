@@ -20,7 +20,8 @@ use std::time::Instant;
 
 use kairos_agent::Ctx;
 use kairos_agent::install::efi::Firmware;
-use kairos_agent::install::{self, InstallError, Progress, device};
+use kairos_agent::install::{self, InstallError, device};
+use kairos_agent::progress::Progress;
 use kairos_agent::upgrade::{self, rotate::Booted};
 use kairos_util::{IoError, IoResultExt, ToolError, run_tool};
 
@@ -239,7 +240,7 @@ pub fn run(args: &RawArgs, log: &mut dyn Write) -> Result<RawReport, RawError> {
         })?;
     let disk = device::inspect(&ctx, &lo.path, false)?;
     let built = (|| -> Result<(), RawError> {
-        let mut p = Progress::new(7);
+        let mut p = Progress::new("install", 7);
         p.step("writing the partition table", log);
         let nodes = install::write_partitions(&ctx, &disk, &parts, log)?;
         p.step("making the filesystems", log);

@@ -24,13 +24,12 @@ pub mod gpt;
 pub mod plan;
 
 use std::fs::{File, OpenOptions};
-use std::io::{IsTerminal, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kairos_init::grubbios::{self, GrubBiosError};
 use kairos_init::grubcfg::{
     self, EXT4_FEATURES_GRUB_CANNOT_READ, GRUB_DIR, GrubCfgOptions, grub_cfg,
@@ -40,6 +39,7 @@ use kairos_init::labels;
 use kairos_util::{IoError, IoResultExt, run_tool};
 
 use crate::config::{self, LoadOptions};
+use crate::progress::Progress;
 use crate::upgrade::rotate::Booted;
 use crate::upgrade::source::{self, Source};
 use crate::upgrade::{self, UpgradeError, fetch, image, layer, oci};
@@ -333,69 +333,6 @@ pub fn part_number(parts: &[Part], name: &str) -> Option<u32> {
 /// loaded GRUB from (partition 4, or 5 behind a hybrid disk's ESP).
 pub fn grub_prefix(parts: &[Part]) -> String {
     grubcfg::grub_prefix(part_number(parts, "state").unwrap_or(4))
-}
-
-/// One line per step: an indicatif bar redrawn in place on a terminal (stderr), plain
-/// `install: ...` lines otherwise (what logs and tests read; written by hand so they stay
-/// exactly these lines).
-pub struct Progress {
-    n: usize,
-    total: usize,
-    bar: Option<ProgressBar>,
-}
-
-impl Drop for Progress {
-    /// Leaves the bar's last state on its line, also when the install stops with an error.
-    fn drop(&mut self) {
-        if let Some(bar) = &self.bar
-            && self.n > 0
-        {
-            bar.abandon();
-        }
-    }
-}
-
-impl Progress {
-    /// `total` steps, drawn as a bar when stderr is a terminal.
-    pub fn new(total: usize) -> Progress {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let style = ProgressStyle::with_template("[{bar:20}] {pos}/{len} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("#-");
-            ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr())
-                .with_style(style)
-        });
-        Progress { n: 0, total, bar }
-    }
-
-    /// One step more than planned (a download before the image is built).
-    pub fn add_step(&mut self) {
-        self.total += 1;
-        if let Some(bar) = &self.bar {
-            bar.set_length(self.total as u64);
-        }
-    }
-
-    pub fn step(&mut self, what: &str, log: &mut dyn Write) {
-        self.n += 1;
-        match &self.bar {
-            Some(bar) => {
-                bar.set_position(self.n as u64);
-                bar.set_message(what.to_string());
-            }
-            None => {
-                let _ = writeln!(log, "install: {what}");
-                let _ = log.flush();
-            }
-        }
-    }
-
-    /// A detail the plain log gets and the bar leaves out.
-    pub fn note(&self, what: &str, log: &mut dyn Write) {
-        if self.bar.is_none() {
-            let _ = writeln!(log, "install: {what}");
-        }
-    }
 }
 
 /// `fs` on a partition, labelled unless `label` is empty. ext2/3/4 without the features
@@ -1559,7 +1496,7 @@ pub fn install(
         opts.allow_removable || configured.allow_removable,
         log,
     )?;
-    let mut p = Progress::new(8);
+    let mut p = Progress::new("install", 8);
 
     // 1. Checks that write nothing.
     let Checked {
@@ -1598,22 +1535,24 @@ pub fn install(
 
     // 5. The images; after-install-chroot in active.img before passive.img is its copy.
     let chroot_point = ctx.path("/run/kairos/install-chroot");
+    // strict as run_hook decides it: a failed step stops the install (active.img removed).
+    let strict = stages::flag(&sources, "strict", |c| c.strict).then(|| {
+        loaded
+            .errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+    });
     let size = deploy_images_with(&mut src, &targets, &mut p, log, &mut |img, log| {
-        if let Some(r) = crate::upgrade::chroot::run_in_image(
+        crate::upgrade::chroot::hook(
             img,
             &chroot_point,
             "after-install-chroot",
             &sources,
+            strict.as_deref(),
+            "install",
             log,
-        )? && !r.ok()
-        {
-            let _ = writeln!(
-                log,
-                "kairos-agent: warning: stage after-install-chroot: {} step(s) failed; the install goes on",
-                r.failures.len()
-            );
-        }
-        Ok(())
+        )
     })?;
 
     // 6. GRUB's files, the environment, the config, the history.

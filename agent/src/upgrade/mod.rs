@@ -57,6 +57,7 @@ use kairos_init::grubenv::{self, Counters, DEFAULT_MAX_TRIES, var};
 use kairos_util::IoResultExt;
 
 use crate::config::{self, LoadOptions};
+use crate::progress::Progress;
 use crate::{AgentError, Ctx, Outcome, stages};
 use fetch::{Puller, Store};
 use rotate::{ACTIVE, Booted, Event, PASSIVE, Step, TRANSITION};
@@ -448,6 +449,18 @@ pub fn upgrade(
     let mode = opts.booted.or_else(|| detect_booted(ctx));
 
     // 1. The target partition, mounted read-write, its cOS directory locked.
+    let mut p = Progress::new("upgrade", 5);
+    p.step(
+        &format!(
+            "opening {}",
+            if opts.recovery {
+                kairos_init::labels::RECOVERY
+            } else {
+                kairos_init::labels::STATE
+            }
+        ),
+        log,
+    );
     let target = open_target(ctx, opts, log)?;
     let cos = target.cos.clone();
     // 0. What booted, decided before anything is written.
@@ -471,6 +484,7 @@ pub fn upgrade(
     let work_path = work_base.join(".kairos-upgrade");
     let same_fs = device_of(&work_base).is_some() && device_of(&work_base) == device_of(&cos);
     let work_guard = RemoveTree(work_path.clone());
+    p.step(&format!("resolving the source {origin}"), log);
     let prepared = prepare(
         &src,
         &origin,
@@ -480,6 +494,7 @@ pub fn upgrade(
         &work_path,
         same_fs,
         reclaimable,
+        &mut p,
         log,
     )?;
     // An image that cannot boot is refused before anything is touched.
@@ -488,26 +503,22 @@ pub fn upgrade(
         &origin,
         &work_path.with_extension("check"),
     )?;
+    p.step(&format!("building {new_name}"), log);
     clear_leftover(plan.as_ref(), &cos, &new_path, log)?;
     build_new(&prepared.content, &new_path, &cos, label, log)?;
     // after-upgrade-chroot in the new image before it is rotated in (an ext image; a
-    // recovery squashfs cannot be written to).
+    // recovery squashfs cannot be written to). Failed with strict: the new image is removed
+    // and nothing rotated.
     if label.is_some() {
-        if let Some(r) = chroot::run_in_image(
+        chroot::hook::<UpgradeError>(
             &new_path,
             &ctx.path("/run/kairos/upgrade-chroot"),
             "after-upgrade-chroot",
             &loaded.sources,
+            stages::strictness(&loaded).as_deref(),
+            "upgrade",
             log,
-        )? && !r.ok()
-        {
-            writeln!(
-                log,
-                "kairos-agent: warning: stage after-upgrade-chroot: {} step(s) failed; the upgrade goes on",
-                r.failures.len()
-            )
-            .map_err(AgentError::Output)?;
-        }
+        )?;
     } else if chroot::has_stage(&loaded.sources, "after-upgrade-chroot") {
         writeln!(
             log,
@@ -521,6 +532,11 @@ pub fn upgrade(
     let size = file_size(&new_path);
 
     // 5. and 6. The counters armed and the images rotated (or the new recovery renamed in).
+    if opts.recovery {
+        p.step(&format!("renaming {new_name} to {final_name}"), log);
+    } else {
+        p.step("arming the boot counters, rotating the images", log);
+    }
     let image_name = if opts.recovery {
         put_recovery(opts, &cos, &new_path, final_name, log)?;
         final_name.to_string()
@@ -532,6 +548,7 @@ pub fn upgrade(
     crash(opts, "done", log);
 
     // 7. The history line, after-upgrade.
+    p.step("recording the upgrade in .kairos-state", log);
     let line = history_line(
         &kairos_util::time::rfc3339(kairos_util::time::now_ms()),
         if opts.recovery {
@@ -546,6 +563,7 @@ pub fn upgrade(
         size,
     );
     append_history(ctx, &opts.kairos_state, &line, log);
+    drop(p);
 
     run_hook(ctx, &loaded, "after-upgrade", log)?;
     drop(target);
@@ -958,6 +976,7 @@ fn prepare(
     work: &Path,
     same_fs: bool,
     reclaimable: u64,
+    p: &mut Progress,
     log: &mut dyn Write,
 ) -> Result<Prepared, UpgradeError> {
     let mut puller = match src {
@@ -985,6 +1004,11 @@ fn prepare(
         resolved.layers.len()
     )
     .map_err(AgentError::Output)?;
+    p.add_step();
+    p.step(
+        &format!("pulling and unpacking {} layer(s)", resolved.layers.len()),
+        log,
+    );
     let estimate = oci::estimate_unpacked(compressed);
     // A registry's layers are unpacked as they stream: no blob lands on disk.
     let blobs = if puller.copies_layers() && !puller.streams_layers() {
