@@ -18,6 +18,9 @@
 //!   console shows the install instructions and a QR code; the test reads the code from the
 //!   serial log and `kairos-agent register` with it, run on the LAN's host side, installs the
 //!   node with the config it sends.
+//! - The ISO without a config as a CD under SeaBIOS, its "Install Kairos to disk
+//!   (unattended)" menu entry picked by key presses at GRUB (QMP send-key): installs onto the
+//!   blank disk.
 //! - The Debian systemd image made into an ISO (build only; size and time figures).
 //!
 //! The tree and the ISOs are built once per test process and shared. Run as root:
@@ -261,9 +264,14 @@ fn value(r: &BootResult, key: &str) -> String {
 
 /// The live report's lines: a live system booted from the medium, nothing of a disk mounted.
 fn assert_live(r: &BootResult, firmware: Firmware, config: bool, what: &str) {
+    assert_live_entry(r, "live", firmware, config, what);
+}
+
+/// [`assert_live`] for the menu entry `entry` (its GRUB id).
+fn assert_live_entry(r: &BootResult, entry: &str, firmware: Firmware, config: bool, what: &str) {
     assert!(
-        r.log.contains("KAIROS-GRUB: entry=live"),
-        "{what}: GRUB from the medium did not boot the live entry"
+        r.log.contains(&format!("KAIROS-GRUB: entry={entry}")),
+        "{what}: GRUB from the medium did not boot the {entry} entry"
     );
     assert!(
         r.log.contains("starting: mode=live"),
@@ -436,6 +444,8 @@ fn cd_under_ovmf_installs_usb_again_changes_nothing_the_disk_boots_uefi_and_stat
     require_root();
     let target = blank("iso-uefi-target");
     auto_install("iso-cd-ovmf-install", Medium::Cd, Firmware::Ovmf, &target);
+    // Booted UEFI, the installer made an ESP in front of COS_OEM, and the config's layout.
+    assert_configured_install(&target, &["efi"]);
     iso_again_changes_nothing(&target, Firmware::Ovmf);
     // The statereset scenario's switch, on COS_OEM (kept by the reset).
     {
@@ -450,6 +460,23 @@ fn cd_under_ovmf_installs_usb_again_changes_nothing_the_disk_boots_uefi_and_stat
         3,
         "expected 3 kernel boots, saw {}",
         boots.len()
+    );
+    // The first boot of the disk alone: active through its ESP, the ISO's --config applied.
+    let first = BootResult {
+        log: boots[0].to_string(),
+        ..r.clone()
+    };
+    // (Its driver selects statereset instead of saying "driver done".)
+    assert!(
+        value(&first, "state").contains("\"mode\":\"active\""),
+        "the UEFI-installed disk: {}",
+        value(&first, "state")
+    );
+    assert_eq!(value(&first, "firmware"), "efi", "the UEFI-installed disk");
+    assert_eq!(
+        value(&first, "config-file"),
+        "644 applied from kairos-build iso --config",
+        "the ISO's --config was not applied on the UEFI-installed system"
     );
     assert!(
         boots[1].contains("kairos-agent: booted with kairos.reset: resetting the node unattended")
@@ -591,6 +618,111 @@ fn without_install_auto_the_console_shows_a_qr_and_register_installs_the_node() 
         .expect("the paired config on COS_OEM");
     assert!(cfg.contains("sent by kairos-agent register"), "{cfg}");
 }
+
+/// Presses `keys` (QEMU key codes) on the machine's keyboard through its QMP socket, once the
+/// serial log shows GRUB's live menu; the socket is retried until QEMU has made it.
+fn press_at_menu(qmp: PathBuf, log: PathBuf, keys: &'static [&'static str]) -> Result<(), String> {
+    use std::io::{BufRead, BufReader, Write};
+    let t = Instant::now();
+    loop {
+        let seen = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default())
+            .contains("KAIROS-GRUB: live medium");
+        if seen {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(300) {
+            return Err("GRUB's live menu not on the serial log after 300 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sock = std::os::unix::net::UnixStream::connect(&qmp)
+        .map_err(|e| format!("{}: {e}", qmp.display()))?;
+    let mut reader = BufReader::new(sock.try_clone().map_err(|e| e.to_string())?);
+    let mut w = sock;
+    let mut line = String::new();
+    // The greeting, then capabilities negotiation, then one send-key per key.
+    reader.read_line(&mut line).map_err(|e| e.to_string())?;
+    let mut cmd = |json: String| -> Result<(), String> {
+        w.write_all(json.as_bytes()).map_err(|e| e.to_string())?;
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                return Err("QMP closed".into());
+            }
+            if line.contains("\"return\"") {
+                return Ok(());
+            }
+            if line.contains("\"error\"") {
+                return Err(format!("QMP: {line}"));
+            }
+        }
+    };
+    cmd(r#"{"execute":"qmp_capabilities"}"#.to_string())?;
+    for key in keys {
+        cmd(format!(
+            r#"{{"execute":"send-key","arguments":{{"keys":[{{"type":"qcode","data":"{key}"}}]}}}}"#
+        ))?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// The menu's "Install Kairos to disk (unattended)" entry of the ISO built without a config:
+/// picked by key presses at GRUB (End, Enter), it installs onto the blank disk with nothing
+/// but that entry's command line (install.device unset means auto, as upstream).
+#[test]
+fn the_install_entry_of_an_iso_without_config_installs_the_blank_disk() {
+    require_root();
+    let target = blank("iso-entry-target");
+    let name = "iso-cd-seabios-install-entry";
+    let qmp = artifacts().work.join(format!("{name}.qmp"));
+    let _ = std::fs::remove_file(&qmp);
+    let mut spec = live_boot_spec(
+        name,
+        pairing_iso(),
+        Medium::Cd,
+        Firmware::SeaBios,
+        &[&target],
+        &[INSTALLED_NO_FINISH],
+        600,
+    );
+    spec.extra_args.extend([
+        "-qmp".to_string(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+    ]);
+    let log = spec.serial_log.clone();
+    let _ = std::fs::remove_file(&log);
+    let keys = std::thread::spawn(move || press_at_menu(qmp, log, &["end", "ret"]));
+    let r = run(name, &spec);
+    keys.join()
+        .expect("the key thread")
+        .unwrap_or_else(|e| panic!("{name}: pressing keys at GRUB: {e}"));
+    assert_live_entry(&r, "install", Firmware::SeaBios, false, name);
+    assert!(
+        r.log.contains("install: device auto: /dev/vd"),
+        "{name}: the agent did not pick the blank disk"
+    );
+    assert_eq!(
+        r.matched.as_deref(),
+        Some(INSTALLED_NO_FINISH),
+        "{name}: the install did not finish"
+    );
+    drop(r);
+    let names: Vec<String> = gpt_table(&target).into_iter().map(|p| p.1).collect();
+    assert_eq!(
+        names,
+        ["bios", "oem", "recovery", "state", "persistent"],
+        "{name}: the installed GPT"
+    );
+    let state = Mounted::part(&target, part_by_name(&target, "state"));
+    assert!(
+        state.path("cOS/active.img").is_file(),
+        "{name}: no active.img on COS_STATE"
+    );
+}
+
+/// install.auto's last line when the config asks for neither reboot nor power-off.
+const INSTALLED_NO_FINISH: &str = "install.auto: done; reboot to use the new system";
 
 /// The figure for a real distribution: the Debian 12 systemd tree with Debian's kernel (the
 /// artifacts test's user image, cached) made Kairos-ready by `kairos-build image` into a
