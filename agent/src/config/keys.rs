@@ -488,6 +488,11 @@ pub const KEYS: &[Key] = &[
         "install.extra-dirs-rootfs",
         "the image is immutable: directories are not added to it at install; build them into the image or use install.bind_mounts",
     ),
+    // schema.rs accepts `Name` as an alias of `name` (ExtraPartition).
+    shown(
+        "install.extra-partitions.Name",
+        "install_partitions_sizes_and_filesystems_are_read",
+    ),
     shown(
         "install.extra-partitions.fs",
         "cd_under_seabios_installs_the_disk_boots_bios_and_the_iso_again_changes_nothing",
