@@ -102,14 +102,40 @@ pub fn on_device(entries: &[MountEntry], dev: (u32, u32)) -> impl Iterator<Item 
     entries.iter().filter(move |m| m.device == Some(dev))
 }
 
-/// (source, mount point) of each /proc/self/mounts line, escapes decoded; lines with fewer
-/// than two fields are skipped.
-pub fn parse_mounts(text: &str) -> Vec<(String, String)> {
+/// One line of /proc/self/mounts (the fstab-like table), escapes decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountsLine {
+    pub source: String,
+    pub mountpoint: String,
+    /// Empty on a line too short to have it.
+    pub fstype: String,
+    /// The mount's options (`ro,relatime`); empty on a line too short to have them.
+    pub options: String,
+}
+
+/// Each /proc/self/mounts line; lines with fewer than two fields are skipped.
+pub fn parse_mounts_lines(text: &str) -> Vec<MountsLine> {
     text.lines()
         .filter_map(|l| {
             let mut f = l.split_ascii_whitespace();
-            Some((unescape(f.next()?), unescape(f.next()?)))
+            let (source, mountpoint) = (unescape(f.next()?), unescape(f.next()?));
+            let mut next = || f.next().map(unescape).unwrap_or_default();
+            let fstype = next();
+            Some(MountsLine {
+                source,
+                mountpoint,
+                fstype,
+                options: next(),
+            })
         })
+        .collect()
+}
+
+/// (source, mount point) of each /proc/self/mounts line, as [`parse_mounts_lines`].
+pub fn parse_mounts(text: &str) -> Vec<(String, String)> {
+    parse_mounts_lines(text)
+        .into_iter()
+        .map(|m| (m.source, m.mountpoint))
         .collect()
 }
 
@@ -121,5 +147,34 @@ mod tests {
     fn unescape_octal() {
         assert_eq!(unescape("a\\040b\\011c\\134"), "a b\tc\\");
         assert_eq!(unescape("trail\\04"), "trail\\04");
+    }
+
+    #[test]
+    fn mounts_lines_carry_type_and_options() {
+        let t = "/dev/vda4 /run/initramfs/cos-state ext4 ro,relatime 0 0\n\
+                 short\n\
+                 /dev/x /mnt/a\\040b\n\
+                 overlay /usr overlay rw,lowerdir=/a\\040b 0 0\n";
+        let m = parse_mounts_lines(t);
+        assert_eq!(
+            m[0],
+            MountsLine {
+                source: "/dev/vda4".into(),
+                mountpoint: "/run/initramfs/cos-state".into(),
+                fstype: "ext4".into(),
+                options: "ro,relatime".into(),
+            }
+        );
+        // A short line is skipped whole, so the fields of the next line stay together.
+        assert_eq!(m.len(), 3);
+        assert_eq!(
+            (m[1].mountpoint.as_str(), m[1].options.as_str()),
+            ("/mnt/a b", "")
+        );
+        assert_eq!(
+            (m[2].fstype.as_str(), m[2].options.as_str()),
+            ("overlay", "rw,lowerdir=/a b")
+        );
+        assert_eq!(parse_mounts(t)[1], ("/dev/x".into(), "/mnt/a b".into()));
     }
 }

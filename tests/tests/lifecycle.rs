@@ -780,11 +780,11 @@ impl Drop for LoopMount {
 /// The mount options of `target` in the real mount table.
 fn mount_options_of(target: &Path) -> Option<String> {
     let t = target.to_str()?;
-    std::fs::read_to_string("/proc/self/mounts")
-        .ok()?
-        .lines()
-        .rfind(|l| l.split_whitespace().nth(1) == Some(t))
-        .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+    let table = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    kairos_init::mountinfo::parse_mounts_lines(&table)
+        .into_iter()
+        .rfind(|m| m.mountpoint == t)
+        .map(|m| m.options)
 }
 
 #[test]
