@@ -355,9 +355,12 @@ fn objects(v: &Value, at: &str) -> Vec<(String, Vec<String>)> {
     out
 }
 
+/// A struct of schema.rs: its name, and each field's serialised name with its serde aliases.
+type SchemaStruct = (String, Vec<(String, Vec<String>)>);
+
 /// schema.rs's structs: each field's serialised name (`rename` or the field's own) and its
 /// serde aliases.
-fn schema_structs() -> Vec<(String, Vec<(String, Vec<String>)>)> {
+fn schema_structs() -> Vec<SchemaStruct> {
     let file = repo().join("agent/src/config/schema.rs");
     let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     let quoted = |attrs: &str, key: &str| -> Vec<String> {
@@ -372,7 +375,7 @@ fn schema_structs() -> Vec<(String, Vec<(String, Vec<String>)>)> {
             .collect()
     };
     let mut out = Vec::new();
-    let mut current: Option<(String, Vec<(String, Vec<String>)>)> = None;
+    let mut current: Option<SchemaStruct> = None;
     let mut attrs = String::new();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("pub struct ") {
