@@ -131,8 +131,7 @@ pub fn tools() -> Result<EspTools, MissingTool> {
 /// Formats the ESP `dev` (FAT32, COS_GRUB) and writes EFI/BOOT/{BOOTX64.EFI,grub.cfg},
 /// built in `scratch`.
 pub fn write_esp(dev: &Path, grub_dir: &Path, scratch: &Path) -> Result<(), InstallError> {
-    let EspTools { mkfs, mmd, mcopy } =
-        tools().map_err(|t| InstallError::Other(format!("{t} not found")))?;
+    let EspTools { mkfs, mmd, mcopy } = tools().map_err(InstallError::NoEspTool)?;
     run_tool(
         Command::new(&mkfs)
             .args(["-F", "32", "-n", labels::GRUB])

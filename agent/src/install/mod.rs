@@ -113,8 +113,48 @@ pub enum InstallError {
     Io(#[from] kairos_util::IoError),
     #[error(transparent)]
     Command(#[from] kairos_util::ToolError),
-    #[error("{0}")]
-    Other(String),
+    /// Attaching an image file to a loop device (the error names the file).
+    #[error(transparent)]
+    Loop(#[from] kairos_init::sys::loopdev::LoopError),
+    /// Mounting a partition (the error names the device and the mount point).
+    #[error(transparent)]
+    Mount(#[from] kairos_init::sys::mount::MountError),
+    /// Mounting an image file through its loop device: the mount error names only the loop
+    /// device, this the file.
+    #[error("{}: {err}", image.display())]
+    MountImage {
+        image: PathBuf,
+        err: kairos_init::sys::mount::MountError,
+    },
+    #[error(
+        "no GRUB for BIOS: {GRUB_I386_PC}/boot.img is neither on this system nor in the source (grub-pc-bin); nothing was written to {}",
+        device.display()
+    )]
+    NoGrubBios { device: PathBuf },
+    /// A program the ESP needs.
+    #[error("{0} not found")]
+    NoEspTool(efi::MissingTool),
+    /// The partition plan lacks a partition the install fills (a bug in the plan).
+    #[error("the layout has no {0} partition")]
+    NoPartition(String),
+    /// Fewer device nodes than planned partitions (a bug in the caller).
+    #[error("no device node for {0}")]
+    NoNode(String),
+    /// The `--config` file or CONFIG (it names the file and the line).
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("{origin}: no #cloud-config header in its first lines; nothing was written")]
+    NoHeader { origin: String },
+    #[error("serializing the cloud-config: {0}")]
+    Serialize(serde_json::Error),
+    /// install.bundles into the new system.
+    #[error(transparent)]
+    Bundle(#[from] crate::bundles::BundleError),
+    #[error("{what} after installing: reboot(2): {err}")]
+    Reboot {
+        what: &'static str,
+        err: std::io::Error,
+    },
     #[error("writing the output: {0}")]
     Output(std::io::Error),
 }
@@ -465,10 +505,13 @@ fn resolve(
             let size = std::fs::metadata(p).at(p, "reading")?.len();
             let point = scratch.join("install-image");
             std::fs::create_dir_all(&point).at(&point, "creating")?;
-            let lo = kairos_init::sys::loopdev::attach(&ctx.path("/dev"), p, true)
-                .map_err(|e| InstallError::Other(format!("{}: {e}", p.display())))?;
-            kairos_init::sys::mount::device(&lo.path, &point, "ext4", true)
-                .map_err(|e| InstallError::Other(format!("{}: {e}", p.display())))?;
+            let lo = kairos_init::sys::loopdev::attach(&ctx.path("/dev"), p, true)?;
+            kairos_init::sys::mount::device(&lo.path, &point, "ext4", true).map_err(|err| {
+                InstallError::MountImage {
+                    image: p.to_path_buf(),
+                    err,
+                }
+            })?;
             Ok((
                 Resolved::Tree {
                     tree: point.clone(),
@@ -807,11 +850,8 @@ pub fn find_boot_code(
                 .map(Path::to_path_buf)
                 .or_else(|| Some(ctx.path(GRUB_I386_PC)).filter(|d| has_boot_img(d)))
                 .or_else(|| in_source(GRUB_I386_PC, &has_boot_img))
-                .ok_or_else(|| {
-                    InstallError::Other(format!(
-                        "no GRUB for BIOS: {GRUB_I386_PC}/boot.img is neither on this system nor in the source (grub-pc-bin); nothing was written to {}",
-                        device.display()
-                    ))
+                .ok_or_else(|| InstallError::NoGrubBios {
+                    device: device.to_path_buf(),
                 })?,
         )
     } else {
@@ -889,7 +929,7 @@ pub fn make_filesystems(
         let Some(fs) = p.fs else { continue };
         let node = nodes
             .get(i)
-            .ok_or_else(|| InstallError::Other(format!("no device node for {}", p.name)))?;
+            .ok_or_else(|| InstallError::NoNode(p.name.clone()))?;
         mkfs_partition(node, &p.label, fs)?;
     }
     mount_targets(parts, nodes, base)
@@ -903,17 +943,16 @@ fn mount_targets(parts: &[Part], nodes: &[PathBuf], base: &Path) -> Result<Targe
         let i = parts
             .iter()
             .position(|p| p.name == want)
-            .ok_or_else(|| InstallError::Other(format!("the layout has no {want} partition")))?;
+            .ok_or_else(|| InstallError::NoPartition(want.to_string()))?;
         let p = &parts[i];
         let node = nodes
             .get(i)
-            .ok_or_else(|| InstallError::Other(format!("no device node for {want}")))?;
+            .ok_or_else(|| InstallError::NoNode(want.to_string()))?;
         let point = base.join(want);
         std::fs::create_dir_all(&point).at(&point, "creating")?;
         let fstype =
             p.fs.map_or("ext4", |f| if f == plan::Fs::Xfs { "xfs" } else { "ext4" });
-        kairos_init::sys::mount::device(node, &point, fstype, false)
-            .map_err(|e| InstallError::Other(format!("{}: {e}", node.display())))?;
+        kairos_init::sys::mount::device(node, &point, fstype, false)?;
         mounts.0.push(point.clone());
         Ok(point)
     };
@@ -1099,11 +1138,10 @@ pub fn write_boot_code(
     t: &Targets,
 ) -> Result<(), InstallError> {
     if let Some(d) = &boot.efi {
-        let n = part_number(parts, "efi")
-            .ok_or_else(|| InstallError::Other("the layout has no efi partition".into()))?;
+        let n = part_number(parts, "efi").ok_or_else(|| InstallError::NoPartition("efi".into()))?;
         let node = nodes
             .get(n as usize - 1)
-            .ok_or_else(|| InstallError::Other("no device node for the ESP".into()))?;
+            .ok_or_else(|| InstallError::NoNode("the ESP".into()))?;
         efi::write_esp(node, d, &t.state.join(".kairos-efi"))?;
     }
     let mut f = OpenOptions::new()
@@ -1112,8 +1150,8 @@ pub fn write_boot_code(
         .open(&disk.path)
         .at(&disk.path, "opening")?;
     if let Some(d) = &boot.bios {
-        let n = part_number(parts, "bios")
-            .ok_or_else(|| InstallError::Other("the layout has no bios partition".into()))?;
+        let n =
+            part_number(parts, "bios").ok_or_else(|| InstallError::NoPartition("bios".into()))?;
         let boot_img = d.join("boot.img");
         let code = std::fs::read(&boot_img).at(&boot_img, "reading")?;
         let core = make_core(d, &grub_prefix(parts), &t.state)?;
@@ -1576,8 +1614,7 @@ pub fn install(
         &targets.persistent,
         &targets.oem,
         log,
-    )
-    .map_err(|e| InstallError::Other(e.to_string()))?;
+    )?;
 
     // 7. Boot code (BIOS: boot.img and core.img; UEFI: the ESP), then everything to disk.
     write_boot_code(&disk, &parts, &nodes, &boot, &targets)?;
@@ -1622,8 +1659,7 @@ fn install_config(
     let origin = c.display().to_string();
     let Some(given) =
         // Templates ({{ .MachineID }}, ...) rendered as the loader renders the node's files.
-        config::parse_rendered(&origin, &text, false, &mut config::Renderer::new(ctx))
-            .map_err(|e| InstallError::Other(e.to_string()))?
+        config::parse_rendered(&origin, &text, false, &mut config::Renderer::new(ctx))?
     else {
         return Ok((node, sources));
     };
@@ -1684,8 +1720,7 @@ pub fn auto_install(
     let r = (|| {
         let target = auto_target(ctx, wanted, log)?;
         let conf = ctx.path(AUTO_CONFIG);
-        let text = cloud_config_text(&loaded.raw_as_written)
-            .map_err(|e| InstallError::Other(format!("serializing the cloud-config: {e}")))?;
+        let text = cloud_config_text(&loaded.raw_as_written).map_err(InstallError::Serialize)?;
         write_private(&conf, text.as_bytes()).at(&conf, "writing")?;
         crate::console::say(
             ctx,
@@ -1833,12 +1868,9 @@ pub fn manual_install(
     let c = &opts.config;
     let text = std::fs::read_to_string(c).at(c, "reading the config")?;
     let origin = c.display().to_string();
-    let parsed = config::parse_rendered(&origin, &text, true, &mut config::Renderer::new(ctx))
-        .map_err(|e| InstallError::Other(e.to_string()))?
-        .ok_or_else(|| {
-            InstallError::Other(format!(
-                "{origin}: no #cloud-config header in its first lines; nothing was written"
-            ))
+    let parsed = config::parse_rendered(&origin, &text, true, &mut config::Renderer::new(ctx))?
+        .ok_or_else(|| InstallError::NoHeader {
+            origin: origin.clone(),
         })?;
     let given = parsed.config.install.unwrap_or_default();
     let node = crate::sources::load(ctx, &LoadOptions::default())
@@ -1993,8 +2025,10 @@ pub fn install_then(
     writeln!(log, "kairos-agent: {who}: done; {what}").map_err(InstallError::Output)?;
     log.flush().map_err(InstallError::Output)?;
     rustix::fs::sync();
-    rustix::system::reboot(cmd)
-        .map_err(|e| InstallError::Other(format!("{what} after installing: reboot(2): {e}")))?;
+    rustix::system::reboot(cmd).map_err(|e| InstallError::Reboot {
+        what,
+        err: e.into(),
+    })?;
     Ok(Outcome::Done)
 }
 

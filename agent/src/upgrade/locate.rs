@@ -94,11 +94,10 @@ pub fn open(
 ) -> Result<Target, UpgradeError> {
     if let Some(dir) = explicit {
         if !dir.is_dir() {
-            return Err(UpgradeError::Locate(format!(
-                "{}: not a directory (expected where {} is mounted)",
-                dir.display(),
-                which.label()
-            )));
+            return Err(UpgradeError::NotADirectory {
+                dir: dir.to_path_buf(),
+                label: which.label(),
+            });
         }
         return Ok(Target {
             dir: dir.to_path_buf(),
@@ -121,13 +120,8 @@ pub fn open(
                 undo: Undo::Nothing,
             });
         }
-        rustix::mount::mount_remount(&dir, MountFlags::empty(), "").map_err(|e| {
-            UpgradeError::Locate(format!(
-                "remounting {} read-write: {}",
-                dir.display(),
-                std::io::Error::from(e)
-            ))
-        })?;
+        rustix::mount::mount_remount(&dir, MountFlags::empty(), "")
+            .at(&dir, "remounting read-write")?;
         let _ = writeln!(
             log,
             "kairos-agent: remounted {} read-write for the upgrade",
@@ -148,16 +142,14 @@ pub fn open(
     let dev = devs
         .iter()
         .find(|d| d.fs.as_ref().and_then(|f| f.label.as_deref()) == Some(which.label()))
-        .ok_or_else(|| {
-            UpgradeError::Locate(format!(
-                "no partition labelled {} (and nothing mounted at {initramfs}); pass --{}-dir",
-                which.label(),
-                if which == Partition::State {
-                    "state"
-                } else {
-                    "recovery"
-                }
-            ))
+        .ok_or_else(|| UpgradeError::NoPartition {
+            label: which.label(),
+            mountpoint: initramfs,
+            flag: if which == Partition::State {
+                "--state-dir"
+            } else {
+                "--recovery-dir"
+            },
         })?;
     let fstype = dev
         .fs
@@ -166,21 +158,7 @@ pub fn open(
         .to_string();
     let dir = ctx.path(which.own_mountpoint());
     std::fs::create_dir_all(&dir).at(&dir, "creating the mount point")?;
-    rustix::mount::mount(
-        &dev.devnode,
-        &dir,
-        fstype.as_str(),
-        MountFlags::empty(),
-        None,
-    )
-    .map_err(|e| {
-        UpgradeError::Locate(format!(
-            "mounting {} ({fstype}) on {}: {}",
-            dev.devnode.display(),
-            dir.display(),
-            std::io::Error::from(e)
-        ))
-    })?;
+    kairos_init::sys::mount::device(&dev.devnode, &dir, &fstype, false)?;
     let _ = writeln!(
         log,
         "kairos-agent: mounted {} ({}) read-write on {}",

@@ -162,8 +162,30 @@ pub enum UpgradeError {
     Rotate(#[from] rotate::RotateError),
     #[error(transparent)]
     Agent(#[from] AgentError),
-    #[error("{0}")]
-    Locate(String),
+    /// `--state-dir` / `--recovery-dir` given, but not a directory.
+    #[error("{}: not a directory (expected where {label} is mounted)", dir.display())]
+    NotADirectory { dir: PathBuf, label: &'static str },
+    /// No target partition on the boot disk, and none mounted where kairos-init mounts it.
+    #[error("no partition labelled {label} (and nothing mounted at {mountpoint}); pass {flag}")]
+    NoPartition {
+        label: &'static str,
+        mountpoint: &'static str,
+        /// The option that names a mounted one instead.
+        flag: &'static str,
+    },
+    /// Mounting the target partition (the error names the device and the mount point).
+    #[error(transparent)]
+    Mount(#[from] kairos_init::sys::mount::MountError),
+    #[error("{}: no cOS directory: not a {label} partition", dir.display())]
+    NoCos { dir: PathBuf, label: &'static str },
+    /// The cOS directory's lock is held.
+    #[error("{}: {err}; is another upgrade running?", cos.display())]
+    Busy { cos: PathBuf, err: std::io::Error },
+    #[error("upgraded, but reboot(2) failed: {0}")]
+    Reboot(std::io::Error),
+    /// Reading a `file:` image's superblock (the error names the file).
+    #[error(transparent)]
+    Probe(#[from] kairos_init::probe::ProbeError),
     #[error("{CRASH_ENV}={given:?} is not a crash point (known: {known})")]
     CrashPoint { given: String, known: String },
     #[error(transparent)]
@@ -601,12 +623,7 @@ pub fn upgrade(
         .map_err(AgentError::Output)?;
         return Ok(Outcome::Done);
     }
-    rustix::system::reboot(cmd).map_err(|e| {
-        UpgradeError::Locate(format!(
-            "upgraded, but reboot(2) failed: {}",
-            std::io::Error::from(e)
-        ))
-    })?;
+    rustix::system::reboot(cmd).map_err(|e| UpgradeError::Reboot(e.into()))?;
     Ok(Outcome::Done)
 }
 
@@ -675,20 +692,16 @@ fn open_target(ctx: &Ctx, opts: &Options, log: &mut dyn Write) -> Result<OpenTar
     let target = locate::open(ctx, which, explicit, log)?;
     let cos = target.dir.join("cOS");
     if !cos.is_dir() {
-        return Err(UpgradeError::Locate(format!(
-            "{}: no cOS directory: not a {} partition",
-            target.dir.display(),
-            which.label()
-        )));
+        return Err(UpgradeError::NoCos {
+            dir: target.dir.clone(),
+            label: which.label(),
+        });
     }
     let lock = File::open(&cos).at(&cos, "opening")?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-        |e| {
-            UpgradeError::Locate(format!(
-                "{}: {}; is another upgrade running?",
-                cos.display(),
-                std::io::Error::from(e)
-            ))
+        |e| UpgradeError::Busy {
+            cos: cos.clone(),
+            err: e.into(),
         },
     )?;
     Ok(OpenTarget {
@@ -1133,12 +1146,7 @@ fn prepare_file(
             path: p.to_path_buf(),
         });
     }
-    let fs = kairos_init::probe::probe_path(p)
-        .map_err(|e| UpgradeError::Invalid {
-            origin: origin.into(),
-            what: e.to_string(),
-        })?
-        .map(|f| f.fstype);
+    let fs = kairos_init::probe::probe_path(p)?.map(|f| f.fstype);
     let ext = matches!(fs, Some(FsType::Ext2 | FsType::Ext3 | FsType::Ext4));
     let squash = fs == Some(FsType::Squashfs);
     let recovery_img = opts.recovery
