@@ -172,7 +172,8 @@ fn config_url_and_downloads_over_https_with_a_test_ca() {
         )),
         "{err}"
     );
-    assert_eq!(code, Some(1), "one step failed: {err}");
+    // One step failed: logged above; without strict run-stage still exits 0 (upstream).
+    assert_eq!(code, Some(0), "{err}");
 
     // A certificate from a CA the agent does not trust: refused, the URL named, nothing applied.
     let root = tree("untrusted");
