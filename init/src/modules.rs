@@ -1636,12 +1636,14 @@ depends=jbd2,mbcache,crc16\0intree=Y\0name=ext4\0vermagic=6.1.0 SMP mod_unload\0
         }
     }
 
+    /// A distribution's whole module tree: scripts/test points KAIROS_TEST_MODULES at the
+    /// Debian kernel `kairos-qemu setup` fetched; by hand, `/lib/modules/$(uname -r)`.
     #[test]
-    #[ignore = "needs a distribution's module tree: KAIROS_TEST_MODULES=/lib/modules/$(uname -r) \
-                cargo test -p kairos-init --lib real_kernel_modules -- --ignored"]
     fn real_kernel_modules() {
-        let dir = std::env::var_os("KAIROS_TEST_MODULES")
-            .expect("KAIROS_TEST_MODULES names the module tree to scan (/lib/modules/<version>)");
+        let dir = std::env::var_os("KAIROS_TEST_MODULES").expect(
+            "KAIROS_TEST_MODULES must name a module tree to scan (/lib/modules/<version>; \
+             scripts/test sets it to the kernel kairos-qemu setup fetched)",
+        );
         let start = Instant::now();
         let idx = ModuleIndex::scan(Path::new(&dir)).expect("test setup");
         println!(
