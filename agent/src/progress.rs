@@ -90,7 +90,8 @@ impl Progress {
     }
 
     /// (steps begun, steps planned).
-    pub fn position(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn position(&self) -> (usize, usize) {
         (self.n, self.total)
     }
 }

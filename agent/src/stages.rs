@@ -423,10 +423,18 @@ pub fn hook(
 /// The `strict` argument of [`hook_with`] and [`judge`] for a loaded config: `Some(the
 /// skipped sources' errors)` when it says `strict: true`.
 pub fn strictness(loaded: &config::Loaded) -> Option<Vec<String>> {
-    loaded
-        .merged
-        .strict
-        .then(|| loaded.errors.iter().map(|e| e.to_string()).collect())
+    loaded.merged.strict.then(|| skipped(loaded))
+}
+
+/// [`strictness`] decided over `sources` (install adds its `--config` file to the loaded
+/// ones): the last source that sets `strict` decides.
+pub fn strictness_over(sources: &[Source], loaded: &config::Loaded) -> Option<Vec<String>> {
+    flag(sources, "strict", |c| c.strict).then(|| skipped(loaded))
+}
+
+/// The sources the load skipped (malformed), as strict counts them.
+fn skipped(loaded: &config::Loaded) -> Vec<String> {
+    loaded.errors.iter().map(|e| e.to_string()).collect()
 }
 
 /// [`hook`] over a given list of sources (install adds its `--config` file): `strict` is

@@ -602,14 +602,12 @@ fn run_hook(
     stage: &str,
     log: &mut dyn Write,
 ) -> Result<(), InstallError> {
-    let skipped: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
-    let strict = stages::flag(sources, "strict", |c| c.strict);
     let opts = stages::RunOptions::from_sources(sources);
     stages::hook_with(
         ctx,
         sources,
         opts,
-        strict.then_some(&skipped[..]),
+        stages::strictness_over(sources, loaded).as_deref(),
         stage,
         "install",
         log,
@@ -1574,13 +1572,7 @@ pub fn install(
     // 5. The images; after-install-chroot in active.img before passive.img is its copy.
     let chroot_point = ctx.path("/run/kairos/install-chroot");
     // strict as run_hook decides it: a failed step stops the install (active.img removed).
-    let strict = stages::flag(&sources, "strict", |c| c.strict).then(|| {
-        loaded
-            .errors
-            .iter()
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-    });
+    let strict = stages::strictness_over(&sources, &loaded);
     let size = deploy_images_with(&mut src, &targets, &mut p, log, &mut |img, log| {
         crate::upgrade::chroot::hook(
             img,
